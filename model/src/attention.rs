@@ -1,0 +1,293 @@
+//! Token mixers: causal softmax attention (full, or windowed as in Mistral) and the Liger
+//! hybrid (LIGER.md §1), which mixes a gated recurrent branch on the raw q/k with
+//! sliding-window softmax attention on the RoPE'd q/k:
+//!
+//! ```text
+//! o_t = w_window * SWA(q, k, v)_t + w_recurrent * GLA(phi(q), phi(k), v, gate(k))_t
+//! ```
+//!
+//! Both kinds share the q/k/v/o projections, which run once over every token of the batch;
+//! only the mixing itself is done per sequence (each has its own cache and position).
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::{LayerKind, LigerConfig, ModelConfig};
+use crate::gla::{self, FeatureMaps};
+use crate::layers::{Linear, Rope};
+use crate::state::{KvCache, LayerState};
+use crate::{Error, Result};
+
+/// Settings of one Liger layer.
+#[derive(Debug, Clone, Copy)]
+struct Hybrid {
+    features: FeatureMaps,
+    window_weight: f64,
+    recurrent_weight: f64,
+}
+
+#[derive(Debug, Clone)]
+enum Mixer {
+    Softmax,
+    Liger(Hybrid),
+}
+
+/// A layer's attention block: projections plus the token mixer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    mixer: Mixer,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Where one sequence's tokens sit in a batch, and at which position they start.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    pub start: usize,
+    pub len: usize,
+    pub position: usize,
+}
+
+/// Per-forward data shared by all layers.
+pub struct BatchContext<'a> {
+    pub spans: &'a [Span],
+    /// RoPE tables for every token of the batch, `[tokens, head_dim / 2]`.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Chunk length of the chunked-parallel recurrent form.
+    pub chunk_size: usize,
+    /// Use ops with a backward pass.
+    pub differentiable: bool,
+}
+
+impl Attention {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        let (h, hkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mixer = match cfg.layer_kind(layer) {
+            LayerKind::Softmax { .. } => Mixer::Softmax,
+            LayerKind::Liger => {
+                let l: &LigerConfig = cfg.liger.as_ref().expect("Liger layer implies a liger config");
+                Mixer::Liger(Hybrid {
+                    features: FeatureMaps {
+                        variant: l.variant,
+                        gate_normalizer: l.gate_normalizer,
+                        differentiable: false,
+                    },
+                    window_weight: l.window_weight,
+                    recurrent_weight: l.recurrent_weight,
+                })
+            }
+        };
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), cfg.hidden_size, h * d, cfg.qkv_bias)?,
+            k_proj: Linear::load(vb.pp("k_proj"), cfg.hidden_size, hkv * d, cfg.qkv_bias)?,
+            v_proj: Linear::load(vb.pp("v_proj"), cfg.hidden_size, hkv * d, cfg.qkv_bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), h * d, cfg.hidden_size, cfg.o_bias)?,
+            mixer,
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: d,
+        })
+    }
+
+    /// `x`: `[tokens, hidden]` (normed) for all sequences of the batch; `states[i]` is this
+    /// layer's state of the sequence `ctx.spans[i]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &BatchContext,
+        states: &mut [&mut LayerState],
+    ) -> Result<Tensor> {
+        let n_tok = x.dim(0)?;
+        let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((n_tok, h, d))?;
+        let k = self.k_proj.forward(x)?.reshape((n_tok, hkv, d))?;
+        let v = self.v_proj.forward(x)?.reshape((n_tok, hkv, d))?;
+        let (q_rot, k_rot) = if ctx.differentiable {
+            (
+                Rope::apply_differentiable(&q, &ctx.cos, &ctx.sin)?,
+                Rope::apply_differentiable(&k, &ctx.cos, &ctx.sin)?,
+            )
+        } else {
+            (
+                Rope::apply(&q, &ctx.cos, &ctx.sin)?,
+                Rope::apply(&k, &ctx.cos, &ctx.sin)?,
+            )
+        };
+        let mixed = match &self.mixer {
+            Mixer::Softmax => {
+                let mut outs = Vec::with_capacity(ctx.spans.len());
+                for (span, state) in ctx.spans.iter().zip(states.iter_mut()) {
+                    let LayerState::Softmax(cache) = &mut **state else {
+                        return Err(Error::State("layer state kind does not match the model".into()));
+                    };
+                    outs.push(self.windowed(&q_rot, &k_rot, &v, span, cache, ctx.differentiable)?);
+                }
+                Tensor::cat(&outs, 0)?
+            }
+            Mixer::Liger(hy) => self.hybrid(hy, (&q, &k, &v), (&q_rot, &k_rot), ctx, states)?,
+        };
+        Ok(self
+            .o_proj
+            .forward(&mixed.to_dtype(x.dtype())?.reshape((n_tok, h * d))?)?)
+    }
+
+    /// Causal softmax attention for one sequence over its cache plus its new tokens.
+    /// Returns `[len, h, d]` in f32.
+    fn windowed(
+        &self,
+        q_rot: &Tensor,
+        k_rot: &Tensor,
+        v: &Tensor,
+        span: &Span,
+        cache: &mut KvCache,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let to_heads = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.narrow(0, span.start, span.len)?.transpose(0, 1)?.contiguous()?)
+        };
+        let cached = cache.len();
+        let (keys, values) = cache.extend(&to_heads(k_rot)?, &to_heads(v)?)?;
+        let q = to_heads(q_rot)?;
+        let mask = attention_mask(span.len, cached, cache.capacity(), q.device())?;
+        softmax_attention(&q, &keys, &values, mask.as_ref(), differentiable)
+    }
+
+    fn hybrid(
+        &self,
+        hy: &Hybrid,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        (q_rot, k_rot): (&Tensor, &Tensor),
+        ctx: &BatchContext,
+        states: &mut [&mut LayerState],
+    ) -> Result<Tensor> {
+        let (h, d) = (self.num_heads, self.head_dim);
+        let features = FeatureMaps {
+            differentiable: ctx.differentiable,
+            ..hy.features
+        };
+        // Feature maps for all tokens at once: [1, heads, tokens, d].
+        let as_bhtd = |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
+        let all = gla::feature_maps(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
+
+        let mut window_out = Vec::with_capacity(ctx.spans.len());
+        let mut recurrent_out: Vec<Option<Tensor>> = vec![None; ctx.spans.len()];
+        // Sequences decoding one token share one batched recurrent step.
+        let mut decode: Vec<usize> = Vec::new();
+        for (i, (span, state)) in ctx.spans.iter().zip(states.iter_mut()).enumerate() {
+            let LayerState::Liger { window, recurrent } = &mut **state else {
+                return Err(Error::State("layer state kind does not match the model".into()));
+            };
+            window_out.push(self.windowed(q_rot, k_rot, v, span, window, ctx.differentiable)?);
+            if span.len == 1 && !ctx.differentiable {
+                decode.push(i);
+                continue;
+            }
+            let inputs = slice_tokens(&all, span.start, span.len)?;
+            let (o, s) = gla::chunked(&inputs, recurrent, ctx.chunk_size)?;
+            *recurrent = s;
+            // [1, hkv, g, t, d] -> [t, h, d]
+            recurrent_out[i] = Some(o.reshape((h, span.len, d))?.transpose(0, 1)?);
+        }
+        if !decode.is_empty() {
+            let idx: Vec<u32> = decode.iter().map(|&i| ctx.spans[i].start as u32).collect();
+            let idx = Tensor::new(idx.as_slice(), q.device())?;
+            let pick = |x: &Tensor, dim: usize| -> Result<Tensor> { Ok(x.index_select(&idx, dim)?) };
+            let nb = decode.len();
+            // Token axis becomes the batch axis: [1, hkv, (g,) n, d] -> [n, hkv, (g,) d].
+            let qd = pick(&all.q, 3)?.squeeze(0)?.permute((2, 0, 1, 3))?.contiguous()?;
+            let kd = pick(&all.k, 2)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            let gd = pick(&all.gate, 2)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            let vd = pick(&all.v, 2)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            let mut s_in = Vec::with_capacity(nb);
+            for &i in &decode {
+                let LayerState::Liger { recurrent, .. } = &*states[i] else { unreachable!() };
+                s_in.push(recurrent.clone());
+            }
+            let (o, s) = gla::step(&qd, &kd, &gd, &vd, &Tensor::cat(&s_in, 0)?)?;
+            let o = o.reshape((nb, 1, h, d))?;
+            for (j, &i) in decode.iter().enumerate() {
+                let LayerState::Liger { recurrent, .. } = &mut *states[i] else { unreachable!() };
+                *recurrent = s.narrow(0, j, 1)?;
+                recurrent_out[i] = Some(o.get(j)?);
+            }
+        }
+        let window_out = Tensor::cat(&window_out, 0)?;
+        let recurrent_out = Tensor::cat(
+            &recurrent_out.into_iter().map(|o| o.expect("every span computed")).collect::<Vec<_>>(),
+            0,
+        )?;
+        Ok(((window_out * hy.window_weight)? + (recurrent_out * hy.recurrent_weight)?)?)
+    }
+}
+
+fn slice_tokens(x: &gla::GlaInputs, start: usize, len: usize) -> Result<gla::GlaInputs> {
+    Ok(gla::GlaInputs {
+        q: x.q.narrow(3, start, len)?.contiguous()?,
+        k: x.k.narrow(2, start, len)?.contiguous()?,
+        gate: x.gate.narrow(2, start, len)?.contiguous()?,
+        v: x.v.narrow(2, start, len)?.contiguous()?,
+    })
+}
+
+/// Additive mask `[t, cached + t]` for `t` new queries after `cached` cached keys: query i
+/// (position p + i) sees key j (position p - cached + j) when the key is not in its future
+/// and at most `window` tokens back. `None` when every key is visible.
+pub fn attention_mask(
+    t: usize,
+    cached: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if t == 1 {
+        // A single query sees the whole cache: the cache holds at most `window` keys.
+        return Ok(None);
+    }
+    let total = cached + t;
+    let mut m = vec![0f32; t * total];
+    for i in 0..t {
+        let newest = cached + i; // the query's own key
+        for (j, cell) in m[i * total..(i + 1) * total].iter_mut().enumerate() {
+            let future = j > newest;
+            let too_old = window.is_some_and(|w| newest - j.min(newest) > w);
+            if future || too_old {
+                *cell = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (t, total), device)?))
+}
+
+/// Grouped-query softmax attention without repeating keys: `q: [h, t, d]`, `k`, `v`:
+/// `[hkv, L, d]`, `mask: [t, L]`. Scale `1/sqrt(d)`. Returns `[t, h, d]` in f32.
+pub fn softmax_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let (h, t, d) = q.dims3()?;
+    let (hkv, l, _) = k.dims3()?;
+    let g = h / hkv;
+    let q = (q.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?.reshape((hkv, g * t, d))?;
+    let k = k.to_dtype(DType::F32)?;
+    let v = v.to_dtype(DType::F32)?;
+    let scores = q.matmul(&k.t()?)?.reshape((hkv, g, t, l))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let p = if differentiable {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let o = p.reshape((hkv, g * t, l))?.matmul(&v)?; // [hkv, g*t, d]
+    Ok(o.reshape((h, t, d))?.transpose(0, 1)?)
+}

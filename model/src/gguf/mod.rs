@@ -1,0 +1,1 @@
+//! GGUF import (being written).

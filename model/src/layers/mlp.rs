@@ -1,0 +1,31 @@
+//! The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use super::Linear;
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    pub fn load(vb: VarBuilder, hidden: usize, intermediate: usize) -> Result<Self> {
+        Ok(Self {
+            gate: Linear::load(vb.pp("gate_proj"), hidden, intermediate, false)?,
+            up: Linear::load(vb.pp("up_proj"), hidden, intermediate, false)?,
+            down: Linear::load(vb.pp("down_proj"), intermediate, hidden, false)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate.forward(x)?.silu()?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}

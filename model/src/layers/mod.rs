@@ -1,0 +1,12 @@
+//! Building blocks shared by every architecture: the families differ by config and
+//! weight names, never by copied layer code.
+
+mod linear;
+mod mlp;
+mod norm;
+mod rope;
+
+pub use linear::Linear;
+pub use mlp::Mlp;
+pub use norm::RmsNorm;
+pub use rope::Rope;

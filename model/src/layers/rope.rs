@@ -1,0 +1,123 @@
+//! Rotary position embeddings (Su et al., 2021) in the half-split layout that Hugging Face
+//! checkpoints use, with Llama 3 and linear frequency scaling.
+//!
+//! Angles are computed for the exact positions of each token rather than read from a fixed
+//! table: a batch mixes sequences at different offsets, and a recurrent model has no hard
+//! context limit, so positions beyond `max_position_embeddings` must still work.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `[head_dim / 2]` inverse frequencies, f32, on the model's device.
+    inv_freq: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
+        let inv = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref());
+        let n = inv.len();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(inv, n, device)?,
+        })
+    }
+
+    /// `(cos, sin)`, each `[positions.len(), head_dim / 2]` in `dtype`.
+    pub fn cos_sin(&self, positions: &[u32], dtype: DType) -> Result<(Tensor, Tensor)> {
+        let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (positions.len(), 1), self.inv_freq.device())?;
+        let angles = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+    }
+
+    /// Rotates `x`: `[tokens, heads, head_dim]`, one position per token.
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.unsqueeze(0)?.contiguous()?;
+        Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+    }
+
+    /// The same rotation from elementary ops (with gradients) for training.
+    pub fn apply_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = x.dim(candle_core::D::Minus1)? / 2;
+        let x1 = x.narrow(candle_core::D::Minus1, 0, half)?;
+        let x2 = x.narrow(candle_core::D::Minus1, half, half)?;
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+        Ok(Tensor::cat(&[r1, r2], candle_core::D::Minus1)?)
+    }
+}
+
+/// `theta^(-2i/d)`, adjusted by the scaling rule.
+fn inv_frequencies(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
+    let base = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64));
+    match scaling {
+        None => base.map(|f| f as f32).collect(),
+        Some(RopeScaling::Linear { factor }) => base.map(|f| (f / factor) as f32).collect(),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            // Long wavelengths are slowed by `factor`, short ones kept, and the band in
+            // between interpolated smoothly (Llama 3.1's "rope_type": "llama3").
+            let old_ctx = *original_max_position_embeddings as f64;
+            let low_wavelen = old_ctx / low_freq_factor;
+            let high_wavelen = old_ctx / high_freq_factor;
+            base.map(|f| {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                let scaled = if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / factor
+                } else {
+                    let smooth =
+                        (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * f / factor + smooth * f
+                };
+                scaled as f32
+            })
+            .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_matches_elementary() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (5, 3, 8), &dev)?;
+        let cfg = crate::config::ModelConfig::from_json(serde_json::json!({
+            "model_type": "llama", "hidden_size": 24, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 3, "vocab_size": 10
+        }))?;
+        let rope = Rope::new(&cfg, &dev)?;
+        let (c, s) = rope.cos_sin(&[0, 1, 7, 100, 3], DType::F32)?;
+        let a = Rope::apply(&x, &c, &s)?;
+        let b = Rope::apply_differentiable(&x, &c, &s)?;
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies() {
+        let plain = inv_frequencies(64, 500000.0, None);
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let scaled = inv_frequencies(64, 500000.0, Some(&s));
+        assert_eq!(plain[0], scaled[0]);
+        assert!((plain[31] / 8.0 - scaled[31]).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,32 @@
+//! `liger-model`: the runtime for linearized ("Liger") LLMs.
+//!
+//! Liger (Lan et al., "Liger: Linearizing Large Language Models to Gated Recurrent
+//! Structures", ICML 2025, arXiv:2503.01496) turns a pretrained Transformer into a
+//! gated recurrent model without new parameters: the key projection doubles as the
+//! gate, and each layer mixes gated linear attention with sliding-window attention.
+//!
+//! Layering, bottom up:
+//! - [`config`]: Hugging Face `config.json` plus the `liger` section, validated;
+//! - [`layers`]: RMSNorm, RoPE, SwiGLU, linear projections;
+//! - [`gla`]: the gated recurrent branch in naive, chunked and recurrent form;
+//! - [`attention`]: softmax attention (full or windowed) and the Liger hybrid;
+//! - [`state`]: per-sequence state, kept outside the model, and its slot pool;
+//! - [`model`]: the causal LM and its batched forward;
+//! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded);
+//! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form.
+
+pub mod attention;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod gla;
+pub mod layers;
+pub mod model;
+pub mod state;
+pub mod testing;
+pub mod weights;
+
+pub use config::{Architecture, LayerKind, LigerConfig, ModelConfig, Variant};
+pub use error::{Error, Result};
+pub use model::{Logits, Model, RuntimeOptions, SeqStep};
+pub use state::{SequenceState, Slot, StatePool, StateSpec};

@@ -1,0 +1,373 @@
+//! Per-sequence state, kept outside the model: `Model::forward(&self, ..., &mut SequenceState)`.
+//!
+//! A Liger layer's state is constant-size: the recurrent matrix (`hkv x d x d`, f32) plus a
+//! window cache of at most `window` post-RoPE keys and values. A softmax layer keeps a KV
+//! cache that grows with the context (or is bounded by the original model's sliding window).
+//!
+//! Tensors in a state are never written in place: each step replaces them. Cloning a state
+//! is therefore cheap (reference counts) and the clone is independent, which is what
+//! forking for `n > 1` and snapshotting for the conversation cache need.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{LayerKind, ModelConfig};
+use crate::{Error, Result};
+
+/// What every state of one model must look like.
+#[derive(Debug, Clone)]
+pub struct StateSpec {
+    pub layers: Vec<LayerKind>,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Liger window (keys kept besides the current one).
+    pub liger_window: usize,
+    /// dtype of cached keys and values (the model's); recurrent states are always f32.
+    pub cache_dtype: DType,
+    pub device: Device,
+}
+
+impl StateSpec {
+    pub fn new(cfg: &ModelConfig, cache_dtype: DType, device: &Device) -> Self {
+        Self {
+            layers: (0..cfg.num_layers).map(|i| cfg.layer_kind(i)).collect(),
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            liger_window: cfg.liger.as_ref().map_or(0, |l| l.window),
+            cache_dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Bytes one sequence's state occupies after `context` tokens.
+    pub fn bytes_at(&self, context: usize) -> usize {
+        let kv_row = 2 * self.num_kv_heads * self.head_dim * self.cache_dtype.size_in_bytes();
+        let recurrent = self.num_kv_heads * self.head_dim * self.head_dim * 4;
+        self.layers
+            .iter()
+            .map(|k| match k {
+                LayerKind::Liger => recurrent + kv_row * context.min(self.liger_window),
+                LayerKind::Softmax { window } => kv_row * window.map_or(context, |w| context.min(w)),
+            })
+            .sum()
+    }
+
+    /// A fresh state (no tokens consumed).
+    pub fn new_state(&self) -> Result<SequenceState> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|k| {
+                Ok(match k {
+                    LayerKind::Liger => LayerState::Liger {
+                        window: KvCache::new(Some(self.liger_window)),
+                        recurrent: Tensor::zeros(
+                            (1, self.num_kv_heads, self.head_dim, self.head_dim),
+                            DType::F32,
+                            &self.device,
+                        )?,
+                    },
+                    LayerKind::Softmax { window } => LayerState::Softmax(KvCache::new(*window)),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(SequenceState {
+            layers,
+            position: 0,
+        })
+    }
+}
+
+/// Keys and values of past tokens, `[hkv, len, d]`, oldest first, holding at most
+/// `capacity` tokens when bounded (a sliding window).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    kv: Option<(Tensor, Tensor)>,
+    capacity: Option<usize>,
+}
+
+impl KvCache {
+    pub fn new(capacity: Option<usize>) -> Self {
+        Self { kv: None, capacity }
+    }
+
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
+    }
+
+    /// Appends `k`, `v`: `[hkv, t, d]` and returns everything a query among the new tokens
+    /// may need (the old cache followed by the new keys), then trims itself to capacity.
+    pub fn extend(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k_all, v_all) = match &self.kv {
+            None => (k.clone(), v.clone()),
+            Some((ck, cv)) => (Tensor::cat(&[ck, k], 1)?, Tensor::cat(&[cv, v], 1)?),
+        };
+        let len = k_all.dim(1)?;
+        let keep = self.capacity.map_or(len, |c| len.min(c));
+        self.kv = if keep == 0 {
+            None
+        } else if keep == len {
+            Some((k_all.clone(), v_all.clone()))
+        } else {
+            // Copy so the dropped prefix is freed rather than kept alive by a view.
+            Some((
+                k_all.narrow(1, len - keep, keep)?.contiguous()?,
+                v_all.narrow(1, len - keep, keep)?.contiguous()?,
+            ))
+        };
+        Ok((k_all, v_all))
+    }
+
+    fn bytes(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, v)| tensor_bytes(k) + tensor_bytes(v))
+    }
+}
+
+/// One layer's part of a sequence's state.
+#[derive(Debug, Clone)]
+pub enum LayerState {
+    Softmax(KvCache),
+    Liger {
+        window: KvCache,
+        /// `[1, hkv, d, d]`, f32.
+        recurrent: Tensor,
+    },
+}
+
+/// Everything a model remembers about one sequence.
+#[derive(Debug, Clone)]
+pub struct SequenceState {
+    pub(crate) layers: Vec<LayerState>,
+    /// Tokens consumed so far (the next token's position).
+    pub(crate) position: usize,
+}
+
+const STATE_FORMAT: &str = "liger-sequence-state";
+const STATE_VERSION: &str = "1";
+
+impl SequenceState {
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    pub fn layers(&self) -> &[LayerState] {
+        &self.layers
+    }
+
+    /// Bytes held by this state's tensors.
+    pub fn size_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Softmax(c) => c.bytes(),
+                LayerState::Liger { window, recurrent } => window.bytes() + tensor_bytes(recurrent),
+            })
+            .sum()
+    }
+
+    /// Serializes to bytes (a safetensors blob: portable, self-describing, checked on load).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let cache = match l {
+                LayerState::Softmax(c) => c,
+                LayerState::Liger { window, recurrent } => {
+                    tensors.push((format!("layers.{i}.recurrent"), recurrent.clone()));
+                    window
+                }
+            };
+            if let Some((k, v)) = &cache.kv {
+                tensors.push((format!("layers.{i}.k"), k.clone()));
+                tensors.push((format!("layers.{i}.v"), v.clone()));
+            }
+        }
+        let metadata: HashMap<String, String> = [
+            ("format".to_string(), STATE_FORMAT.to_string()),
+            ("version".to_string(), STATE_VERSION.to_string()),
+            ("position".to_string(), self.position.to_string()),
+            ("layers".to_string(), self.layers.len().to_string()),
+        ]
+        .into();
+        let data: Vec<(String, Tensor)> = tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        let views: Vec<(&str, &Tensor)> = data.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        safetensors::serialize(views, Some(metadata))
+            .map_err(|e| Error::State(format!("serialize: {e}")))
+    }
+
+    /// Restores a state written by [`to_bytes`](Self::to_bytes), checking that it fits `spec`.
+    pub fn from_bytes(spec: &StateSpec, bytes: &[u8]) -> Result<Self> {
+        let bad = |m: String| Error::State(m);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a state blob: {e}")))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(STATE_FORMAT)
+            || meta.get("version").map(String::as_str) != Some(STATE_VERSION)
+        {
+            return Err(bad("not a state blob of this version".into()));
+        }
+        let position: usize = meta
+            .get("position")
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| bad("missing position".into()))?;
+        if meta.get("layers").and_then(|p| p.parse().ok()) != Some(spec.layers.len()) {
+            return Err(bad("layer count does not match the model".into()));
+        }
+        let mut tensors = candle_core::safetensors::load_buffer(bytes, &spec.device)
+            .map_err(|e| bad(format!("corrupt: {e}")))?;
+        let mut state = spec.new_state()?;
+        state.position = position;
+        let (hkv, d) = (spec.num_kv_heads, spec.head_dim);
+        for (i, layer) in state.layers.iter_mut().enumerate() {
+            let cache = match layer {
+                LayerState::Softmax(c) => c,
+                LayerState::Liger { window, recurrent } => {
+                    let r = tensors
+                        .remove(&format!("layers.{i}.recurrent"))
+                        .ok_or_else(|| bad(format!("layer {i}: missing recurrent state")))?;
+                    check(&r, &[1, hkv, d, d], DType::F32, i)?;
+                    *recurrent = r;
+                    window
+                }
+            };
+            let k = tensors.remove(&format!("layers.{i}.k"));
+            let v = tensors.remove(&format!("layers.{i}.v"));
+            let expect_len = cache.capacity.map_or(position, |c| position.min(c));
+            match (k, v) {
+                (Some(k), Some(v)) => {
+                    check(&k, &[hkv, expect_len, d], spec.cache_dtype, i)?;
+                    check(&v, &[hkv, expect_len, d], spec.cache_dtype, i)?;
+                    cache.kv = Some((k, v));
+                }
+                (None, None) if expect_len == 0 => {}
+                _ => return Err(bad(format!("layer {i}: cache does not match position {position}"))),
+            }
+        }
+        if let Some(name) = tensors.keys().next() {
+            return Err(bad(format!("unexpected tensor `{name}`")));
+        }
+        Ok(state)
+    }
+}
+
+fn check(t: &Tensor, dims: &[usize], dtype: DType, layer: usize) -> Result<()> {
+    if t.dims() != dims || t.dtype() != dtype {
+        return Err(Error::State(format!(
+            "layer {layer}: tensor {:?} {:?} where {dims:?} {dtype:?} was expected",
+            t.dims(),
+            t.dtype()
+        )));
+    }
+    Ok(())
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fixed number of sequence slots. [`acquire`](Self::acquire) hands out a [`Slot`] that
+/// owns its state; [`release`](Self::release) consumes it. A slot cannot be released twice
+/// or used after release because releasing moves it, and it cannot be released into another
+/// pool (checked).
+#[derive(Debug)]
+pub struct StatePool {
+    spec: StateSpec,
+    id: u64,
+    free_indices: Vec<usize>,
+    capacity: usize,
+}
+
+/// A leased sequence slot: an index in `0..capacity` and the state it owns.
+#[derive(Debug)]
+pub struct Slot {
+    index: usize,
+    pool: u64,
+    pub state: SequenceState,
+}
+
+impl Slot {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl StatePool {
+    pub fn new(spec: StateSpec, capacity: usize) -> Self {
+        Self {
+            spec,
+            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
+            // Pop from the end: hand out low indices first.
+            free_indices: (0..capacity).rev().collect(),
+            capacity,
+        }
+    }
+
+    pub fn spec(&self) -> &StateSpec {
+        &self.spec
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn available(&self) -> usize {
+        self.free_indices.len()
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.capacity - self.free_indices.len()
+    }
+
+    /// A slot with a fresh state, or `None` when all are leased.
+    pub fn acquire(&mut self) -> Result<Option<Slot>> {
+        self.acquire_with(|spec| spec.new_state())
+    }
+
+    /// A slot that starts from `state` (a fork or a cached snapshot).
+    pub fn acquire_from(&mut self, state: SequenceState) -> Result<Option<Slot>> {
+        if state.layers.len() != self.spec.layers.len() {
+            return Err(Error::State("state belongs to another model".into()));
+        }
+        self.acquire_with(|_| Ok(state))
+    }
+
+    fn acquire_with(
+        &mut self,
+        make: impl FnOnce(&StateSpec) -> Result<SequenceState>,
+    ) -> Result<Option<Slot>> {
+        let Some(&index) = self.free_indices.last() else {
+            return Ok(None);
+        };
+        let state = make(&self.spec)?;
+        self.free_indices.pop();
+        Ok(Some(Slot {
+            index,
+            pool: self.id,
+            state,
+        }))
+    }
+
+    /// Returns a slot; its state is dropped.
+    pub fn release(&mut self, slot: Slot) -> Result<()> {
+        if slot.pool != self.id {
+            return Err(Error::State("slot released into a pool that did not lease it".into()));
+        }
+        debug_assert!(!self.free_indices.contains(&slot.index));
+        self.free_indices.push(slot.index);
+        Ok(())
+    }
+}

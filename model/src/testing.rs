@@ -1,0 +1,172 @@
+//! Tiny random checkpoints for tests (this crate's, the converter's and the server's).
+//!
+//! Each family gets the features that make it differ: Llama with GQA and tied embeddings,
+//! Mistral with a sliding window and an untied head, Qwen2 with q/k/v biases. Weights are
+//! seeded, so every test sees the same model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::{json, Value};
+
+use crate::config::{LigerConfig, ModelConfig};
+use crate::model::Model;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// GQA (4 query heads over 2 KV heads), tied embeddings.
+    Llama,
+    /// Sliding window of 6 (Hugging Face counting), untied LM head.
+    Mistral,
+    /// q/k/v biases, untied LM head.
+    Qwen2,
+}
+
+pub const ALL_FAMILIES: [Family; 3] = [Family::Llama, Family::Mistral, Family::Qwen2];
+
+/// A tiny checkpoint: its `config.json` and its weights under Hugging Face names.
+pub struct TinyCheckpoint {
+    pub config: Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// `config.json` of a tiny model of `family`.
+pub fn tiny_config(family: Family) -> Value {
+    let mut c = json!({
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 61,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    });
+    let extra = match family {
+        Family::Llama => json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "tie_word_embeddings": true}),
+        Family::Mistral => json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+            "tie_word_embeddings": false, "sliding_window": 6}),
+        Family::Qwen2 => json!({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+            "tie_word_embeddings": false, "num_key_value_heads": 1, "use_sliding_window": false}),
+    };
+    for (k, v) in extra.as_object().expect("object") {
+        c[k] = v.clone();
+    }
+    c
+}
+
+/// Seeded random weights matching `config` (any valid config, tiny or not).
+pub fn random_weights(config: &Value, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let cfg = ModelConfig::from_json(config.clone())?;
+    let mut rng = SplitMix(seed);
+    let mut t = HashMap::new();
+    let mut put = |name: String, shape: &[usize], std: f32, mean: f32| -> Result<()> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
+        t.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        Ok(())
+    };
+    let (hd, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let w = 1.0 / (hd as f32).sqrt();
+    put("model.embed_tokens.weight".into(), &[cfg.vocab_size, hd], 1.0, 0.0)?;
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), &[cfg.vocab_size, hd], w, 0.0)?;
+    }
+    put("model.norm.weight".into(), &[hd], 0.1, 1.0)?;
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        // Keys larger than the other projections so the gates span weak to strong decay.
+        for (name, rows, std) in [("q_proj", h * d, 2.0 * w), ("k_proj", hkv * d, 3.0 * w), ("v_proj", hkv * d, w)] {
+            put(format!("{p}.self_attn.{name}.weight"), &[rows, hd], std, 0.0)?;
+            if cfg.qkv_bias {
+                put(format!("{p}.self_attn.{name}.bias"), &[rows], 0.5, 0.0)?;
+            }
+        }
+        put(format!("{p}.self_attn.o_proj.weight"), &[hd, h * d], w, 0.0)?;
+        if cfg.o_bias {
+            put(format!("{p}.self_attn.o_proj.bias"), &[hd], 0.1, 0.0)?;
+        }
+        put(format!("{p}.mlp.gate_proj.weight"), &[cfg.intermediate_size, hd], w, 0.0)?;
+        put(format!("{p}.mlp.up_proj.weight"), &[cfg.intermediate_size, hd], w, 0.0)?;
+        let wi = 1.0 / (cfg.intermediate_size as f32).sqrt();
+        put(format!("{p}.mlp.down_proj.weight"), &[hd, cfg.intermediate_size], wi, 0.0)?;
+        put(format!("{p}.input_layernorm.weight"), &[hd], 0.1, 1.0)?;
+        put(format!("{p}.post_attention_layernorm.weight"), &[hd], 0.1, 1.0)?;
+    }
+    Ok(t)
+}
+
+impl TinyCheckpoint {
+    pub fn new(family: Family, seed: u64) -> Result<Self> {
+        let config = tiny_config(family);
+        let tensors = random_weights(&config, seed)?;
+        Ok(Self { config, tensors })
+    }
+
+    /// The same weights, converted the Liger way with `liger` settings.
+    pub fn with_liger(mut self, liger: &LigerConfig) -> Self {
+        self.config["liger"] = serde_json::to_value(liger).expect("plain struct");
+        self
+    }
+
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        ModelConfig::from_json(self.config.clone())
+    }
+
+    /// Builds the model on the CPU in `dtype`.
+    pub fn model(&self, dtype: DType) -> Result<Model> {
+        model_from_tensors(self.model_config()?, &self.tensors, dtype, &Device::Cpu)
+    }
+
+    /// Writes a Hugging Face folder (`config.json`, `model.safetensors`).
+    pub fn write_folder(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let cfg = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&self.config).expect("json");
+        std::fs::write(&cfg, text).map_err(|e| Error::io(&cfg, e))?;
+        candle_core::safetensors::save(&self.tensors, dir.join("model.safetensors"))?;
+        Ok(())
+    }
+}
+
+/// Builds a model from in-memory weights (converted to `dtype` on `device`).
+pub fn model_from_tensors(
+    cfg: ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model> {
+    let converted = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    Model::new(cfg, VarBuilder::from_tensors(converted, dtype, device))
+}
+
+/// Seeded random numbers with no dependency: SplitMix64 and Box-Muller.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    }
+
+    pub fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
+        (0..n).map(|_| (self.next_u64() % vocab as u64) as u32).collect()
+    }
+}
