@@ -291,3 +291,27 @@ pub fn softmax_attention(
     let o = p.reshape((hkv, g * t, l))?.matmul(&v)?; // [hkv, g*t, d]
     Ok(o.reshape((h, t, d))?.transpose(0, 1)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn visible(t: usize, cached: usize, window: Option<usize>) -> Vec<String> {
+        let m = attention_mask(t, cached, window, &Device::Cpu).unwrap().unwrap();
+        m.to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|row| row.iter().map(|&x| if x == 0.0 { '1' } else { '.' }).collect())
+            .collect()
+    }
+
+    #[test]
+    fn window_counts_keys_before_the_query() {
+        // Window 2: each query sees itself and the two keys before it.
+        assert_eq!(visible(4, 0, Some(2)), ["1...", "11..", "111.", ".111"]);
+        // Two cached keys precede three new queries.
+        assert_eq!(visible(3, 2, Some(2)), ["111..", ".111.", "..111"]);
+        // No window: plain causal.
+        assert_eq!(visible(3, 1, None), ["11..", "111.", "1111"]);
+    }
+}

@@ -191,13 +191,14 @@ impl SequenceState {
                 tensors.push((format!("layers.{i}.v"), v.clone()));
             }
         }
-        let metadata: HashMap<String, String> = [
-            ("format".to_string(), STATE_FORMAT.to_string()),
-            ("version".to_string(), STATE_VERSION.to_string()),
-            ("position".to_string(), self.position.to_string()),
-            ("layers".to_string(), self.layers.len().to_string()),
-        ]
-        .into();
+        // One metadata key, so the header (and thus the blob) is byte-for-byte deterministic:
+        // safetensors writes metadata maps in hash order.
+        let header = serde_json::json!({
+            "version": STATE_VERSION,
+            "position": self.position,
+            "layers": self.layers.len(),
+        });
+        let metadata: HashMap<String, String> = [(STATE_FORMAT.to_string(), header.to_string())].into();
         let data: Vec<(String, Tensor)> = tensors
             .into_iter()
             .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
@@ -212,17 +213,19 @@ impl SequenceState {
         let bad = |m: String| Error::State(m);
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a state blob: {e}")))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        if meta.get("format").map(String::as_str) != Some(STATE_FORMAT)
-            || meta.get("version").map(String::as_str) != Some(STATE_VERSION)
-        {
-            return Err(bad("not a state blob of this version".into()));
+        let header: serde_json::Value = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(STATE_FORMAT))
+            .and_then(|h| serde_json::from_str(h).ok())
+            .ok_or_else(|| bad("not a sequence state blob".into()))?;
+        if header["version"] != STATE_VERSION {
+            return Err(bad(format!("unsupported state version {}", header["version"])));
         }
-        let position: usize = meta
-            .get("position")
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| bad("missing position".into()))?;
-        if meta.get("layers").and_then(|p| p.parse().ok()) != Some(spec.layers.len()) {
+        let position = header["position"]
+            .as_u64()
+            .ok_or_else(|| bad("missing position".into()))? as usize;
+        if header["layers"].as_u64() != Some(spec.layers.len() as u64) {
             return Err(bad("layer count does not match the model".into()));
         }
         let mut tensors = candle_core::safetensors::load_buffer(bytes, &spec.device)
@@ -369,5 +372,55 @@ impl StatePool {
         debug_assert!(!self.free_indices.contains(&slot.index));
         self.free_indices.push(slot.index);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Family, TinyCheckpoint};
+
+    fn spec() -> StateSpec {
+        let cfg = TinyCheckpoint::new(Family::Llama, 0)
+            .unwrap()
+            .with_liger(&Default::default())
+            .model_config()
+            .unwrap();
+        StateSpec::new(&cfg, DType::F32, &Device::Cpu)
+    }
+
+    #[test]
+    fn pool_hands_out_each_slot_once() {
+        let mut pool = StatePool::new(spec(), 2);
+        let a = pool.acquire().unwrap().unwrap();
+        let b = pool.acquire().unwrap().unwrap();
+        assert_ne!(a.index(), b.index());
+        assert!(pool.acquire().unwrap().is_none(), "pool is full");
+        let freed = a.index();
+        pool.release(a).unwrap();
+        assert_eq!(pool.available(), 1);
+        let c = pool.acquire().unwrap().unwrap();
+        assert_eq!(c.index(), freed);
+        assert_eq!(c.state.position(), 0, "a reused slot starts fresh");
+        pool.release(b).unwrap();
+        pool.release(c).unwrap();
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn slot_cannot_go_back_to_another_pool() {
+        let mut p1 = StatePool::new(spec(), 1);
+        let mut p2 = StatePool::new(spec(), 1);
+        let s = p1.acquire().unwrap().unwrap();
+        assert!(p2.release(s).is_err());
+    }
+
+    #[test]
+    fn liger_state_size_is_bounded_by_the_window() {
+        let s = spec();
+        let (hkv, d) = (s.num_kv_heads, s.head_dim);
+        let per_layer = hkv * d * d * 4 + 2 * s.liger_window * hkv * d * 4;
+        assert_eq!(s.bytes_at(1_000_000), per_layer * s.layers.len());
+        assert_eq!(s.bytes_at(100_000), s.bytes_at(1_000_000));
     }
 }

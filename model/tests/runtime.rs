@@ -1,0 +1,257 @@
+//! Model-level equivalences on tiny random checkpoints of every family:
+//! - prefill-then-decode == one full forward, across window and chunk boundaries;
+//! - a batched step == the same sequences one at a time;
+//! - Liger with recurrent weight 0 == windowed softmax attention, and with a window at
+//!   least the sequence length == full attention;
+//! - states serialize, fork and restore exactly, and stay constant-size.
+
+use candle_core::{DType, Tensor};
+use liger_model::config::{LigerConfig, Variant};
+use liger_model::testing::{Family, SplitMix, TinyCheckpoint, ALL_FAMILIES};
+use liger_model::{Logits, Model, RuntimeOptions, SeqStep, SequenceState};
+
+const LEN: usize = 29;
+
+fn liger(window: usize) -> LigerConfig {
+    LigerConfig {
+        window,
+        ..Default::default()
+    }
+}
+
+/// The model variants every equivalence runs on.
+fn variants(family: Family) -> Vec<(String, Model)> {
+    let base = || TinyCheckpoint::new(family, 42).unwrap();
+    let mut out = vec![("transformer".to_string(), base().model(DType::F32).unwrap())];
+    let settings = [
+        ("gla", liger(4)),
+        ("hgrn2", LigerConfig { variant: Variant::Hgrn2, gate_normalizer: 1.0, ..liger(5) }),
+        ("gla+full1", LigerConfig { full_attention_layers: vec![1], ..liger(3) }),
+    ];
+    for (name, l) in settings {
+        let mut m = base().with_liger(&l).model(DType::F32).unwrap();
+        // Small chunks so the test crosses many chunk boundaries.
+        m.set_options(RuntimeOptions { chunk_size: 4, ..Default::default() }).unwrap();
+        out.push((name.to_string(), m));
+    }
+    out
+}
+
+fn tokens(seed: u64, n: usize) -> Vec<u32> {
+    SplitMix(seed).tokens(n, 61)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+}
+
+fn full_forward(m: &Model, toks: &[u32]) -> Tensor {
+    let mut s = m.new_state().unwrap();
+    m.forward(toks, &mut s, Logits::All).unwrap()
+}
+
+#[test]
+fn prefill_then_decode_equals_one_forward() {
+    for family in ALL_FAMILIES {
+        for (name, m) in variants(family) {
+            let toks = tokens(1, LEN);
+            let all = full_forward(&m, &toks);
+            // Uneven prefill pieces, then token-by-token decode.
+            for split in [1, 7, 13] {
+                let mut s = m.new_state().unwrap();
+                let mut rows = vec![m.forward(&toks[..split.min(5)], &mut s, Logits::All).unwrap()];
+                if split > 5 {
+                    rows.push(m.forward(&toks[5..split], &mut s, Logits::All).unwrap());
+                }
+                for t in &toks[split..] {
+                    rows.push(m.forward(std::slice::from_ref(t), &mut s, Logits::All).unwrap());
+                }
+                let stepwise = Tensor::cat(&rows, 0).unwrap();
+                let d = max_diff(&stepwise, &all);
+                assert!(d < 1e-4, "{family:?}/{name} split {split}: {d}");
+                assert_eq!(s.position(), LEN);
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_step_equals_one_at_a_time() {
+    for family in ALL_FAMILIES {
+        for (name, m) in variants(family) {
+            // Three sequences with different histories, then one mixed step: two decode
+            // tokens and a prefill chunk, plus a fresh sequence.
+            let histories = [tokens(2, 9), tokens(3, 1), tokens(4, 14), vec![]];
+            let steps = [tokens(5, 1), tokens(6, 6), tokens(7, 1), tokens(8, 11)];
+            let mut solo_states: Vec<SequenceState> = Vec::new();
+            let mut solo_logits = Vec::new();
+            for (h, st) in histories.iter().zip(&steps) {
+                let mut s = m.new_state().unwrap();
+                if !h.is_empty() {
+                    m.forward(h, &mut s, Logits::Last).unwrap();
+                }
+                solo_logits.push(m.forward(st, &mut s, Logits::All).unwrap());
+                solo_states.push(s);
+            }
+            let mut states: Vec<SequenceState> = histories
+                .iter()
+                .map(|h| {
+                    let mut s = m.new_state().unwrap();
+                    if !h.is_empty() {
+                        m.forward(h, &mut s, Logits::Last).unwrap();
+                    }
+                    s
+                })
+                .collect();
+            let mut batch: Vec<SeqStep> = states
+                .iter_mut()
+                .zip(&steps)
+                .map(|(state, tokens)| SeqStep { tokens, state })
+                .collect();
+            let out = m.forward_batch(&mut batch, Logits::All).unwrap();
+            for (i, (a, b)) in out.iter().zip(&solo_logits).enumerate() {
+                let d = max_diff(a, b);
+                assert!(d < 1e-4, "{family:?}/{name} seq {i}: {d}");
+            }
+            // And the states continue identically.
+            let next = tokens(9, 1);
+            for (a, b) in states.iter_mut().zip(solo_states.iter_mut()) {
+                let la = m.forward(&next, a, Logits::Last).unwrap();
+                let lb = m.forward(&next, b, Logits::Last).unwrap();
+                assert!(max_diff(&la, &lb) < 1e-4, "{family:?}/{name} continuation");
+            }
+        }
+    }
+}
+
+#[test]
+fn last_logits_are_the_last_row_of_all() {
+    let m = TinyCheckpoint::new(Family::Llama, 1).unwrap().with_liger(&liger(4)).model(DType::F32).unwrap();
+    let toks = tokens(11, 10);
+    let all = full_forward(&m, &toks);
+    let mut s = m.new_state().unwrap();
+    let last = m.forward(&toks, &mut s, Logits::Last).unwrap();
+    // Not bit-equal: the matmuls see different row counts and block differently.
+    assert!(max_diff(&last, &all.narrow(0, 9, 1).unwrap()) < 1e-4);
+}
+
+#[test]
+fn recurrent_weight_zero_is_windowed_attention() {
+    for family in ALL_FAMILIES {
+        let window = 5;
+        let only_window = LigerConfig {
+            window,
+            window_weight: 1.0,
+            recurrent_weight: 0.0,
+            ..Default::default()
+        };
+        let m = TinyCheckpoint::new(family, 3).unwrap().with_liger(&only_window).model(DType::F32).unwrap();
+        // The same weights as a Transformer with a sliding window of `window` keys before the
+        // query (Hugging Face counts the query itself, hence +1).
+        let mut tc = TinyCheckpoint::new(family, 3).unwrap();
+        tc.config["model_type"] = "mistral".into();
+        tc.config["sliding_window"] = (window + 1).into();
+        if family == Family::Qwen2 {
+            // Mistral has no q/k/v biases: keep Qwen2 and turn its window on instead.
+            tc.config["model_type"] = "qwen2".into();
+            tc.config["use_sliding_window"] = true.into();
+            tc.config["max_window_layers"] = 0.into();
+        }
+        let reference = tc.model(DType::F32).unwrap();
+        let toks = tokens(12, LEN);
+        let d = max_diff(&full_forward(&m, &toks), &full_forward(&reference, &toks));
+        assert!(d < 1e-4, "{family:?}: {d}");
+    }
+}
+
+#[test]
+fn window_covering_the_sequence_is_full_attention() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let wide = LigerConfig {
+            window: LEN,
+            window_weight: 1.0,
+            recurrent_weight: 0.0,
+            ..Default::default()
+        };
+        let m = TinyCheckpoint::new(family, 4).unwrap().with_liger(&wide).model(DType::F32).unwrap();
+        let t = TinyCheckpoint::new(family, 4).unwrap().model(DType::F32).unwrap();
+        let toks = tokens(13, LEN);
+        let d = max_diff(&full_forward(&m, &toks), &full_forward(&t, &toks));
+        assert!(d < 1e-4, "{family:?}: {d}");
+    }
+}
+
+#[test]
+fn liger_state_is_constant_size_and_round_trips() {
+    let m = TinyCheckpoint::new(Family::Llama, 5).unwrap().with_liger(&liger(4)).model(DType::F32).unwrap();
+    let toks = tokens(14, 40);
+    let mut s = m.new_state().unwrap();
+    m.forward(&toks[..10], &mut s, Logits::Last).unwrap();
+    let size_10 = s.size_bytes();
+    m.forward(&toks[10..30], &mut s, Logits::Last).unwrap();
+    assert_eq!(s.size_bytes(), size_10, "state grew with context");
+    assert_eq!(s.size_bytes(), m.state_spec().bytes_at(30));
+
+    // Serialize, restore, fork: all three continue exactly like the original.
+    let bytes = s.to_bytes().unwrap();
+    let mut restored = SequenceState::from_bytes(m.state_spec(), &bytes).unwrap();
+    let mut fork = s.clone();
+    let a = m.forward(&toks[30..], &mut s, Logits::All).unwrap();
+    let b = m.forward(&toks[30..], &mut restored, Logits::All).unwrap();
+    let c = m.forward(&toks[30..], &mut fork, Logits::All).unwrap();
+    assert_eq!(max_diff(&a, &b), 0.0);
+    assert_eq!(max_diff(&a, &c), 0.0);
+
+    // A blob is checked against the model it is loaded into.
+    let other = TinyCheckpoint::new(Family::Qwen2, 5).unwrap().with_liger(&liger(4)).model(DType::F32).unwrap();
+    let err = SequenceState::from_bytes(other.state_spec(), &bytes).unwrap_err().to_string();
+    assert!(err.contains("sequence state"), "{err}");
+    assert!(SequenceState::from_bytes(m.state_spec(), &bytes[..bytes.len() / 2]).is_err());
+    assert!(SequenceState::from_bytes(m.state_spec(), b"garbage").is_err());
+}
+
+#[test]
+fn transformer_state_grows_with_context() {
+    let m = TinyCheckpoint::new(Family::Llama, 5).unwrap().model(DType::F32).unwrap();
+    let mut s = m.new_state().unwrap();
+    m.forward(&tokens(15, 10), &mut s, Logits::Last).unwrap();
+    let a = s.size_bytes();
+    m.forward(&tokens(16, 10), &mut s, Logits::Last).unwrap();
+    assert_eq!(s.size_bytes(), 2 * a);
+    let restored = SequenceState::from_bytes(m.state_spec(), &s.to_bytes().unwrap()).unwrap();
+    assert_eq!(restored.size_bytes(), s.size_bytes());
+}
+
+#[test]
+fn bad_inputs_are_errors_and_leave_states_untouched() {
+    let m = TinyCheckpoint::new(Family::Llama, 6).unwrap().with_liger(&liger(4)).model(DType::F32).unwrap();
+    let mut good = m.new_state().unwrap();
+    m.forward(&tokens(17, 5), &mut good, Logits::Last).unwrap();
+    let before = good.to_bytes().unwrap();
+    let mut other = m.new_state().unwrap();
+    let bad_token = [9999u32];
+    let ok_tokens = tokens(18, 3);
+    let mut batch = [
+        SeqStep { tokens: &ok_tokens, state: &mut good },
+        SeqStep { tokens: &bad_token, state: &mut other },
+    ];
+    let err = m.forward_batch(&mut batch, Logits::Last).unwrap_err().to_string();
+    assert!(err.contains("token id 9999"), "{err}");
+    assert!(good.to_bytes().unwrap() == before, "state changed by a failed step");
+    let empty: [u32; 0] = [];
+    assert!(m.forward(&empty, &mut good, Logits::Last).is_err());
+    assert_eq!(good.position(), 5);
+}
+
+#[test]
+fn half_precision_tracks_f32() {
+    let ck = TinyCheckpoint::new(Family::Llama, 8).unwrap().with_liger(&liger(4));
+    let toks = tokens(19, 20);
+    let f32_logits = full_forward(&ck.model(DType::F32).unwrap(), &toks);
+    let scale: f32 = f32_logits.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    // Relative to the largest logit: f16 keeps 11 mantissa bits, bf16 only 8.
+    for (dtype, tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
+        let d = max_diff(&full_forward(&ck.model(dtype).unwrap(), &toks), &f32_logits) / scale;
+        assert!(d < tol, "{dtype:?}: {d} of the largest logit {scale}");
+    }
+}
