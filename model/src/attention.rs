@@ -71,7 +71,10 @@ impl Attention {
         let mixer = match cfg.layer_kind(layer) {
             LayerKind::Softmax { .. } => Mixer::Softmax,
             LayerKind::Liger => {
-                let l: &LigerConfig = cfg.liger.as_ref().expect("Liger layer implies a liger config");
+                let l: &LigerConfig = cfg
+                    .liger
+                    .as_ref()
+                    .expect("Liger layer implies a liger config");
                 Mixer::Liger(Hybrid {
                     features: FeatureMaps {
                         variant: l.variant,
@@ -124,9 +127,18 @@ impl Attention {
                 let mut outs = Vec::with_capacity(ctx.spans.len());
                 for (span, state) in ctx.spans.iter().zip(states.iter_mut()) {
                     let LayerState::Softmax(cache) = &mut **state else {
-                        return Err(Error::State("layer state kind does not match the model".into()));
+                        return Err(Error::State(
+                            "layer state kind does not match the model".into(),
+                        ));
                     };
-                    outs.push(self.windowed(&q_rot, &k_rot, &v, span, cache, ctx.differentiable)?);
+                    outs.push(self.windowed(
+                        &q_rot,
+                        &k_rot,
+                        &v,
+                        span,
+                        cache,
+                        ctx.differentiable,
+                    )?);
                 }
                 Tensor::cat(&outs, 0)?
             }
@@ -149,7 +161,9 @@ impl Attention {
         differentiable: bool,
     ) -> Result<Tensor> {
         let to_heads = |x: &Tensor| -> Result<Tensor> {
-            Ok(x.narrow(0, span.start, span.len)?.transpose(0, 1)?.contiguous()?)
+            Ok(x.narrow(0, span.start, span.len)?
+                .transpose(0, 1)?
+                .contiguous()?)
         };
         let cached = cache.len();
         let (keys, values) = cache.extend(&to_heads(k_rot)?, &to_heads(v)?)?;
@@ -172,7 +186,8 @@ impl Attention {
             ..hy.features
         };
         // Feature maps for all tokens at once: [1, heads, tokens, d].
-        let as_bhtd = |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
+        let as_bhtd =
+            |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
         let all = gla::feature_maps(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
 
         let mut window_out = Vec::with_capacity(ctx.spans.len());
@@ -181,7 +196,9 @@ impl Attention {
         let mut decode: Vec<usize> = Vec::new();
         for (i, (span, state)) in ctx.spans.iter().zip(states.iter_mut()).enumerate() {
             let LayerState::Liger { window, recurrent } = &mut **state else {
-                return Err(Error::State("layer state kind does not match the model".into()));
+                return Err(Error::State(
+                    "layer state kind does not match the model".into(),
+                ));
             };
             window_out.push(self.windowed(q_rot, k_rot, v, span, window, ctx.differentiable)?);
             if span.len == 1 && !ctx.differentiable {
@@ -197,29 +214,43 @@ impl Attention {
         if !decode.is_empty() {
             let idx: Vec<u32> = decode.iter().map(|&i| ctx.spans[i].start as u32).collect();
             let idx = Tensor::new(idx.as_slice(), q.device())?;
-            let pick = |x: &Tensor, dim: usize| -> Result<Tensor> { Ok(x.index_select(&idx, dim)?) };
+            let pick =
+                |x: &Tensor, dim: usize| -> Result<Tensor> { Ok(x.index_select(&idx, dim)?) };
             let nb = decode.len();
             // Token axis becomes the batch axis: [1, hkv, (g,) n, d] -> [n, hkv, (g,) d].
-            let qd = pick(&all.q, 3)?.squeeze(0)?.permute((2, 0, 1, 3))?.contiguous()?;
+            let qd = pick(&all.q, 3)?
+                .squeeze(0)?
+                .permute((2, 0, 1, 3))?
+                .contiguous()?;
             let kd = pick(&all.k, 2)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-            let gd = pick(&all.gate, 2)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            let gd = pick(&all.gate, 2)?
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?;
             let vd = pick(&all.v, 2)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
             let mut s_in = Vec::with_capacity(nb);
             for &i in &decode {
-                let LayerState::Liger { recurrent, .. } = &*states[i] else { unreachable!() };
+                let LayerState::Liger { recurrent, .. } = &*states[i] else {
+                    unreachable!()
+                };
                 s_in.push(recurrent.clone());
             }
             let (o, s) = gla::step(&qd, &kd, &gd, &vd, &Tensor::cat(&s_in, 0)?)?;
             let o = o.reshape((nb, 1, h, d))?;
             for (j, &i) in decode.iter().enumerate() {
-                let LayerState::Liger { recurrent, .. } = &mut *states[i] else { unreachable!() };
+                let LayerState::Liger { recurrent, .. } = &mut *states[i] else {
+                    unreachable!()
+                };
                 *recurrent = s.narrow(0, j, 1)?;
                 recurrent_out[i] = Some(o.get(j)?);
             }
         }
         let window_out = Tensor::cat(&window_out, 0)?;
         let recurrent_out = Tensor::cat(
-            &recurrent_out.into_iter().map(|o| o.expect("every span computed")).collect::<Vec<_>>(),
+            &recurrent_out
+                .into_iter()
+                .map(|o| o.expect("every span computed"))
+                .collect::<Vec<_>>(),
             0,
         )?;
         Ok(((window_out * hy.window_weight)? + (recurrent_out * hy.recurrent_weight)?)?)
@@ -297,11 +328,17 @@ mod tests {
     use super::*;
 
     fn visible(t: usize, cached: usize, window: Option<usize>) -> Vec<String> {
-        let m = attention_mask(t, cached, window, &Device::Cpu).unwrap().unwrap();
+        let m = attention_mask(t, cached, window, &Device::Cpu)
+            .unwrap()
+            .unwrap();
         m.to_vec2::<f32>()
             .unwrap()
             .iter()
-            .map(|row| row.iter().map(|&x| if x == 0.0 { '1' } else { '.' }).collect())
+            .map(|row| {
+                row.iter()
+                    .map(|&x| if x == 0.0 { '1' } else { '.' })
+                    .collect()
+            })
             .collect()
     }
 

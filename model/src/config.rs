@@ -21,7 +21,8 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM)";
+    pub const SUPPORTED: &'static str =
+        "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM)";
 
     fn from_model_type(s: &str) -> Option<Self> {
         match s {
@@ -190,7 +191,10 @@ impl ModelConfig {
             ));
         }
         if head_dim % 2 != 0 {
-            return Err(Error::config("head_dim", format!("{head_dim} must be even for RoPE")));
+            return Err(Error::config(
+                "head_dim",
+                format!("{head_dim} must be even for RoPE"),
+            ));
         }
         if let Some(act) = f.str_opt("hidden_act")?.or(f.str_opt("hidden_activation")?) {
             if act != "silu" && act != "swish" {
@@ -282,7 +286,10 @@ impl ModelConfig {
         if let Value::Object(m) = &mut raw {
             match liger {
                 Some(l) => {
-                    m.insert("liger".into(), serde_json::to_value(l).expect("plain struct"));
+                    m.insert(
+                        "liger".into(),
+                        serde_json::to_value(l).expect("plain struct"),
+                    );
                 }
                 None => {
                     m.remove("liger");
@@ -337,7 +344,10 @@ fn parse_sliding_window(
             // `max_window_layers` on (matching transformers' Qwen2 implementation).
             if f.bool_opt("use_sliding_window")?.unwrap_or(false) {
                 let w = window.ok_or_else(|| {
-                    Error::config("sliding_window", "use_sliding_window is true but no window is set")
+                    Error::config(
+                        "sliding_window",
+                        "use_sliding_window is true but no window is set",
+                    )
                 })?;
                 let from = f.usize_opt("max_window_layers")?.unwrap_or(0);
                 (0..num_layers).map(|i| (i >= from).then_some(w)).collect()
@@ -370,7 +380,9 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<Option<RopeScaling>> {
     };
     match kind {
         "default" => Ok(None),
-        "linear" => Ok(Some(RopeScaling::Linear { factor: factor(&f)? })),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: factor(&f)?,
+        })),
         "llama3" => {
             let get = |k: &str| {
                 f.f64_opt(k)?
@@ -415,11 +427,17 @@ fn parse_liger(v: &Value, num_layers: usize) -> Result<LigerConfig> {
         ("liger.recurrent_weight", l.recurrent_weight),
     ] {
         if !(w.is_finite() && w >= 0.0) {
-            return Err(Error::config(name, format!("{w} must be a finite number >= 0")));
+            return Err(Error::config(
+                name,
+                format!("{w} must be a finite number >= 0"),
+            ));
         }
     }
     if !(l.gate_normalizer.is_finite() && l.gate_normalizer > 0.0) {
-        return Err(Error::config("liger.gate_normalizer", "must be a positive number"));
+        return Err(Error::config(
+            "liger.gate_normalizer",
+            "must be a positive number",
+        ));
     }
     let mut seen = vec![false; num_layers];
     for &i in &l.full_attention_layers {
@@ -450,15 +468,16 @@ impl Fields<'_> {
     fn usize_opt(&self, k: &str) -> Result<Option<usize>> {
         self.get(k)
             .map(|v| {
-                v.as_u64()
-                    .map(|x| x as usize)
-                    .ok_or_else(|| Error::config(k, format!("expected a non-negative integer, got {v}")))
+                v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                    Error::config(k, format!("expected a non-negative integer, got {v}"))
+                })
             })
             .transpose()
     }
 
     fn usize_req(&self, k: &str) -> Result<usize> {
-        self.usize_opt(k)?.ok_or_else(|| Error::config(k, "missing"))
+        self.usize_opt(k)?
+            .ok_or_else(|| Error::config(k, "missing"))
     }
 
     fn u32_opt(&self, k: &str) -> Result<Option<u32>> {
@@ -485,19 +504,28 @@ impl Fields<'_> {
 
     fn f64_opt(&self, k: &str) -> Result<Option<f64>> {
         self.get(k)
-            .map(|v| v.as_f64().ok_or_else(|| Error::config(k, format!("expected a number, got {v}"))))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| Error::config(k, format!("expected a number, got {v}")))
+            })
             .transpose()
     }
 
     fn bool_opt(&self, k: &str) -> Result<Option<bool>> {
         self.get(k)
-            .map(|v| v.as_bool().ok_or_else(|| Error::config(k, format!("expected true or false, got {v}"))))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| Error::config(k, format!("expected true or false, got {v}")))
+            })
             .transpose()
     }
 
     fn str_opt(&self, k: &str) -> Result<Option<&str>> {
         self.get(k)
-            .map(|v| v.as_str().ok_or_else(|| Error::config(k, format!("expected a string, got {v}"))))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| Error::config(k, format!("expected a string, got {v}")))
+            })
             .transpose()
     }
 }

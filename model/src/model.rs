@@ -90,7 +90,11 @@ impl Model {
             .map(|i| {
                 let vl = vm.pp(format!("layers.{i}"));
                 Ok(DecoderLayer {
-                    input_norm: RmsNorm::load(vl.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+                    input_norm: RmsNorm::load(
+                        vl.pp("input_layernorm"),
+                        cfg.hidden_size,
+                        cfg.rms_norm_eps,
+                    )?,
                     attn: Attention::load(vl.pp("self_attn"), &cfg, i)?,
                     post_norm: RmsNorm::load(
                         vl.pp("post_attention_layernorm"),
@@ -153,16 +157,31 @@ impl Model {
 
     /// Runs one sequence's tokens. Returns logits `[1, vocab]` (`Last`) or `[tokens, vocab]`
     /// (`All`), f32.
-    pub fn forward(&self, tokens: &[u32], state: &mut SequenceState, logits: Logits) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        logits: Logits,
+    ) -> Result<Tensor> {
         let mut step = [SeqStep { tokens, state }];
-        Ok(self.forward_batch(&mut step, logits)?.pop().expect("one sequence in, one out"))
+        Ok(self
+            .forward_batch(&mut step, logits)?
+            .pop()
+            .expect("one sequence in, one out"))
     }
 
     /// Feeds `tokens` in pieces of at most `chunk` tokens so memory stays bounded for long
     /// prompts. Returns the logits of the last token, `[1, vocab]`.
-    pub fn prefill(&self, tokens: &[u32], state: &mut SequenceState, chunk: usize) -> Result<Tensor> {
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        chunk: usize,
+    ) -> Result<Tensor> {
         if tokens.is_empty() || chunk == 0 {
-            return Err(Error::Invalid("prefill needs tokens and a positive chunk".into()));
+            return Err(Error::Invalid(
+                "prefill needs tokens and a positive chunk".into(),
+            ));
         }
         let mut last = None;
         for piece in tokens.chunks(chunk) {
@@ -197,12 +216,18 @@ impl Model {
         let mut positions = Vec::new();
         for s in seqs.iter() {
             if s.tokens.is_empty() {
-                return Err(Error::Invalid("a sequence in the batch has no tokens".into()));
+                return Err(Error::Invalid(
+                    "a sequence in the batch has no tokens".into(),
+                ));
             }
             if s.state.layers.len() != self.layers.len() {
                 return Err(Error::State("state belongs to another model".into()));
             }
-            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(&bad) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
                 return Err(Error::Invalid(format!(
                     "token id {bad} is out of range (vocabulary size {})",
                     self.cfg.vocab_size
@@ -230,9 +255,10 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let mut states: Vec<&mut LayerState> =
                 seqs.iter_mut().map(|s| &mut s.state.layers[l]).collect();
-            let a = layer
-                .attn
-                .forward(&self.norm_fwd(&layer.input_norm, &x)?, &ctx, &mut states)?;
+            let a =
+                layer
+                    .attn
+                    .forward(&self.norm_fwd(&layer.input_norm, &x)?, &ctx, &mut states)?;
             let h = (x + a)?;
             let m = layer.mlp.forward(&self.norm_fwd(&layer.post_norm, &h)?)?;
             x = (h + m)?;

@@ -49,7 +49,9 @@ impl StateSpec {
             .iter()
             .map(|k| match k {
                 LayerKind::Liger => recurrent + kv_row * context.min(self.liger_window),
-                LayerKind::Softmax { window } => kv_row * window.map_or(context, |w| context.min(w)),
+                LayerKind::Softmax { window } => {
+                    kv_row * window.map_or(context, |w| context.min(w))
+                }
             })
             .sum()
     }
@@ -129,7 +131,9 @@ impl KvCache {
     }
 
     fn bytes(&self) -> usize {
-        self.kv.as_ref().map_or(0, |(k, v)| tensor_bytes(k) + tensor_bytes(v))
+        self.kv
+            .as_ref()
+            .map_or(0, |(k, v)| tensor_bytes(k) + tensor_bytes(v))
     }
 }
 
@@ -198,7 +202,8 @@ impl SequenceState {
             "position": self.position,
             "layers": self.layers.len(),
         });
-        let metadata: HashMap<String, String> = [(STATE_FORMAT.to_string(), header.to_string())].into();
+        let metadata: HashMap<String, String> =
+            [(STATE_FORMAT.to_string(), header.to_string())].into();
         let data: Vec<(String, Tensor)> = tensors
             .into_iter()
             .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
@@ -220,7 +225,10 @@ impl SequenceState {
             .and_then(|h| serde_json::from_str(h).ok())
             .ok_or_else(|| bad("not a sequence state blob".into()))?;
         if header["version"] != STATE_VERSION {
-            return Err(bad(format!("unsupported state version {}", header["version"])));
+            return Err(bad(format!(
+                "unsupported state version {}",
+                header["version"]
+            )));
         }
         let position = header["position"]
             .as_u64()
@@ -255,7 +263,11 @@ impl SequenceState {
                     cache.kv = Some((k, v));
                 }
                 (None, None) if expect_len == 0 => {}
-                _ => return Err(bad(format!("layer {i}: cache does not match position {position}"))),
+                _ => {
+                    return Err(bad(format!(
+                        "layer {i}: cache does not match position {position}"
+                    )))
+                }
             }
         }
         if let Some(name) = tensors.keys().next() {
@@ -367,7 +379,9 @@ impl StatePool {
     /// Returns a slot; its state is dropped.
     pub fn release(&mut self, slot: Slot) -> Result<()> {
         if slot.pool != self.id {
-            return Err(Error::State("slot released into a pool that did not lease it".into()));
+            return Err(Error::State(
+                "slot released into a pool that did not lease it".into(),
+            ));
         }
         debug_assert!(!self.free_indices.contains(&slot.index));
         self.free_indices.push(slot.index);

@@ -66,9 +66,19 @@ pub fn random_weights(config: &Value, seed: u64) -> Result<HashMap<String, Tenso
         t.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
         Ok(())
     };
-    let (hd, h, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let (hd, h, hkv, d) = (
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    );
     let w = 1.0 / (hd as f32).sqrt();
-    put("model.embed_tokens.weight".into(), &[cfg.vocab_size, hd], 1.0, 0.0)?;
+    put(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, hd],
+        1.0,
+        0.0,
+    )?;
     if !cfg.tie_word_embeddings {
         put("lm_head.weight".into(), &[cfg.vocab_size, hd], w, 0.0)?;
     }
@@ -76,8 +86,17 @@ pub fn random_weights(config: &Value, seed: u64) -> Result<HashMap<String, Tenso
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
         // Keys larger than the other projections so the gates span weak to strong decay.
-        for (name, rows, std) in [("q_proj", h * d, 2.0 * w), ("k_proj", hkv * d, 3.0 * w), ("v_proj", hkv * d, w)] {
-            put(format!("{p}.self_attn.{name}.weight"), &[rows, hd], std, 0.0)?;
+        for (name, rows, std) in [
+            ("q_proj", h * d, 2.0 * w),
+            ("k_proj", hkv * d, 3.0 * w),
+            ("v_proj", hkv * d, w),
+        ] {
+            put(
+                format!("{p}.self_attn.{name}.weight"),
+                &[rows, hd],
+                std,
+                0.0,
+            )?;
             if cfg.qkv_bias {
                 put(format!("{p}.self_attn.{name}.bias"), &[rows], 0.5, 0.0)?;
             }
@@ -86,12 +105,32 @@ pub fn random_weights(config: &Value, seed: u64) -> Result<HashMap<String, Tenso
         if cfg.o_bias {
             put(format!("{p}.self_attn.o_proj.bias"), &[hd], 0.1, 0.0)?;
         }
-        put(format!("{p}.mlp.gate_proj.weight"), &[cfg.intermediate_size, hd], w, 0.0)?;
-        put(format!("{p}.mlp.up_proj.weight"), &[cfg.intermediate_size, hd], w, 0.0)?;
+        put(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[cfg.intermediate_size, hd],
+            w,
+            0.0,
+        )?;
+        put(
+            format!("{p}.mlp.up_proj.weight"),
+            &[cfg.intermediate_size, hd],
+            w,
+            0.0,
+        )?;
         let wi = 1.0 / (cfg.intermediate_size as f32).sqrt();
-        put(format!("{p}.mlp.down_proj.weight"), &[hd, cfg.intermediate_size], wi, 0.0)?;
+        put(
+            format!("{p}.mlp.down_proj.weight"),
+            &[hd, cfg.intermediate_size],
+            wi,
+            0.0,
+        )?;
         put(format!("{p}.input_layernorm.weight"), &[hd], 0.1, 1.0)?;
-        put(format!("{p}.post_attention_layernorm.weight"), &[hd], 0.1, 1.0)?;
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[hd],
+            0.1,
+            1.0,
+        )?;
     }
     Ok(t)
 }
@@ -167,6 +206,8 @@ impl SplitMix {
     }
 
     pub fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
-        (0..n).map(|_| (self.next_u64() % vocab as u64) as u32).collect()
+        (0..n)
+            .map(|_| (self.next_u64() % vocab as u64) as u32)
+            .collect()
     }
 }

@@ -77,17 +77,38 @@ fn check_case(c: Case, variant: Variant, tol: f32) {
     let (o_rec, s_rec) = gla::recurrent(&x, &s0).unwrap();
     for chunk in [1, 4, 16, 64] {
         let (o_chk, s_chk) = gla::chunked(&x, &s0, chunk).unwrap();
-        let (eo, es) = (max_rel_diff(&flat(&o_chk), &o_ref), max_rel_diff(&flat(&s_chk), &s_ref));
-        assert!(eo < tol && es < tol, "chunked c={chunk} t={}: out {eo:e}, state {es:e}", c.t);
+        let (eo, es) = (
+            max_rel_diff(&flat(&o_chk), &o_ref),
+            max_rel_diff(&flat(&s_chk), &s_ref),
+        );
+        assert!(
+            eo < tol && es < tol,
+            "chunked c={chunk} t={}: out {eo:e}, state {es:e}",
+            c.t
+        );
     }
-    let (eo, es) = (max_rel_diff(&flat(&o_rec), &o_ref), max_rel_diff(&flat(&s_rec), &s_ref));
-    assert!(eo < tol && es < tol, "recurrent t={}: out {eo:e}, state {es:e}", c.t);
+    let (eo, es) = (
+        max_rel_diff(&flat(&o_rec), &o_ref),
+        max_rel_diff(&flat(&s_rec), &s_ref),
+    );
+    assert!(
+        eo < tol && es < tol,
+        "recurrent t={}: out {eo:e}, state {es:e}",
+        c.t
+    );
 }
 
 #[test]
 fn gla_forms_agree_across_chunk_boundaries() {
     for t in [1, 3, 15, 16, 17, 33, 50] {
-        let c = Case { b: 2, hkv: 2, g: 3, t, d: 8, key_scale: 2.0 };
+        let c = Case {
+            b: 2,
+            hkv: 2,
+            g: 3,
+            t,
+            d: 8,
+            key_scale: 2.0,
+        };
         check_case(c, Variant::Gla, 2e-5);
     }
 }
@@ -95,7 +116,14 @@ fn gla_forms_agree_across_chunk_boundaries() {
 #[test]
 fn hgrn2_forms_agree() {
     for t in [1, 16, 37] {
-        let c = Case { b: 1, hkv: 3, g: 1, t, d: 8, key_scale: 2.0 };
+        let c = Case {
+            b: 1,
+            hkv: 3,
+            g: 1,
+            t,
+            d: 8,
+            key_scale: 2.0,
+        };
         check_case(c, Variant::Hgrn2, 2e-5);
     }
 }
@@ -104,20 +132,44 @@ fn hgrn2_forms_agree() {
 fn strong_gates_stay_finite_and_exact() {
     // Keys of magnitude ~60 give log-gates down to ~-4 per token (after /16): over a
     // 64-token chunk that is e^-250, which overflows f32 if any form divides by e^B.
-    let c = Case { b: 1, hkv: 2, g: 2, t: 70, d: 8, key_scale: 60.0 };
+    let c = Case {
+        b: 1,
+        hkv: 2,
+        g: 2,
+        t: 70,
+        d: 8,
+        key_scale: 60.0,
+    };
     let (x, s0) = inputs(&c, Variant::Gla, 99);
     let (o, s) = gla::chunked(&x, &s0, 64).unwrap();
-    assert!(flat(&o).iter().chain(flat(&s).iter()).all(|v| v.is_finite()));
+    assert!(flat(&o)
+        .iter()
+        .chain(flat(&s).iter())
+        .all(|v| v.is_finite()));
     check_case(c, Variant::Gla, 2e-5);
 }
 
 #[test]
 fn step_matches_one_token_recurrence() {
-    let c = Case { b: 3, hkv: 2, g: 2, t: 1, d: 8, key_scale: 2.0 };
+    let c = Case {
+        b: 3,
+        hkv: 2,
+        g: 2,
+        t: 1,
+        d: 8,
+        key_scale: 2.0,
+    };
     let (x, s0) = inputs(&c, Variant::Gla, 3);
     let (o1, s1) = gla::recurrent(&x, &s0).unwrap();
     let sq = |t: &Tensor, d: usize| t.squeeze(d).unwrap();
-    let (o2, s2) = gla::step(&sq(&x.q, 3), &sq(&x.k, 2), &sq(&x.gate, 2), &sq(&x.v, 2), &s0).unwrap();
+    let (o2, s2) = gla::step(
+        &sq(&x.q, 3),
+        &sq(&x.k, 2),
+        &sq(&x.gate, 2),
+        &sq(&x.v, 2),
+        &s0,
+    )
+    .unwrap();
     assert!(max_rel_diff(&flat(&o2), &flat(&o1)) < 1e-6);
     assert!(max_rel_diff(&flat(&s2), &flat(&s1)) < 1e-6);
 }

@@ -24,11 +24,14 @@ fn model(liger: bool) -> Model {
     model_from_tensors(cfg, &tensors, DType::F32, &Device::Cpu).unwrap()
 }
 
+/// One golden position: (pos, top_ids, top_logits, logsumexp).
+type GoldenRow = (usize, Vec<u32>, Vec<f32>, f32);
+
 struct Case {
     name: String,
     ids: Vec<u32>,
     /// Per model kind: rows of (pos, top_ids, top_logits, logsumexp).
-    rows: HashMap<String, Vec<(usize, Vec<u32>, Vec<f32>, f32)>>,
+    rows: HashMap<String, Vec<GoldenRow>>,
 }
 
 fn cases() -> Vec<Case> {
@@ -38,7 +41,12 @@ fn cases() -> Vec<Case> {
         .expect("cases")
         .iter()
         .map(|c| {
-            let ids = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let ids = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             let rows = ["transformer", "liger_gla"]
                 .iter()
                 .map(|kind| {
@@ -48,16 +56,30 @@ fn cases() -> Vec<Case> {
                         .iter()
                         .map(|row: &Value| {
                             let f = |k: &str| -> Vec<f32> {
-                                row[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+                                row[k]
+                                    .as_array()
+                                    .unwrap()
+                                    .iter()
+                                    .map(|v| v.as_f64().unwrap() as f32)
+                                    .collect()
                             };
                             let top_ids = f("top_ids").into_iter().map(|x| x as u32).collect();
-                            (row["pos"].as_u64().unwrap() as usize, top_ids, f("top_logits"), row["logsumexp"].as_f64().unwrap() as f32)
+                            (
+                                row["pos"].as_u64().unwrap() as usize,
+                                top_ids,
+                                f("top_logits"),
+                                row["logsumexp"].as_f64().unwrap() as f32,
+                            )
                         })
                         .collect();
                     (kind.to_string(), r)
                 })
                 .collect();
-            Case { name: c["name"].as_str().unwrap().to_string(), ids, rows }
+            Case {
+                name: c["name"].as_str().unwrap().to_string(),
+                ids,
+                rows,
+            }
         })
         .collect()
 }
@@ -70,14 +92,27 @@ fn check(case: &Case, kind: &str, logits: &Tensor, how: &str) {
         let mut order: Vec<usize> = (0..row.len()).collect();
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
         let ours: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
-        assert_eq!(ours, top_ids[..5], "{kind}/{}/{how}: top-5 at pos {pos}", case.name);
+        assert_eq!(
+            ours,
+            top_ids[..5],
+            "{kind}/{}/{how}: top-5 at pos {pos}",
+            case.name
+        );
         for (id, want) in top_ids.iter().zip(top_logits) {
             let got = row[*id as usize];
-            assert!((got - want).abs() < TOLERANCE, "{kind}/{}/{how}: logit of {id} at pos {pos}: {got} vs {want}", case.name);
+            assert!(
+                (got - want).abs() < TOLERANCE,
+                "{kind}/{}/{how}: logit of {id} at pos {pos}: {got} vs {want}",
+                case.name
+            );
         }
         let max = row.iter().cloned().fold(f32::MIN, f32::max);
         let our_lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
-        assert!((our_lse - lse).abs() < TOLERANCE, "{kind}/{}/{how}: logsumexp at pos {pos}: {our_lse} vs {lse}", case.name);
+        assert!(
+            (our_lse - lse).abs() < TOLERANCE,
+            "{kind}/{}/{how}: logsumexp at pos {pos}: {our_lse} vs {lse}",
+            case.name
+        );
     }
 }
 
@@ -107,13 +142,21 @@ fn golden_logits_prefill_then_decode_and_batched() {
             for chunk in case.ids[split..].chunks(3) {
                 rows.push(m.forward(chunk, &mut s, Logits::All).unwrap());
             }
-            check(case, kind, &Tensor::cat(&rows, 0).unwrap(), "prefill+decode");
+            check(
+                case,
+                kind,
+                &Tensor::cat(&rows, 0).unwrap(),
+                "prefill+decode",
+            );
         }
         let mut states: Vec<_> = all_cases.iter().map(|_| m.new_state().unwrap()).collect();
         let mut batch: Vec<SeqStep> = all_cases
             .iter()
             .zip(states.iter_mut())
-            .map(|(c, state)| SeqStep { tokens: &c.ids, state })
+            .map(|(c, state)| SeqStep {
+                tokens: &c.ids,
+                state,
+            })
             .collect();
         let out = m.forward_batch(&mut batch, Logits::All).unwrap();
         for (case, logits) in all_cases.iter().zip(&out) {
@@ -126,13 +169,22 @@ fn golden_logits_prefill_then_decode_and_batched() {
 fn transformer_answers_the_capital_question() {
     let import = common::import_fixture();
     let m = model(false);
-    let case = cases().into_iter().find(|c| c.name == "chat_capital").expect("chat case");
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name == "chat_capital")
+        .expect("chat case");
     let eos = m.config().eos_token_ids.clone();
     let mut s = m.new_state().unwrap();
     let mut logits = m.forward(&case.ids, &mut s, Logits::Last).unwrap();
     let mut out = Vec::new();
     for _ in 0..24 {
-        let next = logits.argmax(candle_core::D::Minus1).unwrap().squeeze(0).unwrap().to_scalar::<u32>().unwrap();
+        let next = logits
+            .argmax(candle_core::D::Minus1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
         if eos.contains(&next) {
             break;
         }

@@ -25,13 +25,30 @@ fn variants(family: Family) -> Vec<(String, Model)> {
     let mut out = vec![("transformer".to_string(), base().model(DType::F32).unwrap())];
     let settings = [
         ("gla", liger(4)),
-        ("hgrn2", LigerConfig { variant: Variant::Hgrn2, gate_normalizer: 1.0, ..liger(5) }),
-        ("gla+full1", LigerConfig { full_attention_layers: vec![1], ..liger(3) }),
+        (
+            "hgrn2",
+            LigerConfig {
+                variant: Variant::Hgrn2,
+                gate_normalizer: 1.0,
+                ..liger(5)
+            },
+        ),
+        (
+            "gla+full1",
+            LigerConfig {
+                full_attention_layers: vec![1],
+                ..liger(3)
+            },
+        ),
     ];
     for (name, l) in settings {
         let mut m = base().with_liger(&l).model(DType::F32).unwrap();
         // Small chunks so the test crosses many chunk boundaries.
-        m.set_options(RuntimeOptions { chunk_size: 4, ..Default::default() }).unwrap();
+        m.set_options(RuntimeOptions {
+            chunk_size: 4,
+            ..Default::default()
+        })
+        .unwrap();
         out.push((name.to_string(), m));
     }
     out
@@ -42,7 +59,14 @@ fn tokens(seed: u64, n: usize) -> Vec<u32> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn full_forward(m: &Model, toks: &[u32]) -> Tensor {
@@ -59,12 +83,17 @@ fn prefill_then_decode_equals_one_forward() {
             // Uneven prefill pieces, then token-by-token decode.
             for split in [1, 7, 13] {
                 let mut s = m.new_state().unwrap();
-                let mut rows = vec![m.forward(&toks[..split.min(5)], &mut s, Logits::All).unwrap()];
+                let mut rows = vec![m
+                    .forward(&toks[..split.min(5)], &mut s, Logits::All)
+                    .unwrap()];
                 if split > 5 {
                     rows.push(m.forward(&toks[5..split], &mut s, Logits::All).unwrap());
                 }
                 for t in &toks[split..] {
-                    rows.push(m.forward(std::slice::from_ref(t), &mut s, Logits::All).unwrap());
+                    rows.push(
+                        m.forward(std::slice::from_ref(t), &mut s, Logits::All)
+                            .unwrap(),
+                    );
                 }
                 let stepwise = Tensor::cat(&rows, 0).unwrap();
                 let d = max_diff(&stepwise, &all);
@@ -126,7 +155,11 @@ fn batched_step_equals_one_at_a_time() {
 
 #[test]
 fn last_logits_are_the_last_row_of_all() {
-    let m = TinyCheckpoint::new(Family::Llama, 1).unwrap().with_liger(&liger(4)).model(DType::F32).unwrap();
+    let m = TinyCheckpoint::new(Family::Llama, 1)
+        .unwrap()
+        .with_liger(&liger(4))
+        .model(DType::F32)
+        .unwrap();
     let toks = tokens(11, 10);
     let all = full_forward(&m, &toks);
     let mut s = m.new_state().unwrap();
@@ -145,7 +178,11 @@ fn recurrent_weight_zero_is_windowed_attention() {
             recurrent_weight: 0.0,
             ..Default::default()
         };
-        let m = TinyCheckpoint::new(family, 3).unwrap().with_liger(&only_window).model(DType::F32).unwrap();
+        let m = TinyCheckpoint::new(family, 3)
+            .unwrap()
+            .with_liger(&only_window)
+            .model(DType::F32)
+            .unwrap();
         // The same weights as a Transformer with a sliding window of `window` keys before the
         // query (Hugging Face counts the query itself, hence +1).
         let mut tc = TinyCheckpoint::new(family, 3).unwrap();
@@ -173,8 +210,15 @@ fn window_covering_the_sequence_is_full_attention() {
             recurrent_weight: 0.0,
             ..Default::default()
         };
-        let m = TinyCheckpoint::new(family, 4).unwrap().with_liger(&wide).model(DType::F32).unwrap();
-        let t = TinyCheckpoint::new(family, 4).unwrap().model(DType::F32).unwrap();
+        let m = TinyCheckpoint::new(family, 4)
+            .unwrap()
+            .with_liger(&wide)
+            .model(DType::F32)
+            .unwrap();
+        let t = TinyCheckpoint::new(family, 4)
+            .unwrap()
+            .model(DType::F32)
+            .unwrap();
         let toks = tokens(13, LEN);
         let d = max_diff(&full_forward(&m, &toks), &full_forward(&t, &toks));
         assert!(d < 1e-4, "{family:?}: {d}");
@@ -183,7 +227,11 @@ fn window_covering_the_sequence_is_full_attention() {
 
 #[test]
 fn liger_state_is_constant_size_and_round_trips() {
-    let m = TinyCheckpoint::new(Family::Llama, 5).unwrap().with_liger(&liger(4)).model(DType::F32).unwrap();
+    let m = TinyCheckpoint::new(Family::Llama, 5)
+        .unwrap()
+        .with_liger(&liger(4))
+        .model(DType::F32)
+        .unwrap();
     let toks = tokens(14, 40);
     let mut s = m.new_state().unwrap();
     m.forward(&toks[..10], &mut s, Logits::Last).unwrap();
@@ -203,8 +251,14 @@ fn liger_state_is_constant_size_and_round_trips() {
     assert_eq!(max_diff(&a, &c), 0.0);
 
     // A blob is checked against the model it is loaded into.
-    let other = TinyCheckpoint::new(Family::Qwen2, 5).unwrap().with_liger(&liger(4)).model(DType::F32).unwrap();
-    let err = SequenceState::from_bytes(other.state_spec(), &bytes).unwrap_err().to_string();
+    let other = TinyCheckpoint::new(Family::Qwen2, 5)
+        .unwrap()
+        .with_liger(&liger(4))
+        .model(DType::F32)
+        .unwrap();
+    let err = SequenceState::from_bytes(other.state_spec(), &bytes)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("sequence state"), "{err}");
     assert!(SequenceState::from_bytes(m.state_spec(), &bytes[..bytes.len() / 2]).is_err());
     assert!(SequenceState::from_bytes(m.state_spec(), b"garbage").is_err());
@@ -212,7 +266,10 @@ fn liger_state_is_constant_size_and_round_trips() {
 
 #[test]
 fn transformer_state_grows_with_context() {
-    let m = TinyCheckpoint::new(Family::Llama, 5).unwrap().model(DType::F32).unwrap();
+    let m = TinyCheckpoint::new(Family::Llama, 5)
+        .unwrap()
+        .model(DType::F32)
+        .unwrap();
     let mut s = m.new_state().unwrap();
     m.forward(&tokens(15, 10), &mut s, Logits::Last).unwrap();
     let a = s.size_bytes();
@@ -224,7 +281,11 @@ fn transformer_state_grows_with_context() {
 
 #[test]
 fn bad_inputs_are_errors_and_leave_states_untouched() {
-    let m = TinyCheckpoint::new(Family::Llama, 6).unwrap().with_liger(&liger(4)).model(DType::F32).unwrap();
+    let m = TinyCheckpoint::new(Family::Llama, 6)
+        .unwrap()
+        .with_liger(&liger(4))
+        .model(DType::F32)
+        .unwrap();
     let mut good = m.new_state().unwrap();
     m.forward(&tokens(17, 5), &mut good, Logits::Last).unwrap();
     let before = good.to_bytes().unwrap();
@@ -232,12 +293,24 @@ fn bad_inputs_are_errors_and_leave_states_untouched() {
     let bad_token = [9999u32];
     let ok_tokens = tokens(18, 3);
     let mut batch = [
-        SeqStep { tokens: &ok_tokens, state: &mut good },
-        SeqStep { tokens: &bad_token, state: &mut other },
+        SeqStep {
+            tokens: &ok_tokens,
+            state: &mut good,
+        },
+        SeqStep {
+            tokens: &bad_token,
+            state: &mut other,
+        },
     ];
-    let err = m.forward_batch(&mut batch, Logits::Last).unwrap_err().to_string();
+    let err = m
+        .forward_batch(&mut batch, Logits::Last)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("token id 9999"), "{err}");
-    assert!(good.to_bytes().unwrap() == before, "state changed by a failed step");
+    assert!(
+        good.to_bytes().unwrap() == before,
+        "state changed by a failed step"
+    );
     let empty: [u32; 0] = [];
     assert!(m.forward(&empty, &mut good, Logits::Last).is_err());
     assert_eq!(good.position(), 5);
@@ -245,10 +318,18 @@ fn bad_inputs_are_errors_and_leave_states_untouched() {
 
 #[test]
 fn half_precision_tracks_f32() {
-    let ck = TinyCheckpoint::new(Family::Llama, 8).unwrap().with_liger(&liger(4));
+    let ck = TinyCheckpoint::new(Family::Llama, 8)
+        .unwrap()
+        .with_liger(&liger(4));
     let toks = tokens(19, 20);
     let f32_logits = full_forward(&ck.model(DType::F32).unwrap(), &toks);
-    let scale: f32 = f32_logits.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let scale: f32 = f32_logits
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     // Relative to the largest logit: f16 keeps 11 mantissa bits, bf16 only 8.
     for (dtype, tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
         let d = max_diff(&full_forward(&ck.model(dtype).unwrap(), &toks), &f32_logits) / scale;

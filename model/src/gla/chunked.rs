@@ -37,7 +37,11 @@ pub fn chunked(x: &GlaInputs, state: &Tensor, c: usize) -> Result<(Tensor, Tenso
     let v = v.reshape((bh, n, c, d))?;
     let gate = gate.reshape((bh, n, c, d))?;
     // (candle's cumsum is a matmul, which rejects the degenerate strides of a length-1 axis.)
-    let cum = if c == 1 { gate } else { gate.cumsum(2)?.contiguous()? }; // B, <= 0
+    let cum = if c == 1 {
+        gate
+    } else {
+        gate.cumsum(2)?.contiguous()?
+    }; // B, <= 0
     let cum_last = cum.narrow(2, c - 1, 1)?; // [bh, n, 1, d]
 
     // Each chunk's write into the state, decayed to the chunk's end.
@@ -61,18 +65,16 @@ pub fn chunked(x: &GlaInputs, state: &Tensor, c: usize) -> Result<(Tensor, Tenso
 
     // Inter-chunk: (q * e^B) S_j, all chunks at once.
     let q_decayed = q.broadcast_mul(&cum.unsqueeze(2)?.exp()?)?;
-    let inter = q_decayed
-        .reshape((bh, n, g * c, d))?
-        .matmul(&entering)?; // [bh, n, g*c, d]
+    let inter = q_decayed.reshape((bh, n, g * c, d))?.matmul(&entering)?; // [bh, n, g*c, d]
 
     // Intra-chunk: A[t, s] = sum_i q_{t,i} k_{s,i} e^{B_{t,i} - B_{s,i}}, s <= t.
     let diff = cum.unsqueeze(3)?.broadcast_sub(&cum.unsqueeze(2)?)?; // [bh, n, c(t), c(s), d]
     let causal = causal_mask(c, x.q.device())?; // [c, c, 1]
-    // Clamp before exp: above the diagonal the difference is positive and could overflow.
+                                                // Clamp before exp: above the diagonal the difference is positive and could overflow.
     let decay = diff.minimum(0.0)?.exp()?.broadcast_mul(&causal)?;
     let kd = decay.broadcast_mul(&k.unsqueeze(2)?)?; // [bh, n, c(t), c(s), d]
-    // For each (chunk, t): [g, d] x [d, c(s)].
-    // (Flattened to one batch axis: candle's CPU matmul takes at most two.)
+                                                     // For each (chunk, t): [g, d] x [d, c(s)].
+                                                     // (Flattened to one batch axis: candle's CPU matmul takes at most two.)
     let q_by_t = q.permute((0, 1, 3, 2, 4))?.reshape((bh * n * c, g, d))?; // [.., g, d]
     let kd = kd.transpose(3, 4)?.reshape((bh * n * c, d, c))?; // [.., d, c(s)]
     let scores = q_by_t.matmul(&kd)?.reshape((bh, n, c, g, c))?; // [bh, n, c(t), g, c(s)]

@@ -30,7 +30,10 @@ impl Rope {
         let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
         let pos = Tensor::from_vec(pos, (positions.len(), 1), self.inv_freq.device())?;
         let angles = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
-        Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+        Ok((
+            angles.cos()?.to_dtype(dtype)?,
+            angles.sin()?.to_dtype(dtype)?,
+        ))
     }
 
     /// Rotates `x`: `[tokens, heads, head_dim]`, one position per token.
@@ -75,8 +78,8 @@ fn inv_frequencies(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -
                 } else if wavelen > low_wavelen {
                     f / factor
                 } else {
-                    let smooth =
-                        (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    let smooth = (old_ctx / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
                     (1.0 - smooth) * f / factor + smooth * f
                 };
                 scaled as f32
