@@ -1,1 +1,390 @@
-fn main() {}
+//! `liger-convert`: the command-line front end of `liger_converter`.
+//!
+//! Only flag parsing, logging setup, the interrupt handler and printing live here; the work
+//! is in the library. Failures print `error: <one line>` on stderr and exit non-zero
+//! (1 for errors, 2 for unusable flags, 130 when interrupted).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use liger_converter::inspect::{human_bytes, render_table};
+use liger_converter::source::HubOptions;
+use liger_converter::{
+    ConvertOptions, FullAttention, ImportOptions, LigerSettings, Progress, Summary,
+};
+use liger_model::Variant;
+
+#[derive(Parser)]
+#[command(
+    name = "liger-convert",
+    version,
+    about = "Convert Transformers (Hugging Face folders, hub ids, GGUF files) into linearized Liger models",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a Transformer into a Liger checkpoint (weights unchanged, config gains `liger`).
+    Convert(ConvertArgs),
+    /// Import a GGUF file as a plain Hugging Face Transformer folder (the recovery teacher).
+    Import(ImportArgs),
+    /// Describe a model folder: architecture, layers, Liger settings, state memory.
+    Inspect(InspectArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VariantArg {
+    /// Gated linear attention (Liger-GLA, the reference).
+    Gla,
+    /// HGRN2: the key is replaced by 1 - gate.
+    Hgrn2,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Source: a Hugging Face model folder, a .gguf file, or a hub id (owner/name).
+    #[arg(long, value_name = "SRC")]
+    from: String,
+    /// Output folder (written atomically; see --force).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Gated recurrent branch.
+    #[arg(long, value_enum, default_value_t = VariantArg::Gla)]
+    variant: VariantArg,
+    /// Sliding-window keys each query sees besides itself (64 = the reference's 65 keys).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    window: usize,
+    /// Weight of the recurrent branch, 0..=1; the window branch gets 1 - X.
+    #[arg(
+        long,
+        value_name = "X",
+        default_value_t = 0.5,
+        allow_negative_numbers = true
+    )]
+    mix: f64,
+    /// Divisor of the log-gate [default: 16 for gla, 1 for hgrn2].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    gate_normalizer: Option<f64>,
+    /// Layers that keep full softmax attention: a list (0,7,15) or every:N (layers N-1, 2N-1, ...).
+    #[arg(long, value_name = "LIST")]
+    full_attention_layers: Option<String>,
+    /// Output dtype [default: the source's; f32 for GGUF].
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Hub revision (branch, tag or commit) for hub ids.
+    #[arg(long, value_name = "REV")]
+    revision: Option<String>,
+    /// Hub access token for gated or private models.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+    #[command(flatten)]
+    write: WriteArgs,
+}
+
+#[derive(Args)]
+struct WriteArgs {
+    /// Replace DIR if it exists.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars or summary.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Largest weight file before sharding, e.g. 2GB, 500MB, 1GiB or bytes.
+    #[arg(long, value_name = "SIZE", default_value = "2GB", value_parser = parse_size)]
+    max_shard_size: u64,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The .gguf file (llama architecture).
+    #[arg(long, value_name = "FILE")]
+    from: PathBuf,
+    /// Output folder (written atomically; see --force).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[command(flatten)]
+    write: WriteArgs,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Model folder (converted or not).
+    dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `2GB` -> 2e9, `1GiB` -> 2^30, plain numbers are bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 2GB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "unknown unit `{u}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = num * mult;
+    if !(bytes >= 1.0 && bytes.is_finite()) {
+        return Err(format!("`{s}` must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+impl From<DtypeArg> for DType {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The command line as a shell would need it, with any token value hidden (for the card).
+fn command_line() -> String {
+    let mut out = vec!["liger-convert".to_owned()];
+    let mut hide_next = false;
+    for a in std::env::args().skip(1) {
+        let a = if hide_next {
+            "***".to_owned()
+        } else if a.starts_with("--token=") {
+            "--token=***".to_owned()
+        } else {
+            a
+        };
+        hide_next = a == "--token";
+        let plain = !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c));
+        out.push(if plain {
+            a
+        } else {
+            format!("'{}'", a.replace('\'', r"'\''"))
+        });
+    }
+    out.join(" ")
+}
+
+fn print_summary(verb: &str, source: &str, s: &Summary) {
+    println!(
+        "{verb} {source} -> {}: {} tensors, {} parameters, {}, {} ({})",
+        s.out.display(),
+        s.tensors,
+        s.parameters,
+        liger_converter::convert::torch_dtype_name(s.dtype),
+        if s.weight_files.len() > 2 {
+            format!("{} shards", s.weight_files.len())
+        } else {
+            s.weight_files.join(", ")
+        },
+        human_bytes(s.weight_bytes)
+    );
+    if let Some(l) = &s.liger {
+        let full = if l.full_attention_layers.is_empty() {
+            "none".to_owned()
+        } else {
+            l.full_attention_layers
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        println!(
+            "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}",
+            liger_converter::settings::variant_name(l.variant), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer
+        );
+        println!("next: recovery training (liger-convert recover, coming) restores quality");
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convert(a) => {
+            let full_attention = match &a.full_attention_layers {
+                Some(s) => s.parse::<FullAttention>()?,
+                None => FullAttention::None,
+            };
+            let opts = ConvertOptions {
+                source: a.from.clone(),
+                out: a.out,
+                settings: LigerSettings {
+                    variant: match a.variant {
+                        VariantArg::Gla => Variant::Gla,
+                        VariantArg::Hgrn2 => Variant::Hgrn2,
+                    },
+                    window: a.window,
+                    mix: Some(a.mix),
+                    gate_normalizer: a.gate_normalizer,
+                    full_attention,
+                },
+                dtype: a.dtype.map(Into::into),
+                hub: HubOptions {
+                    revision: a.revision,
+                    token: a.token.filter(|t| !t.is_empty()),
+                },
+                force: a.write.force,
+                shard_limit: a.write.max_shard_size,
+                command_line: Some(command_line()),
+            };
+            let summary = liger_converter::convert(&opts, &Progress::new(!a.write.quiet))?;
+            if !a.write.quiet {
+                print_summary("converted", &a.from, &summary);
+            }
+        }
+        Command::Import(a) => {
+            let opts = ImportOptions {
+                source: a.from.clone(),
+                out: a.out,
+                force: a.write.force,
+                shard_limit: a.write.max_shard_size,
+                command_line: Some(command_line()),
+            };
+            let summary = liger_converter::import(&opts, &Progress::new(!a.write.quiet))?;
+            if !a.write.quiet {
+                print_summary("imported", &a.from.display().to_string(), &summary);
+            }
+        }
+        Command::Inspect(a) => {
+            let report = liger_converter::inspect(&a.dir)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render_table(&report));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints `error: <message>` on one line.
+fn report(msg: &str) {
+    let one_line = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+    eprintln!("error: {one_line}");
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help, --version, and the help shown when no command is given.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's message is its first paragraph (which may list the missing flags or the
+            // possible values); the usage and tips that follow are noise here.
+            let text = e.to_string();
+            let first = text.split("\n\n").next().unwrap_or("invalid arguments");
+            report(first.trim().strip_prefix("error:").unwrap_or(first));
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_target(false)
+        .init();
+    // Ctrl-C or SIGTERM: remove the half-written output folder, then leave.
+    if let Err(e) = ctrlc::set_handler(|| {
+        liger_converter::output::abort_pending();
+        eprintln!("error: interrupted; partial output removed");
+        std::process::exit(130);
+    }) {
+        tracing::warn!("cannot install the interrupt handler: {e}");
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1.5 MiB"), Ok(1_572_864));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("2XB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("GB").is_err());
+    }
+
+    #[test]
+    fn cli_parses_the_documented_flags() {
+        let cli = Cli::try_parse_from([
+            "liger-convert",
+            "convert",
+            "--from",
+            "org/name",
+            "--out",
+            "x",
+            "--variant",
+            "hgrn2",
+            "--window",
+            "32",
+            "--mix",
+            "0.25",
+            "--full-attention-layers",
+            "every:8",
+            "--dtype",
+            "bf16",
+            "--revision",
+            "v1",
+            "--force",
+            "--quiet",
+        ])
+        .unwrap();
+        let Command::Convert(a) = cli.command else {
+            panic!("convert expected")
+        };
+        assert!(matches!(a.variant, VariantArg::Hgrn2));
+        assert_eq!((a.window, a.mix), (32, 0.25));
+        assert!(a.write.force && a.write.quiet);
+        assert_eq!(a.write.max_shard_size, 2_000_000_000);
+        assert!(Cli::try_parse_from(["liger-convert", "inspect", "dir", "--json"]).is_ok());
+    }
+}

@@ -1,0 +1,33 @@
+//! `liger-converter`: turns pretrained Transformers into linearized (Liger) checkpoints.
+//!
+//! The library does the work; the `liger-convert` binary only parses flags and prints. That
+//! split keeps every step testable without a process boundary and lets other tools (the
+//! server's model manager, recovery training) reuse the pieces.
+//!
+//! - [`source`]: what SRC is (folder, `.gguf`, hub id), downloading, reading it;
+//! - [`tensors`]: the weights as a lazily read, cast-on-demand set;
+//! - [`settings`]: Liger flags, validated, into the config's `liger` section;
+//! - [`check`]: the config against the weights, through the runtime's own model builder;
+//! - [`output`]: atomic output folders, safetensors writing and sharding;
+//! - [`card`]: the `README.md` model card;
+//! - [`convert`], [`import`], [`inspect`]: the three commands;
+//! - [`progress`]: progress bars.
+
+pub mod card;
+pub mod check;
+pub mod convert;
+pub mod error;
+pub mod import;
+pub mod inspect;
+pub mod output;
+pub mod progress;
+pub mod settings;
+pub mod source;
+pub mod tensors;
+
+pub use convert::{convert, ConvertOptions, Summary};
+pub use error::{Error, Result};
+pub use import::{import, ImportOptions};
+pub use inspect::{inspect, Report};
+pub use progress::Progress;
+pub use settings::{FullAttention, LigerSettings};

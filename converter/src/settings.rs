@@ -1,0 +1,255 @@
+//! Liger conversion settings as the user gives them (flags), checked and turned into the
+//! `liger` section of the converted `config.json`.
+//!
+//! Flag values are validated in two steps: everything that does not depend on the model
+//! ([`LigerSettings::validate`]) before any file is read or downloaded, so a typo fails
+//! instantly; layer indices ([`LigerSettings::to_liger_config`]) once the layer count is known.
+
+use std::str::FromStr;
+
+use liger_model::{LigerConfig, Variant};
+
+use crate::{Error, Result};
+
+/// The variant as config files and flags spell it (`gla`, `hgrn2`).
+pub fn variant_name(v: Variant) -> &'static str {
+    match v {
+        Variant::Gla => "gla",
+        Variant::Hgrn2 => "hgrn2",
+    }
+}
+
+/// Which layers keep full softmax attention (Liger's inter-layer hybrid).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FullAttention {
+    /// Every layer becomes a Liger layer (the reference Liger-GLA).
+    #[default]
+    None,
+    /// Exactly these layer indices.
+    List(Vec<usize>),
+    /// One full-attention layer after every `n - 1` Liger layers: layers n-1, 2n-1, ...
+    Every(usize),
+}
+
+impl FromStr for FullAttention {
+    type Err = Error;
+
+    /// Parses `0,7,15`, `every:N`, `none` or the empty string.
+    fn from_str(s: &str) -> Result<Self> {
+        let flag = "--full-attention-layers";
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("none") {
+            return Ok(Self::None);
+        }
+        if let Some(n) = s.strip_prefix("every:") {
+            let n: usize = n.trim().parse().map_err(|_| {
+                Error::flag(
+                    flag,
+                    format!("`{s}`: expected every:N with N a whole number"),
+                )
+            })?;
+            if n < 2 {
+                return Err(Error::flag(
+                    flag,
+                    format!("`{s}`: N must be at least 2 (every:1 would leave no Liger layer)"),
+                ));
+            }
+            return Ok(Self::Every(n));
+        }
+        let layers = s
+            .split(',')
+            .map(|p| {
+                p.trim().parse::<usize>().map_err(|_| {
+                    Error::flag(
+                        flag,
+                        format!(
+                            "`{p}` is not a layer index (expected a list like 0,7,15 or every:N)"
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::List(layers))
+    }
+}
+
+impl FullAttention {
+    /// The selected layer indices (sorted) for a model with `num_layers` layers.
+    pub fn layers(&self, num_layers: usize) -> Result<Vec<usize>> {
+        let flag = "--full-attention-layers";
+        let mut layers = match self {
+            Self::None => Vec::new(),
+            Self::List(l) => l.clone(),
+            Self::Every(n) => {
+                if *n > num_layers {
+                    return Err(Error::flag(
+                        flag,
+                        format!("every:{n} selects no layer of a model with {num_layers} layers"),
+                    ));
+                }
+                (n - 1..num_layers).step_by(*n).collect()
+            }
+        };
+        layers.sort_unstable();
+        if let Some(&bad) = layers.iter().find(|&&i| i >= num_layers) {
+            return Err(Error::flag(
+                flag,
+                format!(
+                    "layer {bad} is out of range (the model has {num_layers} layers: 0..={})",
+                    num_layers - 1
+                ),
+            ));
+        }
+        if let Some(w) = layers.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::flag(flag, format!("layer {} is listed twice", w[0])));
+        }
+        if layers.len() == num_layers {
+            return Err(Error::flag(
+                flag,
+                "every layer would keep full attention; nothing would be converted",
+            ));
+        }
+        Ok(layers)
+    }
+}
+
+/// The conversion flags. `Default` reproduces Liger-GLA exactly (LIGER.md §1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LigerSettings {
+    pub variant: Variant,
+    /// Keys each query sees besides itself in the sliding-window branch.
+    pub window: usize,
+    /// Weight of the recurrent branch; the window branch gets `1 - mix`. `None`: 0.5/0.5.
+    pub mix: Option<f64>,
+    /// Log-gate divisor; `None`: the variant's default.
+    pub gate_normalizer: Option<f64>,
+    pub full_attention: FullAttention,
+}
+
+impl Default for LigerSettings {
+    fn default() -> Self {
+        let d = LigerConfig::default();
+        Self {
+            variant: d.variant,
+            window: d.window,
+            mix: None,
+            gate_normalizer: None,
+            full_attention: FullAttention::None,
+        }
+    }
+}
+
+impl LigerSettings {
+    /// Checks every value that does not depend on the model.
+    pub fn validate(&self) -> Result<()> {
+        if self.window == 0 {
+            return Err(Error::flag(
+                "--window",
+                "must be at least 1 (it counts the keys a query sees besides itself; 64 is the reference)",
+            ));
+        }
+        if let Some(m) = self.mix {
+            if !(m.is_finite() && (0.0..=1.0).contains(&m)) {
+                return Err(Error::flag(
+                    "--mix",
+                    format!("{m} is outside 0..=1 (it is the recurrent branch's weight)"),
+                ));
+            }
+        }
+        if let Some(g) = self.gate_normalizer {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(Error::flag(
+                    "--gate-normalizer",
+                    format!("{g} must be a positive number"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `liger` config section for a model with `num_layers` layers; `source` is recorded.
+    pub fn to_liger_config(&self, num_layers: usize, source: Option<&str>) -> Result<LigerConfig> {
+        self.validate()?;
+        let recurrent = self.mix.unwrap_or(0.5);
+        Ok(LigerConfig {
+            variant: self.variant,
+            window: self.window,
+            window_weight: 1.0 - recurrent,
+            recurrent_weight: recurrent,
+            gate_normalizer: self
+                .gate_normalizer
+                .unwrap_or_else(|| self.variant.default_gate_normalizer()),
+            full_attention_layers: self.full_attention.layers(num_layers)?,
+            source: source.map(str::to_owned),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_liger_gla() {
+        let c = LigerSettings::default().to_liger_config(30, None).unwrap();
+        assert_eq!(c, LigerConfig::default());
+    }
+
+    #[test]
+    fn hgrn2_gets_its_own_normalizer_and_mix_splits() {
+        let s = LigerSettings {
+            variant: Variant::Hgrn2,
+            mix: Some(0.25),
+            ..Default::default()
+        };
+        let c = s.to_liger_config(4, Some("x")).unwrap();
+        assert_eq!(c.gate_normalizer, 1.0);
+        assert_eq!((c.window_weight, c.recurrent_weight), (0.75, 0.25));
+        assert_eq!(c.source.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn layer_rules() {
+        let every: FullAttention = "every:8".parse().unwrap();
+        assert_eq!(every.layers(32).unwrap(), vec![7, 15, 23, 31]);
+        assert_eq!(every.layers(30).unwrap(), vec![7, 15, 23]);
+        let list: FullAttention = " 15, 0,7".parse().unwrap();
+        assert_eq!(list.layers(16).unwrap(), vec![0, 7, 15]);
+        assert!(list
+            .layers(15)
+            .unwrap_err()
+            .to_string()
+            .contains("layer 15 is out of range"));
+        assert!("0,0".parse::<FullAttention>().unwrap().layers(3).is_err());
+        assert!("every:1".parse::<FullAttention>().is_err());
+        assert!("every:x".parse::<FullAttention>().is_err());
+        assert!("1;2".parse::<FullAttention>().is_err());
+        assert!("0,1".parse::<FullAttention>().unwrap().layers(2).is_err());
+        assert_eq!("".parse::<FullAttention>().unwrap(), FullAttention::None);
+    }
+
+    #[test]
+    fn bad_values() {
+        let bad = |s: LigerSettings| s.validate().unwrap_err().to_string();
+        assert!(bad(LigerSettings {
+            window: 0,
+            ..Default::default()
+        })
+        .contains("--window"));
+        assert!(bad(LigerSettings {
+            mix: Some(1.5),
+            ..Default::default()
+        })
+        .contains("--mix"));
+        assert!(bad(LigerSettings {
+            mix: Some(f64::NAN),
+            ..Default::default()
+        })
+        .contains("--mix"));
+        assert!(bad(LigerSettings {
+            gate_normalizer: Some(0.0),
+            ..Default::default()
+        })
+        .contains("--gate-normalizer"));
+    }
+}

@@ -1,0 +1,193 @@
+//! Shared test support: running the built `liger-convert`, checking that failed runs leave
+//! nothing behind, comparing models, and the SmolLM2-135M-Instruct GGUF fixture with its
+//! golden references.
+//!
+//! Each test binary uses a subset of these helpers, hence the `dead_code` allowances.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use liger_model::{Logits, Model};
+
+/// The workspace root (this crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the converter crate lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_liger-convert"))
+}
+
+/// Runs `liger-convert ARGS`.
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("liger-convert runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "liger-convert {args:?} failed ({}):\n{}",
+        o.status,
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Asserts a failure reported as one `error: ...` line containing every one of `needles`,
+/// and returns that line.
+pub fn run_err(args: &[&str], needles: &[&str]) -> String {
+    let o = run(args);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "liger-convert {args:?} succeeded:\n{}",
+        stdout(&o)
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one error line for {args:?}, got:\n{err}"
+    );
+    let line = lines[0];
+    assert!(line.starts_with("error: "), "{line}");
+    for n in needles {
+        assert!(line.contains(n), "error for {args:?} lacks `{n}`: {line}");
+    }
+    line.to_owned()
+}
+
+/// Names in `dir`, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts that `dir` holds exactly `names` (no output, no `.partial-` folder).
+pub fn assert_only(dir: &Path, names: &[&str]) {
+    let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(
+        entries(dir),
+        want,
+        "unexpected leftovers in {}",
+        dir.display()
+    );
+}
+
+/// Deterministic token ids.
+pub fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    liger_model::testing::SplitMix(seed).tokens(n, vocab)
+}
+
+/// All-position logits of `model` for `toks`, as rows.
+pub fn logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
+    let mut state = model.new_state().unwrap();
+    model
+        .forward(toks, &mut state, Logits::All)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+/// Loads a written folder as `dtype`.
+pub fn load(dir: &Path, dtype: DType) -> Model {
+    liger_model::weights::load_model(dir, dtype, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Sum of a tensor in f64.
+pub fn sum(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// SmolLM2 fixture
+// ---------------------------------------------------------------------------------------------
+
+/// Path of the SmolLM2-135M-Instruct Q4_1 GGUF: `$LIGER_SMOLLM2_GGUF` if set, otherwise the
+/// file `scripts/fetch-smollm2.sh` downloads (sha256-checked) or finds in its cache.
+/// Tests that need it fail (never skip) when it cannot be obtained.
+pub fn smollm2_gguf() -> PathBuf {
+    if let Some(p) = std::env::var_os("LIGER_SMOLLM2_GGUF") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "LIGER_SMOLLM2_GGUF={} is not a file",
+            p.display()
+        );
+        return p;
+    }
+    let script = workspace_root().join("scripts/fetch-smollm2.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}); set LIGER_SMOLLM2_GGUF to a local copy of the fixture.\nstderr:\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("{} printed no path", script.display()));
+    let path = PathBuf::from(last.trim());
+    assert!(
+        path.is_file(),
+        "{} printed `{}`, which is not a file",
+        script.display(),
+        path.display()
+    );
+    path
+}
+
+/// `/work/shared/golden` (the workspace's sibling `shared/golden`).
+pub fn golden_dir() -> PathBuf {
+    let dir = workspace_root().join("../shared/golden");
+    assert!(
+        dir.is_dir(),
+        "golden reference directory {} is missing",
+        dir.display()
+    );
+    dir
+}
+
+pub fn golden_json(name: &str) -> serde_json::Value {
+    read_json(&golden_dir().join(name))
+}
