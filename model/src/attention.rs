@@ -106,6 +106,18 @@ impl Attention {
         ctx: &BatchContext,
         states: &mut [&mut LayerState],
     ) -> Result<Tensor> {
+        let mixed = self.mix(x, ctx, states)?;
+        Ok(self.o_proj.forward(&mixed.to_dtype(x.dtype())?)?)
+    }
+
+    /// The attention output before `o_proj`: `[tokens, heads * head_dim]`, f32. This is what
+    /// attention transfer trains a Liger layer to reproduce.
+    pub fn mix(
+        &self,
+        x: &Tensor,
+        ctx: &BatchContext,
+        states: &mut [&mut LayerState],
+    ) -> Result<Tensor> {
         let n_tok = x.dim(0)?;
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((n_tok, h, d))?;
@@ -144,9 +156,18 @@ impl Attention {
             }
             Mixer::Liger(hy) => self.hybrid(hy, (&q, &k, &v), (&q_rot, &k_rot), ctx, states)?,
         };
-        Ok(self
-            .o_proj
-            .forward(&mixed.to_dtype(x.dtype())?.reshape((n_tok, h * d))?)?)
+        Ok(mixed.reshape((n_tok, h * d))?)
+    }
+
+    /// The projection called `name` (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
+    pub fn projection_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        match name {
+            "q_proj" => Some(&mut self.q_proj),
+            "k_proj" => Some(&mut self.k_proj),
+            "v_proj" => Some(&mut self.v_proj),
+            "o_proj" => Some(&mut self.o_proj),
+            _ => None,
+        }
     }
 
     /// Causal softmax attention for one sequence over its cache plus its new tokens.

@@ -11,7 +11,7 @@
 //! - [`gla`]: the gated recurrent branch in naive, chunked and recurrent form;
 //! - [`attention`]: softmax attention (full or windowed) and the Liger hybrid;
 //! - [`state`]: per-sequence state, kept outside the model, and its slot pool;
-//! - [`model`]: the causal LM and its batched forward;
+//! - [`model`]: the causal LM, its batched forward, and LoRA adapters ([`lora`]);
 //! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded);
 //! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form.
 
@@ -21,7 +21,9 @@ pub mod error;
 pub mod gguf;
 pub mod gla;
 pub mod layers;
+pub mod lora;
 pub mod model;
+pub mod rng;
 pub mod state;
 pub mod testing;
 pub mod weights;

@@ -8,12 +8,15 @@
 //! decode steps (one token) and prefill chunks (many). Every projection and MLP runs once
 //! over all tokens of the batch; only the token mixing looks at sequences one by one.
 
-use candle_core::{DType, Device, Module, Tensor};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::attention::{Attention, BatchContext, Span};
 use crate::config::ModelConfig;
-use crate::layers::{Linear, Mlp, RmsNorm, Rope};
+use crate::layers::{Linear, LoraAdapter, Mlp, RmsNorm, Rope};
+use crate::lora::{self, LoraConfig};
 use crate::state::{LayerState, SequenceState, StateSpec};
 use crate::{Error, Result};
 
@@ -56,6 +59,15 @@ struct DecoderLayer {
     attn: Attention,
     post_norm: RmsNorm,
     mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn projection_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        match lora::block_of(name)? {
+            "mlp" => self.mlp.projection_mut(name),
+            _ => self.attn.projection_mut(name),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -242,14 +254,7 @@ impl Model {
             ids.extend_from_slice(s.tokens);
             positions.extend((position..position + s.tokens.len()).map(|p| p as u32));
         }
-        let (cos, sin) = self.rope.cos_sin(&positions, self.dtype)?;
-        let ctx = BatchContext {
-            spans: &spans,
-            cos,
-            sin,
-            chunk_size: self.options.chunk_size,
-            differentiable: self.options.differentiable,
-        };
+        let ctx = self.batch_context(&spans, &positions)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -288,6 +293,212 @@ impl Model {
                 })
             })
             .collect()
+    }
+
+    fn batch_context<'s>(&self, spans: &'s [Span], positions: &[u32]) -> Result<BatchContext<'s>> {
+        let (cos, sin) = self.rope.cos_sin(positions, self.dtype)?;
+        Ok(BatchContext {
+            spans,
+            cos,
+            sin,
+            chunk_size: self.options.chunk_size,
+            differentiable: self.options.differentiable,
+        })
+    }
+
+    /// Spans and positions of fresh sequences of the given lengths laid end to end.
+    fn fresh_spans(lens: &[usize]) -> (Vec<Span>, Vec<u32>) {
+        let mut spans = Vec::with_capacity(lens.len());
+        let mut positions = Vec::new();
+        for &len in lens {
+            spans.push(Span {
+                start: positions.len(),
+                len,
+                position: 0,
+            });
+            positions.extend(0..len as u32);
+        }
+        (spans, positions)
+    }
+
+    /// The residual stream entering every layer (and, last, the final norm) for fresh
+    /// sequences: `num_layers + 1` tensors of `[total tokens, hidden]`. Attention transfer
+    /// feeds these teacher activations to each student layer.
+    pub fn layer_inputs(&self, seqs: &[&[u32]]) -> Result<Vec<Tensor>> {
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let (spans, positions) = Self::fresh_spans(&lens);
+        let ctx = self.batch_context(&spans, &positions)?;
+        let ids: Vec<u32> = seqs.concat();
+        let mut x = self
+            .embed
+            .forward(&Tensor::new(ids.as_slice(), &self.device)?)?;
+        let mut states: Vec<SequenceState> = seqs
+            .iter()
+            .map(|_| self.new_state())
+            .collect::<Result<_>>()?;
+        let mut out = Vec::with_capacity(self.layers.len() + 1);
+        for (l, layer) in self.layers.iter().enumerate() {
+            out.push(x.clone());
+            let mut ls: Vec<&mut LayerState> =
+                states.iter_mut().map(|s| &mut s.layers[l]).collect();
+            let a = layer
+                .attn
+                .forward(&self.norm_fwd(&layer.input_norm, &x)?, &ctx, &mut ls)?;
+            let h = (x + a)?;
+            x = (&h + layer.mlp.forward(&self.norm_fwd(&layer.post_norm, &h)?)?)?;
+        }
+        out.push(x);
+        Ok(out)
+    }
+
+    /// Layer `layer`'s attention output before `o_proj` (`[tokens, heads * head_dim]`, f32)
+    /// for the residual stream `residual` of fresh sequences of lengths `lens`.
+    pub fn attention_output(
+        &self,
+        layer: usize,
+        residual: &Tensor,
+        lens: &[usize],
+    ) -> Result<Tensor> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::Invalid(format!("layer {layer} does not exist")))?;
+        let (spans, positions) = Self::fresh_spans(lens);
+        let ctx = self.batch_context(&spans, &positions)?;
+        let mut states: Vec<LayerState> = lens
+            .iter()
+            .map(|_| self.spec.new_layer_state(layer))
+            .collect::<Result<_>>()?;
+        let mut refs: Vec<&mut LayerState> = states.iter_mut().collect();
+        l.attn
+            .mix(&self.norm_fwd(&l.input_norm, residual)?, &ctx, &mut refs)
+    }
+
+    /// Attaches fresh trainable LoRA adapters (B = 0, so the model is unchanged) to every
+    /// layer's `cfg.targets` and returns their variables under PEFT names.
+    pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<(String, Var)>> {
+        cfg.validate()?;
+        let mut rng = crate::rng::SplitMix(seed);
+        let mut vars = Vec::new();
+        let device = self.device.clone();
+        for i in 0..self.layers.len() {
+            for t in &cfg.targets {
+                let lin = self.layers[i].projection_mut(t).expect("validated target");
+                let (out_dim, in_dim) = lin.dims();
+                let (a, b) = lora::init_pair(&mut rng, cfg.rank, in_dim, out_dim, &device)?;
+                lin.set_lora(Some(LoraAdapter {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale: cfg.scale(),
+                }));
+                vars.push((lora::peft_name(i, t, "A"), a));
+                vars.push((lora::peft_name(i, t, "B"), b));
+            }
+        }
+        Ok(vars)
+    }
+
+    /// Applies an adapter read with [`lora::load_adapter`] (weights cast to f32 on the
+    /// model's device). Every adapter tensor must be used and fit its projection.
+    pub fn apply_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        cfg.validate()?;
+        let mut used = 0;
+        for i in 0..self.layers.len() {
+            for t in &cfg.targets {
+                let (na, nb) = (lora::peft_name(i, t, "A"), lora::peft_name(i, t, "B"));
+                let (Some(a), Some(b)) = (tensors.get(&na), tensors.get(&nb)) else {
+                    continue;
+                };
+                let lin = self.layers[i].projection_mut(t).expect("validated target");
+                let (out_dim, in_dim) = lin.dims();
+                if a.dims() != [cfg.rank, in_dim] || b.dims() != [out_dim, cfg.rank] {
+                    return Err(Error::tensor(&na, format!(
+                        "adapter shapes {:?} / {:?} do not fit a [{out_dim}, {in_dim}] projection with rank {}",
+                        a.dims(), b.dims(), cfg.rank
+                    )));
+                }
+                let to = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.to_dtype(DType::F32)?.to_device(&self.device)?)
+                };
+                let (a, b) = (to(a)?, to(b)?);
+                lin.set_lora(Some(LoraAdapter {
+                    a,
+                    b,
+                    scale: cfg.scale(),
+                }));
+                used += 2;
+            }
+        }
+        if used != tensors.len() {
+            return Err(Error::Invalid(format!(
+                "the adapter has {} tensors but only {used} match this model's layers and targets",
+                tensors.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The current adapters' weights under PEFT names.
+    pub fn lora_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let mut me = self.clone();
+        for (i, layer) in me.layers.iter_mut().enumerate() {
+            for (t, _) in lora::TARGETS {
+                if let Some(l) = layer.projection_mut(t).and_then(|p| p.lora()) {
+                    out.push((lora::peft_name(i, t, "A"), l.a.clone()));
+                    out.push((lora::peft_name(i, t, "B"), l.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Folds every adapter into its weight.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for (t, _) in lora::TARGETS {
+                if let Some(p) = layer.projection_mut(t) {
+                    p.merge_lora()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every weight under its Hugging Face name (after merging, what a checkpoint stores).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed.embeddings().clone(),
+        )];
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), self.lm_head.weight().clone()));
+        }
+        out.push(("model.norm.weight".into(), self.norm.weight().clone()));
+        let mut me = self.clone();
+        for (i, layer) in me.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_norm.weight().clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_norm.weight().clone(),
+            ));
+            for (t, block) in lora::TARGETS {
+                let lin = layer.projection_mut(t).expect("known target");
+                out.push((format!("{p}.{block}.{t}.weight"), lin.weight().clone()));
+                if let Some(b) = lin.bias() {
+                    out.push((format!("{p}.{block}.{t}.bias"), b.clone()));
+                }
+            }
+        }
+        out
     }
 
     fn norm_fwd(&self, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {

@@ -41,6 +41,21 @@ impl StateSpec {
         }
     }
 
+    /// Layer `i`'s part of a fresh state.
+    pub fn new_layer_state(&self, i: usize) -> Result<LayerState> {
+        Ok(match self.layers[i] {
+            LayerKind::Liger => LayerState::Liger {
+                window: KvCache::new(Some(self.liger_window)),
+                recurrent: Tensor::zeros(
+                    (1, self.num_kv_heads, self.head_dim, self.head_dim),
+                    DType::F32,
+                    &self.device,
+                )?,
+            },
+            LayerKind::Softmax { window } => LayerState::Softmax(KvCache::new(window)),
+        })
+    }
+
     /// Bytes one sequence's state occupies after `context` tokens.
     pub fn bytes_at(&self, context: usize) -> usize {
         let kv_row = 2 * self.num_kv_heads * self.head_dim * self.cache_dtype.size_in_bytes();
@@ -58,22 +73,8 @@ impl StateSpec {
 
     /// A fresh state (no tokens consumed).
     pub fn new_state(&self) -> Result<SequenceState> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|k| {
-                Ok(match k {
-                    LayerKind::Liger => LayerState::Liger {
-                        window: KvCache::new(Some(self.liger_window)),
-                        recurrent: Tensor::zeros(
-                            (1, self.num_kv_heads, self.head_dim, self.head_dim),
-                            DType::F32,
-                            &self.device,
-                        )?,
-                    },
-                    LayerKind::Softmax { window } => LayerState::Softmax(KvCache::new(*window)),
-                })
-            })
+        let layers = (0..self.layers.len())
+            .map(|i| self.new_layer_state(i))
             .collect::<Result<_>>()?;
         Ok(SequenceState {
             layers,

@@ -1,14 +1,27 @@
-//! A dense projection `y = x W^T (+ b)` over a 2-D batch of rows.
+//! A dense projection `y = x W^T (+ b)` over a 2-D batch of rows, with an optional LoRA
+//! adapter (Hu et al., 2021): `y += (alpha / r) * (x A^T) B^T`.
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::Result;
 
+/// A low-rank update `scale * B A` of a weight `W: [out, in]`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// `[rank, in]`
+    pub a: Tensor,
+    /// `[out, rank]`
+    pub b: Tensor,
+    /// `alpha / rank`
+    pub scale: f64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -19,11 +32,15 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::from_weights(weight, bias))
     }
 
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -33,15 +50,45 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1])
+    }
+
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    pub fn set_lora(&mut self, lora: Option<LoraAdapter>) {
+        self.lora = lora;
+    }
+
+    /// Folds the adapter into the weight (`W += scale * B A`, in the weight's dtype) and
+    /// drops it: the merged layer computes the same function with no extra cost.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        if let Some(l) = self.lora.take() {
+            let delta = (l.b.matmul(&l.a)? * l.scale)?;
+            let merged = (self.weight.to_dtype(delta.dtype())? + delta)?;
+            self.weight = merged.to_dtype(self.weight.dtype())?;
+        }
+        Ok(())
+    }
 }
 
 impl Module for Linear {
     /// `x`: `[rows, in]` -> `[rows, out]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let mut y = x.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
         }
+        if let Some(l) = &self.lora {
+            let xa = x.to_dtype(l.a.dtype())?.matmul(&l.a.t()?)?;
+            let delta = (xa.matmul(&l.b.t()?)? * l.scale)?;
+            y = (y + delta.to_dtype(x.dtype())?)?;
+        }
+        Ok(y)
     }
 }

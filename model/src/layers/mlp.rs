@@ -23,6 +23,18 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// The projection called `name` (`gate_proj`, `up_proj`, `down_proj`).
+    pub fn projection_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        match name {
+            "gate_proj" => Some(&mut self.gate),
+            "up_proj" => Some(&mut self.up),
+            "down_proj" => Some(&mut self.down),
+            _ => None,
+        }
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let g = self.gate.forward(x)?.silu()?;

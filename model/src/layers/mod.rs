@@ -6,7 +6,7 @@ mod mlp;
 mod norm;
 mod rope;
 
-pub use linear::Linear;
+pub use linear::{Linear, LoraAdapter};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
 pub use rope::Rope;

@@ -33,6 +33,10 @@ impl Module for RmsNorm {
 }
 
 impl RmsNorm {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// The same math from elementary ops (which have gradients), in f32.
     pub fn forward_differentiable(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
