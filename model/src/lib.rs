@@ -11,11 +11,13 @@
 //! - [`gla`]: the gated recurrent branch in naive, chunked and recurrent form;
 //! - [`attention`]: softmax attention (full or windowed) and the Liger hybrid;
 //! - [`state`]: per-sequence state, kept outside the model, and its slot pool;
+//! - [`cache`]: snapshots of states keyed by consumed tokens (resume, not re-read);
 //! - [`model`]: the causal LM, its batched forward, and LoRA adapters ([`lora`]);
 //! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded);
 //! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form.
 
 pub mod attention;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod gguf;

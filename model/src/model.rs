@@ -501,6 +501,36 @@ impl Model {
         out
     }
 
+    /// A short identity of this model's function: a hash over the config and, for every
+    /// weight (adapters merged or not), its name, shape, dtype and a strided sample of its
+    /// values. Cached states carry it so a snapshot is never resumed on another model.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.cfg.raw.to_string().as_bytes());
+        let mut weights = self.named_weights();
+        weights.extend(self.lora_tensors());
+        for (name, t) in weights {
+            h.update(name.as_bytes());
+            h.update(format!("{:?}{:?}", t.dims(), t.dtype()).as_bytes());
+            let flat = t.flatten_all()?;
+            let n = flat.elem_count();
+            let stride = (n / 256).max(1);
+            let idx: Vec<u32> = (0..n).step_by(stride).map(|i| i as u32).collect();
+            let sample = flat
+                .index_select(&Tensor::new(idx.as_slice(), flat.device())?, 0)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            for x in sample {
+                h.update(x.to_le_bytes());
+            }
+        }
+        Ok(h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
     fn norm_fwd(&self, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
         Ok(if self.options.differentiable {
             norm.forward_differentiable(x)?

@@ -1,0 +1,492 @@
+//! The conversation state cache: snapshots of sequence states keyed by the exact token ids
+//! they consumed, in a radix tree, so a request resumes from the longest cached prefix of its
+//! prompt and processes only the rest.
+//!
+//! A Liger state is a few MB whatever the history length, so caching one per conversation
+//! turn is cheap; turn 20 of a chat then costs only the new message's tokens. Full-attention
+//! layers (a served Transformer, or the inter-layer hybrid) keep their KV caches inside the
+//! snapshot, so the cache stays correct for them too; their size just grows with the prefix.
+//!
+//! Memory: entries are evicted least-recently-used first when their bytes exceed the budget.
+//! A hit hands out a clone of the snapshot, and states are copy-on-write (tensors are
+//! replaced, never mutated), so evicting an entry never disturbs a request that resumed from
+//! it: the request's clone keeps the tensors alive until it moves past them.
+//!
+//! Persistence: with a directory, every snapshot is also written to disk (checked by model
+//! fingerprint and a checksum), and a new cache over the same directory indexes those files,
+//! so a restarted server, or another replica of the same model, resumes the conversations.
+//! A file that fails any check is ignored with a warning, never trusted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::state::{SequenceState, StateSpec};
+use crate::{Error, Result};
+
+/// Counters for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Prompt tokens not recomputed thanks to hits.
+    pub hit_tokens: u64,
+    pub evictions: u64,
+    /// Bytes of snapshots held in memory.
+    pub bytes: usize,
+    pub entries: usize,
+    /// Snapshots known on disk.
+    pub disk_entries: usize,
+}
+
+/// A successful lookup.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    /// Prompt tokens the state has consumed.
+    pub tokens: usize,
+    pub state: SequenceState,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// In memory, or only on disk (loaded on first use).
+    state: Option<SequenceState>,
+    bytes: usize,
+    last_used: u64,
+}
+
+/// A radix tree node: `edge` is the token run from the parent to here.
+#[derive(Debug, Default)]
+struct Node {
+    edge: Vec<u32>,
+    children: HashMap<u32, Node>,
+    entry: Option<Entry>,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct StateCache {
+    root: Node,
+    budget_bytes: usize,
+    clock: u64,
+    stats: CacheStats,
+    disk: Option<Disk>,
+}
+
+#[derive(Debug)]
+struct Disk {
+    dir: PathBuf,
+    spec: StateSpec,
+    /// Identifies the model: snapshots of another model are never used.
+    model_id: String,
+}
+
+impl StateCache {
+    /// An in-memory cache holding at most `budget_bytes` of snapshots.
+    pub fn new(budget_bytes: usize) -> Self {
+        Self {
+            root: Node::default(),
+            budget_bytes,
+            clock: 0,
+            stats: CacheStats::default(),
+            disk: None,
+        }
+    }
+
+    /// A cache that also keeps snapshots in `dir` for model `model_id` (see
+    /// [`crate::Model::fingerprint`]) and indexes the valid ones already there.
+    pub fn with_dir(
+        budget_bytes: usize,
+        dir: &Path,
+        spec: StateSpec,
+        model_id: &str,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut cache = Self::new(budget_bytes);
+        cache.disk = Some(Disk {
+            dir: dir.to_path_buf(),
+            spec,
+            model_id: model_id.to_string(),
+        });
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != SNAPSHOT_EXT) {
+                continue;
+            }
+            match read_header(&path, model_id) {
+                Ok(tokens) => {
+                    let size = e.metadata().map(|m| m.len() as usize).unwrap_or(0);
+                    let node = cache.root.insert_path(&tokens);
+                    if node.entry.is_none() {
+                        node.entry = Some(Entry {
+                            state: None,
+                            bytes: size,
+                            last_used: 0,
+                        });
+                        cache.stats.disk_entries += 1;
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(file = %path.display(), %reason, "ignoring state snapshot")
+                }
+            }
+        }
+        Ok(cache)
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    pub fn budget_bytes(&self) -> usize {
+        self.budget_bytes
+    }
+
+    /// The longest cached prefix of `prompt` that leaves at least one token to process (the
+    /// model must see a token to produce the next one's logits).
+    pub fn lookup(&mut self, prompt: &[u32]) -> Option<Hit> {
+        self.clock += 1;
+        let limit = prompt.len().saturating_sub(1);
+        let mut candidates = self.root.prefixes_with_entries(&prompt[..limit]);
+        // Longest first; a disk entry that fails its checks is dropped and the next tried.
+        while let Some(len) = candidates.pop() {
+            match self.take_state(&prompt[..len]) {
+                Some(state) => {
+                    self.stats.hits += 1;
+                    self.stats.hit_tokens += len as u64;
+                    return Some(Hit { tokens: len, state });
+                }
+                None => continue,
+            }
+        }
+        self.stats.misses += 1;
+        None
+    }
+
+    /// Stores a snapshot of `state`, which has consumed exactly `tokens`.
+    pub fn insert(&mut self, tokens: &[u32], state: &SequenceState) -> Result<()> {
+        if tokens.is_empty() || state.position() != tokens.len() {
+            return Err(Error::State(format!(
+                "snapshot of a state at position {} keyed by {} tokens",
+                state.position(),
+                tokens.len()
+            )));
+        }
+        let bytes = state.size_bytes();
+        if bytes > self.budget_bytes {
+            return Ok(()); // would evict everything and still not fit
+        }
+        self.clock += 1;
+        if let Some(disk) = &self.disk {
+            if let Err(e) = write_snapshot(disk, tokens, state) {
+                tracing::warn!(error = %e, "could not persist a state snapshot");
+            }
+        }
+        let clock = self.clock;
+        let node = self.root.insert_path(tokens);
+        match &mut node.entry {
+            Some(e) => {
+                if e.state.is_some() {
+                    self.stats.bytes -= e.bytes;
+                } else {
+                    self.stats.entries += 1;
+                }
+                *e = Entry {
+                    state: Some(state.clone()),
+                    bytes,
+                    last_used: clock,
+                };
+            }
+            None => {
+                node.entry = Some(Entry {
+                    state: Some(state.clone()),
+                    bytes,
+                    last_used: clock,
+                });
+                self.stats.entries += 1;
+                if self.disk.is_some() {
+                    self.stats.disk_entries += 1;
+                }
+            }
+        }
+        self.stats.bytes += bytes;
+        self.evict();
+        Ok(())
+    }
+
+    /// The in-memory state at exactly `tokens`, loading it from disk if needed.
+    fn take_state(&mut self, tokens: &[u32]) -> Option<SequenceState> {
+        let clock = self.clock;
+        let node = self.root.find_mut(tokens)?;
+        let entry = node.entry.as_mut()?;
+        entry.last_used = clock;
+        if let Some(s) = &entry.state {
+            return Some(s.clone());
+        }
+        let disk = self.disk.as_ref()?;
+        match read_snapshot(disk, tokens) {
+            Ok(state) => {
+                entry.bytes = state.size_bytes();
+                entry.state = Some(state.clone());
+                self.stats.bytes += entry.bytes;
+                self.stats.entries += 1;
+                self.evict();
+                Some(state)
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "ignoring state snapshot");
+                node.entry = None;
+                self.stats.disk_entries -= 1;
+                None
+            }
+        }
+    }
+
+    /// Drops least-recently-used in-memory snapshots until within budget. With a directory,
+    /// an evicted snapshot stays on disk and can come back.
+    fn evict(&mut self) {
+        while self.stats.bytes > self.budget_bytes {
+            let Some((path, _)) = self.root.oldest_in_memory(Vec::new()) else {
+                return;
+            };
+            let keep_on_disk = self.disk.is_some();
+            let node = self.root.find_mut(&path).expect("path from the tree");
+            let entry = node.entry.as_mut().expect("oldest has an entry");
+            self.stats.bytes -= entry.bytes;
+            self.stats.entries -= 1;
+            self.stats.evictions += 1;
+            if keep_on_disk {
+                entry.state = None;
+            } else {
+                node.entry = None;
+                self.root.prune(&path);
+            }
+        }
+    }
+}
+
+impl Node {
+    /// The node for exactly `tokens`, creating (and splitting edges) as needed.
+    fn insert_path(&mut self, tokens: &[u32]) -> &mut Node {
+        if tokens.is_empty() {
+            return self;
+        }
+        let first = tokens[0];
+        if !self.children.contains_key(&first) {
+            self.children.insert(
+                first,
+                Node {
+                    edge: tokens.to_vec(),
+                    ..Default::default()
+                },
+            );
+            return self.children.get_mut(&first).expect("just inserted");
+        }
+        let child = self.children.get_mut(&first).expect("checked");
+        let common = child
+            .edge
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if common < child.edge.len() {
+            // Split the edge at the divergence point.
+            let tail = child.edge.split_off(common);
+            let moved = Node {
+                edge: tail.clone(),
+                children: std::mem::take(&mut child.children),
+                entry: child.entry.take(),
+            };
+            child.children.insert(tail[0], moved);
+        }
+        child.insert_path(&tokens[common..])
+    }
+
+    fn find_mut(&mut self, tokens: &[u32]) -> Option<&mut Node> {
+        if tokens.is_empty() {
+            return Some(self);
+        }
+        let child = self.children.get_mut(&tokens[0])?;
+        if tokens.len() < child.edge.len() || tokens[..child.edge.len()] != child.edge[..] {
+            return None;
+        }
+        let n = child.edge.len();
+        child.find_mut(&tokens[n..])
+    }
+
+    /// Lengths of the prefixes of `tokens` that have an entry, shortest first.
+    fn prefixes_with_entries(&self, tokens: &[u32]) -> Vec<usize> {
+        let mut out = Vec::new();
+        let (mut node, mut depth) = (self, 0);
+        loop {
+            let Some(child) = tokens.get(depth).and_then(|t| node.children.get(t)) else {
+                return out;
+            };
+            let rest = &tokens[depth..];
+            if rest.len() < child.edge.len() || rest[..child.edge.len()] != child.edge[..] {
+                return out;
+            }
+            depth += child.edge.len();
+            if child.entry.is_some() {
+                out.push(depth);
+            }
+            node = child;
+        }
+    }
+
+    /// Path and clock of the least recently used in-memory entry below this node.
+    fn oldest_in_memory(&self, path: Vec<u32>) -> Option<(Vec<u32>, u64)> {
+        let mut best = self
+            .entry
+            .as_ref()
+            .filter(|e| e.state.is_some())
+            .map(|e| (path.clone(), e.last_used));
+        for child in self.children.values() {
+            let mut p = path.clone();
+            p.extend_from_slice(&child.edge);
+            if let Some(c) = child.oldest_in_memory(p) {
+                if best.as_ref().is_none_or(|b| c.1 < b.1) {
+                    best = Some(c);
+                }
+            }
+        }
+        best
+    }
+
+    /// Removes empty leaves along `tokens` and merges single-child nodes, keeping the tree
+    /// as small as its entries.
+    fn prune(&mut self, tokens: &[u32]) {
+        let Some(&first) = tokens.first() else { return };
+        let Some(child) = self.children.get_mut(&first) else {
+            return;
+        };
+        let n = child.edge.len().min(tokens.len());
+        child.prune(&tokens[n..]);
+        if child.entry.is_none() {
+            match child.children.len() {
+                0 => {
+                    self.children.remove(&first);
+                }
+                1 => {
+                    let (_, grandchild) = child.children.drain().next().expect("one child");
+                    let mut edge = std::mem::take(&mut child.edge);
+                    edge.extend_from_slice(&grandchild.edge);
+                    *child = Node { edge, ..grandchild };
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+const SNAPSHOT_EXT: &str = "state";
+const MAGIC: &[u8; 8] = b"LIGERST1";
+
+fn snapshot_path(disk: &Disk, tokens: &[u32]) -> PathBuf {
+    let mut h = Sha256::new();
+    h.update(disk.model_id.as_bytes());
+    for t in tokens {
+        h.update(t.to_le_bytes());
+    }
+    let name: String = h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    disk.dir.join(format!("{name}.{SNAPSHOT_EXT}"))
+}
+
+/// File layout: MAGIC, u32 header length, header JSON {model_id, tokens, sha256 of the state
+/// bytes}, then the state bytes ([`SequenceState::to_bytes`]).
+fn write_snapshot(disk: &Disk, tokens: &[u32], state: &SequenceState) -> Result<()> {
+    let body = state.to_bytes()?;
+    let header = serde_json::json!({
+        "model_id": disk.model_id,
+        "tokens": tokens,
+        "sha256": hex(&Sha256::digest(&body)),
+    })
+    .to_string();
+    let mut out = Vec::with_capacity(12 + header.len() + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&body);
+    let path = snapshot_path(disk, tokens);
+    // Write then rename, so a crash never leaves a half-written snapshot under the real name.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &out).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+}
+
+fn parse_header(bytes: &[u8]) -> std::result::Result<(serde_json::Value, usize), String> {
+    if bytes.len() < 12 || &bytes[..8] != MAGIC {
+        return Err("not a state snapshot".into());
+    }
+    let len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    let end = 12usize
+        .checked_add(len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or("truncated header")?;
+    let header = serde_json::from_slice(&bytes[12..end]).map_err(|e| format!("bad header: {e}"))?;
+    Ok((header, end))
+}
+
+fn header_tokens(
+    header: &serde_json::Value,
+    model_id: &str,
+) -> std::result::Result<Vec<u32>, String> {
+    if header["model_id"] != model_id {
+        return Err("snapshot of another model".into());
+    }
+    header["tokens"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .map(|t| t.as_u64().and_then(|x| u32::try_from(x).ok()))
+                .collect()
+        })
+        .filter(|t: &Vec<u32>| !t.is_empty())
+        .ok_or_else(|| "bad token list".into())
+}
+
+/// Reads just enough of a file to index it.
+fn read_header(path: &Path, model_id: &str) -> std::result::Result<Vec<u32>, String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    f.read_exact(&mut head).map_err(|_| "truncated")?;
+    let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+    if &head[..8] != MAGIC || len > 64 << 20 {
+        return Err("not a state snapshot".into());
+    }
+    let mut buf = head.to_vec();
+    buf.resize(12 + len, 0);
+    f.read_exact(&mut buf[12..])
+        .map_err(|_| "truncated header")?;
+    let (header, _) = parse_header(&buf)?;
+    header_tokens(&header, model_id)
+}
+
+/// Reads and fully checks a snapshot: model, key, checksum, and shape against the model.
+fn read_snapshot(disk: &Disk, tokens: &[u32]) -> std::result::Result<SequenceState, String> {
+    let path = snapshot_path(disk, tokens);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (header, body_start) = parse_header(&bytes)?;
+    if header_tokens(&header, &disk.model_id)? != tokens {
+        return Err("snapshot keyed by other tokens".into());
+    }
+    let body = &bytes[body_start..];
+    if header["sha256"] != hex(&Sha256::digest(body)) {
+        return Err(format!("{}: checksum mismatch", path.display()));
+    }
+    let state = SequenceState::from_bytes(&disk.spec, body).map_err(|e| e.to_string())?;
+    if state.position() != tokens.len() {
+        return Err("snapshot position does not match its tokens".into());
+    }
+    Ok(state)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
