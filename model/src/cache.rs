@@ -17,6 +17,7 @@
 //! so a restarted server, or another replica of the same model, resumes the conversations.
 //! A file that fails any check is ignored with a warning, never trusted.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -273,18 +274,15 @@ impl Node {
         if tokens.is_empty() {
             return self;
         }
-        let first = tokens[0];
-        if !self.children.contains_key(&first) {
-            self.children.insert(
-                first,
-                Node {
+        let child = match self.children.entry(tokens[0]) {
+            MapEntry::Vacant(v) => {
+                return v.insert(Node {
                     edge: tokens.to_vec(),
                     ..Default::default()
-                },
-            );
-            return self.children.get_mut(&first).expect("just inserted");
-        }
-        let child = self.children.get_mut(&first).expect("checked");
+                })
+            }
+            MapEntry::Occupied(o) => o.into_mut(),
+        };
         let common = child
             .edge
             .iter()
