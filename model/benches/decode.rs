@@ -135,11 +135,11 @@ fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger
 }
 
 fn main() -> liger_model::Result<()> {
+    let threads = liger_model::threads::init(None);
     let args = parse_args();
     let import = import_gguf(&fixture())?;
     let tensors = import.tensors.iter().cloned().collect();
     let cfg = ModelConfig::from_json(import.config.clone())?;
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
     eprintln!(
         "SmolLM2-135M-Instruct, {:?}, threads: {threads}, {} decode steps per point",
         args.dtype, args.steps

@@ -16,6 +16,7 @@ use liger_model::testing::model_from_tensors;
 use liger_model::{LigerConfig, Logits, Model, ModelConfig};
 
 fn main() -> anyhow::Result<()> {
+    liger_model::threads::init(None);
     let mut args = std::env::args().skip(1);
     let mut model_path: Option<PathBuf> = None;
     let (mut liger, mut prompt, mut max_tokens) =

@@ -28,6 +28,7 @@ pub mod model;
 pub mod rng;
 pub mod state;
 pub mod testing;
+pub mod threads;
 pub mod weights;
 
 pub use config::{Architecture, LayerKind, LigerConfig, ModelConfig, Variant};

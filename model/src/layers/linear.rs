@@ -80,7 +80,12 @@ impl Linear {
 impl Module for Linear {
     /// `x`: `[rows, in]` -> `[rows, out]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = x.matmul(&self.weight.t()?)?;
+        // The fast path has no backward pass: use it only when no gradient flows through.
+        let mut y = if !x.track_op() && super::matvec::applies(x, &self.weight) {
+            super::matvec::matvec(x, &self.weight)?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -2,6 +2,7 @@
 //! weight names, never by copied layer code.
 
 mod linear;
+pub mod matvec;
 mod mlp;
 mod norm;
 mod rope;
