@@ -136,22 +136,16 @@ impl Attention {
         };
         let mixed = match &self.mixer {
             Mixer::Softmax => {
-                let mut outs = Vec::with_capacity(ctx.spans.len());
-                for (span, state) in ctx.spans.iter().zip(states.iter_mut()) {
+                let mut caches = Vec::with_capacity(states.len());
+                for state in states.iter_mut() {
                     let LayerState::Softmax(cache) = &mut **state else {
                         return Err(Error::State(
                             "layer state kind does not match the model".into(),
                         ));
                     };
-                    outs.push(self.windowed(
-                        &q_rot,
-                        &k_rot,
-                        &v,
-                        span,
-                        cache,
-                        ctx.differentiable,
-                    )?);
+                    caches.push(cache);
                 }
+                let outs = self.attend_all(&q_rot, &k_rot, &v, ctx, &mut caches)?;
                 Tensor::cat(&outs, 0)?
             }
             Mixer::Liger(hy) => self.hybrid(hy, (&q, &k, &v), (&q_rot, &k_rot), ctx, states)?,
@@ -193,6 +187,106 @@ impl Attention {
         softmax_attention(&q, &keys, &values, mask.as_ref(), differentiable)
     }
 
+    /// Softmax attention (full or windowed, per the caches' capacity) for every sequence of
+    /// the batch: prefill chunks one by one, and all one-token decode steps in one batched,
+    /// padded call. Returns per-sequence `[len, h, d]` in f32, in batch order.
+    fn attend_all(
+        &self,
+        q_rot: &Tensor,
+        k_rot: &Tensor,
+        v: &Tensor,
+        ctx: &BatchContext,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Tensor>> {
+        let mut outs: Vec<Option<Tensor>> = vec![None; ctx.spans.len()];
+        let mut decode = Vec::new();
+        for (i, (span, cache)) in ctx.spans.iter().zip(caches.iter_mut()).enumerate() {
+            if is_batched_decode(span, ctx) {
+                decode.push(i);
+            } else {
+                outs[i] = Some(self.windowed(q_rot, k_rot, v, span, cache, ctx.differentiable)?);
+            }
+        }
+        if !decode.is_empty() {
+            let batched = self.decode_attention(q_rot, k_rot, v, ctx, caches, &decode)?;
+            for (&i, o) in decode.iter().zip(batched) {
+                outs[i] = Some(o);
+            }
+        }
+        Ok(outs
+            .into_iter()
+            .map(|o| o.expect("every span computed"))
+            .collect())
+    }
+
+    /// One-token steps of sequences `which`: each cache grows by its token, then all attend in
+    /// one call, keys padded to the longest cache and the padding masked out. Equal to
+    /// [`windowed`](Self::windowed) per sequence (held by the batched-vs-solo tests).
+    fn decode_attention(
+        &self,
+        q_rot: &Tensor,
+        k_rot: &Tensor,
+        v: &Tensor,
+        ctx: &BatchContext,
+        caches: &mut [&mut KvCache],
+        which: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (mut keys, mut values, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in which {
+            let row = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.narrow(0, ctx.spans[i].start, 1)?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            let (k_all, v_all) = caches[i].extend(&row(k_rot)?, &row(v)?)?;
+            lens.push(k_all.dim(1)?);
+            keys.push(k_all);
+            values.push(v_all);
+        }
+        let longest = *lens.iter().max().expect("non-empty");
+        let pad = |x: &Tensor, len: usize| -> Result<Tensor> {
+            Ok(if len == longest {
+                x.clone()
+            } else {
+                x.pad_with_zeros(1, 0, longest - len)?
+            })
+        };
+        let n = which.len();
+        let keys: Vec<Tensor> = keys
+            .iter()
+            .zip(&lens)
+            .map(|(k, &l)| pad(k, l))
+            .collect::<Result<_>>()?;
+        let values: Vec<Tensor> = values
+            .iter()
+            .zip(&lens)
+            .map(|(v, &l)| pad(v, l))
+            .collect::<Result<_>>()?;
+        let keys = Tensor::stack(&keys, 0)?.to_dtype(DType::F32)?; // [n, hkv, L, d]
+        let values = Tensor::stack(&values, 0)?.to_dtype(DType::F32)?;
+        let idx: Vec<u32> = which.iter().map(|&i| ctx.spans[i].start as u32).collect();
+        let q = q_rot
+            .index_select(&Tensor::new(idx.as_slice(), q_rot.device())?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((n, hkv, h / hkv, d))?;
+        let q = (q * (1.0 / (d as f64).sqrt()))?;
+        let mut scores = q.matmul(&keys.transpose(2, 3)?.contiguous()?)?; // [n, hkv, g, L]
+        if lens.iter().any(|&l| l != longest) {
+            let mask: Vec<f32> = lens
+                .iter()
+                .flat_map(|&l| {
+                    (0..longest).map(move |j| if j < l { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (n, 1, 1, longest), q.device())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let o = p.matmul(&values)?.reshape((n, 1, h, d))?; // [n, 1, h, d]
+        (0..n).map(|j| Ok(o.get(j)?)).collect()
+    }
+
     fn hybrid(
         &self,
         hy: &Hybrid,
@@ -211,18 +305,24 @@ impl Attention {
             |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
         let all = gla::feature_maps(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
 
-        let mut window_out = Vec::with_capacity(ctx.spans.len());
-        let mut recurrent_out: Vec<Option<Tensor>> = vec![None; ctx.spans.len()];
-        // Sequences decoding one token share one batched recurrent step.
-        let mut decode: Vec<usize> = Vec::new();
-        for (i, (span, state)) in ctx.spans.iter().zip(states.iter_mut()).enumerate() {
-            let LayerState::Liger { window, recurrent } = &mut **state else {
+        let mut windows = Vec::with_capacity(states.len());
+        for state in states.iter_mut() {
+            let LayerState::Liger { window, .. } = &mut **state else {
                 return Err(Error::State(
                     "layer state kind does not match the model".into(),
                 ));
             };
-            window_out.push(self.windowed(q_rot, k_rot, v, span, window, ctx.differentiable)?);
-            if span.len == 1 && !ctx.differentiable {
+            windows.push(window);
+        }
+        let window_out = self.attend_all(q_rot, k_rot, v, ctx, &mut windows)?;
+        let mut recurrent_out: Vec<Option<Tensor>> = vec![None; ctx.spans.len()];
+        // Sequences decoding one token share one batched recurrent step.
+        let mut decode: Vec<usize> = Vec::new();
+        for (i, (span, state)) in ctx.spans.iter().zip(states.iter_mut()).enumerate() {
+            let LayerState::Liger { recurrent, .. } = &mut **state else {
+                unreachable!("checked above");
+            };
+            if is_batched_decode(span, ctx) {
                 decode.push(i);
                 continue;
             }
@@ -276,6 +376,12 @@ impl Attention {
         )?;
         Ok(((window_out * hy.window_weight)? + (recurrent_out * hy.recurrent_weight)?)?)
     }
+}
+
+/// One-token steps take the batched decode paths (inference only: the batched paths use
+/// fused ops without a backward pass).
+fn is_batched_decode(span: &Span, ctx: &BatchContext) -> bool {
+    span.len == 1 && !ctx.differentiable
 }
 
 fn slice_tokens(x: &gla::GlaInputs, start: usize, len: usize) -> Result<gla::GlaInputs> {
