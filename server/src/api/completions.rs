@@ -1,0 +1,319 @@
+//! `POST /v1/completions`: one or more prompts (text or token ids), each with its own `n`
+//! choices (index = prompt_index * n + i). `echo` prepends the prompt, and with `logprobs`
+//! reports the prompt tokens' logprobs too (the first is null), in the legacy format that
+//! lm-eval-harness's `local-completions` reads; `max_tokens: 0` with `echo` scores only.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use super::body::Params;
+use super::output::{collect, Completeness, CompletionLogprobs, TokenNames, Usage};
+use super::params::{CompletionRequest, Prompt};
+use super::prepare::{check_model, check_prompt, generation_request, new_id, tokenize, unix_now};
+use super::stream::{sse_response, Chunker};
+use super::AppState;
+use crate::engine::{Event, EventReceiver};
+use crate::error::ApiError;
+use crate::text::Codec;
+
+/// OpenAI's default `max_tokens` for completions.
+const DEFAULT_MAX_TOKENS: usize = 16;
+
+#[derive(Serialize)]
+struct Completion {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    choices: Vec<CompletionChoice>,
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct CompletionChoice {
+    index: usize,
+    text: String,
+    logprobs: Option<CompletionLogprobs>,
+    finish_reason: Option<&'static str>,
+}
+
+/// A tokenized prompt and the text echo shows for it.
+struct Prepared {
+    tokens: Vec<u32>,
+    text: String,
+}
+
+pub async fn completions(
+    State(app): State<Arc<AppState>>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let ready = app.ready()?;
+    let req = CompletionRequest::parse(params, &ready.limits)?;
+    check_model(&app, req.common.model.as_deref())?;
+    let id = new_id("cmpl");
+    let span = tracing::info_span!("request", id = %id, endpoint = "completions");
+    async move {
+        let mut prepared = Vec::with_capacity(req.prompts.len());
+        let mut receivers: Vec<EventReceiver> = Vec::with_capacity(req.prompts.len());
+        let prompt_logprobs = req.logprobs.filter(|_| req.echo);
+        for prompt in &req.prompts {
+            let (tokens, text) = match prompt {
+                Prompt::Text(t) => {
+                    let owned = t.clone();
+                    (
+                        tokenize(&ready.codec, "prompt", move |c| c.encode(&owned, true)).await?,
+                        t.clone(),
+                    )
+                }
+                Prompt::Tokens(ids) => (ids.clone(), ready.codec.decode_ids(ids, false)),
+            };
+            let max_tokens = check_prompt(
+                &tokens,
+                &req.common,
+                &ready.limits,
+                "prompt",
+                Some(DEFAULT_MAX_TOKENS),
+            )?;
+            let gen = generation_request(
+                &id,
+                tokens.clone(),
+                &req.common,
+                max_tokens,
+                req.logprobs,
+                prompt_logprobs,
+            );
+            // On failure the receivers so far are dropped, which cancels those prompts.
+            receivers.push(ready.engine.submit(gen)?);
+            prepared.push(Prepared { tokens, text });
+        }
+        let prompt_tokens: usize = prepared.iter().map(|p| p.tokens.len()).sum();
+        tracing::debug!(
+            prompts = prepared.len(),
+            prompt_tokens,
+            n = req.common.n,
+            stream = req.common.stream,
+            "completions request"
+        );
+        let created = unix_now();
+        let model = app.config.served_model_name.clone();
+        let names = TokenNames {
+            codec: &ready.codec,
+            as_ids: req.common.tokens_as_ids,
+        };
+        if req.common.stream {
+            let offsets = prepared
+                .iter()
+                .flat_map(|p| {
+                    let start = if req.echo { 0 } else { p.text.chars().count() };
+                    std::iter::repeat_n(start, req.common.n)
+                })
+                .collect();
+            let chunker = CompletionChunker {
+                id,
+                created,
+                model,
+                n: req.common.n,
+                include_usage: req.common.include_usage,
+                echo: req.echo,
+                logprobs: req.logprobs.is_some(),
+                codec: ready.codec.clone(),
+                tokens_as_ids: req.common.tokens_as_ids,
+                prompts: prepared,
+                offsets,
+                prompt_tokens,
+                completion_tokens: 0,
+                done: Completeness::new(req.common.n * req.prompts.len()),
+            };
+            return Ok(sse_response(receivers, chunker));
+        }
+        let mut choices = Vec::new();
+        let mut completion_tokens = 0;
+        for (p, (rx, prep)) in receivers.into_iter().zip(&prepared).enumerate() {
+            let out = collect(rx, req.common.n).await?;
+            completion_tokens += out.completion_tokens();
+            for (i, c) in out.choices.iter().enumerate() {
+                let mut offset = if req.echo {
+                    0
+                } else {
+                    prep.text.chars().count()
+                };
+                let logprobs = req.logprobs.map(|_| {
+                    let mut lps = if req.echo {
+                        CompletionLogprobs::prompt(
+                            names,
+                            &prep.tokens,
+                            &out.prompt_logprobs,
+                            &mut offset,
+                        )
+                    } else {
+                        CompletionLogprobs::default()
+                    };
+                    for (t, lp) in c.tokens.iter().zip(&c.logprobs) {
+                        lps.push(names, *t, Some(lp), &mut offset);
+                    }
+                    lps
+                });
+                let text = if req.echo {
+                    format!("{}{}", prep.text, c.text)
+                } else {
+                    c.text.clone()
+                };
+                choices.push(CompletionChoice {
+                    index: p * req.common.n + i,
+                    text,
+                    logprobs,
+                    finish_reason: c.finish.map(|f| f.as_str()),
+                });
+            }
+        }
+        let body = Completion {
+            id,
+            object: "text_completion",
+            created,
+            model,
+            choices,
+            usage: Usage::new(prompt_tokens, completion_tokens),
+        };
+        Ok(Json(body).into_response())
+    }
+    .instrument(span)
+    .await
+}
+
+struct CompletionChunker {
+    id: String,
+    created: u64,
+    model: String,
+    n: usize,
+    include_usage: bool,
+    echo: bool,
+    logprobs: bool,
+    codec: Arc<Codec>,
+    tokens_as_ids: bool,
+    prompts: Vec<Prepared>,
+    /// Per choice: the next token's `text_offset`.
+    offsets: Vec<usize>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    done: Completeness,
+}
+
+impl CompletionChunker {
+    fn names(&self) -> TokenNames<'_> {
+        TokenNames {
+            codec: &self.codec,
+            as_ids: self.tokens_as_ids,
+        }
+    }
+
+    fn chunk(
+        &self,
+        index: usize,
+        text: &str,
+        logprobs: Option<CompletionLogprobs>,
+        finish: Option<&str>,
+    ) -> Value {
+        let mut c = json!({
+            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    /// The echoed prompt, once per choice of prompt `p`.
+    fn echo_chunks(&self, p: usize, lps: &[crate::engine::TokenLogprob]) -> Vec<Value> {
+        let prep = &self.prompts[p];
+        (0..self.n)
+            .map(|i| {
+                let logprobs = self.logprobs.then(|| {
+                    let mut offset = 0;
+                    CompletionLogprobs::prompt(self.names(), &prep.tokens, lps, &mut offset)
+                });
+                self.chunk(p * self.n + i, &prep.text, logprobs, None)
+            })
+            .collect()
+    }
+}
+
+impl Chunker for CompletionChunker {
+    fn start(&mut self) -> Vec<Value> {
+        if !self.echo || self.logprobs {
+            // With logprobs the echo waits for the prompt's logprobs (Event::Prompt).
+            return Vec::new();
+        }
+        (0..self.prompts.len())
+            .flat_map(|p| self.echo_chunks(p, &[]))
+            .collect()
+    }
+
+    fn event(&mut self, p: usize, event: Event) -> Vec<Value> {
+        match event {
+            Event::Prompt(lps) => {
+                if self.echo {
+                    let names = self.names();
+                    let end: usize = self.prompts[p].tokens.iter().map(|&t| names.chars(t)).sum();
+                    self.offsets[p * self.n..(p + 1) * self.n].fill(end);
+                    self.echo_chunks(p, &lps)
+                } else {
+                    Vec::new()
+                }
+            }
+            Event::Token {
+                choice,
+                token,
+                text,
+                logprob,
+            } => {
+                self.completion_tokens += 1;
+                let index = p * self.n + choice;
+                let names = TokenNames {
+                    codec: &self.codec,
+                    as_ids: self.tokens_as_ids,
+                };
+                let offset = &mut self.offsets[index];
+                let logprobs = logprob.map(|lp| {
+                    let mut l = CompletionLogprobs::default();
+                    l.push(names, token, Some(&lp), offset);
+                    l
+                });
+                if text.is_empty() && logprobs.is_none() {
+                    return Vec::new();
+                }
+                vec![self.chunk(index, &text, logprobs, None)]
+            }
+            Event::Finished {
+                choice,
+                reason,
+                text,
+            } => {
+                self.done.finished += 1;
+                vec![self.chunk(p * self.n + choice, &text, None, Some(reason.as_str()))]
+            }
+            Event::Failed(e) => {
+                self.done.failed = true;
+                vec![ApiError::from(e).body()]
+            }
+        }
+    }
+
+    fn end(&mut self) -> Vec<Value> {
+        let mut out: Vec<Value> = self.done.error_at_end().into_iter().collect();
+        if self.include_usage {
+            let usage = Usage::new(self.prompt_tokens, self.completion_tokens);
+            out.push(json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage,
+            }));
+        }
+        out
+    }
+}

@@ -1,0 +1,149 @@
+//! The prompt parameters: chat `messages` (roles, string or text-part content) and the
+//! completions `prompt` (a string, strings, token ids, or lists of token ids).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::body::{json_kind, Params};
+use super::params::{Limits, Prompt};
+use crate::error::ApiError;
+use crate::text::ChatMessage;
+
+#[derive(Deserialize)]
+struct RawMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<RawContent>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawContent {
+    Text(String),
+    Parts(Vec<RawPart>),
+}
+
+#[derive(Deserialize)]
+struct RawPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+pub(super) fn parse_messages(p: &mut Params) -> Result<Vec<ChatMessage>, ApiError> {
+    let raw = p
+        .take::<Vec<RawMessage>>("messages")?
+        .ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
+    if raw.is_empty() {
+        return Err(ApiError::param(
+            "messages",
+            "must hold at least one message",
+        ));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "user" | "assistant" => m.role,
+                // OpenAI's newer name for the system role.
+                "developer" => "system".to_string(),
+                other => {
+                    return Err(ApiError::param(
+                        &format!("messages[{i}].role"),
+                        format!("role `{other}` is not supported (use system, user or assistant)"),
+                    ))
+                }
+            };
+            let content = match m.content {
+                Some(RawContent::Text(t)) => t,
+                Some(RawContent::Parts(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for (j, part) in parts.into_iter().enumerate() {
+                        let param = format!("messages[{i}].content[{j}]");
+                        match (part.kind.as_str(), part.text) {
+                            ("text", Some(t)) => texts.push(t),
+                            ("text", None) => {
+                                return Err(ApiError::param(&param, "a text part needs `text`"))
+                            }
+                            (other, _) => {
+                                return Err(ApiError::param(
+                                    &param,
+                                    format!("content type `{other}` is not supported (only text)"),
+                                ))
+                            }
+                        }
+                    }
+                    // vLLM joins text parts with newlines.
+                    texts.join("\n")
+                }
+                None if role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::param(
+                        &format!("messages[{i}].content"),
+                        "`content` is required",
+                    ))
+                }
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+pub(super) fn parse_prompts(p: &mut Params, limits: &Limits) -> Result<Vec<Prompt>, ApiError> {
+    let v = p
+        .take_value("prompt")
+        .ok_or_else(|| ApiError::param("prompt", "`prompt` is required"))?;
+    let token = |v: &Value| -> Result<u32, ApiError> {
+        let id = v.as_u64().ok_or_else(|| {
+            ApiError::param(
+                "prompt",
+                format!("token ids must be non-negative integers, not {v}"),
+            )
+        })?;
+        if id as usize >= limits.vocab_size {
+            return Err(ApiError::param(
+                "prompt",
+                format!(
+                    "token id {id} is outside the vocabulary (size {})",
+                    limits.vocab_size
+                ),
+            ));
+        }
+        Ok(id as u32)
+    };
+    let tokens = |a: &[Value]| a.iter().map(token).collect::<Result<Vec<u32>, _>>();
+    let prompts = match v {
+        Value::String(s) => vec![Prompt::Text(s)],
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::param("prompt", "must not be empty"));
+        }
+        Value::Array(items) => match &items[0] {
+            Value::String(_) => items
+                .into_iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(Prompt::Text(s)),
+                    other => Err(ApiError::param("prompt", format!("a list of strings cannot hold {}", json_kind(&other)))),
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Number(_) => vec![Prompt::Tokens(tokens(&items)?)],
+            Value::Array(_) => items
+                .iter()
+                .map(|i| match i {
+                    Value::Array(a) => Ok(Prompt::Tokens(tokens(a)?)),
+                    other => Err(ApiError::param("prompt", format!("a list of token lists cannot hold {}", json_kind(other)))),
+                })
+                .collect::<Result<_, _>>()?,
+            other => {
+                return Err(ApiError::param(
+                    "prompt",
+                    format!("must be a string, a list of strings, a list of token ids or a list of such lists, not a list of {}", json_kind(other)),
+                ))
+            }
+        },
+        other => {
+            return Err(ApiError::param("prompt", format!("must be a string or a list, not {}", json_kind(&other))));
+        }
+    };
+    Ok(prompts)
+}

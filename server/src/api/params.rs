@@ -1,0 +1,522 @@
+//! Parse, don't validate: request JSON becomes a [`ChatRequest`] or [`CompletionRequest`]
+//! whose every field is in range, or a 400 that names the offending parameter. Nothing
+//! downstream re-checks a value.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::body::{json_kind, Params};
+use super::inputs::{parse_messages, parse_prompts};
+use crate::engine::SamplingParams;
+use crate::error::ApiError;
+use crate::text::ChatMessage;
+
+/// What the loaded model allows.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Prompt plus generated tokens.
+    pub max_model_len: usize,
+    /// Token ids must be below this (the model's embedding rows).
+    pub vocab_size: usize,
+    /// Largest `n` (the engine's state slots).
+    pub max_n: usize,
+}
+
+/// Logprob alternatives OpenAI allows per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+const MAX_STOPS: usize = 16;
+
+/// Parameters both endpoints share.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub model: Option<String>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// As requested; the default depends on the endpoint and the prompt length.
+    pub max_tokens: Option<usize>,
+    /// Which name the client used, for error messages.
+    pub max_tokens_param: &'static str,
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    /// vLLM's option: logprob tokens as `token_id:<id>`, exact where text would be lossy.
+    pub tokens_as_ids: bool,
+    pub user: Option<String>,
+}
+
+/// A validated `/v1/chat/completions` request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub common: Common,
+    pub messages: Vec<ChatMessage>,
+    /// `Some(k)`: report logprobs with `k` alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// One prompt of a completions request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A validated `/v1/completions` request.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    pub common: Common,
+    pub prompts: Vec<Prompt>,
+    pub echo: bool,
+    pub logprobs: Option<usize>,
+}
+
+impl ChatRequest {
+    pub fn parse(mut p: Params, limits: &Limits) -> Result<Self, ApiError> {
+        reject_unsupported(
+            &mut p,
+            &["tools", "functions", "tool_choice", "function_call"],
+        )?;
+        let messages = parse_messages(&mut p)?;
+        let logprobs = p.take::<bool>("logprobs")?.unwrap_or(false);
+        let top = p.take::<u64>("top_logprobs")?;
+        let logprobs = match (logprobs, top) {
+            (false, Some(_)) => {
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    "`top_logprobs` requires `logprobs: true`",
+                ))
+            }
+            (false, None) => None,
+            (true, top) => Some(check_top("top_logprobs", top.unwrap_or(0))?),
+        };
+        let common = parse_common(&mut p, limits, &["max_completion_tokens", "max_tokens"])?;
+        if common.max_tokens == Some(0) {
+            return Err(ApiError::param(
+                common.max_tokens_param,
+                "must be at least 1",
+            ));
+        }
+        Ok(Self {
+            common,
+            messages,
+            logprobs,
+        })
+    }
+}
+
+impl CompletionRequest {
+    pub fn parse(mut p: Params, limits: &Limits) -> Result<Self, ApiError> {
+        reject_unsupported(&mut p, &["suffix"])?;
+        let prompts = parse_prompts(&mut p, limits)?;
+        let echo = p.take::<bool>("echo")?.unwrap_or(false);
+        let logprobs = p
+            .take::<u64>("logprobs")?
+            .map(|k| check_top("logprobs", k))
+            .transpose()?;
+        let common = parse_common(&mut p, limits, &["max_tokens"])?;
+        if let Some(best_of) = p.take::<u64>("best_of")? {
+            if best_of as usize != common.n {
+                return Err(ApiError::param(
+                    "best_of",
+                    "only best_of equal to n is supported",
+                ));
+            }
+        }
+        if common.max_tokens == Some(0) && !echo {
+            return Err(ApiError::param(
+                "max_tokens",
+                "must be at least 1 (0 is allowed with `echo` to score the prompt)",
+            ));
+        }
+        if common.max_tokens == Some(0) && common.stream {
+            return Err(ApiError::param(
+                "max_tokens",
+                "0 (score only) cannot be streamed",
+            ));
+        }
+        Ok(Self {
+            common,
+            prompts,
+            echo,
+            logprobs,
+        })
+    }
+}
+
+fn check_top(param: &str, k: u64) -> Result<usize, ApiError> {
+    if k as usize > MAX_TOP_LOGPROBS {
+        return Err(ApiError::param(
+            param,
+            format!("must be at most {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    Ok(k as usize)
+}
+
+/// Parameters that change what is asked of the model in ways we do not implement: better a
+/// clear 400 than a silently different answer.
+fn reject_unsupported(p: &mut Params, names: &[&str]) -> Result<(), ApiError> {
+    for &name in names {
+        match p.take_value(name) {
+            None => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(Value::String(s)) if s.is_empty() || s == "none" => {}
+            Some(_) => {
+                return Err(ApiError::param(
+                    name,
+                    format!("`{name}` is not supported by this server"),
+                ))
+            }
+        }
+    }
+    match p.take_value("response_format") {
+        None => Ok(()),
+        Some(v) if v.get("type").and_then(Value::as_str) == Some("text") => Ok(()),
+        Some(_) => Err(ApiError::param(
+            "response_format",
+            "only {\"type\": \"text\"} is supported",
+        )),
+    }
+}
+
+fn parse_common(
+    p: &mut Params,
+    limits: &Limits,
+    max_names: &[&'static str],
+) -> Result<Common, ApiError> {
+    let model = p.take::<String>("model")?;
+    let n = p.take::<u64>("n")?.unwrap_or(1);
+    if n == 0 || n as usize > limits.max_n {
+        return Err(ApiError::param(
+            "n",
+            format!("must be between 1 and {}", limits.max_n),
+        ));
+    }
+    let stream = p.take::<bool>("stream")?.unwrap_or(false);
+    #[derive(Deserialize)]
+    struct StreamOptions {
+        #[serde(default)]
+        include_usage: bool,
+    }
+    let include_usage = p
+        .take::<StreamOptions>("stream_options")?
+        .is_some_and(|o| o.include_usage);
+
+    let mut max_tokens = None;
+    let mut max_tokens_param = max_names[0];
+    for &name in max_names {
+        if let Some(v) = p.take::<u64>(name)? {
+            // The first name listed (the newer one) wins when both are sent.
+            if max_tokens.is_none() {
+                max_tokens = Some(v as usize);
+                max_tokens_param = name;
+            }
+        }
+    }
+    let min_tokens = p.take::<u64>("min_tokens")?.unwrap_or(0) as usize;
+    if let Some(max) = max_tokens {
+        if min_tokens > max {
+            return Err(ApiError::param(
+                "min_tokens",
+                format!("must not exceed {max_tokens_param} ({max})"),
+            ));
+        }
+    }
+
+    let sampling = SamplingParams {
+        temperature: float(p, "temperature", 1.0, |t| t >= 0.0, "must be >= 0")?,
+        top_p: float(
+            p,
+            "top_p",
+            1.0,
+            |t| t > 0.0 && t <= 1.0,
+            "must be in (0, 1]",
+        )?,
+        top_k: match p.take::<i64>("top_k")? {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(_) => {
+                return Err(ApiError::param(
+                    "top_k",
+                    "must be -1 or 0 (off), or positive",
+                ))
+            }
+        },
+        min_p: float(
+            p,
+            "min_p",
+            0.0,
+            |t| (0.0..=1.0).contains(&t),
+            "must be in [0, 1]",
+        )?,
+        seed: p
+            .take::<serde_json::Number>("seed")?
+            .map(|s| seed(&s))
+            .transpose()?,
+        presence_penalty: float(
+            p,
+            "presence_penalty",
+            0.0,
+            |t| (-2.0..=2.0).contains(&t),
+            "must be in [-2, 2]",
+        )?,
+        frequency_penalty: float(
+            p,
+            "frequency_penalty",
+            0.0,
+            |t| (-2.0..=2.0).contains(&t),
+            "must be in [-2, 2]",
+        )?,
+        repetition_penalty: float(p, "repetition_penalty", 1.0, |t| t > 0.0, "must be > 0")?,
+        logit_bias: parse_logit_bias(p, limits)?,
+    };
+    let stop = match p.take_value("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(ApiError::param(
+                    "stop",
+                    format!("must hold strings, not {}", json_kind(&other)),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(ApiError::param(
+                "stop",
+                format!(
+                    "must be a string or a list of strings, not {}",
+                    json_kind(&other)
+                ),
+            ))
+        }
+    };
+    if stop.len() > MAX_STOPS {
+        return Err(ApiError::param(
+            "stop",
+            format!("at most {MAX_STOPS} stop sequences"),
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::param("stop", "stop sequences must not be empty"));
+    }
+    Ok(Common {
+        model,
+        n: n as usize,
+        stream,
+        include_usage,
+        sampling,
+        stop,
+        max_tokens,
+        max_tokens_param,
+        min_tokens,
+        ignore_eos: p.take::<bool>("ignore_eos")?.unwrap_or(false),
+        tokens_as_ids: p
+            .take::<bool>("return_tokens_as_token_ids")?
+            .unwrap_or(false),
+        user: p.take::<String>("user")?,
+    })
+}
+
+fn float(
+    p: &mut Params,
+    name: &str,
+    default: f32,
+    ok: impl Fn(f32) -> bool,
+    rule: &str,
+) -> Result<f32, ApiError> {
+    match p.take::<f64>(name)? {
+        None => Ok(default),
+        Some(v) if v.is_finite() && ok(v as f32) => Ok(v as f32),
+        Some(v) => Err(ApiError::param(name, format!("{rule} (got {v})"))),
+    }
+}
+
+/// Any integer: negative seeds are reinterpreted, not rejected (clients send them).
+fn seed(n: &serde_json::Number) -> Result<u64, ApiError> {
+    n.as_u64()
+        .or_else(|| n.as_i64().map(|i| i as u64))
+        .ok_or_else(|| ApiError::param("seed", "must be an integer"))
+}
+
+fn parse_logit_bias(p: &mut Params, limits: &Limits) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = p.take::<HashMap<String, f64>>("logit_bias")? else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<(u32, f32)> = map
+        .into_iter()
+        .map(|(k, v)| {
+            let id: u32 = k.parse().map_err(|_| {
+                ApiError::param("logit_bias", format!("key `{k}` is not a token id"))
+            })?;
+            if id as usize >= limits.vocab_size {
+                return Err(ApiError::param(
+                    "logit_bias",
+                    format!(
+                        "token id {id} is outside the vocabulary (size {})",
+                        limits.vocab_size
+                    ),
+                ));
+            }
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(ApiError::param(
+                    "logit_bias",
+                    format!("bias for token {id} must be in [-100, 100]"),
+                ));
+            }
+            Ok((id, v as f32))
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort_by_key(|&(id, _)| id);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIMITS: Limits = Limits {
+        max_model_len: 100,
+        vocab_size: 50,
+        max_n: 4,
+    };
+
+    fn chat(v: Value) -> Result<ChatRequest, ApiError> {
+        ChatRequest::parse(Params::from_value(v).unwrap(), &LIMITS)
+    }
+
+    fn completion(v: Value) -> Result<CompletionRequest, ApiError> {
+        CompletionRequest::parse(Params::from_value(v).unwrap(), &LIMITS)
+    }
+
+    fn param_of(e: ApiError) -> String {
+        match e {
+            ApiError::InvalidRequest { param, .. } => param.unwrap_or_default(),
+            other => panic!("not a 400: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn chat_accepts_text_parts_and_defaults() {
+        let r = chat(json!({"model": "m", "messages": [
+            {"role": "developer", "content": "sys"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": null}
+        ], "max_completion_tokens": 5, "max_tokens": 9, "stop": "x", "seed": -1}))
+        .unwrap();
+        assert_eq!(r.messages[0].role, "system");
+        assert_eq!(r.messages[1].content, "a\nb");
+        assert_eq!(r.common.max_tokens, Some(5));
+        assert_eq!(r.common.stop, vec!["x"]);
+        assert_eq!(r.common.sampling.seed, Some(u64::MAX));
+        assert_eq!(r.common.sampling.temperature, 1.0);
+        assert_eq!(r.logprobs, None);
+    }
+
+    #[test]
+    fn every_bad_parameter_is_named() {
+        let base = || json!({"messages": [{"role": "user", "content": "hi"}]});
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"temperature": -1}), "temperature"),
+            (json!({"temperature": "hot"}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"top_k": -2}), "top_k"),
+            (json!({"min_p": 2}), "min_p"),
+            (json!({"n": 0}), "n"),
+            (json!({"n": 5}), "n"),
+            (json!({"presence_penalty": 3}), "presence_penalty"),
+            (json!({"frequency_penalty": -3}), "frequency_penalty"),
+            (json!({"repetition_penalty": 0}), "repetition_penalty"),
+            (json!({"logit_bias": {"x": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"99": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"1": 101}}), "logit_bias"),
+            (json!({"stop": 3}), "stop"),
+            (json!({"stop": [""]}), "stop"),
+            (json!({"max_tokens": -1}), "max_tokens"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"max_tokens": 2, "min_tokens": 3}), "min_tokens"),
+            (json!({"top_logprobs": 2}), "top_logprobs"),
+            (
+                json!({"logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (json!({"stream": "yes"}), "stream"),
+            (json!({"tools": [{"type": "function"}]}), "tools"),
+            (json!({"seed": 1.5}), "seed"),
+            (json!({"messages": []}), "messages"),
+            (
+                json!({"messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "user"}]}),
+                "messages[0].content",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "messages[0].content[0]",
+            ),
+            (json!({"messages": [{"content": "x"}]}), "messages[0]"),
+        ];
+        for (patch, param) in cases {
+            let mut body = base();
+            for (k, v) in patch.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let got = param_of(chat(body.clone()).expect_err(&body.to_string()));
+            assert_eq!(got, param, "{body}");
+        }
+    }
+
+    #[test]
+    fn completion_prompt_shapes() {
+        let p = |v: Value| completion(json!({"prompt": v})).map(|r| r.prompts);
+        assert_eq!(p(json!("hi")).unwrap(), vec![Prompt::Text("hi".into())]);
+        assert_eq!(p(json!(["a", "b"])).unwrap().len(), 2);
+        assert_eq!(p(json!([1, 2])).unwrap(), vec![Prompt::Tokens(vec![1, 2])]);
+        assert_eq!(
+            p(json!([[1], [2, 3]])).unwrap()[1],
+            Prompt::Tokens(vec![2, 3])
+        );
+        for bad in [
+            json!([]),
+            json!([1, "a"]),
+            json!([60]),
+            json!([-1]),
+            json!(5),
+            json!([{}]),
+        ] {
+            assert_eq!(
+                param_of(p(bad.clone()).expect_err(&bad.to_string())),
+                "prompt"
+            );
+        }
+        assert_eq!(param_of(completion(json!({})).unwrap_err()), "prompt");
+    }
+
+    #[test]
+    fn completion_echo_rules() {
+        assert!(
+            completion(json!({"prompt": "x", "max_tokens": 0, "echo": true, "logprobs": 1}))
+                .is_ok()
+        );
+        assert_eq!(
+            param_of(completion(json!({"prompt": "x", "max_tokens": 0})).unwrap_err()),
+            "max_tokens"
+        );
+        assert_eq!(
+            param_of(completion(json!({"prompt": "x", "logprobs": 21})).unwrap_err()),
+            "logprobs"
+        );
+        assert_eq!(
+            param_of(completion(json!({"prompt": "x", "suffix": "y"})).unwrap_err()),
+            "suffix"
+        );
+    }
+}

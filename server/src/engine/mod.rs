@@ -1,0 +1,154 @@
+//! The engine boundary: what the HTTP layer submits and the events it gets back.
+//!
+//! Handlers only see the [`Engine`] trait, so they can be tested against a mock engine and
+//! the real one ([`LocalEngine`]) can own the model on its own OS thread. Requests
+//! arrive already tokenized and validated; events carry token ids *and* the text they
+//! release (the engine detokenizes because stop strings decide when generation ends).
+
+mod local;
+pub mod sampling;
+pub mod scheduler;
+pub mod sequence;
+mod worker;
+
+use tokio::sync::mpsc;
+
+pub use local::{EngineOptions, LocalEngine};
+
+/// How to pick the next token. Built only by the API layer's validation, so every field is
+/// in range here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 1 means off.
+    pub top_p: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 0 means off.
+    pub min_p: f32,
+    /// Seeds the request's own RNG, so its output does not depend on what else runs.
+    pub seed: Option<u64>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1 means off.
+    pub repetition_penalty: f32,
+    /// Added to the logits of these tokens before anything else.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+/// One prompt to continue `n` times.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// For logs and spans.
+    pub id: String,
+    /// Never empty; every id is below the vocabulary size.
+    pub prompt: Vec<u32>,
+    /// Continuations of the one prompt; the prompt is processed once and its state forked.
+    pub n: usize,
+    pub sampling: SamplingParams,
+    /// 0 is allowed (score the prompt only).
+    pub max_tokens: usize,
+    /// End-of-sequence and stop strings are ignored before this many tokens.
+    pub min_tokens: usize,
+    /// Generation ends before any of these; they never appear in the text.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Report each generated token's logprob with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Report each prompt token's logprob with this many alternatives.
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// A token's log-probability under the model, with the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or stop string.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What the engine reports about one request, in order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Once, after the prompt is processed, when prompt logprobs were asked for: one entry
+    /// per prompt token from the second on (the first has no context to be predicted from).
+    Prompt(Vec<TokenLogprob>),
+    /// A generated token and the text it completes (possibly empty: an unfinished UTF-8
+    /// character or the possible start of a stop string is held back).
+    Token {
+        choice: usize,
+        token: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// A choice is done; `text` is whatever was still held back and belongs to the output.
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        text: String,
+    },
+    /// The request failed; no more events follow.
+    Failed(EngineError),
+}
+
+pub type EventReceiver = mpsc::UnboundedReceiver<Event>;
+pub type EventSender = mpsc::UnboundedSender<Event>;
+
+/// Failures the engine reports, at submission or later as [`Event::Failed`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The waiting queue is full.
+    #[error("the server is overloaded ({0} requests waiting); retry later")]
+    Overloaded(usize),
+    /// The engine thread is gone.
+    #[error("the inference engine has stopped")]
+    Stopped,
+    /// The request cannot be served as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model failed on a step this request was part of.
+    #[error("model error: {0}")]
+    Model(String),
+}
+
+/// Runs generation requests. Implementations must be cheap to call from async handlers.
+pub trait Engine: Send + Sync {
+    /// Queues a request. Dropping the receiver cancels it (its slot is freed at the next step).
+    fn submit(&self, request: GenerationRequest) -> Result<EventReceiver, EngineError>;
+}

@@ -1,0 +1,142 @@
+//! One choice of a request while it decodes: its state slot, sampler, penalty history,
+//! incremental detokenizer and stop matcher, and the rules that end it.
+
+use std::collections::HashSet;
+
+use liger_model::Slot;
+
+use super::sampling::{token_logprob, History, Sampler};
+use super::{Event, FinishReason, GenerationRequest, SamplingParams};
+use crate::text::{Codec, IncrementalDecoder, StopMatcher};
+
+/// What all choices of a request share.
+#[derive(Debug)]
+pub struct Shared {
+    pub sampling: SamplingParams,
+    pub prompt_len: usize,
+    /// Distinct prompt tokens, for the repetition penalty.
+    pub prompt_tokens: HashSet<u32>,
+    pub max_tokens: usize,
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+    pub logprobs: Option<usize>,
+    pub eos: Vec<u32>,
+    pub max_model_len: usize,
+}
+
+impl Shared {
+    pub fn new(req: &GenerationRequest, eos: &[u32], max_model_len: usize) -> Self {
+        Self {
+            sampling: req.sampling.clone(),
+            prompt_len: req.prompt.len(),
+            prompt_tokens: if req.sampling.repetition_penalty != 1.0 {
+                req.prompt.iter().copied().collect()
+            } else {
+                HashSet::new()
+            },
+            max_tokens: req.max_tokens,
+            min_tokens: req.min_tokens,
+            ignore_eos: req.ignore_eos,
+            stop: req.stop.clone(),
+            logprobs: req.logprobs,
+            eos: eos.to_vec(),
+            max_model_len,
+        }
+    }
+}
+
+/// A decoding sequence.
+#[derive(Debug)]
+pub struct Choice {
+    pub index: usize,
+    pub slot: Slot,
+    /// The token to feed at the next step.
+    pub next: u32,
+    pub generated: usize,
+    sampler: Sampler,
+    history: History,
+    detok: IncrementalDecoder,
+    stops: StopMatcher,
+}
+
+impl Choice {
+    pub fn new(index: usize, slot: Slot, prompt: &[u32], shared: &Shared) -> Self {
+        Self {
+            index,
+            slot,
+            next: 0,
+            generated: 0,
+            sampler: Sampler::new(shared.sampling.seed, index),
+            history: History::default(),
+            detok: IncrementalDecoder::new(prompt),
+            stops: StopMatcher::new(shared.stop.clone()),
+        }
+    }
+
+    /// Samples the next token from `logits` (this choice's last row) and returns the events
+    /// it produces and, when the choice is done, why.
+    pub fn advance(
+        &mut self,
+        logits: Vec<f32>,
+        shared: &Shared,
+        codec: &Codec,
+    ) -> (Vec<Event>, Option<FinishReason>) {
+        let before_min = self.generated < shared.min_tokens;
+        let banned: &[u32] = if before_min { &shared.eos } else { &[] };
+        let logprob_of = shared.logprobs.map(|k| (k, logits.clone()));
+        let token = self.sampler.sample(
+            &shared.sampling,
+            logits,
+            &shared.prompt_tokens,
+            &self.history,
+            banned,
+        );
+        let logprob = logprob_of.map(|(k, l)| token_logprob(&l, token, k));
+        self.generated += 1;
+        *self.history.output_counts.entry(token).or_insert(0) += 1;
+        self.next = token;
+
+        // vLLM's rule: neither end-of-sequence nor stop strings count before min_tokens.
+        let checking = self.generated >= shared.min_tokens;
+        let piece = self.detok.push(codec, token);
+        let released = self.stops.push(&piece, checking);
+        let mut events = vec![Event::Token {
+            choice: self.index,
+            token,
+            text: released.text,
+            logprob,
+        }];
+        let at_eos = checking && !shared.ignore_eos && shared.eos.contains(&token);
+        let reason = if released.stopped || at_eos {
+            Some(FinishReason::Stop)
+        } else if self.generated >= shared.max_tokens
+            || shared.prompt_len + self.generated >= shared.max_model_len
+        {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let Some(mut reason) = reason else {
+            return (events, None);
+        };
+        let mut tail = String::new();
+        if !released.stopped {
+            // Release what was held back: unfinished characters, then possible stop
+            // prefixes (which the last characters may still complete into a stop string).
+            let last = self.stops.push(&self.detok.flush(codec), checking);
+            tail.push_str(&last.text);
+            if last.stopped {
+                reason = FinishReason::Stop;
+            } else {
+                tail.push_str(&self.stops.flush());
+            }
+        }
+        events.push(Event::Finished {
+            choice: self.index,
+            reason,
+            text: tail,
+        });
+        (events, Some(reason))
+    }
+}

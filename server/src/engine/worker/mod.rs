@@ -1,0 +1,274 @@
+//! The engine thread: owns the model and runs continuous batching.
+//!
+//! Each step it (1) takes new submissions, (2) drops requests whose client went away,
+//! (3) admits queued requests while state slots are free, (4) runs ONE `forward_batch`
+//! over every decoding sequence plus prefill chunks under the token budget ([`step`]), and
+//! (5) samples, detokenizes and sends events. Sequence states live in a [`StatePool`] of
+//! `max_running` slots; a Liger state has constant size, so memory does not grow with the
+//! context.
+//!
+//! A failed step fails only the requests in it (the model restores their states on error)
+//! and the loop goes on serving.
+
+mod step;
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use liger_model::{Model, Slot, StatePool};
+use tracing::{debug, info, warn};
+
+use super::local::{EngineOptions, Submission};
+use super::scheduler::admit;
+use super::sequence::{Choice, Shared};
+use super::{EngineError, Event, EventSender, GenerationRequest, TokenLogprob};
+use crate::metrics::Metrics;
+use crate::text::Codec;
+
+enum Phase {
+    /// `slots[0]` consumes the prompt; the others are reserved for the forks.
+    Prefill { slots: Vec<Slot>, done: usize },
+    /// Unfinished choices (finished ones have given their slot back).
+    Decode { choices: Vec<Choice> },
+}
+
+struct Group {
+    request: GenerationRequest,
+    shared: Shared,
+    events: EventSender,
+    submitted: Instant,
+    phase: Phase,
+    prompt_logprobs: Vec<TokenLogprob>,
+    first_token_at: Option<Instant>,
+    last_token_at: Instant,
+    completion_tokens: usize,
+    /// The client went away (a send failed).
+    gone: bool,
+}
+
+/// What a group contributes to the current step.
+#[derive(Clone, Copy)]
+enum Part {
+    Idle,
+    Decode,
+    Prefill(usize),
+}
+
+pub(super) struct Worker {
+    model: Model,
+    codec: Arc<Codec>,
+    pool: StatePool,
+    options: EngineOptions,
+    metrics: Arc<Metrics>,
+    inbox: mpsc::Receiver<Submission>,
+    waiting: Arc<AtomicUsize>,
+    queue: VecDeque<Submission>,
+    running: Vec<Group>,
+}
+
+impl Worker {
+    /// Starts the thread; it ends once every handle is dropped and the work is done.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn spawn(
+        model: Model,
+        codec: Arc<Codec>,
+        pool: StatePool,
+        options: EngineOptions,
+        metrics: Arc<Metrics>,
+        inbox: mpsc::Receiver<Submission>,
+        waiting: Arc<AtomicUsize>,
+    ) -> std::io::Result<()> {
+        let worker = Worker {
+            model,
+            codec,
+            pool,
+            options,
+            metrics,
+            inbox,
+            waiting,
+            queue: VecDeque::new(),
+            running: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("liger-engine".into())
+            .spawn(move || worker.run())?;
+        Ok(())
+    }
+
+    fn run(mut self) {
+        info!(slots = self.options.max_running, "engine started");
+        loop {
+            if self.queue.is_empty() && self.running.is_empty() {
+                // Idle: block until work arrives or every handle is gone.
+                match self.inbox.recv() {
+                    Ok(s) => self.queue.push_back(s),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(s) = self.inbox.try_recv() {
+                self.queue.push_back(s);
+            }
+            self.drop_cancelled();
+            self.admit();
+            // Model calls are already guarded; this catches a bug in our own bookkeeping so
+            // that it costs the running requests, not the server.
+            if catch_unwind(AssertUnwindSafe(|| self.step())).is_err() {
+                self.fail_all("internal engine error");
+            }
+            self.publish_gauges();
+        }
+        info!("engine stopped");
+    }
+
+    /// Frees the slots of requests nobody listens to any more.
+    fn drop_cancelled(&mut self) {
+        let before = self.queue.len();
+        self.queue.retain(|s| !s.events.is_closed());
+        let dropped = before - self.queue.len();
+        if dropped > 0 {
+            self.waiting.fetch_sub(dropped, Ordering::SeqCst);
+            self.metrics
+                .cancelled
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            let g = &self.running[i];
+            if g.gone || g.events.is_closed() {
+                let g = self.running.remove(i);
+                debug!(id = %g.request.id, "client went away; freeing its slots");
+                self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.release_group(g);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        let count = admit(
+            self.pool.available(),
+            self.queue.iter().map(|s| s.request.n),
+        );
+        for _ in 0..count {
+            let sub = self.queue.pop_front().expect("counted");
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            let mut slots = Vec::with_capacity(sub.request.n);
+            let mut failure = None;
+            for _ in 0..sub.request.n {
+                match self.pool.acquire() {
+                    Ok(Some(s)) => slots.push(s),
+                    Ok(None) => failure = Some("no free state slot".to_string()),
+                    Err(e) => failure = Some(e.to_string()),
+                }
+            }
+            if let Some(msg) = failure {
+                warn!(id = %sub.request.id, error = %msg, "could not allocate sequence states");
+                self.release_slots(slots);
+                let _ = sub.events.send(Event::Failed(EngineError::Model(msg)));
+                continue;
+            }
+            let shared = Shared::new(
+                &sub.request,
+                self.codec.eos_token_ids(),
+                self.options.max_model_len,
+            );
+            debug!(id = %sub.request.id, prompt_tokens = sub.request.prompt.len(), n = sub.request.n, "admitted");
+            self.running.push(Group {
+                request: sub.request,
+                shared,
+                events: sub.events,
+                submitted: sub.at,
+                phase: Phase::Prefill { slots, done: 0 },
+                prompt_logprobs: Vec::new(),
+                first_token_at: None,
+                last_token_at: sub.at,
+                completion_tokens: 0,
+                gone: false,
+            });
+        }
+    }
+
+    /// Fails every request that took part in the failed step; the others go on.
+    fn fail_step(&mut self, parts: &[Part], msg: &str) {
+        warn!(error = %msg, "engine step failed; failing the requests in it");
+        self.metrics.step_failures.fetch_add(1, Ordering::Relaxed);
+        for i in (0..parts.len()).rev() {
+            if matches!(parts[i], Part::Idle) {
+                continue;
+            }
+            let g = self.running.remove(i);
+            let _ = g
+                .events
+                .send(Event::Failed(EngineError::Model(msg.to_string())));
+            self.release_group(g);
+        }
+    }
+
+    fn fail_all(&mut self, msg: &str) {
+        warn!(error = %msg, "failing every running request");
+        for g in std::mem::take(&mut self.running) {
+            let _ = g
+                .events
+                .send(Event::Failed(EngineError::Model(msg.to_string())));
+            self.release_group(g);
+        }
+    }
+
+    fn release_group(&mut self, g: Group) {
+        info!(
+            id = %g.request.id,
+            prompt_tokens = g.request.prompt.len(),
+            completion_tokens = g.completion_tokens,
+            ttft_ms = g.first_token_at.map(|t| (t - g.submitted).as_millis() as u64),
+            elapsed_ms = g.submitted.elapsed().as_millis() as u64,
+            "request done"
+        );
+        match g.phase {
+            Phase::Prefill { slots, .. } => self.release_slots(slots),
+            Phase::Decode { choices } => {
+                self.release_slots(choices.into_iter().map(|c| c.slot).collect())
+            }
+        }
+    }
+
+    fn release_slots(&mut self, slots: Vec<Slot>) {
+        for s in slots {
+            if let Err(e) = self.pool.release(s) {
+                warn!(error = %e, "slot release failed");
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let mut sequences = 0;
+        let mut bytes = 0;
+        for g in &self.running {
+            match &g.phase {
+                Phase::Prefill { slots, .. } => {
+                    sequences += 1;
+                    bytes += slots.iter().map(|s| s.state.size_bytes()).sum::<usize>();
+                }
+                Phase::Decode { choices } => {
+                    sequences += choices.len();
+                    bytes += choices
+                        .iter()
+                        .map(|c| c.slot.state.size_bytes())
+                        .sum::<usize>();
+                }
+            }
+        }
+        let m = &self.metrics;
+        m.running.store(sequences as u64, Ordering::Relaxed);
+        m.waiting.store(
+            self.waiting.load(Ordering::SeqCst) as u64,
+            Ordering::Relaxed,
+        );
+        m.pool_bytes.store(bytes as u64, Ordering::Relaxed);
+        m.pool_slots_in_use
+            .store(self.pool.in_use() as u64, Ordering::Relaxed);
+    }
+}

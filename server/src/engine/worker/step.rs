@@ -1,0 +1,303 @@
+//! One engine step: plan the batch (decodes first, then prefill chunks under the token
+//! budget), run ONE `forward_batch` over it, and apply the logits: prompt logprobs, forking
+//! a finished prompt's state into its `n` choices, sampling and emitting tokens.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use liger_model::{Logits, SeqStep};
+use tracing::warn;
+
+use super::{Part, Phase, Worker};
+use crate::engine::sampling::token_logprob;
+use crate::engine::scheduler::plan_prefill;
+use crate::engine::sequence::Choice;
+use crate::engine::{EngineError, Event, FinishReason};
+
+impl Worker {
+    /// Plans, runs and applies one batched forward pass.
+    pub(super) fn step(&mut self) {
+        let parts = self.plan();
+        let mut inputs: Vec<Vec<u32>> = Vec::new();
+        let mut all_logits = false;
+        for (g, part) in self.running.iter().zip(&parts) {
+            match (part, &g.phase) {
+                (Part::Decode, Phase::Decode { choices }) => {
+                    inputs.extend(choices.iter().map(|c| vec![c.next]))
+                }
+                (Part::Prefill(len), Phase::Prefill { done, .. }) => {
+                    inputs.push(g.request.prompt[*done..done + len].to_vec());
+                    all_logits |= g.request.prompt_logprobs.is_some();
+                }
+                _ => {}
+            }
+        }
+        if inputs.is_empty() {
+            return;
+        }
+        let mode = if all_logits {
+            Logits::All
+        } else {
+            Logits::Last
+        };
+        let started = Instant::now();
+        let result = {
+            let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(inputs.len());
+            let mut it = inputs.iter();
+            for (g, part) in self.running.iter_mut().zip(&parts) {
+                match (part, &mut g.phase) {
+                    (Part::Decode, Phase::Decode { choices }) => {
+                        for c in choices.iter_mut() {
+                            let tokens = it.next().expect("one input per entry");
+                            steps.push(SeqStep {
+                                tokens,
+                                state: &mut c.slot.state,
+                            });
+                        }
+                    }
+                    (Part::Prefill(_), Phase::Prefill { slots, .. }) => {
+                        let tokens = it.next().expect("one input per entry");
+                        steps.push(SeqStep {
+                            tokens,
+                            state: &mut slots[0].state,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            let model = &self.model;
+            catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut steps, mode)))
+                .unwrap_or_else(|p| Err(liger_model::Error::Invalid(panic_message(&p))))
+        };
+        self.metrics.steps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.step_duration.observe(started.elapsed());
+        match result {
+            Ok(outputs) => self.apply(&parts, outputs),
+            Err(e) => self.fail_step(&parts, &e.to_string()),
+        }
+    }
+
+    fn plan(&self) -> Vec<Part> {
+        let decodes: usize = self
+            .running
+            .iter()
+            .map(|g| match &g.phase {
+                Phase::Decode { choices } => choices.len(),
+                Phase::Prefill { .. } => 0,
+            })
+            .sum();
+        let remaining: Vec<usize> = self
+            .running
+            .iter()
+            .filter_map(|g| match &g.phase {
+                Phase::Prefill { done, .. } => Some(g.request.prompt.len() - done),
+                Phase::Decode { .. } => None,
+            })
+            .collect();
+        let mut chunks =
+            plan_prefill(self.options.max_batch_tokens, decodes, &remaining).into_iter();
+        self.running
+            .iter()
+            .map(|g| match &g.phase {
+                Phase::Decode { choices } if !choices.is_empty() => Part::Decode,
+                Phase::Decode { .. } => Part::Idle,
+                Phase::Prefill { .. } => match chunks.next().unwrap_or(0) {
+                    0 => Part::Idle,
+                    len => Part::Prefill(len),
+                },
+            })
+            .collect()
+    }
+
+    fn apply(&mut self, parts: &[Part], outputs: Vec<Tensor>) {
+        let mut outputs = outputs.into_iter();
+        let mut finished = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let outcome = match part {
+                Part::Idle => Ok(false),
+                Part::Decode => self.apply_decode(i, &mut outputs),
+                Part::Prefill(len) => self.apply_prefill(i, *len, &mut outputs),
+            };
+            match outcome {
+                Ok(true) => finished.push(i),
+                Ok(false) => {}
+                Err(msg) => {
+                    let g = &self.running[i];
+                    warn!(id = %g.request.id, error = %msg, "reading logits failed");
+                    let _ = g.events.send(Event::Failed(EngineError::Model(msg)));
+                    finished.push(i);
+                }
+            }
+        }
+        // Remove from the back so earlier indices stay valid; `remove` keeps the order,
+        // which is the prefill priority.
+        for i in finished.into_iter().rev() {
+            let g = self.running.remove(i);
+            self.release_group(g);
+        }
+    }
+
+    /// Returns whether the group is done.
+    fn apply_decode(
+        &mut self,
+        gi: usize,
+        outputs: &mut impl Iterator<Item = Tensor>,
+    ) -> Result<bool, String> {
+        let n = match &self.running[gi].phase {
+            Phase::Decode { choices } => choices.len(),
+            Phase::Prefill { .. } => unreachable!("planned as decode"),
+        };
+        let rows: Vec<Vec<f32>> = (0..n)
+            .map(|_| last_row(&outputs.next().expect("one output per entry")))
+            .collect::<Result<_, _>>()?;
+        let g = &mut self.running[gi];
+        let Phase::Decode { choices } = &mut g.phase else {
+            unreachable!("checked above")
+        };
+        let now = Instant::now();
+        self.metrics
+            .inter_token_latency
+            .observe(now - g.last_token_at);
+        g.last_token_at = now;
+        let mut done = Vec::new();
+        for (k, (c, row)) in choices.iter_mut().zip(rows).enumerate() {
+            let (events, reason) = c.advance(row, &g.shared, &self.codec);
+            g.completion_tokens += 1;
+            self.metrics
+                .generation_tokens
+                .fetch_add(1, Ordering::Relaxed);
+            for e in events {
+                g.gone |= g.events.send(e).is_err();
+            }
+            if reason.is_some() {
+                done.push(k);
+            }
+        }
+        for k in done.into_iter().rev() {
+            let c = choices.remove(k);
+            if let Err(e) = self.pool.release(c.slot) {
+                warn!(error = %e, "slot release failed");
+            }
+        }
+        Ok(choices.is_empty())
+    }
+
+    fn apply_prefill(
+        &mut self,
+        gi: usize,
+        len: usize,
+        outputs: &mut impl Iterator<Item = Tensor>,
+    ) -> Result<bool, String> {
+        let out = outputs.next().expect("one output per entry");
+        self.metrics
+            .prompt_tokens
+            .fetch_add(len as u64, Ordering::Relaxed);
+        let g = &mut self.running[gi];
+        let Phase::Prefill { done, .. } = &mut g.phase else {
+            unreachable!("planned as prefill")
+        };
+        let start = *done;
+        *done += len;
+        let complete = *done == g.request.prompt.len();
+        if let Some(k) = g.request.prompt_logprobs {
+            // Row j predicts prompt token start + j + 1.
+            let rows = out.to_vec2::<f32>().map_err(|e| e.to_string())?;
+            for (j, row) in rows.iter().enumerate() {
+                if let Some(&next) = g.request.prompt.get(start + j + 1) {
+                    g.prompt_logprobs.push(token_logprob(row, next, k));
+                }
+            }
+        }
+        if !complete {
+            return Ok(false);
+        }
+        let logits = last_row(&out)?;
+        self.start_decoding(gi, logits)
+    }
+
+    /// The prompt is in: fork its state into every choice and sample their first tokens.
+    fn start_decoding(&mut self, gi: usize, logits: Vec<f32>) -> Result<bool, String> {
+        let g = &mut self.running[gi];
+        let Phase::Prefill { slots, .. } = std::mem::replace(
+            &mut g.phase,
+            Phase::Decode {
+                choices: Vec::new(),
+            },
+        ) else {
+            unreachable!("prefill just completed")
+        };
+        if g.request.prompt_logprobs.is_some() {
+            let lp = std::mem::take(&mut g.prompt_logprobs);
+            g.gone |= g.events.send(Event::Prompt(lp)).is_err();
+        }
+        if g.request.max_tokens == 0 {
+            // Scoring only: nothing to generate.
+            for c in 0..g.request.n {
+                let e = Event::Finished {
+                    choice: c,
+                    reason: FinishReason::Length,
+                    text: String::new(),
+                };
+                g.gone |= g.events.send(e).is_err();
+            }
+            self.release_slots(slots);
+            return Ok(true);
+        }
+        let mut slots = slots.into_iter();
+        let first = slots.next().expect("n >= 1");
+        let mut forks = Vec::with_capacity(g.request.n);
+        for mut s in slots {
+            // Cheap: states are reference-counted and never mutated in place.
+            s.state = first.state.clone();
+            forks.push(s);
+        }
+        let mut choices = Vec::with_capacity(g.request.n);
+        for (i, slot) in std::iter::once(first).chain(forks).enumerate() {
+            choices.push(Choice::new(i, slot, &g.request.prompt, &g.shared));
+        }
+        let now = Instant::now();
+        self.metrics.time_to_first_token.observe(now - g.submitted);
+        g.first_token_at = Some(now);
+        g.last_token_at = now;
+        let mut live = Vec::with_capacity(choices.len());
+        for mut c in choices {
+            let (events, reason) = c.advance(logits.clone(), &g.shared, &self.codec);
+            g.completion_tokens += 1;
+            self.metrics
+                .generation_tokens
+                .fetch_add(1, Ordering::Relaxed);
+            for e in events {
+                g.gone |= g.events.send(e).is_err();
+            }
+            if reason.is_some() {
+                if let Err(e) = self.pool.release(c.slot) {
+                    warn!(error = %e, "slot release failed");
+                }
+            } else {
+                live.push(c);
+            }
+        }
+        let done = live.is_empty();
+        g.phase = Phase::Decode { choices: live };
+        Ok(done)
+    }
+}
+
+/// The last row of a `[t, vocab]` logits tensor, on the CPU.
+fn last_row(t: &Tensor) -> Result<Vec<f32>, String> {
+    let rows = t.dim(0).map_err(|e| e.to_string())?;
+    t.get(rows - 1)
+        .and_then(|r| r.to_vec1::<f32>())
+        .map_err(|e| e.to_string())
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("the model panicked: {what}")
+}

@@ -1,0 +1,247 @@
+//! Getting a servable model: a local folder or a Hugging Face hub id (downloaded with
+//! hf-hub into its cache), the device and dtype, the weights, the tokenizer, and the engine
+//! thread that will own the model.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use candle_core::{DType, Device};
+use liger_model::ModelConfig;
+use tracing::info;
+
+use crate::api::{Limits, Ready};
+use crate::engine::{EngineOptions, LocalEngine};
+use crate::metrics::Metrics;
+use crate::settings::{DTypeArg, DeviceArg, Settings};
+use crate::text::Codec;
+
+/// Loads everything and starts the engine.
+pub async fn load(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
+    let dir = resolve_model_dir(&settings.model, settings.revision.as_deref()).await?;
+    let settings = settings.clone();
+    tokio::task::spawn_blocking(move || load_dir(&dir, &settings, metrics))
+        .await
+        .context("loader task")?
+}
+
+/// Loads a local folder and starts the engine (blocking).
+pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
+    let device = select_device(settings.device)?;
+    let dtype = resolve_dtype(settings.dtype, &device);
+    info!(dir = %dir.display(), ?dtype, device = ?settings.device, "loading weights");
+    let model = liger_model::weights::load_model(dir, dtype, &device)
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    let cfg = model.config().clone();
+    let max_model_len = resolve_max_model_len(settings.max_model_len, &cfg)?;
+    let codec = Arc::new(Codec::load(dir, &cfg.eos_token_ids).context("loading the tokenizer")?);
+    if codec.vocab_size() > cfg.vocab_size {
+        tracing::warn!(
+            tokenizer = codec.vocab_size(),
+            model = cfg.vocab_size,
+            "the tokenizer knows more tokens than the model has embeddings; prompts using them get 400"
+        );
+    }
+    info!(
+        kind = if cfg.liger.is_some() {
+            "liger"
+        } else {
+            "transformer"
+        },
+        layers = cfg.num_layers,
+        state_bytes_at_max_len = model.state_spec().bytes_at(max_model_len),
+        "model ready"
+    );
+    let options = EngineOptions {
+        max_running: settings.max_running,
+        max_waiting: settings.max_waiting,
+        max_batch_tokens: settings.max_batch_tokens,
+        max_model_len,
+    };
+    let limits = Limits {
+        max_model_len,
+        vocab_size: cfg.vocab_size,
+        max_n: settings.max_running,
+    };
+    let engine = LocalEngine::start(model, codec.clone(), options, metrics)
+        .context("starting the engine thread")?;
+    Ok(Ready {
+        engine: Arc::new(engine),
+        codec,
+        limits,
+    })
+}
+
+/// Transformers are bounded by their position embeddings; Liger models (constant-size
+/// state) may be run past them on request.
+pub fn resolve_max_model_len(flag: Option<usize>, cfg: &ModelConfig) -> anyhow::Result<usize> {
+    let native = cfg.max_position_embeddings;
+    match flag {
+        None => Ok(native),
+        Some(n) if n <= native || cfg.liger.is_some() => Ok(n),
+        Some(n) => bail!(
+            "--max-model-len {n} exceeds this Transformer's max_position_embeddings ({native}); \
+             only converted Liger models may run past it"
+        ),
+    }
+}
+
+pub fn resolve_dtype(arg: DTypeArg, device: &Device) -> DType {
+    match arg {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+        // bf16 on the CPU widens to f32 on every matmul (slow); GPUs want half precision.
+        DTypeArg::Auto if device.is_cuda() => DType::BF16,
+        DTypeArg::Auto if device.is_metal() => DType::F16,
+        DTypeArg::Auto => DType::F32,
+    }
+}
+
+pub fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => cuda_device(),
+        DeviceArg::Metal => metal_device(),
+    }
+}
+
+// `cfg!` rather than `#[cfg]`: both paths are type-checked in every build (candle keeps
+// stub constructors when a backend is compiled out), so the GPU path cannot rot unseen.
+fn cuda_device() -> anyhow::Result<Device> {
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "--device cuda: this liger-serve was built without CUDA support; rebuild with \
+             `cargo build --release -p liger-server --features cuda`, or use --device cpu"
+        );
+    }
+    // candle errors (it does not fall back) when no GPU is present; some driver-loading
+    // failures panic instead, so catch those too and say what to do.
+    let hint = "no usable CUDA GPU; run with --device cpu";
+    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(anyhow!("--device cuda: {hint} ({e})")),
+        Err(_) => Err(anyhow!(
+            "--device cuda: {hint} (the CUDA driver could not be loaded)"
+        )),
+    }
+}
+
+fn metal_device() -> anyhow::Result<Device> {
+    if !cfg!(feature = "metal") {
+        bail!(
+            "--device metal: this liger-serve was built without Metal support; rebuild on macOS \
+             with `--features metal`, or use --device cpu"
+        );
+    }
+    Device::new_metal(0)
+        .map_err(|e| anyhow!("--device metal: no usable Metal device ({e}); run with --device cpu"))
+}
+
+/// A local folder as is; anything else that looks like a hub id is downloaded.
+pub async fn resolve_model_dir(spec: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_like_path =
+        spec.starts_with(['/', '.', '~']) || spec.split('/').count() > 2 || path.exists();
+    if looks_like_path {
+        bail!("--model {spec}: no such model folder");
+    }
+    download(spec, revision.unwrap_or("main"))
+        .await
+        .with_context(|| format!("--model {spec}: not a local folder, and downloading it from the Hugging Face hub failed"))
+}
+
+/// Downloads the files a server needs; returns the snapshot folder holding them.
+async fn download(repo_id: &str, revision: &str) -> anyhow::Result<PathBuf> {
+    use hf_hub::api::tokio::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+
+    let mut builder = ApiBuilder::from_env().with_progress(false);
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build()?;
+    let repo = api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
+    info!(
+        repo = repo_id,
+        revision, "downloading from the Hugging Face hub"
+    );
+    let config = repo.get("config.json").await.context("config.json")?;
+    repo.get("tokenizer.json").await.context("tokenizer.json")?;
+    for optional in ["tokenizer_config.json", "generation_config.json"] {
+        if let Err(e) = repo.get(optional).await {
+            info!(file = optional, error = %e, "optional file not downloaded");
+        }
+    }
+    match repo.get(liger_model::weights::INDEX_FILE).await {
+        Ok(index) => {
+            let text = std::fs::read_to_string(&index)?;
+            let json: serde_json::Value = serde_json::from_str(&text).context("weight index")?;
+            let mut shards: Vec<&str> = json["weight_map"]
+                .as_object()
+                .ok_or_else(|| anyhow!("weight index without weight_map"))?
+                .values()
+                .filter_map(|v| v.as_str())
+                .collect();
+            shards.sort_unstable();
+            shards.dedup();
+            for shard in shards {
+                repo.get(shard).await.with_context(|| shard.to_string())?;
+            }
+        }
+        Err(_) => {
+            repo.get(liger_model::weights::SINGLE_FILE)
+                .await
+                .context("model.safetensors (and no model.safetensors.index.json)")?;
+        }
+    }
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("hub cache path without a parent"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_liger_models_run_past_their_position_embeddings() {
+        use liger_model::testing::{Family, TinyCheckpoint};
+        let t = TinyCheckpoint::new(Family::Llama, 0).unwrap();
+        let plain = t.model_config().unwrap();
+        let liger = t.with_liger(&Default::default()).model_config().unwrap();
+        assert_eq!(resolve_max_model_len(None, &plain).unwrap(), 256);
+        assert_eq!(resolve_max_model_len(Some(100), &plain).unwrap(), 100);
+        assert!(resolve_max_model_len(Some(1000), &plain).is_err());
+        assert_eq!(resolve_max_model_len(Some(1000), &liger).unwrap(), 1000);
+    }
+
+    #[test]
+    fn devices_not_compiled_in_are_refused_clearly() {
+        assert!(select_device(DeviceArg::Cpu).is_ok());
+        #[cfg(not(feature = "cuda"))]
+        {
+            let e = select_device(DeviceArg::Cuda).unwrap_err().to_string();
+            assert!(e.contains("built without CUDA"), "{e}");
+        }
+        #[cfg(not(feature = "metal"))]
+        assert!(select_device(DeviceArg::Metal).is_err());
+        assert_eq!(resolve_dtype(DTypeArg::Auto, &Device::Cpu), DType::F32);
+    }
+
+    #[tokio::test]
+    async fn missing_local_paths_are_not_sent_to_the_hub() {
+        let e = resolve_model_dir("./does/not/exist", None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no such model folder"), "{e}");
+    }
+}

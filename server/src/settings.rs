@@ -1,0 +1,257 @@
+//! Server settings from three sources, in order of precedence: command-line flags, then
+//! `LIGER_*` environment variables (clap reads both), then a TOML file (`--config`), then
+//! defaults. Every option has all three spellings: `--max-running`, `LIGER_MAX_RUNNING`,
+//! `max_running = ...`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeArg {
+    /// f32 on the CPU, bf16 on CUDA, f16 on Metal.
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+/// Flags and environment variables; also the TOML file's schema (same names, snake_case).
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[command(
+    name = "liger-serve",
+    version,
+    about = "OpenAI-compatible server for Liger (and Transformer) models"
+)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML file with defaults for any option below (flags and env vars override it).
+    #[arg(long, env = "LIGER_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model folder (config.json, safetensors, tokenizer.json) or Hugging Face hub id.
+    #[arg(long, env = "LIGER_MODEL")]
+    pub model: Option<String>,
+    /// Hub revision (branch, tag or commit) when --model is a hub id [default: main].
+    #[arg(long, env = "LIGER_REVISION")]
+    pub revision: Option<String>,
+    /// Name clients must send as `model` [default: the folder name or hub id].
+    #[arg(long, env = "LIGER_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// [default: 127.0.0.1]
+    #[arg(long, env = "LIGER_HOST")]
+    pub host: Option<String>,
+    /// [default: 8080]; 0 picks a free port.
+    #[arg(long, env = "LIGER_PORT")]
+    pub port: Option<u16>,
+    /// Weight dtype [default: auto].
+    #[arg(long, env = "LIGER_DTYPE", value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// [default: cpu]
+    #[arg(long, env = "LIGER_DEVICE", value_enum)]
+    pub device: Option<DeviceArg>,
+    /// Sequences decoding at once (state slots) [default: 16].
+    #[arg(long, env = "LIGER_MAX_RUNNING")]
+    pub max_running: Option<usize>,
+    /// Requests queued for a slot before new ones get 429 [default: 64].
+    #[arg(long, env = "LIGER_MAX_WAITING")]
+    pub max_waiting: Option<usize>,
+    /// Tokens per forward pass, decodes plus prefill chunks [default: 512].
+    #[arg(long, env = "LIGER_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Prompt plus completion tokens [default: max_position_embeddings; only Liger models may exceed it].
+    #[arg(long, env = "LIGER_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Require `Authorization: Bearer <key>` on /v1/*.
+    #[arg(long, env = "LIGER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest request body in bytes [default: 4194304].
+    #[arg(long, env = "LIGER_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+}
+
+impl Args {
+    /// Fills what `self` (flags and env) leaves unset from `file`.
+    pub fn or(self, file: Args) -> Args {
+        Args {
+            config: self.config,
+            model: self.model.or(file.model),
+            revision: self.revision.or(file.revision),
+            served_model_name: self.served_model_name.or(file.served_model_name),
+            host: self.host.or(file.host),
+            port: self.port.or(file.port),
+            dtype: self.dtype.or(file.dtype),
+            device: self.device.or(file.device),
+            max_running: self.max_running.or(file.max_running),
+            max_waiting: self.max_waiting.or(file.max_waiting),
+            max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
+            max_model_len: self.max_model_len.or(file.max_model_len),
+            api_key: self.api_key.or(file.api_key),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+        }
+    }
+
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<Args> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Settings with every default applied and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub model: String,
+    pub revision: Option<String>,
+    pub served_model_name: String,
+    pub host: String,
+    pub port: u16,
+    pub dtype: DTypeArg,
+    pub device: DeviceArg,
+    pub max_running: usize,
+    pub max_waiting: usize,
+    pub max_batch_tokens: usize,
+    pub max_model_len: Option<usize>,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+impl Settings {
+    /// Parses the process's flags and environment, then the config file they name.
+    pub fn from_env_and_args() -> anyhow::Result<Self> {
+        Self::from_args(Args::parse())
+    }
+
+    pub fn from_args(args: Args) -> anyhow::Result<Self> {
+        let args = match &args.config {
+            Some(path) => {
+                let file = Args::from_toml_file(path)?;
+                args.or(file)
+            }
+            None => args,
+        };
+        Self::resolve(args)
+    }
+
+    /// Applies defaults and checks ranges.
+    pub fn resolve(a: Args) -> anyhow::Result<Self> {
+        let Some(model) = a.model.filter(|m| !m.is_empty()) else {
+            bail!("no model given: pass --model DIR_OR_HUB_ID, set LIGER_MODEL, or put `model` in the --config file");
+        };
+        let served_model_name = a
+            .served_model_name
+            .unwrap_or_else(|| default_served_name(&model));
+        let positive = |name: &str, v: Option<usize>, default: usize| -> anyhow::Result<usize> {
+            let v = v.unwrap_or(default);
+            if v == 0 {
+                bail!("--{name} must be at least 1");
+            }
+            Ok(v)
+        };
+        let max_running = positive("max-running", a.max_running, 16)?;
+        let max_waiting = positive("max-waiting", a.max_waiting, 64)?;
+        let max_batch_tokens = positive("max-batch-tokens", a.max_batch_tokens, 512)?;
+        let max_body_bytes = positive("max-body-bytes", a.max_body_bytes, 4 << 20)?;
+        if a.max_model_len == Some(0) {
+            bail!("--max-model-len must be at least 1");
+        }
+        Ok(Self {
+            model,
+            revision: a.revision,
+            served_model_name,
+            host: a.host.unwrap_or_else(|| "127.0.0.1".into()),
+            port: a.port.unwrap_or(8080),
+            dtype: a.dtype.unwrap_or(DTypeArg::Auto),
+            device: a.device.unwrap_or(DeviceArg::Cpu),
+            max_running,
+            max_waiting,
+            max_batch_tokens,
+            max_model_len: a.max_model_len,
+            api_key: a.api_key.filter(|k| !k.is_empty()),
+            max_body_bytes,
+        })
+    }
+}
+
+/// A folder's own name (paths make poor model names), else the hub id as given.
+fn default_served_name(model: &str) -> String {
+    let path = Path::new(model);
+    if path.is_dir() {
+        if let Some(name) = path
+            .canonicalize()
+            .ok()
+            .as_deref()
+            .and_then(Path::file_name)
+        {
+            return name.to_string_lossy().into_owned();
+        }
+    }
+    model.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("liger-serve").chain(flags.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let file: Args =
+            toml::from_str("model = \"org/m\"\nport = 9000\nmax_running = 4\ndtype = \"f16\"\n")
+                .unwrap();
+        let s = Settings::resolve(args(&["--port", "7000"]).or(file)).unwrap();
+        assert_eq!(s.port, 7000, "flag wins");
+        assert_eq!(s.max_running, 4, "file fills the gap");
+        assert_eq!(s.dtype, DTypeArg::F16);
+        assert_eq!(s.max_waiting, 64, "default");
+        assert_eq!(s.served_model_name, "org/m");
+        assert_eq!(s.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn environment_sits_between_flags_and_file() {
+        // The only test that touches this variable, so no other test can see it.
+        std::env::set_var("LIGER_MAX_BATCH_TOKENS", "77");
+        let file: Args = toml::from_str("model = \"m\"\nmax_batch_tokens = 5").unwrap();
+        let from_env = Settings::resolve(args(&[]).or(file.clone())).unwrap();
+        let from_flag = Settings::resolve(args(&["--max-batch-tokens", "9"]).or(file)).unwrap();
+        std::env::remove_var("LIGER_MAX_BATCH_TOKENS");
+        assert_eq!(from_env.max_batch_tokens, 77);
+        assert_eq!(from_flag.max_batch_tokens, 9);
+    }
+
+    #[test]
+    fn bad_settings_are_explained() {
+        let e = Settings::resolve(Args::default()).unwrap_err().to_string();
+        assert!(e.contains("--model"), "{e}");
+        let e = Settings::resolve(args(&["--model", "m", "--max-running", "0"])).unwrap_err();
+        assert!(e.to_string().contains("max-running"));
+        assert!(
+            toml::from_str::<Args>("modle = \"x\"").is_err(),
+            "typos in the file are caught"
+        );
+        assert!(Args::try_parse_from(["liger-serve", "--device", "tpu"]).is_err());
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/server.toml");
+        let a = Args::from_toml_file(&path).unwrap();
+        assert!(a.model.is_some());
+        Settings::resolve(a).unwrap();
+    }
+}

@@ -1,0 +1,328 @@
+//! Text in and out of the model: the tokenizer, the chat template and the special tokens
+//! from a Hugging Face folder (`tokenizer.json`, `tokenizer_config.json`,
+//! `generation_config.json`), plus the incremental decoding and stop strings that streaming
+//! needs.
+
+pub mod detok;
+pub mod stop;
+pub mod template;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+pub use detok::{Decode, IncrementalDecoder};
+pub use stop::StopMatcher;
+pub use template::{ChatMessage, ChatTemplate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template failed (or called `raise_exception`): the request's fault.
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// The model's tokenizer with everything needed around it.
+pub struct Codec {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    eos_token_ids: Vec<u32>,
+    /// Byte-level BPE stores bytes as printable characters; this maps them back.
+    byte_decoder: Option<HashMap<char, u8>>,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("vocab", &self.tokenizer.get_vocab_size(true))
+            .field("bos_token", &self.bos_token)
+            .field("eos_token_ids", &self.eos_token_ids)
+            .finish()
+    }
+}
+
+impl Codec {
+    /// Reads the tokenizer files of a model folder. `model_eos` are the `config.json`
+    /// end-of-sequence ids; the tokenizer's and `generation_config.json`'s are added.
+    pub fn load(dir: &Path, model_eos: &[u32]) -> Result<Self, TextError> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(TextError::File {
+                path: tok_path.display().to_string(),
+                reason: "missing: the server needs the model's Hugging Face tokenizer".into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| TextError::File {
+            path: tok_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let tok_config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let gen_config = read_json_opt(&dir.join("generation_config.json"))?;
+        // Newer Hugging Face folders keep the template in its own file.
+        let template_file = dir.join("chat_template.jinja");
+        let template_text = if template_file.exists() {
+            Some(
+                std::fs::read_to_string(&template_file).map_err(|e| TextError::File {
+                    path: template_file.display().to_string(),
+                    reason: e.to_string(),
+                })?,
+            )
+        } else {
+            None
+        };
+        Self::from_parts(
+            tokenizer,
+            &tok_config,
+            gen_config.as_ref(),
+            template_text,
+            model_eos,
+        )
+    }
+
+    pub fn from_parts(
+        tokenizer: Tokenizer,
+        tokenizer_config: &Value,
+        generation_config: Option<&Value>,
+        template_override: Option<String>,
+        model_eos: &[u32],
+    ) -> Result<Self, TextError> {
+        let template_src = template_override.or_else(|| template_from_config(tokenizer_config));
+        let template = match template_src {
+            Some(src) => ChatTemplate::new(&src).map_err(|e| TextError::Template(e.to_string()))?,
+            None => ChatTemplate::chatml(),
+        };
+        let bos_token = special_token(tokenizer_config, "bos_token");
+        let eos_token = special_token(tokenizer_config, "eos_token");
+        let mut eos: BTreeSet<u32> = model_eos.iter().copied().collect();
+        if let Some(ids) = generation_config.and_then(|g| g.get("eos_token_id")) {
+            eos.extend(id_list(ids));
+        }
+        if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+            eos.insert(id);
+        }
+        let byte_level = tokenizer
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|j| j.contains("\"ByteLevel\""));
+        Ok(Self {
+            tokenizer,
+            template,
+            bos_token,
+            eos_token,
+            eos_token_ids: eos.into_iter().collect(),
+            byte_decoder: byte_level.then(byte_decoder),
+        })
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Tokenizes text; special tokens written in it (`<|im_start|>`) become their ids.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TextError> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TextError::Tokenizer(e.to_string()))
+    }
+
+    /// Renders a conversation with the chat template.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TextError> {
+        self.template
+            .render(
+                messages,
+                self.bos_token.as_deref(),
+                self.eos_token.as_deref(),
+            )
+            .map_err(|e| TextError::Template(describe_jinja(&e)))
+    }
+
+    /// Renders and tokenizes a conversation. The tokenizer's own BOS is added only when the
+    /// template did not already write one.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TextError> {
+        let text = self.render_chat(messages)?;
+        let has_bos = self
+            .bos_token
+            .as_deref()
+            .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        self.encode(&text, !has_bos)
+    }
+
+    /// Text of `ids`; special tokens are dropped when `skip_special`.
+    pub fn decode_ids(&self, ids: &[u32], skip_special: bool) -> String {
+        self.tokenizer.decode(ids, skip_special).unwrap_or_default()
+    }
+
+    /// The raw bytes a token stands for (OpenAI's `bytes` in logprobs).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        if let Some(b) = byte_fallback(&piece) {
+            return vec![b];
+        }
+        if self.is_added_token(id) {
+            return piece.into_bytes();
+        }
+        match &self.byte_decoder {
+            Some(map) if piece.chars().all(|c| map.contains_key(&c)) => {
+                piece.chars().map(|c| map[&c]).collect()
+            }
+            // SentencePiece marks spaces with U+2581.
+            _ => piece.replace('\u{2581}', " ").into_bytes(),
+        }
+    }
+
+    /// A token as text (lossy for partial characters), as logprobs list it.
+    pub fn token_text(&self, id: u32) -> String {
+        String::from_utf8_lossy(&self.token_bytes(id)).into_owned()
+    }
+
+    fn is_added_token(&self, id: u32) -> bool {
+        self.tokenizer
+            .get_added_vocabulary()
+            .simple_id_to_token(id)
+            .is_some()
+    }
+}
+
+impl Decode for Codec {
+    fn decode(&self, ids: &[u32]) -> String {
+        self.decode_ids(ids, true)
+    }
+}
+
+/// `<0xAB>`: SentencePiece's byte-fallback tokens.
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2)
+        .then(|| u8::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+/// Inverse of GPT-2's byte-to-printable-character table used by byte-level BPE.
+fn byte_decoder() -> HashMap<char, u8> {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(next - 1).expect("valid code point")
+            };
+            (c, b)
+        })
+        .collect()
+}
+
+/// The GPT-2 byte-to-character table, for building byte-level tokenizers in tests.
+pub fn byte_encoder() -> HashMap<u8, char> {
+    byte_decoder().into_iter().map(|(c, b)| (b, c)).collect()
+}
+
+fn template_from_config(config: &Value) -> Option<String> {
+    match config.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        // A list of named templates: the default one, else the first.
+        Value::Array(list) => {
+            let named = |n: &str| {
+                list.iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some(n))
+            };
+            named("default")
+                .or_else(|| list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }
+        _ => None,
+    }
+}
+
+/// `bos_token` / `eos_token`: a string or an AddedToken object with `content`.
+fn special_token(config: &Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn id_list(v: &Value) -> Vec<u32> {
+    match v {
+        Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|n| n as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Value>, TextError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bad = |reason: String| TextError::File {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| bad(format!("not valid JSON: {e}")))
+}
+
+/// minijinja errors put the useful part (the template's own message) in the detail.
+fn describe_jinja(e: &minijinja::Error) -> String {
+    e.detail().map_or_else(|| e.to_string(), str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_tables_are_inverse_bijections() {
+        let enc = byte_encoder();
+        assert_eq!(enc.len(), 256);
+        assert_eq!(enc[&b' '], '\u{120}', "space is Ġ");
+        assert_eq!(enc[&b'a'], 'a');
+        assert_eq!(byte_decoder().len(), 256);
+    }
+
+    #[test]
+    fn config_shapes_are_understood() {
+        let c = serde_json::json!({
+            "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+            "bos_token": {"content": "<s>", "lstrip": false},
+            "eos_token": "</s>",
+        });
+        assert_eq!(template_from_config(&c).as_deref(), Some("D"));
+        assert_eq!(special_token(&c, "bos_token").as_deref(), Some("<s>"));
+        assert_eq!(special_token(&c, "eos_token").as_deref(), Some("</s>"));
+        assert_eq!(id_list(&serde_json::json!([2, 3])), vec![2, 3]);
+        assert_eq!(byte_fallback("<0x0A>"), Some(10));
+        assert_eq!(byte_fallback("<0x0A"), None);
+    }
+}

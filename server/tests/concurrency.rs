@@ -1,0 +1,264 @@
+//! Continuous batching keeps requests isolated: concurrent seeded requests produce exactly
+//! what they produce alone, chunked prefill matches whole prefill, a client that goes away
+//! gives its slot back, and a failing step fails only its requests.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use candle_core::{DType, Device};
+use common::*;
+use futures::StreamExt;
+use liger_server::engine::{
+    Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams,
+};
+use liger_server::metrics::Metrics;
+use liger_server::text::Codec;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn ids(choice: &Value) -> Vec<u32> {
+    choice["logprobs"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t.as_str()
+                .unwrap()
+                .strip_prefix("token_id:")
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn all_ids(resp: &Value) -> Vec<Vec<u32>> {
+    resp["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect()
+}
+
+/// Prompts of many lengths (some longer than the 64-token budget, so they are prefilled in
+/// chunks across steps while others decode).
+fn request(i: usize) -> Value {
+    let len = 3 + i * 7;
+    let prompt: Vec<u32> = (0..len)
+        .map(|k| byte_token(b'a' + ((i + k) % 26) as u8))
+        .collect();
+    json!({"prompt": prompt, "max_tokens": 12 + i % 5, "seed": 1000 + i, "temperature": 0.9, "top_p": 0.95,
+        "n": if i % 4 == 0 { 2 } else { 1 }, "ignore_eos": true, "logprobs": 0, "return_tokens_as_token_ids": true})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_requests_match_their_solo_runs() {
+    let s = server(|a| {
+        a.max_running = Some(8);
+        a.max_batch_tokens = Some(64);
+    });
+    let mut solo = Vec::new();
+    for i in 0..16 {
+        let (status, resp) = post_json(&s.app, "/v1/completions", request(i)).await;
+        assert_eq!(status, StatusCode::OK, "{resp}");
+        solo.push(all_ids(&resp));
+    }
+    let futures = (0..16).map(|i| {
+        let app = s.app.clone();
+        tokio::spawn(async move { post_json(&app, "/v1/completions", request(i)).await })
+    });
+    let together: Vec<Vec<Vec<u32>>> = futures::future::join_all(futures)
+        .await
+        .into_iter()
+        .map(|r| {
+            let (status, resp) = r.unwrap();
+            assert_eq!(status, StatusCode::OK, "{resp}");
+            all_ids(&resp)
+        })
+        .collect();
+    for i in 0..16 {
+        assert_eq!(
+            together[i], solo[i],
+            "request {i} changed when batched with others"
+        );
+    }
+    let steps = metric(&s.app, "liger_engine_steps_total").await;
+    let generated = metric(&s.app, "liger_generation_tokens_total").await;
+    assert!(
+        steps < generated,
+        "batching: fewer steps ({steps}) than generated tokens ({generated})"
+    );
+    wait_metric(&s.app, "liger_state_pool_slots_in_use", 0.0).await;
+}
+
+#[tokio::test]
+async fn chunked_prefill_matches_whole_prefill() {
+    let small = server(|a| a.max_batch_tokens = Some(16));
+    let big = server(|a| a.max_batch_tokens = Some(512));
+    let prompt: Vec<u32> = (0..120)
+        .map(|k| byte_token(b'a' + (k * 7 % 26) as u8))
+        .collect();
+    let body = json!({"prompt": prompt, "max_tokens": 10, "temperature": 0, "echo": true, "logprobs": 1,
+        "ignore_eos": true, "return_tokens_as_token_ids": true});
+    let (_, a) = post_json(&small.app, "/v1/completions", body.clone()).await;
+    let (_, b) = post_json(&big.app, "/v1/completions", body).await;
+    assert_eq!(ids(&a["choices"][0]), ids(&b["choices"][0]));
+    let lps = |r: &Value| -> Vec<f64> {
+        r["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()[1..]
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    for (x, y) in lps(&a).iter().zip(lps(&b)) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
+    let s = server(|_| {});
+    let body = json!({"prompt": "a", "max_tokens": 250, "ignore_eos": true, "stream": true});
+    let resp = s
+        .app
+        .clone()
+        .oneshot(post("/v1/completions", &body))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.into_body().into_data_stream();
+    // Past the Liger window (4) the state no longer grows: the pool holds exactly one
+    // constant-size state however long the context gets.
+    for _ in 0..12 {
+        stream.next().await.unwrap().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let spec = liger_model::weights::load_model(dir.path(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .state_spec()
+        .clone();
+    assert_eq!(spec.bytes_at(10), spec.bytes_at(1_000_000));
+    assert_eq!(
+        metric(&s.app, "liger_state_pool_bytes").await,
+        spec.bytes_at(1_000_000) as f64
+    );
+    assert_eq!(metric(&s.app, "liger_running_sequences").await, 1.0);
+    assert_eq!(metric(&s.app, "liger_cancelled_requests_total").await, 0.0);
+    drop(stream);
+    wait_metric(&s.app, "liger_cancelled_requests_total", 1.0).await;
+    wait_metric(&s.app, "liger_running_sequences", 0.0).await;
+    wait_metric(&s.app, "liger_state_pool_slots_in_use", 0.0).await;
+    wait_metric(&s.app, "liger_state_pool_bytes", 0.0).await;
+
+    // A non-streaming client that gives up is cancelled too.
+    let body = json!({"prompt": "a", "max_tokens": 250, "ignore_eos": true});
+    let app = s.app.clone();
+    let call = tokio::spawn(async move { post_json(&app, "/v1/completions", body).await });
+    wait_metric(&s.app, "liger_running_sequences", 1.0).await;
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    wait_metric(&s.app, "liger_cancelled_requests_total", 2.0).await;
+    wait_metric(&s.app, "liger_state_pool_slots_in_use", 0.0).await;
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429() {
+    let s = server(|a| {
+        a.max_running = Some(1);
+        a.max_waiting = Some(1);
+    });
+    let long = json!({"prompt": "a", "max_tokens": 250, "ignore_eos": true, "stream": true});
+    // One request runs, one waits; the third finds the queue full.
+    let r1 = s
+        .app
+        .clone()
+        .oneshot(post("/v1/completions", &long))
+        .await
+        .unwrap();
+    let mut s1 = r1.into_body().into_data_stream();
+    s1.next().await.unwrap().unwrap();
+    wait_metric(&s.app, "liger_running_sequences", 1.0).await;
+    let r2 = s
+        .app
+        .clone()
+        .oneshot(post("/v1/completions", &long))
+        .await
+        .unwrap();
+    assert_eq!(r2.status(), StatusCode::OK);
+    let (status, body) = post_json(&s.app, "/v1/completions", json!({"prompt": "a"})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    drop(s1);
+    drop(r2);
+    wait_metric(&s.app, "liger_state_pool_slots_in_use", 0.0).await;
+    wait_metric(&s.app, "liger_waiting_requests", 0.0).await;
+    let (status, _) = post_json(
+        &s.app,
+        "/v1/completions",
+        json!({"prompt": "a", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "serving again once the queue drains"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let model = liger_model::weights::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let codec = Arc::new(Codec::load(dir.path(), &[IM_END]).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let options = EngineOptions {
+        max_running: 4,
+        max_waiting: 8,
+        max_batch_tokens: 64,
+        max_model_len: 256,
+    };
+    let engine = LocalEngine::start(model, codec, options, metrics.clone()).unwrap();
+    let request = |prompt: Vec<u32>| GenerationRequest {
+        id: "t".into(),
+        prompt,
+        n: 1,
+        sampling: SamplingParams {
+            seed: Some(1),
+            ..Default::default()
+        },
+        max_tokens: 3,
+        min_tokens: 0,
+        stop: Vec::new(),
+        ignore_eos: true,
+        logprobs: None,
+        prompt_logprobs: None,
+    };
+    // Bypasses the HTTP validation: an out-of-vocabulary id makes the forward pass fail.
+    let mut bad = engine.submit(request(vec![5, VOCAB as u32 + 3])).unwrap();
+    match bad.recv().await {
+        Some(Event::Failed(e)) => assert!(e.to_string().contains("out of range"), "{e}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert!(bad.recv().await.is_none(), "nothing after the failure");
+    let mut good = engine.submit(request(vec![5, 6, 7])).unwrap();
+    let mut tokens = 0;
+    while let Some(e) = good.recv().await {
+        match e {
+            Event::Token { .. } => tokens += 1,
+            Event::Finished { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(tokens, 3);
+    assert_eq!(
+        metrics
+            .step_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
