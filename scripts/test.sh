@@ -13,3 +13,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+# The binaries `cargo test` built (target/debug, dependencies optimized) serve the end-to-end
+# run, so the suite compiles the workspace once.
+echo "== end to end: liger-serve through the official openai client"
+LIGER_E2E_SKIP_BUILD=1 LIGER_E2E_BIN_DIR=target/debug tests/e2e/openai_e2e.sh

@@ -11,12 +11,16 @@
 #   LIGER_E2E_WORK   working folder (default: a fresh temp folder, removed at the end)
 #   LIGER_GOLDEN     golden logits JSON (default: shared/golden/ beside the repository)
 #   PYTHON           python with venv and pip (default: python3)
-#   LIGER_E2E_SKIP_BUILD=1  use the release binaries already in target/release
+#   LIGER_E2E_SKIP_BUILD=1  use the binaries already built in $LIGER_E2E_BIN_DIR
+#   LIGER_E2E_BIN_DIR       where the binaries are (default: target/release); the test suite
+#                           points it at target/debug, which `cargo test` has just built
+#                           (dependencies optimized), to avoid a second full build
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 
 PYTHON="${PYTHON:-python3}"
+BIN="${LIGER_E2E_BIN_DIR:-target/release}"
 GOLDEN="${LIGER_GOLDEN:-$ROOT/../shared/golden/smollm2_135m_logits.json}"
 if [[ -n "${LIGER_E2E_WORK:-}" ]]; then
   WORK="$LIGER_E2E_WORK"
@@ -57,7 +61,7 @@ free_port() {
 start_server() {
   local dir="$1" name="$2" log="$3"
   port="$(free_port)"
-  target/release/liger-serve --model "$dir" --served-model-name "$name" --host 127.0.0.1 \
+  "$BIN/liger-serve" --model "$dir" --served-model-name "$name" --host 127.0.0.1 \
     --port "$port" --api-key "$API_KEY" --max-running 4 >"$log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 600); do
@@ -80,7 +84,7 @@ stop_server() {
 }
 
 if [[ "${LIGER_E2E_SKIP_BUILD:-}" == 1 ]]; then
-  step "release binaries present" test -x target/release/liger-serve -a -x target/release/liger-convert || finish
+  step "binaries present in $BIN" test -x "$BIN/liger-serve" -a -x "$BIN/liger-convert" || finish
 else
   step "build liger-serve and liger-convert (release)" \
     cargo build --release --locked -q -p liger-server -p liger-converter || finish
@@ -89,9 +93,9 @@ gguf="$(scripts/fetch-smollm2.sh)"
 step "fetch the SmolLM2 fixture" test -f "$gguf" || finish
 step "golden reference present ($GOLDEN)" test -f "$GOLDEN" || finish
 step "liger-convert convert (Liger-GLA)" \
-  target/release/liger-convert convert --from "$gguf" --out "$WORK/liger" --force -q || finish
+  "$BIN/liger-convert" convert --from "$gguf" --out "$WORK/liger" --force -q || finish
 step "liger-convert import (Transformer)" \
-  target/release/liger-convert import --from "$gguf" --out "$WORK/transformer" --force -q || finish
+  "$BIN/liger-convert" import --from "$gguf" --out "$WORK/transformer" --force -q || finish
 step "python venv with openai" \
   bash -c "'$PYTHON' -m venv '$WORK/venv' && '$WORK/venv/bin/pip' install -q --disable-pip-version-check openai" || finish
 
