@@ -61,25 +61,6 @@ fn parse_args() -> Args {
     a
 }
 
-fn fixture() -> PathBuf {
-    if let Some(p) = std::env::var_os("LIGER_SMOLLM2_GGUF") {
-        return p.into();
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::process::Command::new("bash")
-        .arg(root.join("scripts/fetch-smollm2.sh"))
-        .output()
-        .expect("run scripts/fetch-smollm2.sh");
-    assert!(out.status.success(), "fetch-smollm2.sh failed");
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .into()
-}
-
 struct Row {
     model: &'static str,
     context: usize,
@@ -137,7 +118,7 @@ fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger
 fn main() -> liger_model::Result<()> {
     let threads = liger_model::threads::init(None);
     let args = parse_args();
-    let import = import_gguf(&fixture())?;
+    let import = import_gguf(&liger_model::testing::fixture::smollm2_gguf())?;
     let tensors = import.tensors.iter().cloned().collect();
     let cfg = ModelConfig::from_json(import.config.clone())?;
     eprintln!(

@@ -12,13 +12,7 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device, Tensor};
 use liger_model::{Logits, Model};
 
-/// The workspace root (this crate's parent directory).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the converter crate lives inside the workspace")
-        .to_path_buf()
-}
+pub use liger_model::testing::fixture::workspace_root;
 
 /// The binary under test.
 pub fn bin() -> Command {
@@ -136,58 +130,4 @@ pub fn sum(t: &Tensor) -> f64 {
 // SmolLM2 fixture
 // ---------------------------------------------------------------------------------------------
 
-/// Path of the SmolLM2-135M-Instruct Q4_1 GGUF: `$LIGER_SMOLLM2_GGUF` if set, otherwise the
-/// file `scripts/fetch-smollm2.sh` downloads (sha256-checked) or finds in its cache.
-/// Tests that need it fail (never skip) when it cannot be obtained.
-pub fn smollm2_gguf() -> PathBuf {
-    if let Some(p) = std::env::var_os("LIGER_SMOLLM2_GGUF") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "LIGER_SMOLLM2_GGUF={} is not a file",
-            p.display()
-        );
-        return p;
-    }
-    let script = workspace_root().join("scripts/fetch-smollm2.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed ({}); set LIGER_SMOLLM2_GGUF to a local copy of the fixture.\nstderr:\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_else(|| panic!("{} printed no path", script.display()));
-    let path = PathBuf::from(last.trim());
-    assert!(
-        path.is_file(),
-        "{} printed `{}`, which is not a file",
-        script.display(),
-        path.display()
-    );
-    path
-}
-
-/// `/work/shared/golden` (the workspace's sibling `shared/golden`).
-pub fn golden_dir() -> PathBuf {
-    let dir = workspace_root().join("../shared/golden");
-    assert!(
-        dir.is_dir(),
-        "golden reference directory {} is missing",
-        dir.display()
-    );
-    dir
-}
-
-pub fn golden_json(name: &str) -> serde_json::Value {
-    read_json(&golden_dir().join(name))
-}
+pub use liger_model::testing::fixture::{golden_dir, golden_json, smollm2_gguf};

@@ -11,6 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{json, Value};
 
+pub mod fixture;
+
 use crate::config::{LigerConfig, ModelConfig};
 use crate::model::Model;
 use crate::{Error, Result};
