@@ -2,16 +2,19 @@
 //! nothing behind, comparing models, and the SmolLM2-135M-Instruct GGUF fixture with its
 //! golden references.
 //!
-//! Each test binary uses a subset of these helpers, hence the `dead_code` allowances.
+//! Each test binary uses a subset of these helpers, hence the `dead_code` and
+//! `unused_imports` allowances.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 use liger_model::{Logits, Model};
 
+// Each test binary uses a subset of these.
+#[allow(unused_imports)]
 pub use liger_model::testing::fixture::workspace_root;
 
 /// The binary under test.
@@ -130,4 +133,5 @@ pub fn sum(t: &Tensor) -> f64 {
 // SmolLM2 fixture
 // ---------------------------------------------------------------------------------------------
 
+#[allow(unused_imports)]
 pub use liger_model::testing::fixture::{golden_dir, golden_json, smollm2_gguf};

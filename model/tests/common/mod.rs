@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use liger_model::gguf::{import_gguf, GgufImport};
 
+#[allow(unused_imports)]
 pub use liger_model::testing::fixture::{golden_dir, golden_json, smollm2_gguf, workspace_root};
 
 /// The fixture imported once per test binary (the import dequantizes ~135M weights).
