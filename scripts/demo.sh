@@ -1,11 +1,58 @@
 #!/usr/bin/env bash
-# Demo on the default model, SmolLM2-135M-Instruct: fetch it (cached), then answer a chat
-# question with the original Transformer and with its zero-shot Liger-GLA conversion.
-#   scripts/demo.sh ["your question"]
+# Demo on the default model, SmolLM2-135M-Instruct: fetch it (cached), convert it to
+# Liger-GLA, merge the committed recovery adapter (models/smollm2-135m-liger) into it, and
+# serve the recovered model.
+#
+#   scripts/demo.sh [--prepare-only] ["your question"]
+#
+# --prepare-only: only build the recovered model folder and print its path as the last line
+# (a folder `liger-serve --model` accepts). It is cached under $LIGER_CACHE (default
+# ~/.cache/liger), keyed by the adapter's contents, so a second run is fast.
+#
+# Otherwise, once prepared, it serves the recovered model with
+# `liger-serve --model DIR --host 127.0.0.1 --port 8080` and prints a curl line to try.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-gguf="$(scripts/fetch-smollm2.sh)"
+
+prepare_only=0
+if [[ "${1:-}" == "--prepare-only" ]]; then
+  prepare_only=1
+  shift
+fi
 prompt="${1:-What is the capital of France?}"
-cargo build --release -q -p liger-model --example generate
-target/release/examples/generate "$gguf" --prompt "$prompt"
-target/release/examples/generate "$gguf" --liger --prompt "$prompt"
+
+gguf="$(scripts/fetch-smollm2.sh)"
+cache="${LIGER_CACHE:-$HOME/.cache/liger}/smollm2-135m-instruct"
+adapter=models/smollm2-135m-liger
+key="$(cat "$adapter/adapter_config.json" "$adapter/adapter_model.safetensors" | sha256sum | cut -c1-16)"
+zero_shot="$cache/liger-gla-zero-shot"
+recovered="$cache/liger-gla-recovered-$key"
+
+# A folder is usable when every file a server needs is there (folders are written
+# atomically, so a present folder is a complete one; the check guards against old layouts).
+complete() {
+  local d="$1"
+  [[ -f "$d/config.json" && -f "$d/model.safetensors" && -f "$d/tokenizer.json" && -f "$d/tokenizer_config.json" ]]
+}
+
+if ! complete "$recovered"; then
+  echo "demo: building the recovered model (once; cached in $recovered)" >&2
+  cargo build --release -q -p liger-converter --bin liger-convert >&2
+  if ! complete "$zero_shot"; then
+    target/release/liger-convert convert --from "$gguf" --out "$zero_shot" --force --quiet >&2
+  fi
+  target/release/liger-convert apply-adapter --model "$zero_shot" --adapter "$adapter" \
+    --out "$recovered" --force --quiet >&2
+fi
+
+if [[ $prepare_only == 1 ]]; then
+  echo "$recovered"
+  exit 0
+fi
+
+cargo build --release -q -p liger-server --bin liger-serve >&2
+echo "demo: serving $recovered on http://127.0.0.1:8080 (OpenAI API; Ctrl-C stops). Try:" >&2
+echo "  curl -s http://127.0.0.1:8080/v1/chat/completions -H 'content-type: application/json' \\" >&2
+echo "    -d '{\"model\":\"smollm2-135m-liger\",\"messages\":[{\"role\":\"user\",\"content\":\"$prompt\"}]}'" >&2
+exec target/release/liger-serve --model "$recovered" --served-model-name smollm2-135m-liger \
+  --host 127.0.0.1 --port 8080

@@ -50,6 +50,18 @@ pub enum Error {
     #[error("hub: {0}")]
     Hub(String),
 
+    /// A training or evaluation data file is unusable; the message names the file (and line).
+    #[error("{0}")]
+    Data(String),
+
+    /// A recovery checkpoint cannot be used (missing, corrupt, or made with other settings).
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+
+    /// Training diverged or otherwise cannot go on.
+    #[error("training: {0}")]
+    Training(String),
+
     /// Ctrl-C (or SIGTERM) arrived; the partial output was removed.
     #[error("interrupted")]
     Interrupted,
@@ -68,6 +80,13 @@ impl Error {
     pub fn flag(flag: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Flag {
             flag: flag.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
             reason: reason.into(),
         }
     }

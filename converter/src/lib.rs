@@ -10,24 +10,33 @@
 //! - [`check`]: the config against the weights, through the runtime's own model builder;
 //! - [`output`]: atomic output folders, safetensors writing and sharding;
 //! - [`card`]: the `README.md` model card;
-//! - [`convert`], [`import`], [`inspect`]: the three commands;
+//! - [`convert`], [`import`], [`inspect`]: the conversion commands;
+//! - [`recover`]: recovery training (attention transfer, distillation, LM) by LoRA;
+//! - [`eval`]: perplexity, agreement and KL against a reference on held-out text;
+//! - [`adapter`]: merging a LoRA adapter into a model folder (`apply-adapter`);
 //! - [`progress`]: progress bars.
 
+pub mod adapter;
 pub mod card;
 pub mod check;
 pub mod convert;
 pub mod error;
+pub mod eval;
 pub mod import;
 pub mod inspect;
 pub mod output;
 pub mod progress;
+pub mod recover;
 pub mod settings;
 pub mod source;
 pub mod tensors;
 
+pub use adapter::{apply_adapter, ApplyOptions, DeviceChoice};
 pub use convert::{convert, ConvertOptions, Summary};
 pub use error::{Error, Result};
+pub use eval::{evaluate, EvalOptions, EvalReport};
 pub use import::{import, ImportOptions};
 pub use inspect::{inspect, Report};
 pub use progress::Progress;
+pub use recover::{recover, RecoverOptions, RecoverSummary, StageChoice};
 pub use settings::{FullAttention, LigerSettings};

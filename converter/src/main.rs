@@ -14,8 +14,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use liger_converter::inspect::{human_bytes, render_table};
 use liger_converter::source::HubOptions;
 use liger_converter::{
-    ConvertOptions, FullAttention, ImportOptions, LigerSettings, Progress, Summary,
+    ApplyOptions, ConvertOptions, DeviceChoice, EvalOptions, FullAttention, ImportOptions,
+    LigerSettings, Progress, RecoverOptions, StageChoice, Summary,
 };
+use liger_model::lora::LoraConfig;
 use liger_model::Variant;
 
 #[derive(Parser)]
@@ -38,6 +40,199 @@ enum Command {
     Import(ImportArgs),
     /// Describe a model folder: architecture, layers, Liger settings, state memory.
     Inspect(InspectArgs),
+    /// Recover a converted model's quality by LoRA training against the original.
+    Recover(Box<RecoverArgs>),
+    /// Perplexity, agreement and KL of a model against a reference on held-out text.
+    Eval(EvalArgs),
+    /// Merge a LoRA adapter (PEFT layout) into a model folder.
+    ApplyAdapter(ApplyAdapterArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StageArg {
+    /// Attention transfer: each Liger layer mimics the original's attention output.
+    Transfer,
+    /// Distillation: KL to the original's next-token distributions, end to end.
+    Distill,
+    /// Next-token cross-entropy (the Liger paper's recipe).
+    Lm,
+    /// Transfer, then distill.
+    All,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+impl From<DeviceArg> for DeviceChoice {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RecoverArgs {
+    /// The original model folder (e.g. from `liger-convert import`).
+    #[arg(long, value_name = "ORIG")]
+    teacher: PathBuf,
+    /// The converted Liger folder (from `liger-convert convert`).
+    #[arg(long, value_name = "CONVERTED")]
+    student: PathBuf,
+    /// Training data: text files, or JSON Lines with `text`, `messages` or `prompt`.
+    #[arg(long, value_name = "FILES", num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Output folder: the merged model (or the adapter with --adapter-only).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// What to train.
+    #[arg(long, value_enum, default_value_t = StageArg::All)]
+    stage: StageArg,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long, default_value_t = 8.0)]
+    alpha: f64,
+    /// Projections to adapt.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj")]
+    targets: Vec<String>,
+    /// Peak learning rate of every stage [default: transfer 2e-3, distill and lm 1e-3].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Peak learning rate of the transfer stage (overrides --lr there).
+    #[arg(long)]
+    transfer_lr: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Optimizer steps of every stage [default: transfer 150, distill and lm 300].
+    #[arg(long, conflicts_with = "tokens")]
+    steps: Option<usize>,
+    /// Training tokens of every stage, instead of --steps.
+    #[arg(long)]
+    tokens: Option<u64>,
+    /// Optimizer steps of the transfer stage (overrides --steps / --tokens there).
+    #[arg(long)]
+    transfer_steps: Option<usize>,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Sequences per batch in the transfer stage (overrides --batch there).
+    #[arg(long)]
+    transfer_batch: Option<usize>,
+    /// Chunks the transfer stage trains on, with the teacher's activations kept in memory
+    /// (about 36 MB per 256-token chunk of SmolLM2; 0: every chunk, nothing kept).
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    transfer_chunks: usize,
+    /// Seed of the adapter initialization, the data order and sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Continue from the checkpoint in DIR.ckpt (bit-identical to an uninterrupted run).
+    #[arg(long)]
+    resume: bool,
+    /// Save a checkpoint every K steps (0: only between stages).
+    #[arg(long, value_name = "K", default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Write only the LoRA adapter (PEFT layout) and recovery.json.
+    #[arg(long)]
+    adapter_only: bool,
+    /// Start from this LoRA adapter (PEFT layout, e.g. an earlier `--adapter-only` result)
+    /// instead of fresh adapters: continue a recovery with another stage or schedule.
+    #[arg(long, value_name = "DIR")]
+    init_adapter: Option<PathBuf>,
+    /// Let the teacher answer N prompts (the data's `prompt` records, else built-in ones)
+    /// and train on those conversations too.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    self_distill: usize,
+    /// Longest self-distilled answer, in tokens.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    self_distill_tokens: usize,
+    /// Also save the self-distilled conversations (JSON Lines) to FILE.
+    #[arg(long, value_name = "FILE")]
+    self_distill_save: Option<PathBuf>,
+    /// Weight of next-token cross-entropy added to the distillation KL.
+    #[arg(long, default_value_t = 0.0)]
+    ce_weight: f64,
+    /// Teacher tokens kept per position for distillation (the rest is one bucket).
+    #[arg(long, default_value_t = 64)]
+    top_k: usize,
+    /// Clip the gradient's global norm in distill and lm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Replace DIR if it exists.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars or summary.
+    #[arg(long, short)]
+    quiet: bool,
+    /// CPU threads [default: all; RAYON_NUM_THREADS wins]. On a busy machine 1 can be faster.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Testing: stop after N optimizer steps, as if interrupted.
+    #[arg(long, hide = true, value_name = "N")]
+    stop_after: Option<usize>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The model folder to evaluate.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Apply this LoRA adapter (PEFT layout) to the model without merging it.
+    #[arg(long, value_name = "ADAPTER_DIR")]
+    adapter: Option<PathBuf>,
+    /// The model to compare with (the original).
+    #[arg(long, value_name = "ORIG")]
+    reference: Option<PathBuf>,
+    /// Held-out text: text files or JSON Lines (`text`, `messages`).
+    #[arg(long, value_name = "FILES", num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Tokens per evaluated chunk.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Chunks run together.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// CPU threads [default: all; RAYON_NUM_THREADS wins].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct ApplyAdapterArgs {
+    /// The model folder the adapter was trained on.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Adapter folder (adapter_config.json, adapter_model.safetensors).
+    #[arg(long, value_name = "ADAPTER_DIR")]
+    adapter: PathBuf,
+    /// Output folder (written atomically).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Replace DIR if it exists.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars or summary.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,6 +323,17 @@ struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+impl Cli {
+    /// CPU threads asked for by the command, if it takes `--threads`.
+    fn threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Recover(a) => a.threads,
+            Command::Eval(a) => a.threads,
+            _ => None,
+        }
+    }
 }
 
 /// `2GB` -> 2e9, `1GiB` -> 2^30, plain numbers are bytes.
@@ -224,7 +430,10 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
             "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}",
             liger_converter::settings::variant_name(l.variant), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer
         );
-        println!("next: recovery training (liger-convert recover, coming) restores quality");
+        println!(
+            "next: recovery training restores quality: liger-convert recover --teacher ORIG --student {} --data FILES --out DIR",
+            s.out.display()
+        );
     }
 }
 
@@ -275,6 +484,43 @@ fn run(cli: Cli) -> Result<()> {
                 print_summary("imported", &a.from.display().to_string(), &summary);
             }
         }
+        Command::Recover(a) => run_recover(*a)?,
+        Command::Eval(a) => {
+            let opts = EvalOptions {
+                model: a.model,
+                adapter: a.adapter,
+                reference: a.reference,
+                data: a.data,
+                seq_len: a.seq_len,
+                batch: a.batch,
+                device: a.device.into(),
+            };
+            let report = liger_converter::evaluate(&opts, &Progress::new(!a.quiet))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", liger_converter::eval::render(&report));
+            }
+        }
+        Command::ApplyAdapter(a) => {
+            let opts = ApplyOptions {
+                model: a.model,
+                adapter: a.adapter,
+                out: a.out,
+                force: a.force,
+                command_line: Some(command_line()),
+            };
+            let r = liger_converter::apply_adapter(&opts, &Progress::new(!a.quiet))?;
+            if !a.quiet {
+                println!(
+                    "merged {} adapted projections -> {} ({}, {})",
+                    r.adapted,
+                    r.out.display(),
+                    liger_converter::convert::torch_dtype_name(r.dtype),
+                    r.weight_files.join(", ")
+                );
+            }
+        }
         Command::Inspect(a) => {
             let report = liger_converter::inspect(&a.dir)?;
             if a.json {
@@ -287,13 +533,95 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+fn run_recover(a: RecoverArgs) -> Result<()> {
+    let opts = RecoverOptions {
+        teacher: a.teacher,
+        student: a.student,
+        data: a.data,
+        out: a.out,
+        stage: match a.stage {
+            StageArg::Transfer => StageChoice::Transfer,
+            StageArg::Distill => StageChoice::Distill,
+            StageArg::Lm => StageChoice::Lm,
+            StageArg::All => StageChoice::All,
+        },
+        lora: LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            targets: a.targets,
+        },
+        lr: a.lr,
+        transfer_lr: a.transfer_lr,
+        weight_decay: a.weight_decay,
+        steps: a.steps,
+        tokens: a.tokens,
+        transfer_steps: a.transfer_steps,
+        seq_len: a.seq_len,
+        batch: a.batch,
+        transfer_batch: a.transfer_batch,
+        transfer_chunks: a.transfer_chunks,
+        seed: a.seed,
+        device: a.device.into(),
+        resume: a.resume,
+        checkpoint_every: a.checkpoint_every,
+        adapter_only: a.adapter_only,
+        init_adapter: a.init_adapter,
+        self_distill: a.self_distill,
+        self_distill_tokens: a.self_distill_tokens,
+        self_distill_save: a.self_distill_save,
+        ce_weight: a.ce_weight,
+        top_k: a.top_k,
+        max_grad_norm: a.max_grad_norm,
+        force: a.force,
+        command_line: Some(command_line()),
+        stop_after: a.stop_after,
+    };
+    let s = liger_converter::recover(&opts, &Progress::new(!a.quiet))?;
+    if !a.quiet {
+        for st in &s.stages {
+            println!("{}", st.summary());
+        }
+        println!(
+            "recovered -> {} ({}) in {:.0} s",
+            s.out.display(),
+            if s.adapter_only {
+                "LoRA adapter"
+            } else {
+                "merged model"
+            },
+            s.seconds
+        );
+    }
+    Ok(())
+}
+
 /// Prints `error: <message>` on one line.
 fn report(msg: &str) {
     let one_line = msg.split_whitespace().collect::<Vec<_>>().join(" ");
     eprintln!("error: {one_line}");
 }
 
+/// Keeps freed tensor buffers in the process instead of handing them back to the kernel.
+///
+/// Training allocates and frees buffers of megabytes at every op; glibc serves those with
+/// fresh `mmap`s (or trims the heap after them), and the kernel zeroes every new page: that
+/// was a third of the CPU time of a distillation step on SmolLM2-135M. A fixed mmap
+/// threshold at glibc's maximum (32 MiB) and no trimming make the heap reuse the memory.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         // --help, --version, and the help shown when no command is given.
@@ -312,6 +640,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before any other thread exists: fixes candle's thread count once (see
+    // liger_model::threads); `--threads` of recover/eval chooses it.
+    liger_model::threads::init(cli.threads());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -63,6 +63,36 @@ impl Progress {
         bar
     }
 
+    /// Whether bars are shown at all (not `--quiet`).
+    pub fn is_enabled(&self) -> bool {
+        self.multi.is_some()
+    }
+
+    /// Prints a line above the bars (plain stderr when stderr is not a terminal).
+    pub fn println(&self, line: &str) {
+        if let Some(m) = &self.multi {
+            if m.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                let _ = m.println(line);
+            }
+        }
+    }
+
+    /// A bar counting training steps, with loss and throughput in its message and an ETA.
+    pub fn train(&self, total: u64, message: impl Into<String>) -> ProgressBar {
+        let bar = self.add(ProgressBar::new(total));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>9.bold} [{bar:30}] {pos:>5}/{len:<5} {elapsed_precise} eta {eta_precise} {wide_msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(message.into());
+        bar
+    }
+
     /// A spinner for a step whose length is unknown (GGUF dequantization).
     pub fn spinner(&self, message: impl Into<String>) -> ProgressBar {
         let bar = self.add(ProgressBar::new_spinner());

@@ -57,8 +57,11 @@ fn main() -> anyhow::Result<()> {
     let mut logits = model.prefill(&ids, &mut state, 512)?;
     let mut out: Vec<u32> = Vec::new();
     let mut shown = 0;
+    // A folder says for itself whether it is a Liger model (converted or recovered).
     let label = if liger {
         "liger-gla (zero-shot)"
+    } else if model.config().liger.is_some() {
+        "liger-gla"
     } else {
         "transformer"
     };

@@ -25,13 +25,27 @@ pub async fn load(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<
         .context("loader task")?
 }
 
+/// Folds a PEFT LoRA adapter into the weights: serving a merged model costs nothing extra
+/// per token, and the adapter (a few MB) can ship apart from the base weights.
+fn merge_adapter(model: &mut liger_model::Model, dir: &Path) -> anyhow::Result<()> {
+    let context = || format!("--adapter {}", dir.display());
+    let (cfg, tensors) = liger_model::lora::load_adapter(dir).with_context(context)?;
+    model.apply_lora(&cfg, &tensors).with_context(context)?;
+    model.merge_lora().with_context(context)?;
+    info!(adapter = %dir.display(), rank = cfg.rank, projections = tensors.len() / 2, "adapter merged");
+    Ok(())
+}
+
 /// Loads a local folder and starts the engine (blocking).
 pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
     let device = select_device(settings.device)?;
     let dtype = resolve_dtype(settings.dtype, &device);
     info!(dir = %dir.display(), ?dtype, device = ?settings.device, "loading weights");
-    let model = liger_model::weights::load_model(dir, dtype, &device)
+    let mut model = liger_model::weights::load_model(dir, dtype, &device)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
+    if let Some(adapter) = &settings.adapter {
+        merge_adapter(&mut model, adapter)?;
+    }
     let cfg = model.config().clone();
     let max_model_len = resolve_max_model_len(settings.max_model_len, &cfg)?;
     let codec = Arc::new(Codec::load(dir, &cfg.eos_token_ids).context("loading the tokenizer")?);
@@ -235,6 +249,57 @@ mod tests {
         #[cfg(not(feature = "metal"))]
         assert!(select_device(DeviceArg::Metal).is_err());
         assert_eq!(resolve_dtype(DTypeArg::Auto, &Device::Cpu), DType::F32);
+    }
+
+    #[test]
+    fn an_adapter_is_merged_and_a_bad_one_is_refused() {
+        use candle_core::Tensor;
+        use liger_model::lora::{self, LoraConfig};
+        use liger_model::testing::{Family, TinyCheckpoint};
+        use liger_model::Logits;
+        let t = TinyCheckpoint::new(Family::Llama, 3).unwrap();
+        let base = t.model(DType::F32).unwrap();
+        // A non-zero adapter (training's init has B = 0, which would prove nothing).
+        let cfg = LoraConfig::liger_default();
+        let mut with = base.clone();
+        let vars = with.attach_lora(&cfg, 7).unwrap();
+        for (_, v) in &vars {
+            v.set(&Tensor::randn(0f32, 0.1, v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        lora::save_adapter(dir.path(), &cfg, &with.lora_tensors(), None).unwrap();
+
+        let logits = |m: &liger_model::Model| {
+            let mut st = m.new_state().unwrap();
+            m.forward(&[1, 5, 9, 2], &mut st, Logits::Last).unwrap()
+        };
+        let mut merged = base.clone();
+        merge_adapter(&mut merged, dir.path()).unwrap();
+        let d = (logits(&merged) - logits(&with))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "merged vs adapter: {d}");
+        let moved = (logits(&merged) - logits(&base))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 1e-3, "the adapter changed nothing");
+
+        let e = merge_adapter(&mut base.clone(), Path::new("/no/such/adapter")).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("--adapter /no/such/adapter"),
+            "{e:#}"
+        );
     }
 
     #[tokio::test]

@@ -46,6 +46,11 @@ pub struct Args {
     /// Hub revision (branch, tag or commit) when --model is a hub id [default: main].
     #[arg(long, env = "LIGER_REVISION")]
     pub revision: Option<String>,
+    /// LoRA adapter folder in PEFT's layout (`adapter_config.json`,
+    /// `adapter_model.safetensors`), e.g. from `liger-convert recover --adapter-only`;
+    /// merged into the weights at load.
+    #[arg(long, env = "LIGER_ADAPTER", value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Name clients must send as `model` [default: the folder name or hub id].
     #[arg(long, env = "LIGER_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -88,6 +93,7 @@ impl Args {
             config: self.config,
             model: self.model.or(file.model),
             revision: self.revision.or(file.revision),
+            adapter: self.adapter.or(file.adapter),
             served_model_name: self.served_model_name.or(file.served_model_name),
             host: self.host.or(file.host),
             port: self.port.or(file.port),
@@ -114,6 +120,7 @@ impl Args {
 pub struct Settings {
     pub model: String,
     pub revision: Option<String>,
+    pub adapter: Option<PathBuf>,
     pub served_model_name: String,
     pub host: String,
     pub port: u16,
@@ -169,6 +176,7 @@ impl Settings {
         Ok(Self {
             model,
             revision: a.revision,
+            adapter: a.adapter,
             served_model_name,
             host: a.host.unwrap_or_else(|| "127.0.0.1".into()),
             port: a.port.unwrap_or(8080),

@@ -1,7 +1,7 @@
 //! A dense projection `y = x W^T (+ b)` over a 2-D batch of rows, with an optional LoRA
 //! adapter (Hu et al., 2021): `y += (alpha / r) * (x A^T) B^T`.
 
-use candle_core::{Module, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::Result;
@@ -83,6 +83,8 @@ impl Module for Linear {
         // The fast path has no backward pass: use it only when no gradient flows through.
         let mut y = if !x.track_op() && super::matvec::applies(x, &self.weight) {
             super::matvec::matvec(x, &self.weight)?
+        } else if x.track_op() && !self.weight.track_op() {
+            frozen_matmul(x, &self.weight)?
         } else {
             x.matmul(&self.weight.t()?)?
         };
@@ -95,5 +97,96 @@ impl Module for Linear {
             y = (y + delta.to_dtype(x.dtype())?)?;
         }
         Ok(y)
+    }
+}
+
+/// `x W^T` for a frozen `W` (not a variable) when `x` carries a gradient (training).
+///
+/// candle's matmul backward computes the gradient of both operands; for a frozen weight
+/// that is a wasted `[in, rows] x [rows, out]` product per projection, a third of the
+/// matmul work of a training step (measured on SmolLM2-135M: the backward of a 2 x 256
+/// token step fell from about 11 s to 7 s on 2 cores). This op passes the gradient to `x`
+/// only. CPU f32 only; other cases take the plain matmul.
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.rank() == 2)
+    {
+        return x.matmul(&w.t()?);
+    }
+    x.contiguous()?
+        .apply_op1(FrozenMatmul { weight: w.clone() })
+}
+
+struct FrozenMatmul {
+    /// `[out, in]`
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("frozen-matmul: f32 input expected")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: contiguous input expected")
+        };
+        let x = Tensor::from_slice(&data[a..b], l.shape(), &candle_core::Device::Cpu)?;
+        let y = x.matmul(&self.weight.t()?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_matmul_passes_the_same_gradient_to_its_input() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let run = |frozen: bool| {
+            let y = if frozen {
+                frozen_matmul(x.as_tensor(), &w).unwrap()
+            } else {
+                x.as_tensor().matmul(&w.t().unwrap()).unwrap()
+            };
+            let loss = (y.clone() * &probe).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap().get(&x).unwrap().clone();
+            (y, g)
+        };
+        let ((y1, g1), (y2, g2)) = (run(true), run(false));
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&y1, &y2) < 1e-5 && diff(&g1, &g2) < 1e-5);
+        // A strided (transposed) input is made contiguous first.
+        let xt = x
+            .as_tensor()
+            .t()
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .t()
+            .unwrap();
+        assert!(!xt.is_contiguous());
+        assert!(diff(&frozen_matmul(&xt, &w).unwrap(), &y2) < 1e-5);
     }
 }

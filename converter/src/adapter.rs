@@ -1,0 +1,160 @@
+//! `apply-adapter`: folds a LoRA adapter (PEFT layout) into a model folder's weights and
+//! writes the result as a plain model folder, servable with no adapter support at all.
+//!
+//! Also home to what `recover` shares with it: choosing the device, the dtype a folder is
+//! stored in, writing a model's (merged) weights, and copying tokenizer files along.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use liger_model::lora;
+use liger_model::Model;
+use serde_json::Value;
+
+use crate::output::{self, PartialDir, WrittenWeights, DEFAULT_SHARD_LIMIT};
+use crate::progress::Progress;
+use crate::source::SIDE_FILES;
+use crate::tensors::TensorSet;
+use crate::{Error, Result};
+
+/// Where training and evaluation run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda if cfg!(feature = "cuda") => Device::new_cuda(0).map_err(|e| {
+                Error::flag(
+                    "--device",
+                    format!("cuda is not usable on this machine ({e})"),
+                )
+            }),
+            DeviceChoice::Cuda => Err(Error::flag(
+                "--device",
+                "this build has no CUDA support (rebuild with `--features cuda`)",
+            )),
+        }
+    }
+}
+
+/// The dtype a folder's weights are stored in (`torch_dtype` of its config; f32 if unset).
+pub fn folder_dtype(dir: &Path) -> Result<DType> {
+    let path = dir.join(liger_model::weights::CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| liger_model::Error::config("config.json", e.to_string()))?;
+    Ok(match v.get("torch_dtype").and_then(Value::as_str) {
+        Some("float16") => DType::F16,
+        Some("bfloat16") => DType::BF16,
+        _ => DType::F32,
+    })
+}
+
+/// Copies the tokenizer and generation files of `src` into `dst`; returns their names.
+pub fn copy_side_files(src: &Path, dst: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    for name in SIDE_FILES {
+        let from = src.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, dst.join(name)).map_err(|e| Error::io(&from, e))?;
+            copied.push((*name).to_owned());
+        }
+    }
+    Ok(copied)
+}
+
+/// Writes `model`'s weights (adapters must be merged first) as `dtype`.
+pub fn write_weights(
+    dir: &Path,
+    model: &Model,
+    dtype: DType,
+    progress: &Progress,
+) -> Result<WrittenWeights> {
+    let weights = model
+        .named_weights()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let set = TensorSet::from_memory(weights)?;
+    output::write_weights(dir, &set, dtype, DEFAULT_SHARD_LIMIT, progress)
+}
+
+/// Copies `config.json` of `src` (byte for byte: the merged model is the same architecture).
+pub fn copy_config(src: &Path, dst: &Path) -> Result<()> {
+    let from = src.join(liger_model::weights::CONFIG_FILE);
+    std::fs::copy(&from, dst.join(liger_model::weights::CONFIG_FILE))
+        .map_err(|e| Error::io(&from, e))?;
+    Ok(())
+}
+
+/// Everything `liger-convert apply-adapter` takes.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// The base model folder the adapter was trained on.
+    pub model: PathBuf,
+    /// Adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
+    pub adapter: PathBuf,
+    pub out: PathBuf,
+    pub force: bool,
+    pub command_line: Option<String>,
+}
+
+/// What `apply-adapter` wrote.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub out: PathBuf,
+    pub adapted: usize,
+    pub dtype: DType,
+    pub weight_files: Vec<String>,
+}
+
+/// Merges `opts.adapter` into `opts.model` and writes `opts.out`.
+pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied> {
+    output::check_destination(&opts.out, opts.force)?;
+    output::check_not_source(&opts.out, &opts.model)?;
+    let (cfg, tensors) = lora::load_adapter(&opts.adapter)?;
+    let dtype = folder_dtype(&opts.model)?;
+    let spinner = progress.spinner("merge");
+    // Merging in f32 then casting once keeps f16/bf16 models from double rounding.
+    let mut model = liger_model::weights::load_model(&opts.model, DType::F32, &Device::Cpu)?;
+    model.apply_lora(&cfg, &tensors)?;
+    let adapted = tensors.len() / 2;
+    model.merge_lora()?;
+    spinner.finish_and_clear();
+    let out = PartialDir::begin(&opts.out, opts.force)?;
+    let dir = out.path().to_path_buf();
+    copy_config(&opts.model, &dir)?;
+    let written = write_weights(&dir, &model, dtype, progress)?;
+    copy_side_files(&opts.model, &dir)?;
+    let mut card = format!(
+        "# {} with a merged LoRA adapter\n\nThis folder is `{}` with the LoRA adapter `{}` \
+         (rank {}, alpha {}, on {}; {adapted} projections) folded into its weights by \
+         `liger-convert apply-adapter` {}. It loads and serves like the base model, with no \
+         adapter support needed.\n",
+        opts.model.file_name().unwrap_or_default().to_string_lossy(),
+        opts.model.display(),
+        opts.adapter.display(),
+        cfg.rank,
+        cfg.alpha,
+        cfg.targets.join(", "),
+        env!("CARGO_PKG_VERSION"),
+    );
+    if let Some(cmd) = &opts.command_line {
+        card.push_str(&format!("\n## How it was made\n\n```sh\n{cmd}\n```\n"));
+    }
+    let readme = dir.join("README.md");
+    std::fs::write(&readme, card).map_err(|e| Error::io(&readme, e))?;
+    let out = out.commit()?;
+    Ok(Applied {
+        out,
+        adapted,
+        dtype,
+        weight_files: written.files,
+    })
+}

@@ -1,0 +1,574 @@
+//! Recovery and evaluation on tiny random models: each stage lowers its loss, the merged
+//! output computes what base + adapter computes, a resumed run ends on the same bits as an
+//! uninterrupted one (and the same seed twice gives the same result), bad data files are
+//! reported on one line, and a model evaluated against itself scores ratio 1 and 100%.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use common::*;
+use liger_converter::recover::StageChoice;
+use liger_converter::{EvalOptions, Progress, RecoverOptions};
+use liger_model::lora;
+use liger_model::testing::{Family, TinyCheckpoint};
+use liger_model::LigerConfig;
+use serde_json::json;
+
+/// Characters of the tiny tokenizer, after the three special tokens (ids 0-2) and the
+/// unknown-character token (id 3): 57 more, 61 in all (the tiny models' vocabulary).
+const CHARS: &str = "abcdefghijklmnopqrstuvwxyz .,!?'\n0123456789ABCDEFGHIJTW:-";
+
+/// A character-level tokenizer with ChatML's special tokens, as `tokenizer.json`.
+fn tokenizer_json() -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "~"]
+        .iter()
+        .enumerate()
+    {
+        vocab.insert((*t).to_owned(), json!(i));
+    }
+    for (i, c) in CHARS.chars().enumerate() {
+        vocab.insert(c.to_string(), json!(i + 4));
+    }
+    assert_eq!(vocab.len(), 61);
+    let added: Vec<_> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": "~", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab, "merges": []}
+    })
+}
+
+/// `root/teacher` (tiny Llama) and `root/student` (its Liger conversion), with tokenizers.
+fn pair(root: &Path) -> (PathBuf, PathBuf) {
+    single_threaded();
+    let (t, s) = (root.join("teacher"), root.join("student"));
+    let ck = TinyCheckpoint::new(Family::Llama, 5).unwrap();
+    ck.write_folder(&t).unwrap();
+    let liger = LigerConfig {
+        window: 3,
+        ..Default::default()
+    };
+    TinyCheckpoint::new(Family::Llama, 5)
+        .unwrap()
+        .with_liger(&liger)
+        .write_folder(&s)
+        .unwrap();
+    for d in [&t, &s] {
+        std::fs::write(d.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
+        std::fs::write(
+            d.join("tokenizer_config.json"),
+            r#"{"eos_token": "<|im_end|>"}"#,
+        )
+        .unwrap();
+    }
+    (t, s)
+}
+
+const TEXT: &str =
+    "the quick brown fox jumps over the lazy dog. a cat sat on the mat, and the dog ran off!\n\
+    we test small models with short text: it is fast, and it is enough to see a loss go down.\n";
+
+/// A text file and a JSON Lines file of conversations.
+fn data(root: &Path) -> Vec<PathBuf> {
+    let txt = root.join("train.txt");
+    std::fs::write(&txt, TEXT.repeat(2)).unwrap();
+    let jsonl = root.join("chat.jsonl");
+    let lines = [
+        json!({"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi there, friend!"}]}),
+        json!({"messages": [{"role": "user", "content": "count to five"}, {"role": "assistant", "content": "1, 2, 3, 4, 5."}]}),
+        json!({"text": "plain text in a json line works too."}),
+    ];
+    std::fs::write(&jsonl, lines.map(|l| l.to_string()).join("\n")).unwrap();
+    vec![txt, jsonl]
+}
+
+/// One candle thread per test (tests already run side by side; on a busy machine candle's
+/// spinning thread pool is much slower than one thread). Child processes inherit it.
+fn single_threaded() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("RAYON_NUM_THREADS", "1"));
+}
+
+fn options(root: &Path, out: &str, stage: StageChoice) -> RecoverOptions {
+    single_threaded();
+    let (t, s) = pair(root);
+    let mut o = RecoverOptions::new(t, s, data(root), root.join(out));
+    o.stage = stage;
+    o.seq_len = 32;
+    o.batch = 2;
+    o.steps = Some(4);
+    o.checkpoint_every = 2;
+    o.adapter_only = true;
+    o
+}
+
+fn recovery_json(dir: &Path) -> serde_json::Value {
+    read_json(&dir.join("recovery.json"))
+}
+
+fn losses(v: &serde_json::Value, stage: usize) -> Vec<f64> {
+    v["stages"][stage]["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn each_stage_lowers_its_loss() {
+    for (stage, lr) in [
+        (StageChoice::Transfer, 1e-2),
+        (StageChoice::Distill, 1e-2),
+        (StageChoice::Lm, 1e-2),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let mut o = options(root.path(), "out", stage);
+        // One batch holding all the data, so every step sees the same examples.
+        o.seq_len = 512;
+        o.batch = 4;
+        o.steps = Some(8);
+        o.lr = Some(lr);
+        let s = liger_converter::recover(&o, &Progress::hidden()).unwrap();
+        let v = recovery_json(&s.out);
+        let l = losses(&v, 0);
+        assert_eq!(l.len(), 8);
+        assert!(
+            l[7] < 0.9 * l[0],
+            "{stage:?}: loss {} -> {} did not fall",
+            l[0],
+            l[7]
+        );
+        if stage == StageChoice::Transfer {
+            // Every Liger layer improved, and the per-layer record is there.
+            let layers = v["stages"][0]["layers"].as_array().unwrap();
+            assert_eq!(layers.len(), 3);
+            for x in layers {
+                assert!(x["last"].as_f64() < x["first"].as_f64(), "{x}");
+            }
+        }
+        let names = entries(&s.out);
+        assert_eq!(
+            names,
+            [
+                "README.md",
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "recovery.json"
+            ]
+        );
+    }
+}
+
+#[test]
+fn merged_output_computes_base_plus_adapter() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let mut o = options(r, "adapter", StageChoice::All);
+    o.steps = Some(3);
+    o.lr = Some(1e-2);
+    liger_converter::recover(&o, &Progress::hidden()).unwrap();
+    o.adapter_only = false;
+    o.out = r.join("merged");
+    liger_converter::recover(&o, &Progress::hidden()).unwrap();
+
+    let merged_dir = r.join("merged");
+    assert_eq!(
+        entries(&merged_dir),
+        [
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "recovery.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    assert!(read_json(&merged_dir.join("config.json"))["liger"].is_object());
+    let merged = load(&merged_dir, DType::F32);
+    let mut base = load(&o.student, DType::F32);
+    let (cfg, tensors) = lora::load_adapter(&r.join("adapter")).unwrap();
+    assert_eq!(tensors.len(), 3 * 3 * 2);
+    base.apply_lora(&cfg, &tensors).unwrap();
+    let toks = tokens(40, 61, 9);
+    let (a, b) = (logits(&merged, &toks), logits(&base, &toks));
+    let diff = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "merged vs base + adapter: {diff}");
+    // The adapter moved the model away from the zero-shot conversion.
+    let zero_shot = logits(&load(&o.student, DType::F32), &toks);
+    let moved = a
+        .iter()
+        .flatten()
+        .zip(zero_shot.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "{moved}");
+
+    // apply-adapter gives the same folder contents as recover's merge.
+    let applied = r.join("applied");
+    run_ok(&[
+        "apply-adapter",
+        "--model",
+        o.student.to_str().unwrap(),
+        "--adapter",
+        r.join("adapter").to_str().unwrap(),
+        "--out",
+        applied.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let c = logits(&load(&applied, DType::F32), &toks);
+    let diff = a
+        .iter()
+        .flatten()
+        .zip(c.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "apply-adapter vs merged: {diff}");
+    assert!(applied.join("tokenizer.json").is_file());
+
+    // eval --adapter on the base equals eval of the merged model.
+    let mut e = EvalOptions::new(&merged_dir, data(r));
+    e.seq_len = 64;
+    let m = liger_converter::evaluate(&e, &Progress::hidden()).unwrap();
+    e.model = o.student.clone();
+    e.adapter = Some(r.join("adapter"));
+    let a = liger_converter::evaluate(&e, &Progress::hidden()).unwrap();
+    assert!(
+        (m.model.nll - a.model.nll).abs() < 1e-4,
+        "{} vs {}",
+        m.model.nll,
+        a.model.nll
+    );
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(lora::ADAPTER_WEIGHTS)).unwrap()
+}
+
+#[test]
+fn resumed_runs_end_on_the_same_bits() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let mut o = options(r, "full", StageChoice::All);
+    o.self_distill = 3;
+    o.self_distill_tokens = 6;
+    let full = liger_converter::recover(&o, &Progress::hidden()).unwrap();
+    let want = adapter_bytes(&full.out);
+
+    // Same seed again: same bits. Another seed: different ones.
+    o.out = r.join("again");
+    assert_eq!(
+        adapter_bytes(
+            &liger_converter::recover(&o, &Progress::hidden())
+                .unwrap()
+                .out
+        ),
+        want
+    );
+    o.out = r.join("other-seed");
+    o.seed = 1;
+    assert_ne!(
+        adapter_bytes(
+            &liger_converter::recover(&o, &Progress::hidden())
+                .unwrap()
+                .out
+        ),
+        want
+    );
+    o.seed = 0;
+
+    // Interrupted mid-transfer (step 3: the last checkpoint is step 2), in distill (step 6 of
+    // 8), and right at the stage boundary (step 4): each resume ends on the same bits.
+    for (name, stop) in [("mid-transfer", 3), ("mid-distill", 6), ("boundary", 4)] {
+        o.out = r.join(name);
+        o.stop_after = Some(stop);
+        let err = liger_converter::recover(&o, &Progress::hidden()).unwrap_err();
+        assert!(err.to_string().contains("--resume"), "{err}");
+        assert!(!o.out.exists());
+        let ckpt = r.join(format!("{name}.ckpt"));
+        assert!(ckpt.join("latest/meta.json").is_file());
+        assert!(ckpt.join("selfdistill.jsonl").is_file());
+
+        // Without --resume the checkpoint is not silently overwritten.
+        o.stop_after = None;
+        let err = liger_converter::recover(&o, &Progress::hidden()).unwrap_err();
+        assert!(err.to_string().contains("--resume"), "{err}");
+
+        o.resume = true;
+        let s = liger_converter::recover(&o, &Progress::hidden()).unwrap();
+        o.resume = false;
+        assert!(s.resumed);
+        assert_eq!(adapter_bytes(&s.out), want, "{name}: resumed run differs");
+        assert!(!ckpt.exists(), "the checkpoint is removed after success");
+        let v = recovery_json(&s.out);
+        assert_eq!(losses(&v, 0).len(), 4);
+        assert_eq!(losses(&v, 1).len(), 4);
+    }
+}
+
+#[test]
+fn resume_refuses_other_settings() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let mut o = options(r, "out", StageChoice::Transfer);
+    o.stop_after = Some(2);
+    liger_converter::recover(&o, &Progress::hidden()).unwrap_err();
+    o.stop_after = None;
+    o.resume = true;
+    o.seed = 7;
+    let err = liger_converter::recover(&o, &Progress::hidden())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("seed: 0 vs 7"), "{err}");
+}
+
+#[test]
+fn the_cli_runs_recover_with_resume() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let (t, s) = pair(r);
+    let files = data(r);
+    let out = r.join("out");
+    let base = |extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "recover",
+            "--teacher",
+            t.to_str().unwrap(),
+            "--student",
+            s.to_str().unwrap(),
+            "--data",
+            files[0].to_str().unwrap(),
+            files[1].to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--stage",
+            "lm",
+            "--steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch",
+            "2",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--targets",
+            "q_proj,v_proj",
+            "--quiet",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let args = base(&["--stop-after", "2"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_err(&refs, &["stopped after 2 steps", "--resume"]);
+    let args = base(&["--resume"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(&refs);
+    let model = load(&out, DType::F32);
+    assert_eq!(model.config().vocab_size, 61);
+    assert!(std::fs::read_to_string(out.join("README.md"))
+        .unwrap()
+        .contains("--stage lm"));
+    let cfg = read_json(&out.join("recovery.json"));
+    assert_eq!(cfg["lora"]["rank"], 4);
+    assert_eq!(cfg["lora"]["targets"], json!(["q_proj", "v_proj"]));
+}
+
+#[test]
+fn bad_data_files_are_named_on_one_line() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let (t, s) = pair(r);
+    let out = r.join("out");
+    let check = |name: &str, body: Option<&[u8]>, needles: &[&str]| {
+        let f = r.join(name);
+        if let Some(b) = body {
+            std::fs::write(&f, b).unwrap();
+        }
+        run_err(
+            &[
+                "recover",
+                "--teacher",
+                t.to_str().unwrap(),
+                "--student",
+                s.to_str().unwrap(),
+                "--data",
+                f.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--quiet",
+            ],
+            needles,
+        );
+        assert!(!out.exists());
+        assert!(!r.join("out.ckpt").exists());
+    };
+    check("missing.txt", None, &["missing.txt", "no such file"]);
+    check("empty.txt", Some(b"\n \n"), &["empty.txt", "empty"]);
+    check(
+        "bad.jsonl",
+        Some(b"{\"text\": \"ok\"}\n{\"text\": oops}\n"),
+        &["bad.jsonl", "line 2", "invalid JSON"],
+    );
+    check(
+        "norole.jsonl",
+        Some(br#"{"messages": [{"role": "user", "content": "hi"}, {"content": "x"}]}"#),
+        &["norole.jsonl", "line 1", "messages[1] has no `role`"],
+    );
+    check(
+        "latin1.txt",
+        Some(b"caf\xe9\n"),
+        &["latin1.txt", "not UTF-8", "line 1"],
+    );
+    check(
+        "what.jsonl",
+        Some(br#"{"input": "x"}"#),
+        &["what.jsonl", "line 1", "`text`, `messages` or `prompt`"],
+    );
+    // Flags.
+    run_err(
+        &[
+            "recover",
+            "--teacher",
+            t.to_str().unwrap(),
+            "--student",
+            t.to_str().unwrap(),
+            "--data",
+            r.join("empty.txt").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &["--student", "not a Liger conversion"],
+    );
+    run_err(
+        &[
+            "recover",
+            "--teacher",
+            t.to_str().unwrap(),
+            "--student",
+            s.to_str().unwrap(),
+            "--self-distill",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cuda",
+            "--quiet",
+        ],
+        &["--device"],
+    );
+}
+
+#[test]
+fn eval_of_a_model_against_itself_is_perfect() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let (t, s) = pair(r);
+    let files = data(r);
+    let json_out = run_ok(&[
+        "eval",
+        "--model",
+        s.to_str().unwrap(),
+        "--reference",
+        s.to_str().unwrap(),
+        "--data",
+        files[0].to_str().unwrap(),
+        files[1].to_str().unwrap(),
+        "--seq-len",
+        "64",
+        "--json",
+        "--quiet",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert!(
+        (v["perplexity_ratio"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{v}"
+    );
+    assert_eq!(v["agreement"].as_f64().unwrap(), 1.0);
+    assert!(v["kl"].as_f64().unwrap().abs() < 1e-6);
+    assert!(v["tokens"].as_u64().unwrap() > 100);
+
+    // Against the teacher: a real gap, shown as a table.
+    let table = run_ok(&[
+        "eval",
+        "--model",
+        s.to_str().unwrap(),
+        "--reference",
+        t.to_str().unwrap(),
+        "--data",
+        files[0].to_str().unwrap(),
+        "--quiet",
+    ]);
+    for needle in ["perplexity ratio", "top-1 agreement", "KL(ref || model)"] {
+        assert!(table.contains(needle), "{table}");
+    }
+    // Without a reference: perplexity only.
+    let mut e = EvalOptions::new(&t, vec![files[0].clone()]);
+    e.device = liger_converter::DeviceChoice::Cpu;
+    let rep = liger_converter::evaluate(&e, &Progress::hidden()).unwrap();
+    assert!(rep.reference.is_none() && rep.agreement.is_none());
+    assert!(rep.model.perplexity > 1.0);
+    let _ = Device::Cpu;
+}
+
+#[test]
+fn init_adapter_continues_where_an_earlier_run_stopped() {
+    let root = tempfile::tempdir().unwrap();
+    let mut first = options(root.path(), "first", StageChoice::Distill);
+    first.seq_len = 512;
+    first.batch = 4;
+    first.steps = Some(6);
+    first.lr = Some(1e-2);
+    let a = liger_converter::recover(&first, &Progress::hidden()).unwrap();
+    let trained = losses(&recovery_json(&a.out), 0);
+
+    // The same data and schedule, started from the first run's adapter: its first loss is
+    // where the first run ended, not where a fresh adapter starts.
+    let mut second = first.clone();
+    second.out = root.path().join("second");
+    second.init_adapter = Some(a.out.clone());
+    let b = liger_converter::recover(&second, &Progress::hidden()).unwrap();
+    let continued = losses(&recovery_json(&b.out), 0);
+    assert!(
+        continued[0] < 0.95 * trained[0] && continued[0] <= trained[5] * 1.05,
+        "fresh start {} -> {}; continued from {}",
+        trained[0],
+        trained[5],
+        continued[0]
+    );
+
+    // An adapter of another shape is refused by name.
+    let mut wrong = second.clone();
+    wrong.out = root.path().join("wrong");
+    wrong.lora.rank = 4;
+    wrong.lora.alpha = 4.0;
+    let e = liger_converter::recover(&wrong, &Progress::hidden())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--init-adapter") && e.contains("rank 8"), "{e}");
+    assert!(!root.path().join("wrong").exists());
+}
