@@ -15,11 +15,14 @@
 //! Persistence: with a directory, every snapshot is also written to disk (checked by model
 //! fingerprint and a checksum), and a new cache over the same directory indexes those files,
 //! so a restarted server, or another replica of the same model, resumes the conversations.
-//! A file that fails any check is ignored with a warning, never trusted.
+//! A file that fails any check is ignored with a warning, never trusted. Files are written
+//! by a background thread, so a server's engine thread never waits on the disk.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
@@ -81,6 +84,85 @@ struct Disk {
     spec: StateSpec,
     /// Identifies the model: snapshots of another model are never used.
     model_id: String,
+    writer: Writer,
+}
+
+/// A snapshot to write.
+struct Job {
+    path: PathBuf,
+    model_id: String,
+    tokens: Vec<u32>,
+    state: SequenceState,
+}
+
+/// The background thread that serializes and writes snapshots, in order.
+struct Writer {
+    tx: Option<mpsc::Sender<Job>>,
+    /// Jobs sent and not yet written, with a condition to wait for zero.
+    pending: Arc<(Mutex<usize>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    fn start() -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let counter = pending.clone();
+        let thread = std::thread::Builder::new()
+            .name("liger-state-writer".into())
+            .spawn(move || {
+                for job in rx {
+                    if let Err(e) = write_snapshot(&job) {
+                        tracing::warn!(error = %e, "could not persist a state snapshot");
+                    }
+                    let (count, done) = &*counter;
+                    let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+                    *n -= 1;
+                    done.notify_all();
+                }
+            })
+            .map_err(|e| Error::io(Path::new("liger-state-writer thread"), e))?;
+        Ok(Self {
+            tx: Some(tx),
+            pending,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, job: Job) {
+        let (count, _) = &*self.pending;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        if !sent {
+            *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            tracing::warn!("the state writer thread is gone; snapshot not persisted");
+        }
+    }
+
+    /// Waits until every snapshot sent so far is on disk (or failed).
+    fn flush(&self) {
+        let (count, done) = &*self.pending;
+        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = done.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// Finishes the queued writes: a server shutting down keeps what it promised to keep.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl StateCache {
@@ -109,6 +191,7 @@ impl StateCache {
             dir: dir.to_path_buf(),
             spec,
             model_id: model_id.to_string(),
+            writer: Writer::start()?,
         });
         let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
         for e in entries.flatten() {
@@ -145,6 +228,13 @@ impl StateCache {
         self.budget_bytes
     }
 
+    /// Waits until every snapshot inserted so far is written to the directory (if any).
+    pub fn flush(&self) {
+        if let Some(d) = &self.disk {
+            d.writer.flush();
+        }
+    }
+
     /// The longest cached prefix of `prompt` that leaves at least one token to process (the
     /// model must see a token to produce the next one's logits).
     pub fn lookup(&mut self, prompt: &[u32]) -> Option<Hit> {
@@ -166,6 +256,14 @@ impl StateCache {
         None
     }
 
+    /// How many leading tokens of `tokens` some stored key shares (whether or not a snapshot
+    /// sits exactly there). A request that diverges from a cached conversation at this point
+    /// should store a snapshot here: the next request with the same prefix (a system prompt,
+    /// a few-shot header) then resumes from it.
+    pub fn shared_prefix(&self, tokens: &[u32]) -> usize {
+        self.root.shared_prefix(tokens)
+    }
+
     /// Stores a snapshot of `state`, which has consumed exactly `tokens`.
     pub fn insert(&mut self, tokens: &[u32], state: &SequenceState) -> Result<()> {
         if tokens.is_empty() || state.position() != tokens.len() {
@@ -181,9 +279,13 @@ impl StateCache {
         }
         self.clock += 1;
         if let Some(disk) = &self.disk {
-            if let Err(e) = write_snapshot(disk, tokens, state) {
-                tracing::warn!(error = %e, "could not persist a state snapshot");
-            }
+            // A clone is cheap (copy-on-write); the writer thread serializes it.
+            disk.writer.send(Job {
+                path: snapshot_path(disk, tokens),
+                model_id: disk.model_id.clone(),
+                tokens: tokens.to_vec(),
+                state: state.clone(),
+            });
         }
         let clock = self.clock;
         let node = self.root.insert_path(tokens);
@@ -227,6 +329,8 @@ impl StateCache {
             return Some(s.clone());
         }
         let disk = self.disk.as_ref()?;
+        // Its file may still be on its way to the disk.
+        disk.writer.flush();
         match read_snapshot(disk, tokens) {
             Ok(state) => {
                 entry.bytes = state.size_bytes();
@@ -314,6 +418,27 @@ impl Node {
         child.find_mut(&tokens[n..])
     }
 
+    fn shared_prefix(&self, tokens: &[u32]) -> usize {
+        let (mut node, mut depth) = (self, 0);
+        loop {
+            let Some(child) = tokens.get(depth).and_then(|t| node.children.get(t)) else {
+                return depth;
+            };
+            let rest = &tokens[depth..];
+            let common = child
+                .edge
+                .iter()
+                .zip(rest)
+                .take_while(|(a, b)| a == b)
+                .count();
+            depth += common;
+            if common < child.edge.len() {
+                return depth;
+            }
+            node = child;
+        }
+    }
+
     /// Lengths of the prefixes of `tokens` that have an entry, shortest first.
     fn prefixes_with_entries(&self, tokens: &[u32]) -> Vec<usize> {
         let mut out = Vec::new();
@@ -397,11 +522,11 @@ fn snapshot_path(disk: &Disk, tokens: &[u32]) -> PathBuf {
 
 /// File layout: MAGIC, u32 header length, header JSON {model_id, tokens, sha256 of the state
 /// bytes}, then the state bytes ([`SequenceState::to_bytes`]).
-fn write_snapshot(disk: &Disk, tokens: &[u32], state: &SequenceState) -> Result<()> {
-    let body = state.to_bytes()?;
+fn write_snapshot(job: &Job) -> Result<()> {
+    let body = job.state.to_bytes()?;
     let header = serde_json::json!({
-        "model_id": disk.model_id,
-        "tokens": tokens,
+        "model_id": job.model_id,
+        "tokens": job.tokens,
         "sha256": hex(&Sha256::digest(&body)),
     })
     .to_string();
@@ -410,11 +535,11 @@ fn write_snapshot(disk: &Disk, tokens: &[u32], state: &SequenceState) -> Result<
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(&body);
-    let path = snapshot_path(disk, tokens);
+    let path = &job.path;
     // Write then rename, so a crash never leaves a half-written snapshot under the real name.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, &out).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 fn parse_header(bytes: &[u8]) -> std::result::Result<(serde_json::Value, usize), String> {

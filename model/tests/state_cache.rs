@@ -102,6 +102,12 @@ fn shared_prefixes_branch_and_never_match_other_tokens() {
     let mut other = system.clone();
     other[3] = (other[3] + 1) % 61;
     assert!(cache.lookup(&other).is_none());
+    // Where a prompt leaves the stored keys, whether or not a snapshot sits there.
+    assert_eq!(cache.shared_prefix(&other), 3);
+    assert_eq!(cache.shared_prefix(&a), a.len());
+    let c = [system.clone(), vec![a[10]], tokens(9, 3)].concat();
+    assert_eq!(cache.shared_prefix(&c), system.len() + 1);
+    assert_eq!(cache.shared_prefix(&[]), 0);
 }
 
 #[test]
@@ -207,4 +213,37 @@ fn transformer_snapshots_carry_their_kv_cache() {
         convo.extend(tokens(41 + turn, 4));
     }
     assert_eq!(cache.stats().hits, 2);
+}
+
+#[test]
+fn an_evicted_snapshot_comes_back_from_disk_while_writes_are_in_flight() {
+    let m = model(7);
+    let id = m.fingerprint().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let one = m.state_spec().bytes_at(9);
+    // Room for one snapshot in memory: the second insert evicts the first to disk.
+    let mut cache =
+        StateCache::with_dir(one + one / 2, dir.path(), m.state_spec().clone(), &id).unwrap();
+    let (a, b) = (tokens(40, 9), tokens(41, 9));
+    serve(&m, &mut cache, &a);
+    serve(&m, &mut cache, &b);
+    assert_eq!(cache.stats().entries, 1);
+    assert_eq!(cache.stats().evictions, 1);
+    // No flush here: the lookup itself waits for the background write.
+    let next = [a.clone(), tokens(42, 4)].concat();
+    let (logits, hit) = serve(&m, &mut cache, &next);
+    assert_eq!(hit, a.len(), "reloaded from disk");
+    assert!(max_diff(&logits, &uncached(&m, &next)) < 1e-4);
+    cache.flush();
+    let files = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|f| {
+            f.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "state")
+        })
+        .count();
+    assert_eq!(files, 3);
 }

@@ -11,7 +11,7 @@ use liger_model::ModelConfig;
 use tracing::info;
 
 use crate::api::{Limits, Ready};
-use crate::engine::{EngineOptions, LocalEngine};
+use crate::engine::{EngineOptions, LocalEngine, StateCacheOptions};
 use crate::metrics::Metrics;
 use crate::settings::{DTypeArg, DeviceArg, Settings};
 use crate::text::Codec;
@@ -71,6 +71,10 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
         max_waiting: settings.max_waiting,
         max_batch_tokens: settings.max_batch_tokens,
         max_model_len,
+        state_cache: StateCacheOptions {
+            budget_bytes: settings.state_cache_bytes,
+            dir: settings.state_cache_dir.clone(),
+        },
     };
     let limits = Limits {
         max_model_len,

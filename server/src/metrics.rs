@@ -88,6 +88,13 @@ pub struct Metrics {
     pub step_failures: AtomicU64,
     /// Requests dropped because their client went away.
     pub cancelled: AtomicU64,
+    /// The conversation state cache (mirrors of its own counters, published each step).
+    pub state_cache_hits: AtomicU64,
+    pub state_cache_misses: AtomicU64,
+    pub state_cache_hit_tokens: AtomicU64,
+    pub state_cache_evictions: AtomicU64,
+    pub state_cache_bytes: AtomicU64,
+    pub state_cache_entries: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -107,6 +114,12 @@ impl Default for Metrics {
             steps: AtomicU64::new(0),
             step_failures: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            state_cache_hits: AtomicU64::new(0),
+            state_cache_misses: AtomicU64::new(0),
+            state_cache_hit_tokens: AtomicU64::new(0),
+            state_cache_evictions: AtomicU64::new(0),
+            state_cache_bytes: AtomicU64::new(0),
+            state_cache_entries: AtomicU64::new(0),
         }
     }
 }
@@ -151,7 +164,7 @@ impl Metrics {
             "liger_engine_step_seconds",
             "Duration of one batched engine step.",
         );
-        let series: [(&str, &str, &str, &AtomicU64); 10] = [
+        let series: [(&str, &str, &str, &AtomicU64); 16] = [
             (
                 "liger_running_sequences",
                 "gauge",
@@ -211,6 +224,42 @@ impl Metrics {
                 "counter",
                 "Requests dropped after the client went away.",
                 &self.cancelled,
+            ),
+            (
+                "liger_state_cache_hits_total",
+                "counter",
+                "Requests that resumed from a cached state.",
+                &self.state_cache_hits,
+            ),
+            (
+                "liger_state_cache_misses_total",
+                "counter",
+                "Requests that found no cached prefix of their prompt.",
+                &self.state_cache_misses,
+            ),
+            (
+                "liger_state_cache_hit_tokens_total",
+                "counter",
+                "Prompt tokens not recomputed thanks to the state cache.",
+                &self.state_cache_hit_tokens,
+            ),
+            (
+                "liger_state_cache_evictions_total",
+                "counter",
+                "Snapshots evicted from memory to stay within --state-cache-mb.",
+                &self.state_cache_evictions,
+            ),
+            (
+                "liger_state_cache_bytes",
+                "gauge",
+                "Bytes of state snapshots held in memory.",
+                &self.state_cache_bytes,
+            ),
+            (
+                "liger_state_cache_entries",
+                "gauge",
+                "State snapshots held in memory.",
+                &self.state_cache_entries,
             ),
         ];
         for (name, kind, help, v) in series {

@@ -84,6 +84,13 @@ pub struct Args {
     /// Largest request body in bytes [default: 4194304].
     #[arg(long, env = "LIGER_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Memory for cached conversation states, in MiB; 0 turns the cache off [default: 512].
+    #[arg(long, env = "LIGER_STATE_CACHE_MB")]
+    pub state_cache_mb: Option<usize>,
+    /// Also keep cached states in this folder, so a restarted server (or a replica of the
+    /// same model) resumes conversations [default: memory only].
+    #[arg(long, env = "LIGER_STATE_CACHE_DIR", value_name = "DIR")]
+    pub state_cache_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -105,6 +112,8 @@ impl Args {
             max_model_len: self.max_model_len.or(file.max_model_len),
             api_key: self.api_key.or(file.api_key),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            state_cache_mb: self.state_cache_mb.or(file.state_cache_mb),
+            state_cache_dir: self.state_cache_dir.or(file.state_cache_dir),
         }
     }
 
@@ -132,6 +141,9 @@ pub struct Settings {
     pub max_model_len: Option<usize>,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
+    /// 0: no state cache.
+    pub state_cache_bytes: usize,
+    pub state_cache_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -173,6 +185,13 @@ impl Settings {
         if a.max_model_len == Some(0) {
             bail!("--max-model-len must be at least 1");
         }
+        let state_cache_mb = a.state_cache_mb.unwrap_or(512);
+        let Some(state_cache_bytes) = state_cache_mb.checked_mul(1 << 20) else {
+            bail!("--state-cache-mb {state_cache_mb} is too large");
+        };
+        if state_cache_bytes == 0 && a.state_cache_dir.is_some() {
+            bail!("--state-cache-dir needs the state cache on (--state-cache-mb above 0)");
+        }
         Ok(Self {
             model,
             revision: a.revision,
@@ -188,6 +207,8 @@ impl Settings {
             max_model_len: a.max_model_len,
             api_key: a.api_key.filter(|k| !k.is_empty()),
             max_body_bytes,
+            state_cache_bytes,
+            state_cache_dir: a.state_cache_dir,
         })
     }
 }

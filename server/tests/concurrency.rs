@@ -221,6 +221,7 @@ async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
         max_waiting: 8,
         max_batch_tokens: 64,
         max_model_len: 256,
+        state_cache: Default::default(),
     };
     let engine = LocalEngine::start(model, codec, options, metrics.clone()).unwrap();
     let request = |prompt: Vec<u32>| GenerationRequest {

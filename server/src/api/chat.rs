@@ -82,6 +82,7 @@ pub async fn chat_completions(
                 tokens_as_ids: req.common.tokens_as_ids,
                 prompt_tokens: prompt_len,
                 completion_tokens: 0,
+                cached_tokens: 0,
                 done: Completeness::new(req.common.n),
             };
             return Ok(sse_response(vec![rx], chunker));
@@ -91,7 +92,7 @@ pub async fn chat_completions(
             codec: &ready.codec,
             as_ids: req.common.tokens_as_ids,
         };
-        let usage = Usage::new(prompt_len, out.completion_tokens());
+        let usage = Usage::new(prompt_len, out.completion_tokens(), out.cached_tokens);
         let choices = out
             .choices
             .into_iter()
@@ -136,6 +137,7 @@ struct ChatChunker {
     tokens_as_ids: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
     done: Completeness,
 }
 
@@ -173,6 +175,10 @@ impl Chunker for ChatChunker {
 
     fn event(&mut self, _prompt: usize, event: Event) -> Vec<Value> {
         match event {
+            Event::Cached(n) => {
+                self.cached_tokens += n;
+                Vec::new()
+            }
             Event::Prompt(_) => Vec::new(),
             Event::Token {
                 choice,
@@ -218,7 +224,11 @@ impl Chunker for ChatChunker {
         let mut out: Vec<Value> = self.done.error_at_end().into_iter().collect();
         if self.include_usage {
             let mut c = self.chunk(json!([]));
-            c["usage"] = json!(Usage::new(self.prompt_tokens, self.completion_tokens));
+            c["usage"] = json!(Usage::new(
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.cached_tokens,
+            ));
             out.push(c);
         }
         out

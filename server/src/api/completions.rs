@@ -128,15 +128,17 @@ pub async fn completions(
                 offsets,
                 prompt_tokens,
                 completion_tokens: 0,
+                cached_tokens: 0,
                 done: Completeness::new(req.common.n * req.prompts.len()),
             };
             return Ok(sse_response(receivers, chunker));
         }
         let mut choices = Vec::new();
-        let mut completion_tokens = 0;
+        let (mut completion_tokens, mut cached_tokens) = (0, 0);
         for (p, (rx, prep)) in receivers.into_iter().zip(&prepared).enumerate() {
             let out = collect(rx, req.common.n).await?;
             completion_tokens += out.completion_tokens();
+            cached_tokens += out.cached_tokens;
             for (i, c) in out.choices.iter().enumerate() {
                 let mut offset = if req.echo {
                     0
@@ -178,7 +180,7 @@ pub async fn completions(
             created,
             model,
             choices,
-            usage: Usage::new(prompt_tokens, completion_tokens),
+            usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
         };
         Ok(Json(body).into_response())
     }
@@ -201,6 +203,7 @@ struct CompletionChunker {
     offsets: Vec<usize>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
     done: Completeness,
 }
 
@@ -257,6 +260,10 @@ impl Chunker for CompletionChunker {
 
     fn event(&mut self, p: usize, event: Event) -> Vec<Value> {
         match event {
+            Event::Cached(n) => {
+                self.cached_tokens += n;
+                Vec::new()
+            }
             Event::Prompt(lps) => {
                 if self.echo {
                     let names = self.names();
@@ -308,7 +315,11 @@ impl Chunker for CompletionChunker {
     fn end(&mut self) -> Vec<Value> {
         let mut out: Vec<Value> = self.done.error_at_end().into_iter().collect();
         if self.include_usage {
-            let usage = Usage::new(self.prompt_tokens, self.completion_tokens);
+            let usage = Usage::new(
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.cached_tokens,
+            );
             out.push(json!({
                 "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage,

@@ -15,14 +15,23 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// As OpenAI reports it: prompt tokens served from the cache (here: the conversation state
+/// cache) instead of being read again.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
         }
     }
 }
@@ -156,6 +165,8 @@ pub struct ChoiceOutput {
 /// Everything a request produced.
 #[derive(Debug, Clone, Default)]
 pub struct Collected {
+    /// Prompt tokens resumed from the state cache.
+    pub cached_tokens: usize,
     pub prompt_logprobs: Vec<TokenLogprob>,
     pub choices: Vec<ChoiceOutput>,
 }
@@ -169,11 +180,13 @@ impl Collected {
 /// Waits for every choice to finish.
 pub async fn collect(mut rx: EventReceiver, n: usize) -> Result<Collected, ApiError> {
     let mut out = Collected {
+        cached_tokens: 0,
         prompt_logprobs: Vec::new(),
         choices: vec![ChoiceOutput::default(); n],
     };
     while let Some(event) = rx.recv().await {
         match event {
+            Event::Cached(n) => out.cached_tokens += n,
             Event::Prompt(lps) => out.prompt_logprobs = lps,
             Event::Token {
                 choice,

@@ -2,10 +2,12 @@
 //! thread (see [`super::worker`]) and [`Engine::submit`] queues requests for it, enforcing
 //! the waiting-queue limit at the door so overload is answered at once with 429.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use liger_model::cache::StateCache;
 use liger_model::{Model, StatePool};
 use tokio::sync::mpsc as tokio_mpsc;
 
@@ -15,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::text::Codec;
 
 /// Engine limits, from the server settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// State slots: sequences decoding or prefilling at once.
     pub max_running: usize,
@@ -25,6 +27,33 @@ pub struct EngineOptions {
     pub max_batch_tokens: usize,
     /// Prompt plus generated tokens per sequence.
     pub max_model_len: usize,
+    pub state_cache: StateCacheOptions,
+}
+
+/// The conversation state cache (see [`liger_model::cache`]).
+#[derive(Debug, Clone, Default)]
+pub struct StateCacheOptions {
+    /// Bytes of snapshots kept in memory; 0 turns the cache off.
+    pub budget_bytes: usize,
+    /// Also keep snapshots here, for restarts and replicas of the same model.
+    pub dir: Option<PathBuf>,
+}
+
+impl StateCacheOptions {
+    /// The cache these options ask for, if any.
+    fn build(&self, model: &Model) -> std::io::Result<Option<StateCache>> {
+        if self.budget_bytes == 0 {
+            return Ok(None);
+        }
+        let Some(dir) = &self.dir else {
+            return Ok(Some(StateCache::new(self.budget_bytes)));
+        };
+        let made = model.fingerprint().and_then(|id| {
+            StateCache::with_dir(self.budget_bytes, dir, model.state_spec().clone(), &id)
+        });
+        made.map(Some)
+            .map_err(|e| std::io::Error::other(format!("--state-cache-dir {}: {e}", dir.display())))
+    }
 }
 
 /// A request on its way to the engine thread.
@@ -55,23 +84,26 @@ impl LocalEngine {
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let pool = StatePool::new(model.state_spec().clone(), options.max_running);
+        let cache = options.state_cache.build(&model)?;
         metrics
             .pool_capacity
             .store(options.max_running as u64, Ordering::Relaxed);
-        Worker::spawn(
+        let (max_waiting, max_running) = (options.max_waiting, options.max_running);
+        Worker::spawn(super::worker::WorkerParts {
             model,
             codec,
             pool,
+            cache,
             options,
-            metrics.clone(),
-            rx,
-            waiting.clone(),
-        )?;
+            metrics: metrics.clone(),
+            inbox: rx,
+            waiting: waiting.clone(),
+        })?;
         Ok(Self {
             inbox: tx,
             waiting,
-            max_waiting: options.max_waiting,
-            max_running: options.max_running,
+            max_waiting,
+            max_running,
             metrics,
         })
     }

@@ -13,7 +13,7 @@ mod worker;
 
 use tokio::sync::mpsc;
 
-pub use local::{EngineOptions, LocalEngine};
+pub use local::{EngineOptions, LocalEngine, StateCacheOptions};
 
 /// How to pick the next token. Built only by the API layer's validation, so every field is
 /// in range here.
@@ -106,6 +106,9 @@ impl FinishReason {
 /// What the engine reports about one request, in order.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// Once, first, when the request resumed from the conversation state cache: this many
+    /// prompt tokens were not recomputed (`usage.prompt_tokens_details.cached_tokens`).
+    Cached(usize),
     /// Once, after the prompt is processed, when prompt logprobs were asked for: one entry
     /// per prompt token from the second on (the first has no context to be predicted from).
     Prompt(Vec<TokenLogprob>),

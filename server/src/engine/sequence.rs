@@ -54,6 +54,8 @@ pub struct Choice {
     /// The token to feed at the next step.
     pub next: u32,
     pub generated: usize,
+    /// Every token generated so far (the last one not yet fed to the model).
+    pub tokens: Vec<u32>,
     sampler: Sampler,
     history: History,
     detok: IncrementalDecoder,
@@ -67,6 +69,7 @@ impl Choice {
             slot,
             next: 0,
             generated: 0,
+            tokens: Vec::new(),
             sampler: Sampler::new(shared.sampling.seed, index),
             history: History::default(),
             detok: IncrementalDecoder::new(prompt),
@@ -94,6 +97,7 @@ impl Choice {
         );
         let logprob = logprob_of.map(|(k, l)| token_logprob(&l, token, k));
         self.generated += 1;
+        self.tokens.push(token);
         *self.history.output_counts.entry(token).or_insert(0) += 1;
         self.next = token;
 

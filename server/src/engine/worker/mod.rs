@@ -9,6 +9,11 @@
 //!
 //! A failed step fails only the requests in it (the model restores their states on error)
 //! and the loop goes on serving.
+//!
+//! With the conversation state cache on, an admitted request starts from the snapshot of
+//! the longest cached prefix of its prompt, and snapshots are stored when a prompt has been
+//! read and when a choice finishes (keyed by every token its state consumed), so the next
+//! turn of a chat, whose prompt repeats this one and its answer, reads only the new tokens.
 
 mod step;
 
@@ -18,7 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use liger_model::{Model, Slot, StatePool};
+use liger_model::cache::StateCache;
+use liger_model::{Model, SequenceState, Slot, StatePool};
 use tracing::{debug, info, warn};
 
 use super::local::{EngineOptions, Submission};
@@ -41,6 +47,8 @@ struct Group {
     events: EventSender,
     submitted: Instant,
     phase: Phase,
+    /// A prompt position to snapshot on the way (where it leaves the cached keys).
+    snapshot_at: Option<usize>,
     prompt_logprobs: Vec<TokenLogprob>,
     first_token_at: Option<Instant>,
     last_token_at: Instant,
@@ -57,10 +65,23 @@ enum Part {
     Prefill(usize),
 }
 
+/// What the engine thread is made of.
+pub(super) struct WorkerParts {
+    pub model: Model,
+    pub codec: Arc<Codec>,
+    pub pool: StatePool,
+    pub cache: Option<StateCache>,
+    pub options: EngineOptions,
+    pub metrics: Arc<Metrics>,
+    pub inbox: mpsc::Receiver<Submission>,
+    pub waiting: Arc<AtomicUsize>,
+}
+
 pub(super) struct Worker {
     model: Model,
     codec: Arc<Codec>,
     pool: StatePool,
+    cache: Option<StateCache>,
     options: EngineOptions,
     metrics: Arc<Metrics>,
     inbox: mpsc::Receiver<Submission>,
@@ -71,24 +92,16 @@ pub(super) struct Worker {
 
 impl Worker {
     /// Starts the thread; it ends once every handle is dropped and the work is done.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn spawn(
-        model: Model,
-        codec: Arc<Codec>,
-        pool: StatePool,
-        options: EngineOptions,
-        metrics: Arc<Metrics>,
-        inbox: mpsc::Receiver<Submission>,
-        waiting: Arc<AtomicUsize>,
-    ) -> std::io::Result<()> {
+    pub(super) fn spawn(p: WorkerParts) -> std::io::Result<()> {
         let worker = Worker {
-            model,
-            codec,
-            pool,
-            options,
-            metrics,
-            inbox,
-            waiting,
+            model: p.model,
+            codec: p.codec,
+            pool: p.pool,
+            cache: p.cache,
+            options: p.options,
+            metrics: p.metrics,
+            inbox: p.inbox,
+            waiting: p.waiting,
             queue: VecDeque::new(),
             running: Vec::new(),
         };
@@ -171,18 +184,28 @@ impl Worker {
                 let _ = sub.events.send(Event::Failed(EngineError::Model(msg)));
                 continue;
             }
+            let cached = self.resume_from_cache(&sub.request, &mut slots[0]);
+            let snapshot_at = self.divergence(&sub.request.prompt, cached);
+            if cached > 0 && sub.events.send(Event::Cached(cached)).is_err() {
+                self.release_slots(slots);
+                continue;
+            }
             let shared = Shared::new(
                 &sub.request,
                 self.codec.eos_token_ids(),
                 self.options.max_model_len,
             );
-            debug!(id = %sub.request.id, prompt_tokens = sub.request.prompt.len(), n = sub.request.n, "admitted");
+            debug!(id = %sub.request.id, prompt_tokens = sub.request.prompt.len(), cached, n = sub.request.n, "admitted");
             self.running.push(Group {
                 request: sub.request,
                 shared,
                 events: sub.events,
                 submitted: sub.at,
-                phase: Phase::Prefill { slots, done: 0 },
+                phase: Phase::Prefill {
+                    slots,
+                    done: cached,
+                },
+                snapshot_at,
                 prompt_logprobs: Vec::new(),
                 first_token_at: None,
                 last_token_at: sub.at,
@@ -190,6 +213,29 @@ impl Worker {
                 gone: false,
             });
         }
+    }
+
+    /// Starts `slot` from the longest cached prefix of the prompt; returns its length (0 on
+    /// a miss). Requests for prompt logprobs need the logits of every prompt token, so they
+    /// always read the whole prompt.
+    fn resume_from_cache(&mut self, request: &GenerationRequest, slot: &mut Slot) -> usize {
+        if request.prompt_logprobs.is_some() {
+            return 0;
+        }
+        let Some(hit) = self.cache.as_mut().and_then(|c| c.lookup(&request.prompt)) else {
+            return 0;
+        };
+        slot.state = hit.state;
+        hit.tokens
+    }
+
+    /// Where `prompt` leaves the keys already cached, when that is past the resumed
+    /// position and before the prompt's end: a snapshot there lets the next request with
+    /// the same prefix (a shared system prompt or few-shot header) resume from it.
+    fn divergence(&self, prompt: &[u32], resumed: usize) -> Option<usize> {
+        let cache = self.cache.as_ref()?;
+        let at = cache.shared_prefix(prompt);
+        (at > resumed && at < prompt.len()).then_some(at)
     }
 
     /// Fails every request that took part in the failed step; the others go on.
@@ -244,6 +290,19 @@ impl Worker {
     }
 
     fn publish_gauges(&self) {
+        if let Some(cache) = &self.cache {
+            let s = cache.stats();
+            let m = &self.metrics;
+            m.state_cache_hits.store(s.hits, Ordering::Relaxed);
+            m.state_cache_misses.store(s.misses, Ordering::Relaxed);
+            m.state_cache_hit_tokens
+                .store(s.hit_tokens, Ordering::Relaxed);
+            m.state_cache_evictions
+                .store(s.evictions, Ordering::Relaxed);
+            m.state_cache_bytes.store(s.bytes as u64, Ordering::Relaxed);
+            m.state_cache_entries
+                .store(s.entries as u64, Ordering::Relaxed);
+        }
         let mut sequences = 0;
         let mut bytes = 0;
         for g in &self.running {
@@ -270,5 +329,23 @@ impl Worker {
         m.pool_bytes.store(bytes as u64, Ordering::Relaxed);
         m.pool_slots_in_use
             .store(self.pool.in_use() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Stores a snapshot of `state`, which has consumed exactly `tokens` (a no-op without a
+/// cache). A free function so callers can hold other borrows of the worker.
+fn snapshot(cache: &mut Option<StateCache>, tokens: &[u32], state: &SequenceState) {
+    let Some(cache) = cache else { return };
+    if state.position() != tokens.len() {
+        // A bookkeeping slip must cost a cache entry, never a wrong answer.
+        warn!(
+            position = state.position(),
+            tokens = tokens.len(),
+            "not caching a state whose position does not match its tokens"
+        );
+        return;
+    }
+    if let Err(e) = cache.insert(tokens, state) {
+        warn!(error = %e, "could not cache a state snapshot");
     }
 }

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use liger_model::{Logits, SeqStep};
 use tracing::warn;
 
-use super::{Part, Phase, Worker};
+use super::{snapshot, Part, Phase, Worker};
 use crate::engine::sampling::token_logprob;
 use crate::engine::scheduler::plan_prefill;
 use crate::engine::sequence::Choice;
@@ -103,10 +103,17 @@ impl Worker {
             .map(|g| match &g.phase {
                 Phase::Decode { choices } if !choices.is_empty() => Part::Decode,
                 Phase::Decode { .. } => Part::Idle,
-                Phase::Prefill { .. } => match chunks.next().unwrap_or(0) {
-                    0 => Part::Idle,
-                    len => Part::Prefill(len),
-                },
+                Phase::Prefill { done, .. } => {
+                    let mut len = chunks.next().unwrap_or(0);
+                    // End a chunk where a snapshot is due, so the state is there to take.
+                    if let Some(at) = g.snapshot_at.filter(|&at| at > *done) {
+                        len = len.min(at - done);
+                    }
+                    match len {
+                        0 => Part::Idle,
+                        len => Part::Prefill(len),
+                    }
+                }
             })
             .collect()
     }
@@ -177,6 +184,13 @@ impl Worker {
         }
         for k in done.into_iter().rev() {
             let c = choices.remove(k);
+            // The state has read the prompt and every generated token but the last (which
+            // was sampled, not fed): the prefix the next turn of a conversation repeats.
+            let fed = &c.tokens[..c.tokens.len() - 1];
+            if !fed.is_empty() {
+                let key = [g.request.prompt.as_slice(), fed].concat();
+                snapshot(&mut self.cache, &key, &c.slot.state);
+            }
             if let Err(e) = self.pool.release(c.slot) {
                 warn!(error = %e, "slot release failed");
             }
@@ -211,6 +225,16 @@ impl Worker {
             }
         }
         if !complete {
+            if g.snapshot_at == Some(start + len) {
+                let Phase::Prefill { slots, .. } = &g.phase else {
+                    unreachable!("checked above")
+                };
+                snapshot(
+                    &mut self.cache,
+                    &g.request.prompt[..start + len],
+                    &slots[0].state,
+                );
+            }
             return Ok(false);
         }
         let logits = last_row(&out)?;
@@ -228,6 +252,9 @@ impl Worker {
         ) else {
             unreachable!("prefill just completed")
         };
+        // The prompt's own snapshot: the prefix that other requests (the same system prompt
+        // or few-shot header, or this conversation's next turn) share.
+        snapshot(&mut self.cache, &g.request.prompt, &slots[0].state);
         if g.request.prompt_logprobs.is_some() {
             let lp = std::mem::take(&mut g.prompt_logprobs);
             g.gone |= g.events.send(Event::Prompt(lp)).is_err();
