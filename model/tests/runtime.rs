@@ -58,16 +58,7 @@ fn tokens(seed: u64, n: usize) -> Vec<u32> {
     SplitMix(seed).tokens(n, 61)
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use liger_model::testing::max_abs_diff as max_diff;
 
 fn full_forward(m: &Model, toks: &[u32]) -> Tensor {
     let mut s = m.new_state().unwrap();

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 use liger_model::cache::StateCache;
-use liger_model::testing::{Family, SplitMix, TinyCheckpoint};
+use liger_model::testing::{count_files, Family, SplitMix, TinyCheckpoint};
 use liger_model::{LigerConfig, Logits, Model};
 
 fn model(seed: u64) -> Model {
@@ -22,16 +22,7 @@ fn tokens(seed: u64, n: usize) -> Vec<u32> {
     SplitMix(seed).tokens(n, 61)
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use liger_model::testing::max_abs_diff as max_diff;
 
 /// Runs `prompt` through the cache the way a server does: resume from the longest hit,
 /// process the rest, snapshot the result. Returns the last logits and the hit length.
@@ -235,15 +226,5 @@ fn an_evicted_snapshot_comes_back_from_disk_while_writes_are_in_flight() {
     assert_eq!(hit, a.len(), "reloaded from disk");
     assert!(max_diff(&logits, &uncached(&m, &next)) < 1e-4);
     cache.flush();
-    let files = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|f| {
-            f.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "state")
-        })
-        .count();
-    assert_eq!(files, 3);
+    assert_eq!(count_files(dir.path(), "state"), 3);
 }

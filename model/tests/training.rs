@@ -32,16 +32,7 @@ fn tokens(seed: u64, n: usize) -> Vec<u32> {
     SplitMix(seed).tokens(n, 61)
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use liger_model::testing::max_abs_diff as max_diff;
 
 /// A scalar loss of the chunked GLA form, as a function of raw q and k (so the feature maps
 /// and the gate are inside the differentiated function).

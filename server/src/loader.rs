@@ -259,7 +259,7 @@ mod tests {
     fn an_adapter_is_merged_and_a_bad_one_is_refused() {
         use candle_core::Tensor;
         use liger_model::lora::{self, LoraConfig};
-        use liger_model::testing::{Family, TinyCheckpoint};
+        use liger_model::testing::{max_abs_diff, Family, TinyCheckpoint};
         use liger_model::Logits;
         let t = TinyCheckpoint::new(Family::Llama, 3).unwrap();
         let base = t.model(DType::F32).unwrap();
@@ -280,23 +280,9 @@ mod tests {
         };
         let mut merged = base.clone();
         merge_adapter(&mut merged, dir.path()).unwrap();
-        let d = (logits(&merged) - logits(&with))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&logits(&merged), &logits(&with));
         assert!(d < 1e-4, "merged vs adapter: {d}");
-        let moved = (logits(&merged) - logits(&base))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_abs_diff(&logits(&merged), &logits(&base));
         assert!(moved > 1e-3, "the adapter changed nothing");
 
         let e = merge_adapter(&mut base.clone(), Path::new("/no/such/adapter")).unwrap_err();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use common::*;
+use liger_model::testing::count_files;
 use liger_server::engine::{
     Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams, StateCacheOptions,
 };
@@ -263,17 +264,7 @@ async fn a_restarted_engine_resumes_from_the_state_dir() {
     // The writer thread finishes in the background; wait for the prompt's and the
     // answer's snapshots.
     for _ in 0..500 {
-        let n = std::fs::read_dir(store.path())
-            .unwrap()
-            .filter(|f| {
-                f.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "state")
-            })
-            .count();
-        if n >= 2 {
+        if count_files(store.path(), "state") >= 2 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

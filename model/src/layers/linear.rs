@@ -166,16 +166,7 @@ mod tests {
             (y, g)
         };
         let ((y1, g1), (y2, g2)) = (run(true), run(false));
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::testing::max_abs_diff;
         assert!(diff(&y1, &y2) < 1e-5 && diff(&g1, &g2) < 1e-5);
         // A strided (transposed) input is made contiguous first.
         let xt = x

@@ -29,6 +29,26 @@ pub enum Family {
 
 pub const ALL_FAMILIES: [Family; 3] = [Family::Llama, Family::Mistral, Family::Qwen2];
 
+/// The largest absolute elementwise difference of two tensors of one shape (panics on a
+/// shape or dtype mismatch: tests want the failure loud).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>())
+        .expect("tensors of the same shape and dtype")
+}
+
+/// How many files in `dir` end in `.ext` (snapshot folders, checkpoint folders).
+pub fn count_files(dir: &Path, ext: &str) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == ext))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// A tiny checkpoint: its `config.json` and its weights under Hugging Face names.
 pub struct TinyCheckpoint {
     pub config: Value,
