@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 LIGER_SMOLLM2_GGUF="$(scripts/fetch-smollm2.sh)"
 export LIGER_SMOLLM2_GGUF
 
+echo "== deployment files: lint and cross-check (no Docker engine needed)"
+scripts/check-deploy.sh
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
