@@ -85,6 +85,19 @@ def main():
         assert chunks[-1].choices == [] and chunks[-1].usage is not None, chunks[-1]
         assert text == chat_text["greedy"], (text, chat_text["greedy"])
 
+    @check(f"{tag}: the next chat turn resumes from the cached state (cached_tokens)")
+    def _():
+        turn2 = question + [
+            {"role": "assistant", "content": chat_text["greedy"]},
+            {"role": "user", "content": "And of Germany?"},
+        ]
+        r = client.chat.completions.create(model=args.model, messages=turn2, max_tokens=8, temperature=0)
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        first = len(golden["cases"][0]["ids"])
+        # At least the first turn's prompt was read before; never the whole new prompt.
+        assert first <= cached < r.usage.prompt_tokens, (cached, r.usage)
+        print(f"      turn 2: {cached} of {r.usage.prompt_tokens} prompt tokens cached")
+
     @check(f"{tag}: chat logprobs")
     def _():
         r = client.chat.completions.create(

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""HTTP load benchmark for any OpenAI-compatible server (liger-serve, llama.cpp's
+llama-server, vLLM): N concurrent streaming clients, each sending distinct prompts (so no
+server can answer from a prefix cache), measuring aggregate decode tokens/s, time to first
+token and inter-token latency (p50/p99).
+
+    python benches/http_load.py --base-url http://127.0.0.1:8080/v1 --model NAME \
+        --concurrency 1,8,32 --prompt-tokens 256,4096 --max-tokens 64 [--json out.json]
+
+Prompts are slices of English text (data/pydoc-train.txt) sized to about the asked token
+count with the server's own tokenizer count read back from `usage`; every request of a run
+starts at a different offset. Needs the `openai` package.
+"""
+
+import argparse
+import asyncio
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+from openai import AsyncOpenAI
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TEXT = (ROOT / "data" / "pydoc-train.txt").read_text()
+
+
+def percentile(xs, p):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def prompt_at(index, chars):
+    """A distinct slice of the corpus (wrapping around), about `chars` characters."""
+    start = (index * 7919) % max(1, len(TEXT) - chars)
+    s = TEXT[start : start + chars]
+    while len(s) < chars:
+        s += "\n" + TEXT[: chars - len(s)]
+    return s
+
+
+async def one_request(client, model, prompt, max_tokens):
+    t0 = time.perf_counter()
+    first = None
+    stamps = []
+    usage = None
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.choices and chunk.choices[0].text:
+            if first is None:
+                first = now - t0
+            stamps.append(now)
+        if getattr(chunk, "usage", None):
+            usage = chunk.usage
+    itl = [b - a for a, b in zip(stamps, stamps[1:])]
+    tokens = usage.completion_tokens if usage else len(stamps)
+    ptoks = usage.prompt_tokens if usage else None
+    return {"ttft": first, "itl": itl, "tokens": tokens, "prompt_tokens": ptoks}
+
+
+async def run_level(client, model, concurrency, chars, max_tokens, rounds, base_index):
+    results = []
+    counter = base_index
+
+    async def worker():
+        nonlocal counter
+        for _ in range(rounds):
+            counter += 1
+            results.append(await one_request(client, model, prompt_at(counter, chars), max_tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    itl = [x for r in results for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    ptoks = [r["prompt_tokens"] for r in results if r["prompt_tokens"]]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "prompt_tokens": round(statistics.mean(ptoks)) if ptoks else None,
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "itl_p50_ms": percentile(itl, 50) * 1e3,
+        "itl_p99_ms": percentile(itl, 99) * 1e3,
+    }
+
+
+async def calibrate(client, model, want_tokens):
+    """Characters per token of this corpus under the server's tokenizer."""
+    sample = prompt_at(0, 4000)
+    r = await client.completions.create(model=model, prompt=sample, max_tokens=1, temperature=0)
+    per_token = len(sample) / max(1, r.usage.prompt_tokens)
+    return int(want_tokens * per_token)
+
+
+async def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-url", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--label", default="server")
+    ap.add_argument("--api-key", default="none")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--prompt-tokens", default="256,4096")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1, help="requests per client per level")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    client = AsyncOpenAI(base_url=a.base_url, api_key=a.api_key, timeout=3600, max_retries=0)
+    rows = []
+    index = 0
+    for ptoks in [int(x) for x in a.prompt_tokens.split(",")]:
+        chars = await calibrate(client, a.model, ptoks)
+        for c in [int(x) for x in a.concurrency.split(",")]:
+            row = await run_level(client, a.model, c, chars, a.max_tokens, a.rounds, index)
+            index += 1000
+            row["label"] = a.label
+            row["target_prompt_tokens"] = ptoks
+            rows.append(row)
+            print(
+                f"{a.label}: prompt ~{row['prompt_tokens']} x {c} streams: "
+                f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
+                f"p99 {row['ttft_p99_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms "
+                f"p99 {row['itl_p99_ms']:.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    print("| server | prompt tokens | streams | tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['label']} | {r['prompt_tokens']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ttft_p50_ms']:.0f} ms | {r['ttft_p99_ms']:.0f} ms | {r['itl_p50_ms']:.1f} ms | "
+            f"{r['itl_p99_ms']:.1f} ms |"
+        )
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

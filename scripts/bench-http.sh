@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# HTTP load benchmark: liger-serve on the recovered SmolLM2-135M-Liger (scripts/demo.sh
+# --prepare-only), and, when LLAMA_SERVER names a llama.cpp `llama-server` binary, the same
+# load against it serving the original GGUF, so the table shows both side by side.
+#
+#   scripts/bench-http.sh [--concurrency 1,8,32] [--prompt-tokens 256,4096] [--max-tokens 64]
+#
+#   LLAMA_SERVER   path to llama-server (optional; not built here)
+#   LIGER_DTYPE    weights for liger-serve (default f32, llama.cpp's GGUF is dequantized
+#                  the same way only if you pass an F32 GGUF: compare like with like)
+#   BENCH_OUT      folder for the JSON and logs (default target/bench-http)
+# Not part of CI: it takes minutes (32 streams x 4K-token prompts on a 2-core CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+args=("$@")
+out="${BENCH_OUT:-target/bench-http}"
+mkdir -p "$out"
+venv="${LIGER_CACHE:-$HOME/.cache/liger}/bench-venv"
+[[ -x "$venv/bin/python" ]] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q openai; }
+
+model_dir="$(scripts/demo.sh --prepare-only | tail -1)"
+cargo build --release -q -p liger-server --bin liger-serve
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_healthy() { # URL PID LOG
+  for _ in $(seq 1 600); do
+    kill -0 "$2" 2>/dev/null || { echo "server exited:"; tail -20 "$3"; return 1; }
+    [[ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" == 200 ]] && return 0
+    sleep 0.5
+  done
+  echo "server never became healthy"; return 1
+}
+
+port="$(free_port)"
+target/release/liger-serve --model "$model_dir" --served-model-name liger --port "$port" \
+  --dtype "${LIGER_DTYPE:-f32}" --max-running 32 --max-waiting 256 --max-model-len 8192 \
+  >"$out/liger-serve.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/liger-serve.log"
+"$venv/bin/python" benches/http_load.py --base-url "http://127.0.0.1:$port/v1" --model liger \
+  --label liger-serve --json "$out/liger.json" "${args[@]}" | tee "$out/liger.md"
+kill "$pid"; wait "$pid" 2>/dev/null || true
+
+if [[ -n "${LLAMA_SERVER:-}" ]]; then
+  gguf="$(scripts/fetch-smollm2.sh)"
+  port="$(free_port)"
+  "$LLAMA_SERVER" -m "$gguf" --port "$port" -np 32 -c $((32 * 4608)) --cont-batching \
+    >"$out/llama-server.log" 2>&1 &
+  pid=$!
+  wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/llama-server.log"
+  "$venv/bin/python" benches/http_load.py --base-url "http://127.0.0.1:$port/v1" --model smollm2 \
+    --label llama-server --json "$out/llama.json" "${args[@]}" | tee "$out/llama.md"
+fi
