@@ -85,6 +85,11 @@ struct Disk {
     /// Identifies the model: snapshots of another model are never used.
     model_id: String,
     writer: Writer,
+    /// Files already indexed or rejected (ours included), so a rescan reads only new ones.
+    seen: std::collections::HashSet<PathBuf>,
+    /// The folder's modification time at the last scan: a new file (another replica's, or
+    /// one copied in) changes it.
+    scanned_at: Option<std::time::SystemTime>,
 }
 
 /// A snapshot to write.
@@ -192,24 +197,47 @@ impl StateCache {
             spec,
             model_id: model_id.to_string(),
             writer: Writer::start()?,
+            seen: Default::default(),
+            scanned_at: None,
         });
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        cache.index_new_files();
+        Ok(cache)
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Indexes the snapshot files in the folder not seen before, when its modification time
+    /// says something was added: replicas sharing a folder resume each other's
+    /// conversations, not only those written before they started.
+    fn index_new_files(&mut self) {
+        let Some(disk) = &mut self.disk else { return };
+        let modified = std::fs::metadata(&disk.dir).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified == disk.scanned_at {
+            return;
+        }
+        disk.scanned_at = modified;
+        let Ok(entries) = std::fs::read_dir(&disk.dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let path = e.path();
-            if path.extension().is_none_or(|x| x != SNAPSHOT_EXT) {
+            if path.extension().is_none_or(|x| x != SNAPSHOT_EXT) || disk.seen.contains(&path) {
                 continue;
             }
-            match read_header(&path, model_id) {
+            disk.seen.insert(path.clone());
+            match read_header(&path, &disk.model_id) {
                 Ok(tokens) => {
                     let size = e.metadata().map(|m| m.len() as usize).unwrap_or(0);
-                    let node = cache.root.insert_path(&tokens);
+                    let node = self.root.insert_path(&tokens);
                     if node.entry.is_none() {
                         node.entry = Some(Entry {
                             state: None,
                             bytes: size,
                             last_used: 0,
                         });
-                        cache.stats.disk_entries += 1;
+                        self.stats.disk_entries += 1;
                     }
                 }
                 Err(reason) => {
@@ -217,11 +245,6 @@ impl StateCache {
                 }
             }
         }
-        Ok(cache)
-    }
-
-    pub fn stats(&self) -> CacheStats {
-        self.stats
     }
 
     pub fn budget_bytes(&self) -> usize {
@@ -238,6 +261,7 @@ impl StateCache {
     /// The longest cached prefix of `prompt` that leaves at least one token to process (the
     /// model must see a token to produce the next one's logits).
     pub fn lookup(&mut self, prompt: &[u32]) -> Option<Hit> {
+        self.index_new_files();
         self.clock += 1;
         let limit = prompt.len().saturating_sub(1);
         let mut candidates = self.root.prefixes_with_entries(&prompt[..limit]);
@@ -278,10 +302,12 @@ impl StateCache {
             return Ok(()); // would evict everything and still not fit
         }
         self.clock += 1;
-        if let Some(disk) = &self.disk {
+        if let Some(disk) = &mut self.disk {
+            let path = snapshot_path(disk, tokens);
+            disk.seen.insert(path.clone());
             // A clone is cheap (copy-on-write); the writer thread serializes it.
             disk.writer.send(Job {
-                path: snapshot_path(disk, tokens),
+                path,
                 model_id: disk.model_id.clone(),
                 tokens: tokens.to_vec(),
                 state: state.clone(),

@@ -228,3 +228,22 @@ fn an_evicted_snapshot_comes_back_from_disk_while_writes_are_in_flight() {
     cache.flush();
     assert_eq!(count_files(dir.path(), "state"), 3);
 }
+
+#[test]
+fn replicas_sharing_a_folder_resume_each_others_conversations() {
+    let m = model(8);
+    let id = m.fingerprint().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open =
+        || StateCache::with_dir(usize::MAX, dir.path(), m.state_spec().clone(), &id).unwrap();
+    // Both start on an empty folder; one serves a conversation's first turn.
+    let (mut a, mut b) = (open(), open());
+    let prompt = tokens(50, 15);
+    serve(&m, &mut a, &prompt);
+    a.flush();
+    // The other picks the snapshot up at its next lookup, not only at startup.
+    let next = [prompt.clone(), tokens(51, 3)].concat();
+    let (logits, hit) = serve(&m, &mut b, &next);
+    assert_eq!(hit, prompt.len());
+    assert!(max_diff(&logits, &uncached(&m, &next)) < 1e-4);
+}
