@@ -77,7 +77,7 @@ pub fn write_weights(
     progress: &Progress,
 ) -> Result<WrittenWeights> {
     let weights = model
-        .named_weights()
+        .named_weights()?
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;

@@ -23,6 +23,7 @@ use crate::recover::data::{self, TokenStream};
 use crate::recover::load_tokenizer;
 use crate::recover::template::ChatTemplate;
 use crate::{Error, Result};
+use liger_model::layers::Quantization;
 
 /// Everything `liger-convert eval` takes.
 #[derive(Debug, Clone)]
@@ -36,6 +37,8 @@ pub struct EvalOptions {
     /// Chunks run together.
     pub batch: usize,
     pub device: DeviceChoice,
+    /// Quantize the model (after merging the adapter) to measure what it costs.
+    pub quantize: Option<Quantization>,
 }
 
 impl EvalOptions {
@@ -48,6 +51,7 @@ impl EvalOptions {
             seq_len: 512,
             batch: 2,
             device: DeviceChoice::Cpu,
+            quantize: None,
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct EvalReport {
     pub model: Scores,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<&'static str>,
     pub reference: Option<Scores>,
     /// Model perplexity / reference perplexity.
     pub perplexity_ratio: Option<f64>,
@@ -114,6 +120,11 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
     if let Some(a) = &opts.adapter {
         let (cfg, tensors) = lora::load_adapter(a)?;
         model.apply_lora(&cfg, &tensors)?;
+    }
+    if let Some(q) = opts.quantize {
+        // Served quantized models have their adapters merged first; so here.
+        model.merge_lora()?;
+        model.quantize(q)?;
     }
     let reference = opts
         .reference
@@ -177,6 +188,7 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
         kl: has_ref.then(|| acc.kl / n),
         model: model_scores,
         adapter: opts.adapter.clone(),
+        quantize: opts.quantize.map(Quantization::name),
         reference: ref_scores,
         tokens: acc.n,
         chunks: chunks.len(),
@@ -244,10 +256,13 @@ pub fn render(r: &EvalReport) -> String {
         "data        {} tokens predicted, {} chunks of up to {}",
         r.tokens, r.chunks, r.seq_len
     );
-    let model = match &r.adapter {
+    let mut model = match &r.adapter {
         Some(a) => format!("{} + adapter {}", r.model.path.display(), a.display()),
         None => r.model.path.display().to_string(),
     };
+    if let Some(q) = r.quantize {
+        model.push_str(&format!(", quantized to {q}"));
+    }
     let _ = writeln!(s, "model       {model}");
     if let Some(rf) = &r.reference {
         let _ = writeln!(s, "reference   {}", rf.path.display());

@@ -17,6 +17,7 @@ use liger_converter::{
     ApplyOptions, ConvertOptions, DeviceChoice, EvalOptions, FullAttention, ImportOptions,
     LigerSettings, Progress, RecoverOptions, StageChoice, Summary,
 };
+use liger_model::layers::Quantization;
 use liger_model::lora::LoraConfig;
 use liger_model::Variant;
 
@@ -30,6 +31,14 @@ use liger_model::Variant;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum QuantizeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4k")]
+    Q4k,
 }
 
 #[derive(Subcommand)]
@@ -191,6 +200,9 @@ struct EvalArgs {
     /// Apply this LoRA adapter (PEFT layout) to the model without merging it.
     #[arg(long, value_name = "ADAPTER_DIR")]
     adapter: Option<PathBuf>,
+    /// Quantize the model's projections (q8_0 or q4k) to measure the quality it costs.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
     /// The model to compare with (the original).
     #[arg(long, value_name = "ORIG")]
     reference: Option<PathBuf>,
@@ -494,6 +506,10 @@ fn run(cli: Cli) -> Result<()> {
                 seq_len: a.seq_len,
                 batch: a.batch,
                 device: a.device.into(),
+                quantize: a.quantize.map(|q| match q {
+                    QuantizeArg::Q8_0 => Quantization::Q8_0,
+                    QuantizeArg::Q4k => Quantization::Q4K,
+                }),
             };
             let report = liger_converter::evaluate(&opts, &Progress::new(!a.quiet))?;
             if a.json {

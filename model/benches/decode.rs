@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench -p liger-model --bench decode -- [--contexts 256,1024,4096,16384] [--steps 32]
-//!     [--dtype f32|f16|bf16] [--json PATH]
+//!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
 //! ```
 //!
 //! The context is built once per model by chunked prefill and grown between measurements,
@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use liger_model::gguf::import_gguf;
+use liger_model::layers::Quantization;
 use liger_model::testing::model_from_tensors;
 use liger_model::{LigerConfig, Logits, Model, ModelConfig};
 
@@ -23,6 +24,7 @@ struct Args {
     contexts: Vec<usize>,
     steps: usize,
     dtype: DType,
+    quantize: Option<Quantization>,
     json: Option<PathBuf>,
 }
 
@@ -31,6 +33,7 @@ fn parse_args() -> Args {
         contexts: vec![256, 1024, 4096, 16384],
         steps: 32,
         dtype: DType::F32,
+        quantize: None,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -51,6 +54,13 @@ fn parse_args() -> Args {
                     "bf16" => DType::BF16,
                     d => panic!("unknown dtype {d}"),
                 }
+            }
+            "--quantize" => {
+                a.quantize = Some(match val().as_str() {
+                    "q8_0" => Quantization::Q8_0,
+                    "q4k" => Quantization::Q4K,
+                    q => panic!("unknown quantization {q}"),
+                })
             }
             "--json" => a.json = Some(val().into()),
             "--bench" => {} // passed by `cargo bench`
@@ -122,19 +132,33 @@ fn main() -> liger_model::Result<()> {
     let tensors = import.tensors.iter().cloned().collect();
     let cfg = ModelConfig::from_json(import.config.clone())?;
     eprintln!(
-        "SmolLM2-135M-Instruct, {:?}, threads: {threads}, {} decode steps per point",
-        args.dtype, args.steps
+        "SmolLM2-135M-Instruct, {:?}{}, threads: {threads}, {} decode steps per point",
+        args.dtype,
+        args.quantize
+            .map_or(String::new(), |q| format!(" quantized to {}", q.name())),
+        args.steps
     );
     let mut rows = Vec::new();
-    let transformer = model_from_tensors(cfg.clone(), &tensors, args.dtype, &Device::Cpu)?;
+    let quantized = |mut m: Model| -> liger_model::Result<Model> {
+        if let Some(q) = args.quantize {
+            m.quantize(q)?;
+        }
+        Ok(m)
+    };
+    let transformer = quantized(model_from_tensors(
+        cfg.clone(),
+        &tensors,
+        args.dtype,
+        &Device::Cpu,
+    )?)?;
     run("transformer", &transformer, &args, &mut rows)?;
     drop(transformer);
-    let liger = model_from_tensors(
+    let liger = quantized(model_from_tensors(
         cfg.with_liger(LigerConfig::default())?,
         &tensors,
         args.dtype,
         &Device::Cpu,
-    )?;
+    )?)?;
     run("liger-gla", &liger, &args, &mut rows)?;
 
     println!("| context | Transformer ms/token | Liger-GLA ms/token | Liger speed-up | Transformer state | Liger state |");

@@ -15,7 +15,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use crate::attention::{Attention, BatchContext, Span};
 use crate::config::ModelConfig;
-use crate::layers::{Linear, LoraAdapter, Mlp, RmsNorm, Rope};
+use crate::layers::{Linear, LoraAdapter, Mlp, Quantization, RmsNorm, Rope};
 use crate::lora::{self, LoraConfig};
 use crate::state::{LayerState, SequenceState, StateSpec};
 use crate::{Error, Result};
@@ -470,13 +470,13 @@ impl Model {
     }
 
     /// Every weight under its Hugging Face name (after merging, what a checkpoint stores).
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             self.embed.embeddings().clone(),
         )];
         if !self.cfg.tie_word_embeddings {
-            out.push(("lm_head.weight".into(), self.lm_head.weight().clone()));
+            out.push(("lm_head.weight".into(), self.lm_head.weight()?));
         }
         out.push(("model.norm.weight".into(), self.norm.weight().clone()));
         let mut me = self.clone();
@@ -492,13 +492,37 @@ impl Model {
             ));
             for (t, block) in lora::TARGETS {
                 let lin = layer.projection_mut(t).expect("known target");
-                out.push((format!("{p}.{block}.{t}.weight"), lin.weight().clone()));
+                out.push((format!("{p}.{block}.{t}.weight"), lin.weight()?));
                 if let Some(b) = lin.bias() {
                     out.push((format!("{p}.{block}.{t}.bias"), b.clone()));
                 }
             }
         }
-        out
+        Ok(out)
+    }
+
+    /// Block-quantizes every projection and the LM head (embeddings stay dense: a lookup
+    /// reads one row per token). Adapters must be merged first. Returns how many
+    /// projections got each format (some fall back to Q8_0 or stay dense when their input
+    /// size does not fit the blocks).
+    pub fn quantize(&mut self, q: Quantization) -> Result<Vec<(String, usize)>> {
+        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut note = |lin: &Linear| {
+            let name = lin
+                .quantization()
+                .map_or("dense".to_string(), |f| format!("{f:?}").to_lowercase());
+            *counts.entry(name).or_default() += 1;
+        };
+        for layer in &mut self.layers {
+            for (t, _) in lora::TARGETS {
+                let lin = layer.projection_mut(t).expect("known target");
+                lin.quantize(q)?;
+                note(lin);
+            }
+        }
+        self.lm_head.quantize(q)?;
+        note(&self.lm_head);
+        Ok(counts.into_iter().collect())
     }
 
     /// A short identity of this model's function: a hash over the config and, for every
@@ -508,8 +532,23 @@ impl Model {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(self.cfg.raw.to_string().as_bytes());
-        let mut weights = self.named_weights();
+        let mut weights = self.named_weights()?;
         weights.extend(self.lora_tensors());
+        // Quantized weights are sampled dequantized; name the formats too.
+        for layer in &self.layers {
+            for (t, _) in lora::TARGETS {
+                if let Some(f) = layer
+                    .clone()
+                    .projection_mut(t)
+                    .and_then(|l| l.quantization())
+                {
+                    h.update(format!("{t}:{f:?}").as_bytes());
+                }
+            }
+        }
+        if let Some(f) = self.lm_head.quantization() {
+            h.update(format!("lm_head:{f:?}").as_bytes());
+        }
         for (name, t) in weights {
             h.update(name.as_bytes());
             h.update(format!("{:?}{:?}", t.dims(), t.dtype()).as_bytes());

@@ -215,7 +215,12 @@ fn layer_hooks_reproduce_the_forward() {
     assert_eq!(both.dims(), [14, 4 * 8]);
     // named_weights covers exactly what the model loads.
     let ck = TinyCheckpoint::new(Family::Mistral, 21).unwrap();
-    let names: Vec<String> = m.named_weights().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = m
+        .named_weights()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let mut want: Vec<String> = ck.tensors.keys().cloned().collect();
     let mut got = names.clone();
     want.sort();

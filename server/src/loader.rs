@@ -46,6 +46,10 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
     if let Some(adapter) = &settings.adapter {
         merge_adapter(&mut model, adapter)?;
     }
+    if let Some(q) = settings.quantize {
+        let counts = model.quantize(q.format()).context("--quantize")?;
+        info!(format = q.format().name(), projections = ?counts, "weights quantized");
+    }
     let cfg = model.config().clone();
     let max_model_len = resolve_max_model_len(settings.max_model_len, &cfg)?;
     let codec = Arc::new(Codec::load(dir, &cfg.eos_token_ids).context("loading the tokenizer")?);

@@ -19,6 +19,28 @@ pub enum DTypeArg {
     Bf16,
 }
 
+/// Block quantization of the projections after loading (GGML formats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+pub enum QuantizeArg {
+    /// 8-bit blocks: near-lossless, about a quarter of f32's memory.
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// 4-bit k-quants (Q8_0 where a projection's input size does not fit 256-wide blocks).
+    #[value(name = "q4k")]
+    #[serde(rename = "q4k")]
+    Q4k,
+}
+
+impl QuantizeArg {
+    pub fn format(self) -> liger_model::layers::Quantization {
+        match self {
+            QuantizeArg::Q8_0 => liger_model::layers::Quantization::Q8_0,
+            QuantizeArg::Q4k => liger_model::layers::Quantization::Q4K,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceArg {
@@ -66,6 +88,9 @@ pub struct Args {
     /// [default: cpu]
     #[arg(long, env = "LIGER_DEVICE", value_enum)]
     pub device: Option<DeviceArg>,
+    /// Quantize the projections and LM head after loading [default: none].
+    #[arg(long, env = "LIGER_QUANTIZE", value_enum)]
+    pub quantize: Option<QuantizeArg>,
     /// Sequences decoding at once (state slots) [default: 16].
     #[arg(long, env = "LIGER_MAX_RUNNING")]
     pub max_running: Option<usize>,
@@ -106,6 +131,7 @@ impl Args {
             port: self.port.or(file.port),
             dtype: self.dtype.or(file.dtype),
             device: self.device.or(file.device),
+            quantize: self.quantize.or(file.quantize),
             max_running: self.max_running.or(file.max_running),
             max_waiting: self.max_waiting.or(file.max_waiting),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
@@ -135,6 +161,7 @@ pub struct Settings {
     pub port: u16,
     pub dtype: DTypeArg,
     pub device: DeviceArg,
+    pub quantize: Option<QuantizeArg>,
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_batch_tokens: usize,
@@ -201,6 +228,7 @@ impl Settings {
             port: a.port.unwrap_or(8080),
             dtype: a.dtype.unwrap_or(DTypeArg::Auto),
             device: a.device.unwrap_or(DeviceArg::Cpu),
+            quantize: a.quantize,
             max_running,
             max_waiting,
             max_batch_tokens,

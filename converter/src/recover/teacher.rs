@@ -58,7 +58,7 @@ pub struct Head {
 
 impl Head {
     pub fn of(model: &Model) -> Result<Self> {
-        let mut weights: HashMap<String, Tensor> = model.named_weights().into_iter().collect();
+        let mut weights: HashMap<String, Tensor> = model.named_weights()?.into_iter().collect();
         let norm = weights
             .remove("model.norm.weight")
             .ok_or_else(|| Error::Training("the teacher has no model.norm.weight".into()))?;

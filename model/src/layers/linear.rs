@@ -1,10 +1,38 @@
-//! A dense projection `y = x W^T (+ b)` over a 2-D batch of rows, with an optional LoRA
-//! adapter (Hu et al., 2021): `y += (alpha / r) * (x A^T) B^T`.
+//! A projection `y = x W^T (+ b)` over a 2-D batch of rows, with an optional LoRA adapter
+//! (Hu et al., 2021): `y += (alpha / r) * (x A^T) B^T`. The weight is dense (f32/f16/bf16)
+//! or block-quantized in GGML's formats (Q8_0, Q4K) through candle's `QMatMul`.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::Result;
+use crate::{Error, Result};
+
+/// Weight formats a model can be quantized to after loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// 8-bit blocks of 32 with an f16 scale (8.5 bits per weight): near-lossless.
+    Q8_0,
+    /// 4-bit k-quants in super-blocks of 256 (4.5 bits per weight). A projection whose
+    /// input size is not a multiple of 256 falls back to Q8_0, as llama.cpp does.
+    Q4K,
+}
+
+impl Quantization {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Quantization::Q8_0 => GgmlDType::Q8_0,
+            Quantization::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::Q8_0 => "q8_0",
+            Quantization::Q4K => "q4k",
+        }
+    }
+}
 
 /// A low-rank update `scale * B A` of a weight `W: [out, in]`.
 #[derive(Debug, Clone)]
@@ -19,9 +47,20 @@ pub struct LoraAdapter {
 
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `[out, in]`; for a quantized layer, the quantized blocks instead (see `quant`).
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<LoraAdapter>,
+    quant: Option<Quantized>,
+}
+
+/// A quantized weight: the dense one is dropped (that is the memory saving) and `weight`
+/// holds a 0-element placeholder of the original dtype.
+#[derive(Debug, Clone)]
+struct Quantized {
+    matmul: QMatMul,
+    format: GgmlDType,
+    dims: (usize, usize),
 }
 
 impl Linear {
@@ -40,11 +79,53 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            quant: None,
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The dense weight `[out, in]` (dequantized, in f32, for a quantized layer).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            None => Ok(self.weight.clone()),
+            Some(q) => Ok(match &q.matmul {
+                QMatMul::QTensor(t) => t.dequantize(self.weight.device())?,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            }),
+        }
+    }
+
+    /// The GGML format of a quantized layer.
+    pub fn quantization(&self) -> Option<GgmlDType> {
+        self.quant.as_ref().map(|q| q.format)
+    }
+
+    /// Replaces the dense weight by its `q` blocks (or Q8_0 where the input size does not
+    /// fit `q`'s blocks; left dense when it fits neither). Adapters must be merged first.
+    pub fn quantize(&mut self, q: Quantization) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(Error::Invalid(
+                "merge LoRA adapters before quantizing".into(),
+            ));
+        }
+        if self.quant.is_some() {
+            return Ok(());
+        }
+        let (out_dim, in_dim) = self.dims();
+        let Some(format) = [q.ggml(), GgmlDType::Q8_0]
+            .into_iter()
+            .find(|f| in_dim % f.block_size() == 0)
+        else {
+            return Ok(());
+        };
+        let dense = self.weight.to_dtype(DType::F32)?;
+        let blocks = QTensor::quantize(&dense, format)?;
+        self.quant = Some(Quantized {
+            matmul: QMatMul::from_qtensor(blocks)?,
+            format,
+            dims: (out_dim, in_dim),
+        });
+        self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        Ok(())
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -53,6 +134,9 @@ impl Linear {
 
     /// `(out, in)`.
     pub fn dims(&self) -> (usize, usize) {
+        if let Some(q) = &self.quant {
+            return q.dims;
+        }
         let d = self.weight.dims();
         (d[0], d[1])
     }
@@ -68,6 +152,11 @@ impl Linear {
     /// Folds the adapter into the weight (`W += scale * B A`, in the weight's dtype) and
     /// drops it: the merged layer computes the same function with no extra cost.
     pub fn merge_lora(&mut self) -> Result<()> {
+        if self.quant.is_some() && self.lora.is_some() {
+            return Err(Error::Invalid(
+                "cannot merge an adapter into a quantized layer".into(),
+            ));
+        }
         if let Some(l) = self.lora.take() {
             let delta = (l.b.matmul(&l.a)? * l.scale)?;
             let merged = (self.weight.to_dtype(delta.dtype())? + delta)?;
@@ -81,7 +170,12 @@ impl Module for Linear {
     /// `x`: `[rows, in]` -> `[rows, out]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // The fast path has no backward pass: use it only when no gradient flows through.
-        let mut y = if !x.track_op() && super::matvec::applies(x, &self.weight) {
+        let mut y = if let Some(q) = &self.quant {
+            // GGML kernels take f32 activations (and quantize them per block themselves).
+            q.matmul
+                .forward(&x.to_dtype(DType::F32)?)?
+                .to_dtype(x.dtype())?
+        } else if !x.track_op() && super::matvec::applies(x, &self.weight) {
             super::matvec::matvec(x, &self.weight)?
         } else if x.track_op() && !self.weight.track_op() {
             frozen_matmul(x, &self.weight)?
