@@ -300,7 +300,7 @@ mod tests {
     use crate::recover::loss::{self, KlTargets, NextTokens};
     use crate::recover::teacher::top_k;
     use candle_core::{DType, Var, D};
-    use liger_model::testing::SplitMix;
+    use liger_model::testing::{max_abs_diff, SplitMix};
 
     fn randn(rng: &mut SplitMix, shape: (usize, usize), scale: f32) -> Tensor {
         let v: Vec<f32> = (0..shape.0 * shape.1)
@@ -355,21 +355,8 @@ mod tests {
                     .unwrap(),
             );
             assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "loss {a} vs {b}");
-            let diff = (g_fused - &g_comp)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = g_comp
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&g_fused, &g_comp);
+            let scale = max_abs_diff(&g_comp, &g_comp.zeros_like().unwrap());
             assert!(
                 diff < 1e-4 * (1.0 + scale),
                 "gradient differs by {diff} (scale {scale})"
