@@ -79,6 +79,7 @@ impl Attention {
                     features: FeatureMaps {
                         variant: l.variant,
                         gate_normalizer: l.gate_normalizer,
+                        slots: l.gsa_slots().unwrap_or(0),
                         differentiable: false,
                     },
                     window_weight: l.window_weight,
@@ -303,7 +304,7 @@ impl Attention {
         // Feature maps for all tokens at once: [1, heads, tokens, d].
         let as_bhtd =
             |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
-        let all = gla::feature_maps(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
+        let all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
 
         let mut windows = Vec::with_capacity(states.len());
         for state in states.iter_mut() {
@@ -326,29 +327,17 @@ impl Attention {
                 decode.push(i);
                 continue;
             }
-            let inputs = slice_tokens(&all, span.start, span.len)?;
-            let (o, s) = gla::chunked(&inputs, recurrent, ctx.chunk_size)?;
+            let (o, s) = all
+                .tokens(span.start, span.len)?
+                .chunked(recurrent, ctx.chunk_size)?;
             *recurrent = s;
             // [1, hkv, g, t, d] -> [t, h, d]
             recurrent_out[i] = Some(o.reshape((h, span.len, d))?.transpose(0, 1)?);
         }
         if !decode.is_empty() {
             let idx: Vec<u32> = decode.iter().map(|&i| ctx.spans[i].start as u32).collect();
-            let idx = Tensor::new(idx.as_slice(), q.device())?;
-            let pick =
-                |x: &Tensor, dim: usize| -> Result<Tensor> { Ok(x.index_select(&idx, dim)?) };
+            let rows = all.rows(&Tensor::new(idx.as_slice(), q.device())?)?;
             let nb = decode.len();
-            // Token axis becomes the batch axis: [1, hkv, (g,) n, d] -> [n, hkv, (g,) d].
-            let qd = pick(&all.q, 3)?
-                .squeeze(0)?
-                .permute((2, 0, 1, 3))?
-                .contiguous()?;
-            let kd = pick(&all.k, 2)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-            let gd = pick(&all.gate, 2)?
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let vd = pick(&all.v, 2)?.squeeze(0)?.transpose(0, 1)?.contiguous()?;
             let mut s_in = Vec::with_capacity(nb);
             for &i in &decode {
                 let LayerState::Liger { recurrent, .. } = &*states[i] else {
@@ -356,7 +345,7 @@ impl Attention {
                 };
                 s_in.push(recurrent.clone());
             }
-            let (o, s) = gla::step(&qd, &kd, &gd, &vd, &Tensor::cat(&s_in, 0)?)?;
+            let (o, s) = rows.recurrent(&Tensor::cat(&s_in, 0)?)?;
             let o = o.reshape((nb, 1, h, d))?;
             for (j, &i) in decode.iter().enumerate() {
                 let LayerState::Liger { recurrent, .. } = &mut *states[i] else {
@@ -382,15 +371,6 @@ impl Attention {
 /// fused ops without a backward pass).
 fn is_batched_decode(span: &Span, ctx: &BatchContext) -> bool {
     span.len == 1 && !ctx.differentiable
-}
-
-fn slice_tokens(x: &gla::GlaInputs, start: usize, len: usize) -> Result<gla::GlaInputs> {
-    Ok(gla::GlaInputs {
-        q: x.q.narrow(3, start, len)?.contiguous()?,
-        k: x.k.narrow(2, start, len)?.contiguous()?,
-        gate: x.gate.narrow(2, start, len)?.contiguous()?,
-        v: x.v.narrow(2, start, len)?.contiguous()?,
-    })
 }
 
 /// Additive mask `[t, cached + t]` for `t` new queries after `cached` cached keys: query i

@@ -64,13 +64,16 @@ pub enum Variant {
     Gla,
     /// HGRN2: the key is replaced by 1 - gate.
     Hgrn2,
+    /// Gated slot attention: two gated memories over `slots` slots, read through a softmax
+    /// over the slots (LIGER.md §1).
+    Gsa,
 }
 
 impl Variant {
     /// The log-gate normalizer the reference code uses for this variant.
     pub fn default_gate_normalizer(self) -> f64 {
         match self {
-            Variant::Gla => 16.0,
+            Variant::Gla | Variant::Gsa => 16.0,
             Variant::Hgrn2 => 1.0,
         }
     }
@@ -94,6 +97,10 @@ pub struct LigerConfig {
     /// Layers that keep full softmax attention (inter-layer hybrid).
     #[serde(default)]
     pub full_attention_layers: Vec<usize>,
+    /// GSA's slot count M (the gate is the key average-pooled from the head dim to M);
+    /// [`DEFAULT_SLOTS`] when absent. Only GSA has slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<usize>,
     /// Where the weights came from (a path, hub id or GGUF file); informational.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -109,8 +116,19 @@ impl Default for LigerConfig {
             recurrent_weight: 0.5,
             gate_normalizer: 16.0,
             full_attention_layers: Vec::new(),
+            slots: None,
             source: None,
         }
+    }
+}
+
+/// GSA's slot count when the config names none (the Liger reference's 64).
+pub const DEFAULT_SLOTS: usize = 64;
+
+impl LigerConfig {
+    /// GSA's slot count; `None` for the other variants.
+    pub fn gsa_slots(&self) -> Option<usize> {
+        (self.variant == Variant::Gsa).then(|| self.slots.unwrap_or(DEFAULT_SLOTS))
     }
 }
 
@@ -218,7 +236,7 @@ impl ModelConfig {
         let rope_scaling = parse_rope_scaling(obj.get("rope_scaling"))?;
         let liger = match obj.get("liger") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(parse_liger(v, num_layers)?),
+            Some(v) => Some(parse_liger(v, num_layers, head_dim)?),
         };
 
         let cfg = Self {
@@ -414,7 +432,7 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<Option<RopeScaling>> {
     }
 }
 
-fn parse_liger(v: &Value, num_layers: usize) -> Result<LigerConfig> {
+fn parse_liger(v: &Value, num_layers: usize, head_dim: usize) -> Result<LigerConfig> {
     let l: LigerConfig = serde_json::from_value(v.clone()).map_err(|e| {
         // serde names the offending key in its message ("unknown field `x`", "missing field `y`").
         Error::config("liger", e.to_string())
@@ -438,6 +456,23 @@ fn parse_liger(v: &Value, num_layers: usize) -> Result<LigerConfig> {
             "liger.gate_normalizer",
             "must be a positive number",
         ));
+    }
+    if l.slots.is_some() && l.variant != Variant::Gsa {
+        return Err(Error::config(
+            "liger.slots",
+            "only the gsa variant has slots",
+        ));
+    }
+    if let Some(m) = l.gsa_slots() {
+        if m == 0 || m > head_dim || head_dim % m != 0 {
+            return Err(Error::config(
+                "liger.slots",
+                format!(
+                    "{m} slots: the gate pools the head dim ({head_dim}) into equal groups, \
+                     so slots must divide it"
+                ),
+            ));
+        }
     }
     let mut seen = vec![false; num_layers];
     for &i in &l.full_attention_layers {
@@ -605,6 +640,28 @@ mod tests {
         v["liger"] = json!({"variant": "mamba", "window": 64, "window_weight": 0.5,
             "recurrent_weight": 0.5, "gate_normalizer": 16.0});
         assert!(err(v).contains("mamba"));
+
+        // GSA's slots must divide the head dim (16), and only GSA has slots.
+        let mut v = llama();
+        v["liger"] = json!({"variant": "gsa", "window": 64, "window_weight": 0.5,
+            "recurrent_weight": 0.5, "gate_normalizer": 16.0, "slots": 6});
+        assert!(err(v).contains("liger.slots"));
+        let mut v = llama();
+        v["liger"] = json!({"variant": "gsa", "window": 64, "window_weight": 0.5,
+            "recurrent_weight": 0.5, "gate_normalizer": 16.0});
+        assert!(
+            err(v).contains("64 slots"),
+            "the default of 64 exceeds head dim 16"
+        );
+        let mut v = llama();
+        v["liger"] = json!({"variant": "gla", "window": 64, "window_weight": 0.5,
+            "recurrent_weight": 0.5, "gate_normalizer": 16.0, "slots": 8});
+        assert!(err(v).contains("only the gsa variant"));
+        let mut v = llama();
+        v["liger"] = json!({"variant": "gsa", "window": 64, "window_weight": 0.5,
+            "recurrent_weight": 0.5, "gate_normalizer": 16.0, "slots": 8});
+        let c = ModelConfig::from_json(v).unwrap();
+        assert_eq!(c.liger.unwrap().gsa_slots(), Some(8));
 
         let mut v = llama();
         v["hidden_act"] = json!("gelu");

@@ -1,6 +1,7 @@
 //! Per-sequence state, kept outside the model: `Model::forward(&self, ..., &mut SequenceState)`.
 //!
-//! A Liger layer's state is constant-size: the recurrent matrix (`hkv x d x d`, f32) plus a
+//! A Liger layer's state is constant-size: the recurrent memory (`hkv x d x d` f32 for GLA
+//! and HGRN2, `hkv x 2M x d` for GSA with `M` slots) plus a
 //! window cache of at most `window` post-RoPE keys and values. A softmax layer keeps a KV
 //! cache that grows with the context (or is bounded by the original model's sliding window).
 //!
@@ -22,6 +23,9 @@ pub struct StateSpec {
     pub layers: Vec<LayerKind>,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Rows of a Liger layer's recurrent memory per KV head (each `head_dim` wide): `d` for
+    /// GLA and HGRN2, `2M` for GSA.
+    pub recurrent_rows: usize,
     /// Liger window (keys kept besides the current one).
     pub liger_window: usize,
     /// dtype of cached keys and values (the model's); recurrent states are always f32.
@@ -35,6 +39,11 @@ impl StateSpec {
             layers: (0..cfg.num_layers).map(|i| cfg.layer_kind(i)).collect(),
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            recurrent_rows: cfg
+                .liger
+                .as_ref()
+                .and_then(|l| l.gsa_slots())
+                .map_or(cfg.head_dim, |m| 2 * m),
             liger_window: cfg.liger.as_ref().map_or(0, |l| l.window),
             cache_dtype,
             device: device.clone(),
@@ -47,7 +56,7 @@ impl StateSpec {
             LayerKind::Liger => LayerState::Liger {
                 window: KvCache::new(Some(self.liger_window)),
                 recurrent: Tensor::zeros(
-                    (1, self.num_kv_heads, self.head_dim, self.head_dim),
+                    (1, self.num_kv_heads, self.recurrent_rows, self.head_dim),
                     DType::F32,
                     &self.device,
                 )?,
@@ -59,7 +68,7 @@ impl StateSpec {
     /// Bytes one sequence's state occupies after `context` tokens.
     pub fn bytes_at(&self, context: usize) -> usize {
         let kv_row = 2 * self.num_kv_heads * self.head_dim * self.cache_dtype.size_in_bytes();
-        let recurrent = self.num_kv_heads * self.head_dim * self.head_dim * 4;
+        let recurrent = self.num_kv_heads * self.recurrent_rows * self.head_dim * 4;
         self.layers
             .iter()
             .map(|k| match k {
@@ -249,7 +258,7 @@ impl SequenceState {
                     let r = tensors
                         .remove(&format!("layers.{i}.recurrent"))
                         .ok_or_else(|| bad(format!("layer {i}: missing recurrent state")))?;
-                    check(&r, &[1, hkv, d, d], DType::F32, i)?;
+                    check(&r, &[1, hkv, spec.recurrent_rows, d], DType::F32, i)?;
                     *recurrent = r;
                     window
                 }

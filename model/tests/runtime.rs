@@ -34,6 +34,14 @@ fn variants(family: Family) -> Vec<(String, Model)> {
             },
         ),
         (
+            "gsa",
+            LigerConfig {
+                variant: Variant::Gsa,
+                slots: Some(4), // head dim 8: pooled in pairs
+                ..liger(4)
+            },
+        ),
+        (
             "gla+full1",
             LigerConfig {
                 full_attention_layers: vec![1],
@@ -216,13 +224,30 @@ fn window_covering_the_sequence_is_full_attention() {
     }
 }
 
+fn gsa(window: usize) -> LigerConfig {
+    LigerConfig {
+        variant: Variant::Gsa,
+        slots: Some(2),
+        ..liger(window)
+    }
+}
+
 #[test]
 fn liger_state_is_constant_size_and_round_trips() {
+    for l in [liger(4), gsa(4)] {
+        check_state_round_trip(&l);
+    }
+}
+
+fn check_state_round_trip(l: &LigerConfig) {
     let m = TinyCheckpoint::new(Family::Llama, 5)
         .unwrap()
-        .with_liger(&liger(4))
+        .with_liger(l)
         .model(DType::F32)
         .unwrap();
+    // GLA keeps a d x d memory per KV head (head dim 8), GSA two M x d ones.
+    let rows = l.gsa_slots().map_or(8, |m| 2 * m);
+    assert_eq!(m.state_spec().recurrent_rows, rows);
     let toks = tokens(14, 40);
     let mut s = m.new_state().unwrap();
     m.forward(&toks[..10], &mut s, Logits::Last).unwrap();
@@ -244,7 +269,7 @@ fn liger_state_is_constant_size_and_round_trips() {
     // A blob is checked against the model it is loaded into.
     let other = TinyCheckpoint::new(Family::Qwen2, 5)
         .unwrap()
-        .with_liger(&liger(4))
+        .with_liger(l)
         .model(DType::F32)
         .unwrap();
     let err = SequenceState::from_bytes(other.state_spec(), &bytes)

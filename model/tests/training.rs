@@ -34,24 +34,30 @@ fn tokens(seed: u64, n: usize) -> Vec<u32> {
 
 use liger_model::testing::max_abs_diff as max_diff;
 
-/// A scalar loss of the chunked GLA form, as a function of raw q and k (so the feature maps
-/// and the gate are inside the differentiated function).
-fn gla_loss(q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor) -> Tensor {
+/// A scalar loss of a variant's chunked form, as a function of raw q and k (so the feature
+/// maps, the gate and GSA's slot pooling are inside the differentiated function).
+fn recurrent_loss(variant: Variant, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor) -> Tensor {
+    // GSA pools the head dim of 4 into 2 slots; its state is two 2 x 4 memories.
+    let (slots, rows) = if variant == Variant::Gsa {
+        (2, 4)
+    } else {
+        (0, 4)
+    };
     let fm = FeatureMaps {
-        variant: Variant::Gla,
+        variant,
         gate_normalizer: 16.0,
+        slots,
         differentiable: true,
     };
-    let x = gla::feature_maps(fm, q, k, v).unwrap();
-    let s0 = Tensor::zeros((1, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
-    let (o, s) = gla::chunked(&x, &s0, 4).unwrap();
+    let x = gla::Recurrence::new(fm, q, k, v).unwrap();
+    let s0 = Tensor::zeros((1, 2, rows, 4), DType::F32, &Device::Cpu).unwrap();
+    let (o, s) = x.chunked(&s0, 4).unwrap();
     // Weighted sums so every output element matters differently.
     let lo = (o.flatten_all().unwrap() * w).unwrap().sum_all().unwrap();
     (lo + s.sqr().unwrap().sum_all().unwrap()).unwrap()
 }
 
-#[test]
-fn chunked_gla_gradient_matches_finite_differences() {
+fn check_chunked_gradient(variant: Variant) {
     let dev = Device::Cpu;
     let mut rng = SplitMix(5);
     let mut randn = |shape: &[usize], scale: f64| -> Tensor {
@@ -67,7 +73,7 @@ fn chunked_gla_gradient_matches_finite_differences() {
     let k = Var::from_tensor(&randn(&[1, 2, t, d], 3.0)).unwrap();
     let v = Var::from_tensor(&randn(&[1, 2, t, d], 1.0)).unwrap();
     let w = randn(&[2 * 2 * t * d], 1.0);
-    let loss = gla_loss(&q, &k, &v, &w);
+    let loss = recurrent_loss(variant, &q, &k, &v, &w);
     let grads = loss.backward().unwrap();
     let eps = 1e-2f32;
     for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
@@ -90,17 +96,29 @@ fn chunked_gla_gradient_matches_finite_differences() {
                     "k" => (q.as_tensor().clone(), x, v.as_tensor().clone()),
                     _ => (q.as_tensor().clone(), k.as_tensor().clone(), x),
                 };
-                gla_loss(&qq, &kk, &vv, &w).to_scalar::<f32>().unwrap()
+                recurrent_loss(variant, &qq, &kk, &vv, &w)
+                    .to_scalar::<f32>()
+                    .unwrap()
             };
             let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
             let tol = 2e-2 * (1.0 + numeric.abs());
             assert!(
                 (numeric - g[idx]).abs() < tol,
-                "d loss / d {name}[{idx}]: autograd {} vs numeric {numeric}",
+                "{variant:?}: d loss / d {name}[{idx}]: autograd {} vs numeric {numeric}",
                 g[idx]
             );
         }
     }
+}
+
+#[test]
+fn chunked_gla_gradient_matches_finite_differences() {
+    check_chunked_gradient(Variant::Gla);
+}
+
+#[test]
+fn chunked_gsa_gradient_matches_finite_differences() {
+    check_chunked_gradient(Variant::Gsa);
 }
 
 #[test]

@@ -17,6 +17,8 @@ use crate::Result;
 pub struct FeatureMaps {
     pub variant: Variant,
     pub gate_normalizer: f64,
+    /// GSA's slot count (unused by the other variants).
+    pub slots: usize,
     /// Use ops that have a backward pass (slower); for training.
     pub differentiable: bool,
 }
@@ -38,6 +40,11 @@ pub fn feature_maps(fm: FeatureMaps, q: &Tensor, k: &Tensor, v: &Tensor) -> Resu
     let k = match fm.variant {
         Variant::Gla => softmax(&k)?,
         Variant::Hgrn2 => (1.0 - gate.exp()?)?,
+        Variant::Gsa => {
+            return Err(crate::Error::State(
+                "GSA has its own inputs: use gla::gsa::feature_maps".into(),
+            ))
+        }
     };
     let q = softmax(&q)?.reshape((b, hkv, h / hkv, t, d))?;
     Ok(GlaInputs {

@@ -13,14 +13,18 @@
 //! - [`recurrent`]: one token at a time; what decode uses, batched over sequences;
 //! - [`chunked`]: the chunked-parallel form for prefill.
 //!
+//! [`gsa`] builds gated slot attention from two such recurrences; [`Recurrence`] is what a
+//! layer holds, whichever the variant.
+//!
 //! The state is kept once per KV head: keys, values and gates are shared inside a GQA
 //! group, so per-query-head copies (as the reference code keeps) would be identical.
 
 mod chunked;
 pub mod feature;
+pub mod gsa;
 pub mod reference;
 
-pub use chunked::chunked;
+pub use chunked::{chunked, chunked_value_read};
 pub use feature::{feature_maps, FeatureMaps};
 
 use candle_core::Tensor;
@@ -37,6 +41,86 @@ pub struct GlaInputs {
     pub k: Tensor,
     pub gate: Tensor,
     pub v: Tensor,
+}
+
+/// A layer's recurrence inputs for a batch, whichever the variant.
+#[derive(Debug, Clone)]
+pub enum Recurrence {
+    /// GLA or HGRN2: one `d x d` memory per KV head.
+    Gla(GlaInputs),
+    /// Gated slot attention: two `M x d` memories per KV head.
+    Gsa(gsa::GsaInputs),
+}
+
+impl Recurrence {
+    /// Raw `q: [b, h, t, d]`, `k`, `v`: `[b, hkv, t, d]` to the variant's inputs.
+    pub fn new(fm: FeatureMaps, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
+        Ok(match fm.variant {
+            crate::config::Variant::Gsa => Self::Gsa(gsa::feature_maps(fm, q, k, v)?),
+            _ => Self::Gla(feature_maps(fm, q, k, v)?),
+        })
+    }
+
+    /// Tokens `start..start + len` of every sequence.
+    pub fn tokens(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(match self {
+            Self::Gla(x) => Self::Gla(GlaInputs {
+                q: x.q.narrow(3, start, len)?.contiguous()?,
+                k: x.k.narrow(2, start, len)?.contiguous()?,
+                gate: x.gate.narrow(2, start, len)?.contiguous()?,
+                v: x.v.narrow(2, start, len)?.contiguous()?,
+            }),
+            Self::Gsa(x) => Self::Gsa(x.tokens(start, len)?),
+        })
+    }
+
+    /// Tokens `idx` of a one-sequence batch as a batch of one-token sequences (the token
+    /// axis becomes the batch axis), for a batched decode step.
+    pub fn rows(&self, idx: &Tensor) -> Result<Self> {
+        // q: [1, hkv, g, t, w] -> [n, hkv, g, 1, w]; the rest: [1, hkv, t, w] -> [n, hkv, 1, w].
+        let q_rows = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.index_select(idx, 3)?
+                .permute((3, 1, 2, 0, 4))?
+                .contiguous()?)
+        };
+        let rows = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.index_select(idx, 2)?
+                .permute((2, 1, 0, 3))?
+                .contiguous()?)
+        };
+        Ok(match self {
+            Self::Gla(x) => Self::Gla(GlaInputs {
+                q: q_rows(&x.q)?,
+                k: rows(&x.k)?,
+                gate: rows(&x.gate)?,
+                v: rows(&x.v)?,
+            }),
+            Self::Gsa(x) => Self::Gsa(gsa::GsaInputs {
+                q: q_rows(&x.q)?,
+                k: rows(&x.k)?,
+                v: rows(&x.v)?,
+                slots: rows(&x.slots)?,
+                gate: rows(&x.gate)?,
+                differentiable: x.differentiable,
+            }),
+        })
+    }
+
+    /// The chunked-parallel form (prefill). Returns `(o: [b, hkv, g, t, d], new_state)`.
+    pub fn chunked(&self, state: &Tensor, c: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Gla(x) => chunked(x, state, c),
+            Self::Gsa(x) => gsa::chunked(x, state, c),
+        }
+    }
+
+    /// Token by token (decode). Returns `(o: [b, hkv, g, t, d], new_state)`.
+    pub fn recurrent(&self, state: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Gla(x) => recurrent(x, state),
+            Self::Gsa(x) => gsa::recurrent(x, state),
+        }
+    }
 }
 
 /// Token-by-token recurrence. `state`: `[b, hkv, d, d]`. Returns `(o, new_state)` with
