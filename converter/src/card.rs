@@ -8,7 +8,7 @@ use std::fmt::Write;
 
 use liger_model::{LayerKind, LigerConfig, ModelConfig};
 
-use crate::settings::variant_name;
+use crate::settings::variant_label;
 use crate::source::SourceKind;
 
 /// The facts a card states.
@@ -124,7 +124,7 @@ pub fn model_card(info: &CardInfo) -> String {
 
 fn settings_table(s: &mut String, cfg: &ModelConfig, l: &LigerConfig) {
     s.push_str("## Liger settings\n\n| setting | value |\n|---|---|\n");
-    let _ = writeln!(s, "| variant | {} |", variant_name(l.variant));
+    let _ = writeln!(s, "| variant | {} |", variant_label(l));
     let _ = writeln!(
         s,
         "| window | {} (each query sees itself and {} earlier keys) |",

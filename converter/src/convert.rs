@@ -105,6 +105,7 @@ fn finish_convert(
             "the source is already a Liger conversion; its `liger` settings are replaced"
         );
     }
+    opts.settings.check_slots(base.head_dim)?;
     let liger = opts
         .settings
         .to_liger_config(base.num_layers, Some(&opts.source))?;

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::convert::torch_dtype_name;
 use crate::progress::Progress;
-use crate::settings::variant_name;
+use crate::settings::variant_label;
 use crate::tensors::{file_name, TensorSet};
 use crate::{Error, Result};
 
@@ -286,7 +286,7 @@ pub fn render_table(r: &Report) -> String {
                 "liger",
                 format!(
                     "variant {}, window {} ({} keys), mix {} window + {} recurrent, gate normalizer {}",
-                    variant_name(l.variant),
+                    variant_label(l),
                     l.window,
                     l.window + 1,
                     l.window_weight,

@@ -253,6 +253,8 @@ enum VariantArg {
     Gla,
     /// HGRN2: the key is replaced by 1 - gate.
     Hgrn2,
+    /// Gated slot attention: two gated memories of --slots slots, read through a softmax.
+    Gsa,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -284,7 +286,10 @@ struct ConvertArgs {
         allow_negative_numbers = true
     )]
     mix: f64,
-    /// Divisor of the log-gate [default: 16 for gla, 1 for hgrn2].
+    /// GSA's slot count M; it must divide the head dim [default: 64].
+    #[arg(long, value_name = "M")]
+    slots: Option<usize>,
+    /// Divisor of the log-gate [default: 16 for gla and gsa, 1 for hgrn2].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     gate_normalizer: Option<f64>,
     /// Layers that keep full softmax attention: a list (0,7,15) or every:N (layers N-1, 2N-1, ...).
@@ -440,7 +445,7 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
         };
         println!(
             "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}",
-            liger_converter::settings::variant_name(l.variant), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer
+            liger_converter::settings::variant_label(l), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer
         );
         println!(
             "next: recovery training restores quality: liger-convert recover --teacher ORIG --student {} --data FILES --out DIR",
@@ -463,11 +468,13 @@ fn run(cli: Cli) -> Result<()> {
                     variant: match a.variant {
                         VariantArg::Gla => Variant::Gla,
                         VariantArg::Hgrn2 => Variant::Hgrn2,
+                        VariantArg::Gsa => Variant::Gsa,
                     },
                     window: a.window,
                     mix: Some(a.mix),
                     gate_normalizer: a.gate_normalizer,
                     full_attention,
+                    slots: a.slots,
                 },
                 dtype: a.dtype.map(Into::into),
                 hub: HubOptions {

@@ -7,15 +7,25 @@
 
 use std::str::FromStr;
 
+use liger_model::config::DEFAULT_SLOTS;
 use liger_model::{LigerConfig, Variant};
 
 use crate::{Error, Result};
 
-/// The variant as config files and flags spell it (`gla`, `hgrn2`).
+/// The variant as config files and flags spell it (`gla`, `hgrn2`, `gsa`).
 pub fn variant_name(v: Variant) -> &'static str {
     match v {
         Variant::Gla => "gla",
         Variant::Hgrn2 => "hgrn2",
+        Variant::Gsa => "gsa",
+    }
+}
+
+/// The variant for people: its name, plus the slot count for GSA (`gsa (64 slots)`).
+pub fn variant_label(l: &LigerConfig) -> String {
+    match l.gsa_slots() {
+        Some(m) => format!("gsa ({m} slots)"),
+        None => variant_name(l.variant).to_owned(),
     }
 }
 
@@ -124,6 +134,8 @@ pub struct LigerSettings {
     /// Log-gate divisor; `None`: the variant's default.
     pub gate_normalizer: Option<f64>,
     pub full_attention: FullAttention,
+    /// GSA's slot count; `None`: 64. Only with GSA.
+    pub slots: Option<usize>,
 }
 
 impl Default for LigerSettings {
@@ -135,6 +147,7 @@ impl Default for LigerSettings {
             mix: None,
             gate_normalizer: None,
             full_attention: FullAttention::None,
+            slots: None,
         }
     }
 }
@@ -156,6 +169,20 @@ impl LigerSettings {
                 ));
             }
         }
+        if let Some(m) = self.slots {
+            if self.variant != Variant::Gsa {
+                return Err(Error::flag(
+                    "--slots",
+                    format!(
+                        "only --variant gsa has slots (this is {})",
+                        variant_name(self.variant)
+                    ),
+                ));
+            }
+            if m == 0 {
+                return Err(Error::flag("--slots", "must be at least 1"));
+            }
+        }
         if let Some(g) = self.gate_normalizer {
             if !(g.is_finite() && g > 0.0) {
                 return Err(Error::flag(
@@ -163,6 +190,25 @@ impl LigerSettings {
                     format!("{g} must be a positive number"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the slot count against the model's head dim: GSA's gate average-pools the
+    /// head dim into equal groups, one per slot.
+    pub fn check_slots(&self, head_dim: usize) -> Result<()> {
+        if self.variant != Variant::Gsa {
+            return Ok(());
+        }
+        let m = self.slots.unwrap_or(DEFAULT_SLOTS);
+        if m > head_dim || head_dim % m != 0 {
+            return Err(Error::flag(
+                "--slots",
+                format!(
+                    "{m} does not divide the model's head dim {head_dim} (the gate pools the \
+                     head dim into one equal group per slot; {head_dim} makes pooling the identity)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -180,6 +226,7 @@ impl LigerSettings {
                 .gate_normalizer
                 .unwrap_or_else(|| self.variant.default_gate_normalizer()),
             full_attention_layers: self.full_attention.layers(num_layers)?,
+            slots: (self.variant == Variant::Gsa).then(|| self.slots.unwrap_or(DEFAULT_SLOTS)),
             source: source.map(str::to_owned),
         })
     }

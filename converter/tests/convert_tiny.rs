@@ -145,6 +145,7 @@ fn non_default_flags() {
         recurrent_weight: 0.25,
         gate_normalizer: 1.0,
         full_attention_layers: vec![1],
+        slots: None,
         source: None,
     };
     check_conversion(
@@ -160,6 +161,18 @@ fn non_default_flags() {
             "every:2",
         ],
         hgrn2,
+        DType::F32,
+    );
+    // GSA with the tiny head dim of 8 pooled into 4 slots.
+    let gsa = LigerConfig {
+        variant: Variant::Gsa,
+        slots: Some(4),
+        ..LigerConfig::default()
+    };
+    check_conversion(
+        Family::Qwen2,
+        &["--variant", "gsa", "--slots", "4"],
+        gsa,
         DType::F32,
     );
     let gla = LigerConfig {
@@ -373,6 +386,39 @@ fn inspect_reports_runtime_state_sizes() {
     );
     // Mistral's own window (6 keys in Hugging Face counting) bounds the original's cache too.
     assert_eq!(kv.bytes_at(4096), kv.bytes_at(32768));
+
+    // GSA's state is two M x d memories per KV head instead of one d x d: with M = 2 slots
+    // (head dim 8) each Liger layer holds half of GLA's recurrent bytes.
+    let gsa = root.path().join("gsa");
+    run_ok(&[
+        "convert",
+        "--from",
+        &src,
+        "--out",
+        gsa.to_str().unwrap(),
+        "--quiet",
+        "--variant",
+        "gsa",
+        "--slots",
+        "2",
+    ]);
+    let gsa_cfg = ModelConfig::from_file(&gsa.join("config.json")).unwrap();
+    let gsa_spec = StateSpec::new(&gsa_cfg, DType::F32, &Device::Cpu);
+    let (hkv, d) = (gsa_cfg.num_kv_heads, gsa_cfg.head_dim);
+    let window_bytes = 2 * 64 * hkv * d * 4;
+    assert_eq!(
+        gsa_spec.bytes_at(4096),
+        3 * (hkv * 2 * 2 * d * 4 + window_bytes)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&run_ok(&["inspect", gsa.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(
+        json["state"][0]["liger_bytes"].as_u64(),
+        Some(gsa_spec.bytes_at(4096) as u64)
+    );
+    assert_eq!(json["liger"]["slots"], 2);
+    let table = run_ok(&["inspect", gsa.to_str().unwrap()]);
+    assert!(table.contains("gsa (2 slots)"), "{table}");
 
     // An unconverted folder reports only the KV cache.
     let json: serde_json::Value =

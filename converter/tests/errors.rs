@@ -186,6 +186,28 @@ fn bad_flag_values() {
         &["--window", "at least 1"],
     );
     convert_fails(r, &src, &out, &["--mix", "1.5"], &["--mix", "1.5"]);
+    convert_fails(
+        r,
+        &src,
+        &out,
+        &["--slots", "4"],
+        &["--slots", "only --variant gsa"],
+    );
+    // The tiny model's head dim is 8: 3 slots cannot pool it, nor can the default 64.
+    convert_fails(
+        r,
+        &src,
+        &out,
+        &["--variant", "gsa", "--slots", "3"],
+        &["--slots", "3 does not divide", "head dim 8"],
+    );
+    convert_fails(
+        r,
+        &src,
+        &out,
+        &["--variant", "gsa"],
+        &["--slots", "64 does not divide"],
+    );
     convert_fails(r, &src, &out, &["--mix", "-0.1"], &["--mix"]);
     convert_fails(
         r,
