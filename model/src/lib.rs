@@ -34,4 +34,4 @@ pub mod weights;
 pub use config::{Architecture, LayerKind, LigerConfig, ModelConfig, Variant};
 pub use error::{Error, Result};
 pub use model::{Logits, Model, RuntimeOptions, SeqStep};
-pub use state::{SequenceState, Slot, StatePool, StateSpec};
+pub use state::{SequenceState, Slot, StateBytes, StatePool, StateSpec};

@@ -67,17 +67,26 @@ impl StateSpec {
 
     /// Bytes one sequence's state occupies after `context` tokens.
     pub fn bytes_at(&self, context: usize) -> usize {
+        self.bytes_by_kind_at(context).total()
+    }
+
+    /// [`bytes_at`](Self::bytes_at) split by what holds them.
+    pub fn bytes_by_kind_at(&self, context: usize) -> StateBytes {
         let kv_row = 2 * self.num_kv_heads * self.head_dim * self.cache_dtype.size_in_bytes();
         let recurrent = self.num_kv_heads * self.recurrent_rows * self.head_dim * 4;
-        self.layers
-            .iter()
-            .map(|k| match k {
-                LayerKind::Liger => recurrent + kv_row * context.min(self.liger_window),
-                LayerKind::Softmax { window } => {
-                    kv_row * window.map_or(context, |w| context.min(w))
+        let mut b = StateBytes::default();
+        for k in &self.layers {
+            match k {
+                LayerKind::Liger => {
+                    b.recurrent += recurrent;
+                    b.window += kv_row * context.min(self.liger_window);
                 }
-            })
-            .sum()
+                LayerKind::Softmax { window } => {
+                    b.kv_cache += kv_row * window.map_or(context, |w| context.min(w));
+                }
+            }
+        }
+        b
     }
 
     /// A fresh state (no tokens consumed).
@@ -89,6 +98,31 @@ impl StateSpec {
             layers,
             position: 0,
         })
+    }
+}
+
+/// A state's bytes by what holds them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateBytes {
+    /// Liger layers' recurrent memories (constant).
+    pub recurrent: usize,
+    /// Liger layers' sliding-window caches (bounded by the window).
+    pub window: usize,
+    /// Softmax layers' KV caches (growing with the context unless the layer has a window).
+    pub kv_cache: usize,
+}
+
+impl StateBytes {
+    pub fn total(&self) -> usize {
+        self.recurrent + self.window + self.kv_cache
+    }
+}
+
+impl std::ops::AddAssign for StateBytes {
+    fn add_assign(&mut self, o: Self) {
+        self.recurrent += o.recurrent;
+        self.window += o.window;
+        self.kv_cache += o.kv_cache;
     }
 }
 
@@ -180,13 +214,22 @@ impl SequenceState {
 
     /// Bytes held by this state's tensors.
     pub fn size_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerState::Softmax(c) => c.bytes(),
-                LayerState::Liger { window, recurrent } => window.bytes() + tensor_bytes(recurrent),
-            })
-            .sum()
+        self.bytes_by_kind().total()
+    }
+
+    /// [`size_bytes`](Self::size_bytes) split by what holds them.
+    pub fn bytes_by_kind(&self) -> StateBytes {
+        let mut b = StateBytes::default();
+        for l in &self.layers {
+            match l {
+                LayerState::Softmax(c) => b.kv_cache += c.bytes(),
+                LayerState::Liger { window, recurrent } => {
+                    b.window += window.bytes();
+                    b.recurrent += tensor_bytes(recurrent);
+                }
+            }
+        }
+        b
     }
 
     /// Serializes to bytes (a safetensors blob: portable, self-describing, checked on load).
@@ -437,6 +480,29 @@ mod tests {
         let mut p2 = StatePool::new(spec(), 1);
         let s = p1.acquire().unwrap().unwrap();
         assert!(p2.release(s).is_err());
+    }
+
+    #[test]
+    fn hybrid_state_bytes_split_by_kind() {
+        let cfg = TinyCheckpoint::new(Family::Llama, 0)
+            .unwrap()
+            .with_liger(&crate::LigerConfig {
+                full_attention_layers: vec![1],
+                ..Default::default()
+            })
+            .model_config()
+            .unwrap();
+        let s = StateSpec::new(&cfg, DType::F32, &Device::Cpu);
+        let (hkv, d) = (s.num_kv_heads, s.head_dim);
+        let at = |n| s.bytes_by_kind_at(n);
+        // Two Liger layers: constant recurrent memories, windows full after 64 tokens;
+        // one softmax layer whose KV cache grows with the context.
+        assert_eq!(at(10).recurrent, 2 * hkv * d * d * 4);
+        assert_eq!(at(1000).recurrent, at(10).recurrent);
+        assert_eq!(at(10).window, 2 * 10 * 2 * hkv * d * 4);
+        assert_eq!(at(1000).window, 2 * 64 * 2 * hkv * d * 4);
+        assert_eq!(at(1000).kv_cache, 1000 * 2 * hkv * d * 4);
+        assert_eq!(at(1000).total(), s.bytes_at(1000));
     }
 
     #[test]

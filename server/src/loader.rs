@@ -68,6 +68,9 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
         },
         layers = cfg.num_layers,
         state_bytes_at_max_len = model.state_spec().bytes_at(max_model_len),
+        recurrent_bytes = model.state_spec().bytes_by_kind_at(max_model_len).recurrent,
+        window_bytes = model.state_spec().bytes_by_kind_at(max_model_len).window,
+        kv_cache_bytes_at_max_len = model.state_spec().bytes_by_kind_at(max_model_len).kv_cache,
         "model ready"
     );
     let options = EngineOptions {

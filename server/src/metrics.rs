@@ -79,6 +79,10 @@ pub struct Metrics {
     /// Requests queued for a slot.
     pub waiting: AtomicU64,
     pub pool_bytes: AtomicU64,
+    /// `pool_bytes` split: Liger recurrent memories, Liger window caches, softmax KV caches.
+    pub pool_recurrent_bytes: AtomicU64,
+    pub pool_window_bytes: AtomicU64,
+    pub pool_kv_cache_bytes: AtomicU64,
     pub pool_slots_in_use: AtomicU64,
     pub pool_capacity: AtomicU64,
     /// Prompt tokens run through the model (a prompt shared by `n` choices counts once).
@@ -107,6 +111,9 @@ impl Default for Metrics {
             running: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             pool_bytes: AtomicU64::new(0),
+            pool_recurrent_bytes: AtomicU64::new(0),
+            pool_window_bytes: AtomicU64::new(0),
+            pool_kv_cache_bytes: AtomicU64::new(0),
             pool_slots_in_use: AtomicU64::new(0),
             pool_capacity: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
@@ -266,6 +273,21 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP liger_state_pool_bytes_by_kind Bytes held by sequence states in use, by what holds them.\n# TYPE liger_state_pool_bytes_by_kind gauge"
+        );
+        for (kind, v) in [
+            ("recurrent", &self.pool_recurrent_bytes),
+            ("window", &self.pool_window_bytes),
+            ("kv_cache", &self.pool_kv_cache_bytes),
+        ] {
+            let _ = writeln!(
+                out,
+                "liger_state_pool_bytes_by_kind{{kind=\"{kind}\"}} {}",
                 v.load(Relaxed)
             );
         }

@@ -147,6 +147,15 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
         metric(&s.app, "liger_state_pool_bytes").await,
         spec.bytes_at(1_000_000) as f64
     );
+    let by_kind = spec.bytes_by_kind_at(1_000_000);
+    for (kind, want) in [
+        ("recurrent", by_kind.recurrent),
+        ("window", by_kind.window),
+        ("kv_cache", by_kind.kv_cache),
+    ] {
+        let name = format!("liger_state_pool_bytes_by_kind{{kind=\"{kind}\"}}");
+        assert_eq!(metric(&s.app, &name).await, want as f64, "{name}");
+    }
     assert_eq!(metric(&s.app, "liger_running_sequences").await, 1.0);
     assert_eq!(metric(&s.app, "liger_cancelled_requests_total").await, 0.0);
     drop(stream);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use common::*;
+use liger_model::config::{LigerConfig, Variant};
 use liger_model::testing::count_files;
 use liger_server::engine::{
     Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams, StateCacheOptions,
@@ -98,8 +99,36 @@ fn header() -> Vec<u32> {
 
 #[tokio::test]
 async fn shared_prefixes_and_n_choices_sample_the_same_with_the_cache() {
-    let on = server(|_| {});
-    let off = server(|a| a.state_cache_mb = Some(0));
+    shared_prefixes_and_n_choices(write_model).await;
+}
+
+/// The same for an inter-layer hybrid whose Liger layers are GSA: its states hold all
+/// three kinds of memory (recurrent slots, window caches, and layer 1's growing KV cache),
+/// and snapshots and n > 1 forks must carry every one.
+#[tokio::test]
+async fn a_gsa_hybrid_with_a_full_attention_layer_caches_and_forks_exactly() {
+    let hybrid = |dir: &std::path::Path| {
+        write_model_with(
+            dir,
+            &LigerConfig {
+                variant: Variant::Gsa,
+                slots: Some(4),
+                window: 4,
+                full_attention_layers: vec![1],
+                ..Default::default()
+            },
+        )
+    };
+    shared_prefixes_and_n_choices(hybrid).await;
+    let s = server_for(hybrid, |_| {});
+    chat(&s, 2).await;
+    let turn = chat(&s, 3).await;
+    assert!(turn[2].2 > 0, "the third turn resumes a cached state");
+}
+
+async fn shared_prefixes_and_n_choices(write: fn(&std::path::Path)) {
+    let on = server_for(write, |_| {});
+    let off = server_for(write, |a| a.state_cache_mb = Some(0));
     let mut results = Vec::new();
     for s in [&on, &off] {
         let mut per_server = Vec::new();

@@ -66,6 +66,17 @@ pub fn tokenizer_json() -> Value {
 
 /// Writes the tiny Liger model folder into `dir`.
 pub fn write_model(dir: &Path) {
+    write_model_with(
+        dir,
+        &LigerConfig {
+            window: 4,
+            ..Default::default()
+        },
+    );
+}
+
+/// The tiny test model (3 layers, head dim 8) converted with `liger`.
+pub fn write_model_with(dir: &Path, liger: &LigerConfig) {
     let mut config = tiny_config(Family::Llama);
     config["vocab_size"] = json!(VOCAB);
     config["eos_token_id"] = json!(IM_END);
@@ -74,10 +85,7 @@ pub fn write_model(dir: &Path) {
         tensors: random_weights(&config, 7).unwrap(),
         config,
     }
-    .with_liger(&LigerConfig {
-        window: 4,
-        ..Default::default()
-    });
+    .with_liger(liger);
     ckpt.write_folder(dir).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
     let tok_config = json!({"chat_template": CHATML, "bos_token": null, "eos_token": "<|im_end|>"});
@@ -107,8 +115,13 @@ pub struct TestServer {
 }
 
 pub fn server(extra: impl FnOnce(&mut Args)) -> TestServer {
+    server_for(write_model, extra)
+}
+
+/// A server over the model `write` puts in its folder.
+pub fn server_for(write: impl FnOnce(&Path), extra: impl FnOnce(&mut Args)) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    write_model(dir.path());
+    write(dir.path());
     let s = settings(dir.path(), extra);
     let metrics = Arc::new(Metrics::default());
     let state = AppState::new(

@@ -24,7 +24,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use liger_model::cache::StateCache;
-use liger_model::{Model, SequenceState, Slot, StatePool};
+use liger_model::{Model, SequenceState, Slot, StateBytes, StatePool};
 use tracing::{debug, info, warn};
 
 use super::local::{EngineOptions, Submission};
@@ -304,19 +304,20 @@ impl Worker {
                 .store(s.entries as u64, Ordering::Relaxed);
         }
         let mut sequences = 0;
-        let mut bytes = 0;
+        let mut bytes = StateBytes::default();
         for g in &self.running {
             match &g.phase {
                 Phase::Prefill { slots, .. } => {
                     sequences += 1;
-                    bytes += slots.iter().map(|s| s.state.size_bytes()).sum::<usize>();
+                    for s in slots {
+                        bytes += s.state.bytes_by_kind();
+                    }
                 }
                 Phase::Decode { choices } => {
                     sequences += choices.len();
-                    bytes += choices
-                        .iter()
-                        .map(|c| c.slot.state.size_bytes())
-                        .sum::<usize>();
+                    for c in choices {
+                        bytes += c.slot.state.bytes_by_kind();
+                    }
                 }
             }
         }
@@ -326,7 +327,13 @@ impl Worker {
             self.waiting.load(Ordering::SeqCst) as u64,
             Ordering::Relaxed,
         );
-        m.pool_bytes.store(bytes as u64, Ordering::Relaxed);
+        m.pool_bytes.store(bytes.total() as u64, Ordering::Relaxed);
+        m.pool_recurrent_bytes
+            .store(bytes.recurrent as u64, Ordering::Relaxed);
+        m.pool_window_bytes
+            .store(bytes.window as u64, Ordering::Relaxed);
+        m.pool_kv_cache_bytes
+            .store(bytes.kv_cache as u64, Ordering::Relaxed);
         m.pool_slots_in_use
             .store(self.pool.in_use() as u64, Ordering::Relaxed);
     }
