@@ -297,6 +297,21 @@ impl Attention {
         states: &mut [&mut LayerState],
     ) -> Result<Tensor> {
         let (h, d) = (self.num_heads, self.head_dim);
+        if hy.recurrent_weight == 0.0 {
+            // Window-only attention: the recurrent branch would be multiplied by 0, so it is
+            // neither computed nor kept (its state has no rows).
+            let mut windows = Vec::with_capacity(states.len());
+            for state in states.iter_mut() {
+                let LayerState::Liger { window, .. } = &mut **state else {
+                    return Err(Error::State(
+                        "layer state kind does not match the model".into(),
+                    ));
+                };
+                windows.push(window);
+            }
+            let window_out = self.attend_all(q_rot, k_rot, v, ctx, &mut windows)?;
+            return Ok((Tensor::cat(&window_out, 0)? * hy.window_weight)?);
+        }
         let features = FeatureMaps {
             differentiable: ctx.differentiable,
             ..hy.features

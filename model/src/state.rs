@@ -24,7 +24,7 @@ pub struct StateSpec {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     /// Rows of a Liger layer's recurrent memory per KV head (each `head_dim` wide): `d` for
-    /// GLA and HGRN2, `2M` for GSA.
+    /// GLA and HGRN2, `2M` for GSA, 0 when the recurrent branch has weight 0.
     pub recurrent_rows: usize,
     /// Liger window (keys kept besides the current one).
     pub liger_window: usize,
@@ -39,11 +39,12 @@ impl StateSpec {
             layers: (0..cfg.num_layers).map(|i| cfg.layer_kind(i)).collect(),
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
-            recurrent_rows: cfg
-                .liger
-                .as_ref()
-                .and_then(|l| l.gsa_slots())
-                .map_or(cfg.head_dim, |m| 2 * m),
+            recurrent_rows: match &cfg.liger {
+                // Window-only attention (recurrent weight 0) keeps no recurrent memory.
+                Some(l) if l.recurrent_weight == 0.0 => 0,
+                Some(l) => l.gsa_slots().map_or(cfg.head_dim, |m| 2 * m),
+                None => cfg.head_dim,
+            },
             liger_window: cfg.liger.as_ref().map_or(0, |l| l.window),
             cache_dtype,
             device: device.clone(),

@@ -197,6 +197,10 @@ fn recurrent_weight_zero_is_windowed_attention() {
         let toks = tokens(12, LEN);
         let d = max_diff(&full_forward(&m, &toks), &full_forward(&reference, &toks));
         assert!(d < 1e-4, "{family:?}: {d}");
+        // Nothing recurrent is kept: the state is the window caches alone.
+        let bytes = m.state_spec().bytes_by_kind_at(1000);
+        assert_eq!((bytes.recurrent, bytes.kv_cache), (0, 0));
+        assert!(bytes.window > 0);
     }
 }
 
@@ -234,7 +238,12 @@ fn gsa(window: usize) -> LigerConfig {
 
 #[test]
 fn liger_state_is_constant_size_and_round_trips() {
-    for l in [liger(4), gsa(4)] {
+    let window_only = LigerConfig {
+        window_weight: 1.0,
+        recurrent_weight: 0.0,
+        ..liger(4)
+    };
+    for l in [liger(4), gsa(4), window_only] {
         check_state_round_trip(&l);
     }
 }
@@ -246,7 +255,11 @@ fn check_state_round_trip(l: &LigerConfig) {
         .model(DType::F32)
         .unwrap();
     // GLA keeps a d x d memory per KV head (head dim 8), GSA two M x d ones.
-    let rows = l.gsa_slots().map_or(8, |m| 2 * m);
+    let rows = match l.gsa_slots() {
+        _ if l.recurrent_weight == 0.0 => 0,
+        Some(m) => 2 * m,
+        None => 8,
+    };
     assert_eq!(m.state_spec().recurrent_rows, rows);
     let toks = tokens(14, 40);
     let mut s = m.new_state().unwrap();
