@@ -1,11 +1,16 @@
 //! Decode benchmark on the SmolLM2-135M-Instruct fixture: per-token decode latency at growing
-//! context lengths for the original Transformer and its Liger-GLA conversion (same runtime,
+//! context lengths for the original Transformer and its Liger conversions (same runtime,
 //! same weights), and the bytes of state each keeps per sequence.
 //!
 //! ```text
 //! cargo bench -p liger-model --bench decode -- [--contexts 256,1024,4096,16384] [--steps 32]
 //!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
+//!     [--variants gla,hgrn2,gsa,gla-h8,window]
 //! ```
+//!
+//! `--variants` picks the Liger structures to compare (default `gla`): `gla`, `hgrn2`, `gsa`
+//! (64 slots), `gla-h8` (GLA with full attention at layers 7, 15, 23: `every:8`) and
+//! `window` (sliding-window attention alone).
 //!
 //! The context is built once per model by chunked prefill and grown between measurements,
 //! so each model pays one prefill to the largest context. Figures are medians over `--steps`
@@ -18,10 +23,11 @@ use candle_core::{DType, Device};
 use liger_model::gguf::import_gguf;
 use liger_model::layers::Quantization;
 use liger_model::testing::model_from_tensors;
-use liger_model::{LigerConfig, Logits, Model, ModelConfig};
+use liger_model::{LigerConfig, Logits, Model, ModelConfig, Variant};
 
 struct Args {
     contexts: Vec<usize>,
+    variants: Vec<&'static str>,
     steps: usize,
     dtype: DType,
     quantize: Option<Quantization>,
@@ -31,6 +37,7 @@ struct Args {
 fn parse_args() -> Args {
     let mut a = Args {
         contexts: vec![256, 1024, 4096, 16384],
+        variants: vec!["gla"],
         steps: 32,
         dtype: DType::F32,
         quantize: None,
@@ -44,6 +51,18 @@ fn parse_args() -> Args {
                 a.contexts = val()
                     .split(',')
                     .map(|s| s.trim().parse().expect("context"))
+                    .collect()
+            }
+            "--variants" => {
+                a.variants = val()
+                    .split(',')
+                    .map(|v| {
+                        VARIANTS
+                            .iter()
+                            .map(|(name, _)| *name)
+                            .find(|name| *name == v.trim())
+                            .unwrap_or_else(|| panic!("unknown variant {v}"))
+                    })
                     .collect()
             }
             "--steps" => a.steps = val().parse().expect("steps"),
@@ -70,6 +89,30 @@ fn parse_args() -> Args {
     a.contexts.sort_unstable();
     a
 }
+
+/// The Liger structures `--variants` can name.
+const VARIANTS: [(&str, fn(usize) -> LigerConfig); 5] = [
+    ("gla", |_| LigerConfig::default()),
+    ("hgrn2", |_| LigerConfig {
+        variant: Variant::Hgrn2,
+        gate_normalizer: 1.0,
+        ..Default::default()
+    }),
+    ("gsa", |_| LigerConfig {
+        variant: Variant::Gsa,
+        slots: Some(64),
+        ..Default::default()
+    }),
+    ("gla-h8", |layers| LigerConfig {
+        full_attention_layers: (1..=layers / 8).map(|k| 8 * k - 1).collect(),
+        ..Default::default()
+    }),
+    ("window", |_| LigerConfig {
+        window_weight: 1.0,
+        recurrent_weight: 0.0,
+        ..Default::default()
+    }),
+];
 
 struct Row {
     model: &'static str,
@@ -153,49 +196,63 @@ fn main() -> liger_model::Result<()> {
     )?)?;
     run("transformer", &transformer, &args, &mut rows)?;
     drop(transformer);
-    let liger = quantized(model_from_tensors(
-        cfg.with_liger(LigerConfig::default())?,
-        &tensors,
-        args.dtype,
-        &Device::Cpu,
-    )?)?;
-    run("liger-gla", &liger, &args, &mut rows)?;
+    for &name in &args.variants {
+        let (_, make) = VARIANTS.iter().find(|(n, _)| *n == name).expect("parsed");
+        let m = quantized(model_from_tensors(
+            cfg.with_liger(make(cfg.num_layers))?,
+            &tensors,
+            args.dtype,
+            &Device::Cpu,
+        )?)?;
+        run(name, &m, &args, &mut rows)?;
+    }
 
-    println!("| context | Transformer ms/token | Liger-GLA ms/token | Liger speed-up | Transformer state | Liger state |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    let at = |model: &str, ctx: usize| {
+        rows.iter()
+            .find(|r| r.model == model && r.context == ctx)
+            .expect("measured")
+    };
+    print!("| context | Transformer ms/token |");
+    for v in &args.variants {
+        print!(" {v} ms/token | {v} speed-up |");
+    }
+    println!(
+        " Transformer state |{}",
+        args.variants
+            .iter()
+            .map(|v| format!(" {v} state |"))
+            .collect::<String>()
+    );
+    println!(
+        "|---:|---:|{}---:|{}",
+        "---:|---:|".repeat(args.variants.len()),
+        "---:|".repeat(args.variants.len())
+    );
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
     for &ctx in &args.contexts {
-        let t = rows
-            .iter()
-            .find(|r| r.model == "transformer" && r.context == ctx)
-            .unwrap();
-        let l = rows
-            .iter()
-            .find(|r| r.model == "liger-gla" && r.context == ctx)
-            .unwrap();
+        let t = at("transformer", ctx);
+        print!("| {ctx} | {:.2} |", t.ms_per_token);
+        for v in &args.variants {
+            let l = at(v, ctx);
+            print!(
+                " {:.2} | {:.2}x |",
+                l.ms_per_token,
+                t.ms_per_token / l.ms_per_token
+            );
+        }
+        print!(" {:.1} MiB |", mib(t.state_bytes));
+        for v in &args.variants {
+            print!(" {:.2} MiB |", mib(at(v, ctx).state_bytes));
+        }
+        println!();
+    }
+    let (first, last) = (args.contexts[0], *args.contexts.last().expect("contexts"));
+    for v in &args.variants {
         println!(
-            "| {ctx} | {:.2} | {:.2} | {:.2}x | {:.1} MiB | {:.2} MiB |",
-            t.ms_per_token,
-            l.ms_per_token,
-            t.ms_per_token / l.ms_per_token,
-            t.state_bytes as f64 / (1 << 20) as f64,
-            l.state_bytes as f64 / (1 << 20) as f64
+            "\n{v} decode latency at context {last} / at {first}: {:.2}x",
+            at(v, last).ms_per_token / at(v, first).ms_per_token
         );
     }
-    let first = rows
-        .iter()
-        .find(|r| r.model == "liger-gla")
-        .unwrap()
-        .ms_per_token;
-    let last = rows
-        .iter()
-        .rev()
-        .find(|r| r.model == "liger-gla")
-        .unwrap()
-        .ms_per_token;
-    println!(
-        "\nLiger decode latency at the largest context / the smallest: {:.2}x",
-        last / first
-    );
     if let Some(path) = &args.json {
         let json: Vec<_> = rows
             .iter()
