@@ -5,8 +5,11 @@
 //! ```text
 //! cargo bench -p liger-model --bench decode -- [--contexts 256,1024,4096,16384] [--steps 32]
 //!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
-//!     [--variants gla,hgrn2,gsa,gla-h8,window]
+//!     [--variants gla,hgrn2,gsa,gla-h8,window] [--batches 1,8,32]
 //! ```
+//!
+//! `--batches` adds batched decode: `B` sequences (forks of the smallest context) step
+//! together, one token each, and the table gives the step time and aggregate tokens/s.
 //!
 //! `--variants` picks the Liger structures to compare (default `gla`): `gla`, `hgrn2`, `gsa`
 //! (64 slots), `gla-h8` (GLA with full attention at layers 7, 15, 23: `every:8`) and
@@ -23,11 +26,12 @@ use candle_core::{DType, Device};
 use liger_model::gguf::import_gguf;
 use liger_model::layers::Quantization;
 use liger_model::testing::model_from_tensors;
-use liger_model::{LigerConfig, Logits, Model, ModelConfig, Variant};
+use liger_model::{LigerConfig, Logits, Model, ModelConfig, SeqStep, Variant};
 
 struct Args {
     contexts: Vec<usize>,
     variants: Vec<&'static str>,
+    batches: Vec<usize>,
     steps: usize,
     dtype: DType,
     quantize: Option<Quantization>,
@@ -38,6 +42,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         contexts: vec![256, 1024, 4096, 16384],
         variants: vec!["gla"],
+        batches: Vec::new(),
         steps: 32,
         dtype: DType::F32,
         quantize: None,
@@ -65,6 +70,12 @@ fn parse_args() -> Args {
                     })
                     .collect()
             }
+            "--batches" => {
+                a.batches = val()
+                    .split(',')
+                    .map(|s| s.trim().parse().expect("batch size"))
+                    .collect()
+            }
             "--steps" => a.steps = val().parse().expect("steps"),
             "--dtype" => {
                 a.dtype = match val().as_str() {
@@ -90,8 +101,11 @@ fn parse_args() -> Args {
     a
 }
 
+/// Builds a variant's `liger` section for a model of the given layer count.
+type MakeLiger = fn(usize) -> LigerConfig;
+
 /// The Liger structures `--variants` can name.
-const VARIANTS: [(&str, fn(usize) -> LigerConfig); 5] = [
+const VARIANTS: [(&str, MakeLiger); 5] = [
     ("gla", |_| LigerConfig::default()),
     ("hgrn2", |_| LigerConfig {
         variant: Variant::Hgrn2,
@@ -126,10 +140,58 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A deterministic token stream; decode cost does not depend on content.
+fn token(m: &Model, i: usize) -> u32 {
+    ((i as u64 * 2654435761 % m.config().vocab_size as u64) as u32).max(3)
+}
+
+/// Batched decode at the smallest context: `b` forks of one state step together.
+fn run_batches(
+    name: &'static str,
+    m: &Model,
+    args: &Args,
+    rows: &mut Vec<BatchRow>,
+) -> liger_model::Result<()> {
+    let ctx = args.contexts[0];
+    let prompt: Vec<u32> = (0..ctx).map(|i| token(m, i)).collect();
+    let mut base = m.new_state()?;
+    m.prefill(&prompt, &mut base, 512)?;
+    for &b in &args.batches {
+        let mut states: Vec<_> = (0..b).map(|_| base.clone()).collect();
+        let toks: Vec<[u32; 1]> = (0..b).map(|j| [token(m, ctx + j)]).collect();
+        let mut times = Vec::with_capacity(args.steps);
+        for _ in 0..args.steps.max(4) {
+            let mut steps: Vec<SeqStep> = states
+                .iter_mut()
+                .zip(&toks)
+                .map(|(state, t)| SeqStep { tokens: t, state })
+                .collect();
+            let t = Instant::now();
+            m.forward_batch(&mut steps, Logits::Last)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let ms = median(times);
+        eprintln!(
+            "{name:>11} batch {b:>3} at context {ctx}: {ms:7.2} ms/step, {:7.1} tok/s",
+            b as f64 * 1e3 / ms
+        );
+        rows.push(BatchRow {
+            model: name,
+            batch: b,
+            ms_per_step: ms,
+        });
+    }
+    Ok(())
+}
+
+struct BatchRow {
+    model: &'static str,
+    batch: usize,
+    ms_per_step: f64,
+}
+
 fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger_model::Result<()> {
-    let vocab = m.config().vocab_size as u32;
-    // A deterministic token stream; decode cost does not depend on content.
-    let token = |i: usize| ((i as u64 * 2654435761 % vocab as u64) as u32).max(3);
+    let token = |i: usize| token(m, i);
     let mut state = m.new_state()?;
     let mut filled = 0;
     for &ctx in &args.contexts {
@@ -194,7 +256,9 @@ fn main() -> liger_model::Result<()> {
         args.dtype,
         &Device::Cpu,
     )?)?;
+    let mut batch_rows = Vec::new();
     run("transformer", &transformer, &args, &mut rows)?;
+    run_batches("transformer", &transformer, &args, &mut batch_rows)?;
     drop(transformer);
     for &name in &args.variants {
         let (_, make) = VARIANTS.iter().find(|(n, _)| *n == name).expect("parsed");
@@ -205,6 +269,7 @@ fn main() -> liger_model::Result<()> {
             &Device::Cpu,
         )?)?;
         run(name, &m, &args, &mut rows)?;
+        run_batches(name, &m, &args, &mut batch_rows)?;
     }
 
     let at = |model: &str, ctx: usize| {
@@ -245,6 +310,28 @@ fn main() -> liger_model::Result<()> {
             print!(" {:.2} MiB |", mib(at(v, ctx).state_bytes));
         }
         println!();
+    }
+    if !args.batches.is_empty() {
+        println!(
+            "\nBatched decode at context {}: ms per step (aggregate tokens/s)\n",
+            args.contexts[0]
+        );
+        print!("| model |");
+        for b in &args.batches {
+            print!(" batch {b} |");
+        }
+        println!("\n|---|{}", "---:|".repeat(args.batches.len()));
+        for name in std::iter::once(&"transformer").chain(&args.variants) {
+            print!("| {name} |");
+            for r in batch_rows.iter().filter(|r| r.model == *name) {
+                print!(
+                    " {:.1} ms ({:.0} tok/s) |",
+                    r.ms_per_step,
+                    r.batch as f64 * 1e3 / r.ms_per_step
+                );
+            }
+            println!();
+        }
     }
     let (first, last) = (args.contexts[0], *args.contexts.last().expect("contexts"));
     for v in &args.variants {

@@ -31,7 +31,7 @@ fn main() -> candle_core::Result<()> {
         (576, 49152),
     ] {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-        for m in [1, 4, 8] {
+        for m in [1, 4, 8, 16, 32, 64, 96] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
             let wt = w.t()?;
             let reps = (200_000_000 / (k * n)).clamp(5, 2000);

@@ -100,8 +100,8 @@ pub fn gsa_head(h: &GsaHead) -> (Vec<f32>, Vec<f32>) {
             kt[i * m + j] = h.s0[j * d + i] as f64;
         }
     }
-    for j in 0..m * d {
-        vt[j] = h.s0[m * d + j] as f64;
+    for (v, s) in vt.iter_mut().zip(&h.s0[m * d..2 * m * d]) {
+        *v = *s as f64;
     }
     let mut out = vec![0f32; h.groups * h.len * d];
     for t in 0..h.len {
@@ -149,8 +149,8 @@ pub fn gsa_head(h: &GsaHead) -> (Vec<f32>, Vec<f32>) {
             state[j * d + i] = kt[i * m + j] as f32;
         }
     }
-    for j in 0..m * d {
-        state[m * d + j] = vt[j] as f32;
+    for (s, v) in state[m * d..].iter_mut().zip(&vt) {
+        *s = *v as f32;
     }
     (out, state)
 }

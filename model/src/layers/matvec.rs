@@ -1,11 +1,12 @@
-//! A CPU kernel for `x W^T` when `x` has only a few rows: decode steps, where the cost is
-//! reading the weights once from memory.
+//! A CPU kernel for `x W^T` when `x` has few rows: decode steps of a batch of sequences,
+//! where gemm's cost is dominated by reading (and packing) the weights.
 //!
-//! gemm's general kernel reaches about half the machine's memory bandwidth on such shapes.
-//! Here each weight row is streamed exactly once and multiplied into every input row while it
-//! is in registers (so a batch of 8 decode tokens costs little more than one), with AVX2/FMA
-//! when the CPU has it, and the output rows split across threads. Larger batches go to gemm,
-//! which is compute-bound there and better at it.
+//! Each weight row is streamed from memory once and multiplied into every input row while
+//! it is in cache: the work is cut into micro-tiles of 4 input rows x 3 weight rows whose
+//! 12 accumulators live in AVX2 registers (7 loads per 12 FMAs), the input rows staying in
+//! L1/L2 across weight rows. Output rows are split across threads. gemm repacks the weight
+//! matrix on every call, which dominates at these sizes; from [`MAX_ROWS`] up it is
+//! compute-bound and better.
 //!
 //! `Linear` keeps the plain matmul as the reference; `tests::matches_matmul` holds them equal.
 
@@ -13,10 +14,14 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Inputs with this many rows take the fast path. A single row stays with gemm, whose
-/// dedicated matrix-vector kernel measured as fast or faster (`benches/kernels.rs`); from 2 to
-/// 8 rows this kernel measured about 2x faster than gemm, which re-reads the weights per row.
+/// dedicated matrix-vector kernel measured as fast or faster (`benches/kernels.rs`); up to
+/// `MAX_ROWS` rows this kernel measured faster than gemm there.
 pub const MIN_ROWS: usize = 2;
-pub const MAX_ROWS: usize = 8;
+pub const MAX_ROWS: usize = 32;
+
+/// Micro-tile: input rows x weight rows per register block.
+const MR: usize = 4;
+const NR: usize = 3;
 
 /// Output rows per parallel task: large enough to amortize scheduling, small enough to
 /// balance two to a few dozen threads on a 576-wide projection.
@@ -71,9 +76,26 @@ impl CustomOp2 for MatVec {
             .enumerate()
             .for_each(|(task, out)| {
                 let first = task * ROWS_PER_TASK;
-                for (r, out_row) in out.chunks_mut(m).enumerate() {
-                    let wrow = &w[(first + r) * k..(first + r + 1) * k];
-                    dot_rows(x, m, k, wrow, out_row);
+                let rows = out.len() / m;
+                let wt = &w[first * k..(first + rows) * k];
+                for j0 in (0..rows).step_by(NR) {
+                    let nr = NR.min(rows - j0);
+                    for i0 in (0..m).step_by(MR) {
+                        let mr = MR.min(m - i0);
+                        tile(
+                            Tile {
+                                x,
+                                m,
+                                k,
+                                w: wt,
+                                i0,
+                                j0,
+                                mr,
+                                nr,
+                            },
+                            out,
+                        );
+                    }
                 }
             });
         let mut y = vec![0f32; m * n];
@@ -86,19 +108,36 @@ impl CustomOp2 for MatVec {
     }
 }
 
-/// `out[i] = x[i, :] . wrow` for the `m` rows of `x`.
-fn dot_rows(x: &[f32], m: usize, k: usize, wrow: &[f32], out: &mut [f32]) {
+/// One micro-tile: input rows `i0..i0 + mr` times weight rows `j0..j0 + nr` of `w`.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    w: &'a [f32],
+    i0: usize,
+    j0: usize,
+    mr: usize,
+    nr: usize,
+}
+
+/// Writes `out[j * m + i] = x[i, :] . w[j, :]` for the tile's rows (`out` is transposed,
+/// `[weight rows, m]`).
+fn tile(t: Tile, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the features were just detected.
-            unsafe { avx2::dot_rows(x, m, k, wrow, out) };
+            // SAFETY: the features were just detected; `avx2::tile` checks the bounds.
+            unsafe { avx2::tile(t, out) };
             return;
         }
     }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = dot_portable(&x[i * k..(i + 1) * k], wrow);
+    for j in t.j0..t.j0 + t.nr {
+        let wrow = &t.w[j * t.k..(j + 1) * t.k];
+        for i in t.i0..t.i0 + t.mr {
+            out[j * t.m + i] = dot_portable(&t.x[i * t.k..(i + 1) * t.k], wrow);
+        }
     }
 }
 
@@ -122,28 +161,59 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// One pass over `wrow`: each 8-wide weight block is loaded once and multiplied into every
-    /// row of `x` (up to [`super::MAX_ROWS`] accumulators live in registers).
+    use super::{Tile, MR, NR};
+
+    /// Dispatches on the tile's shape so the full 4 x 3 tile (and each edge shape) gets a
+    /// kernel whose accumulators are plain registers.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows(x: &[f32], m: usize, k: usize, wrow: &[f32], out: &mut [f32]) {
-        debug_assert!(m <= super::MAX_ROWS && x.len() >= m * k && wrow.len() >= k);
-        let mut acc = [_mm256_setzero_ps(); super::MAX_ROWS];
+    pub unsafe fn tile(t: Tile, out: &mut [f32]) {
+        assert!(t.x.len() >= (t.i0 + t.mr) * t.k && t.w.len() >= (t.j0 + t.nr) * t.k);
+        assert!(out.len() >= (t.j0 + t.nr) * t.m && t.mr <= MR && t.nr <= NR);
+        match (t.mr, t.nr) {
+            (4, 3) => kernel::<4, 3>(t, out),
+            (4, 2) => kernel::<4, 2>(t, out),
+            (4, 1) => kernel::<4, 1>(t, out),
+            (3, 3) => kernel::<3, 3>(t, out),
+            (3, 2) => kernel::<3, 2>(t, out),
+            (3, 1) => kernel::<3, 1>(t, out),
+            (2, 3) => kernel::<2, 3>(t, out),
+            (2, 2) => kernel::<2, 2>(t, out),
+            (2, 1) => kernel::<2, 1>(t, out),
+            (1, 3) => kernel::<1, 3>(t, out),
+            (1, 2) => kernel::<1, 2>(t, out),
+            _ => kernel::<1, 1>(t, out),
+        }
+    }
+
+    /// `A x B` accumulators over 8-wide blocks of k: per block, `B` weight loads and `A`
+    /// input loads feed `A * B` FMAs.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel<const A: usize, const B: usize>(t: Tile, out: &mut [f32]) {
+        let k = t.k;
         let blocks = k / 8;
-        let wp = wrow.as_ptr();
-        let xp = x.as_ptr();
+        let xp = t.x.as_ptr().add(t.i0 * k);
+        let wp = t.w.as_ptr().add(t.j0 * k);
+        let mut acc = [[_mm256_setzero_ps(); B]; A];
         for b in 0..blocks {
-            let wv = _mm256_loadu_ps(wp.add(b * 8));
-            for (i, a) in acc.iter_mut().enumerate().take(m) {
+            let mut wv = [_mm256_setzero_ps(); B];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(wp.add(j * k + b * 8));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
                 let xv = _mm256_loadu_ps(xp.add(i * k + b * 8));
-                *a = _mm256_fmadd_ps(xv, wv, *a);
+                for (a, w) in row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, *w, *a);
+                }
             }
         }
-        for i in 0..m {
-            let mut s = hsum(acc[i]);
-            for j in blocks * 8..k {
-                s += x[i * k + j] * wrow[j];
+        for (i, row) in acc.iter().enumerate() {
+            for (j, a) in row.iter().enumerate() {
+                let mut s = hsum(*a);
+                for c in blocks * 8..k {
+                    s += *xp.add(i * k + c) * *wp.add(j * k + c);
+                }
+                out[(t.j0 + j) * t.m + t.i0 + i] = s;
             }
-            out[i] = s;
         }
     }
 
@@ -179,10 +249,14 @@ mod tests {
             (8, 37, 129),
             (5, 8, 1),
             (1, 64, 9),
+            (13, 576, 200),
+            (32, 64, 67),
+            (64, 24, 130),
+            (65, 16, 5),
         ] {
             let x = randn(&mut rng, (m, k));
             let w = randn(&mut rng, (n, k));
-            assert_eq!(applies(&x, &w), m >= MIN_ROWS);
+            assert_eq!(applies(&x, &w), (MIN_ROWS..=MAX_ROWS).contains(&m));
             let fast = matvec(&x, &w).unwrap();
             let slow = x.matmul(&w.t().unwrap()).unwrap();
             let d: f32 = (fast - slow)
