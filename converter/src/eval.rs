@@ -9,6 +9,10 @@
 //!
 //! With `--adapter` the model is evaluated with a LoRA adapter applied on the fly, so an
 //! adapter can be judged before it is merged.
+//!
+//! Each report also gives the bytes of state one sequence holds at `seq_len` tokens, split
+//! by kind, and with `decode_latency` the median time of a decode step after a `seq_len`
+//! prefill, so structures can be compared in one table ([`render_comparison`]).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -39,6 +43,8 @@ pub struct EvalOptions {
     pub device: DeviceChoice,
     /// Quantize the model (after merging the adapter) to measure what it costs.
     pub quantize: Option<Quantization>,
+    /// Also time decode steps (adapter merged) after a `seq_len`-token prefill.
+    pub decode_latency: bool,
 }
 
 impl EvalOptions {
@@ -52,6 +58,7 @@ impl EvalOptions {
             batch: 2,
             device: DeviceChoice::Cpu,
             quantize: None,
+            decode_latency: false,
         }
     }
 }
@@ -84,7 +91,35 @@ pub struct EvalReport {
     pub tokens: u64,
     pub chunks: usize,
     pub seq_len: usize,
+    /// One sequence's state after `seq_len` tokens.
+    pub state: StateBytesReport,
+    /// Median decode step after a `seq_len`-token prefill, when measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_ms_per_token: Option<f64>,
 }
+
+/// [`liger_model::StateBytes`] for the report.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct StateBytesReport {
+    pub total: usize,
+    pub recurrent: usize,
+    pub window: usize,
+    pub kv_cache: usize,
+}
+
+impl From<liger_model::StateBytes> for StateBytesReport {
+    fn from(b: liger_model::StateBytes) -> Self {
+        Self {
+            total: b.total(),
+            recurrent: b.recurrent,
+            window: b.window,
+            kv_cache: b.kv_cache,
+        }
+    }
+}
+
+/// Decode steps timed for [`EvalOptions::decode_latency`].
+const LATENCY_STEPS: usize = 16;
 
 /// Sums over positions, in f64.
 #[derive(Default)]
@@ -171,6 +206,12 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
         bar.inc(group.len() as u64);
     }
     bar.finish_and_clear();
+    let decode_ms_per_token = if opts.decode_latency {
+        model.merge_lora()?;
+        Some(decode_latency(&model, &chunks[0].tokens)?)
+    } else {
+        None
+    };
     let n = acc.n.max(1) as f64;
     let scores = |path: &PathBuf, nll: f64| Scores {
         path: path.clone(),
@@ -193,7 +234,24 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
         tokens: acc.n,
         chunks: chunks.len(),
         seq_len: opts.seq_len,
+        state: model.state_spec().bytes_by_kind_at(opts.seq_len).into(),
+        decode_ms_per_token,
     })
+}
+
+/// Median milliseconds of a one-token step after prefilling `prompt`.
+fn decode_latency(model: &Model, prompt: &[u32]) -> Result<f64> {
+    let mut state = model.new_state()?;
+    let mut logits = model.prefill(prompt, &mut state, 512)?;
+    let mut times = Vec::with_capacity(LATENCY_STEPS);
+    for _ in 0..LATENCY_STEPS {
+        let next = logits.argmax(D::Minus1)?.squeeze(0)?.to_scalar::<u32>()?;
+        let t = std::time::Instant::now();
+        logits = model.forward(&[next], &mut state, Logits::Last)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// Log-probabilities at every position of fresh sequences, concatenated: `[tokens, vocab]`.
@@ -295,5 +353,70 @@ pub fn render(r: &EvalReport) -> String {
         let _ = writeln!(s, "{:<24} {:>11.1}%", "top-1 agreement", 100.0 * agree);
         let _ = writeln!(s, "{:<24} {:>12.4}", "KL(ref || model), nats", kl);
     }
+    let _ = writeln!(
+        s,
+        "{:<24} {:>12}",
+        format!("state at {} tokens", r.seq_len),
+        human_bytes(r.state.total)
+    );
+    if let Some(ms) = r.decode_ms_per_token {
+        let _ = writeln!(s, "{:<24} {:>9.1} ms", "decode step", ms);
+    }
     s
+}
+
+/// Several reports (same data and reference) as one Markdown table.
+pub fn render_comparison(reports: &[EvalReport]) -> String {
+    let mut s = String::new();
+    let Some(first) = reports.first() else {
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "{} tokens predicted in chunks of up to {}{}\n",
+        first.tokens,
+        first.seq_len,
+        first.reference.as_ref().map_or(String::new(), |r| format!(
+            ", reference {} (perplexity {:.3})",
+            r.path.display(),
+            r.perplexity
+        ))
+    );
+    let _ = writeln!(
+        s,
+        "| model | perplexity | ratio | agreement | KL | decode ms/token | state at {} (recurrent + window + KV) |",
+        first.seq_len
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|");
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_owned(), f);
+    for r in reports {
+        let name = match &r.adapter {
+            Some(a) => format!("{} + {}", r.model.path.display(), a.display()),
+            None => r.model.path.display().to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "| {name} | {:.3} | {} | {} | {} | {} | {} ({} + {} + {}) |",
+            r.model.perplexity,
+            opt(r.perplexity_ratio, &|x| format!("{x:.2}x")),
+            opt(r.agreement, &|x| format!("{:.1}%", 100.0 * x)),
+            opt(r.kl, &|x| format!("{x:.3}")),
+            opt(r.decode_ms_per_token, &|x| format!("{x:.1}")),
+            human_bytes(r.state.total),
+            human_bytes(r.state.recurrent),
+            human_bytes(r.state.window),
+            human_bytes(r.state.kv_cache),
+        );
+    }
+    s
+}
+
+fn human_bytes(b: usize) -> String {
+    if b >= 1 << 20 {
+        format!("{:.2} MiB", b as f64 / (1 << 20) as f64)
+    } else if b >= 1 << 10 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{b} B")
+    }
 }

@@ -194,12 +194,16 @@ struct RecoverArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// The model folder to evaluate.
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
-    /// Apply this LoRA adapter (PEFT layout) to the model without merging it.
+    /// The model folder to evaluate; repeat to compare several in one table.
+    #[arg(long, value_name = "DIR", required = true)]
+    model: Vec<PathBuf>,
+    /// Apply this LoRA adapter (PEFT layout) without merging it; with several --model, one
+    /// per model in the same order (`-` for none).
     #[arg(long, value_name = "ADAPTER_DIR")]
-    adapter: Option<PathBuf>,
+    adapter: Vec<PathBuf>,
+    /// Also time decode steps after a --seq-len prefill (adapter merged first).
+    #[arg(long)]
+    latency: bool,
     /// Quantize the model's projections (q8_0 or q4k) to measure the quality it costs.
     #[arg(long, value_enum)]
     quantize: Option<QuantizeArg>,
@@ -454,6 +458,47 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
     }
 }
 
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let adapters: Vec<Option<PathBuf>> = match a.adapter.len() {
+        0 => vec![None; a.model.len()],
+        n if n == a.model.len() => a
+            .adapter
+            .into_iter()
+            .map(|p| (p.as_os_str() != "-").then_some(p))
+            .collect(),
+        n => anyhow::bail!(
+            "--adapter: {n} given for {} --model; give one per model in the same order (`-` for none)",
+            a.model.len()
+        ),
+    };
+    let progress = Progress::new(!a.quiet);
+    let mut reports = Vec::with_capacity(a.model.len());
+    for (model, adapter) in a.model.into_iter().zip(adapters) {
+        let opts = EvalOptions {
+            model,
+            adapter,
+            reference: a.reference.clone(),
+            data: a.data.clone(),
+            seq_len: a.seq_len,
+            batch: a.batch,
+            device: a.device.into(),
+            quantize: a.quantize.map(|q| match q {
+                QuantizeArg::Q8_0 => Quantization::Q8_0,
+                QuantizeArg::Q4k => Quantization::Q4K,
+            }),
+            decode_latency: a.latency,
+        };
+        reports.push(liger_converter::evaluate(&opts, &progress)?);
+    }
+    match (a.json, reports.len()) {
+        (true, 1) => println!("{}", serde_json::to_string_pretty(&reports[0])?),
+        (true, _) => println!("{}", serde_json::to_string_pretty(&reports)?),
+        (false, 1) => print!("{}", liger_converter::eval::render(&reports[0])),
+        (false, _) => print!("{}", liger_converter::eval::render_comparison(&reports)),
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convert(a) => {
@@ -504,27 +549,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Recover(a) => run_recover(*a)?,
-        Command::Eval(a) => {
-            let opts = EvalOptions {
-                model: a.model,
-                adapter: a.adapter,
-                reference: a.reference,
-                data: a.data,
-                seq_len: a.seq_len,
-                batch: a.batch,
-                device: a.device.into(),
-                quantize: a.quantize.map(|q| match q {
-                    QuantizeArg::Q8_0 => Quantization::Q8_0,
-                    QuantizeArg::Q4k => Quantization::Q4K,
-                }),
-            };
-            let report = liger_converter::evaluate(&opts, &Progress::new(!a.quiet))?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", liger_converter::eval::render(&report));
-            }
-        }
+        Command::Eval(a) => run_eval(a)?,
         Command::ApplyAdapter(a) => {
             let opts = ApplyOptions {
                 model: a.model,

@@ -526,6 +526,72 @@ fn eval_of_a_model_against_itself_is_perfect() {
     for needle in ["perplexity ratio", "top-1 agreement", "KL(ref || model)"] {
         assert!(table.contains(needle), "{table}");
     }
+    // Several models in one table (teacher and student, an adapter slot left empty), with
+    // state sizes from the runtime and timed decode steps.
+    let compare = |format: &str| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            t.to_str().unwrap(),
+            "--model",
+            s.to_str().unwrap(),
+            "--adapter",
+            "-",
+            "--adapter",
+            "-",
+            "--reference",
+            t.to_str().unwrap(),
+            "--data",
+            files[0].to_str().unwrap(),
+            "--seq-len",
+            "64",
+            "--latency",
+            "--quiet",
+        ];
+        if format == "json" {
+            args.push("--json");
+        }
+        run_ok(&args)
+    };
+    let v: serde_json::Value = serde_json::from_str(&compare("json")).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!((rows[0]["perplexity_ratio"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    for (row, dir) in rows.iter().zip([&t, &s]) {
+        let m = liger_model::weights::load_model(dir, DType::F32, &Device::Cpu).unwrap();
+        let want = m.state_spec().bytes_by_kind_at(64);
+        assert_eq!(row["state"]["total"].as_u64(), Some(want.total() as u64));
+        assert_eq!(
+            row["state"]["kv_cache"].as_u64(),
+            Some(want.kv_cache as u64)
+        );
+        assert!(row["decode_ms_per_token"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(
+        rows[0]["state"]["recurrent"], 0,
+        "the teacher keeps a KV cache only"
+    );
+    assert!(rows[1]["state"]["recurrent"].as_u64().unwrap() > 0);
+    let table = compare("table");
+    assert!(
+        table.contains("| model | perplexity | ratio |") && table.matches("| 1.00x |").count() == 1,
+        "{table}"
+    );
+    run_err(
+        &[
+            "eval",
+            "--model",
+            t.to_str().unwrap(),
+            "--model",
+            s.to_str().unwrap(),
+            "--adapter",
+            t.to_str().unwrap(),
+            "--data",
+            files[0].to_str().unwrap(),
+        ],
+        &["--adapter: 1 given for 2 --model"],
+    );
+
     // Without a reference: perplexity only.
     let mut e = EvalOptions::new(&t, vec![files[0].clone()]);
     e.device = liger_converter::DeviceChoice::Cpu;
