@@ -33,14 +33,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum QuantizeArg {
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4k")]
-    Q4k,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Convert a Transformer into a Liger checkpoint (weights unchanged, config gains `liger`).
@@ -205,8 +197,8 @@ struct EvalArgs {
     #[arg(long)]
     latency: bool,
     /// Quantize the model's projections (q8_0 or q4k) to measure the quality it costs.
-    #[arg(long, value_enum)]
-    quantize: Option<QuantizeArg>,
+    #[arg(long, value_name = "FORMAT")]
+    quantize: Option<Quantization>,
     /// The model to compare with (the original).
     #[arg(long, value_name = "ORIG")]
     reference: Option<PathBuf>,
@@ -482,10 +474,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             seq_len: a.seq_len,
             batch: a.batch,
             device: a.device.into(),
-            quantize: a.quantize.map(|q| match q {
-                QuantizeArg::Q8_0 => Quantization::Q8_0,
-                QuantizeArg::Q4k => Quantization::Q4K,
-            }),
+            quantize: a.quantize,
             decode_latency: a.latency,
         };
         reports.push(liger_converter::evaluate(&opts, &progress)?);

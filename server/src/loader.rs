@@ -47,8 +47,8 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
         merge_adapter(&mut model, adapter)?;
     }
     if let Some(q) = settings.quantize {
-        let counts = model.quantize(q.format()).context("--quantize")?;
-        info!(format = q.format().name(), projections = ?counts, "weights quantized");
+        let counts = model.quantize(q).context("--quantize")?;
+        info!(format = q.name(), projections = ?counts, "weights quantized");
     }
     let cfg = model.config().clone();
     let max_model_len = resolve_max_model_len(settings.max_model_len, &cfg)?;

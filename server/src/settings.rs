@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use liger_model::layers::Quantization;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -17,28 +18,6 @@ pub enum DTypeArg {
     F32,
     F16,
     Bf16,
-}
-
-/// Block quantization of the projections after loading (GGML formats).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-pub enum QuantizeArg {
-    /// 8-bit blocks: near-lossless, about a quarter of f32's memory.
-    #[value(name = "q8_0")]
-    #[serde(rename = "q8_0")]
-    Q8_0,
-    /// 4-bit k-quants (Q8_0 where a projection's input size does not fit 256-wide blocks).
-    #[value(name = "q4k")]
-    #[serde(rename = "q4k")]
-    Q4k,
-}
-
-impl QuantizeArg {
-    pub fn format(self) -> liger_model::layers::Quantization {
-        match self {
-            QuantizeArg::Q8_0 => liger_model::layers::Quantization::Q8_0,
-            QuantizeArg::Q4k => liger_model::layers::Quantization::Q4K,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -88,9 +67,10 @@ pub struct Args {
     /// [default: cpu]
     #[arg(long, env = "LIGER_DEVICE", value_enum)]
     pub device: Option<DeviceArg>,
-    /// Quantize the projections and LM head after loading [default: none].
-    #[arg(long, env = "LIGER_QUANTIZE", value_enum)]
-    pub quantize: Option<QuantizeArg>,
+    /// Quantize the projections and LM head after loading: q8_0 (near-lossless) or q4k
+    /// (4-bit; q8_0 where a projection's input does not fit its blocks) [default: none].
+    #[arg(long, env = "LIGER_QUANTIZE", value_name = "FORMAT")]
+    pub quantize: Option<Quantization>,
     /// Sequences decoding at once (state slots) [default: 16].
     #[arg(long, env = "LIGER_MAX_RUNNING")]
     pub max_running: Option<usize>,
@@ -161,7 +141,7 @@ pub struct Settings {
     pub port: u16,
     pub dtype: DTypeArg,
     pub device: DeviceArg,
-    pub quantize: Option<QuantizeArg>,
+    pub quantize: Option<Quantization>,
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_batch_tokens: usize,
@@ -302,6 +282,20 @@ mod tests {
             "typos in the file are caught"
         );
         assert!(Args::try_parse_from(["liger-serve", "--device", "tpu"]).is_err());
+        let e = Args::try_parse_from(["liger-serve", "--quantize", "q3"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use q8_0 or q4k"), "{e}");
+    }
+
+    #[test]
+    fn quantization_from_flag_or_file() {
+        let file: Args = toml::from_str("model = \"m\"\nquantize = \"q4k\"").unwrap();
+        let s = Settings::resolve(args(&[]).or(file.clone())).unwrap();
+        assert_eq!(s.quantize, Some(Quantization::Q4K));
+        let s = Settings::resolve(args(&["--quantize", "q8_0"]).or(file)).unwrap();
+        assert_eq!(s.quantize, Some(Quantization::Q8_0));
+        assert!(toml::from_str::<Args>("quantize = \"q5\"").is_err());
     }
 
     #[test]

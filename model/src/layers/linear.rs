@@ -8,14 +8,28 @@ use candle_nn::VarBuilder;
 
 use crate::{Error, Result};
 
-/// Weight formats a model can be quantized to after loading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Weight formats a model can be quantized to after loading. Spelled `q8_0` and `q4k` on
+/// command lines ([`FromStr`](std::str::FromStr)) and in config files (serde).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Quantization {
     /// 8-bit blocks of 32 with an f16 scale (8.5 bits per weight): near-lossless.
+    #[serde(rename = "q8_0")]
     Q8_0,
     /// 4-bit k-quants in super-blocks of 256 (4.5 bits per weight). A projection whose
     /// input size is not a multiple of 256 falls back to Q8_0, as llama.cpp does.
+    #[serde(rename = "q4k")]
     Q4K,
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [Quantization::Q8_0, Quantization::Q4K]
+            .into_iter()
+            .find(|q| q.name() == s)
+            .ok_or_else(|| format!("`{s}` is not a quantization (use q8_0 or q4k)"))
+    }
 }
 
 impl Quantization {
