@@ -155,6 +155,17 @@ impl Attention {
     }
 
     /// The projection called `name` (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
+    pub fn projection(&self, name: &str) -> Option<&Linear> {
+        match name {
+            "q_proj" => Some(&self.q_proj),
+            "k_proj" => Some(&self.k_proj),
+            "v_proj" => Some(&self.v_proj),
+            "o_proj" => Some(&self.o_proj),
+            _ => None,
+        }
+    }
+
+    /// [`projection`](Self::projection), mutable.
     pub fn projection_mut(&mut self, name: &str) -> Option<&mut Linear> {
         match name {
             "q_proj" => Some(&mut self.q_proj),

@@ -62,6 +62,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    fn projection(&self, name: &str) -> Option<&Linear> {
+        match lora::block_of(name)? {
+            "mlp" => self.mlp.projection(name),
+            _ => self.attn.projection(name),
+        }
+    }
+
     fn projection_mut(&mut self, name: &str) -> Option<&mut Linear> {
         match lora::block_of(name)? {
             "mlp" => self.mlp.projection_mut(name),
@@ -445,10 +452,9 @@ impl Model {
     /// The current adapters' weights under PEFT names.
     pub fn lora_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        let mut me = self.clone();
-        for (i, layer) in me.layers.iter_mut().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
             for (t, _) in lora::TARGETS {
-                if let Some(l) = layer.projection_mut(t).and_then(|p| p.lora()) {
+                if let Some(l) = layer.projection(t).and_then(|p| p.lora()) {
                     out.push((lora::peft_name(i, t, "A"), l.a.clone()));
                     out.push((lora::peft_name(i, t, "B"), l.b.clone()));
                 }
@@ -479,8 +485,7 @@ impl Model {
             out.push(("lm_head.weight".into(), self.lm_head.weight()?));
         }
         out.push(("model.norm.weight".into(), self.norm.weight().clone()));
-        let mut me = self.clone();
-        for (i, layer) in me.layers.iter_mut().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((
                 format!("{p}.input_layernorm.weight"),
@@ -491,7 +496,7 @@ impl Model {
                 layer.post_norm.weight().clone(),
             ));
             for (t, block) in lora::TARGETS {
-                let lin = layer.projection_mut(t).expect("known target");
+                let lin = layer.projection(t).expect("known target");
                 out.push((format!("{p}.{block}.{t}.weight"), lin.weight()?));
                 if let Some(b) = lin.bias() {
                     out.push((format!("{p}.{block}.{t}.bias"), b.clone()));
@@ -537,11 +542,7 @@ impl Model {
         // Quantized weights are sampled dequantized; name the formats too.
         for layer in &self.layers {
             for (t, _) in lora::TARGETS {
-                if let Some(f) = layer
-                    .clone()
-                    .projection_mut(t)
-                    .and_then(|l| l.quantization())
-                {
+                if let Some(f) = layer.projection(t).and_then(|l| l.quantization()) {
                     h.update(format!("{t}:{f:?}").as_bytes());
                 }
             }

@@ -25,6 +25,16 @@ impl Mlp {
 
 impl Mlp {
     /// The projection called `name` (`gate_proj`, `up_proj`, `down_proj`).
+    /// The projection called `name` (`gate_proj`, `up_proj`, `down_proj`).
+    pub fn projection(&self, name: &str) -> Option<&Linear> {
+        match name {
+            "gate_proj" => Some(&self.gate),
+            "up_proj" => Some(&self.up),
+            "down_proj" => Some(&self.down),
+            _ => None,
+        }
+    }
+
     pub fn projection_mut(&mut self, name: &str) -> Option<&mut Linear> {
         match name {
             "gate_proj" => Some(&mut self.gate),
