@@ -6,7 +6,31 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use liger_model::lora::LoraConfig;
 use liger_model::testing::SplitMix;
-use liger_model::{Logits, RuntimeOptions, SeqStep};
+use liger_model::{Logits, Model, RuntimeOptions, SeqStep};
+
+/// Runs `f`, returning its result and the seconds it took.
+fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let t = Instant::now();
+    let out = f()?;
+    Ok((out, t.elapsed().as_secs_f64()))
+}
+
+/// All-position logits of `seqs` from fresh states, concatenated.
+fn logits_all(m: &Model, seqs: &[Vec<u32>]) -> anyhow::Result<Tensor> {
+    let mut states: Vec<_> = seqs
+        .iter()
+        .map(|_| m.new_state())
+        .collect::<Result<_, _>>()?;
+    let mut steps: Vec<SeqStep> = states
+        .iter_mut()
+        .zip(seqs)
+        .map(|(s, t)| SeqStep {
+            tokens: t,
+            state: s,
+        })
+        .collect();
+    Ok(Tensor::cat(&m.forward_batch(&mut steps, Logits::All)?, 0)?)
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -28,27 +52,19 @@ fn main() -> anyhow::Result<()> {
     let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
     let lens = vec![256usize; 4];
 
-    let t = Instant::now();
-    let inputs = teacher.layer_inputs(&refs)?;
-    println!(
-        "teacher layer_inputs 4x256: {:.3}s",
-        t.elapsed().as_secs_f64()
-    );
+    let (inputs, secs) = timed(|| Ok(teacher.layer_inputs(&refs)?))?;
+    println!("teacher layer_inputs 4x256: {secs:.3}s");
     let reps: usize = std::env::var("REPS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     for l in (0..reps).flat_map(|_| [0usize, 15, 16, 17]) {
-        let t = Instant::now();
-        let target = teacher.attention_output(l, &inputs[l], &lens)?;
-        let t_teacher = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let out = student.attention_output(l, &inputs[l], &lens)?;
-        let loss = (out - &target)?.sqr()?.mean_all()?;
-        let t_fwd = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let grads = loss.backward()?;
-        let t_bwd = t.elapsed().as_secs_f64();
+        let (target, t_teacher) = timed(|| Ok(teacher.attention_output(l, &inputs[l], &lens)?))?;
+        let (loss, t_fwd) = timed(|| {
+            let out = student.attention_output(l, &inputs[l], &lens)?;
+            Ok((out - &target)?.sqr()?.mean_all()?)
+        })?;
+        let (grads, t_bwd) = timed(|| Ok(loss.backward()?))?;
         let n = vars.iter().filter(|(_, v)| grads.get(v).is_some()).count();
         println!("layer {l}: teacher attn {t_teacher:.3}s, student fwd {t_fwd:.3}s, bwd {t_bwd:.3}s ({n} grads)");
     }
@@ -60,45 +76,17 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
-    let t = Instant::now();
-    let mut states: Vec<_> = (0..b)
-        .map(|_| teacher.new_state())
-        .collect::<Result<_, _>>()?;
-    let mut steps: Vec<SeqStep> = states
-        .iter_mut()
-        .zip(&seqs)
-        .map(|(s, t)| SeqStep {
-            tokens: t,
-            state: s,
-        })
-        .collect();
-    let tl = teacher.forward_batch(&mut steps, Logits::All)?;
-    let tl = Tensor::cat(&tl, 0)?;
-    println!("teacher forward {b}x256: {:.3}s", t.elapsed().as_secs_f64());
+    let batch = &seqs[..b.min(seqs.len())];
+    let (tl, secs) = timed(|| logits_all(&teacher, batch))?;
+    println!("teacher forward {b}x256: {secs:.3}s");
     let p = candle_nn::ops::softmax_last_dim(&tl)?;
     for _ in 0..2 {
-        let t = Instant::now();
-        let mut states: Vec<_> = (0..b)
-            .map(|_| student.new_state())
-            .collect::<Result<_, _>>()?;
-        let mut steps: Vec<SeqStep> = states
-            .iter_mut()
-            .zip(&seqs)
-            .map(|(s, t)| SeqStep {
-                tokens: t,
-                state: s,
-            })
-            .collect();
-        let sl = student.forward_batch(&mut steps, Logits::All)?;
-        let sl = Tensor::cat(&sl, 0)?;
-        let t_fwd = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let ls = candle_nn::ops::log_softmax(&sl, D::Minus1)?;
-        let loss = (p.mul(&ls)?.sum(D::Minus1)?.neg()?).mean_all()?;
-        let t_loss = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let grads = loss.backward()?;
-        let t_bwd = t.elapsed().as_secs_f64();
+        let (sl, t_fwd) = timed(|| logits_all(&student, batch))?;
+        let (loss, t_loss) = timed(|| {
+            let ls = candle_nn::ops::log_softmax(&sl, D::Minus1)?;
+            Ok((p.mul(&ls)?.sum(D::Minus1)?.neg()?).mean_all()?)
+        })?;
+        let (grads, t_bwd) = timed(|| Ok(loss.backward()?))?;
         let n = vars.iter().filter(|(_, v)| grads.get(v).is_some()).count();
         println!(
             "student distill {b}x256: fwd {t_fwd:.3}s loss {t_loss:.3}s bwd {t_bwd:.3}s ({n}/{} grads) loss {}",
