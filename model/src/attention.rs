@@ -311,16 +311,7 @@ impl Attention {
         if hy.recurrent_weight == 0.0 {
             // Window-only attention: the recurrent branch would be multiplied by 0, so it is
             // neither computed nor kept (its state has no rows).
-            let mut windows = Vec::with_capacity(states.len());
-            for state in states.iter_mut() {
-                let LayerState::Liger { window, .. } = &mut **state else {
-                    return Err(Error::State(
-                        "layer state kind does not match the model".into(),
-                    ));
-                };
-                windows.push(window);
-            }
-            let window_out = self.attend_all(q_rot, k_rot, v, ctx, &mut windows)?;
+            let window_out = self.attend_all(q_rot, k_rot, v, ctx, &mut window_caches(states)?)?;
             return Ok((Tensor::cat(&window_out, 0)? * hy.window_weight)?);
         }
         let features = FeatureMaps {
@@ -332,16 +323,7 @@ impl Attention {
             |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
         let all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
 
-        let mut windows = Vec::with_capacity(states.len());
-        for state in states.iter_mut() {
-            let LayerState::Liger { window, .. } = &mut **state else {
-                return Err(Error::State(
-                    "layer state kind does not match the model".into(),
-                ));
-            };
-            windows.push(window);
-        }
-        let window_out = self.attend_all(q_rot, k_rot, v, ctx, &mut windows)?;
+        let window_out = self.attend_all(q_rot, k_rot, v, ctx, &mut window_caches(states)?)?;
         let mut recurrent_out: Vec<Option<Tensor>> = vec![None; ctx.spans.len()];
         // Sequences decoding one token share one batched recurrent step.
         let mut decode: Vec<usize> = Vec::new();
@@ -391,6 +373,19 @@ impl Attention {
         )?;
         Ok(((window_out * hy.window_weight)? + (recurrent_out * hy.recurrent_weight)?)?)
     }
+}
+
+/// The window caches of Liger layer states (an error if a state is of another kind).
+fn window_caches<'a>(states: &'a mut [&mut LayerState]) -> Result<Vec<&'a mut KvCache>> {
+    states
+        .iter_mut()
+        .map(|state| match &mut **state {
+            LayerState::Liger { window, .. } => Ok(window),
+            LayerState::Softmax(_) => Err(Error::State(
+                "layer state kind does not match the model".into(),
+            )),
+        })
+        .collect()
 }
 
 /// One-token steps take the batched decode paths (inference only: the batched paths use
