@@ -2,7 +2,9 @@
 """HTTP load benchmark for any OpenAI-compatible server (liger-serve, llama.cpp's
 llama-server, vLLM): N concurrent streaming clients, each sending distinct prompts (so no
 server can answer from a prefix cache), measuring aggregate decode tokens/s, time to first
-token and inter-token latency (p50/p99).
+token and inter-token latency (p50/p99). "tokens/s (wall)" counts completion tokens over the
+whole run, prompt reading included; "decode tokens/s" adds up the streams' own decode rates
+(tokens after the first over the time they took), the figure llama.cpp's comparisons use.
 
     python benches/http_load.py --base-url http://127.0.0.1:8080/v1 --model NAME \
         --concurrency 1,8,32 --prompt-tokens 256,4096 --max-tokens 64 [--json out.json]
@@ -68,7 +70,9 @@ async def one_request(client, model, prompt, max_tokens):
     itl = [b - a for a, b in zip(stamps, stamps[1:])]
     tokens = usage.completion_tokens if usage else len(stamps)
     ptoks = usage.prompt_tokens if usage else None
-    return {"ttft": first, "itl": itl, "tokens": tokens, "prompt_tokens": ptoks}
+    # This stream's decode rate: tokens after the first over the time they took.
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    return {"ttft": first, "itl": itl, "tokens": tokens, "prompt_tokens": ptoks, "rate": rate}
 
 
 async def run_level(client, model, concurrency, chars, max_tokens, rounds, base_index):
@@ -88,6 +92,7 @@ async def run_level(client, model, concurrency, chars, max_tokens, rounds, base_
     itl = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
     ptoks = [r["prompt_tokens"] for r in results if r["prompt_tokens"]]
+    rates = [r["rate"] for r in results if r["rate"]]
     return {
         "concurrency": concurrency,
         "requests": len(results),
@@ -95,6 +100,8 @@ async def run_level(client, model, concurrency, chars, max_tokens, rounds, base_
         "completion_tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
+        # Aggregate decode throughput: the streams decode side by side, so their rates add.
+        "decode_tokens_per_s": statistics.mean(rates) * concurrency if rates else None,
         "ttft_p50_ms": percentile(ttft, 50) * 1e3,
         "ttft_p99_ms": percentile(ttft, 99) * 1e3,
         "itl_p50_ms": percentile(itl, 50) * 1e3,
@@ -141,11 +148,16 @@ async def main():
                 file=sys.stderr,
                 flush=True,
             )
-    print("| server | prompt tokens | streams | tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| server | prompt tokens | streams | tokens/s (wall) | decode tokens/s | TTFT p50 | "
+        "TTFT p99 | ITL p50 | ITL p99 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        decode = r["decode_tokens_per_s"]
         print(
             f"| {r['label']} | {r['prompt_tokens']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
+            f"{'-' if decode is None else f'{decode:.1f}'} | "
             f"{r['ttft_p50_ms']:.0f} ms | {r['ttft_p99_ms']:.0f} ms | {r['itl_p50_ms']:.1f} ms | "
             f"{r['itl_p99_ms']:.1f} ms |"
         )

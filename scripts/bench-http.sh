@@ -5,9 +5,10 @@
 #
 #   scripts/bench-http.sh [--concurrency 1,8,32] [--prompt-tokens 256,4096] [--max-tokens 64]
 #
-#   LLAMA_SERVER   path to llama-server (optional; not built here)
-#   LIGER_DTYPE    weights for liger-serve (default f32, llama.cpp's GGUF is dequantized
-#                  the same way only if you pass an F32 GGUF: compare like with like)
+#   LLAMA_SERVER   path to llama-server (optional; scripts/build-llama-server.sh builds it)
+#   PRECISION      weights for both servers: f32 (default) or q8_0. liger-serve gets
+#                  --dtype f32 [--quantize q8_0]; llama-server gets the fixture's GGUF
+#                  requantized to F32 or Q8_0 by the llama-quantize beside it
 #   BENCH_OUT      folder for the JSON and logs (default target/bench-http)
 # Not part of CI: it takes minutes (32 streams x 4K-token prompts on a 2-core CPU).
 set -euo pipefail
@@ -32,8 +33,14 @@ wait_healthy() { # URL PID LOG
 }
 
 port="$(free_port)"
+precision="${PRECISION:-f32}"
+case "$precision" in
+  f32) quantize=() ; gguf_type=F32 ;;
+  q8_0) quantize=(--quantize q8_0) ; gguf_type=Q8_0 ;;
+  *) echo "PRECISION must be f32 or q8_0, not $precision" >&2; exit 2 ;;
+esac
 target/release/liger-serve --model "$model_dir" --served-model-name liger --port "$port" \
-  --dtype "${LIGER_DTYPE:-f32}" --max-running 32 --max-waiting 256 --max-model-len 8192 \
+  --dtype f32 "${quantize[@]}" --max-running 32 --max-waiting 256 --max-model-len 8192 \
   >"$out/liger-serve.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
@@ -43,7 +50,11 @@ wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/liger-serve.log"
 kill "$pid"; wait "$pid" 2>/dev/null || true
 
 if [[ -n "${LLAMA_SERVER:-}" ]]; then
-  gguf="$(scripts/fetch-smollm2.sh)"
+  # The fixture is Q4_1; liger-serve runs its dequantized weights, so llama.cpp gets the
+  # same values in the same storage precision.
+  gguf="$out/smollm2-$gguf_type.gguf"
+  [[ -f "$gguf" ]] || "$(dirname "$LLAMA_SERVER")/llama-quantize" --allow-requantize \
+    "$(scripts/fetch-smollm2.sh)" "$gguf" "$gguf_type" >"$out/llama-quantize.log" 2>&1
   port="$(free_port)"
   "$LLAMA_SERVER" -m "$gguf" --port "$port" -np 32 -c $((32 * 4608)) --cont-batching \
     >"$out/llama-server.log" 2>&1 &

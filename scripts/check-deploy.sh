@@ -39,7 +39,7 @@ K8S_VERSIONS=(1.30.0 1.37.0) # Kubernetes API versions the manifest is checked a
 DOCKERFILES=(docker/Dockerfile docker/Dockerfile.cuda)
 COMPOSE_FILES=(docker/compose.yaml docker/compose.cuda.yaml)
 K8S_FILES=(deploy/k8s/liger.yaml)
-SHELL_SCRIPTS=(docker/cargo-stubs.sh docker/liger-prepare.sh docker/healthcheck.sh scripts/check-deploy.sh)
+SHELL_SCRIPTS=(docker/cargo-stubs.sh docker/liger-prepare.sh docker/healthcheck.sh scripts/*.sh)
 
 failures=0
 fail() {
