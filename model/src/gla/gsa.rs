@@ -158,9 +158,9 @@ fn step(x: &GsaInputs, t: &Step, state: &Tensor) -> Result<(Tensor, Tensor)> {
     let decay = t.gate.exp()?.unsqueeze(3)?; // scales the slot rows of both memories
     let slots = t.slots.unsqueeze(3)?; // [b, hkv, M, 1]
     let keys = (keys.broadcast_mul(&decay)? + slots.broadcast_mul(&t.k.unsqueeze(2)?)?)?;
-    let values = (values.broadcast_mul(&decay)? + slots.broadcast_mul(&t.v.unsqueeze(2)?)?)?;
     let scores = t.q.matmul(&keys.transpose(2, 3)?.contiguous()?)?; // [b, hkv, g, M]
-    let o = x.softmax(&scores)?.matmul(&values)?; // [b, hkv, g, d]
+                                                                    // The value memory is the GLA step with key s, read by the slot weights.
+    let (o, values) = super::step(&x.softmax(&scores)?, &t.slots, &t.gate, &t.v, &values)?;
     Ok((o, Tensor::cat(&[keys, values], 2)?))
 }
 

@@ -21,6 +21,7 @@
 
 mod chunked;
 pub mod feature;
+mod fused;
 pub mod gsa;
 pub mod reference;
 
@@ -144,8 +145,23 @@ pub fn recurrent(x: &GlaInputs, state: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 /// One decode step: `q: [b, hkv, g, d]`, `k`, `gate`, `v`: `[b, hkv, d]`, `state: [b, hkv, d, d]`.
-/// Returns `(o: [b, hkv, g, d], new_state)`.
+/// Returns `(o: [b, hkv, g, d], new_state)`. On the CPU without gradients, one fused pass
+/// over the states; otherwise [`step_reference`].
 pub fn step(
+    q: &Tensor,
+    k: &Tensor,
+    gate: &Tensor,
+    v: &Tensor,
+    state: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    if fused::applies(&[q, k, gate, v, state]) {
+        return fused::step(q, k, gate, v, state);
+    }
+    step_reference(q, k, gate, v, state)
+}
+
+/// [`step`] as tensor ops: the slow, obviously right form (and the one with a backward pass).
+pub fn step_reference(
     q: &Tensor,
     k: &Tensor,
     gate: &Tensor,
