@@ -3,8 +3,11 @@
 //! sliding-window softmax attention on the RoPE'd q/k:
 //!
 //! ```text
-//! o_t = w_window * SWA(q, k, v)_t + w_recurrent * GLA(phi(q), phi(k), v, gate(k))_t
+//! o_t = w_window * SWA(q, k, v)_t + w_recurrent * R(q, k, v)_t
 //! ```
+//!
+//! where `R` is the checkpoint's gated recurrence (GLA, HGRN2 or GSA; see [`crate::gla`]),
+//! skipped entirely when its weight is 0 (window-only attention).
 //!
 //! Both kinds share the q/k/v/o projections, which run once over every token of the batch;
 //! only the mixing itself is done per sequence (each has its own cache and position).
