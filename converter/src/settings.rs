@@ -201,7 +201,7 @@ impl LigerSettings {
             return Ok(());
         }
         let m = self.slots.unwrap_or(DEFAULT_SLOTS);
-        if m > head_dim || !head_dim.is_multiple_of(m) {
+        if m > head_dim || head_dim % m != 0 {
             return Err(Error::flag(
                 "--slots",
                 format!(

@@ -464,7 +464,7 @@ fn parse_liger(v: &Value, num_layers: usize, head_dim: usize) -> Result<LigerCon
         ));
     }
     if let Some(m) = l.gsa_slots() {
-        if m == 0 || m > head_dim || !head_dim.is_multiple_of(m) {
+        if m == 0 || m > head_dim || head_dim % m != 0 {
             return Err(Error::config(
                 "liger.slots",
                 format!(

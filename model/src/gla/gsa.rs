@@ -44,7 +44,7 @@ pub fn feature_maps(fm: FeatureMaps, q: &Tensor, k: &Tensor, v: &Tensor) -> Resu
     let (b, h, t, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     let m = fm.slots;
-    if m == 0 || !d.is_multiple_of(m) {
+    if m == 0 || d % m != 0 {
         return Err(Error::State(format!(
             "GSA: {m} slots do not divide the head dim {d}"
         )));
