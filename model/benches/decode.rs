@@ -5,8 +5,11 @@
 //! ```text
 //! cargo bench -p liger-model --bench decode -- [--contexts 256,1024,4096,16384] [--steps 32]
 //!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
-//!     [--variants gla,hgrn2,gsa,gla-h8,window] [--batches 1,8,32]
+//!     [--variants gla,hgrn2,gsa,gla-h8,window] [--batches 1,8,32] [--transformer-up-to N]
 //! ```
+//!
+//! `--transformer-up-to N` measures the Transformer baseline only at contexts up to N (its
+//! prefill is quadratic: 16K tokens take minutes on two cores).
 //!
 //! `--batches` adds batched decode: `B` sequences (forks of the smallest context) step
 //! together, one token each, and the table gives the step time and aggregate tokens/s.
@@ -32,6 +35,7 @@ struct Args {
     contexts: Vec<usize>,
     variants: Vec<&'static str>,
     batches: Vec<usize>,
+    transformer_up_to: usize,
     steps: usize,
     dtype: DType,
     quantize: Option<Quantization>,
@@ -43,6 +47,7 @@ fn parse_args() -> Args {
         contexts: vec![256, 1024, 4096, 16384],
         variants: vec!["gla"],
         batches: Vec::new(),
+        transformer_up_to: usize::MAX,
         steps: 32,
         dtype: DType::F32,
         quantize: None,
@@ -76,6 +81,7 @@ fn parse_args() -> Args {
                     .map(|s| s.trim().parse().expect("batch size"))
                     .collect()
             }
+            "--transformer-up-to" => a.transformer_up_to = val().parse().expect("context"),
             "--steps" => a.steps = val().parse().expect("steps"),
             "--dtype" => {
                 a.dtype = match val().as_str() {
@@ -194,7 +200,12 @@ fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger
     let token = |i: usize| token(m, i);
     let mut state = m.new_state()?;
     let mut filled = 0;
-    for &ctx in &args.contexts {
+    let limit = if name == "transformer" {
+        args.transformer_up_to
+    } else {
+        usize::MAX
+    };
+    for &ctx in args.contexts.iter().filter(|&&c| c <= limit) {
         let t0 = Instant::now();
         let prompt: Vec<u32> = (filled..ctx).map(token).collect();
         if !prompt.is_empty() {
@@ -277,6 +288,11 @@ fn main() -> liger_model::Result<()> {
             .find(|r| r.model == model && r.context == ctx)
             .expect("measured")
     };
+    let baseline = |ctx: usize| {
+        rows.iter()
+            .find(|r| r.model == "transformer" && r.context == ctx)
+    };
+    let or_dash = |x: Option<String>| x.unwrap_or_else(|| "-".to_owned());
     print!("| context | Transformer ms/token |");
     for v in &args.variants {
         print!(" {v} ms/token | {v} speed-up |");
@@ -295,17 +311,23 @@ fn main() -> liger_model::Result<()> {
     );
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     for &ctx in &args.contexts {
-        let t = at("transformer", ctx);
-        print!("| {ctx} | {:.2} |", t.ms_per_token);
+        let t = baseline(ctx);
+        print!(
+            "| {ctx} | {} |",
+            or_dash(t.map(|t| format!("{:.2}", t.ms_per_token)))
+        );
         for v in &args.variants {
             let l = at(v, ctx);
             print!(
-                " {:.2} | {:.2}x |",
+                " {:.2} | {} |",
                 l.ms_per_token,
-                t.ms_per_token / l.ms_per_token
+                or_dash(t.map(|t| format!("{:.2}x", t.ms_per_token / l.ms_per_token)))
             );
         }
-        print!(" {:.1} MiB |", mib(t.state_bytes));
+        print!(
+            " {} |",
+            or_dash(t.map(|t| format!("{:.1} MiB", mib(t.state_bytes))))
+        );
         for v in &args.variants {
             print!(" {:.2} MiB |", mib(at(v, ctx).state_bytes));
         }
