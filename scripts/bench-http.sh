@@ -10,6 +10,7 @@
 #                  --dtype f32 [--quantize q8_0]; llama-server gets the fixture's GGUF
 #                  requantized to F32 or Q8_0 by the llama-quantize beside it
 #   BENCH_OUT      folder for the JSON and logs (default target/bench-http)
+#   SKIP_LIGER     set to 1 to run only llama-server
 # Not part of CI: it takes minutes (32 streams x 4K-token prompts on a 2-core CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,22 +33,25 @@ wait_healthy() { # URL PID LOG
   echo "server never became healthy"; return 1
 }
 
-port="$(free_port)"
 precision="${PRECISION:-f32}"
 case "$precision" in
   f32) quantize=() ; gguf_type=F32 ;;
   q8_0) quantize=(--quantize q8_0) ; gguf_type=Q8_0 ;;
   *) echo "PRECISION must be f32 or q8_0, not $precision" >&2; exit 2 ;;
 esac
-target/release/liger-serve --model "$model_dir" --served-model-name liger --port "$port" \
-  --dtype f32 "${quantize[@]}" --max-running 32 --max-waiting 256 --max-model-len 8192 \
-  >"$out/liger-serve.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/liger-serve.log"
-"$venv/bin/python" benches/http_load.py --base-url "http://127.0.0.1:$port/v1" --model liger \
-  --label liger-serve --json "$out/liger.json" "${args[@]}" | tee "$out/liger.md"
-kill "$pid"; wait "$pid" 2>/dev/null || true
+pid=
+trap '[[ -n "$pid" ]] && kill "$pid" 2>/dev/null || true' EXIT  # whichever server runs
+if [[ "${SKIP_LIGER:-0}" != 1 ]]; then
+  port="$(free_port)"
+  target/release/liger-serve --model "$model_dir" --served-model-name liger --port "$port" \
+    --dtype f32 "${quantize[@]}" --max-running 32 --max-waiting 256 --max-model-len 8192 \
+    >"$out/liger-serve.log" 2>&1 &
+  pid=$!
+  wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/liger-serve.log"
+  "$venv/bin/python" benches/http_load.py --base-url "http://127.0.0.1:$port/v1" --model liger \
+    --label liger-serve --json "$out/liger.json" "${args[@]}" | tee "$out/liger.md"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+fi
 
 if [[ -n "${LLAMA_SERVER:-}" ]]; then
   # The fixture is Q4_1; liger-serve runs its dequantized weights, so llama.cpp gets the
@@ -56,7 +60,7 @@ if [[ -n "${LLAMA_SERVER:-}" ]]; then
   [[ -f "$gguf" ]] || "$(dirname "$LLAMA_SERVER")/llama-quantize" --allow-requantize \
     "$(scripts/fetch-smollm2.sh)" "$gguf" "$gguf_type" >"$out/llama-quantize.log" 2>&1
   port="$(free_port)"
-  "$LLAMA_SERVER" -m "$gguf" --port "$port" -np 32 -c $((32 * 4608)) --cont-batching \
+  "$LLAMA_SERVER" -m "$gguf" --port "$port" -np 32 -c $((32 * 8192)) --cont-batching \
     >"$out/llama-server.log" 2>&1 &
   pid=$!
   wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/llama-server.log"
