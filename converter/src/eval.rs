@@ -22,6 +22,7 @@ use liger_model::{lora, Logits, Model, SeqStep};
 use serde::Serialize;
 
 use crate::adapter::DeviceChoice;
+use crate::inspect::human_bytes;
 use crate::progress::Progress;
 use crate::recover::data::{self, TokenStream};
 use crate::recover::load_tokenizer;
@@ -357,7 +358,7 @@ pub fn render(r: &EvalReport) -> String {
         s,
         "{:<24} {:>12}",
         format!("state at {} tokens", r.seq_len),
-        human_bytes(r.state.total)
+        human_bytes(r.state.total as u64)
     );
     if let Some(ms) = r.decode_ms_per_token {
         let _ = writeln!(s, "{:<24} {:>9.1} ms", "decode step", ms);
@@ -402,21 +403,11 @@ pub fn render_comparison(reports: &[EvalReport]) -> String {
             opt(r.agreement, &|x| format!("{:.1}%", 100.0 * x)),
             opt(r.kl, &|x| format!("{x:.3}")),
             opt(r.decode_ms_per_token, &|x| format!("{x:.1}")),
-            human_bytes(r.state.total),
-            human_bytes(r.state.recurrent),
-            human_bytes(r.state.window),
-            human_bytes(r.state.kv_cache),
+            human_bytes(r.state.total as u64),
+            human_bytes(r.state.recurrent as u64),
+            human_bytes(r.state.window as u64),
+            human_bytes(r.state.kv_cache as u64),
         );
     }
     s
-}
-
-fn human_bytes(b: usize) -> String {
-    if b >= 1 << 20 {
-        format!("{:.2} MiB", b as f64 / (1 << 20) as f64)
-    } else if b >= 1 << 10 {
-        format!("{:.1} KiB", b as f64 / 1024.0)
-    } else {
-        format!("{b} B")
-    }
 }

@@ -7,7 +7,7 @@
 
 use std::str::FromStr;
 
-use liger_model::config::DEFAULT_SLOTS;
+use liger_model::config::{slots_fit, DEFAULT_SLOTS};
 use liger_model::{LigerConfig, Variant};
 
 use crate::{Error, Result};
@@ -201,7 +201,7 @@ impl LigerSettings {
             return Ok(());
         }
         let m = self.slots.unwrap_or(DEFAULT_SLOTS);
-        if m > head_dim || head_dim % m != 0 {
+        if !slots_fit(m, head_dim) {
             return Err(Error::flag(
                 "--slots",
                 format!(

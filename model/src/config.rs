@@ -125,6 +125,12 @@ impl Default for LigerConfig {
 /// GSA's slot count when the config names none (the Liger reference's 64).
 pub const DEFAULT_SLOTS: usize = 64;
 
+/// Whether `slots` can pool a head dim of `head_dim`: GSA's gate averages the head dim in
+/// equal groups, one per slot.
+pub fn slots_fit(slots: usize, head_dim: usize) -> bool {
+    slots > 0 && slots <= head_dim && head_dim % slots == 0
+}
+
 impl LigerConfig {
     /// GSA's slot count; `None` for the other variants.
     pub fn gsa_slots(&self) -> Option<usize> {
@@ -464,7 +470,7 @@ fn parse_liger(v: &Value, num_layers: usize, head_dim: usize) -> Result<LigerCon
         ));
     }
     if let Some(m) = l.gsa_slots() {
-        if m == 0 || m > head_dim || head_dim % m != 0 {
+        if !slots_fit(m, head_dim) {
             return Err(Error::config(
                 "liger.slots",
                 format!(

@@ -44,7 +44,7 @@ pub fn feature_maps(fm: FeatureMaps, q: &Tensor, k: &Tensor, v: &Tensor) -> Resu
     let (b, h, t, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     let m = fm.slots;
-    if m == 0 || d % m != 0 {
+    if !crate::config::slots_fit(m, d) {
         return Err(Error::State(format!(
             "GSA: {m} slots do not divide the head dim {d}"
         )));
@@ -158,8 +158,9 @@ fn step(x: &GsaInputs, t: &Step, state: &Tensor) -> Result<(Tensor, Tensor)> {
     let decay = t.gate.exp()?.unsqueeze(3)?; // scales the slot rows of both memories
     let slots = t.slots.unsqueeze(3)?; // [b, hkv, M, 1]
     let keys = (keys.broadcast_mul(&decay)? + slots.broadcast_mul(&t.k.unsqueeze(2)?)?)?;
-    let scores = t.q.matmul(&keys.transpose(2, 3)?.contiguous()?)?; // [b, hkv, g, M]
-                                                                    // The value memory is the GLA step with key s, read by the slot weights.
+    // Slot scores [b, hkv, g, M]; the value memory is then the GLA step with key s, read
+    // by the slot weights.
+    let scores = t.q.matmul(&keys.transpose(2, 3)?.contiguous()?)?;
     let (o, values) = super::step(&x.softmax(&scores)?, &t.slots, &t.gate, &t.v, &values)?;
     Ok((o, Tensor::cat(&[keys, values], 2)?))
 }
