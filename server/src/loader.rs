@@ -60,6 +60,7 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
             "the tokenizer knows more tokens than the model has embeddings; prompts using them get 400"
         );
     }
+    let state = model.state_spec().bytes_by_kind_at(max_model_len);
     info!(
         kind = if cfg.liger.is_some() {
             "liger"
@@ -67,10 +68,10 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
             "transformer"
         },
         layers = cfg.num_layers,
-        state_bytes_at_max_len = model.state_spec().bytes_at(max_model_len),
-        recurrent_bytes = model.state_spec().bytes_by_kind_at(max_model_len).recurrent,
-        window_bytes = model.state_spec().bytes_by_kind_at(max_model_len).window,
-        kv_cache_bytes_at_max_len = model.state_spec().bytes_by_kind_at(max_model_len).kv_cache,
+        state_bytes_at_max_len = state.total(),
+        recurrent_bytes = state.recurrent,
+        window_bytes = state.window,
+        kv_cache_bytes_at_max_len = state.kv_cache,
         "model ready"
     );
     let options = EngineOptions {
