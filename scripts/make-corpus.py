@@ -4,8 +4,11 @@ the documentation strings of Python's standard library (English technical prose 
 Python install carries, so no data set is downloaded).
 
     python3 scripts/make-corpus.py            # writes data/pydoc-train.txt, data/heldout.txt
+    python3 scripts/make-corpus.py --large    # also data/pydoc-train-large.txt
 
-The two files come from disjoint module lists: held-out text is never trained on. Each
+The files come from disjoint module lists: held-out text is never trained on. The large
+training file covers every importable top-level standard-library module except the held-out
+ones (and a few that open windows or print on import), with class methods too. Each
 module becomes one document: its docstring, then each public class and function with its
 signature and docstring. Doctest examples (lines starting with >>> and their output) are
 dropped to keep the text prose. The committed files were made with Python 3.11.
@@ -49,7 +52,31 @@ def clean(doc):
     return text.strip()
 
 
-def document(name):
+# Modules that open windows, print or change state on import, or are packaging tools.
+SKIP = """
+antigravity this idlelib tkinter turtle turtledemo ensurepip venv lib2to3 pydoc_data test
+""".split()
+
+
+def large_train():
+    names = sorted(sys.stdlib_module_names)
+    return [n for n in names if not n.startswith("_") and n not in HELDOUT and n not in SKIP]
+
+
+def members(obj, name, methods):
+    """Public functions and classes of a module (with their methods if `methods`)."""
+    for attr, o in sorted(vars(obj).items()):
+        if attr.startswith("_"):
+            continue
+        if inspect.isclass(o) or inspect.isfunction(o):
+            yield f"{name}.{attr}", o
+            if methods and inspect.isclass(o) and getattr(o, "__module__", None) == name:
+                for m, f in sorted(vars(o).items()):
+                    if not m.startswith("_") and inspect.isfunction(f):
+                        yield f"{name}.{attr}.{m}", f
+
+
+def document(name, methods=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mod = importlib.import_module(name)
@@ -57,11 +84,7 @@ def document(name):
     doc = inspect.getdoc(mod)
     if doc:
         parts.append(f"Module {name}\n\n{clean(doc)}")
-    for attr, obj in sorted(vars(mod).items()):
-        if attr.startswith("_"):
-            continue
-        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
-            continue
+    for qual, obj in members(mod, name, methods):
         if getattr(obj, "__module__", None) != mod.__name__:
             continue
         doc = inspect.getdoc(obj)
@@ -71,15 +94,25 @@ def document(name):
             sig = str(inspect.signature(obj))
         except (TypeError, ValueError):
             sig = "(...)"
+        # Default values print with memory addresses; drop them so reruns give the same text.
+        sig = re.sub(r" at 0x[0-9a-f]+", "", sig)
         if len(sig) > 120:
             sig = "(...)"
         kind = "class" if inspect.isclass(obj) else "function"
-        parts.append(f"The {kind} {name}.{attr}{sig}\n\n{clean(doc)}")
+        parts.append(f"The {kind} {qual}{sig}\n\n{clean(doc)}")
     return "\n\n".join(p for p in parts if p.strip())
 
 
-def write(path, names):
-    docs = [document(n) for n in names]
+def safe_document(name, methods):
+    try:
+        return document(name, methods)
+    except Exception as e:  # platform-specific or broken modules: skip, say so
+        print(f"skipped {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return ""
+
+
+def write(path, names, methods=False):
+    docs = [safe_document(n, methods) if methods else document(n) for n in names]
     text = "\n\n\n".join(d for d in docs if d) + "\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -92,3 +125,5 @@ if __name__ == "__main__":
     os.makedirs(root, exist_ok=True)
     write(os.path.join(root, "pydoc-train.txt"), TRAIN)
     write(os.path.join(root, "heldout.txt"), HELDOUT)
+    if "--large" in sys.argv[1:]:
+        write(os.path.join(root, "pydoc-train-large.txt"), large_train(), methods=True)

@@ -6,7 +6,10 @@
 //! cargo bench -p liger-model --bench decode -- [--contexts 256,1024,4096,16384] [--steps 32]
 //!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
 //!     [--variants gla,hgrn2,gsa,gla-h8,window] [--batches 1,8,32] [--transformer-up-to N]
+//!     [--device cpu|cuda]
 //! ```
+//!
+//! `--device cuda` needs the `cuda` feature (`cargo bench -p liger-model --features cuda`).
 //!
 //! `--transformer-up-to N` measures the Transformer baseline only at contexts up to N (its
 //! prefill is quadratic: 16K tokens take minutes on two cores).
@@ -40,6 +43,7 @@ struct Args {
     dtype: DType,
     quantize: Option<Quantization>,
     json: Option<PathBuf>,
+    device: Device,
 }
 
 fn parse_args() -> Args {
@@ -52,6 +56,7 @@ fn parse_args() -> Args {
         dtype: DType::F32,
         quantize: None,
         json: None,
+        device: Device::Cpu,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -99,6 +104,15 @@ fn parse_args() -> Args {
                 })
             }
             "--json" => a.json = Some(val().into()),
+            "--device" => {
+                a.device = match val().as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => {
+                        Device::new_cuda(0).expect("a CUDA device (build with --features cuda)")
+                    }
+                    d => panic!("unknown device {d}"),
+                }
+            }
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -174,6 +188,8 @@ fn run_batches(
                 .collect();
             let t = Instant::now();
             m.forward_batch(&mut steps, Logits::Last)?;
+            // GPU work is asynchronous: wait for it, or the clock stops at the last launch.
+            m.device().synchronize()?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let ms = median(times);
@@ -248,7 +264,8 @@ fn main() -> liger_model::Result<()> {
     let tensors = import.tensors.iter().cloned().collect();
     let cfg = ModelConfig::from_json(import.config.clone())?;
     eprintln!(
-        "SmolLM2-135M-Instruct, {:?}{}, threads: {threads}, {} decode steps per point",
+        "SmolLM2-135M-Instruct on {:?}, {:?}{}, threads: {threads}, {} decode steps per point",
+        args.device,
         args.dtype,
         args.quantize
             .map_or(String::new(), |q| format!(" quantized to {}", q.name())),
@@ -265,7 +282,7 @@ fn main() -> liger_model::Result<()> {
         cfg.clone(),
         &tensors,
         args.dtype,
-        &Device::Cpu,
+        &args.device,
     )?)?;
     let mut batch_rows = Vec::new();
     run("transformer", &transformer, &args, &mut rows)?;
@@ -277,7 +294,7 @@ fn main() -> liger_model::Result<()> {
             cfg.with_liger(make(cfg.num_layers))?,
             &tensors,
             args.dtype,
-            &Device::Cpu,
+            &args.device,
         )?)?;
         run(name, &m, &args, &mut rows)?;
         run_batches(name, &m, &args, &mut batch_rows)?;
