@@ -7,11 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use liger_model::layers::Quantization;
 use liger_model::lora;
 use liger_model::Model;
 use serde_json::Value;
 
-use crate::output::{self, PartialDir, WrittenWeights, DEFAULT_SHARD_LIMIT};
+use crate::output::{self, PartialDir, WeightFormat, WrittenWeights};
 use crate::progress::Progress;
 use crate::source::SIDE_FILES;
 use crate::tensors::TensorSet;
@@ -69,20 +70,28 @@ pub fn copy_side_files(src: &Path, dst: &Path) -> Result<Vec<String>> {
     Ok(copied)
 }
 
-/// Writes `model`'s weights (adapters must be merged first) as `dtype`.
+/// Writes `model`'s weights (adapters must be merged first) as `format` says.
 pub fn write_weights(
     dir: &Path,
     model: &Model,
-    dtype: DType,
+    format: &WeightFormat,
     progress: &Progress,
 ) -> Result<WrittenWeights> {
+    if model.is_quantized() {
+        return Err(liger_model::Error::Invalid(
+            "a quantized model cannot be written (its weights would be dequantized); \
+             write the dense model and quantize that"
+                .into(),
+        )
+        .into());
+    }
     let weights = model
         .named_weights()?
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;
     let set = TensorSet::from_memory(weights)?;
-    output::write_weights(dir, &set, dtype, DEFAULT_SHARD_LIMIT, progress)
+    output::write_weights(dir, &set, format, progress)
 }
 
 /// Copies `config.json` of `src` (byte for byte: the merged model is the same architecture).
@@ -101,6 +110,8 @@ pub struct ApplyOptions {
     /// Adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
     pub adapter: PathBuf,
     pub out: PathBuf,
+    /// Store the merged projections as GGML blocks of this format.
+    pub quantize: Option<Quantization>,
     pub force: bool,
     pub command_line: Option<String>,
 }
@@ -111,6 +122,7 @@ pub struct Applied {
     pub out: PathBuf,
     pub adapted: usize,
     pub dtype: DType,
+    pub quantize: Option<Quantization>,
     pub weight_files: Vec<String>,
 }
 
@@ -123,6 +135,16 @@ pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied
     let spinner = progress.spinner("merge");
     // Merging in f32 then casting once keeps f16/bf16 models from double rounding.
     let mut model = liger_model::weights::load_model(&opts.model, DType::F32, &Device::Cpu)?;
+    if model.is_quantized() {
+        return Err(Error::flag(
+            "--model",
+            format!(
+                "{} is a quantized checkpoint; merge into the dense model (and add \
+                 --quantize to quantize the result)",
+                opts.model.display()
+            ),
+        ));
+    }
     model.apply_lora(&cfg, &tensors)?;
     let adapted = tensors.len() / 2;
     model.merge_lora()?;
@@ -130,13 +152,17 @@ pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied
     let out = PartialDir::begin(&opts.out, opts.force)?;
     let dir = out.path().to_path_buf();
     copy_config(&opts.model, &dir)?;
-    let written = write_weights(&dir, &model, dtype, progress)?;
+    let format = WeightFormat {
+        quantize: opts.quantize,
+        ..WeightFormat::dense(dtype)
+    };
+    let written = write_weights(&dir, &model, &format, progress)?;
     copy_side_files(&opts.model, &dir)?;
     let mut card = format!(
         "# {} with a merged LoRA adapter\n\nThis folder is `{}` with the LoRA adapter `{}` \
          (rank {}, alpha {}, on {}; {adapted} projections) folded into its weights by \
-         `liger-convert apply-adapter` {}. It loads and serves like the base model, with no \
-         adapter support needed.\n",
+         `liger-convert apply-adapter` {}, stored as {}. It loads and serves like the base \
+         model, with no adapter support needed.\n",
         opts.model.file_name().unwrap_or_default().to_string_lossy(),
         opts.model.display(),
         opts.adapter.display(),
@@ -144,6 +170,7 @@ pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied
         cfg.alpha,
         cfg.targets.join(", "),
         env!("CARGO_PKG_VERSION"),
+        crate::convert::format_label(&format),
     );
     if let Some(cmd) = &opts.command_line {
         card.push_str(&format!("\n## How it was made\n\n```sh\n{cmd}\n```\n"));
@@ -155,6 +182,7 @@ pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied
         out,
         adapted,
         dtype,
+        quantize: opts.quantize,
         weight_files: written.files,
     })
 }

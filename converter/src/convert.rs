@@ -10,12 +10,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
+use liger_model::layers::Quantization;
 use liger_model::{LigerConfig, ModelConfig};
 use serde_json::Value;
 
 use crate::card::{model_card, CardInfo};
 use crate::check::check_weights;
-use crate::output::{self, PartialDir, DEFAULT_SHARD_LIMIT};
+use crate::output::{self, PartialDir, WeightFormat, DEFAULT_SHARD_LIMIT};
 use crate::progress::Progress;
 use crate::settings::LigerSettings;
 use crate::source::{self, HubOptions, LoadedSource, SideContent, SourceKind};
@@ -30,6 +31,8 @@ pub struct ConvertOptions {
     pub settings: LigerSettings,
     /// Output dtype; `None` keeps the source's (f32 for GGUF imports).
     pub dtype: Option<DType>,
+    /// Store the projections as GGML blocks of this format.
+    pub quantize: Option<Quantization>,
     pub hub: HubOptions,
     /// Replace an existing output folder.
     pub force: bool,
@@ -47,6 +50,7 @@ impl ConvertOptions {
             out: out.into(),
             settings: LigerSettings::default(),
             dtype: None,
+            quantize: None,
             hub: HubOptions::default(),
             force: false,
             shard_limit: DEFAULT_SHARD_LIMIT,
@@ -62,6 +66,8 @@ pub struct Summary {
     pub tensors: usize,
     pub parameters: u64,
     pub dtype: DType,
+    /// The projections' block format, if quantized.
+    pub quantize: Option<Quantization>,
     /// Weight file names.
     pub weight_files: Vec<String>,
     /// Bytes of tensor data.
@@ -112,17 +118,31 @@ fn finish_convert(
     let cfg = base.with_liger(liger.clone())?;
     let dtype = opts.dtype.unwrap_or(loaded.native_dtype);
     let config_json = cfg.to_json_with_liger(Some(&liger));
+    let format = WeightFormat {
+        dtype,
+        quantize: opts.quantize,
+        shard_limit: opts.shard_limit,
+    };
     write_model(
         out,
         &loaded,
         &cfg,
         config_json,
-        dtype,
+        &format,
         &opts.source,
-        opts.shard_limit,
         opts.command_line.as_deref(),
         progress,
     )
+}
+
+/// How a card and a summary name the stored format: `float32`, or
+/// `float32 with q4k projections`.
+pub fn format_label(format: &WeightFormat) -> String {
+    let dtype = torch_dtype_name(format.dtype);
+    match format.quantize {
+        Some(q) => format!("{dtype}, with {} projections", q.name()),
+        None => dtype.to_owned(),
+    }
 }
 
 /// The Hugging Face name of a dtype, as `torch_dtype` spells it.
@@ -143,12 +163,12 @@ pub(crate) fn write_model(
     loaded: &LoadedSource,
     cfg: &ModelConfig,
     mut config_json: Value,
-    dtype: DType,
+    format: &WeightFormat,
     source: &str,
-    shard_limit: u64,
     command_line: Option<&str>,
     progress: &Progress,
 ) -> Result<Summary> {
+    let dtype = format.dtype;
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(Error::flag(
             "--dtype",
@@ -174,7 +194,7 @@ pub(crate) fn write_model(
         );
     }
     output::write_json(&dir.join(liger_model::weights::CONFIG_FILE), &config_json)?;
-    let written = output::write_weights(&dir, &loaded.tensors, dtype, shard_limit, progress)?;
+    let written = output::write_weights(&dir, &loaded.tensors, format, progress)?;
     write_side_files(&dir, &loaded.side_files)?;
 
     let parameters = loaded.tensors.parameter_count();
@@ -184,7 +204,7 @@ pub(crate) fn write_model(
         source_name: loaded.name.as_deref(),
         config: cfg,
         parameters,
-        dtype: torch_dtype_name(dtype),
+        dtype: &format_label(format),
         weight_files: &written.files,
         command_line,
     });
@@ -197,6 +217,7 @@ pub(crate) fn write_model(
         tensors: loaded.tensors.infos().len(),
         parameters,
         dtype,
+        quantize: format.quantize,
         weight_files: written.files,
         weight_bytes: written.total_size,
         liger: cfg.liger.clone(),
@@ -204,7 +225,7 @@ pub(crate) fn write_model(
     })
 }
 
-fn write_side_files(dir: &Path, files: &[(String, SideContent)]) -> Result<()> {
+pub(crate) fn write_side_files(dir: &Path, files: &[(String, SideContent)]) -> Result<()> {
     for (name, content) in files {
         let path = dir.join(name);
         match content {

@@ -158,8 +158,11 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
         model.apply_lora(&cfg, &tensors)?;
     }
     if let Some(q) = opts.quantize {
-        // Served quantized models have their adapters merged first; so here.
-        model.merge_lora()?;
+        // Served quantized models have their adapters merged first; so here (a quantized
+        // checkpoint keeps its blocks and its adapter unmerged, as the server does).
+        if !model.is_quantized() {
+            model.merge_lora()?;
+        }
         model.quantize(q)?;
     }
     let reference = opts

@@ -10,7 +10,7 @@ use candle_core::DType;
 use liger_model::ModelConfig;
 
 use crate::convert::{write_model, Summary};
-use crate::output::{self, PartialDir, DEFAULT_SHARD_LIMIT};
+use crate::output::{self, PartialDir, WeightFormat, DEFAULT_SHARD_LIMIT};
 use crate::progress::Progress;
 use crate::source::{self, SourceKind};
 use crate::{Error, Result};
@@ -60,9 +60,11 @@ pub fn import(opts: &ImportOptions, progress: &Progress) -> Result<Summary> {
         &loaded,
         &cfg,
         config_json,
-        DType::F32,
+        &WeightFormat {
+            shard_limit: opts.shard_limit,
+            ..WeightFormat::dense(DType::F32)
+        },
         &src,
-        opts.shard_limit,
         opts.command_line.as_deref(),
         progress,
     )

@@ -51,8 +51,10 @@ pub struct Report {
     pub parameters: u64,
     /// The dtype most weights are stored in (`float32`, `float16`, `bfloat16`).
     pub dtype: &'static str,
-    /// Parameters per stored dtype (safetensors names).
+    /// Parameters per stored dtype (safetensors names; `q8_0`, `q4k` for GGML blocks).
     pub parameters_by_dtype: BTreeMap<String, u64>,
+    /// The GGML block formats of a quantized checkpoint, with how many tensors use each.
+    pub quantized: BTreeMap<String, usize>,
     pub weight_files: Vec<String>,
     pub weight_bytes: u64,
     pub vocab_size: usize,
@@ -83,9 +85,27 @@ pub fn inspect(dir: &Path) -> Result<Report> {
         &Progress::hidden(),
     )?;
 
+    let mut blocks = BTreeMap::new();
+    for f in &files {
+        blocks.extend(liger_model::weights::quantized_entries(f)?);
+    }
     let mut by_dtype = BTreeMap::new();
+    let mut quantized = BTreeMap::new();
+    let mut parameters = 0;
     for i in set.infos() {
-        *by_dtype.entry(format!("{:?}", i.dtype)).or_insert(0u64) += i.numel();
+        // A quantized tensor is stored as bytes; count its logical elements.
+        let (kind, numel) = match blocks.get(&i.name) {
+            Some(e) => {
+                *quantized.entry(e.format.clone()).or_insert(0) += 1;
+                (e.format.clone(), e.shape.iter().product::<usize>() as u64)
+            }
+            None => (format!("{:?}", i.dtype), i.numel()),
+        };
+        *by_dtype.entry(kind).or_insert(0u64) += numel;
+        // A tied model's quantized head repeats the embeddings: not a parameter of its own.
+        if !(i.name == "lm_head.weight" && cfg.tie_word_embeddings) {
+            parameters += numel;
+        }
     }
     let dtype = set.dominant_float_dtype();
     let weight_bytes = set.infos().iter().map(|i| i.stored_bytes()).sum();
@@ -129,9 +149,10 @@ pub fn inspect(dir: &Path) -> Result<Report> {
         path: dir.display().to_string(),
         architecture: cfg.architecture.name(),
         architectures,
-        parameters: set.parameter_count(),
+        parameters,
         dtype: torch_dtype_name(dtype),
         parameters_by_dtype: by_dtype,
+        quantized,
         weight_files: files.iter().map(|f| file_name(f)).collect(),
         weight_bytes,
         vocab_size: cfg.vocab_size,
@@ -242,7 +263,20 @@ pub fn render_table(r: &Report) -> String {
         "parameters",
         format!("{} ({})", human_params(r.parameters), r.parameters),
     );
-    row(&mut s, "dtype", r.dtype.to_owned());
+    let quantized = r
+        .quantized
+        .iter()
+        .map(|(f, n)| format!("{n} tensors {f}"))
+        .collect::<Vec<_>>();
+    if quantized.is_empty() {
+        row(&mut s, "dtype", r.dtype.to_owned());
+    } else {
+        row(
+            &mut s,
+            "dtype",
+            format!("{}, quantized: {}", r.dtype, quantized.join(", ")),
+        );
+    }
     row(
         &mut s,
         "weights",

@@ -12,10 +12,11 @@ use anyhow::Result;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use liger_converter::inspect::{human_bytes, render_table};
+use liger_converter::output::WeightFormat;
 use liger_converter::source::HubOptions;
 use liger_converter::{
     ApplyOptions, ConvertOptions, DeviceChoice, EvalOptions, FullAttention, ImportOptions,
-    LigerSettings, Progress, RecoverOptions, StageChoice, Summary,
+    LigerSettings, Progress, QuantizeOptions, RecoverOptions, StageChoice, Summary,
 };
 use liger_model::layers::Quantization;
 use liger_model::lora::LoraConfig;
@@ -47,6 +48,26 @@ enum Command {
     Eval(EvalArgs),
     /// Merge a LoRA adapter (PEFT layout) into a model folder.
     ApplyAdapter(ApplyAdapterArgs),
+    /// Store a model folder's projections as 8- or 4-bit GGML blocks (q8_0, q4k).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The model folder to quantize (original, converted, or recovered and merged).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Output folder (written atomically).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Block format of the projections: q8_0 (8.5 bits per weight) or q4k (4.5).
+    #[arg(long, value_name = "FORMAT")]
+    format: Quantization,
+    /// Dtype of the tensors kept dense (embeddings, norms) [default: the folder's].
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+    #[command(flatten)]
+    write: WriteArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -235,6 +256,9 @@ struct ApplyAdapterArgs {
     /// Output folder (written atomically).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Store the merged projections as GGML blocks (q8_0 or q4k).
+    #[arg(long, value_name = "FORMAT")]
+    quantize: Option<Quantization>,
     /// Replace DIR if it exists.
     #[arg(long)]
     force: bool,
@@ -294,6 +318,9 @@ struct ConvertArgs {
     /// Output dtype [default: the source's; f32 for GGUF].
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// Also store the projections as GGML blocks (q8_0 or q4k), as `quantize` does.
+    #[arg(long, value_name = "FORMAT")]
+    quantize: Option<Quantization>,
     /// Hub revision (branch, tag or commit) for hub ids.
     #[arg(long, value_name = "REV")]
     revision: Option<String>,
@@ -421,7 +448,10 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
         s.out.display(),
         s.tensors,
         s.parameters,
-        liger_converter::convert::torch_dtype_name(s.dtype),
+        liger_converter::convert::format_label(&WeightFormat {
+            quantize: s.quantize,
+            ..WeightFormat::dense(s.dtype)
+        }),
         if s.weight_files.len() > 2 {
             format!("{} shards", s.weight_files.len())
         } else {
@@ -429,6 +459,9 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
         },
         human_bytes(s.weight_bytes)
     );
+    if verb == "quantized" {
+        return;
+    }
     if let Some(l) = &s.liger {
         let full = if l.full_attention_layers.is_empty() {
             "none".to_owned()
@@ -511,6 +544,7 @@ fn run(cli: Cli) -> Result<()> {
                     slots: a.slots,
                 },
                 dtype: a.dtype.map(Into::into),
+                quantize: a.quantize,
                 hub: HubOptions {
                     revision: a.revision,
                     token: a.token.filter(|t| !t.is_empty()),
@@ -544,6 +578,7 @@ fn run(cli: Cli) -> Result<()> {
                 model: a.model,
                 adapter: a.adapter,
                 out: a.out,
+                quantize: a.quantize,
                 force: a.force,
                 command_line: Some(command_line()),
             };
@@ -553,9 +588,27 @@ fn run(cli: Cli) -> Result<()> {
                     "merged {} adapted projections -> {} ({}, {})",
                     r.adapted,
                     r.out.display(),
-                    liger_converter::convert::torch_dtype_name(r.dtype),
+                    liger_converter::convert::format_label(&WeightFormat {
+                        quantize: r.quantize,
+                        ..WeightFormat::dense(r.dtype)
+                    }),
                     r.weight_files.join(", ")
                 );
+            }
+        }
+        Command::Quantize(a) => {
+            let opts = QuantizeOptions {
+                model: a.model,
+                out: a.out,
+                format: a.format,
+                dtype: a.dtype.map(Into::into),
+                force: a.write.force,
+                shard_limit: a.write.max_shard_size,
+                command_line: Some(command_line()),
+            };
+            let summary = liger_converter::quantize(&opts, &Progress::new(!a.write.quiet))?;
+            if !a.write.quiet {
+                print_summary("quantized", &opts.model.display().to_string(), &summary);
             }
         }
         Command::Inspect(a) => {

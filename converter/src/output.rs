@@ -17,7 +17,10 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::DType;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use liger_model::layers::Quantization;
+use liger_model::weights::{is_quantizable, QuantizedEntry, QUANTIZED_KEY};
 use serde_json::{json, Value};
 
 use crate::progress::Progress;
@@ -232,20 +235,104 @@ pub fn plan_shards(sizes: &[u64], limit: u64) -> Vec<std::ops::Range<usize>> {
     shards
 }
 
-/// Writes all tensors of `set` as `dtype` into `dir`: one `model.safetensors` when the total
-/// is at most `shard_limit` bytes, shards and `model.safetensors.index.json` otherwise.
+/// How weights are written.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightFormat {
+    /// Floating-point tensors are cast to this.
+    pub dtype: DType,
+    /// Store the projections (and the LM head) as GGML blocks of this format.
+    pub quantize: Option<Quantization>,
+    /// Largest safetensors file before sharding, in bytes.
+    pub shard_limit: u64,
+}
+
+impl WeightFormat {
+    pub fn dense(dtype: DType) -> Self {
+        Self {
+            dtype,
+            quantize: None,
+            shard_limit: DEFAULT_SHARD_LIMIT,
+        }
+    }
+}
+
+/// How one tensor is stored.
+#[derive(Debug, Clone, Copy)]
+enum Encoding {
+    /// As the output dtype (floats) or as it is (anything else).
+    Cast,
+    /// GGML blocks, as a flat `U8` tensor.
+    Blocks(GgmlDType),
+}
+
+/// One tensor to write: `name`, read from `source`.
+struct Planned<'a> {
+    name: String,
+    source: &'a TensorInfo,
+    encoding: Encoding,
+    size: u64,
+}
+
+/// The tensors of `set` as `format` stores them, in natural name order. A quantized tied
+/// model gains a quantized `lm_head.weight` made from the embeddings (see
+/// `liger_model::weights`).
+fn plan<'a>(set: &'a TensorSet, format: &WeightFormat) -> Result<Vec<Planned<'a>>> {
+    let blocks = |info: &TensorInfo| -> Option<GgmlDType> {
+        let q = format.quantize?;
+        let fits = info.is_float() && info.shape.len() == 2;
+        fits.then(|| q.format_for(info.shape[1])).flatten()
+    };
+    let planned = |name: &str, source: &'a TensorInfo, encoding| -> Result<Planned<'a>> {
+        let size = match encoding {
+            Encoding::Cast => source.bytes_as(format.dtype),
+            Encoding::Blocks(f) => QuantizedEntry::new(f, &source.shape)?
+                .byte_len()
+                .expect("format_for only picks formats whose blocks fit")
+                as u64,
+        };
+        Ok(Planned {
+            name: name.to_owned(),
+            source,
+            encoding,
+            size,
+        })
+    };
+    let mut out = Vec::with_capacity(set.infos().len() + 1);
+    for info in set.infos() {
+        let encoding = match blocks(info) {
+            Some(f) if is_quantizable(&info.name) => Encoding::Blocks(f),
+            _ => Encoding::Cast,
+        };
+        out.push(planned(&info.name, info, encoding)?);
+    }
+    let has_head = set.infos().iter().any(|i| i.name == "lm_head.weight");
+    let embed = set
+        .infos()
+        .iter()
+        .find(|i| i.name == "model.embed_tokens.weight");
+    if let (false, Some(embed)) = (has_head, embed) {
+        if let Some(f) = blocks(embed) {
+            out.push(planned("lm_head.weight", embed, Encoding::Blocks(f))?);
+            out.sort_by(|a, b| crate::tensors::natural_cmp(&a.name, &b.name));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes all tensors of `set` as `format` says into `dir`: one `model.safetensors` when
+/// the total is at most the shard limit, shards and `model.safetensors.index.json`
+/// otherwise.
 pub fn write_weights(
     dir: &Path,
     set: &TensorSet,
-    dtype: DType,
-    shard_limit: u64,
+    format: &WeightFormat,
     progress: &Progress,
 ) -> Result<WrittenWeights> {
-    let infos = set.infos();
-    let sizes: Vec<u64> = infos.iter().map(|i| i.bytes_as(dtype)).collect();
+    let planned = plan(set, format)?;
+    let sizes: Vec<u64> = planned.iter().map(|p| p.size).collect();
     let total_size: u64 = sizes.iter().sum();
     // One file whenever everything fits (`plan_shards` would give the same single range).
-    let shards = plan_shards(&sizes, shard_limit.max(1));
+    let shards = plan_shards(&sizes, format.shard_limit.max(1));
     let bar = progress.bytes(total_size, "write");
     let n = shards.len();
     let mut files = Vec::with_capacity(n);
@@ -256,20 +343,13 @@ pub fn write_weights(
         } else {
             format!("model-{:05}-of-{n:05}.safetensors", k + 1)
         };
-        let items = &infos[range.clone()];
-        write_safetensors(
-            &dir.join(&file),
-            items,
-            &sizes[range],
-            dtype,
-            set,
-            &mut |info| {
-                bar.set_message(info.name.clone());
-                bar.inc(info.bytes_as(dtype));
-            },
-        )?;
-        for i in items {
-            weight_map.insert(i.name.clone(), Value::String(file.clone()));
+        let items = &planned[range];
+        write_safetensors(&dir.join(&file), items, format.dtype, set, &mut |p| {
+            bar.set_message(p.name.clone());
+            bar.inc(p.size);
+        })?;
+        for p in items {
+            weight_map.insert(p.name.clone(), Value::String(file.clone()));
         }
         files.push(file);
     }
@@ -284,37 +364,58 @@ pub fn write_weights(
     Ok(WrittenWeights { files, total_size })
 }
 
+/// The bytes `p` is stored as.
+fn encoded_bytes<'s>(p: &Planned, dtype: DType, set: &'s TensorSet) -> Result<Cow<'s, [u8]>> {
+    match p.encoding {
+        Encoding::Cast => set.bytes(p.source, dtype),
+        Encoding::Blocks(f) => {
+            let raw = set.bytes(p.source, DType::F32)?;
+            let dense = Tensor::from_raw_buffer(&raw, DType::F32, &p.source.shape, &Device::Cpu)?;
+            let blocks = QTensor::quantize(&dense, f)?;
+            Ok(Cow::Owned(blocks.data()?.into_owned()))
+        }
+    }
+}
+
 /// One safetensors file: 8-byte little-endian header length, the JSON header (padded with
 /// spaces to a multiple of 8 so the data is aligned), then the tensors back to back.
 fn write_safetensors(
     path: &Path,
-    items: &[TensorInfo],
-    sizes: &[u64],
+    items: &[Planned],
     dtype: DType,
     set: &TensorSet,
-    on_tensor: &mut dyn FnMut(&TensorInfo),
+    on_tensor: &mut dyn FnMut(&Planned),
 ) -> Result<()> {
     let out_dtype: safetensors::Dtype = dtype.into();
     let mut header = BTreeMap::new();
-    // transformers refuses safetensors files without `format: pt` in the metadata.
-    header.insert("__metadata__".to_owned(), json!({ "format": "pt" }));
+    let mut quantized = BTreeMap::new();
     let mut offset = 0u64;
-    for (info, &size) in items.iter().zip(sizes) {
-        let stored = if info.is_float() {
-            out_dtype
-        } else {
-            info.dtype
+    for p in items {
+        let (stored, shape) = match p.encoding {
+            Encoding::Blocks(f) => {
+                quantized.insert(p.name.clone(), QuantizedEntry::new(f, &p.source.shape)?);
+                (safetensors::Dtype::U8, vec![p.size as usize])
+            }
+            Encoding::Cast if p.source.is_float() => (out_dtype, p.source.shape.clone()),
+            Encoding::Cast => (p.source.dtype, p.source.shape.clone()),
         };
         header.insert(
-            info.name.clone(),
+            p.name.clone(),
             json!({
                 "dtype": stored,
-                "shape": info.shape,
-                "data_offsets": [offset, offset + size],
+                "shape": shape,
+                "data_offsets": [offset, offset + p.size],
             }),
         );
-        offset += size;
+        offset += p.size;
     }
+    // transformers refuses safetensors files without `format: pt` in the metadata.
+    let mut metadata = json!({ "format": "pt" });
+    if !quantized.is_empty() {
+        metadata[QUANTIZED_KEY] =
+            Value::String(serde_json::to_string(&quantized).expect("JSON values serialize"));
+    }
+    header.insert("__metadata__".to_owned(), metadata);
     let mut head = serde_json::to_vec(&header).expect("JSON values serialize");
     head.resize(head.len().div_ceil(8) * 8, b' ');
 
@@ -324,17 +425,17 @@ fn write_safetensors(
     w.write_all(&(head.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&head).map_err(io)?;
-    for (info, &size) in items.iter().zip(sizes) {
-        let bytes: Cow<[u8]> = set.bytes(info, dtype)?;
-        if bytes.len() as u64 != size {
+    for p in items {
+        let bytes = encoded_bytes(p, dtype, set)?;
+        if bytes.len() as u64 != p.size {
             return Err(liger_model::Error::tensor(
-                &info.name,
-                format!("holds {} bytes, expected {size}", bytes.len()),
+                &p.name,
+                format!("holds {} bytes, expected {}", bytes.len(), p.size),
             )
             .into());
         }
         w.write_all(&bytes).map_err(io)?;
-        on_tensor(info);
+        on_tensor(p);
     }
     // Flushing surfaces a full disk here rather than silently in `drop`.
     w.into_inner().map_err(|e| io(e.into_error()))?;

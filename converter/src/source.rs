@@ -169,6 +169,20 @@ pub fn load_folder(dir: &Path, progress: &Progress) -> Result<LoadedSource> {
         }
         e => e.into(),
     })?;
+    for path in &files {
+        if let Some(name) = liger_model::weights::quantized_entries(path)?.keys().next() {
+            // Blocks cannot be cast, converted or quantized again without dequantizing
+            // first, which would pass the rounding off as the original weights.
+            return Err(liger_model::Error::weights(
+                path,
+                format!(
+                    "holds block-quantized tensors (`{name}`, ...); use the dense model it \
+                     was quantized from"
+                ),
+            )
+            .into());
+        }
+    }
     let tensors = TensorSet::open_files(&files, index.as_deref(), progress)?;
     let side_files = SIDE_FILES
         .iter()

@@ -10,8 +10,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use common::*;
+use liger_converter::inspect::render_table;
 use liger_converter::output::DEFAULT_SHARD_LIMIT;
 use liger_converter::{ConvertOptions, FullAttention, LigerSettings, Progress};
+use liger_model::layers::Quantization;
 use liger_model::testing::{Family, TinyCheckpoint, ALL_FAMILIES};
 use liger_model::{LigerConfig, ModelConfig, StateSpec, Variant};
 
@@ -312,6 +314,126 @@ fn sharded_output_loads_back_identically() {
         logits(&want, &toks)
     );
     assert_eq!(DEFAULT_SHARD_LIMIT, 2_000_000_000);
+}
+
+/// A tiny checkpoint whose projections have inputs of 256 and 512, so that Q4K's
+/// super-blocks of 256 fit (the standard tiny one's 32 and 48 only fit Q8_0, or nothing).
+fn wide_checkpoint(family: Family, seed: u64) -> TinyCheckpoint {
+    let mut config = liger_model::testing::tiny_config(family);
+    config["hidden_size"] = 256.into();
+    config["intermediate_size"] = 512.into();
+    config["num_hidden_layers"] = 2.into();
+    let tensors = liger_model::testing::random_weights(&config, seed).unwrap();
+    TinyCheckpoint { config, tensors }
+}
+
+/// `convert --quantize` and `quantize` store the projections as GGML blocks; the folder
+/// loads quantized and computes exactly what the dense conversion quantized at load
+/// computes, in a prefill (dense product with the dequantized blocks) and in decode steps
+/// (GGML's kernels). Everything else is kept byte for byte.
+#[test]
+fn quantized_checkpoints_equal_quantizing_at_load() {
+    let cases = [
+        (Family::Llama, Quantization::Q8_0, false),
+        (Family::Mistral, Quantization::Q8_0, false),
+        (Family::Llama, Quantization::Q4K, true),
+        (Family::Qwen2, Quantization::Q4K, true),
+    ];
+    for (family, format, wide) in cases {
+        let what = format!("{family:?} {}", format.name());
+        let root = tempfile::tempdir().unwrap();
+        let ckpt = if wide {
+            wide_checkpoint(family, 3)
+        } else {
+            TinyCheckpoint::new(family, 3).unwrap()
+        };
+        let src = root.path().join("src");
+        ckpt.write_folder(&src).unwrap();
+        let path = |name: &str| root.path().join(name).to_str().unwrap().to_owned();
+        let (src, dense, quant, requant) = (path("src"), path("dense"), path("q"), path("rq"));
+        run_ok(&["convert", "--from", &src, "--out", &dense, "--quiet"]);
+        let f = format.name();
+        run_ok(&[
+            "convert",
+            "--from",
+            &src,
+            "--out",
+            &quant,
+            "--quantize",
+            f,
+            "--quiet",
+        ]);
+        let printed = run_ok(&[
+            "quantize", "--model", &dense, "--out", &requant, "--format", f,
+        ]);
+        assert!(
+            printed.contains(&format!("with {f} projections")),
+            "{printed}"
+        );
+
+        let raw = raw_tensors(Path::new(&quant));
+        assert_eq!(
+            raw,
+            raw_tensors(Path::new(&requant)),
+            "{what}: same bytes either way"
+        );
+        let source = raw_tensors(Path::new(&src));
+        let mut blocks = 0;
+        for (name, (dtype, shape, bytes)) in &source {
+            let (d, s, b) = &raw[name];
+            let quantized =
+                liger_model::weights::is_quantizable(name) && format.format_for(shape[1]).is_some();
+            if quantized {
+                assert_eq!(*d, safetensors::Dtype::U8, "{what}: {name}");
+                assert!(s[0] < bytes.len() / 3, "{what}: {name} is {s:?} bytes");
+                blocks += 1;
+            } else {
+                assert_eq!((d, s, b), (dtype, shape, bytes), "{what}: {name} kept");
+            }
+        }
+        // A tied model gains the head's blocks, made from the embeddings.
+        let tied = family == Family::Llama;
+        assert_eq!(raw.len(), source.len() + usize::from(tied), "{what}");
+        assert_eq!(raw["lm_head.weight"].0, safetensors::Dtype::U8, "{what}");
+
+        let loaded = load(Path::new(&quant), DType::F32);
+        assert!(loaded.is_quantized(), "{what}");
+        let mut want = load(Path::new(&dense), DType::F32);
+        assert!(!want.is_quantized());
+        want.quantize(format).unwrap();
+        assert_eq!(loaded.fingerprint().unwrap(), want.fingerprint().unwrap());
+        for n in [40, 5] {
+            let toks = tokens(n, 61, 8);
+            assert_eq!(
+                logits(&loaded, &toks),
+                logits(&want, &toks),
+                "{what}, {n} tokens"
+            );
+        }
+
+        let report = liger_converter::inspect(Path::new(&quant)).unwrap();
+        let counted: usize = report.quantized.values().sum();
+        assert_eq!(counted, blocks + usize::from(tied), "{what}");
+        let dense_report = liger_converter::inspect(Path::new(&dense)).unwrap();
+        assert_eq!(report.parameters, dense_report.parameters, "{what}");
+        assert!(
+            report.weight_bytes < dense_report.weight_bytes / 2,
+            "{what}"
+        );
+        assert!(render_table(&report).contains("quantized: "), "{what}");
+
+        // Blocks are never converted or quantized again: that would dequantize silently.
+        let again = path("again");
+        for args in [
+            vec![
+                "quantize", "--model", &quant, "--out", &again, "--format", "q8_0",
+            ],
+            vec!["convert", "--from", &quant, "--out", &again],
+        ] {
+            run_err(&args, &["block-quantized", "dense model"]);
+            assert!(!Path::new(&again).exists());
+        }
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use common::*;
 use liger_converter::recover::StageChoice;
 use liger_converter::{EvalOptions, Progress, RecoverOptions};
+use liger_model::layers::Quantization;
 use liger_model::lora;
 use liger_model::testing::{Family, TinyCheckpoint};
 use liger_model::LigerConfig;
@@ -242,6 +243,45 @@ fn merged_output_computes_base_plus_adapter() {
         .fold(0f32, f32::max);
     assert!(diff < 1e-5, "apply-adapter vs merged: {diff}");
     assert!(applied.join("tokenizer.json").is_file());
+
+    // --quantize stores the merged projections as blocks: exactly what quantizing the dense
+    // merge at load time gives. A quantized base takes no merge.
+    let applied_q = r.join("applied-q8");
+    let adapter_dir = r.join("adapter");
+    let apply = |model: &Path, out: &Path| {
+        vec![
+            "apply-adapter".to_owned(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--adapter".into(),
+            adapter_dir.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--quantize".into(),
+            "q8_0".into(),
+        ]
+    };
+    let printed = run_ok(
+        &apply(&o.student, &applied_q)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(printed.contains("with q8_0 projections"), "{printed}");
+    let mut at_load = load(&applied, DType::F32);
+    at_load.quantize(Quantization::Q8_0).unwrap();
+    let quantized = load(&applied_q, DType::F32);
+    assert!(quantized.is_quantized());
+    assert_eq!(logits(&quantized, &toks), logits(&at_load, &toks));
+    let refused = r.join("refused");
+    run_err(
+        &apply(&applied_q, &refused)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &["quantized checkpoint", "dense model"],
+    );
+    assert!(!refused.exists());
 
     // eval --adapter on the base equals eval of the merged model.
     let mut e = EvalOptions::new(&merged_dir, data(r));

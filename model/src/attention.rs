@@ -19,6 +19,7 @@ use crate::config::{LayerKind, LigerConfig, ModelConfig};
 use crate::gla::{self, FeatureMaps};
 use crate::layers::{Linear, Rope};
 use crate::state::{KvCache, LayerState};
+use crate::weights::QuantizedTensors;
 use crate::{Error, Result};
 
 /// Settings of one Liger layer.
@@ -69,8 +70,14 @@ pub struct BatchContext<'a> {
 }
 
 impl Attention {
-    pub fn load(vb: VarBuilder, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &ModelConfig,
+        layer: usize,
+        quantized: &QuantizedTensors,
+    ) -> Result<Self> {
         let (h, hkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (hidden, qkv_bias, q) = (cfg.hidden_size, cfg.qkv_bias, quantized);
         let mixer = match cfg.layer_kind(layer) {
             LayerKind::Softmax { .. } => Mixer::Softmax,
             LayerKind::Liger => {
@@ -91,10 +98,10 @@ impl Attention {
             }
         };
         Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), cfg.hidden_size, h * d, cfg.qkv_bias)?,
-            k_proj: Linear::load(vb.pp("k_proj"), cfg.hidden_size, hkv * d, cfg.qkv_bias)?,
-            v_proj: Linear::load(vb.pp("v_proj"), cfg.hidden_size, hkv * d, cfg.qkv_bias)?,
-            o_proj: Linear::load(vb.pp("o_proj"), h * d, cfg.hidden_size, cfg.o_bias)?,
+            q_proj: Linear::load(vb.pp("q_proj"), (hidden, h * d), qkv_bias, q)?,
+            k_proj: Linear::load(vb.pp("k_proj"), (hidden, hkv * d), qkv_bias, q)?,
+            v_proj: Linear::load(vb.pp("v_proj"), (hidden, hkv * d), qkv_bias, q)?,
+            o_proj: Linear::load(vb.pp("o_proj"), (h * d, hidden), cfg.o_bias, q)?,
             mixer,
             num_heads: h,
             num_kv_heads: hkv,

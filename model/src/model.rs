@@ -18,6 +18,7 @@ use crate::config::ModelConfig;
 use crate::layers::{Linear, LoraAdapter, Mlp, Quantization, RmsNorm, Rope};
 use crate::lora::{self, LoraConfig};
 use crate::state::{LayerState, SequenceState, StateSpec};
+use crate::weights::QuantizedTensors;
 use crate::{Error, Result};
 
 /// Knobs that change how, not what, the model computes.
@@ -94,16 +95,31 @@ pub struct Model {
 impl Model {
     /// Builds the model from weights under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
     pub fn new(cfg: ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load(cfg, vb, &QuantizedTensors::default())
+    }
+
+    /// [`Model::new`] for a checkpoint with block-quantized projections: those come from
+    /// `quantized`, everything else from `vb`. Every quantized tensor must be used.
+    pub fn load(cfg: ModelConfig, vb: VarBuilder, quantized: &QuantizedTensors) -> Result<Self> {
+        let q = quantized;
         let (dtype, device) = (vb.dtype(), vb.device().clone());
         let vm = vb.pp("model");
         let embed_w = vm
             .pp("embed_tokens")
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let embed = Embedding::new(embed_w.clone(), cfg.hidden_size);
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::from_weights(embed_w, None)
-        } else {
-            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        let head_dims = (cfg.vocab_size, cfg.hidden_size);
+        let lm_head = match q.take("lm_head.weight", head_dims)? {
+            // A quantized checkpoint of a tied model stores the head's blocks apart: the
+            // embedding lookup stays dense, the head's product reads 4-8 bit weights.
+            Some(blocks) => Linear::from_quantized(blocks, dtype)?,
+            None if cfg.tie_word_embeddings => Linear::from_weights(embed_w, None),
+            None => Linear::load(
+                vb.pp("lm_head"),
+                (cfg.hidden_size, cfg.vocab_size),
+                false,
+                q,
+            )?,
         };
         let layers = (0..cfg.num_layers)
             .map(|i| {
@@ -114,17 +130,23 @@ impl Model {
                         cfg.hidden_size,
                         cfg.rms_norm_eps,
                     )?,
-                    attn: Attention::load(vl.pp("self_attn"), &cfg, i)?,
+                    attn: Attention::load(vl.pp("self_attn"), &cfg, i, q)?,
                     post_norm: RmsNorm::load(
                         vl.pp("post_attention_layernorm"),
                         cfg.hidden_size,
                         cfg.rms_norm_eps,
                     )?,
-                    mlp: Mlp::load(vl.pp("mlp"), cfg.hidden_size, cfg.intermediate_size)?,
+                    mlp: Mlp::load(vl.pp("mlp"), cfg.hidden_size, cfg.intermediate_size, q)?,
                 })
             })
             .collect::<Result<_>>()?;
         let norm = RmsNorm::load(vm.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        if let Some(name) = q.unused().first() {
+            return Err(Error::tensor(
+                name,
+                "is stored quantized but is not a projection of this model",
+            ));
+        }
         let rope = Rope::new(&cfg, &device)?;
         let spec = StateSpec::new(&cfg, dtype, &device);
         Ok(Self {
@@ -504,6 +526,17 @@ impl Model {
             }
         }
         Ok(out)
+    }
+
+    /// Whether any projection holds GGML blocks (loaded so or quantized since): such a
+    /// model takes LoRA adapters only unmerged, and has no backward pass.
+    pub fn is_quantized(&self) -> bool {
+        self.lm_head.quantization().is_some()
+            || self.layers.iter().any(|l| {
+                lora::TARGETS
+                    .iter()
+                    .any(|(t, _)| l.projection(t).is_some_and(|p| p.quantization().is_some()))
+            })
     }
 
     /// Block-quantizes every projection and the LM head (embeddings stay dense: a lookup

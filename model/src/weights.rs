@@ -1,20 +1,191 @@
 //! Loading a Hugging Face model folder: `config.json` plus safetensors weights, either one
 //! `model.safetensors` or shards listed in `model.safetensors.index.json`. Files are
 //! memory-mapped and converted to the requested dtype and device as tensors are read.
+//!
+//! A *quantized* checkpoint is the same folder with some projection weights stored as GGML
+//! blocks (Q8_0, Q4K): each such tensor is a flat `U8` tensor under the usual name, and its
+//! file's safetensors metadata maps the name to its format and logical shape under
+//! [`QUANTIZED_KEY`] (a JSON string, since safetensors metadata values are strings):
+//! `{"model.layers.0.self_attn.q_proj.weight": {"format": "q4k", "shape": [576, 576]}}`.
+//! The blocks are GGML's byte layout, so they load with no conversion; a tied model also
+//! stores a quantized `lm_head.weight` so that its head product reads the small blocks.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
+use crate::layers::{format_name, parse_format};
+use crate::lora::TARGETS;
 use crate::model::Model;
 use crate::{Error, Result};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The safetensors metadata key listing a file's block-quantized tensors.
+pub const QUANTIZED_KEY: &str = "liger.quantized";
+
+/// One block-quantized tensor's entry under [`QUANTIZED_KEY`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantizedEntry {
+    /// `q8_0` or `q4k`.
+    pub format: String,
+    /// The logical shape `[out, in]`.
+    pub shape: Vec<usize>,
+}
+
+impl QuantizedEntry {
+    pub fn new(format: GgmlDType, shape: &[usize]) -> Result<Self> {
+        let name = format_name(format).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{format:?} is not a checkpoint quantization format"
+            ))
+        })?;
+        Ok(Self {
+            format: name.into(),
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Bytes of the blocks: `elements / block_size * type_size`.
+    pub fn byte_len(&self) -> Option<usize> {
+        let f = parse_format(&self.format)?;
+        let n: usize = self.shape.iter().product();
+        (n % f.block_size() == 0).then(|| n / f.block_size() * f.type_size())
+    }
+}
+
+/// Whether a checkpoint may store `name` block-quantized: the projections of every layer
+/// and the LM head. Embeddings and norms stay dense (a lookup reads one row per token;
+/// norms are tiny).
+pub fn is_quantizable(name: &str) -> bool {
+    if name == "lm_head.weight" {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return false;
+    };
+    let Some((layer, tail)) = rest.split_once('.') else {
+        return false;
+    };
+    layer.parse::<usize>().is_ok()
+        && TARGETS
+            .iter()
+            .any(|(t, block)| tail == format!("{block}.{t}.weight"))
+}
+
+/// The block-quantized tensors of a checkpoint by name, handed out once each to the
+/// layers that use them; whatever is left afterwards is a tensor the model does not know.
+#[derive(Debug, Default)]
+pub struct QuantizedTensors {
+    tensors: RefCell<HashMap<String, QTensor>>,
+}
+
+impl QuantizedTensors {
+    pub fn new(tensors: HashMap<String, QTensor>) -> Self {
+        Self {
+            tensors: RefCell::new(tensors),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.borrow().is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.borrow().len()
+    }
+
+    /// Removes and returns `name`, checked to have the logical shape `(out, in)`.
+    pub fn take(&self, name: &str, (out_dim, in_dim): (usize, usize)) -> Result<Option<QTensor>> {
+        let Some(t) = self.tensors.borrow_mut().remove(name) else {
+            return Ok(None);
+        };
+        if t.shape().dims() != [out_dim, in_dim] {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "is stored quantized as {:?}, the config implies [{out_dim}, {in_dim}]",
+                    t.shape().dims()
+                ),
+            ));
+        }
+        Ok(Some(t))
+    }
+
+    /// Names not taken yet, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.borrow().keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// The [`QUANTIZED_KEY`] entries of one safetensors file (empty for a dense file).
+pub fn quantized_entries(path: &Path) -> Result<BTreeMap<String, QuantizedEntry>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: read-only map, dropped before we return; only the header is read.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    entries_in(path, &mmap)
+}
+
+fn entries_in(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, QuantizedEntry>> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::weights(path, format!("not a valid safetensors file ({e})")))?;
+    let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(QUANTIZED_KEY)) else {
+        return Ok(BTreeMap::new());
+    };
+    serde_json::from_str(json)
+        .map_err(|e| Error::weights(path, format!("metadata `{QUANTIZED_KEY}` is invalid: {e}")))
+}
+
+/// Reads every block-quantized tensor of `files` onto `device`.
+pub fn read_quantized(files: &[PathBuf], device: &Device) -> Result<QuantizedTensors> {
+    let mut out = HashMap::new();
+    for path in files {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only map, dropped before we return; blocks are copied out of it.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let entries = entries_in(path, &mmap)?;
+        if entries.is_empty() {
+            continue;
+        }
+        let st = safetensors::SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::weights(path, format!("not a valid safetensors file ({e})")))?;
+        for (name, entry) in entries {
+            let bad = |reason: String| Error::weights(path, format!("tensor `{name}`: {reason}"));
+            let format = parse_format(&entry.format)
+                .ok_or_else(|| bad(format!("unknown quantization `{}`", entry.format)))?;
+            let expected = entry
+                .byte_len()
+                .filter(|_| entry.shape.len() == 2)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "shape {:?} does not fit {format:?} blocks",
+                        entry.shape
+                    ))
+                })?;
+            let view = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+            if view.dtype() != safetensors::Dtype::U8 || view.data().len() != expected {
+                return Err(bad(format!(
+                    "stored as {:?} with {} bytes, {format:?} {:?} needs {expected} bytes of U8",
+                    view.dtype(),
+                    view.data().len(),
+                    entry.shape
+                )));
+            }
+            let q = qtensor_from_ggml(format, view.data(), entry.shape.clone(), device)?;
+            out.insert(name, q);
+        }
+    }
+    Ok(QuantizedTensors::new(out))
+}
 
 /// The safetensors files of a model folder, checked to exist and to have readable headers.
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -56,9 +227,10 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
     let cfg = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
     let files = safetensors_files(dir)?;
+    let quantized = read_quantized(&files, device)?;
     // SAFETY: safetensors files are mapped read-only; every file was validated above.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
-    Model::new(cfg, vb).map_err(|e| match e {
+    Model::load(cfg, vb, &quantized).map_err(|e| match e {
         Error::Candle(c) => Error::weights(dir, format!("weights do not match config.json: {c}")),
         e => e,
     })

@@ -3,7 +3,9 @@
 
 use candle_core::DType;
 use liger_model::layers::Quantization;
-use liger_model::testing::{max_abs_diff, SplitMix, TinyCheckpoint, ALL_FAMILIES};
+use liger_model::testing::{
+    max_abs_diff, model_from_tensors, SplitMix, TinyCheckpoint, ALL_FAMILIES,
+};
 use liger_model::{LigerConfig, Logits, Model, SeqStep};
 
 fn tokens(seed: u64, n: usize) -> Vec<u32> {
@@ -97,4 +99,53 @@ fn q4k_falls_back_where_blocks_do_not_fit_and_adapters_must_be_merged_first() {
         .unwrap();
     let e = with_adapter.quantize(Quantization::Q8_0).unwrap_err();
     assert!(e.to_string().contains("merge"), "{e}");
+}
+
+/// A quantized checkpoint cannot absorb an adapter, so the server runs it unmerged beside
+/// the blocks: that must compute what a dense model holding the dequantized weights
+/// computes with the same adapter (exactly in a prefill, which multiplies by the
+/// dequantized weights; up to GGML's 8-bit activations in decode-sized steps), and differ
+/// from the quantized model without it.
+#[test]
+fn adapters_run_unmerged_on_quantized_weights() {
+    let ckpt = TinyCheckpoint::new(ALL_FAMILIES[1], 9).unwrap();
+    let mut q = ckpt.model(DType::F32).unwrap();
+    q.quantize(Quantization::Q8_0).unwrap();
+    let dequantized: std::collections::HashMap<_, _> =
+        q.named_weights().unwrap().into_iter().collect();
+    let cfg = liger_model::lora::LoraConfig::liger_default();
+    let mut dense_lora = model_from_tensors(
+        ckpt.model_config().unwrap(),
+        &dequantized,
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let vars = dense_lora.attach_lora(&cfg, 4).unwrap();
+    // attach_lora starts B at zero (no change); give every factor values.
+    let mut rng = SplitMix(17);
+    for (_, v) in &vars {
+        let vals: Vec<f32> = (0..v.elem_count()).map(|_| rng.normal() * 0.2).collect();
+        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), v.device()).unwrap())
+            .unwrap();
+    }
+    let tensors: std::collections::HashMap<_, _> = dense_lora.lora_tensors().into_iter().collect();
+    let mut q_lora = q.clone();
+    q_lora.apply_lora(&cfg, &tensors).unwrap();
+    assert!(
+        q_lora.merge_lora().is_err(),
+        "blocks cannot absorb the update"
+    );
+    for (n, tolerance) in [(40, 1e-4), (6, 0.05)] {
+        let t = tokens(3, n);
+        let (want, got, base) = (logits(&dense_lora, &t), logits(&q_lora, &t), logits(&q, &t));
+        let scale = max_abs_diff(&want, &want.zeros_like().unwrap());
+        let d = max_abs_diff(&want, &got);
+        assert!(d < tolerance * scale, "{n} tokens: {d} (scale {scale})");
+        let moved = max_abs_diff(&got, &base);
+        assert!(
+            moved > 0.05 * scale,
+            "{n} tokens: the adapter moved logits by {moved}"
+        );
+    }
 }

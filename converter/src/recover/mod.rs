@@ -48,7 +48,7 @@ use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
 use crate::adapter::{self, DeviceChoice};
-use crate::output::{self, PartialDir};
+use crate::output::{self, PartialDir, WeightFormat};
 use crate::progress::Progress;
 use crate::{Error, Result};
 use checkpoint::{first_difference, Checkpoints};
@@ -354,6 +354,16 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
     let spinner = progress.spinner("load");
     let teacher = liger_model::weights::load_model(&opts.teacher, DType::F32, &device)?;
     let mut student = liger_model::weights::load_model(&opts.student, DType::F32, &device)?;
+    if student.is_quantized() {
+        // GGML block products have no backward pass: no gradient would reach earlier layers.
+        return Err(Error::flag(
+            "--student",
+            format!(
+                "{} is a quantized checkpoint; recover the dense conversion (quantize after)",
+                opts.student.display()
+            ),
+        ));
+    }
     spinner.finish_and_clear();
     check_pair(&teacher, &student)?;
     student.set_options(RuntimeOptions {
@@ -718,12 +728,8 @@ fn write_result(
     } else {
         student.merge_lora()?;
         adapter::copy_config(&opts.student, &dir)?;
-        adapter::write_weights(
-            &dir,
-            &student,
-            adapter::folder_dtype(&opts.student)?,
-            progress,
-        )?;
+        let format = WeightFormat::dense(adapter::folder_dtype(&opts.student)?);
+        adapter::write_weights(&dir, &student, &format, progress)?;
         adapter::copy_side_files(&opts.student, &dir)?;
     }
     let record = json!({

@@ -6,6 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::weights::QuantizedTensors;
 use crate::{Error, Result};
 
 /// Weight formats a model can be quantized to after loading. Spelled `q8_0` and `q4k` on
@@ -46,6 +47,31 @@ impl Quantization {
             Quantization::Q4K => "q4k",
         }
     }
+
+    /// The GGML format a projection with input size `in_dim` gets: this one's, or Q8_0
+    /// where the input does not fill whole blocks of it (as llama.cpp does), or none (left
+    /// dense). One rule for quantizing at load time and for writing quantized checkpoints.
+    pub fn format_for(self, in_dim: usize) -> Option<GgmlDType> {
+        [self.ggml(), GgmlDType::Q8_0]
+            .into_iter()
+            .find(|f| in_dim % f.block_size() == 0)
+    }
+}
+
+/// The name of a GGML block format in checkpoints and logs (the formats this crate writes).
+pub fn format_name(f: GgmlDType) -> Option<&'static str> {
+    match f {
+        GgmlDType::Q8_0 => Some("q8_0"),
+        GgmlDType::Q4K => Some("q4k"),
+        _ => None,
+    }
+}
+
+/// The inverse of [`format_name`].
+pub fn parse_format(name: &str) -> Option<GgmlDType> {
+    [GgmlDType::Q8_0, GgmlDType::Q4K]
+        .into_iter()
+        .find(|&f| format_name(f) == Some(name))
 }
 
 /// A quantized layer given more rows than this (a prefill chunk) dequantizes its weight and
@@ -85,14 +111,44 @@ struct Quantized {
 }
 
 impl Linear {
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+    /// Loads `weight` (and `bias`) under `vb`'s prefix: the block-quantized weight from
+    /// `quantized` when the checkpoint stores one under that name, the dense one otherwise.
+    pub fn load(
+        vb: VarBuilder,
+        (in_dim, out_dim): (usize, usize),
+        bias: bool,
+        quantized: &QuantizedTensors,
+    ) -> Result<Self> {
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
+        let name = format!("{}.weight", vb.prefix());
+        if let Some(blocks) = quantized.take(&name, (out_dim, in_dim))? {
+            let mut lin = Self::from_quantized(blocks, vb.dtype())?;
+            lin.bias = bias;
+            return Ok(lin);
+        }
+        let weight = vb.get((out_dim, in_dim), "weight")?;
         Ok(Self::from_weights(weight, bias))
+    }
+
+    /// A layer over stored GGML blocks `[out, in]`; `dtype` is the model's activation dtype.
+    pub fn from_quantized(blocks: QTensor, dtype: DType) -> Result<Self> {
+        let (out_dim, in_dim) = blocks.shape().dims2()?;
+        let format = blocks.dtype();
+        let device = blocks.device();
+        Ok(Self {
+            weight: Tensor::zeros(0, dtype, &device)?,
+            bias: None,
+            lora: None,
+            quant: Some(Quantized {
+                matmul: QMatMul::from_qtensor(blocks)?,
+                format,
+                dims: (out_dim, in_dim),
+            }),
+        })
     }
 
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
@@ -122,20 +178,18 @@ impl Linear {
 
     /// Replaces the dense weight by its `q` blocks (or Q8_0 where the input size does not
     /// fit `q`'s blocks; left dense when it fits neither). Adapters must be merged first.
+    /// A layer that already holds blocks (a quantized checkpoint) keeps them.
     pub fn quantize(&mut self, q: Quantization) -> Result<()> {
+        if self.quant.is_some() {
+            return Ok(());
+        }
         if self.lora.is_some() {
             return Err(Error::Invalid(
                 "merge LoRA adapters before quantizing".into(),
             ));
         }
-        if self.quant.is_some() {
-            return Ok(());
-        }
         let (out_dim, in_dim) = self.dims();
-        let Some(format) = [q.ggml(), GgmlDType::Q8_0]
-            .into_iter()
-            .find(|f| in_dim % f.block_size() == 0)
-        else {
+        let Some(format) = q.format_for(in_dim) else {
             return Ok(());
         };
         let dense = self.weight.to_dtype(DType::F32)?;

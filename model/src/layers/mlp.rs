@@ -4,6 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::Linear;
+use crate::weights::QuantizedTensors;
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -14,11 +15,17 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(vb: VarBuilder, hidden: usize, intermediate: usize) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        quantized: &QuantizedTensors,
+    ) -> Result<Self> {
+        let q = quantized;
         Ok(Self {
-            gate: Linear::load(vb.pp("gate_proj"), hidden, intermediate, false)?,
-            up: Linear::load(vb.pp("up_proj"), hidden, intermediate, false)?,
-            down: Linear::load(vb.pp("down_proj"), intermediate, hidden, false)?,
+            gate: Linear::load(vb.pp("gate_proj"), (hidden, intermediate), false, q)?,
+            up: Linear::load(vb.pp("up_proj"), (hidden, intermediate), false, q)?,
+            down: Linear::load(vb.pp("down_proj"), (intermediate, hidden), false, q)?,
         })
     }
 }

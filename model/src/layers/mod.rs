@@ -7,7 +7,7 @@ mod mlp;
 mod norm;
 mod rope;
 
-pub use linear::{Linear, LoraAdapter, Quantization};
+pub use linear::{format_name, parse_format, Linear, LoraAdapter, Quantization};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
 pub use rope::Rope;
