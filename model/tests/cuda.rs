@@ -12,8 +12,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use liger_model::config::{LigerConfig, Variant};
 use liger_model::lora::LoraConfig;
-use liger_model::testing::{model_from_tensors, Family, SplitMix, TinyCheckpoint, ALL_FAMILIES};
-use liger_model::{Logits, Model, ModelConfig, RuntimeOptions, SeqStep};
+use liger_model::testing::{
+    max_abs, model_from_tensors, state_after, step_batch, Family, SplitMix, TinyCheckpoint,
+    ALL_FAMILIES,
+};
+use liger_model::{Logits, Model, ModelConfig, RuntimeOptions};
 
 /// Largest absolute difference, wherever the two tensors live.
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -127,18 +130,9 @@ fn gpu_batched_step_matches_cpu() {
             let m = model_on(&ck, DType::F32, device);
             let mut states: Vec<_> = histories
                 .iter()
-                .map(|h| {
-                    let mut s = m.new_state().unwrap();
-                    m.forward(h, &mut s, Logits::Last).unwrap();
-                    s
-                })
+                .map(|h| state_after(&m, h).unwrap())
                 .collect();
-            let mut batch: Vec<SeqStep> = states
-                .iter_mut()
-                .zip(&steps)
-                .map(|(state, tokens)| SeqStep { tokens, state })
-                .collect();
-            m.forward_batch(&mut batch, Logits::All).unwrap()
+            step_batch(&m, &mut states, &steps).unwrap()
         };
         for (i, (a, b)) in run(&gpu).iter().zip(run(&Device::Cpu)).enumerate() {
             let d = max_abs_diff(a, &b);
@@ -184,7 +178,7 @@ fn gpu_lora_gradients_match_cpu() {
                 .collect()
         };
         for ((n, a), (_, b)) in grads(&gpu).iter().zip(grads(&Device::Cpu)) {
-            let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let scale = max_abs(&b);
             let d = max_abs_diff(a, &b);
             assert!(
                 d <= 1e-3 * scale.max(1e-3),
@@ -200,13 +194,7 @@ fn gpu_half_precision_tracks_f32() {
     let ck = checkpoint(Family::Llama, &structures()[1].1);
     let toks = SplitMix(19).tokens(20, 61);
     let f32_logits = forward_all(&model_on(&ck, DType::F32, &gpu), &toks);
-    let scale: f32 = f32_logits
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let scale = max_abs(&f32_logits);
     for (dtype, tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
         let d = max_abs_diff(
             &forward_all(&model_on(&ck, dtype, &gpu), &toks),
@@ -230,7 +218,7 @@ fn gpu_smollm2_matches_cpu() {
             forward_all(&m, &toks)
         };
         let (c, g) = (on(&Device::Cpu), on(&gpu));
-        let scale: f32 = c.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let scale = max_abs(&c);
         let d = max_abs_diff(&g, &c);
         assert!(
             d < 1e-3 * scale,

@@ -7,7 +7,9 @@
 
 use candle_core::{DType, Tensor};
 use liger_model::config::{LigerConfig, Variant};
-use liger_model::testing::{Family, SplitMix, TinyCheckpoint, ALL_FAMILIES};
+use liger_model::testing::{
+    max_abs, state_after, step_batch, Family, SplitMix, TinyCheckpoint, ALL_FAMILIES,
+};
 use liger_model::{Logits, Model, RuntimeOptions, SeqStep, SequenceState};
 
 const LEN: usize = 29;
@@ -114,29 +116,15 @@ fn batched_step_equals_one_at_a_time() {
             let mut solo_states: Vec<SequenceState> = Vec::new();
             let mut solo_logits = Vec::new();
             for (h, st) in histories.iter().zip(&steps) {
-                let mut s = m.new_state().unwrap();
-                if !h.is_empty() {
-                    m.forward(h, &mut s, Logits::Last).unwrap();
-                }
+                let mut s = state_after(&m, h).unwrap();
                 solo_logits.push(m.forward(st, &mut s, Logits::All).unwrap());
                 solo_states.push(s);
             }
             let mut states: Vec<SequenceState> = histories
                 .iter()
-                .map(|h| {
-                    let mut s = m.new_state().unwrap();
-                    if !h.is_empty() {
-                        m.forward(h, &mut s, Logits::Last).unwrap();
-                    }
-                    s
-                })
+                .map(|h| state_after(&m, h).unwrap())
                 .collect();
-            let mut batch: Vec<SeqStep> = states
-                .iter_mut()
-                .zip(&steps)
-                .map(|(state, tokens)| SeqStep { tokens, state })
-                .collect();
-            let out = m.forward_batch(&mut batch, Logits::All).unwrap();
+            let out = step_batch(&m, &mut states, &steps).unwrap();
             for (i, (a, b)) in out.iter().zip(&solo_logits).enumerate() {
                 let d = max_diff(a, b);
                 assert!(d < 1e-4, "{family:?}/{name} seq {i}: {d}");
@@ -352,13 +340,7 @@ fn half_precision_tracks_f32() {
         .with_liger(&liger(4));
     let toks = tokens(19, 20);
     let f32_logits = full_forward(&ck.model(DType::F32).unwrap(), &toks);
-    let scale: f32 = f32_logits
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let scale = max_abs(&f32_logits);
     // Relative to the largest logit: f16 keeps 11 mantissa bits, bf16 only 8.
     for (dtype, tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
         let d = max_diff(&full_forward(&ck.model(dtype).unwrap(), &toks), &f32_logits) / scale;

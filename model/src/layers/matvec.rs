@@ -259,14 +259,7 @@ mod tests {
             assert_eq!(applies(&x, &w), (MIN_ROWS..=MAX_ROWS).contains(&m));
             let fast = matvec(&x, &w).unwrap();
             let slow = x.matmul(&w.t().unwrap()).unwrap();
-            let d: f32 = (fast - slow)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = crate::testing::max_abs_diff(&fast, &slow);
             assert!(d < 1e-3, "{m}x{k}x{n}: {d}");
         }
     }

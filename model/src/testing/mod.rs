@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 pub mod fixture;
 
 use crate::config::{LigerConfig, ModelConfig};
-use crate::model::Model;
+use crate::model::{Logits, Model, SeqStep};
+use crate::state::SequenceState;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,37 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>())
         .expect("tensors of the same shape and dtype")
+}
+
+/// The largest absolute element of a tensor: the scale relative tolerances are taken of.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>())
+        .expect("a non-empty tensor")
+}
+
+/// A fresh state of `m` that has read `history` (nothing, when empty).
+pub fn state_after(m: &Model, history: &[u32]) -> Result<SequenceState> {
+    let mut s = m.new_state()?;
+    if !history.is_empty() {
+        m.forward(history, &mut s, Logits::Last)?;
+    }
+    Ok(s)
+}
+
+/// One batched step of `m`: `steps[i]` read by `states[i]`; all-position logits per
+/// sequence, as [`Model::forward_batch`] returns them.
+pub fn step_batch(
+    m: &Model,
+    states: &mut [SequenceState],
+    steps: &[Vec<u32>],
+) -> Result<Vec<Tensor>> {
+    let mut batch: Vec<SeqStep> = states
+        .iter_mut()
+        .zip(steps)
+        .map(|(state, tokens)| SeqStep { tokens, state })
+        .collect();
+    m.forward_batch(&mut batch, Logits::All)
 }
 
 /// How many files in `dir` end in `.ext` (snapshot folders, checkpoint folders).
