@@ -69,6 +69,7 @@ pub struct Args {
     pub device: Option<DeviceArg>,
     /// Quantize the projections and LM head after loading: q8_0 (near-lossless) or q4k
     /// (4-bit; q8_0 where a projection's input does not fit its blocks) [default: none].
+    /// A folder from `liger-convert quantize` is served quantized without this flag.
     #[arg(long, env = "LIGER_QUANTIZE", value_name = "FORMAT")]
     pub quantize: Option<Quantization>,
     /// Sequences decoding at once (state slots) [default: 16].
