@@ -363,9 +363,20 @@ fn quantized_checkpoints_equal_quantizing_at_load() {
             f,
             "--quiet",
         ]);
+        // Sharded, so that each shard's metadata lists its own blocks.
         let printed = run_ok(&[
-            "quantize", "--model", &dense, "--out", &requant, "--format", f,
+            "quantize",
+            "--model",
+            &dense,
+            "--out",
+            &requant,
+            "--format",
+            f,
+            "--max-shard-size",
+            "20KB",
         ]);
+        let shards = liger_model::weights::safetensors_files(Path::new(&requant)).unwrap();
+        assert!(shards.len() > 2, "{what}: {shards:?}");
         assert!(
             printed.contains(&format!("with {f} projections")),
             "{printed}"
@@ -402,13 +413,12 @@ fn quantized_checkpoints_equal_quantizing_at_load() {
         assert!(!want.is_quantized());
         want.quantize(format).unwrap();
         assert_eq!(loaded.fingerprint().unwrap(), want.fingerprint().unwrap());
+        let sharded = load(Path::new(&requant), DType::F32);
         for n in [40, 5] {
             let toks = tokens(n, 61, 8);
-            assert_eq!(
-                logits(&loaded, &toks),
-                logits(&want, &toks),
-                "{what}, {n} tokens"
-            );
+            let got = logits(&loaded, &toks);
+            assert_eq!(got, logits(&want, &toks), "{what}, {n} tokens");
+            assert_eq!(got, logits(&sharded, &toks), "{what}, {n} tokens, sharded");
         }
 
         let report = liger_converter::inspect(Path::new(&quant)).unwrap();

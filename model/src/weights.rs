@@ -53,11 +53,13 @@ impl QuantizedEntry {
         })
     }
 
-    /// Bytes of the blocks: `elements / block_size * type_size`.
+    /// Bytes of the blocks, `elements / block_size * type_size`; `None` for an unknown
+    /// format or rows that do not fill whole blocks (blocks never span two rows).
     pub fn byte_len(&self) -> Option<usize> {
         let f = parse_format(&self.format)?;
+        let row = *self.shape.last()?;
         let n: usize = self.shape.iter().product();
-        (n % f.block_size() == 0).then(|| n / f.block_size() * f.type_size())
+        (row % f.block_size() == 0).then(|| n / f.block_size() * f.type_size())
     }
 }
 
@@ -234,4 +236,77 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
         Error::Candle(c) => Error::weights(dir, format!("weights do not match config.json: {c}")),
         e => e,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    #[test]
+    fn only_projections_and_the_head_are_quantizable() {
+        for yes in [
+            "lm_head.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.12.mlp.down_proj.weight",
+        ] {
+            assert!(is_quantizable(yes), "{yes}");
+        }
+        for no in [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "model.layers.3.input_layernorm.weight",
+            "model.layers.3.self_attn.q_proj.bias",
+            "model.layers.x.mlp.up_proj.weight",
+            "model.layers.3.mlp.q_proj.weight",
+        ] {
+            assert!(!is_quantizable(no), "{no}");
+        }
+    }
+
+    /// A file whose metadata lists `name` as `entry`, stored as `bytes` of U8.
+    fn write(dir: &Path, entry: &str, bytes: usize) -> PathBuf {
+        let data = vec![0u8; bytes];
+        let view = TensorView::new(safetensors::Dtype::U8, vec![bytes], &data).unwrap();
+        let meta = HashMap::from([(
+            QUANTIZED_KEY.to_owned(),
+            format!("{{\"lm_head.weight\": {entry}}}"),
+        )]);
+        let path = dir.join("model.safetensors");
+        let file = safetensors::tensor::serialize([("lm_head.weight", view)], Some(meta)).unwrap();
+        std::fs::write(&path, file).unwrap();
+        path
+    }
+
+    #[test]
+    fn bad_quantized_entries_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 x 32 in Q8_0: 64 rows of one 34-byte block.
+        let good = r#"{"format": "q8_0", "shape": [64, 32]}"#;
+        let path = write(dir.path(), good, 64 * 34);
+        let q = read_quantized(&[path], &Device::Cpu).unwrap();
+        assert_eq!(q.len(), 1);
+        assert!(q.take("lm_head.weight", (32, 64)).is_err(), "shape checked");
+
+        for (entry, bytes, needle) in [
+            (good, 100, "needs 2176 bytes"),
+            (
+                r#"{"format": "q3", "shape": [64, 32]}"#,
+                64,
+                "unknown quantization `q3`",
+            ),
+            (
+                r#"{"format": "q8_0", "shape": [64, 33]}"#,
+                64,
+                "does not fit",
+            ),
+            (r#"{"format": "q8_0"}"#, 64, "is invalid"),
+        ] {
+            let path = write(dir.path(), entry, bytes);
+            let e = read_quantized(&[path], &Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle) && e.contains("model.safetensors"), "{e}");
+        }
+    }
 }
