@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     student.set_options(RuntimeOptions {
         chunk_size: chunk,
         differentiable: true,
+        ..Default::default()
     })?;
     let vars = student.attach_lora(&LoraConfig::liger_default(), 0)?;
     let vocab = teacher.config().vocab_size;

@@ -15,7 +15,8 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{LayerKind, LigerConfig, ModelConfig};
+use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
+use crate::decode::{Mix, Recurrent};
 use crate::gla::{self, FeatureMaps};
 use crate::layers::{Linear, Rope};
 use crate::state::{KvCache, LayerState};
@@ -162,6 +163,31 @@ impl Attention {
             Mixer::Liger(hy) => self.hybrid(hy, (&q, &k, &v), (&q_rot, &k_rot), ctx, states)?,
         };
         Ok(mixed.reshape((n_tok, h * d))?)
+    }
+
+    /// The mixer and the q, k, v, o projections as the fused decode step reads them; `None`
+    /// for mixers it does not cover (GSA).
+    pub(crate) fn decode_view(&self) -> Option<(Mix, [&Linear; 4])> {
+        let mix = match &self.mixer {
+            Mixer::Softmax => Mix::Softmax,
+            Mixer::Liger(hy)
+                if hy.recurrent_weight == 0.0 || hy.features.variant != Variant::Gsa =>
+            {
+                Mix::Liger {
+                    recurrent: Recurrent {
+                        variant: hy.features.variant,
+                        gate_normalizer: hy.features.gate_normalizer as f32,
+                    },
+                    window_weight: hy.window_weight as f32,
+                    recurrent_weight: hy.recurrent_weight as f32,
+                }
+            }
+            Mixer::Liger(_) => return None,
+        };
+        Some((
+            mix,
+            [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj],
+        ))
     }
 
     /// The projection called `name` (`q_proj`, `k_proj`, `v_proj`, `o_proj`).

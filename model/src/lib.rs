@@ -12,13 +12,15 @@
 //! - [`attention`]: softmax attention (full or windowed) and the Liger hybrid;
 //! - [`state`]: per-sequence state, kept outside the model, and its slot pool;
 //! - [`cache`]: snapshots of states keyed by consumed tokens (resume, not re-read);
-//! - [`model`]: the causal LM, its batched forward, and LoRA adapters ([`lora`]);
+//! - [`model`]: the causal LM, its batched forward, and LoRA adapters ([`lora`]); its
+//!   decode steps run fused on the CPU (`decode`, private);
 //! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded);
 //! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form.
 
 pub mod attention;
 pub mod cache;
 pub mod config;
+mod decode;
 pub mod error;
 pub mod gguf;
 pub mod gla;

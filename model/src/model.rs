@@ -15,6 +15,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use crate::attention::{Attention, BatchContext, Span};
 use crate::config::ModelConfig;
+use crate::decode;
 use crate::layers::{Linear, LoraAdapter, Mlp, Quantization, RmsNorm, Rope};
 use crate::lora::{self, LoraConfig};
 use crate::state::{LayerState, SequenceState, StateSpec};
@@ -28,6 +29,10 @@ pub struct RuntimeOptions {
     pub chunk_size: usize,
     /// Use only ops that have a backward pass (for training; slower).
     pub differentiable: bool,
+    /// Run decode steps (one token per sequence, up to 32 sequences) through the fused CPU
+    /// path when the model allows it (f32 weights, no GSA, no unmerged adapter). Off, they
+    /// take the general path, which is the fused one's reference.
+    pub fast_decode: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -35,6 +40,7 @@ impl Default for RuntimeOptions {
         Self {
             chunk_size: 16,
             differentiable: false,
+            fast_decode: true,
         }
     }
 }
@@ -282,6 +288,16 @@ impl Model {
             });
             ids.extend_from_slice(s.tokens);
             positions.extend((position..position + s.tokens.len()).map(|p| p as u32));
+        }
+        if self.options.fast_decode && !self.options.differentiable && self.device.is_cpu() {
+            if let Some(refs) = self.decode_refs()? {
+                if let Some(out) = decode::step(&refs, seqs, &positions)? {
+                    for s in seqs.iter_mut() {
+                        s.state.position += 1;
+                    }
+                    return Ok(out);
+                }
+            }
         }
         let ctx = self.batch_context(&spans, &positions)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
@@ -602,6 +618,33 @@ impl Model {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect())
+    }
+
+    /// The model as the fused decode step reads it; `None` when a layer's mixer is not
+    /// covered there.
+    fn decode_refs(&self) -> Result<Option<decode::ModelRefs<'_>>> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let Some((mix, attn)) = l.attn.decode_view() else {
+                return Ok(None);
+            };
+            layers.push(decode::LayerRefs {
+                input_norm: l.input_norm.weight(),
+                post_norm: l.post_norm.weight(),
+                attn,
+                mlp: l.mlp.projections(),
+                mix,
+            });
+        }
+        Ok(Some(decode::ModelRefs {
+            embed: self.embed.embeddings(),
+            norm: self.norm.weight(),
+            lm_head: &self.lm_head,
+            layers,
+            eps: self.norm.eps() as f32,
+            heads: (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim),
+            inv_freq: self.rope.inv_freq()?,
+        }))
     }
 
     fn norm_fwd(&self, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {

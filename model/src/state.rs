@@ -175,6 +175,17 @@ impl KvCache {
         Ok((k_all, v_all))
     }
 
+    /// The cached keys and values, `[hkv, len, d]` each (none while empty).
+    pub fn parts(&self) -> Option<(&Tensor, &Tensor)> {
+        self.kv.as_ref().map(|(k, v)| (k, v))
+    }
+
+    /// Replaces the cache's contents by keys and values computed elsewhere (the fused
+    /// decode step, which does [`extend`](Self::extend)'s append-and-trim itself).
+    pub(crate) fn set_parts(&mut self, kv: Option<(Tensor, Tensor)>) {
+        self.kv = kv;
+    }
+
     fn bytes(&self) -> usize {
         self.kv
             .as_ref()

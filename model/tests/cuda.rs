@@ -153,6 +153,7 @@ fn gpu_lora_gradients_match_cpu() {
             m.set_options(RuntimeOptions {
                 chunk_size: 4,
                 differentiable: true,
+                ..Default::default()
             })
             .unwrap();
             let vars = m.attach_lora(&LoraConfig::liger_default(), 1).unwrap();

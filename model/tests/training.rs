@@ -23,6 +23,7 @@ fn liger_model(family: Family) -> Model {
     m.set_options(RuntimeOptions {
         chunk_size: 4,
         differentiable: true,
+        ..Default::default()
     })
     .unwrap();
     m

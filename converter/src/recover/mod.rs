@@ -369,6 +369,7 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
     student.set_options(RuntimeOptions {
         chunk_size: TRAIN_CHUNK,
         differentiable: true,
+        ..Default::default()
     })?;
     let tokenizer = load_tokenizer(&opts.student, &opts.teacher)?;
     let template = ChatTemplate::from_folder(&opts.student)?;

@@ -171,6 +171,16 @@ impl Linear {
         }
     }
 
+    /// The dense f32 weight and bias when that is all the layer is (no blocks, no unmerged
+    /// adapter): what the fused decode step reads directly.
+    pub(crate) fn plain_f32(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        let plain = self.quant.is_none()
+            && self.lora.is_none()
+            && self.weight.dtype() == DType::F32
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+        plain.then_some((&self.weight, self.bias.as_ref()))
+    }
+
     /// The GGML format of a quantized layer.
     pub fn quantization(&self) -> Option<GgmlDType> {
         self.quant.as_ref().map(|q| q.format)

@@ -10,6 +10,8 @@
 //!
 //! `Linear` keeps the plain matmul as the reference; `tests::matches_matmul` holds them equal.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -22,6 +24,9 @@ pub const MAX_ROWS: usize = 32;
 /// Micro-tile: input rows x weight rows per register block.
 const MR: usize = 4;
 const NR: usize = 3;
+/// Weight rows per tile for a single input row: with one row the kernel is a pure weight
+/// stream, and more concurrent rows keep more loads in flight.
+const NR1: usize = 6;
 
 /// Output rows per parallel task: large enough to amortize scheduling, small enough to
 /// balance two to a few dozen threads on a 576-wide projection.
@@ -76,27 +81,7 @@ impl CustomOp2 for MatVec {
             .enumerate()
             .for_each(|(task, out)| {
                 let first = task * ROWS_PER_TASK;
-                let rows = out.len() / m;
-                let wt = &w[first * k..(first + rows) * k];
-                for j0 in (0..rows).step_by(NR) {
-                    let nr = NR.min(rows - j0);
-                    for i0 in (0..m).step_by(MR) {
-                        let mr = MR.min(m - i0);
-                        tile(
-                            Tile {
-                                x,
-                                m,
-                                k,
-                                w: wt,
-                                i0,
-                                j0,
-                                mr,
-                                nr,
-                            },
-                            out,
-                        );
-                    }
-                }
+                block(x, (m, k), w, first..first + out.len() / m, out);
             });
         let mut y = vec![0f32; m * n];
         for j in 0..n {
@@ -105,6 +90,40 @@ impl CustomOp2 for MatVec {
             }
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// `out[(j - rows.start) * m + i] = x[i, :] . w[j, :]` for the weight rows `rows`: the
+/// product of `x: [m, k]` with a band of `w: [n, k]`, transposed (`[rows, m]`). The unit of
+/// work [`MatVec`] and the fused decode step hand to each thread.
+pub(crate) fn block(
+    x: &[f32],
+    (m, k): (usize, usize),
+    w: &[f32],
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    let n = rows.len();
+    let w = &w[rows.start * k..rows.end * k];
+    let step = if m == 1 { NR1 } else { NR };
+    for j0 in (0..n).step_by(step) {
+        let nr = step.min(n - j0);
+        for i0 in (0..m).step_by(MR) {
+            let mr = MR.min(m - i0);
+            tile(
+                Tile {
+                    x,
+                    m,
+                    k,
+                    w,
+                    i0,
+                    j0,
+                    mr,
+                    nr,
+                },
+                out,
+            );
+        }
     }
 }
 
@@ -161,15 +180,18 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Tile, MR, NR};
+    use super::{Tile, MR, NR, NR1};
 
     /// Dispatches on the tile's shape so the full 4 x 3 tile (and each edge shape) gets a
     /// kernel whose accumulators are plain registers.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile(t: Tile, out: &mut [f32]) {
         assert!(t.x.len() >= (t.i0 + t.mr) * t.k && t.w.len() >= (t.j0 + t.nr) * t.k);
-        assert!(out.len() >= (t.j0 + t.nr) * t.m && t.mr <= MR && t.nr <= NR);
+        assert!(out.len() >= (t.j0 + t.nr) * t.m && t.mr <= MR && t.nr <= NR.max(NR1));
         match (t.mr, t.nr) {
+            (1, 6) => kernel::<1, 6>(t, out),
+            (1, 5) => kernel::<1, 5>(t, out),
+            (1, 4) => kernel::<1, 4>(t, out),
             (4, 3) => kernel::<4, 3>(t, out),
             (4, 2) => kernel::<4, 2>(t, out),
             (4, 1) => kernel::<4, 1>(t, out),

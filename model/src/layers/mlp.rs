@@ -31,7 +31,11 @@ impl Mlp {
 }
 
 impl Mlp {
-    /// The projection called `name` (`gate_proj`, `up_proj`, `down_proj`).
+    /// gate, up, down.
+    pub(crate) fn projections(&self) -> [&Linear; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
     /// The projection called `name` (`gate_proj`, `up_proj`, `down_proj`).
     pub fn projection(&self, name: &str) -> Option<&Linear> {
         match name {

@@ -37,6 +37,10 @@ impl RmsNorm {
         &self.weight
     }
 
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// The same math from elementary ops (which have gradients), in f32.
     pub fn forward_differentiable(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();

@@ -26,6 +26,11 @@ impl Rope {
     }
 
     /// `(cos, sin)`, each `[positions.len(), head_dim / 2]` in `dtype`.
+    /// The rotation frequencies, `[head_dim / 2]`: angle = position * frequency.
+    pub fn inv_freq(&self) -> Result<Vec<f32>> {
+        Ok(self.inv_freq.to_vec1::<f32>()?)
+    }
+
     pub fn cos_sin(&self, positions: &[u32], dtype: DType) -> Result<(Tensor, Tensor)> {
         let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
         let pos = Tensor::from_vec(pos, (positions.len(), 1), self.inv_freq.device())?;

@@ -45,6 +45,12 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .expect("a non-empty tensor")
 }
 
+/// Decode steps this process has run through the fused CPU path so far (monotonic; tests
+/// compare it before and after a step to know which path ran).
+pub fn fused_decode_steps() -> u64 {
+    crate::decode::steps_taken()
+}
+
 /// A fresh state of `m` that has read `history` (nothing, when empty).
 pub fn state_after(m: &Model, history: &[u32]) -> Result<SequenceState> {
     let mut s = m.new_state()?;

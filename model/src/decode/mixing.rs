@@ -1,0 +1,287 @@
+//! Token mixing for one decode token of one sequence and one KV head group, on plain slices:
+//! the same math as `attention.rs` and `gla` (LIGER.md §1), written per row so the fused
+//! step can run a (sequence, KV head) pair on whichever thread owns it.
+
+use crate::config::Variant;
+
+/// The Liger recurrent branch's settings for one layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recurrent {
+    pub variant: Variant,
+    pub gate_normalizer: f32,
+}
+
+/// How a layer mixes tokens, as the fused step needs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Mix {
+    /// Causal softmax attention over the layer's KV cache.
+    Softmax,
+    /// Liger: `window_weight * SWA + recurrent_weight * R` (R skipped when its weight is 0).
+    Liger {
+        recurrent: Recurrent,
+        window_weight: f32,
+        recurrent_weight: f32,
+    },
+}
+
+/// One KV head group's inputs: its `g` query heads and its key and value, all pre-RoPE, the
+/// group's cache rows (`[len, d]`, post-RoPE keys) and the token's RoPE table.
+pub(crate) struct GroupIn<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub cached_k: &'a [f32],
+    pub cached_v: &'a [f32],
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+/// Where the group's results go: `out` (`[g, d]`), the new cache rows (the last
+/// `new_k.len() / d` of cache-then-token) and, for Liger layers, the recurrent memory.
+pub(crate) struct GroupOut<'a> {
+    pub out: &'a mut [f32],
+    pub new_k: &'a mut [f32],
+    pub new_v: &'a mut [f32],
+}
+
+/// The recurrent memory of the group's KV head, before and after the token (`[d, d]`).
+pub(crate) struct Memory<'a> {
+    pub old: &'a [f32],
+    pub new: &'a mut [f32],
+}
+
+/// Per-thread working memory, reused across groups, layers and tokens.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    q_rot: Vec<f32>,
+    k_rot: Vec<f32>,
+    probs: Vec<f32>,
+    gate: Vec<f32>,
+    key: Vec<f32>,
+    q_feat: Vec<f32>,
+    o_rec: Vec<f32>,
+}
+
+/// `buf` resized to `n` (contents unspecified).
+fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    buf.resize(n, 0.0);
+    &mut buf[..n]
+}
+
+/// Mixes one group. `memory` is needed exactly when `mix` has a recurrent branch.
+pub(crate) fn mix_group(
+    mix: Mix,
+    d: usize,
+    (x, y): (GroupIn, GroupOut),
+    memory: Option<Memory>,
+    scratch: &mut Scratch,
+) {
+    let g = x.q.len() / d;
+    // Rotated queries and key, for the softmax/window branch.
+    let q_rot = sized(&mut scratch.q_rot, g * d);
+    for (qh, qr) in x.q.chunks(d).zip(q_rot.chunks_mut(d)) {
+        rope(qh, x.cos, x.sin, qr);
+    }
+    let k_rot = sized(&mut scratch.k_rot, d);
+    rope(x.k, x.cos, x.sin, k_rot);
+    attend(
+        q_rot,
+        (x.cached_k, k_rot),
+        (x.cached_v, x.v),
+        (d, &mut scratch.probs),
+        &mut *y.out,
+    );
+    keep_last(x.cached_k, k_rot, y.new_k);
+    keep_last(x.cached_v, x.v, y.new_v);
+    if let Mix::Liger {
+        recurrent,
+        window_weight,
+        recurrent_weight,
+    } = mix
+    {
+        for o in y.out.iter_mut() {
+            *o *= window_weight;
+        }
+        if recurrent_weight != 0.0 {
+            let memory = memory.expect("a Liger layer with a recurrent branch has a memory");
+            recurrent_step(recurrent, (x.q, x.k, x.v), d, memory, scratch);
+            for (o, r) in y.out.iter_mut().zip(&scratch.o_rec) {
+                *o += recurrent_weight * r;
+            }
+        }
+    }
+}
+
+/// Rotate-half RoPE of one head: `x = [x1, x2]` -> `[x1 cos - x2 sin, x1 sin + x2 cos]`.
+pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        out[i] = a * cos[i] - b * sin[i];
+        out[i + half] = a * sin[i] + b * cos[i];
+    }
+}
+
+/// Softmax attention of the group's queries over the cached keys followed by the token's
+/// own, scaled by `1/sqrt(d)`; writes `out: [g, d]`.
+fn attend(
+    q_rot: &[f32],
+    (cached_k, k): (&[f32], &[f32]),
+    (cached_v, v): (&[f32], &[f32]),
+    (d, probs): (usize, &mut Vec<f32>),
+    out: &mut [f32],
+) {
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let len = cached_k.len() / d + 1;
+    let key = |j: usize| -> &[f32] {
+        if j + 1 < len {
+            &cached_k[j * d..(j + 1) * d]
+        } else {
+            k
+        }
+    };
+    let value = |j: usize| -> &[f32] {
+        if j + 1 < len {
+            &cached_v[j * d..(j + 1) * d]
+        } else {
+            v
+        }
+    };
+    let p = sized(probs, len);
+    for (qh, o) in q_rot.chunks(d).zip(out.chunks_mut(d)) {
+        for (j, pj) in p.iter_mut().enumerate() {
+            *pj = scale * dot(qh, key(j));
+        }
+        softmax(p);
+        o.fill(0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            for (oi, vi) in o.iter_mut().zip(value(j)) {
+                *oi += pj * vi;
+            }
+        }
+    }
+}
+
+/// The last `dst.len()` values of `cached` followed by `new`.
+fn keep_last(cached: &[f32], new: &[f32], dst: &mut [f32]) {
+    let total = cached.len() + new.len();
+    let skip = total - dst.len();
+    if skip < cached.len() {
+        let from_cache = cached.len() - skip;
+        dst[..from_cache].copy_from_slice(&cached[skip..]);
+        dst[from_cache..].copy_from_slice(new);
+    } else {
+        dst.copy_from_slice(&new[skip - cached.len()..]);
+    }
+}
+
+/// One step of the gated recurrence on the group's KV head (`gla::step_reference`):
+/// feature maps of the raw q and k, `S' = diag(exp(g)) S + k'^T v`, `o = q' S'` per query
+/// head.
+fn recurrent_step(
+    r: Recurrent,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    d: usize,
+    memory: Memory,
+    scratch: &mut Scratch,
+) {
+    let gate = sized(&mut scratch.gate, d);
+    for (g, &x) in gate.iter_mut().zip(k) {
+        *g = log_sigmoid(x) / r.gate_normalizer;
+    }
+    let key = sized(&mut scratch.key, d);
+    match r.variant {
+        Variant::Hgrn2 => {
+            for (kf, g) in key.iter_mut().zip(gate.iter()) {
+                *kf = 1.0 - g.exp();
+            }
+        }
+        // GSA never reaches here (`super::applies` sends it to the general path).
+        Variant::Gla | Variant::Gsa => {
+            key.copy_from_slice(k);
+            softmax(key);
+        }
+    }
+    let qf = sized(&mut scratch.q_feat, q.len());
+    qf.copy_from_slice(q);
+    for qh in qf.chunks_mut(d) {
+        softmax(qh);
+    }
+    let out = sized(&mut scratch.o_rec, q.len());
+    out.fill(0.0);
+    for i in 0..d {
+        let decay = gate[i].exp();
+        let row_old = &memory.old[i * d..(i + 1) * d];
+        let row = &mut memory.new[i * d..(i + 1) * d];
+        for ((s, &old), &vj) in row.iter_mut().zip(row_old).zip(v) {
+            *s = old * decay + key[i] * vj;
+        }
+        for (qh, o) in qf.chunks(d).zip(out.chunks_mut(d)) {
+            let qi = qh[i];
+            for (acc, &s) in o.iter_mut().zip(row.iter()) {
+                *acc += qi * s;
+            }
+        }
+    }
+}
+
+/// `log(sigmoid(x))` as `gla::feature::log_sigmoid` computes it: `min(x, 0) - ln(1 + e^-|x|)`.
+fn log_sigmoid(x: f32) -> f32 {
+    x.min(0.0) - ((-x.abs()).exp() + 1.0).ln()
+}
+
+/// In-place softmax with the maximum subtracted first.
+pub(crate) fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * w` for each `w.len()`-wide row of `x` (candle's `rms_norm`).
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (row, o) in x.chunks(n).zip(out.chunks_mut(n)) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &wi) in o.iter_mut().zip(row).zip(w) {
+            *o = v * inv * wi;
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_last_trims_the_oldest_rows() {
+        let cached = [1.0, 2.0, 3.0];
+        let mut dst = [0.0; 2];
+        keep_last(&cached, &[4.0], &mut dst);
+        assert_eq!(dst, [3.0, 4.0]);
+        let mut dst = [0.0; 4];
+        keep_last(&cached, &[4.0], &mut dst);
+        assert_eq!(dst, [1.0, 2.0, 3.0, 4.0]);
+        let mut dst = [0.0; 1];
+        keep_last(&[], &[4.0], &mut dst);
+        assert_eq!(dst, [4.0]);
+    }
+
+    #[test]
+    fn log_sigmoid_is_stable() {
+        for x in [-100.0f32, -3.0, 0.0, 2.5, 100.0] {
+            let want = (1.0 / (1.0 + (-x as f64).exp())).ln();
+            assert!((log_sigmoid(x) as f64 - want).abs() < 1e-5, "{x}");
+        }
+    }
+}

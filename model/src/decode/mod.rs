@@ -1,0 +1,609 @@
+//! The fused decode step: one token for each of up to [`MAX_BATCH`] sequences through the
+//! whole model on plain f32 slices (CPU).
+//!
+//! The general path runs a decode token as ~60 candle ops per layer. Each allocates its
+//! output, and each parallel one (every matmul) hands its work to rayon and waits for it,
+//! so a batch-1 token of a 30-layer model pays some 300 thread wake-ups on top of reading
+//! the weights. Here the step's threads live for the whole token: per layer they split every
+//! projection by output rows (the weights are read once, straight from the tensors'
+//! storage), split the token mixing by (sequence, KV head), and meet at a spinning barrier
+//! between the five phases that depend on each other:
+//!
+//! ```text
+//! norm + q/k/v rows | mixing per (seq, kv head) | o rows (+= residual)
+//!   | norm + gate/up rows (silu * up) | down rows (+= residual)
+//! ```
+//!
+//! (Each thread computes the RMSNorm of the whole residual itself: cheaper than another
+//! barrier.) The general path stays the reference: with `RuntimeOptions::fast_decode` off
+//! it runs instead, and `tests/fused_decode.rs` holds the two equal, logits and states.
+//!
+//! Not covered (those steps take the general path): GSA layers, quantized or half-precision
+//! weights, unmerged adapters, gradients, other devices, and prefill.
+
+mod mixing;
+mod sync;
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+
+use mixing::{GroupIn, GroupOut, Memory, Scratch};
+pub(crate) use mixing::{Mix, Recurrent};
+use sync::{PanicGuard, Shared, SpinBarrier};
+
+use crate::layers::matvec;
+use crate::layers::Linear;
+use crate::model::SeqStep;
+use crate::state::LayerState;
+use crate::Result;
+
+/// Most sequences one fused step takes; larger batches are compute-bound and go to gemm.
+pub const MAX_BATCH: usize = matvec::MAX_ROWS;
+
+/// Weight rows per inner block of a projection: the block's outputs for the whole batch stay
+/// in L1 (`48 x 32` floats at most) and it is a multiple of the kernel's 3-row tile.
+const BAND: usize = 48;
+
+/// One decoder layer as the fused step reads it.
+pub(crate) struct LayerRefs<'m> {
+    pub input_norm: &'m Tensor,
+    pub post_norm: &'m Tensor,
+    /// q, k, v, o.
+    pub attn: [&'m Linear; 4],
+    /// gate, up, down.
+    pub mlp: [&'m Linear; 3],
+    pub mix: Mix,
+}
+
+/// The model as the fused step reads it (built by `Model::decode_refs`).
+pub(crate) struct ModelRefs<'m> {
+    pub embed: &'m Tensor,
+    pub norm: &'m Tensor,
+    pub lm_head: &'m Linear,
+    pub layers: Vec<LayerRefs<'m>>,
+    pub eps: f32,
+    /// Query heads, KV heads, head dim.
+    pub heads: (usize, usize, usize),
+    pub inv_freq: Vec<f32>,
+}
+
+/// Tensors the step reads, numbered; locked all at once into slices.
+#[derive(Default)]
+struct Inputs {
+    tensors: Vec<Tensor>,
+}
+
+impl Inputs {
+    /// Registers `t` (a contiguous f32 CPU tensor; `None` otherwise).
+    fn add(&mut self, t: &Tensor) -> Option<usize> {
+        if !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous() {
+            return None;
+        }
+        self.tensors.push(t.clone());
+        Some(self.tensors.len() - 1)
+    }
+
+    fn add_linear(&mut self, lin: &Linear) -> Option<Proj> {
+        let (w, b) = lin.plain_f32()?;
+        let (n, k) = w.dims2().ok()?;
+        Some(Proj {
+            w: self.add(w)?,
+            b: match b {
+                Some(b) => Some(self.add(b)?),
+                None => None,
+            },
+            n,
+            k,
+        })
+    }
+}
+
+/// A projection `[n, k]`: indices of its weight and bias in [`Inputs`].
+#[derive(Clone, Copy)]
+struct Proj {
+    w: usize,
+    b: Option<usize>,
+    n: usize,
+    k: usize,
+}
+
+struct LayerIx {
+    input_norm: usize,
+    post_norm: usize,
+    qkv: [Proj; 3],
+    o: Proj,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+    mix: Mix,
+}
+
+/// One sequence's state in one layer: its cache (indices of keys and values, rows), how
+/// many rows the cache keeps, and its recurrent memory when the layer has one.
+struct SeqLayerIx {
+    cached: Option<(usize, usize, usize)>,
+    keep: usize,
+    memory: Option<usize>,
+}
+
+/// What one new token produced in one layer of one sequence.
+struct SeqLayerOut {
+    new_k: Vec<f32>,
+    new_v: Vec<f32>,
+    memory: Option<Vec<f32>>,
+}
+
+/// Fused steps taken by this process (for tests that must know the fused path ran).
+static STEPS_TAKEN: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn steps_taken() -> u64 {
+    STEPS_TAKEN.load(Ordering::Relaxed)
+}
+
+/// Runs one decode token for every sequence of `seqs` (each `tokens.len() == 1`) when the
+/// model and states allow it. `positions[i]` is sequence `i`'s position. Returns `None`,
+/// touching nothing, when the step must take the general path. Does not advance positions.
+pub(crate) fn step(
+    refs: &ModelRefs,
+    seqs: &mut [SeqStep<'_>],
+    positions: &[u32],
+) -> Result<Option<Vec<Tensor>>> {
+    let nb = seqs.len();
+    if nb == 0 || nb > MAX_BATCH || seqs.iter().any(|s| s.tokens.len() != 1) {
+        return Ok(None);
+    }
+    let Some(plan) = Plan::new(refs, seqs) else {
+        return Ok(None);
+    };
+    let guards: Vec<_> = plan
+        .inputs
+        .tensors
+        .iter()
+        .map(|t| t.storage_and_layout())
+        .collect();
+    let slices: Option<Vec<&[f32]>> = guards
+        .iter()
+        .map(
+            |(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => Some(&data[a..b]),
+                _ => None,
+            },
+        )
+        .collect();
+    let Some(slices) = slices else {
+        return Ok(None);
+    };
+    let (logits, outs) = plan.run(refs, &slices, seqs, positions);
+    drop(slices);
+    drop(guards);
+    let (_, hkv, d) = refs.heads;
+    let out = plan.store((hkv, d), seqs, logits, outs)?;
+    STEPS_TAKEN.fetch_add(1, Ordering::Relaxed);
+    Ok(Some(out))
+}
+
+/// Everything a step needs, checked and numbered before any thread starts.
+struct Plan {
+    inputs: Inputs,
+    embed: usize,
+    norm: usize,
+    lm_head: Proj,
+    layers: Vec<LayerIx>,
+    /// `[layer][seq]`
+    states: Vec<Vec<SeqLayerIx>>,
+    hidden: usize,
+    intermediate: usize,
+}
+
+impl Plan {
+    fn new(refs: &ModelRefs, seqs: &[SeqStep<'_>]) -> Option<Self> {
+        let mut inputs = Inputs::default();
+        let (h, hkv, d) = refs.heads;
+        let embed = inputs.add(refs.embed)?;
+        let (_, hidden) = refs.embed.dims2().ok()?;
+        let norm = inputs.add(refs.norm)?;
+        let lm_head = inputs.add_linear(refs.lm_head)?;
+        let mut layers = Vec::with_capacity(refs.layers.len());
+        for l in &refs.layers {
+            let [q, k, v, o] = l.attn.map(|p| inputs.add_linear(p));
+            let [gate, up, down] = l.mlp.map(|p| inputs.add_linear(p));
+            layers.push(LayerIx {
+                input_norm: inputs.add(l.input_norm)?,
+                post_norm: inputs.add(l.post_norm)?,
+                qkv: [q?, k?, v?],
+                o: o?,
+                gate: gate?,
+                up: up?,
+                down: down?,
+                mix: l.mix,
+            });
+        }
+        let shapes_fit = layers.iter().all(|l| {
+            let [q, k, v] = l.qkv;
+            q.n == h * d
+                && k.n == hkv * d
+                && v.n == hkv * d
+                && [q.k, k.k, v.k, l.gate.k, l.up.k, l.o.n, l.down.n]
+                    .iter()
+                    .all(|&x| x == hidden)
+                && l.o.k == h * d
+                && l.gate.n == l.up.n
+                && l.down.k == l.gate.n
+        }) && lm_head.k == hidden;
+        if !shapes_fit || layers.is_empty() {
+            return None;
+        }
+        let intermediate = layers[0].gate.n;
+        let mut states = Vec::with_capacity(layers.len());
+        for (li, layer) in layers.iter().enumerate() {
+            let mut per_seq = Vec::with_capacity(seqs.len());
+            for s in seqs {
+                let (cache, memory) = match (&s.state.layers.get(li)?, layer.mix) {
+                    (LayerState::Softmax(cache), Mix::Softmax) => (cache, None),
+                    (
+                        LayerState::Liger { window, recurrent },
+                        Mix::Liger {
+                            recurrent_weight, ..
+                        },
+                    ) => {
+                        let memory = if recurrent_weight == 0.0 {
+                            None
+                        } else {
+                            if recurrent.dims() != [1, hkv, d, d] {
+                                return None;
+                            }
+                            Some(inputs.add(recurrent)?)
+                        };
+                        (window, memory)
+                    }
+                    _ => return None,
+                };
+                let cached = match cache.parts() {
+                    None => None,
+                    Some((k, v)) => {
+                        let (kh, len, kd) = k.dims3().ok()?;
+                        if (kh, kd) != (hkv, d) || v.dims() != k.dims() {
+                            return None;
+                        }
+                        Some((inputs.add(k)?, inputs.add(v)?, len))
+                    }
+                };
+                let total = cached.map_or(0, |c| c.2) + 1;
+                per_seq.push(SeqLayerIx {
+                    cached,
+                    keep: cache.capacity().map_or(total, |c| total.min(c)),
+                    memory,
+                });
+            }
+            states.push(per_seq);
+        }
+        Some(Self {
+            inputs,
+            embed,
+            norm,
+            lm_head,
+            layers,
+            states,
+            hidden,
+            intermediate,
+        })
+    }
+
+    /// Runs the step on the locked `slices`. Returns the logits `[seqs, vocab]` and, per
+    /// layer and sequence, the new state parts.
+    fn run(
+        &self,
+        refs: &ModelRefs,
+        slices: &[&[f32]],
+        seqs: &[SeqStep<'_>],
+        positions: &[u32],
+    ) -> (Vec<f32>, Vec<Vec<SeqLayerOut>>) {
+        let nb = seqs.len();
+        let (h, hkv, d) = refs.heads;
+        let mut x = vec![0f32; nb * self.hidden];
+        let table = slices[self.embed];
+        for (row, s) in x.chunks_mut(self.hidden).zip(seqs) {
+            let t = s.tokens[0] as usize;
+            row.copy_from_slice(&table[t * self.hidden..(t + 1) * self.hidden]);
+        }
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = positions
+            .iter()
+            .map(|&p| {
+                let angles = refs.inv_freq.iter().map(|f| p as f32 * f);
+                (
+                    angles.clone().map(f32::cos).collect(),
+                    angles.map(f32::sin).collect(),
+                )
+            })
+            .collect();
+        let mut outs: Vec<Vec<SeqLayerOut>> = self
+            .states
+            .iter()
+            .map(|per_seq| {
+                per_seq
+                    .iter()
+                    .map(|s| SeqLayerOut {
+                        new_k: vec![0f32; hkv * s.keep * d],
+                        new_v: vec![0f32; hkv * s.keep * d],
+                        memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut q = vec![0f32; nb * h * d];
+        let mut k = vec![0f32; nb * hkv * d];
+        let mut v = vec![0f32; nb * hkv * d];
+        let mut mixed = vec![0f32; nb * h * d];
+        let mut act = vec![0f32; nb * self.intermediate];
+        let mut logits = vec![0f32; nb * self.lm_head.n];
+        let threads = rayon::current_num_threads().max(1);
+        let new_state: Vec<Vec<[Shared; 3]>> = outs
+            .iter_mut()
+            .map(|per_seq| {
+                per_seq
+                    .iter_mut()
+                    .map(|o| {
+                        let memory = o.memory.as_deref_mut().unwrap_or(&mut []);
+                        [
+                            Shared::new(&mut o.new_k),
+                            Shared::new(&mut o.new_v),
+                            Shared::new(memory),
+                        ]
+                    })
+                    .collect()
+            })
+            .collect();
+        let step = Step {
+            plan: self,
+            slices,
+            nb,
+            heads: refs.heads,
+            eps: refs.eps,
+            rope: &rope,
+            x: Shared::new(&mut x),
+            qkv: [
+                Shared::new(&mut q),
+                Shared::new(&mut k),
+                Shared::new(&mut v),
+            ],
+            mixed: Shared::new(&mut mixed),
+            act: Shared::new(&mut act),
+            logits: Shared::new(&mut logits),
+            new_state,
+            threads,
+            barrier: SpinBarrier::new(threads),
+        };
+        std::thread::scope(|scope| {
+            for t in 1..threads {
+                let step = &step;
+                scope.spawn(move || step.worker(t));
+            }
+            step.worker(0);
+        });
+        drop(step);
+        (logits, outs)
+    }
+
+    /// Writes the new state parts into the sequences' states and splits the logits.
+    fn store(
+        &self,
+        (hkv, d): (usize, usize),
+        seqs: &mut [SeqStep<'_>],
+        logits: Vec<f32>,
+        outs: Vec<Vec<SeqLayerOut>>,
+    ) -> Result<Vec<Tensor>> {
+        let device = candle_core::Device::Cpu;
+        for (li, per_seq) in outs.into_iter().enumerate() {
+            for (si, (out, seq)) in per_seq.into_iter().zip(seqs.iter_mut()).enumerate() {
+                let keep = self.states[li][si].keep;
+                let kv = if keep == 0 {
+                    None
+                } else {
+                    let shape = (hkv, keep, d);
+                    Some((
+                        Tensor::from_vec(out.new_k, shape, &device)?,
+                        Tensor::from_vec(out.new_v, shape, &device)?,
+                    ))
+                };
+                match &mut seq.state.layers[li] {
+                    LayerState::Softmax(cache) => cache.set_parts(kv),
+                    LayerState::Liger { window, recurrent } => {
+                        window.set_parts(kv);
+                        if let Some(memory) = out.memory {
+                            *recurrent = Tensor::from_vec(memory, (1, hkv, d, d), &device)?;
+                        }
+                    }
+                }
+            }
+        }
+        let logits = Tensor::from_vec(logits, (seqs.len(), self.lm_head.n), &device)?;
+        (0..seqs.len())
+            .map(|i| Ok(logits.narrow(0, i, 1)?))
+            .collect()
+    }
+}
+
+/// The shared context of one step's threads.
+struct Step<'a> {
+    plan: &'a Plan,
+    slices: &'a [&'a [f32]],
+    nb: usize,
+    heads: (usize, usize, usize),
+    eps: f32,
+    /// cos and sin per sequence.
+    rope: &'a [(Vec<f32>, Vec<f32>)],
+    /// The residual stream `[nb, hidden]`.
+    x: Shared<'a>,
+    /// Raw q `[nb, h*d]`, k and v `[nb, hkv*d]`.
+    qkv: [Shared<'a>; 3],
+    mixed: Shared<'a>,
+    act: Shared<'a>,
+    logits: Shared<'a>,
+    /// `[layer][seq]`: new keys, values, recurrent memory.
+    new_state: Vec<Vec<[Shared<'a>; 3]>>,
+    threads: usize,
+    barrier: SpinBarrier,
+}
+
+/// What a projection does with its output rows.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    /// `out = xW^T + b`
+    Store(&'a Shared<'a>),
+    /// `out += xW^T + b` (the residual add).
+    Accumulate(&'a Shared<'a>),
+}
+
+/// Thread `t`'s share of `n` items.
+fn share(t: usize, threads: usize, n: usize) -> Range<usize> {
+    n * t / threads..n * (t + 1) / threads
+}
+
+impl Step<'_> {
+    fn worker(&self, t: usize) {
+        let _poison_on_panic = PanicGuard(&self.barrier);
+        let plan = self.plan;
+        let (nb, hidden) = (self.nb, plan.hidden);
+        let mut xn = vec![0f32; nb * hidden];
+        let mut band = Vec::new();
+        let mut band2 = Vec::new();
+        let mut scratch = Scratch::default();
+        for (li, layer) in plan.layers.iter().enumerate() {
+            // SAFETY (every `read`/`part` below): the phases are separated by barriers; in
+            // each, a buffer is either only read, or written in parts owned by one thread
+            // (rows `share(t, ..)` of a projection, or the (seq, kv head) units of thread t).
+            let x = unsafe { self.x.read() };
+            mixing::rms_norm(x, self.slices[layer.input_norm], self.eps, &mut xn);
+            for (p, out) in layer.qkv.iter().zip(&self.qkv) {
+                self.project(*p, &xn, t, Epilogue::Store(out), &mut band);
+            }
+            self.barrier.wait();
+            self.mix_layer(li, t, &mut scratch);
+            self.barrier.wait();
+            let mixed = unsafe { self.mixed.read() };
+            self.project(layer.o, mixed, t, Epilogue::Accumulate(&self.x), &mut band);
+            self.barrier.wait();
+            let x = unsafe { self.x.read() };
+            mixing::rms_norm(x, self.slices[layer.post_norm], self.eps, &mut xn);
+            self.gate_up(layer, &xn, t, (&mut band, &mut band2));
+            self.barrier.wait();
+            let act = unsafe { self.act.read() };
+            self.project(layer.down, act, t, Epilogue::Accumulate(&self.x), &mut band);
+            self.barrier.wait();
+        }
+        let x = unsafe { self.x.read() };
+        mixing::rms_norm(x, self.slices[plan.norm], self.eps, &mut xn);
+        self.project(
+            plan.lm_head,
+            &xn,
+            t,
+            Epilogue::Store(&self.logits),
+            &mut band,
+        );
+    }
+
+    /// Thread `t`'s rows of `input [nb, p.k] @ W^T (+ b)`, written per `epilogue` into an
+    /// `[nb, p.n]` buffer.
+    fn project(&self, p: Proj, input: &[f32], t: usize, epilogue: Epilogue, band: &mut Vec<f32>) {
+        let nb = self.nb;
+        let (w, bias) = (self.slices[p.w], p.b.map(|b| self.slices[b]));
+        let rows = share(t, self.threads, p.n);
+        band.resize(BAND * nb, 0.0);
+        for start in rows.clone().step_by(BAND) {
+            let sub = start..(start + BAND).min(rows.end);
+            matvec::block(input, (nb, p.k), w, sub.clone(), band);
+            for i in 0..nb {
+                let (out, add) = match epilogue {
+                    Epilogue::Store(o) => (o, false),
+                    Epilogue::Accumulate(o) => (o, true),
+                };
+                let dst = unsafe { out.part(i * p.n + sub.start..i * p.n + sub.end) };
+                for (jj, y) in dst.iter_mut().enumerate() {
+                    let mut val = band[jj * nb + i];
+                    if let Some(b) = bias {
+                        val += b[sub.start + jj];
+                    }
+                    *y = if add { *y + val } else { val };
+                }
+            }
+        }
+    }
+
+    /// Thread `t`'s rows of `silu(x G^T) * (x U^T)` into `act`.
+    fn gate_up(
+        &self,
+        layer: &LayerIx,
+        xn: &[f32],
+        t: usize,
+        bands: (&mut Vec<f32>, &mut Vec<f32>),
+    ) {
+        let nb = self.nb;
+        let (g, u) = (layer.gate, layer.up);
+        let (gw, uw) = (self.slices[g.w], self.slices[u.w]);
+        let (gb, ub) = (g.b.map(|b| self.slices[b]), u.b.map(|b| self.slices[b]));
+        let (band_g, band_u) = bands;
+        band_g.resize(BAND * nb, 0.0);
+        band_u.resize(BAND * nb, 0.0);
+        let rows = share(t, self.threads, g.n);
+        for start in rows.clone().step_by(BAND) {
+            let sub = start..(start + BAND).min(rows.end);
+            matvec::block(xn, (nb, g.k), gw, sub.clone(), band_g);
+            matvec::block(xn, (nb, u.k), uw, sub.clone(), band_u);
+            for i in 0..nb {
+                let dst = unsafe { self.act.part(i * g.n + sub.start..i * g.n + sub.end) };
+                for (jj, y) in dst.iter_mut().enumerate() {
+                    let j = sub.start + jj;
+                    let gv = band_g[jj * nb + i] + gb.map_or(0.0, |b| b[j]);
+                    let uv = band_u[jj * nb + i] + ub.map_or(0.0, |b| b[j]);
+                    *y = gv / (1.0 + (-gv).exp()) * uv;
+                }
+            }
+        }
+    }
+
+    /// Thread `t`'s (sequence, KV head) units of layer `li`'s token mixing.
+    fn mix_layer(&self, li: usize, t: usize, scratch: &mut Scratch) {
+        let (h, hkv, d) = self.heads;
+        let g = h / hkv;
+        let layer = &self.plan.layers[li];
+        let (q, k, v) = unsafe { (self.qkv[0].read(), self.qkv[1].read(), self.qkv[2].read()) };
+        for unit in share(t, self.threads, self.nb * hkv) {
+            let (s, kvh) = (unit / hkv, unit % hkv);
+            let state = &self.plan.states[li][s];
+            let (cached_k, cached_v) = match state.cached {
+                Some((ki, vi, len)) => (
+                    &self.slices[ki][kvh * len * d..(kvh + 1) * len * d],
+                    &self.slices[vi][kvh * len * d..(kvh + 1) * len * d],
+                ),
+                None => (&[][..], &[][..]),
+            };
+            let (cos, sin) = &self.rope[s];
+            let input = GroupIn {
+                q: &q[s * h * d + kvh * g * d..][..g * d],
+                k: &k[s * hkv * d + kvh * d..][..d],
+                v: &v[s * hkv * d + kvh * d..][..d],
+                cached_k,
+                cached_v,
+                cos,
+                sin,
+            };
+            let [new_k, new_v, memory] = &self.new_state[li][s];
+            let rows = state.keep * d;
+            let out = GroupOut {
+                out: unsafe {
+                    self.mixed
+                        .part(s * h * d + kvh * g * d..s * h * d + (kvh + 1) * g * d)
+                },
+                new_k: unsafe { new_k.part(kvh * rows..(kvh + 1) * rows) },
+                new_v: unsafe { new_v.part(kvh * rows..(kvh + 1) * rows) },
+            };
+            let memory = state.memory.map(|mi| Memory {
+                old: &self.slices[mi][kvh * d * d..(kvh + 1) * d * d],
+                new: unsafe { memory.part(kvh * d * d..(kvh + 1) * d * d) },
+            });
+            mixing::mix_group(layer.mix, d, (input, out), memory, scratch);
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The fused CPU decode step against the general path, its reference: for every family and
+//! every mixer it covers, a batch of decode steps gives the same logits and leaves the same
+//! states (window caches trimmed alike, recurrent memories equal), for one sequence (the
+//! single-row kernel) and for many, across window boundaries. Steps it does not cover
+//! (GSA, half precision, batches over 32) must go to the general path.
+//!
+//! One test function: the fused-step counter is process-wide, and tests of one binary run
+//! in parallel.
+
+use candle_core::{DType, Tensor};
+use liger_model::config::{LigerConfig, Variant};
+use liger_model::state::LayerState;
+use liger_model::testing::{
+    fused_decode_steps, max_abs, max_abs_diff, state_after, step_batch, SplitMix, TinyCheckpoint,
+    ALL_FAMILIES,
+};
+use liger_model::{Model, RuntimeOptions, SequenceState};
+
+fn liger(window: usize) -> LigerConfig {
+    LigerConfig {
+        window,
+        ..Default::default()
+    }
+}
+
+/// (name, settings, whether the fused step covers it)
+fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
+    vec![
+        ("transformer", None, true),
+        ("gla", Some(liger(4)), true),
+        (
+            "hgrn2",
+            Some(LigerConfig {
+                variant: Variant::Hgrn2,
+                gate_normalizer: 1.0,
+                ..liger(5)
+            }),
+            true,
+        ),
+        (
+            "window-only",
+            Some(LigerConfig {
+                window_weight: 1.0,
+                recurrent_weight: 0.0,
+                ..liger(3)
+            }),
+            true,
+        ),
+        (
+            "gla+full1",
+            Some(LigerConfig {
+                full_attention_layers: vec![1],
+                ..liger(3)
+            }),
+            true,
+        ),
+        (
+            "gsa",
+            Some(LigerConfig {
+                variant: Variant::Gsa,
+                slots: Some(4),
+                ..liger(4)
+            }),
+            false,
+        ),
+    ]
+}
+
+fn with_fused(m: &Model, fast_decode: bool) -> Model {
+    let mut m = m.clone();
+    m.set_options(RuntimeOptions {
+        fast_decode,
+        ..m.options()
+    })
+    .unwrap();
+    m
+}
+
+fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
+    assert_eq!(a.position(), b.position(), "{what}");
+    let close = |x: &Tensor, y: &Tensor, part: &str| {
+        assert_eq!(x.dims(), y.dims(), "{what}: {part} shape");
+        if y.elem_count() == 0 {
+            return; // window-only layers keep no recurrent memory
+        }
+        let d = max_abs_diff(x, y);
+        assert!(
+            d <= 1e-5 * max_abs(y).max(1.0),
+            "{what}: {part} differs by {d}"
+        );
+    };
+    for (l, (x, y)) in a.layers().iter().zip(b.layers()).enumerate() {
+        let caches = match (x, y) {
+            (LayerState::Softmax(cx), LayerState::Softmax(cy)) => (cx, cy),
+            (
+                LayerState::Liger {
+                    window: cx,
+                    recurrent: rx,
+                },
+                LayerState::Liger {
+                    window: cy,
+                    recurrent: ry,
+                },
+            ) => {
+                close(rx, ry, &format!("layer {l} recurrent memory"));
+                (cx, cy)
+            }
+            _ => panic!("{what}: layer {l} kinds differ"),
+        };
+        assert_eq!(
+            caches.0.len(),
+            caches.1.len(),
+            "{what}: layer {l} cache length"
+        );
+        if let (Some((kx, vx)), Some((ky, vy))) = (caches.0.parts(), caches.1.parts()) {
+            close(kx, ky, &format!("layer {l} keys"));
+            close(vx, vy, &format!("layer {l} values"));
+        }
+    }
+}
+
+/// Steps `histories.len()` sequences three times with both models; checks equality and
+/// whether the fused path ran.
+fn check(fused: &Model, reference: &Model, histories: &[Vec<u32>], covered: bool, what: &str) {
+    let mut rng = SplitMix(histories.len() as u64);
+    let mut sf: Vec<SequenceState> = histories
+        .iter()
+        .map(|h| state_after(fused, h).unwrap())
+        .collect();
+    let mut sr: Vec<SequenceState> = histories
+        .iter()
+        .map(|h| state_after(reference, h).unwrap())
+        .collect();
+    for step in 0..3 {
+        let toks: Vec<Vec<u32>> = histories.iter().map(|_| rng.tokens(1, 61)).collect();
+        let before = fused_decode_steps();
+        let out_f = step_batch(fused, &mut sf, &toks).unwrap();
+        let ran = fused_decode_steps() - before;
+        assert_eq!(
+            ran,
+            u64::from(covered),
+            "{what} step {step}: fused steps taken"
+        );
+        let before = fused_decode_steps();
+        let out_r = step_batch(reference, &mut sr, &toks).unwrap();
+        assert_eq!(
+            fused_decode_steps(),
+            before,
+            "{what}: the reference must not fuse"
+        );
+        for (i, (a, b)) in out_f.iter().zip(&out_r).enumerate() {
+            assert_eq!(a.dims(), b.dims());
+            let d = max_abs_diff(a, b);
+            assert!(
+                d <= 1e-4 * max_abs(b).max(1.0),
+                "{what} step {step} seq {i}: logits differ by {d}"
+            );
+        }
+        for (i, (a, b)) in sf.iter().zip(&sr).enumerate() {
+            assert_states_equal(a, b, &format!("{what} step {step} seq {i}"));
+        }
+    }
+}
+
+#[test]
+fn fused_decode_equals_the_general_path() {
+    let mut rng = SplitMix(7);
+    // Fresh, short, at and past the windows (3-6) and the Mistral sliding window (6).
+    let histories: Vec<Vec<u32>> = [0, 1, 3, 5, 9, 14]
+        .iter()
+        .map(|&n| rng.tokens(n, 61))
+        .collect();
+    for family in ALL_FAMILIES {
+        for (name, liger, covered) in settings() {
+            let mut tc = TinyCheckpoint::new(family, 11).unwrap();
+            if let Some(l) = &liger {
+                tc = tc.with_liger(l);
+            }
+            let base = tc.model(DType::F32).unwrap();
+            let (fused, reference) = (with_fused(&base, true), with_fused(&base, false));
+            let what = format!("{family:?}/{name}");
+            check(
+                &fused,
+                &reference,
+                &histories,
+                covered,
+                &format!("{what} batch"),
+            );
+            for h in [&histories[0], &histories[4]] {
+                let one = std::slice::from_ref(h);
+                check(&fused, &reference, one, covered, &format!("{what} alone"));
+            }
+        }
+        // Beyond the fused step's batch limit, and in half precision: the general path.
+        let base = TinyCheckpoint::new(family, 11)
+            .unwrap()
+            .with_liger(&liger(4))
+            .model(DType::F32)
+            .unwrap();
+        let many: Vec<Vec<u32>> = (0..33).map(|i| rng.tokens(i % 7, 61)).collect();
+        let (fused, reference) = (with_fused(&base, true), with_fused(&base, false));
+        check(
+            &fused,
+            &reference,
+            &many,
+            false,
+            &format!("{family:?} 33 sequences"),
+        );
+        let half = TinyCheckpoint::new(family, 11)
+            .unwrap()
+            .with_liger(&liger(4))
+            .model(DType::F16)
+            .unwrap();
+        let mut s = state_after(&half, &histories[2]).unwrap();
+        let before = fused_decode_steps();
+        half.forward(&[5], &mut s, liger_model::Logits::Last)
+            .unwrap();
+        assert_eq!(
+            fused_decode_steps(),
+            before,
+            "{family:?}: f16 must not fuse"
+        );
+    }
+}
