@@ -6,8 +6,11 @@
 //! cargo bench -p liger-model --bench decode -- [--contexts 256,1024,4096,16384] [--steps 32]
 //!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
 //!     [--variants gla,hgrn2,gsa,gla-h8,window] [--batches 1,8,32] [--transformer-up-to N]
-//!     [--device cpu|cuda]
+//!     [--device cpu|cuda] [--general]
 //! ```
+//!
+//! `--general` turns the fused CPU decode step off (`RuntimeOptions::fast_decode`): decode
+//! then runs on the general path, the fused step's reference, for a side-by-side figure.
 //!
 //! `--device cuda` needs the `cuda` feature (`cargo bench -p liger-model --features cuda`).
 //!
@@ -44,6 +47,7 @@ struct Args {
     quantize: Option<Quantization>,
     json: Option<PathBuf>,
     device: Device,
+    general: bool,
 }
 
 fn parse_args() -> Args {
@@ -57,6 +61,7 @@ fn parse_args() -> Args {
         quantize: None,
         json: None,
         device: Device::Cpu,
+        general: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -113,6 +118,7 @@ fn parse_args() -> Args {
                     d => panic!("unknown device {d}"),
                 }
             }
+            "--general" => a.general = true,
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -264,18 +270,27 @@ fn main() -> liger_model::Result<()> {
     let tensors = import.tensors.iter().cloned().collect();
     let cfg = ModelConfig::from_json(import.config.clone())?;
     eprintln!(
-        "SmolLM2-135M-Instruct on {:?}, {:?}{}, threads: {threads}, {} decode steps per point",
+        "SmolLM2-135M-Instruct on {:?}, {:?}{}, threads: {threads}, {} decode steps per point{}",
         args.device,
         args.dtype,
         args.quantize
             .map_or(String::new(), |q| format!(" quantized to {}", q.name())),
-        args.steps
+        args.steps,
+        if args.general {
+            ", general path (fused decode off)"
+        } else {
+            ""
+        }
     );
     let mut rows = Vec::new();
     let quantized = |mut m: Model| -> liger_model::Result<Model> {
         if let Some(q) = args.quantize {
             m.quantize(q)?;
         }
+        m.set_options(liger_model::RuntimeOptions {
+            fast_decode: !args.general,
+            ..m.options()
+        })?;
         Ok(m)
     };
     let transformer = quantized(model_from_tensors(

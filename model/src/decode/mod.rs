@@ -24,8 +24,7 @@
 mod mixing;
 mod sync;
 
-use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
@@ -372,15 +371,17 @@ impl Plan {
             act: Shared::new(&mut act),
             logits: Shared::new(&mut logits),
             new_state,
-            threads,
+            counters: (0..5 * self.layers.len() + 1)
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
             barrier: SpinBarrier::new(threads),
         };
         std::thread::scope(|scope| {
-            for t in 1..threads {
+            for _ in 1..threads {
                 let step = &step;
-                scope.spawn(move || step.worker(t));
+                scope.spawn(move || step.worker());
             }
-            step.worker(0);
+            step.worker();
         });
         drop(step);
         (logits, outs)
@@ -443,7 +444,9 @@ struct Step<'a> {
     logits: Shared<'a>,
     /// `[layer][seq]`: new keys, values, recurrent memory.
     new_state: Vec<Vec<[Shared<'a>; 3]>>,
-    threads: usize,
+    /// One work counter per phase (five per layer, then the LM head), claimed from by all
+    /// threads; fresh each step, so never reset.
+    counters: Vec<AtomicUsize>,
     barrier: SpinBarrier,
 }
 
@@ -456,69 +459,86 @@ enum Epilogue<'a> {
     Accumulate(&'a Shared<'a>),
 }
 
-/// Thread `t`'s share of `n` items.
-fn share(t: usize, threads: usize, n: usize) -> Range<usize> {
-    n * t / threads..n * (t + 1) / threads
-}
-
 impl Step<'_> {
-    fn worker(&self, t: usize) {
+    fn worker(&self) {
         let _poison_on_panic = PanicGuard(&self.barrier);
         let plan = self.plan;
         let (nb, hidden) = (self.nb, plan.hidden);
         let mut xn = vec![0f32; nb * hidden];
-        let mut band = Vec::new();
-        let mut band2 = Vec::new();
+        let mut bands = (Vec::new(), Vec::new());
         let mut scratch = Scratch::default();
+        // Work is claimed, not assigned: a thread that falls behind (a busy core, a
+        // descheduled vCPU) takes fewer bands instead of holding everyone at the barrier.
+        let mut phase = self.counters.iter();
+        let mut claim = || phase.next().expect("a counter per phase");
         for (li, layer) in plan.layers.iter().enumerate() {
             // SAFETY (every `read`/`part` below): the phases are separated by barriers; in
-            // each, a buffer is either only read, or written in parts owned by one thread
-            // (rows `share(t, ..)` of a projection, or the (seq, kv head) units of thread t).
+            // each, a buffer is either only read, or written in parts claimed by one thread
+            // (bands of rows of a projection, (seq, kv head) units of the mixing).
             let x = unsafe { self.x.read() };
             mixing::rms_norm(x, self.slices[layer.input_norm], self.eps, &mut xn);
-            for (p, out) in layer.qkv.iter().zip(&self.qkv) {
-                self.project(*p, &xn, t, Epilogue::Store(out), &mut band);
-            }
+            let qkv: Vec<(Proj, Epilogue)> = layer
+                .qkv
+                .iter()
+                .zip(&self.qkv)
+                .map(|(p, out)| (*p, Epilogue::Store(out)))
+                .collect();
+            self.project(&qkv, &xn, claim(), &mut bands.0);
             self.barrier.wait();
-            self.mix_layer(li, t, &mut scratch);
+            self.mix_layer(li, claim(), &mut scratch);
             self.barrier.wait();
             let mixed = unsafe { self.mixed.read() };
-            self.project(layer.o, mixed, t, Epilogue::Accumulate(&self.x), &mut band);
+            let o = [(layer.o, Epilogue::Accumulate(&self.x))];
+            self.project(&o, mixed, claim(), &mut bands.0);
             self.barrier.wait();
             let x = unsafe { self.x.read() };
             mixing::rms_norm(x, self.slices[layer.post_norm], self.eps, &mut xn);
-            self.gate_up(layer, &xn, t, (&mut band, &mut band2));
+            self.gate_up(layer, &xn, claim(), (&mut bands.0, &mut bands.1));
             self.barrier.wait();
             let act = unsafe { self.act.read() };
-            self.project(layer.down, act, t, Epilogue::Accumulate(&self.x), &mut band);
+            let down = [(layer.down, Epilogue::Accumulate(&self.x))];
+            self.project(&down, act, claim(), &mut bands.0);
             self.barrier.wait();
         }
         let x = unsafe { self.x.read() };
         mixing::rms_norm(x, self.slices[plan.norm], self.eps, &mut xn);
-        self.project(
-            plan.lm_head,
-            &xn,
-            t,
-            Epilogue::Store(&self.logits),
-            &mut band,
-        );
+        let head = [(plan.lm_head, Epilogue::Store(&self.logits))];
+        self.project(&head, &xn, claim(), &mut bands.0);
     }
 
-    /// Thread `t`'s rows of `input [nb, p.k] @ W^T (+ b)`, written per `epilogue` into an
-    /// `[nb, p.n]` buffer.
-    fn project(&self, p: Proj, input: &[f32], t: usize, epilogue: Epilogue, band: &mut Vec<f32>) {
+    /// `input [nb, k] @ W^T (+ b)` for each projection of `projs` (all reading `input`),
+    /// written per its epilogue into an `[nb, n]` buffer: bands of [`BAND`] rows, claimed
+    /// one at a time from `next` until none is left.
+    fn project(
+        &self,
+        projs: &[(Proj, Epilogue)],
+        input: &[f32],
+        next: &AtomicUsize,
+        band: &mut Vec<f32>,
+    ) {
         let nb = self.nb;
-        let (w, bias) = (self.slices[p.w], p.b.map(|b| self.slices[b]));
-        let rows = share(t, self.threads, p.n);
         band.resize(BAND * nb, 0.0);
-        for start in rows.clone().step_by(BAND) {
-            let sub = start..(start + BAND).min(rows.end);
+        let per_proj: Vec<usize> = projs.iter().map(|(p, _)| p.n.div_ceil(BAND)).collect();
+        loop {
+            let mut claimed = next.fetch_add(1, Ordering::Relaxed);
+            let Some(pi) = per_proj.iter().position(|&count| {
+                let here = claimed < count;
+                if !here {
+                    claimed -= count;
+                }
+                here
+            }) else {
+                return;
+            };
+            let (p, epilogue) = projs[pi];
+            let (w, bias) = (self.slices[p.w], p.b.map(|b| self.slices[b]));
+            let sub = claimed * BAND..((claimed + 1) * BAND).min(p.n);
             matvec::block(input, (nb, p.k), w, sub.clone(), band);
+            let (out, add) = match epilogue {
+                Epilogue::Store(o) => (o, false),
+                Epilogue::Accumulate(o) => (o, true),
+            };
             for i in 0..nb {
-                let (out, add) = match epilogue {
-                    Epilogue::Store(o) => (o, false),
-                    Epilogue::Accumulate(o) => (o, true),
-                };
                 let dst = unsafe { out.part(i * p.n + sub.start..i * p.n + sub.end) };
                 for (jj, y) in dst.iter_mut().enumerate() {
                     let mut val = band[jj * nb + i];
@@ -531,12 +551,12 @@ impl Step<'_> {
         }
     }
 
-    /// Thread `t`'s rows of `silu(x G^T) * (x U^T)` into `act`.
+    /// `silu(x G^T) * (x U^T)` into `act`, in bands claimed from `next`.
     fn gate_up(
         &self,
         layer: &LayerIx,
         xn: &[f32],
-        t: usize,
+        next: &AtomicUsize,
         bands: (&mut Vec<f32>, &mut Vec<f32>),
     ) {
         let nb = self.nb;
@@ -546,9 +566,12 @@ impl Step<'_> {
         let (band_g, band_u) = bands;
         band_g.resize(BAND * nb, 0.0);
         band_u.resize(BAND * nb, 0.0);
-        let rows = share(t, self.threads, g.n);
-        for start in rows.clone().step_by(BAND) {
-            let sub = start..(start + BAND).min(rows.end);
+        loop {
+            let claimed = next.fetch_add(1, Ordering::Relaxed);
+            if claimed * BAND >= g.n {
+                return;
+            }
+            let sub = claimed * BAND..((claimed + 1) * BAND).min(g.n);
             matvec::block(xn, (nb, g.k), gw, sub.clone(), band_g);
             matvec::block(xn, (nb, u.k), uw, sub.clone(), band_u);
             for i in 0..nb {
@@ -563,13 +586,17 @@ impl Step<'_> {
         }
     }
 
-    /// Thread `t`'s (sequence, KV head) units of layer `li`'s token mixing.
-    fn mix_layer(&self, li: usize, t: usize, scratch: &mut Scratch) {
+    /// Layer `li`'s token mixing, (sequence, KV head) units claimed from `next`.
+    fn mix_layer(&self, li: usize, next: &AtomicUsize, scratch: &mut Scratch) {
         let (h, hkv, d) = self.heads;
         let g = h / hkv;
         let layer = &self.plan.layers[li];
         let (q, k, v) = unsafe { (self.qkv[0].read(), self.qkv[1].read(), self.qkv[2].read()) };
-        for unit in share(t, self.threads, self.nb * hkv) {
+        loop {
+            let unit = next.fetch_add(1, Ordering::Relaxed);
+            if unit >= self.nb * hkv {
+                return;
+            }
             let (s, kvh) = (unit / hkv, unit % hkv);
             let state = &self.plan.states[li][s];
             let (cached_k, cached_v) = match state.cached {
