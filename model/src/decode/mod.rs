@@ -26,14 +26,18 @@ mod sync;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use mixing::{GroupIn, GroupOut, Memory, Scratch};
 pub(crate) use mixing::{Mix, Recurrent};
 use sync::{PanicGuard, Shared, SpinBarrier};
 
-use crate::layers::matvec;
 use crate::layers::Linear;
+use crate::layers::{matvec, matvec_q8};
 use crate::model::SeqStep;
 use crate::state::LayerState;
 use crate::Result;
@@ -72,6 +76,8 @@ pub(crate) struct ModelRefs<'m> {
 #[derive(Default)]
 struct Inputs {
     tensors: Vec<Tensor>,
+    /// Q8_0 weights (their bytes are borrowed the same way).
+    blocks: Vec<Arc<QTensor>>,
 }
 
 impl Inputs {
@@ -84,11 +90,22 @@ impl Inputs {
         Some(self.tensors.len() - 1)
     }
 
+    /// A dense f32 or a Q8_0 projection (`None` for other formats or an unmerged adapter).
     fn add_linear(&mut self, lin: &Linear) -> Option<Proj> {
-        let (w, b) = lin.plain_f32()?;
-        let (n, k) = w.dims2().ok()?;
+        let ((n, k), w, b) = match (lin.plain_f32(), lin.plain_q8_0()) {
+            (Some((w, b)), _) => (w.dims2().ok()?, Weight::Dense(self.add(w)?), b),
+            (None, Some((q, b))) => {
+                let dims = q.shape().dims2().ok()?;
+                if !q.device().is_cpu() || dims.1 % matvec_q8::BLOCK != 0 {
+                    return None;
+                }
+                self.blocks.push(q);
+                (dims, Weight::Q8_0(self.blocks.len() - 1), b)
+            }
+            (None, None) => return None,
+        };
         Some(Proj {
-            w: self.add(w)?,
+            w,
             b: match b {
                 Some(b) => Some(self.add(b)?),
                 None => None,
@@ -102,10 +119,18 @@ impl Inputs {
 /// A projection `[n, k]`: indices of its weight and bias in [`Inputs`].
 #[derive(Clone, Copy)]
 struct Proj {
-    w: usize,
+    w: Weight,
     b: Option<usize>,
     n: usize,
     k: usize,
+}
+
+/// Where a projection's weight is: dense f32 (index into the tensors) or Q8_0 blocks
+/// (index into the block tensors).
+#[derive(Clone, Copy)]
+enum Weight {
+    Dense(usize),
+    Q8_0(usize),
 }
 
 struct LayerIx {
@@ -174,7 +199,15 @@ pub(crate) fn step(
     let Some(slices) = slices else {
         return Ok(None);
     };
-    let (logits, outs) = plan.run(refs, &slices, seqs, positions);
+    // On the CPU these borrow the blocks' storage (no copy).
+    let bytes: Vec<Cow<[u8]>> = plan
+        .inputs
+        .blocks
+        .iter()
+        .map(|q| q.data())
+        .collect::<candle_core::Result<_>>()?;
+    let bytes: Vec<&[u8]> = bytes.iter().map(|b| b.as_ref()).collect();
+    let (logits, outs) = plan.run(refs, (&slices, &bytes), seqs, positions);
     drop(slices);
     drop(guards);
     let (_, hkv, d) = refs.heads;
@@ -295,7 +328,7 @@ impl Plan {
     fn run(
         &self,
         refs: &ModelRefs,
-        slices: &[&[f32]],
+        (slices, blocks): (&[&[f32]], &[&[u8]]),
         seqs: &[SeqStep<'_>],
         positions: &[u32],
     ) -> (Vec<f32>, Vec<Vec<SeqLayerOut>>) {
@@ -357,6 +390,7 @@ impl Plan {
         let step = Step {
             plan: self,
             slices,
+            blocks,
             nb,
             heads: refs.heads,
             eps: refs.eps,
@@ -430,6 +464,7 @@ impl Plan {
 struct Step<'a> {
     plan: &'a Plan,
     slices: &'a [&'a [f32]],
+    blocks: &'a [&'a [u8]],
     nb: usize,
     heads: (usize, usize, usize),
     eps: f32,
@@ -531,9 +566,9 @@ impl Step<'_> {
                 return;
             };
             let (p, epilogue) = projs[pi];
-            let (w, bias) = (self.slices[p.w], p.b.map(|b| self.slices[b]));
+            let bias = p.b.map(|b| self.slices[b]);
             let sub = claimed * BAND..((claimed + 1) * BAND).min(p.n);
-            matvec::block(input, (nb, p.k), w, sub.clone(), band);
+            self.product(p, input, sub.clone(), band);
             let (out, add) = match epilogue {
                 Epilogue::Store(o) => (o, false),
                 Epilogue::Accumulate(o) => (o, true),
@@ -551,6 +586,14 @@ impl Step<'_> {
         }
     }
 
+    /// `input @ W[rows]^T` transposed into `band` (`[rows, nb]`), whatever the weight's format.
+    fn product(&self, p: Proj, input: &[f32], rows: std::ops::Range<usize>, band: &mut [f32]) {
+        match p.w {
+            Weight::Dense(i) => matvec::block(input, (self.nb, p.k), self.slices[i], rows, band),
+            Weight::Q8_0(i) => matvec_q8::block(input, (self.nb, p.k), self.blocks[i], rows, band),
+        }
+    }
+
     /// `silu(x G^T) * (x U^T)` into `act`, in bands claimed from `next`.
     fn gate_up(
         &self,
@@ -561,7 +604,6 @@ impl Step<'_> {
     ) {
         let nb = self.nb;
         let (g, u) = (layer.gate, layer.up);
-        let (gw, uw) = (self.slices[g.w], self.slices[u.w]);
         let (gb, ub) = (g.b.map(|b| self.slices[b]), u.b.map(|b| self.slices[b]));
         let (band_g, band_u) = bands;
         band_g.resize(BAND * nb, 0.0);
@@ -572,8 +614,8 @@ impl Step<'_> {
                 return;
             }
             let sub = claimed * BAND..((claimed + 1) * BAND).min(g.n);
-            matvec::block(xn, (nb, g.k), gw, sub.clone(), band_g);
-            matvec::block(xn, (nb, u.k), uw, sub.clone(), band_u);
+            self.product(g, xn, sub.clone(), band_g);
+            self.product(u, xn, sub.clone(), band_u);
             for i in 0..nb {
                 let dst = unsafe { self.act.part(i * g.n + sub.start..i * g.n + sub.end) };
                 for (jj, y) in dst.iter_mut().enumerate() {

@@ -181,6 +181,19 @@ impl Linear {
         plain.then_some((&self.weight, self.bias.as_ref()))
     }
 
+    /// The Q8_0 blocks and dense bias of a Q8_0 layer without an unmerged adapter: what the
+    /// fused decode step reads directly.
+    pub(crate) fn plain_q8_0(&self) -> Option<(std::sync::Arc<QTensor>, Option<&Tensor>)> {
+        let q = self.quant.as_ref()?;
+        let QMatMul::QTensor(blocks) = &q.matmul else {
+            return None;
+        };
+        let plain = q.format == GgmlDType::Q8_0
+            && self.lora.is_none()
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+        plain.then(|| (blocks.clone(), self.bias.as_ref()))
+    }
+
     /// The GGML format of a quantized layer.
     pub fn quantization(&self) -> Option<GgmlDType> {
         self.quant.as_ref().map(|q| q.format)

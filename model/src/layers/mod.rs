@@ -3,6 +3,7 @@
 
 mod linear;
 pub mod matvec;
+pub(crate) mod matvec_q8;
 mod mlp;
 mod norm;
 mod rope;
