@@ -128,7 +128,7 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
 fn check(fused: &Model, reference: &Model, histories: &[Vec<u32>], covered: bool, what: &str) {
     let mut rng = SplitMix(histories.len() as u64);
     // Both start from the reference's states: prompts are read by the general path anyway,
-    // and on a quantized model that path rounds activations to 8 bits (see `DENSE_ROWS`).
+    // (on a Q8_0 model, with the same kernel as the fused step or the dense product).
     let mut sf: Vec<SequenceState> = histories
         .iter()
         .map(|h| state_after(reference, h).unwrap())

@@ -41,7 +41,7 @@ fn q8_0_stays_close_to_dense_and_consistent_with_itself() {
         let t = tokens(1, 21);
         let (a, b) = (logits(&dense, &t), logits(&q, &t));
         let scale = max_abs(&a);
-        // Q8_0 also rounds the activations to 8 bits per block of 32: a few percent.
+        // Q8_0 rounds the weights to 8 bits per block of 32: a few percent at most.
         let d = max_abs_diff(&a, &b);
         assert!(
             d < 0.05 * scale,

@@ -75,10 +75,11 @@ pub fn parse_format(name: &str) -> Option<GgmlDType> {
 }
 
 /// A quantized layer given more rows than this (a prefill chunk) dequantizes its weight and
-/// multiplies densely; fewer (decode steps) use the GGML kernels on the blocks. The two
-/// differ by the GGML path's 8-bit rounding of the activations, so on a quantized model a
-/// prompt read in one chunk and the same prompt read token by token agree to about 1%,
-/// not to float rounding.
+/// multiplies densely; fewer (decode steps) run on the blocks: Q8_0 on the CPU with our
+/// kernel and f32 activations (the same product as the dense one), other formats and
+/// devices with the GGML kernels, which round the activations to 8 bits too. So on a Q4K
+/// or GPU model a prompt read in one chunk and the same prompt read token by token agree
+/// to about 1%, not to float rounding.
 pub const DENSE_ROWS: usize = 32;
 
 /// A low-rank update `scale * B A` of a weight `W: [out, in]`.
@@ -99,6 +100,16 @@ pub struct Linear {
     bias: Option<Tensor>,
     lora: Option<LoraAdapter>,
     quant: Option<Quantized>,
+}
+
+impl Quantized {
+    /// The blocks, when they are Q8_0 on the CPU.
+    fn cpu_q8_0(&self) -> Option<&QTensor> {
+        match &self.matmul {
+            QMatMul::QTensor(t) if self.format == GgmlDType::Q8_0 && t.device().is_cpu() => Some(t),
+            _ => None,
+        }
+    }
 }
 
 /// A quantized weight: the dense one is dropped (that is the memory saving) and `weight`
@@ -276,6 +287,12 @@ impl Module for Linear {
                 let w = self.weight().map_err(candle_core::Error::wrap)?;
                 x.to_dtype(DType::F32)?
                     .matmul(&w.t()?)?
+                    .to_dtype(x.dtype())?
+            } else if let (Some(blocks), false) = (q.cpu_q8_0(), x.track_op()) {
+                // Q8_0 on the CPU: the fused decode step's kernel, f32 activations, so a
+                // decode step computes the same product whichever path runs it.
+                super::matvec_q8::matmul(x, blocks)
+                    .map_err(candle_core::Error::wrap)?
                     .to_dtype(x.dtype())?
             } else {
                 // GGML kernels take f32 activations (and quantize them per block themselves).

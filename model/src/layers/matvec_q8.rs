@@ -10,11 +10,57 @@
 
 use std::ops::Range;
 
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::f16;
+use rayon::prelude::*;
 
 /// Weights per block, and bytes per block (f16 scale + 32 x i8).
 pub const BLOCK: usize = 32;
 pub const BLOCK_BYTES: usize = 34;
+
+/// Output rows per parallel task of [`matmul`].
+const ROWS_PER_TASK: usize = 64;
+
+/// `x W^T` for `x: [m, k]` (f32, CPU) and a Q8_0 `W: [n, k]` on the CPU: what a quantized
+/// layer computes for decode-sized inputs outside the fused step, so that both paths give
+/// the dequantized weight's product. Output rows are split across rayon's threads.
+pub fn matmul(x: &Tensor, w: &QTensor) -> crate::Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, wk) = w.shape().dims2()?;
+    if wk != k || k % BLOCK != 0 || w.dtype() != GgmlDType::Q8_0 {
+        return Err(crate::Error::Invalid(format!(
+            "Q8_0 product: [{m}, {k}] by a {:?} weight {:?}",
+            w.dtype(),
+            w.shape()
+        )));
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Err(crate::Error::Invalid(
+            "Q8_0 product: CPU inputs only".into(),
+        ));
+    };
+    let xs = &data[a..b];
+    let bytes = w.data()?;
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first = task * ROWS_PER_TASK;
+            block(xs, (m, k), &bytes, first..first + out.len() / m, out);
+        });
+    let mut y = vec![0f32; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            y[i * n + j] = yt[j * m + i];
+        }
+    }
+    Ok(Tensor::from_vec(y, (m, n), x.device())?)
+}
 
 /// Input rows per register tile.
 const MR: usize = 4;
@@ -166,8 +212,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::rng::SplitMix;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
 
     #[test]
     fn matches_the_dequantized_product() {
@@ -194,6 +239,7 @@ mod tests {
             // Rows 1..n of the weight (a band not starting at 0), transposed.
             let mut out = vec![0f32; (n - 1) * m];
             block(&xv, (m, k), &bytes, 1..n, &mut out);
+            let whole = matmul(&x, &q).unwrap().to_vec2::<f32>().unwrap();
             let mut portable = vec![0f32; m];
             let row_bytes = k / BLOCK * BLOCK_BYTES;
             row_portable(&xv, k, &bytes[row_bytes..2 * row_bytes], &mut portable);
@@ -201,6 +247,10 @@ mod tests {
                 assert!(
                     (portable[i] - want[i][1]).abs() < 1e-3,
                     "portable {m}x{k}x{n}"
+                );
+                assert!(
+                    (whole[i][0] - want[i][0]).abs() < 1e-3,
+                    "matmul {m}x{k}x{n}"
                 );
                 for j in 1..n {
                     let got = out[(j - 1) * m + i];
