@@ -181,6 +181,10 @@ pub(crate) fn step(
     let Some(plan) = Plan::new(refs, seqs) else {
         return Ok(None);
     };
+    // Read locks on every tensor the step reads, held until the threads are done. A storage
+    // may be locked more than once (forked states share tensors; a tied head is the
+    // embedding): harmless, since nothing writes weights or states in place while a step
+    // runs (states are replaced, never mutated).
     let guards: Vec<_> = plan
         .inputs
         .tensors
