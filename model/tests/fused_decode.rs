@@ -226,6 +226,27 @@ fn fused_decode_equals_the_general_path() {
             .with_liger(&liger(4))
             .model(DType::F32)
             .unwrap();
+        // Called from inside a rayon pool, the step brings threads of its own.
+        let base = TinyCheckpoint::new(family, 11)
+            .unwrap()
+            .with_liger(&liger(4))
+            .model(DType::F32)
+            .unwrap();
+        let (fused, reference) = (with_fused(&base, true), with_fused(&base, false));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            assert!(rayon::current_thread_index().is_some());
+            check(
+                &fused,
+                &reference,
+                &histories,
+                true,
+                &format!("{family:?} in a pool"),
+            );
+        });
         let (q8, dequantized) = q8_0_and_dequantized(family);
         let what = format!("{family:?} q8_0");
         check(&q8, &dequantized, &histories, true, &what);

@@ -4,7 +4,8 @@
 //! The general path runs a decode token as ~60 candle ops per layer. Each allocates its
 //! output, and each parallel one (every matmul) hands its work to rayon and waits for it,
 //! so a batch-1 token of a 30-layer model pays some 300 thread wake-ups on top of reading
-//! the weights. Here the step's threads live for the whole token: per layer they split every
+//! the weights. Here the step's threads (rayon's, woken once per token by `broadcast`) live
+//! for the whole token: per layer they split every
 //! projection by output rows (the weights are read once, straight from the tensors'
 //! storage), split the token mixing by (sequence, KV head), and meet at a spinning barrier
 //! between the five phases that depend on each other:
@@ -414,13 +415,23 @@ impl Plan {
                 .collect(),
             barrier: SpinBarrier::new(threads),
         };
-        std::thread::scope(|scope| {
-            for _ in 1..threads {
-                let step = &step;
-                scope.spawn(move || step.worker());
-            }
+        if threads == 1 {
             step.worker();
-        });
+        } else if rayon::current_thread_index().is_none() {
+            // rayon's pool threads already exist: waking them once per token costs far less
+            // than spawning threads (which grows with the core count). The caller waits.
+            rayon::broadcast(|_| step.worker());
+        } else {
+            // Called from inside the pool (its threads may be busy with the caller's own
+            // job): threads of our own, the caller among them.
+            std::thread::scope(|scope| {
+                for _ in 1..threads {
+                    let step = &step;
+                    scope.spawn(move || step.worker());
+                }
+                step.worker();
+            });
+        }
         drop(step);
         (logits, outs)
     }
