@@ -5,10 +5,10 @@
 //! output, and each parallel one (every matmul) hands its work to rayon and waits for it,
 //! so a batch-1 token of a 30-layer model pays some 300 thread wake-ups on top of reading
 //! the weights. Here the step's threads (rayon's, woken once per token by `broadcast`) live
-//! for the whole token: per layer they split every
-//! projection by output rows (the weights are read once, straight from the tensors'
-//! storage), split the token mixing by (sequence, KV head), and meet at a spinning barrier
-//! between the five phases that depend on each other:
+//! for the whole token: per layer they split every projection by output rows (the weights
+//! are read once, straight from the tensors' storage), split the token mixing by (sequence,
+//! KV head), and meet at a spinning barrier between the five phases that depend on each
+//! other:
 //!
 //! ```text
 //! norm + q/k/v rows | mixing per (seq, kv head) | o rows (+= residual)
@@ -415,15 +415,13 @@ impl Plan {
                 .collect(),
             barrier: SpinBarrier::new(threads),
         };
-        if threads == 1 {
-            step.worker();
-        } else if rayon::current_thread_index().is_none() {
+        if threads > 1 && rayon::current_thread_index().is_none() {
             // rayon's pool threads already exist: waking them once per token costs far less
             // than spawning threads (which grows with the core count). The caller waits.
             rayon::broadcast(|_| step.worker());
         } else {
-            // Called from inside the pool (its threads may be busy with the caller's own
-            // job): threads of our own, the caller among them.
+            // One thread (the caller alone), or called from inside the pool (whose threads
+            // may be busy with the caller's own job): threads of our own, the caller among them.
             std::thread::scope(|scope| {
                 for _ in 1..threads {
                     let step = &step;
