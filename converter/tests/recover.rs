@@ -677,4 +677,46 @@ fn init_adapter_continues_where_an_earlier_run_stopped() {
         .to_string();
     assert!(e.contains("--init-adapter") && e.contains("rank 8"), "{e}");
     assert!(!root.path().join("wrong").exists());
+
+    // Naming more projections grows the adapter: the new ones start at B = 0, so the first
+    // loss is the continued run's, and the result adapts o_proj too.
+    let mut grown = second.clone();
+    grown.out = root.path().join("grown");
+    grown.lora.targets.push("o_proj".into());
+    let g = liger_converter::recover(&grown, &Progress::hidden()).unwrap();
+    let grown_losses = losses(&recovery_json(&g.out), 0);
+    assert!(
+        (grown_losses[0] - continued[0]).abs() <= 1e-5 * continued[0].abs(),
+        "grown {} vs continued {}",
+        grown_losses[0],
+        continued[0]
+    );
+    let (cfg, tensors) = lora::load_adapter(&g.out).unwrap();
+    assert!(
+        cfg.targets.contains(&"o_proj".to_string()),
+        "{:?}",
+        cfg.targets
+    );
+    let o_b = tensors
+        .iter()
+        .find(|(n, _)| n.contains(".o_proj.lora_B"))
+        .map(|(_, t)| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .expect("an o_proj adapter");
+    assert!(o_b > 0.0, "o_proj's B trained away from zero");
+
+    // Fewer projections than the adapter has is refused: that would drop its training.
+    let mut shrunk = second.clone();
+    shrunk.out = root.path().join("shrunk");
+    shrunk.lora.targets = vec!["q_proj".into()];
+    let e = liger_converter::recover(&shrunk, &Progress::hidden())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least its projections"), "{e}");
 }

@@ -442,7 +442,14 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
 
     let vars = student.attach_lora(&opts.lora, opts.seed)?;
     if let Some(init) = &init {
-        init.load_into(&vars)?;
+        let fresh = init.load_into(&vars)?;
+        if fresh > 0 {
+            log.line(&format!(
+                "--init-adapter covers {}; {} new adapter tensors start fresh",
+                init.targets.join(","),
+                fresh
+            ));
+        }
     }
     let resumed = restored.is_some();
     let mut trainer = train::Trainer::new(train::TrainerParts {
@@ -622,9 +629,13 @@ fn write_conversations(path: &Path, convs: &[Vec<Message>]) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-/// An earlier adapter to continue training from (`--init-adapter`).
+/// An earlier adapter to continue training from (`--init-adapter`). It may target fewer
+/// projections than this run: the others start fresh (`B` = 0, so they change nothing at
+/// first), which lets a run add o_proj or MLP adapters without losing earlier training.
 struct InitAdapter {
     dir: PathBuf,
+    /// The projections it adapts.
+    targets: Vec<String>,
     tensors: std::collections::HashMap<String, candle_core::Tensor>,
     /// Of its weights file, so a checkpoint is resumed only from the same start.
     fingerprint: String,
@@ -634,10 +645,11 @@ impl InitAdapter {
     fn read(dir: &Path, want: &LoraConfig) -> Result<Self> {
         let flag = |msg: String| Error::flag("--init-adapter", format!("{}: {msg}", dir.display()));
         let (cfg, tensors) = lora::load_adapter(dir).map_err(|e| flag(e.to_string()))?;
-        if cfg.rank != want.rank || cfg.alpha != want.alpha || cfg.targets != want.targets {
+        let covered = cfg.targets.iter().all(|t| want.targets.contains(t));
+        if cfg.rank != want.rank || cfg.alpha != want.alpha || !covered {
             return Err(flag(format!(
                 "has rank {}, alpha {} on {} but this run trains rank {}, alpha {} on {} \
-                 (pass the adapter's --rank/--alpha/--targets)",
+                 (pass the adapter's --rank/--alpha, and --targets naming at least its projections)",
                 cfg.rank,
                 cfg.alpha,
                 cfg.targets.join(","),
@@ -650,23 +662,35 @@ impl InitAdapter {
         let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            targets: cfg.targets,
             tensors,
             fingerprint: data::fingerprint_bytes(&bytes),
         })
     }
 
-    /// Sets every fresh variable to the adapter's value; each must be there, with its shape.
-    fn load_into(&self, vars: &[(String, candle_core::Var)]) -> Result<()> {
+    /// Whether a student variable (PEFT name `...{block}.{target}.lora_{A,B}.weight`)
+    /// belongs to a projection this adapter trained.
+    fn covers(&self, name: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|t| name.contains(&format!(".{t}.lora_")))
+    }
+
+    /// Sets every variable of the adapter's projections to its value (each must be there,
+    /// with its shape); variables of projections it lacks keep their fresh values.
+    fn load_into(&self, vars: &[(String, candle_core::Var)]) -> Result<usize> {
         let flag =
             |msg: String| Error::flag("--init-adapter", format!("{}: {msg}", self.dir.display()));
-        if vars.len() != self.tensors.len() {
+        let covered: Vec<_> = vars.iter().filter(|(n, _)| self.covers(n)).collect();
+        if covered.len() != self.tensors.len() {
             return Err(flag(format!(
-                "holds {} tensors but the student's adapters have {} (another model?)",
+                "holds {} tensors but the student's adapters on {} have {} (another model?)",
                 self.tensors.len(),
-                vars.len()
+                self.targets.join(","),
+                covered.len()
             )));
         }
-        for (name, var) in vars {
+        for (name, var) in covered {
             let t = self
                 .tensors
                 .get(name)
@@ -680,7 +704,7 @@ impl InitAdapter {
             }
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
-        Ok(())
+        Ok(vars.len() - self.tensors.len())
     }
 }
 
