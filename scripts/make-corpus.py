@@ -5,18 +5,22 @@ Python install carries, so no data set is downloaded).
 
     python3 scripts/make-corpus.py            # writes data/pydoc-train.txt, data/heldout.txt
     python3 scripts/make-corpus.py --large    # also data/pydoc-train-large.txt
+    python3 scripts/make-corpus.py --extra    # also data/pydoc-train-extra.txt
 
 The files come from disjoint module lists: held-out text is never trained on. The large
 training file covers every importable top-level standard-library module except the held-out
-ones (and a few that open windows or print on import), with class methods too. Each
-module becomes one document: its docstring, then each public class and function with its
-signature and docstring. Doctest examples (lines starting with >>> and their output) are
+ones (and a few that open windows or print on import), with class methods too. The extra
+file covers the submodules of those packages (asyncio.streams, email.message, ...), which
+the large file does not: new text for later runs, still disjoint from the held-out modules
+(the codec tables under encodings are left out). Each module becomes one document: its
+docstring, then each public class and function with its signature and docstring. Doctest examples (lines starting with >>> and their output) are
 dropped to keep the text prose. The committed files were made with Python 3.11.
 """
 
 import importlib
 import inspect
 import os
+import pkgutil
 import re
 import sys
 import warnings
@@ -61,6 +65,25 @@ antigravity this idlelib tkinter turtle turtledemo ensurepip venv lib2to3 pydoc_
 def large_train():
     names = sorted(sys.stdlib_module_names)
     return [n for n in names if not n.startswith("_") and n not in HELDOUT and n not in SKIP]
+
+
+def extra_train():
+    """Public submodules of the large file's packages (the large file has top levels only)."""
+    names = []
+    for top in large_train():
+        if top == "encodings":  # one near-identical codec table per charset
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(top)
+        except Exception:
+            continue
+        for info in pkgutil.walk_packages(getattr(mod, "__path__", []), top + "."):
+            parts = info.name.split(".")[1:]
+            if not any(p.startswith("_") or p.startswith("test") for p in parts):
+                names.append(info.name)
+    return names
 
 
 def members(obj, name, methods):
@@ -127,3 +150,5 @@ if __name__ == "__main__":
     write(os.path.join(root, "heldout.txt"), HELDOUT)
     if "--large" in sys.argv[1:]:
         write(os.path.join(root, "pydoc-train-large.txt"), large_train(), methods=True)
+    if "--extra" in sys.argv[1:]:
+        write(os.path.join(root, "pydoc-train-extra.txt"), extra_train(), methods=True)
