@@ -13,8 +13,9 @@ ones (and a few that open windows or print on import), with class methods too. T
 file covers the submodules of those packages (asyncio.streams, email.message, ...), which
 the large file does not: new text for later runs, still disjoint from the held-out modules
 (the codec tables under encodings are left out). Each module becomes one document: its
-docstring, then each public class and function with its signature and docstring. Doctest examples (lines starting with >>> and their output) are
-dropped to keep the text prose. The committed files were made with Python 3.11.
+docstring, then each public class and function with its signature and docstring. Doctest
+examples (lines starting with >>> and their output) are dropped to keep the text prose.
+The committed files were made with Python 3.11.
 """
 
 import importlib
