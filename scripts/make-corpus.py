@@ -63,6 +63,13 @@ antigravity this idlelib tkinter turtle turtledemo ensurepip venv lib2to3 pydoc_
 """.split()
 
 
+def quiet_import(name):
+    """Imports a module without the deprecation warnings some print on import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(name)
+
+
 def large_train():
     names = sorted(sys.stdlib_module_names)
     return [n for n in names if not n.startswith("_") and n not in HELDOUT and n not in SKIP]
@@ -75,10 +82,8 @@ def extra_train():
         if top == "encodings":  # one near-identical codec table per charset
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = importlib.import_module(top)
-        except Exception:
+            mod = quiet_import(top)
+        except Exception:  # platform-specific: write() reports it when it documents `top`
             continue
         for info in pkgutil.walk_packages(getattr(mod, "__path__", []), top + "."):
             parts = info.name.split(".")[1:]
@@ -101,9 +106,7 @@ def members(obj, name, methods):
 
 
 def document(name, methods=False):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mod = importlib.import_module(name)
+    mod = quiet_import(name)
     parts = []
     doc = inspect.getdoc(mod)
     if doc:
