@@ -83,7 +83,7 @@ def extra_train():
             continue
         try:
             mod = quiet_import(top)
-        except Exception:  # platform-specific: write() reports it when it documents `top`
+        except Exception:  # platform-specific; safe_document() reports it for the large file
             continue
         for info in pkgutil.walk_packages(getattr(mod, "__path__", []), top + "."):
             parts = info.name.split(".")[1:]
