@@ -40,5 +40,8 @@ pub use import::{import, ImportOptions};
 pub use inspect::{inspect, Report};
 pub use progress::Progress;
 pub use quantize::{quantize, QuantizeOptions};
-pub use recover::{recover, RecoverOptions, RecoverSummary, StageChoice};
+pub use recover::{
+    recover, self_distill, RecoverOptions, RecoverSummary, SelfDistillOptions, SelfDistillSummary,
+    StageChoice,
+};
 pub use settings::{FullAttention, LigerSettings};

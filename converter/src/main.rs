@@ -16,7 +16,8 @@ use liger_converter::output::WeightFormat;
 use liger_converter::source::HubOptions;
 use liger_converter::{
     ApplyOptions, ConvertOptions, DeviceChoice, EvalOptions, FullAttention, ImportOptions,
-    LigerSettings, Progress, QuantizeOptions, RecoverOptions, StageChoice, Summary,
+    LigerSettings, Progress, QuantizeOptions, RecoverOptions, SelfDistillOptions, StageChoice,
+    Summary,
 };
 use liger_model::layers::Quantization;
 use liger_model::lora::LoraConfig;
@@ -44,6 +45,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Recover a converted model's quality by LoRA training against the original.
     Recover(Box<RecoverArgs>),
+    /// Let a model answer prompts and save the conversations (JSON Lines) for recovery data.
+    SelfDistill(SelfDistillArgs),
     /// Perplexity, agreement and KL of a model against a reference on held-out text.
     Eval(EvalArgs),
     /// Merge a LoRA adapter (PEFT layout) into a model folder.
@@ -204,6 +207,40 @@ struct RecoverArgs {
     /// Testing: stop after N optimizer steps, as if interrupted.
     #[arg(long, hide = true, value_name = "N")]
     stop_after: Option<usize>,
+}
+
+#[derive(Args)]
+struct SelfDistillArgs {
+    /// The model that answers: the original (e.g. from `liger-convert import`).
+    #[arg(long, value_name = "ORIG")]
+    teacher: PathBuf,
+    /// JSON Lines with `prompt` records (or `messages` ending in a user turn)
+    /// [default: built-in prompts].
+    #[arg(long, value_name = "FILES", num_args = 1..)]
+    prompts: Vec<PathBuf>,
+    /// Answers to write: each prompt once, greedily, then sampled answers if N is larger.
+    #[arg(long, value_name = "N")]
+    count: usize,
+    /// Longest answer, in tokens.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    max_tokens: usize,
+    /// Output file (JSON Lines with `messages`, usable as `recover --data`).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Seed of the sampled answers.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars or summary.
+    #[arg(long, short)]
+    quiet: bool,
+    /// CPU threads [default: all; RAYON_NUM_THREADS wins].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -371,6 +408,7 @@ impl Cli {
     fn threads(&self) -> Option<usize> {
         match &self.command {
             Command::Recover(a) => a.threads,
+            Command::SelfDistill(a) => a.threads,
             Command::Eval(a) => a.threads,
             _ => None,
         }
@@ -573,6 +611,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Recover(a) => run_recover(*a)?,
+        Command::SelfDistill(a) => run_self_distill(a)?,
         Command::Eval(a) => run_eval(a)?,
         Command::ApplyAdapter(a) => {
             let opts = ApplyOptions {
@@ -680,6 +719,30 @@ fn run_recover(a: RecoverArgs) -> Result<()> {
             } else {
                 "merged model"
             },
+            s.seconds
+        );
+    }
+    Ok(())
+}
+
+fn run_self_distill(a: SelfDistillArgs) -> Result<()> {
+    let opts = SelfDistillOptions {
+        teacher: a.teacher,
+        prompts: a.prompts,
+        count: a.count,
+        max_tokens: a.max_tokens,
+        out: a.out,
+        seed: a.seed,
+        device: a.device.into(),
+        force: a.force,
+    };
+    let s = liger_converter::self_distill(&opts, &Progress::new(!a.quiet))?;
+    if !a.quiet {
+        println!(
+            "{} conversations ({} answer tokens) -> {} in {:.0} s",
+            s.conversations,
+            s.answer_tokens,
+            s.out.display(),
             s.seconds
         );
     }

@@ -1,7 +1,8 @@
 //! Recovery and evaluation on tiny random models: each stage lowers its loss, the merged
 //! output computes what base + adapter computes, a resumed run ends on the same bits as an
 //! uninterrupted one (and the same seed twice gives the same result), bad data files are
-//! reported on one line, and a model evaluated against itself scores ratio 1 and 100%.
+//! reported on one line, a model evaluated against itself scores ratio 1 and 100%, and
+//! `self-distill` writes the very conversations `recover --self-distill` trains on.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use common::*;
 use liger_converter::recover::StageChoice;
-use liger_converter::{EvalOptions, Progress, RecoverOptions};
+use liger_converter::{EvalOptions, Progress, RecoverOptions, SelfDistillOptions};
 use liger_model::layers::Quantization;
 use liger_model::lora;
 use liger_model::testing::{Family, TinyCheckpoint};
@@ -719,4 +720,133 @@ fn init_adapter_continues_where_an_earlier_run_stopped() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("at least its projections"), "{e}");
+}
+
+/// A prompt file of two questions.
+fn prompt_file(root: &Path) -> PathBuf {
+    let f = root.join("prompts.jsonl");
+    let lines = [
+        json!({"prompt": "name a color."}),
+        json!({"messages": [{"role": "user", "content": "what is two and two?"}]}),
+    ];
+    std::fs::write(&f, lines.map(|l| l.to_string()).join("\n")).unwrap();
+    f
+}
+
+#[test]
+fn self_distill_writes_what_recover_trains_on() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let prompts = prompt_file(r);
+
+    // `recover --self-distill 3 --self-distill-save`: generation inside a training run.
+    let mut o = options(r, "out", StageChoice::Lm);
+    o.steps = Some(1);
+    o.self_distill = 3;
+    o.self_distill_tokens = 6;
+    o.self_distill_save = Some(r.join("from-recover.jsonl"));
+    o.data.push(prompts.clone());
+    liger_converter::recover(&o, &Progress::hidden()).unwrap();
+    let want = std::fs::read_to_string(r.join("from-recover.jsonl")).unwrap();
+
+    // The command alone writes the same conversations: same prompts, seed and length.
+    let mut d = SelfDistillOptions::new(r.join("teacher"), 3, r.join("chats.jsonl"));
+    d.prompts = vec![prompts];
+    d.max_tokens = 6;
+    let s = liger_converter::self_distill(&d, &Progress::hidden()).unwrap();
+    let got = std::fs::read_to_string(&d.out).unwrap();
+    assert_eq!(got, want);
+
+    // The jobs are both prompts in order, then the first again (the sampled second pass);
+    // an empty answer (the random model's first token ends the turn) is dropped.
+    let rows: Vec<serde_json::Value> = got
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), s.conversations);
+    assert!(s.conversations >= 1, "every answer was empty");
+    assert!(s.answer_tokens >= s.conversations && s.answer_tokens <= 3 * 6);
+    let mut jobs = ["name a color.", "what is two and two?", "name a color."].iter();
+    for row in &rows {
+        let q = row["messages"][0]["content"].as_str().unwrap();
+        assert!(jobs.any(|j| *j == q), "{q:?} out of order");
+        assert_eq!(row["messages"][1]["role"], "assistant");
+        assert!(!row["messages"][1]["content"].as_str().unwrap().is_empty());
+    }
+
+    // No temporary file is left, an existing output is kept without --force, and with it
+    // the same seed writes the same bytes again.
+    let leftovers: Vec<_> = std::fs::read_dir(r)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(leftovers.is_empty());
+    let err = liger_converter::self_distill(&d, &Progress::hidden())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    d.force = true;
+    liger_converter::self_distill(&d, &Progress::hidden()).unwrap();
+    assert_eq!(std::fs::read_to_string(&d.out).unwrap(), want);
+}
+
+#[test]
+fn the_cli_runs_self_distill_and_names_bad_input() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let (t, _) = pair(r);
+    let (t, out) = (t.to_str().unwrap(), r.join("chats.jsonl"));
+    let out = out.to_str().unwrap();
+
+    // Built-in prompts when no file is given.
+    run_ok(&[
+        "self-distill",
+        "--teacher",
+        t,
+        "--count",
+        "2",
+        "--max-tokens",
+        "4",
+        "--out",
+        out,
+        "--quiet",
+    ]);
+    let text = std::fs::read_to_string(out).unwrap();
+    let builtin = &liger_converter::recover::prompts::PROMPTS[..2];
+    assert!((1..=2).contains(&text.lines().count()), "{text}");
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let q = row["messages"][0]["content"].as_str().unwrap();
+        assert!(builtin.contains(&q), "{q:?}");
+    }
+
+    let base = |extra: &[&str], needles: &[&str]| {
+        let mut a = vec!["self-distill", "--teacher", t, "--out", out];
+        a.extend_from_slice(extra);
+        run_err(&a, needles);
+    };
+    base(&["--count", "2"], &["already exists", "--force"]);
+    base(&["--count", "0", "--force"], &["--count", "at least 1"]);
+    base(
+        &["--count", "1", "--max-tokens", "0", "--force"],
+        &["--max-tokens"],
+    );
+    let text_only = r.join("notes.jsonl");
+    std::fs::write(&text_only, r#"{"text": "no question here"}"#).unwrap();
+    base(
+        &[
+            "--count",
+            "1",
+            "--force",
+            "--prompts",
+            text_only.to_str().unwrap(),
+        ],
+        &["notes.jsonl", "no prompts"],
+    );
+    // A failed run leaves the earlier file as it was.
+    assert_eq!(std::fs::read_to_string(out).unwrap(), text);
 }

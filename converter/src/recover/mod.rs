@@ -18,12 +18,14 @@
 //!
 //! - [`data`]: data files to token chunks; [`template`]: chat templates;
 //! - [`selfdistill`] and [`prompts`]: training text written by the teacher;
+//!   [`conversations`]: that text as a file (the `self-distill` command);
 //! - [`teacher`]: the teacher's top-k targets; [`loss`]: the losses; [`head`]: the LM
 //!   head and losses fused into one op (CPU);
 //! - [`optim`]: AdamW with saveable state; [`checkpoint`]: checkpoints;
 //! - [`stats`]: what is reported; [`train`]: the training loops.
 
 pub mod checkpoint;
+pub mod conversations;
 pub mod data;
 pub mod head;
 pub mod loss;
@@ -52,6 +54,8 @@ use crate::output::{self, PartialDir, WeightFormat};
 use crate::progress::Progress;
 use crate::{Error, Result};
 use checkpoint::{first_difference, Checkpoints};
+use conversations::write_conversations;
+pub use conversations::{self_distill, SelfDistillOptions, SelfDistillSummary};
 use data::{Chunk, Entry, TokenStream};
 use stats::StageStats;
 use template::{ChatTemplate, Message};
@@ -394,9 +398,12 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
     }
     let mut self_distilled = 0;
     if opts.self_distill > 0 {
-        let convs = self_distill_data(
-            opts, &ckpt, &teacher, &tokenizer, &template, &prompts, progress, &log,
-        )?;
+        let answering = conversations::Teacher {
+            model: &teacher,
+            tokenizer: &tokenizer,
+            template: &template,
+        };
+        let convs = self_distill_data(opts, &ckpt, &answering, &prompts, progress, &log)?;
         self_distilled = convs.len();
         if let Some(path) = &opts.self_distill_save {
             write_conversations(path, &convs)?;
@@ -545,13 +552,10 @@ pub fn load_tokenizer(first: &Path, second: &Path) -> Result<Tokenizer> {
 
 /// The teacher's conversations: read back from the checkpoint folder when resuming (so
 /// they need not be written again), else generated and stored there.
-#[allow(clippy::too_many_arguments)]
 fn self_distill_data(
     opts: &RecoverOptions,
     ckpt: &Checkpoints,
-    teacher: &Model,
-    tokenizer: &Tokenizer,
-    template: &ChatTemplate,
+    teacher: &conversations::Teacher,
     data_prompts: &[Vec<Message>],
     progress: &Progress,
     log: &Log,
@@ -573,60 +577,21 @@ fn self_distill_data(
         ));
         return Ok(convs);
     }
-    let prompts: Vec<Vec<Message>> = if data_prompts.is_empty() {
-        prompts::PROMPTS
-            .iter()
-            .map(|p| vec![Message::new("user", *p)])
-            .collect()
-    } else {
-        data_prompts.to_vec()
-    };
-    let bar = progress.items(opts.self_distill as u64, "generate");
-    let t0 = Instant::now();
-    let mut last_line = Instant::now();
-    let mut on_done = |done: usize| {
-        if log.wants_plain() && last_line.elapsed() >= PLAIN_EVERY {
-            last_line = Instant::now();
-            log.line(&format!(
-                "self-distill: {done}/{} answers written ({:.0} s)",
-                opts.self_distill,
-                t0.elapsed().as_secs_f64()
-            ));
-        }
-    };
-    let convs = selfdistill::generate(
+    let convs = conversations::teacher_conversations(
         teacher,
-        tokenizer,
-        template,
-        &prompts,
+        data_prompts,
         selfdistill::GenSettings {
             count: opts.self_distill,
             max_tokens: opts.self_distill_tokens,
             batch: 16,
             seed: opts.seed,
         },
-        &bar,
-        &mut on_done,
+        progress,
+        log,
     )?;
-    bar.finish_and_clear();
-    log.line(&format!(
-        "self-distill: the teacher answered {} of {} prompts in {:.0} s",
-        convs.len(),
-        opts.self_distill,
-        t0.elapsed().as_secs_f64()
-    ));
     ckpt.create()?;
     write_conversations(&saved, &convs)?;
     Ok(convs)
-}
-
-fn write_conversations(path: &Path, convs: &[Vec<Message>]) -> Result<()> {
-    let mut text = String::new();
-    for c in convs {
-        text.push_str(&serde_json::to_string(&json!({ "messages": c })).expect("plain data"));
-        text.push('\n');
-    }
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
 /// An earlier adapter to continue training from (`--init-adapter`). It may target fewer
