@@ -172,8 +172,8 @@ struct RecoverArgs {
     #[arg(long)]
     adapter_only: bool,
     /// Start from this LoRA adapter (PEFT layout, e.g. an earlier `--adapter-only` result)
-    /// instead of fresh adapters: continue a recovery with another stage or schedule. Its
-    /// rank and alpha must match; --targets may name more projections, which start fresh.
+    /// instead of fresh adapters: continue a recovery with another stage or schedule. --rank
+    /// may be higher and --targets may name more projections: what it lacks starts fresh.
     #[arg(long, value_name = "DIR")]
     init_adapter: Option<PathBuf>,
     /// Let the teacher answer N prompts (the data's `prompt` records, else built-in ones)

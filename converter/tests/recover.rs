@@ -668,7 +668,7 @@ fn init_adapter_continues_where_an_earlier_run_stopped() {
         continued[0]
     );
 
-    // An adapter of another shape is refused by name.
+    // A lower rank is refused by name: it would drop part of the adapter.
     let mut wrong = second.clone();
     wrong.out = root.path().join("wrong");
     wrong.lora.rank = 4;
@@ -720,6 +720,33 @@ fn init_adapter_continues_where_an_earlier_run_stopped() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("at least its projections"), "{e}");
+
+    // A higher rank widens the adapter: its slots come first, the new ones start at B = 0,
+    // and B is rescaled for the new alpha / rank (here 8 / 8 -> 8 / 16), so the first loss
+    // is again the continued run's.
+    let mut widened = second.clone();
+    widened.out = root.path().join("widened");
+    widened.lora.rank = 16;
+    let w = liger_converter::recover(&widened, &Progress::hidden()).unwrap();
+    let widened_losses = losses(&recovery_json(&w.out), 0);
+    assert!(
+        (widened_losses[0] - continued[0]).abs() <= 1e-5 * continued[0].abs(),
+        "widened {} vs continued {}",
+        widened_losses[0],
+        continued[0]
+    );
+    let (cfg, tensors) = lora::load_adapter(&w.out).unwrap();
+    assert_eq!((cfg.rank, cfg.alpha), (16, 8.0));
+    let (name, b) = tensors
+        .iter()
+        .find(|(n, _)| n.contains(".q_proj.lora_B"))
+        .expect("a q_proj adapter");
+    assert_eq!(b.dims()[1], 16, "{name}");
+    let new_half = b.narrow(1, 8, 8).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(
+        new_half.to_scalar::<f32>().unwrap() > 0.0,
+        "the new slots trained"
+    );
 }
 
 /// A prompt file of two questions.

@@ -457,6 +457,12 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
                 fresh
             ));
         }
+        if init.rank < opts.lora.rank {
+            log.line(&format!(
+                "--init-adapter has rank {}: its slots are the first of {}, the rest start fresh",
+                init.rank, opts.lora.rank
+            ));
+        }
     }
     let resumed = restored.is_some();
     let mut trainer = train::Trainer::new(train::TrainerParts {
@@ -597,10 +603,16 @@ fn self_distill_data(
 /// An earlier adapter to continue training from (`--init-adapter`). It may target fewer
 /// projections than this run: the others start fresh (`B` = 0, so they change nothing at
 /// first), which lets a run add o_proj or MLP adapters without losing earlier training.
+/// It may also have a lower rank: its `A` rows and `B` columns fill the first slots and the
+/// rest start fresh, `B` rescaled so `scale * B A` is unchanged, which widens an adapter
+/// that has stopped improving without starting over.
 struct InitAdapter {
     dir: PathBuf,
     /// The projections it adapts.
     targets: Vec<String>,
+    rank: usize,
+    /// Multiplies its `B`: its scale (alpha / rank) over this run's.
+    b_factor: f64,
     tensors: std::collections::HashMap<String, candle_core::Tensor>,
     /// Of its weights file, so a checkpoint is resumed only from the same start.
     fingerprint: String,
@@ -611,15 +623,13 @@ impl InitAdapter {
         let flag = |msg: String| Error::flag("--init-adapter", format!("{}: {msg}", dir.display()));
         let (cfg, tensors) = lora::load_adapter(dir).map_err(|e| flag(e.to_string()))?;
         let covered = cfg.targets.iter().all(|t| want.targets.contains(t));
-        if cfg.rank != want.rank || cfg.alpha != want.alpha || !covered {
+        if cfg.rank > want.rank || !covered {
             return Err(flag(format!(
-                "has rank {}, alpha {} on {} but this run trains rank {}, alpha {} on {} \
-                 (pass the adapter's --rank/--alpha, and --targets naming at least its projections)",
+                "has rank {} on {} but this run trains rank {} on {} \
+                 (pass --rank at least the adapter's, and --targets naming at least its projections)",
                 cfg.rank,
-                cfg.alpha,
                 cfg.targets.join(","),
                 want.rank,
-                want.alpha,
                 want.targets.join(",")
             )));
         }
@@ -627,7 +637,9 @@ impl InitAdapter {
         let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            targets: cfg.targets,
+            targets: cfg.targets.clone(),
+            rank: cfg.rank,
+            b_factor: cfg.scale() / want.scale(),
             tensors,
             fingerprint: data::fingerprint_bytes(&bytes),
         })
@@ -641,8 +653,9 @@ impl InitAdapter {
             .any(|t| name.contains(&format!(".{t}.lora_")))
     }
 
-    /// Sets every variable of the adapter's projections to its value (each must be there,
-    /// with its shape); variables of projections it lacks keep their fresh values.
+    /// Sets every variable of the adapter's projections from it (each must be there, with
+    /// its shape up to the rank); variables of projections it lacks, and the slots beyond
+    /// its rank, keep their fresh values. Returns how many variables it left fresh.
     fn load_into(&self, vars: &[(String, candle_core::Var)]) -> Result<usize> {
         let flag =
             |msg: String| Error::flag("--init-adapter", format!("{}: {msg}", self.dir.display()));
@@ -660,14 +673,28 @@ impl InitAdapter {
                 .tensors
                 .get(name)
                 .ok_or_else(|| flag(format!("lacks `{name}` (another model?)")))?;
-            if t.dims() != var.dims() {
+            // A is [rank, in] and B is [out, rank]: the rank is A's rows and B's columns.
+            let is_b = name.ends_with(".lora_B.weight");
+            let rank_dim = usize::from(is_b);
+            let mut expect = var.dims().to_vec();
+            expect[rank_dim] = self.rank;
+            if t.dims() != expect.as_slice() {
                 return Err(flag(format!(
                     "`{name}` is {:?}, the student needs {:?}",
                     t.dims(),
-                    var.dims()
+                    expect
                 )));
             }
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            let mut t = t.to_dtype(var.dtype())?.to_device(var.device())?;
+            if is_b && self.b_factor != 1.0 {
+                t = t.affine(self.b_factor, 0.0)?;
+            }
+            let extra = var.dims()[rank_dim] - self.rank;
+            if extra > 0 {
+                let fresh = var.as_tensor().narrow(rank_dim, self.rank, extra)?;
+                t = candle_core::Tensor::cat(&[&t, &fresh], rank_dim)?;
+            }
+            var.set(&t)?;
         }
         Ok(vars.len() - self.tensors.len())
     }
