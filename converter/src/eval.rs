@@ -10,6 +10,11 @@
 //! With `--adapter` the model is evaluated with a LoRA adapter applied on the fly, so an
 //! adapter can be judged before it is merged.
 //!
+//! The same numbers are also given by how much context the prediction had (1-64 tokens,
+//! 65-128, 129-256, ...): a linearized model sees the first tokens exactly through its
+//! window, and later ones only through its recurrent state, so where its gap to the original
+//! lies says whether the window or the state is short.
+//!
 //! Each report also gives the bytes of state one sequence holds at `seq_len` tokens, split
 //! by kind, and with `decode_latency` the median time of a decode step after a `seq_len`
 //! prefill, so structures can be compared in one table ([`render_comparison`]).
@@ -97,6 +102,39 @@ pub struct EvalReport {
     /// Median decode step after a `seq_len`-token prefill, when measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decode_ms_per_token: Option<f64>,
+    /// The same measures by context length, shortest first.
+    pub by_context: Vec<ContextBucket>,
+}
+
+/// Predictions made with `from..=to` tokens of context (the predicting token included).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ContextBucket {
+    pub from: usize,
+    pub to: usize,
+    pub tokens: u64,
+    pub perplexity: f64,
+    pub perplexity_ratio: Option<f64>,
+    pub agreement: Option<f64>,
+    pub kl: Option<f64>,
+}
+
+/// Context lengths of the first bucket; each later one is twice as long as the one before.
+const FIRST_BUCKET: usize = 64;
+
+/// The bucket of a prediction made with `context` tokens: 1-64 -> 0, 65-128 -> 1, ...
+fn bucket_of(context: usize) -> usize {
+    let (mut hi, mut b) = (FIRST_BUCKET, 0);
+    while context > hi {
+        hi *= 2;
+        b += 1;
+    }
+    b
+}
+
+/// The context lengths `(from, to)` of bucket `b`.
+fn bucket_range(b: usize) -> (usize, usize) {
+    let to = FIRST_BUCKET << b;
+    (if b == 0 { 1 } else { to / 2 + 1 }, to)
 }
 
 /// [`liger_model::StateBytes`] for the report.
@@ -123,13 +161,84 @@ impl From<liger_model::StateBytes> for StateBytesReport {
 const LATENCY_STEPS: usize = 16;
 
 /// Sums over positions, in f64.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Acc {
     nll: f64,
     ref_nll: f64,
     agree: u64,
     kl: f64,
     n: u64,
+}
+
+impl Acc {
+    fn add(&mut self, p: &Prediction) {
+        self.nll += p.nll;
+        self.ref_nll += p.ref_nll;
+        self.agree += u64::from(p.agree);
+        self.kl += p.kl;
+        self.n += 1;
+    }
+
+    fn perplexity(&self) -> f64 {
+        (self.nll / self.n.max(1) as f64).exp()
+    }
+
+    /// Ratio, agreement and KL against the reference, when there is one.
+    fn comparison(&self, has_ref: bool) -> (Option<f64>, Option<f64>, Option<f64>) {
+        let n = self.n.max(1) as f64;
+        if !has_ref {
+            return (None, None, None);
+        }
+        let ratio = ((self.nll - self.ref_nll) / n).exp();
+        (Some(ratio), Some(self.agree as f64 / n), Some(self.kl / n))
+    }
+}
+
+/// One position's numbers (the reference's are zero without one).
+struct Prediction {
+    nll: f64,
+    ref_nll: f64,
+    agree: bool,
+    kl: f64,
+}
+
+/// The whole data's sums and each context bucket's.
+#[derive(Default)]
+struct Totals {
+    all: Acc,
+    by_context: Vec<Acc>,
+}
+
+impl Totals {
+    fn add(&mut self, context: usize, p: &Prediction) {
+        self.all.add(p);
+        let b = bucket_of(context);
+        if self.by_context.len() <= b {
+            self.by_context.resize(b + 1, Acc::default());
+        }
+        self.by_context[b].add(p);
+    }
+
+    fn buckets(&self, has_ref: bool) -> Vec<ContextBucket> {
+        self.by_context
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.n > 0)
+            .map(|(b, a)| {
+                let (from, to) = bucket_range(b);
+                let (perplexity_ratio, agreement, kl) = a.comparison(has_ref);
+                ContextBucket {
+                    from,
+                    to,
+                    tokens: a.n,
+                    perplexity: a.perplexity(),
+                    perplexity_ratio,
+                    agreement,
+                    kl,
+                }
+            })
+            .collect()
+    }
 }
 
 /// Evaluates `opts.model` (and compares it with `opts.reference`).
@@ -198,7 +307,7 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
         ));
     }
     let bar = progress.items(chunks.len() as u64, "eval");
-    let mut acc = Acc::default();
+    let mut totals = Totals::default();
     for group in chunks.chunks(opts.batch) {
         let toks: Vec<&[u32]> = group.iter().map(|c| c.tokens.as_slice()).collect();
         let m = all_logits(&model, &toks)?;
@@ -206,7 +315,7 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
             .as_ref()
             .map(|r| all_logits(r, &toks))
             .transpose()?;
-        score(&m, r.as_ref(), &toks, &mut acc)?;
+        score(&m, r.as_ref(), &toks, &mut totals)?;
         bar.inc(group.len() as u64);
     }
     bar.finish_and_clear();
@@ -216,6 +325,7 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
     } else {
         None
     };
+    let acc = &totals.all;
     let n = acc.n.max(1) as f64;
     let scores = |path: &PathBuf, nll: f64| Scores {
         path: path.clone(),
@@ -240,6 +350,7 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
         seq_len: opts.seq_len,
         state: model.state_spec().bytes_by_kind_at(opts.seq_len).into(),
         decode_ms_per_token,
+        by_context: totals.buckets(has_ref),
     })
 }
 
@@ -279,33 +390,53 @@ fn all_logits(model: &Model, seqs: &[&[u32]]) -> Result<Tensor> {
     )?)
 }
 
-/// Adds the positions that have a next token to `acc`.
-fn score(m: &Tensor, r: Option<&Tensor>, seqs: &[&[u32]], acc: &mut Acc) -> Result<()> {
+/// Adds the positions that have a next token to `totals`.
+fn score(m: &Tensor, r: Option<&Tensor>, seqs: &[&[u32]], totals: &mut Totals) -> Result<()> {
     let device = m.device();
-    // Rows with a next token, and that token.
+    // Rows with a next token, that token, and the context the prediction had.
     let mut rows = Vec::new();
     let mut next = Vec::new();
+    let mut context = Vec::new();
     let mut start = 0u32;
     for s in seqs {
         for t in 0..s.len() - 1 {
             rows.push(start + t as u32);
             next.push(s[t + 1]);
+            context.push(t + 1);
         }
         start += s.len() as u32;
     }
     let rows = Tensor::new(rows.as_slice(), device)?;
     let next = Tensor::new(next.as_slice(), device)?.unsqueeze(1)?;
+    let per_row = |t: Tensor| -> Result<Vec<f64>> {
+        Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    };
     let m = m.index_select(&rows, 0)?;
-    let sum =
-        |t: Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
-    acc.nll -= sum(m.gather(&next, 1)?)?;
-    acc.n += next.dim(0)? as u64;
-    if let Some(r) = r {
-        let r = r.index_select(&rows, 0)?;
-        acc.ref_nll -= sum(r.gather(&next, 1)?)?;
-        let same = m.argmax(D::Minus1)?.eq(&r.argmax(D::Minus1)?)?;
-        acc.agree += same.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as u64;
-        acc.kl += sum((r.exp()? * (&r - &m)?)?)?;
+    let nll = per_row(m.gather(&next, 1)?.neg()?)?;
+    let (ref_nll, agree, kl) = match r {
+        Some(r) => {
+            let r = r.index_select(&rows, 0)?;
+            let same = m.argmax(D::Minus1)?.eq(&r.argmax(D::Minus1)?)?;
+            (
+                per_row(r.gather(&next, 1)?.neg()?)?,
+                per_row(same)?.into_iter().map(|x| x != 0.0).collect(),
+                per_row((r.exp()? * (&r - &m)?)?.sum(D::Minus1)?)?,
+            )
+        }
+        None => (
+            vec![0.0; nll.len()],
+            vec![false; nll.len()],
+            vec![0.0; nll.len()],
+        ),
+    };
+    for (i, &c) in context.iter().enumerate() {
+        let p = Prediction {
+            nll: nll[i],
+            ref_nll: ref_nll[i],
+            agree: agree[i],
+            kl: kl[i],
+        };
+        totals.add(c, &p);
     }
     Ok(())
 }
@@ -366,6 +497,27 @@ pub fn render(r: &EvalReport) -> String {
     if let Some(ms) = r.decode_ms_per_token {
         let _ = writeln!(s, "{:<24} {:>9.1} ms", "decode step", ms);
     }
+    if r.by_context.len() > 1 {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "{:<12} {:>8} {:>12} {:>9} {:>10} {:>8}",
+            "context", "tokens", "perplexity", "ratio", "agreement", "KL"
+        );
+        let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_owned(), f);
+        for b in &r.by_context {
+            let _ = writeln!(
+                s,
+                "{:<12} {:>8} {:>12.3} {:>9} {:>10} {:>8}",
+                format!("{}-{}", b.from, b.to),
+                b.tokens,
+                b.perplexity,
+                opt(b.perplexity_ratio, &|x| format!("{x:.3}x")),
+                opt(b.agreement, &|x| format!("{:.1}%", 100.0 * x)),
+                opt(b.kl, &|x| format!("{x:.4}")),
+            );
+        }
+    }
     s
 }
 
@@ -413,4 +565,23 @@ pub fn render_comparison(reports: &[EvalReport]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_buckets_double_from_64() {
+        let got: Vec<usize> = [1, 64, 65, 128, 129, 256, 257, 512, 513]
+            .into_iter()
+            .map(bucket_of)
+            .collect();
+        assert_eq!(got, [0, 0, 1, 1, 2, 2, 3, 3, 4]);
+        for b in 0..5 {
+            let (from, to) = bucket_range(b);
+            assert_eq!((bucket_of(from), bucket_of(to)), (b, b));
+            assert_eq!(bucket_of(to + 1), b + 1);
+        }
+    }
 }

@@ -639,6 +639,44 @@ fn eval_of_a_model_against_itself_is_perfect() {
     let rep = liger_converter::evaluate(&e, &Progress::hidden()).unwrap();
     assert!(rep.reference.is_none() && rep.agreement.is_none());
     assert!(rep.model.perplexity > 1.0);
+    assert!(rep.by_context.iter().all(|b| b.perplexity_ratio.is_none()));
+
+    // By context length: the buckets split the positions (1-64, 65-128, 129-256 tokens of
+    // context at seq_len 200), and their token-weighted means are the whole data's.
+    let mut e = EvalOptions::new(&s, files.clone());
+    e.reference = Some(t.clone());
+    e.seq_len = 200;
+    let rep = liger_converter::evaluate(&e, &Progress::hidden()).unwrap();
+    let ranges: Vec<_> = rep.by_context.iter().map(|b| (b.from, b.to)).collect();
+    assert_eq!(ranges, [(1, 64), (65, 128), (129, 256)]);
+    let n: u64 = rep.by_context.iter().map(|b| b.tokens).sum();
+    assert_eq!(n, rep.tokens);
+    let mean = |f: &dyn Fn(&liger_converter::eval::ContextBucket) -> f64| {
+        rep.by_context
+            .iter()
+            .map(|b| b.tokens as f64 * f(b))
+            .sum::<f64>()
+            / n as f64
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    assert!(
+        close(mean(&|b| b.perplexity.ln()), rep.model.nll),
+        "{rep:?}"
+    );
+    assert!(close(
+        mean(&|b| b.perplexity_ratio.unwrap().ln()),
+        rep.perplexity_ratio.unwrap().ln()
+    ));
+    assert!(close(
+        mean(&|b| b.agreement.unwrap()),
+        rep.agreement.unwrap()
+    ));
+    assert!(close(mean(&|b| b.kl.unwrap()), rep.kl.unwrap()));
+    let table = liger_converter::eval::render(&rep);
+    assert!(
+        table.contains("65-128") && table.contains("agreement"),
+        "{table}"
+    );
     let _ = Device::Cpu;
 }
 
