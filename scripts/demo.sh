@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Demo on the default model, SmolLM2-135M-Instruct: fetch it (cached), convert it to
-# Liger-GLA, merge the committed recovery adapter (models/smollm2-135m-liger) into it, and
-# serve the recovered model.
+# Liger-GLA with the settings the committed recovery adapter was trained for
+# (models/smollm2-135m-liger/convert.args), merge the adapter into it, and serve the
+# recovered model.
 #
 #   scripts/demo.sh [--prepare-only] ["your question"]
 #
@@ -24,8 +25,14 @@ prompt="${1:-What is the capital of France?}"
 gguf="$(scripts/fetch-smollm2.sh)"
 cache="${LIGER_CACHE:-$HOME/.cache/liger}/smollm2-135m-instruct"
 adapter=models/smollm2-135m-liger
-key="$(cat "$adapter/adapter_config.json" "$adapter/adapter_model.safetensors" | sha256sum | cut -c1-16)"
-zero_shot="$cache/liger-gla-zero-shot"
+# The adapter only fits a student converted as it was trained (e.g. its window), so the
+# conversion flags live beside it; both cached folders are keyed by them.
+args_file="$adapter/convert.args"
+[[ -f "$args_file" ]] || { echo "demo: $args_file is missing" >&2; exit 1; }
+read -r -a convert_args < "$args_file" || true # a last line without a newline still reads
+flags_key="$(printf '%s ' "${convert_args[@]}" | sha256sum | cut -c1-8)"
+key="$(cat "$args_file" "$adapter/adapter_config.json" "$adapter/adapter_model.safetensors" | sha256sum | cut -c1-16)"
+zero_shot="$cache/liger-gla-zero-shot-$flags_key"
 recovered="$cache/liger-gla-recovered-$key"
 
 # A folder is usable when every file a server needs is there (folders are written
@@ -39,7 +46,8 @@ if ! complete "$recovered"; then
   echo "demo: building the recovered model (once; cached in $recovered)" >&2
   cargo build --release -q -p liger-converter --bin liger-convert >&2
   if ! complete "$zero_shot"; then
-    target/release/liger-convert convert --from "$gguf" --out "$zero_shot" --force --quiet >&2
+    target/release/liger-convert convert --from "$gguf" "${convert_args[@]}" --out "$zero_shot" \
+      --force --quiet >&2
   fi
   target/release/liger-convert apply-adapter --model "$zero_shot" --adapter "$adapter" \
     --out "$recovered" --force --quiet >&2
