@@ -335,12 +335,11 @@ pub fn evaluate(opts: &EvalOptions, progress: &Progress) -> Result<EvalReport> {
     let model_scores = scores(&opts.model, acc.nll);
     let ref_scores = opts.reference.as_ref().map(|p| scores(p, acc.ref_nll));
     let has_ref = ref_scores.is_some();
+    let (perplexity_ratio, agreement, kl) = acc.comparison(has_ref);
     Ok(EvalReport {
-        perplexity_ratio: ref_scores
-            .as_ref()
-            .map(|r| model_scores.perplexity / r.perplexity),
-        agreement: has_ref.then(|| acc.agree as f64 / n),
-        kl: has_ref.then(|| acc.kl / n),
+        perplexity_ratio,
+        agreement,
+        kl,
         model: model_scores,
         adapter: opts.adapter.clone(),
         quantize: opts.quantize.map(Quantization::name),

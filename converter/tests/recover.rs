@@ -724,12 +724,7 @@ fn init_adapter_continues_where_an_earlier_run_stopped() {
     grown.lora.targets.push("o_proj".into());
     let g = liger_converter::recover(&grown, &Progress::hidden()).unwrap();
     let grown_losses = losses(&recovery_json(&g.out), 0);
-    assert!(
-        (grown_losses[0] - continued[0]).abs() <= 1e-5 * continued[0].abs(),
-        "grown {} vs continued {}",
-        grown_losses[0],
-        continued[0]
-    );
+    assert_same_first_loss("grown", grown_losses[0], continued[0]);
     let (cfg, tensors) = lora::load_adapter(&g.out).unwrap();
     assert!(
         cfg.targets.contains(&"o_proj".to_string()),
@@ -767,12 +762,7 @@ fn init_adapter_continues_where_an_earlier_run_stopped() {
     widened.lora.rank = 16;
     let w = liger_converter::recover(&widened, &Progress::hidden()).unwrap();
     let widened_losses = losses(&recovery_json(&w.out), 0);
-    assert!(
-        (widened_losses[0] - continued[0]).abs() <= 1e-5 * continued[0].abs(),
-        "widened {} vs continued {}",
-        widened_losses[0],
-        continued[0]
-    );
+    assert_same_first_loss("widened", widened_losses[0], continued[0]);
     let (cfg, tensors) = lora::load_adapter(&w.out).unwrap();
     assert_eq!((cfg.rank, cfg.alpha), (16, 8.0));
     let (name, b) = tensors
@@ -784,6 +774,15 @@ fn init_adapter_continues_where_an_earlier_run_stopped() {
     assert!(
         new_half.to_scalar::<f32>().unwrap() > 0.0,
         "the new slots trained"
+    );
+}
+
+/// A run that started from an earlier adapter plus fresh parts (B = 0) must begin exactly
+/// where the earlier adapter alone did.
+fn assert_same_first_loss(what: &str, got: f64, want: f64) {
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs(),
+        "{what} {got} vs continued {want}"
     );
 }
 

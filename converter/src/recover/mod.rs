@@ -637,9 +637,9 @@ impl InitAdapter {
         let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            targets: cfg.targets.clone(),
             rank: cfg.rank,
             b_factor: cfg.scale() / want.scale(),
+            targets: cfg.targets,
             tensors,
             fingerprint: data::fingerprint_bytes(&bytes),
         })
