@@ -29,6 +29,9 @@ struct Hybrid {
     features: FeatureMaps,
     window_weight: f64,
     recurrent_weight: f64,
+    /// Global cache places per KV head, and how many of them are sinks.
+    global_places: usize,
+    sinks: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +98,8 @@ impl Attention {
                     },
                     window_weight: l.window_weight,
                     recurrent_weight: l.recurrent_weight,
+                    global_places: l.global_cache,
+                    sinks: l.sinks,
                 })
             }
         };
@@ -166,12 +171,14 @@ impl Attention {
     }
 
     /// The mixer and the q, k, v, o projections as the fused decode step reads them; `None`
-    /// for mixers it does not cover (GSA).
+    /// for mixers it does not cover (GSA, global caches).
     pub(crate) fn decode_view(&self) -> Option<(Mix, [&Linear; 4])> {
         let mix = match &self.mixer {
             Mixer::Softmax => Mix::Softmax,
+            // The fused step has no global cache: such layers take the general path.
             Mixer::Liger(hy)
-                if hy.recurrent_weight == 0.0 || hy.features.variant != Variant::Gsa =>
+                if hy.global_places == 0
+                    && (hy.recurrent_weight == 0.0 || hy.features.variant != Variant::Gsa) =>
             {
                 Mix::Liger {
                     recurrent: Recurrent {
@@ -343,13 +350,48 @@ impl Attention {
         ctx: &BatchContext,
         states: &mut [&mut LayerState],
     ) -> Result<Tensor> {
-        let (h, d) = (self.num_heads, self.head_dim);
-        if hy.recurrent_weight == 0.0 {
+        for state in states.iter() {
+            if !matches!(&**state, LayerState::Liger { .. }) {
+                return Err(Error::State(
+                    "layer state kind does not match the model".into(),
+                ));
+            }
+        }
+        // The recurrent branch first: its memory reads give the saliences the global cache
+        // chooses by, before the window branch attends.
+        let (recurrent_out, reads) = if hy.recurrent_weight == 0.0 {
             // Window-only attention: the recurrent branch would be multiplied by 0, so it is
             // neither computed nor kept (its state has no rows).
-            let window_out = self.attend_all(q_rot, k_rot, v, ctx, &mut window_caches(states)?)?;
-            return Ok((Tensor::cat(&window_out, 0)? * hy.window_weight)?);
-        }
+            (None, vec![None; ctx.spans.len()])
+        } else {
+            let (out, reads) = self.recurrent_branch(hy, (q, k, v), ctx, states)?;
+            (Some(out), reads)
+        };
+        let window_out = if hy.global_places > 0 {
+            self.attend_with_global(q_rot, k_rot, v, ctx, states, &reads)?
+        } else {
+            let outs = self.attend_all(q_rot, k_rot, v, ctx, &mut window_caches(states)?)?;
+            Tensor::cat(&outs, 0)?
+        };
+        let window_out = (window_out * hy.window_weight)?;
+        Ok(match recurrent_out {
+            None => window_out,
+            Some(r) => (window_out + (r * hy.recurrent_weight)?)?,
+        })
+    }
+
+    /// The gated recurrent branch for every sequence: `[tokens, h, d]`, and, when the layer
+    /// has a global cache, each sequence's memory reads at its own keys (`[hkv, len, d]`,
+    /// see [`crate::global`]).
+    fn recurrent_branch(
+        &self,
+        hy: &Hybrid,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        ctx: &BatchContext,
+        states: &mut [&mut LayerState],
+    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+        let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let g = h / hkv;
         let features = FeatureMaps {
             differentiable: ctx.differentiable,
             ..hy.features
@@ -357,57 +399,140 @@ impl Attention {
         // Feature maps for all tokens at once: [1, heads, tokens, d].
         let as_bhtd =
             |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
-        let all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
-
-        let window_out = self.attend_all(q_rot, k_rot, v, ctx, &mut window_caches(states)?)?;
-        let mut recurrent_out: Vec<Option<Tensor>> = vec![None; ctx.spans.len()];
+        let mut all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
+        let self_read = hy.global_places > hy.sinks;
+        if self_read {
+            all = all.with_key_reads()?;
+        }
+        // Query heads per KV head in the recurrence's output, the key read last.
+        let heads = if self_read { g + 1 } else { g };
+        // [.., heads, t, d] -> ([t, h, d], the key reads [hkv, t, d])
+        let split = |o: &Tensor, t: usize| -> Result<(Tensor, Option<Tensor>)> {
+            let o = o.reshape((hkv, heads, t, d))?;
+            let out = o.narrow(1, 0, g)?.reshape((h, t, d))?.transpose(0, 1)?;
+            let read = if self_read {
+                Some(o.narrow(1, g, 1)?.squeeze(1)?)
+            } else {
+                None
+            };
+            Ok((out, read))
+        };
+        let mut outs: Vec<Option<Tensor>> = vec![None; ctx.spans.len()];
+        let mut reads: Vec<Option<Tensor>> = vec![None; ctx.spans.len()];
         // Sequences decoding one token share one batched recurrent step.
         let mut decode: Vec<usize> = Vec::new();
         for (i, (span, state)) in ctx.spans.iter().zip(states.iter_mut()).enumerate() {
-            let LayerState::Liger { recurrent, .. } = &mut **state else {
-                unreachable!("checked above");
-            };
             if is_batched_decode(span, ctx) {
                 decode.push(i);
                 continue;
             }
+            let recurrent = recurrent_of(state);
             let (o, s) = all
                 .tokens(span.start, span.len)?
                 .chunked(recurrent, ctx.chunk_size)?;
             *recurrent = s;
-            // [1, hkv, g, t, d] -> [t, h, d]
-            recurrent_out[i] = Some(o.reshape((h, span.len, d))?.transpose(0, 1)?);
+            (outs[i], reads[i]) = {
+                let (o, r) = split(&o, span.len)?;
+                (Some(o), r)
+            };
         }
         if !decode.is_empty() {
             let idx: Vec<u32> = decode.iter().map(|&i| ctx.spans[i].start as u32).collect();
             let rows = all.rows(&Tensor::new(idx.as_slice(), q.device())?)?;
-            let nb = decode.len();
-            let mut s_in = Vec::with_capacity(nb);
+            let mut s_in = Vec::with_capacity(decode.len());
             for &i in &decode {
-                let LayerState::Liger { recurrent, .. } = &*states[i] else {
-                    unreachable!()
-                };
-                s_in.push(recurrent.clone());
+                s_in.push(recurrent_of(states[i]).clone());
             }
             let (o, s) = rows.recurrent(&Tensor::cat(&s_in, 0)?)?;
-            let o = o.reshape((nb, 1, h, d))?;
             for (j, &i) in decode.iter().enumerate() {
-                let LayerState::Liger { recurrent, .. } = &mut *states[i] else {
-                    unreachable!()
+                *recurrent_of(states[i]) = s.narrow(0, j, 1)?;
+                (outs[i], reads[i]) = {
+                    let (o, r) = split(&o.get(j)?, 1)?;
+                    (Some(o), r)
                 };
-                *recurrent = s.narrow(0, j, 1)?;
-                recurrent_out[i] = Some(o.get(j)?);
             }
         }
-        let window_out = Tensor::cat(&window_out, 0)?;
-        let recurrent_out = Tensor::cat(
-            &recurrent_out
+        let outs: Vec<Tensor> = outs
+            .into_iter()
+            .map(|o| o.expect("every span computed"))
+            .collect();
+        Ok((Tensor::cat(&outs, 0)?, reads))
+    }
+
+    /// The window branch of a layer with a global cache, one sequence at a time: each query
+    /// sees its window and the cache as it stood when the query was read, and the cache
+    /// admits the tokens that leave the window (see [`crate::global`]). Returns
+    /// `[tokens, h, d]`, f32.
+    fn attend_with_global(
+        &self,
+        q_rot: &Tensor,
+        k_rot: &Tensor,
+        v: &Tensor,
+        ctx: &BatchContext,
+        states: &mut [&mut LayerState],
+        reads: &[Option<Tensor>],
+    ) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(ctx.spans.len());
+        for ((span, state), read) in ctx.spans.iter().zip(states.iter_mut()).zip(reads) {
+            let LayerState::Liger { window, global, .. } = &mut **state else {
+                unreachable!("checked by hybrid");
+            };
+            let to_heads = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.narrow(0, span.start, span.len)?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            let (k_new, v_new, q) = (to_heads(k_rot)?, to_heads(v)?, to_heads(q_rot)?);
+            let scores = global.saliences(span.position, &v_new, read.as_ref())?;
+            let window_len = window.len();
+            let places = window.capacity().unwrap_or(usize::MAX);
+            let plan = global.plan(places, window_len, &scores)?;
+            let stream_scores: Vec<Vec<f32>> = match global.window_scores() {
+                Some(s) => s.to_vec2::<f32>()?,
+                None => vec![Vec::new(); scores.len()],
+            }
+            .into_iter()
+            .zip(&scores)
+            .map(|(old, new)| [old, new.clone()].concat())
+            .collect();
+            let (mut keys, mut values) = (Vec::new(), Vec::new());
+            if let Some((k, v, _)) = global.kept() {
+                keys.push(k.clone());
+                values.push(v.clone());
+            }
+            let (k_all, v_all) = window.extend(&k_new, &v_new)?;
+            keys.push(k_all);
+            values.push(v_all);
+            let keys = Tensor::cat(&keys, 1)?;
+            let values = Tensor::cat(&values, 1)?;
+            let mask = if plan.all_visible() {
+                None
+            } else {
+                Some(plan.mask(q.device())?)
+            };
+            outs.push(softmax_attention(
+                &q,
+                &keys,
+                &values,
+                mask.as_ref(),
+                ctx.differentiable,
+            )?);
+            let kept_rows = window.len();
+            let window_scores = stream_scores
                 .into_iter()
-                .map(|o| o.expect("every span computed"))
-                .collect::<Vec<_>>(),
-            0,
-        )?;
-        Ok(((window_out * hy.window_weight)? + (recurrent_out * hy.recurrent_weight)?)?)
+                .map(|s| s[s.len() - kept_rows..].to_vec())
+                .collect();
+            global.apply(&plan, (&keys, &values), window_scores, q.device())?;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
+
+/// The recurrent memory of a Liger layer state (checked to be one by the caller).
+fn recurrent_of(state: &mut LayerState) -> &mut Tensor {
+    match state {
+        LayerState::Liger { recurrent, .. } => recurrent,
+        LayerState::Softmax(_) => unreachable!("checked by hybrid"),
     }
 }
 
@@ -459,7 +584,8 @@ pub fn attention_mask(
 }
 
 /// Grouped-query softmax attention without repeating keys: `q: [h, t, d]`, `k`, `v`:
-/// `[hkv, L, d]`, `mask: [t, L]`. Scale `1/sqrt(d)`. Returns `[t, h, d]` in f32.
+/// `[hkv, L, d]`, `mask: [t, L]`, or `[hkv, 1, t, L]` for a mask per KV head. Scale
+/// `1/sqrt(d)`. Returns `[t, h, d]` in f32.
 pub fn softmax_attention(
     q: &Tensor,
     k: &Tensor,

@@ -101,9 +101,23 @@ pub struct LigerConfig {
     /// [`DEFAULT_SLOTS`] when absent. Only GSA has slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<usize>,
+    /// Global cache: besides the window, each layer keeps at most this many older tokens'
+    /// keys and values per KV head for the window branch to attend to, chosen as the tokens
+    /// the recurrent memory recalls worst (LoLA, arXiv 2505.23666); 0 keeps none. Constant
+    /// memory, like the window. See [`crate::global`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub global_cache: usize,
+    /// Attention sinks: the first this many tokens of a sequence always hold places in the
+    /// global cache (StreamingLLM, arXiv 2309.17453); at most `global_cache`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sinks: usize,
     /// Where the weights came from (a path, hub id or GGUF file); informational.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 impl Default for LigerConfig {
@@ -117,6 +131,8 @@ impl Default for LigerConfig {
             gate_normalizer: 16.0,
             full_attention_layers: Vec::new(),
             slots: None,
+            global_cache: 0,
+            sinks: 0,
             source: None,
         }
     }
@@ -477,6 +493,33 @@ fn parse_liger(v: &Value, num_layers: usize, head_dim: usize) -> Result<LigerCon
                     "{m} slots: the gate pools the head dim ({head_dim}) into equal groups, \
                      so slots must divide it"
                 ),
+            ));
+        }
+    }
+    if l.sinks > l.global_cache {
+        return Err(Error::config(
+            "liger.sinks",
+            format!(
+                "{} sinks do not fit a global cache of {} tokens (sinks take places in it)",
+                l.sinks, l.global_cache
+            ),
+        ));
+    }
+    if l.global_cache > l.sinks {
+        // Places beyond the sinks go to the tokens the recurrent memory recalls worst, which
+        // needs a d x d memory to ask.
+        if l.variant == Variant::Gsa {
+            return Err(Error::config(
+                "liger.global_cache",
+                "is chosen by the GLA/HGRN2 memory's recall; gsa supports sinks only \
+                 (global_cache equal to sinks)",
+            ));
+        }
+        if l.recurrent_weight == 0.0 {
+            return Err(Error::config(
+                "liger.global_cache",
+                "is chosen by the recurrent memory's recall, and window-only attention \
+                 (recurrent_weight 0) has none: use sinks only (global_cache equal to sinks)",
             ));
         }
     }

@@ -9,7 +9,8 @@
 //! - [`config`]: Hugging Face `config.json` plus the `liger` section, validated;
 //! - [`layers`]: RMSNorm, RoPE, SwiGLU, linear projections;
 //! - [`gla`]: the gated recurrent branch in naive, chunked and recurrent form;
-//! - [`attention`]: softmax attention (full or windowed) and the Liger hybrid;
+//! - [`attention`]: softmax attention (full or windowed) and the Liger hybrid, whose
+//!   window branch may also see a bounded [`global`] cache of salient older tokens;
 //! - [`state`]: per-sequence state, kept outside the model, and its slot pool;
 //! - [`cache`]: snapshots of states keyed by consumed tokens (resume, not re-read);
 //! - [`model`]: the causal LM, its batched forward, and LoRA adapters ([`lora`]); its
@@ -24,6 +25,7 @@ mod decode;
 pub mod error;
 pub mod gguf;
 pub mod gla;
+pub mod global;
 pub mod layers;
 pub mod lora;
 pub mod model;

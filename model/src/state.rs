@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{LayerKind, ModelConfig};
+use crate::global::GlobalCache;
 use crate::{Error, Result};
 
 /// What every state of one model must look like.
@@ -28,6 +29,10 @@ pub struct StateSpec {
     pub recurrent_rows: usize,
     /// Liger window (keys kept besides the current one).
     pub liger_window: usize,
+    /// Places per KV head in a Liger layer's global cache, and how many go to the first
+    /// tokens (sinks); 0 places: no global cache.
+    pub global_cache: usize,
+    pub sinks: usize,
     /// dtype of cached keys and values (the model's); recurrent states are always f32.
     pub cache_dtype: DType,
     pub device: Device,
@@ -46,6 +51,8 @@ impl StateSpec {
                 None => cfg.head_dim,
             },
             liger_window: cfg.liger.as_ref().map_or(0, |l| l.window),
+            global_cache: cfg.liger.as_ref().map_or(0, |l| l.global_cache),
+            sinks: cfg.liger.as_ref().map_or(0, |l| l.sinks),
             cache_dtype,
             device: device.clone(),
         }
@@ -61,6 +68,7 @@ impl StateSpec {
                     DType::F32,
                     &self.device,
                 )?,
+                global: GlobalCache::new(self.global_cache, self.sinks),
             },
             LayerKind::Softmax { window } => LayerState::Softmax(KvCache::new(window)),
         })
@@ -80,7 +88,14 @@ impl StateSpec {
             match k {
                 LayerKind::Liger => {
                     b.recurrent += recurrent;
-                    b.window += kv_row * context.min(self.liger_window);
+                    let in_window = context.min(self.liger_window);
+                    b.window += kv_row * in_window;
+                    if self.global_cache > 0 {
+                        // Kept entries (key, value, f32 salience) and the window rows' saliences.
+                        let kept = (context - in_window).min(self.global_cache);
+                        b.global += (kv_row + self.num_kv_heads * 4) * kept
+                            + self.num_kv_heads * 4 * in_window;
+                    }
                 }
                 LayerKind::Softmax { window } => {
                     b.kv_cache += kv_row * window.map_or(context, |w| context.min(w));
@@ -109,13 +124,15 @@ pub struct StateBytes {
     pub recurrent: usize,
     /// Liger layers' sliding-window caches (bounded by the window).
     pub window: usize,
+    /// Liger layers' global caches (bounded by their places) and the saliences they use.
+    pub global: usize,
     /// Softmax layers' KV caches (growing with the context unless the layer has a window).
     pub kv_cache: usize,
 }
 
 impl StateBytes {
     pub fn total(&self) -> usize {
-        self.recurrent + self.window + self.kv_cache
+        self.recurrent + self.window + self.global + self.kv_cache
     }
 }
 
@@ -123,6 +140,7 @@ impl std::ops::AddAssign for StateBytes {
     fn add_assign(&mut self, o: Self) {
         self.recurrent += o.recurrent;
         self.window += o.window;
+        self.global += o.global;
         self.kv_cache += o.kv_cache;
     }
 }
@@ -201,6 +219,8 @@ pub enum LayerState {
         window: KvCache,
         /// `[1, hkv, d, d]`, f32.
         recurrent: Tensor,
+        /// Older tokens the window branch still sees (disabled when it has no places).
+        global: GlobalCache,
     },
 }
 
@@ -235,9 +255,14 @@ impl SequenceState {
         for l in &self.layers {
             match l {
                 LayerState::Softmax(c) => b.kv_cache += c.bytes(),
-                LayerState::Liger { window, recurrent } => {
+                LayerState::Liger {
+                    window,
+                    recurrent,
+                    global,
+                } => {
                     b.window += window.bytes();
                     b.recurrent += tensor_bytes(recurrent);
+                    b.global += global.bytes();
                 }
             }
         }
@@ -250,8 +275,20 @@ impl SequenceState {
         for (i, l) in self.layers.iter().enumerate() {
             let cache = match l {
                 LayerState::Softmax(c) => c,
-                LayerState::Liger { window, recurrent } => {
+                LayerState::Liger {
+                    window,
+                    recurrent,
+                    global,
+                } => {
                     tensors.push((format!("layers.{i}.recurrent"), recurrent.clone()));
+                    if let Some((k, v, s)) = global.kept() {
+                        tensors.push((format!("layers.{i}.global.k"), k.clone()));
+                        tensors.push((format!("layers.{i}.global.v"), v.clone()));
+                        tensors.push((format!("layers.{i}.global.scores"), s.clone()));
+                    }
+                    if let Some(s) = global.window_scores() {
+                        tensors.push((format!("layers.{i}.window_scores"), s.clone()));
+                    }
                     window
                 }
             };
@@ -309,12 +346,19 @@ impl SequenceState {
         for (i, layer) in state.layers.iter_mut().enumerate() {
             let cache = match layer {
                 LayerState::Softmax(c) => c,
-                LayerState::Liger { window, recurrent } => {
+                LayerState::Liger {
+                    window,
+                    recurrent,
+                    global,
+                } => {
                     let r = tensors
                         .remove(&format!("layers.{i}.recurrent"))
                         .ok_or_else(|| bad(format!("layer {i}: missing recurrent state")))?;
                     check(&r, &[1, hkv, spec.recurrent_rows, d], DType::F32, i)?;
                     *recurrent = r;
+                    if global.is_enabled() {
+                        restore_global(&mut tensors, global, spec, i, position)?;
+                    }
                     window
                 }
             };
@@ -340,6 +384,49 @@ impl SequenceState {
         }
         Ok(state)
     }
+}
+
+/// Layer `i`'s global cache from a state blob: as many kept entries as tokens have left the
+/// window (up to the places), and a salience for every window row.
+fn restore_global(
+    tensors: &mut HashMap<String, Tensor>,
+    global: &mut GlobalCache,
+    spec: &StateSpec,
+    i: usize,
+    position: usize,
+) -> Result<()> {
+    let (hkv, d) = (spec.num_kv_heads, spec.head_dim);
+    let in_window = position.min(spec.liger_window);
+    let kept_len = (position - in_window).min(global.capacity());
+    let mut take = |name: &str| tensors.remove(&format!("layers.{i}.{name}"));
+    let kept = match (take("global.k"), take("global.v"), take("global.scores")) {
+        (Some(k), Some(v), Some(s)) => {
+            check(&k, &[hkv, kept_len, d], spec.cache_dtype, i)?;
+            check(&v, &[hkv, kept_len, d], spec.cache_dtype, i)?;
+            check(&s, &[hkv, kept_len], DType::F32, i)?;
+            Some((k, v, s))
+        }
+        (None, None, None) if kept_len == 0 => None,
+        _ => {
+            return Err(Error::State(format!(
+                "layer {i}: global cache does not match position {position}"
+            )))
+        }
+    };
+    let scores = match take("window_scores") {
+        Some(s) => {
+            check(&s, &[hkv, in_window], DType::F32, i)?;
+            Some(s)
+        }
+        None if in_window == 0 => None,
+        None => {
+            return Err(Error::State(format!(
+                "layer {i}: window saliences do not match position {position}"
+            )))
+        }
+    };
+    global.set_parts(kept, scores);
+    Ok(())
 }
 
 fn check(t: &Tensor, dims: &[usize], dtype: DType, layer: usize) -> Result<()> {

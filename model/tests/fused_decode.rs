@@ -100,10 +100,12 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
                 LayerState::Liger {
                     window: cx,
                     recurrent: rx,
+                    ..
                 },
                 LayerState::Liger {
                     window: cy,
                     recurrent: ry,
+                    ..
                 },
             ) => {
                 close(rx, ry, &format!("layer {l} recurrent memory"));

@@ -50,6 +50,36 @@ fn variants(family: Family) -> Vec<(String, Model)> {
                 ..liger(3)
             },
         ),
+        (
+            // A global cache of 4 places (one a sink) beside a 3-token window: by token 29
+            // many tokens have competed for places and lost.
+            "gla+global",
+            LigerConfig {
+                global_cache: 4,
+                sinks: 1,
+                ..liger(3)
+            },
+        ),
+        (
+            "hgrn2+global",
+            LigerConfig {
+                variant: Variant::Hgrn2,
+                gate_normalizer: 1.0,
+                global_cache: 2,
+                ..liger(4)
+            },
+        ),
+        (
+            // StreamingLLM: window attention plus two sinks, no recurrent memory.
+            "window+sinks",
+            LigerConfig {
+                recurrent_weight: 0.0,
+                window_weight: 1.0,
+                global_cache: 2,
+                sinks: 2,
+                ..liger(3)
+            },
+        ),
     ];
     for (name, l) in settings {
         let mut m = base().with_liger(&l).model(DType::F32).unwrap();
@@ -231,8 +261,54 @@ fn liger_state_is_constant_size_and_round_trips() {
         recurrent_weight: 0.0,
         ..liger(4)
     };
-    for l in [liger(4), gsa(4), window_only] {
+    let global = LigerConfig {
+        global_cache: 5,
+        sinks: 2,
+        ..liger(4)
+    };
+    let sinks_only = LigerConfig {
+        global_cache: 2,
+        sinks: 2,
+        ..window_only.clone()
+    };
+    for l in [liger(4), gsa(4), window_only, global, sinks_only] {
         check_state_round_trip(&l);
+    }
+}
+
+#[test]
+fn global_places_covering_the_sequence_are_a_window_covering_it() {
+    // Every token that leaves the 3-token window finds a place, so each query sees all the
+    // tokens before it, as with a window as long as the sequence.
+    for family in [Family::Llama, Family::Qwen2] {
+        let with_places = LigerConfig {
+            global_cache: LEN,
+            sinks: 1,
+            ..liger(3)
+        };
+        let m = TinyCheckpoint::new(family, 4)
+            .unwrap()
+            .with_liger(&with_places)
+            .model(DType::F32)
+            .unwrap();
+        let w = TinyCheckpoint::new(family, 4)
+            .unwrap()
+            .with_liger(&liger(LEN))
+            .model(DType::F32)
+            .unwrap();
+        let toks = tokens(13, LEN);
+        let d = max_diff(&full_forward(&m, &toks), &full_forward(&w, &toks));
+        assert!(d < 1e-4, "{family:?}: {d}");
+        // ... and fewer places than that do change the output.
+        let few = TinyCheckpoint::new(family, 4)
+            .unwrap()
+            .with_liger(&LigerConfig {
+                global_cache: 2,
+                ..with_places
+            })
+            .model(DType::F32)
+            .unwrap();
+        assert!(max_diff(&full_forward(&few, &toks), &full_forward(&w, &toks)) > 1e-3);
     }
 }
 

@@ -280,7 +280,9 @@ impl Plan {
                 let (cache, memory) = match (&s.state.layers.get(li)?, layer.mix) {
                     (LayerState::Softmax(cache), Mix::Softmax) => (cache, None),
                     (
-                        LayerState::Liger { window, recurrent },
+                        LayerState::Liger {
+                            window, recurrent, ..
+                        },
                         Mix::Liger {
                             recurrent_weight, ..
                         },
@@ -457,7 +459,9 @@ impl Plan {
                 };
                 match &mut seq.state.layers[li] {
                     LayerState::Softmax(cache) => cache.set_parts(kv),
-                    LayerState::Liger { window, recurrent } => {
+                    LayerState::Liger {
+                        window, recurrent, ..
+                    } => {
                         window.set_parts(kv);
                         if let Some(memory) = out.memory {
                             *recurrent = Tensor::from_vec(memory, (1, hkv, d, d), &device)?;

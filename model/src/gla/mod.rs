@@ -62,6 +62,22 @@ impl Recurrence {
         })
     }
 
+    /// Adds each token's own feature-mapped key as one more query head after the `g` of
+    /// every KV head, so the output also holds `k_t S_t`: what the memory answers for the
+    /// token's key right after writing it (the global cache's salience, [`crate::global`]).
+    /// GLA and HGRN2 only (GSA's memories are read through a softmax).
+    pub fn with_key_reads(self) -> Result<Self> {
+        match self {
+            Self::Gla(x) => Ok(Self::Gla(GlaInputs {
+                q: Tensor::cat(&[&x.q, &x.k.unsqueeze(2)?], 2)?.contiguous()?,
+                ..x
+            })),
+            Self::Gsa(_) => Err(crate::Error::State(
+                "gated slot attention has no key reads for a global cache".into(),
+            )),
+        }
+    }
+
     /// Tokens `start..start + len` of every sequence.
     pub fn tokens(&self, start: usize, len: usize) -> Result<Self> {
         Ok(match self {
