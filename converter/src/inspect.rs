@@ -328,6 +328,16 @@ pub fn render_table(r: &Report) -> String {
                     l.gate_normalizer
                 ),
             );
+            if l.global_cache > 0 {
+                row(
+                    &mut s,
+                    "global cache",
+                    format!(
+                        "{} older tokens per KV head and layer ({} of them sinks)",
+                        l.global_cache, l.sinks
+                    ),
+                );
+            }
             if let Some(src) = &l.source {
                 row(&mut s, "converted from", src.clone());
             }

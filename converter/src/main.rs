@@ -147,6 +147,11 @@ struct RecoverArgs {
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
+    /// Distill and lm: run each sequence through the student in pieces of N tokens,
+    /// carrying its state (not its gradient) from piece to piece, so long sequences train
+    /// in memory linear in their length [default: 0, the whole sequence at once].
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    segment: usize,
     /// Sequences per batch.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -347,6 +352,13 @@ struct ConvertArgs {
     /// GSA's slot count M; it must divide the head dim [default: 64].
     #[arg(long, value_name = "M")]
     slots: Option<usize>,
+    /// Global cache: besides the window, each layer keeps up to N older tokens per KV head
+    /// (those its recurrent memory recalls worst) for the window branch; constant memory.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    global_cache: usize,
+    /// Attention sinks: the first N tokens keep places in the global cache for good.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    sinks: usize,
     /// Divisor of the log-gate [default: 16 for gla and gsa, 1 for hgrn2].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     gate_normalizer: Option<f64>,
@@ -512,8 +524,8 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
                 .join(",")
         };
         println!(
-            "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}",
-            liger_converter::settings::variant_label(l), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer
+            "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}, global cache {} ({} sinks)",
+            liger_converter::settings::variant_label(l), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer, l.global_cache, l.sinks
         );
         println!(
             "next: recovery training restores quality: liger-convert recover --teacher ORIG --student {} --data FILES --out DIR",
@@ -581,6 +593,8 @@ fn run(cli: Cli) -> Result<()> {
                     gate_normalizer: a.gate_normalizer,
                     full_attention,
                     slots: a.slots,
+                    global_cache: a.global_cache,
+                    sinks: a.sinks,
                 },
                 dtype: a.dtype.map(Into::into),
                 quantize: a.quantize,
@@ -687,6 +701,7 @@ fn run_recover(a: RecoverArgs) -> Result<()> {
         tokens: a.tokens,
         transfer_steps: a.transfer_steps,
         seq_len: a.seq_len,
+        segment: a.segment,
         batch: a.batch,
         transfer_batch: a.transfer_batch,
         transfer_chunks: a.transfer_chunks,

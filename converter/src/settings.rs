@@ -136,6 +136,10 @@ pub struct LigerSettings {
     pub full_attention: FullAttention,
     /// GSA's slot count; `None`: 64. Only with GSA.
     pub slots: Option<usize>,
+    /// Global cache places per KV head and layer (0: none), of which `sinks` hold the
+    /// first tokens.
+    pub global_cache: usize,
+    pub sinks: usize,
 }
 
 impl Default for LigerSettings {
@@ -148,6 +152,8 @@ impl Default for LigerSettings {
             gate_normalizer: None,
             full_attention: FullAttention::None,
             slots: None,
+            global_cache: 0,
+            sinks: 0,
         }
     }
 }
@@ -181,6 +187,31 @@ impl LigerSettings {
             }
             if m == 0 {
                 return Err(Error::flag("--slots", "must be at least 1"));
+            }
+        }
+        if self.sinks > self.global_cache {
+            return Err(Error::flag(
+                "--sinks",
+                format!(
+                    "{} sinks need as many places: add --global-cache {} or more",
+                    self.sinks, self.sinks
+                ),
+            ));
+        }
+        if self.global_cache > self.sinks {
+            if self.variant == Variant::Gsa {
+                return Err(Error::flag(
+                    "--global-cache",
+                    "places beyond the sinks are chosen by the gla/hgrn2 memory's recall; \
+                     with gsa use sinks only (--global-cache equal to --sinks)",
+                ));
+            }
+            if self.mix == Some(0.0) {
+                return Err(Error::flag(
+                    "--global-cache",
+                    "places beyond the sinks are chosen by the recurrent memory's recall, \
+                     and --mix 0 has none: use sinks only (--global-cache equal to --sinks)",
+                ));
             }
         }
         if let Some(g) = self.gate_normalizer {
@@ -227,6 +258,8 @@ impl LigerSettings {
                 .unwrap_or_else(|| self.variant.default_gate_normalizer()),
             full_attention_layers: self.full_attention.layers(num_layers)?,
             slots: (self.variant == Variant::Gsa).then(|| self.slots.unwrap_or(DEFAULT_SLOTS)),
+            global_cache: self.global_cache,
+            sinks: self.sinks,
             source: source.map(str::to_owned),
         })
     }

@@ -148,6 +148,8 @@ fn non_default_flags() {
         gate_normalizer: 1.0,
         full_attention_layers: vec![1],
         slots: None,
+        global_cache: 3,
+        sinks: 1,
         source: None,
     };
     check_conversion(
@@ -161,6 +163,10 @@ fn non_default_flags() {
             "0.25",
             "--full-attention-layers",
             "every:2",
+            "--global-cache",
+            "3",
+            "--sinks",
+            "1",
         ],
         hgrn2,
         DType::F32,

@@ -914,3 +914,43 @@ fn the_cli_runs_self_distill_and_names_bad_input() {
     // A failed run leaves the earlier file as it was.
     assert_eq!(std::fs::read_to_string(out).unwrap(), text);
 }
+
+#[test]
+fn segmented_distillation_is_exact_forward_and_learns() {
+    // Chunks far longer than the 3-token window, run in pieces of 16 tokens with the state
+    // carried across: the forward pass (hence the first loss) is the whole chunk's, and
+    // the loss still falls although the gradient stops at piece boundaries. Also with a
+    // global cache, whose state is carried the same way.
+    for global in [false, true] {
+        let root = tempfile::tempdir().unwrap();
+        let mut whole = options(root.path(), "whole", StageChoice::Distill);
+        whole.seq_len = 512;
+        whole.batch = 4;
+        whole.steps = Some(6);
+        whole.lr = Some(1e-2);
+        if global {
+            let cfg = whole.student.join("config.json");
+            let mut v = read_json(&cfg);
+            v["liger"]["global_cache"] = json!(4);
+            v["liger"]["sinks"] = json!(1);
+            std::fs::write(&cfg, v.to_string()).unwrap();
+        }
+        let a = liger_converter::recover(&whole, &Progress::hidden()).unwrap();
+        let mut pieces = whole.clone();
+        pieces.out = root.path().join("pieces");
+        pieces.segment = 16;
+        let b = liger_converter::recover(&pieces, &Progress::hidden()).unwrap();
+        let (lw, lp) = (
+            losses(&recovery_json(&a.out), 0),
+            losses(&recovery_json(&b.out), 0),
+        );
+        assert_same_first_loss("segmented", lp[0], lw[0]);
+        assert!(
+            lp[5] < 0.9 * lp[0],
+            "global {global}: segmented loss {} -> {} did not fall",
+            lp[0],
+            lp[5]
+        );
+        assert_eq!(recovery_json(&b.out)["segment"], json!(16));
+    }
+}

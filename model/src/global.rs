@@ -105,6 +105,14 @@ impl GlobalCache {
         self.window_scores = window_scores;
     }
 
+    /// Cuts the kept keys and values off from the autograd graph (see
+    /// [`SequenceState::detach`](crate::SequenceState::detach)).
+    pub(crate) fn detach(&mut self) {
+        if let Some((k, v, _)) = &mut self.kept {
+            (*k, *v) = (k.detach(), v.detach());
+        }
+    }
+
     /// Bytes held (keys, values and saliences).
     pub fn bytes(&self) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();

@@ -258,37 +258,7 @@ impl Model {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut spans = Vec::with_capacity(seqs.len());
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        for s in seqs.iter() {
-            if s.tokens.is_empty() {
-                return Err(Error::Invalid(
-                    "a sequence in the batch has no tokens".into(),
-                ));
-            }
-            if s.state.layers.len() != self.layers.len() {
-                return Err(Error::State("state belongs to another model".into()));
-            }
-            if let Some(&bad) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(Error::Invalid(format!(
-                    "token id {bad} is out of range (vocabulary size {})",
-                    self.cfg.vocab_size
-                )));
-            }
-            let position = s.state.position;
-            spans.push(Span {
-                start: ids.len(),
-                len: s.tokens.len(),
-                position,
-            });
-            ids.extend_from_slice(s.tokens);
-            positions.extend((position..position + s.tokens.len()).map(|p| p as u32));
-        }
+        let (spans, positions) = self.spans_of(seqs)?;
         if self.options.fast_decode && !self.options.differentiable && self.device.is_cpu() {
             if let Some(refs) = self.decode_refs()? {
                 if let Some(out) = decode::step(&refs, seqs, &positions)? {
@@ -299,23 +269,7 @@ impl Model {
                 }
             }
         }
-        let ctx = self.batch_context(&spans, &positions)?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embed.forward(&ids)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut states: Vec<&mut LayerState> =
-                seqs.iter_mut().map(|s| &mut s.state.layers[l]).collect();
-            let a =
-                layer
-                    .attn
-                    .forward(&self.norm_fwd(&layer.input_norm, &x)?, &ctx, &mut states)?;
-            let h = (x + a)?;
-            let m = layer.mlp.forward(&self.norm_fwd(&layer.post_norm, &h)?)?;
-            x = (h + m)?;
-        }
-        for (s, span) in seqs.iter_mut().zip(&spans) {
-            s.state.position += span.len;
-        }
+        let x = self.run_layers(seqs, &spans, &positions)?;
         // Only the rows that need logits go through the (large) LM head.
         let rows = match logits {
             Logits::All => x,
@@ -338,6 +292,89 @@ impl Model {
                 })
             })
             .collect()
+    }
+
+    /// The final residual stream (before the last norm and the LM head), `[tokens, hidden]`
+    /// for every token of `seqs` in batch order, each continuing from its state (which
+    /// advances). Training with state passing runs a long sequence through this in pieces,
+    /// so its loss can be taken piece by piece (see [`SequenceState::detach`]).
+    pub fn final_residual(&self, seqs: &mut [SeqStep<'_>]) -> Result<Tensor> {
+        if seqs.is_empty() {
+            return Err(Error::Invalid("no sequences to run".into()));
+        }
+        let (spans, positions) = self.spans_of(seqs)?;
+        let backup: Vec<SequenceState> = seqs.iter().map(|s| s.state.clone()).collect();
+        let out = self.run_layers(seqs, &spans, &positions);
+        if out.is_err() {
+            for (s, b) in seqs.iter_mut().zip(backup) {
+                *s.state = b;
+            }
+        }
+        out
+    }
+
+    /// Checks a batch and lays its sequences end to end: their spans and every token's
+    /// position.
+    fn spans_of(&self, seqs: &[SeqStep<'_>]) -> Result<(Vec<Span>, Vec<u32>)> {
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut positions = Vec::new();
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::Invalid(
+                    "a sequence in the batch has no tokens".into(),
+                ));
+            }
+            if s.state.layers.len() != self.layers.len() {
+                return Err(Error::State("state belongs to another model".into()));
+            }
+            if let Some(&bad) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(Error::Invalid(format!(
+                    "token id {bad} is out of range (vocabulary size {})",
+                    self.cfg.vocab_size
+                )));
+            }
+            let position = s.state.position;
+            spans.push(Span {
+                start: positions.len(),
+                len: s.tokens.len(),
+                position,
+            });
+            positions.extend((position..position + s.tokens.len()).map(|p| p as u32));
+        }
+        Ok((spans, positions))
+    }
+
+    /// Embeds the batch and runs every layer over it, advancing the states: the final
+    /// residual stream, `[tokens, hidden]`.
+    fn run_layers(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        spans: &[Span],
+        positions: &[u32],
+    ) -> Result<Tensor> {
+        let ctx = self.batch_context(spans, positions)?;
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embed.forward(&ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut states: Vec<&mut LayerState> =
+                seqs.iter_mut().map(|s| &mut s.state.layers[l]).collect();
+            let a =
+                layer
+                    .attn
+                    .forward(&self.norm_fwd(&layer.input_norm, &x)?, &ctx, &mut states)?;
+            let h = (x + a)?;
+            let m = layer.mlp.forward(&self.norm_fwd(&layer.post_norm, &h)?)?;
+            x = (h + m)?;
+        }
+        for (s, span) in seqs.iter_mut().zip(spans) {
+            s.state.position += span.len;
+        }
+        Ok(x)
     }
 
     fn batch_context<'s>(&self, spans: &'s [Span], positions: &[u32]) -> Result<BatchContext<'s>> {

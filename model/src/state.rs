@@ -193,6 +193,12 @@ impl KvCache {
         Ok((k_all, v_all))
     }
 
+    fn detach(&mut self) {
+        if let Some((k, v)) = &mut self.kv {
+            (*k, *v) = (k.detach(), v.detach());
+        }
+    }
+
     /// The cached keys and values, `[hkv, len, d]` each (none while empty).
     pub fn parts(&self) -> Option<(&Tensor, &Tensor)> {
         self.kv.as_ref().map(|(k, v)| (k, v))
@@ -242,6 +248,26 @@ impl SequenceState {
 
     pub fn layers(&self) -> &[LayerState] {
         &self.layers
+    }
+
+    /// Cuts the state off from the autograd graph that computed it (truncated
+    /// backpropagation through time: training carries a state from one piece of a long
+    /// sequence to the next, but not its gradient).
+    pub fn detach(&mut self) {
+        for l in &mut self.layers {
+            match l {
+                LayerState::Softmax(c) => c.detach(),
+                LayerState::Liger {
+                    window,
+                    recurrent,
+                    global,
+                } => {
+                    window.detach();
+                    *recurrent = recurrent.detach();
+                    global.detach();
+                }
+            }
+        }
     }
 
     /// Bytes held by this state's tensors.

@@ -89,6 +89,40 @@ impl RowTargets {
         self.next.len()
     }
 
+    /// The targets of `rows` alone (in that order), with the whole batch's scales: the
+    /// losses of a partition of the rows add up to the loss of all of them.
+    pub fn select(&self, rows: &[usize]) -> Self {
+        let k = self.k;
+        let pick_k = |v: &[f32]| -> Vec<f32> {
+            if k == 0 {
+                return Vec::new();
+            }
+            rows.iter()
+                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
+                .collect()
+        };
+        Self {
+            k,
+            ids: if k == 0 {
+                Vec::new()
+            } else {
+                rows.iter()
+                    .flat_map(|&r| self.ids[r * k..(r + 1) * k].iter().copied())
+                    .collect()
+            },
+            probs: pick_k(&self.probs),
+            rest: if k == 0 {
+                Vec::new()
+            } else {
+                rows.iter().map(|&r| self.rest[r]).collect()
+            },
+            kl_scale: self.kl_scale,
+            next: rows.iter().map(|&r| self.next[r]).collect(),
+            learn: rows.iter().map(|&r| self.learn[r]).collect(),
+            ce_scale: self.ce_scale,
+        }
+    }
+
     pub fn learned(&self) -> usize {
         self.learn.iter().filter(|&&l| l).count()
     }

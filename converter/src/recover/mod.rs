@@ -141,6 +141,11 @@ pub struct RecoverOptions {
     /// Overrides `steps` / `tokens` for transfer.
     pub transfer_steps: Option<usize>,
     pub seq_len: usize,
+    /// Distill and lm run each chunk through the student in pieces of this many tokens,
+    /// carrying the state from piece to piece but not its gradient (truncated
+    /// backpropagation through time), so chunks far longer than the window train in memory
+    /// linear in their length. 0: the whole chunk at once.
+    pub segment: usize,
     /// Sequences per batch.
     pub batch: usize,
     /// Overrides `batch` for transfer.
@@ -195,6 +200,7 @@ impl RecoverOptions {
             tokens: None,
             transfer_steps: None,
             seq_len: 256,
+            segment: 0,
             batch: 4,
             transfer_batch: None,
             transfer_chunks: 32,
@@ -711,6 +717,7 @@ fn settings_json(
         "init_adapter": init.map(|i| i.fingerprint.clone()),
         "stages": plans,
         "seq_len": opts.seq_len,
+        "segment": opts.segment,
         "seed": opts.seed,
         "lora": { "rank": opts.lora.rank, "alpha": opts.lora.alpha, "targets": opts.lora.targets },
         "weight_decay": opts.weight_decay,
@@ -759,6 +766,7 @@ fn write_result(
         "lora": { "rank": opts.lora.rank, "alpha": opts.lora.alpha, "targets": opts.lora.targets },
         "seed": opts.seed,
         "seq_len": opts.seq_len,
+        "segment": opts.segment,
         "self_distilled": summary.self_distilled,
         "data_tokens": summary.data_tokens,
         "data_chunks": summary.chunks,

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::checkpoint::{Checkpoints, Meta, Restored};
 use super::data::{Chunk, Schedule};
-use super::head::{rms_norm_differentiable, FusedHeadLoss, RowTargets};
+use super::head::{rms_norm_differentiable, FusedHeadLoss, LossParts, RowTargets};
 use super::loss::{self, KlTargets, NextTokens};
 use super::optim::{self, AdamW, AdamWConfig};
 use super::stats::{LayerStats, StageStats};
@@ -488,18 +488,28 @@ impl<'a> Trainer<'a> {
                 });
             }
             let seqs: Vec<&[u32]> = chunks.iter().map(|c| c.tokens.as_slice()).collect();
+            let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+            let segment = self.p.opts.segment;
+            if segment > 0 && longest > segment {
+                let (grads, p) = self.segmented_grads(&seqs, &targets, segment)?;
+                let shown = match stage {
+                    Stage::Lm => p.nll,
+                    _ => p.kl_cross + neg_entropy + ce_weight * p.nll,
+                };
+                self.update(grads, opt, lr)?;
+                return Ok(StepOut {
+                    loss: shown as f32,
+                    tokens,
+                    layers: Vec::new(),
+                });
+            }
             let h = self
                 .p
                 .student
                 .layer_inputs(&seqs)?
                 .pop()
                 .expect("layer_inputs returns the final residual");
-            let head = &self.student_head;
-            let hn = rms_norm_differentiable(&h, &head.norm, head.eps)?;
-            let op = FusedHeadLoss::new(head.weight.clone(), targets);
-            let parts = op.parts_handle();
-            let loss = hn.apply_op1(op)?;
-            let p = *parts.lock().unwrap_or_else(|e| e.into_inner());
+            let (loss, p) = self.head_loss(&h, targets)?;
             let shown = match stage {
                 Stage::Lm => p.nll,
                 _ => p.kl_cross + neg_entropy + ce_weight * p.nll,
@@ -515,20 +525,101 @@ impl<'a> Trainer<'a> {
                 neg_entropy,
             )?
         };
-        let g = loss.backward()?;
-        let mut grads: Vec<Option<Tensor>> = self
-            .p
-            .vars
-            .iter()
-            .map(|(_, v)| g.get(v.as_tensor()).cloned())
-            .collect();
-        optim::clip_grad_norm(&mut grads, self.p.opts.max_grad_norm)?;
-        opt.step(&grads, lr)?;
+        let grads = self.grads_of(&loss)?;
+        self.update(grads, opt, lr)?;
         Ok(StepOut {
             loss: reported as f32,
             tokens,
             layers: Vec::new(),
         })
+    }
+
+    /// The fused head's loss (see `head`) on the student's final residual stream `h`.
+    fn head_loss(&self, h: &Tensor, targets: RowTargets) -> Result<(Tensor, LossParts)> {
+        let head = &self.student_head;
+        let hn = rms_norm_differentiable(h, &head.norm, head.eps)?;
+        let op = FusedHeadLoss::new(head.weight.clone(), targets);
+        let parts = op.parts_handle();
+        let loss = hn.apply_op1(op)?;
+        let p = *parts.lock().unwrap_or_else(|e| e.into_inner());
+        Ok((loss, p))
+    }
+
+    /// The gradient of `loss` for every trainable variable.
+    fn grads_of(&self, loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = loss.backward()?;
+        Ok(self
+            .p
+            .vars
+            .iter()
+            .map(|(_, v)| g.get(v.as_tensor()).cloned())
+            .collect())
+    }
+
+    /// Clips and applies one optimizer step.
+    fn update(&self, mut grads: Vec<Option<Tensor>>, opt: &mut AdamW, lr: f64) -> Result<()> {
+        optim::clip_grad_norm(&mut grads, self.p.opts.max_grad_norm)?;
+        opt.step(&grads, lr)
+    }
+
+    /// Truncated backpropagation through time: the sequences run through the student in
+    /// pieces of `segment` tokens, each piece continuing from the state the previous one
+    /// left (detached, so the gradient stays inside a piece), its rows' loss taken and
+    /// differentiated at once. The pieces' losses add up to the whole sequences' loss (the
+    /// forward pass is exact across pieces); their gradients are summed.
+    fn segmented_grads(
+        &self,
+        seqs: &[&[u32]],
+        targets: &RowTargets,
+        segment: usize,
+    ) -> Result<(Vec<Option<Tensor>>, LossParts)> {
+        let student = &self.p.student;
+        let mut states = seqs
+            .iter()
+            .map(|_| student.new_state())
+            .collect::<liger_model::Result<Vec<_>>>()?;
+        // First row of each sequence in the batch's row order.
+        let offsets: Vec<usize> = seqs
+            .iter()
+            .scan(0, |acc, s| {
+                let o = *acc;
+                *acc += s.len();
+                Some(o)
+            })
+            .collect();
+        let mut total: Vec<Option<Tensor>> = vec![None; self.p.vars.len()];
+        let mut parts = LossParts::default();
+        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        for start in (0..longest).step_by(segment) {
+            let mut rows = Vec::new();
+            let mut steps = Vec::new();
+            for ((s, state), &off) in seqs.iter().zip(states.iter_mut()).zip(&offsets) {
+                if start >= s.len() {
+                    continue;
+                }
+                let end = (start + segment).min(s.len());
+                rows.extend(off + start..off + end);
+                steps.push(SeqStep {
+                    tokens: &s[start..end],
+                    state,
+                });
+            }
+            let h = student.final_residual(&mut steps)?;
+            drop(steps);
+            let (loss, p) = self.head_loss(&h, targets.select(&rows))?;
+            parts.kl_cross += p.kl_cross;
+            parts.nll += p.nll;
+            for (acc, g) in total.iter_mut().zip(self.grads_of(&loss)?) {
+                *acc = match (acc.take(), g) {
+                    (Some(a), Some(g)) => Some((a + g)?),
+                    (a, g) => a.or(g),
+                };
+            }
+            for s in &mut states {
+                s.detach();
+            }
+        }
+        Ok((total, parts))
     }
 
     /// The same loss from candle ops on full logits (any device; the CPU uses the fused op).
