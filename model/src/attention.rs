@@ -406,14 +406,18 @@ impl Attention {
         }
         // Query heads per KV head in the recurrence's output, the key read last.
         let heads = if self_read { g + 1 } else { g };
-        // [.., heads, t, d] -> ([t, h, d], the key reads [hkv, t, d])
-        let split = |o: &Tensor, t: usize| -> Result<(Tensor, Option<Tensor>)> {
+        // [.., heads, t, d] -> ([t, h, d], the key reads [hkv, t, d]). A key read `k_t S_t`
+        // includes the token's own write `|k_t|^2 v_t`: taken out, what is left is the memory's
+        // answer from before the token, `k_t diag(a_t) S_{t-1}`.
+        let split = |o: &Tensor,
+                     t: usize,
+                     own: Option<Tensor>|
+         -> Result<(Tensor, Option<Tensor>)> {
             let o = o.reshape((hkv, heads, t, d))?;
             let out = o.narrow(1, 0, g)?.reshape((h, t, d))?.transpose(0, 1)?;
-            let read = if self_read {
-                Some(o.narrow(1, g, 1)?.squeeze(1)?)
-            } else {
-                None
+            let read = match own {
+                Some(own) => Some((o.narrow(1, g, 1)?.squeeze(1)? - own.reshape((hkv, t, d))?)?),
+                None => None,
             };
             Ok((out, read))
         };
@@ -427,12 +431,12 @@ impl Attention {
                 continue;
             }
             let recurrent = recurrent_of(state);
-            let (o, s) = all
-                .tokens(span.start, span.len)?
-                .chunked(recurrent, ctx.chunk_size)?;
+            let x = all.tokens(span.start, span.len)?;
+            let (o, s) = x.chunked(recurrent, ctx.chunk_size)?;
             *recurrent = s;
+            let own = self_read.then(|| x.own_writes()).transpose()?;
             (outs[i], reads[i]) = {
-                let (o, r) = split(&o, span.len)?;
+                let (o, r) = split(&o, span.len, own)?;
                 (Some(o), r)
             };
         }
@@ -444,10 +448,12 @@ impl Attention {
                 s_in.push(recurrent_of(states[i]).clone());
             }
             let (o, s) = rows.recurrent(&Tensor::cat(&s_in, 0)?)?;
+            let own = self_read.then(|| rows.own_writes()).transpose()?;
             for (j, &i) in decode.iter().enumerate() {
                 *recurrent_of(states[i]) = s.narrow(0, j, 1)?;
+                let own_j = own.as_ref().map(|w| w.get(j)).transpose()?;
                 (outs[i], reads[i]) = {
-                    let (o, r) = split(&o.get(j)?, 1)?;
+                    let (o, r) = split(&o.get(j)?, 1, own_j)?;
                     (Some(o), r)
                 };
             }

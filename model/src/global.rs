@@ -9,10 +9,12 @@
 //! `capacity` pairs per KV head and layer.
 //!
 //! Here, per KV head:
-//! - every token gets a **salience** when it is read: `1 - cos(v_t, phi(k_t) S_t)`, how far
-//!   the memory's answer to the token's own key (right after writing it) is from its value.
-//!   A token the memory already "knows" scores near 0; a surprising one near 1 or more. The
-//!   first `sinks` tokens score `+inf` (StreamingLLM's attention sinks, arXiv 2309.17453).
+//! - every token gets a **salience** when it is read: `1 - cos(v_t, r_t)` with
+//!   `r_t = phi(k_t) diag(a_t) S_{t-1}`, how far the memory's answer to the token's own key
+//!   (before the token is written) is from its value. A token the memory already "knows"
+//!   scores near 0; a surprising one near 1 or more; while the memory has next to nothing to
+//!   say (`|r| <= 1e-5 |v|`, the first tokens of a sequence) a token scores 1. The first
+//!   `sinks` tokens score `+inf` (StreamingLLM's attention sinks, arXiv 2309.17453).
 //! - when a token leaves the window it competes for a place: while the cache has room it
 //!   enters; when full, it replaces the lowest-scored entry if it scores strictly higher
 //!   (ties keep the incumbent; among equal lowest, the first place goes). A token that lost
@@ -121,7 +123,7 @@ impl GlobalCache {
     }
 
     /// Per-token saliences of a span starting at `position`: `1 - cos(v, r)` for values
-    /// `v` and memory reads `r` (`[hkv, t, d]` each), `+inf` for the first `sinks`
+    /// `v` and the memory's reads `r` before each token (`[hkv, t, d]` each), `+inf` for the first `sinks`
     /// positions. Without reads (a cache of sinks only) every other token scores 0: it can
     /// never displace a sink. Returns `[hkv][t]`.
     pub fn saliences(
@@ -258,7 +260,9 @@ impl Plan {
     }
 }
 
-/// `1 - cos(v, r)`; 1 when either vector is zero (nothing to compare with).
+/// `1 - cos(v, r)`; 1 when the read is negligible next to the value (nothing to compare
+/// with: the read is then mostly the rounding of taking the token's own write out of it, so
+/// the cosine would be noise).
 fn salience(v: &[f32], r: &[f32]) -> f32 {
     let (mut dot, mut vv, mut rr) = (0f64, 0f64, 0f64);
     for (&a, &b) in v.iter().zip(r) {
@@ -266,7 +270,7 @@ fn salience(v: &[f32], r: &[f32]) -> f32 {
         vv += a as f64 * a as f64;
         rr += b as f64 * b as f64;
     }
-    if vv == 0.0 || rr == 0.0 {
+    if vv == 0.0 || rr <= 1e-10 * vv {
         return 1.0;
     }
     (1.0 - dot / (vv * rr).sqrt()) as f32

@@ -78,6 +78,17 @@ impl Recurrence {
         }
     }
 
+    /// Each token's own write as its key reads it back, `|k_t|^2 v_t`: `[b, hkv, t, d]`
+    /// (GLA and HGRN2).
+    pub fn own_writes(&self) -> Result<Tensor> {
+        match self {
+            Self::Gla(x) => Ok(x.v.broadcast_mul(&x.k.sqr()?.sum_keepdim(3)?)?),
+            Self::Gsa(_) => Err(crate::Error::State(
+                "gated slot attention has no key reads for a global cache".into(),
+            )),
+        }
+    }
+
     /// Tokens `start..start + len` of every sequence.
     pub fn tokens(&self, start: usize, len: usize) -> Result<Self> {
         Ok(match self {
