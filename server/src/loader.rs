@@ -78,6 +78,7 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
         state_bytes_at_max_len = state.total(),
         recurrent_bytes = state.recurrent,
         window_bytes = state.window,
+        global_cache_bytes = state.global,
         kv_cache_bytes_at_max_len = state.kv_cache,
         "model ready"
     );

@@ -82,6 +82,7 @@ pub struct Metrics {
     /// `pool_bytes` split: Liger recurrent memories, Liger window caches, softmax KV caches.
     pub pool_recurrent_bytes: AtomicU64,
     pub pool_window_bytes: AtomicU64,
+    pub pool_global_bytes: AtomicU64,
     pub pool_kv_cache_bytes: AtomicU64,
     pub pool_slots_in_use: AtomicU64,
     pub pool_capacity: AtomicU64,
@@ -113,6 +114,7 @@ impl Default for Metrics {
             pool_bytes: AtomicU64::new(0),
             pool_recurrent_bytes: AtomicU64::new(0),
             pool_window_bytes: AtomicU64::new(0),
+            pool_global_bytes: AtomicU64::new(0),
             pool_kv_cache_bytes: AtomicU64::new(0),
             pool_slots_in_use: AtomicU64::new(0),
             pool_capacity: AtomicU64::new(0),
@@ -283,6 +285,7 @@ impl Metrics {
         for (kind, v) in [
             ("recurrent", &self.pool_recurrent_bytes),
             ("window", &self.pool_window_bytes),
+            ("global", &self.pool_global_bytes),
             ("kv_cache", &self.pool_kv_cache_bytes),
         ] {
             let _ = writeln!(

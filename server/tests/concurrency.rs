@@ -151,6 +151,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     for (kind, want) in [
         ("recurrent", by_kind.recurrent),
         ("window", by_kind.window),
+        ("global", by_kind.global),
         ("kv_cache", by_kind.kv_cache),
     ] {
         let name = format!("liger_state_pool_bytes_by_kind{{kind=\"{kind}\"}}");

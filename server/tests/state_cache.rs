@@ -126,6 +126,28 @@ async fn a_gsa_hybrid_with_a_full_attention_layer_caches_and_forks_exactly() {
     assert!(turn[2].2 > 0, "the third turn resumes a cached state");
 }
 
+/// The same for a Liger model with a global cache and sinks: snapshots, restarts and forks
+/// carry the kept tokens and the window's saliences, so answers stay those without the cache.
+#[tokio::test]
+async fn a_global_cache_model_caches_and_forks_exactly() {
+    let global = |dir: &std::path::Path| {
+        write_model_with(
+            dir,
+            &LigerConfig {
+                window: 4,
+                global_cache: 3,
+                sinks: 1,
+                ..Default::default()
+            },
+        )
+    };
+    shared_prefixes_and_n_choices(global).await;
+    let s = server_for(global, |_| {});
+    chat(&s, 2).await;
+    let turn = chat(&s, 3).await;
+    assert!(turn[2].2 > 0, "the third turn resumes a cached state");
+}
+
 async fn shared_prefixes_and_n_choices(write: fn(&std::path::Path)) {
     let on = server_for(write, |_| {});
     let off = server_for(write, |a| a.state_cache_mb = Some(0));

@@ -332,6 +332,8 @@ impl Worker {
             .store(bytes.recurrent as u64, Ordering::Relaxed);
         m.pool_window_bytes
             .store(bytes.window as u64, Ordering::Relaxed);
+        m.pool_global_bytes
+            .store(bytes.global as u64, Ordering::Relaxed);
         m.pool_kv_cache_bytes
             .store(bytes.kv_cache as u64, Ordering::Relaxed);
         m.pool_slots_in_use
