@@ -7,6 +7,7 @@ Python install carries, so no data set is downloaded).
     python3 scripts/make-corpus.py --large    # also data/pydoc-train-large.txt
     python3 scripts/make-corpus.py --extra    # also data/pydoc-train-extra.txt
     python3 scripts/make-corpus.py --heldout-more   # also data/heldout-more.txt
+    python3 scripts/make-corpus.py --long     # only data/long-prose.txt, data/long-code.txt
 
 The files come from disjoint module lists: held-out text is never trained on. The large
 training file covers every importable top-level standard-library module except the held-out
@@ -20,14 +21,32 @@ ratio only to about 0.01. Each module becomes one document: its docstring, then 
 class and function with its signature and docstring. Doctest
 examples (lines starting with >>> and their output) are dropped to keep the text prose.
 The committed files were made with Python 3.11.
+
+The two long held-out documents (`eval --seq-len 4096` and longer: several 8,192-token
+chunks each, to see what a model remembers past its window) are not docstrings, so they
+cannot overlap any training or held-out file; `--long` downloads them with pip, pinned and
+checked by sha256, and writes only them (no standard-library file is touched):
+- data/long-prose.txt: English prose, "Workshop on Electronic Texts: Proceedings" (Library
+  of Congress, 1992, edited by James Daly; a US government work, public domain), from the
+  Canterbury corpus file tests/testdata/lcet10.txt in the source distribution of
+  Brotli==1.1.0 (PyPI); from the introduction on, hard-wrapped lines joined into
+  paragraphs, cut at a paragraph end after LONG_PROSE_CHARS characters (about 40K tokens
+  of SmolLM2's tokenizer).
+- data/long-code.txt: Python source, bottle.py of bottle==0.12.25 (PyPI source
+  distribution; MIT License, whose notice heads the file), whole: tabs expanded, trailing
+  spaces dropped, runs of blank lines cut to two.
 """
 
+import hashlib
 import importlib
 import inspect
 import os
 import pkgutil
 import re
+import subprocess
 import sys
+import tarfile
+import tempfile
 import warnings
 
 TRAIN = """
@@ -161,10 +180,78 @@ def write(path, names, methods=False, skip_broken=False):
     print(f"{path}: {len(names)} modules, {len(text)} characters", file=sys.stderr)
 
 
+# Pinned sources of the long documents: (requirement, sdist file, sha256).
+BROTLI = ("Brotli==1.1.0", "Brotli-1.1.0.tar.gz",
+          "81de08ac11bcb85841e440c13611c00b67d3bf82698314928d0b676362546724")
+BOTTLE = ("bottle==0.12.25", "bottle-0.12.25.tar.gz",
+          "e1a9c94970ae6d710b3fb4526294dfeb86f2cb4a81eff3a4b98dc40fb0e5e021")
+LONG_PROSE_CHARS = 170_000
+
+
+def sdist_member(source, member, tmp):
+    """The text of `member` inside the source distribution `source`, downloaded with pip."""
+    req, name, sha = source
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                    "--no-binary", ":all:", "--disable-pip-version-check", req, "-d", tmp],
+                   check=True)
+    path = os.path.join(tmp, name)
+    with open(path, "rb") as f:
+        got = hashlib.sha256(f.read()).hexdigest()
+    if got != sha:
+        sys.exit(f"{name}: sha256 {got}, expected {sha}")
+    with tarfile.open(path) as tar:
+        data = tar.extractfile(f"{name[:-len('.tar.gz')]}/{member}").read()
+    return data.decode("utf-8").replace("\r\n", "\n")
+
+
+def long_prose(raw):
+    """The proceedings from the introduction on, one paragraph per line, cut at a
+    paragraph end past LONG_PROSE_CHARS."""
+    body = raw[raw.index("\n                              INTRODUCTION\n"):]
+    paras = []
+    for block in re.split(r"\n\s*\n", body):
+        # One line per paragraph, or per bullet of a list; no rules of + or * characters.
+        items = re.split(r"\n(?=\s*\* )", re.sub(r"[+*]{3,}", " ", block))
+        text = "\n".join(" ".join(item.split()) for item in items if item.split())
+        if not text or set(text) <= set("* \n"):
+            continue
+        paras.append(text)
+        if sum(len(p) + 2 for p in paras) >= LONG_PROSE_CHARS:
+            break
+    head = ("Workshop on Electronic Texts: Proceedings, 9-10 June 1992, Library of Congress, "
+            "edited by James Daly (a US government work in the public domain; the Canterbury "
+            "corpus file lcet10.txt as shipped in Brotli 1.1.0).")
+    return head + "\n\n" + "\n\n".join(paras) + "\n"
+
+
+def long_code(source, license_text):
+    """bottle.py under its MIT notice, whitespace normalized (indentation kept)."""
+    lines = [line.expandtabs(4).rstrip() for line in source.split("\n")]
+    text = re.sub(r"\n{4,}", "\n\n\n", "\n".join(lines)).strip("\n")
+    notice = "\n".join(("# " + line).rstrip() for line in license_text.strip().split("\n"))
+    head = "# bottle.py from bottle 0.12.25 (PyPI), under its MIT License:\n#\n" + notice
+    return head + "\n\n" + text + "\n"
+
+
+def write_long(root):
+    with tempfile.TemporaryDirectory() as tmp:
+        prose = long_prose(sdist_member(BROTLI, "tests/testdata/lcet10.txt", tmp))
+        code = long_code(sdist_member(BOTTLE, "bottle.py", tmp),
+                         sdist_member(BOTTLE, "LICENSE", tmp))
+    for name, text in (("long-prose.txt", prose), ("long-code.txt", code)):
+        path = os.path.join(root, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"{path}: {len(text)} characters", file=sys.stderr)
+
+
 if __name__ == "__main__":
     assert not set(TRAIN) & set(HELDOUT)
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")
     os.makedirs(root, exist_ok=True)
+    if "--long" in sys.argv[1:]:
+        write_long(root)
+        sys.exit(0)
     write(os.path.join(root, "pydoc-train.txt"), TRAIN)
     write(os.path.join(root, "heldout.txt"), HELDOUT)
     if "--large" in sys.argv[1:]:

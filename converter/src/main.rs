@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use liger_converter::eval::{LoopsOptions, PasskeyOptions};
 use liger_converter::inspect::{human_bytes, render_table};
 use liger_converter::output::WeightFormat;
 use liger_converter::source::HubOptions;
@@ -266,8 +267,9 @@ struct EvalArgs {
     /// The model to compare with (the original).
     #[arg(long, value_name = "ORIG")]
     reference: Option<PathBuf>,
-    /// Held-out text: text files or JSON Lines (`text`, `messages`).
-    #[arg(long, value_name = "FILES", num_args = 1.., required = true)]
+    /// Held-out text: text files or JSON Lines (`text`, `messages`); optional with
+    /// --passkey or --loops alone.
+    #[arg(long, value_name = "FILES", num_args = 1..)]
     data: Vec<PathBuf>,
     /// Tokens per evaluated chunk.
     #[arg(long, default_value_t = 512)]
@@ -275,6 +277,42 @@ struct EvalArgs {
     /// Chunks run together.
     #[arg(long, default_value_t = 2)]
     batch: usize,
+    /// Most tokens fed per forward: chunks and pass-key prompts go through in segments
+    /// that carry their state, so memory grows linearly with --seq-len.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    segment: usize,
+    /// Also test pass-key retrieval: a 5-digit key hidden in filler, asked for at the end.
+    #[arg(long)]
+    passkey: bool,
+    /// Pass-key prompt lengths, in tokens.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384"
+    )]
+    passkey_lengths: Vec<usize>,
+    /// Where the key sits in the filler, in percent.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "10,30,50,70,90"
+    )]
+    passkey_depths: Vec<u32>,
+    /// Keys per length and depth.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    passkey_keys: usize,
+    /// Seed of the keys.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    passkey_seed: u64,
+    /// Also answer these prompts greedily (JSON Lines with `messages`; a last assistant turn
+    /// is dropped) and report the share of answers that loop.
+    #[arg(long, value_name = "PROMPTS")]
+    loops: Option<PathBuf>,
+    /// Longest answer for --loops, in tokens.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    loops_max_tokens: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// Print JSON instead of a table.
@@ -547,6 +585,16 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             a.model.len()
         ),
     };
+    let passkey = a.passkey.then(|| PasskeyOptions {
+        lengths: a.passkey_lengths.clone(),
+        depths: a.passkey_depths.clone(),
+        keys: a.passkey_keys,
+        seed: a.passkey_seed,
+    });
+    let loops = a.loops.as_ref().map(|p| LoopsOptions {
+        prompts: p.clone(),
+        max_tokens: a.loops_max_tokens,
+    });
     let progress = Progress::new(!a.quiet);
     let mut reports = Vec::with_capacity(a.model.len());
     for (model, adapter) in a.model.into_iter().zip(adapters) {
@@ -557,9 +605,12 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             data: a.data.clone(),
             seq_len: a.seq_len,
             batch: a.batch,
+            segment: a.segment,
             device: a.device.into(),
             quantize: a.quantize,
             decode_latency: a.latency,
+            passkey: passkey.clone(),
+            loops: loops.clone(),
         };
         reports.push(liger_converter::evaluate(&opts, &progress)?);
     }
