@@ -171,14 +171,12 @@ impl Attention {
     }
 
     /// The mixer and the q, k, v, o projections as the fused decode step reads them; `None`
-    /// for mixers it does not cover (GSA, global caches).
+    /// for mixers it does not cover (GSA).
     pub(crate) fn decode_view(&self) -> Option<(Mix, [&Linear; 4])> {
         let mix = match &self.mixer {
             Mixer::Softmax => Mix::Softmax,
-            // The fused step has no global cache: such layers take the general path.
             Mixer::Liger(hy)
-                if hy.global_places == 0
-                    && (hy.recurrent_weight == 0.0 || hy.features.variant != Variant::Gsa) =>
+                if hy.recurrent_weight == 0.0 || hy.features.variant != Variant::Gsa =>
             {
                 Mix::Liger {
                     recurrent: Recurrent {
@@ -187,6 +185,7 @@ impl Attention {
                     },
                     window_weight: hy.window_weight as f32,
                     recurrent_weight: hy.recurrent_weight as f32,
+                    global: hy.global_places > 0,
                 }
             }
             Mixer::Liger(_) => return None,
@@ -490,17 +489,8 @@ impl Attention {
             };
             let (k_new, v_new, q) = (to_heads(k_rot)?, to_heads(v)?, to_heads(q_rot)?);
             let scores = global.saliences(span.position, &v_new, read.as_ref())?;
-            let window_len = window.len();
             let places = window.capacity().unwrap_or(usize::MAX);
-            let plan = global.plan(places, window_len, &scores)?;
-            let stream_scores: Vec<Vec<f32>> = match global.window_scores() {
-                Some(s) => s.to_vec2::<f32>()?,
-                None => vec![Vec::new(); scores.len()],
-            }
-            .into_iter()
-            .zip(&scores)
-            .map(|(old, new)| [old, new.clone()].concat())
-            .collect();
+            let plan = global.plan(places, window.len(), &scores)?;
             let (mut keys, mut values) = (Vec::new(), Vec::new());
             if let Some((k, v, _)) = global.kept() {
                 keys.push(k.clone());
@@ -523,12 +513,13 @@ impl Attention {
                 mask.as_ref(),
                 ctx.differentiable,
             )?);
-            let kept_rows = window.len();
-            let window_scores = stream_scores
-                .into_iter()
-                .map(|s| s[s.len() - kept_rows..].to_vec())
-                .collect();
-            global.apply(&plan, (&keys, &values), window_scores, q.device())?;
+            let window_scores = global.window_scores_after(&scores, window.len())?;
+            global.apply(
+                &plan,
+                || Ok((keys.clone(), values.clone())),
+                window_scores,
+                q.device(),
+            )?;
         }
         Ok(Tensor::cat(&outs, 0)?)
     }

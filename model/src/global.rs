@@ -123,9 +123,9 @@ impl GlobalCache {
     }
 
     /// Per-token saliences of a span starting at `position`: `1 - cos(v, r)` for values
-    /// `v` and the memory's reads `r` before each token (`[hkv, t, d]` each), `+inf` for the first `sinks`
-    /// positions. Without reads (a cache of sinks only) every other token scores 0: it can
-    /// never displace a sink. Returns `[hkv][t]`.
+    /// `v` and the memory's reads `r` before each token (`[hkv, t, d]` each), `+inf` for the
+    /// first `sinks` positions. Without reads (a cache of sinks only) every other token
+    /// scores 0: it can never displace a sink. Returns `[hkv][t]`.
     pub fn saliences(
         &self,
         position: usize,
@@ -133,28 +133,87 @@ impl GlobalCache {
         read: Option<&Tensor>,
     ) -> Result<Vec<Vec<f32>>> {
         let (hkv, t, _) = v.dims3()?;
-        let score = |i: usize, s: f32| {
-            if position + i < self.sinks {
-                f32::INFINITY
-            } else {
-                s
+        let raw = match read {
+            None => vec![vec![0.0; t]; hkv],
+            Some(read) => {
+                let v = v.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+                let read = read.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+                v.iter()
+                    .zip(&read)
+                    .map(|(vh, rh)| vh.iter().zip(rh).map(|(a, b)| salience(a, b)).collect())
+                    .collect()
             }
         };
-        let Some(read) = read else {
-            return Ok(vec![(0..t).map(|i| score(i, 0.0)).collect(); hkv]);
+        Ok(self.with_sinks(position, raw))
+    }
+
+    /// `raw` saliences (`[hkv][t]`, a span from `position`) with the sinks' set to `+inf`.
+    fn with_sinks(&self, position: usize, mut raw: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        for head in &mut raw {
+            for (i, s) in head.iter_mut().enumerate() {
+                if position + i < self.sinks {
+                    *s = f32::INFINITY;
+                }
+            }
+        }
+        raw
+    }
+
+    /// The saliences of the window rows kept after a span: the last `keep` of the cached
+    /// rows' followed by the span's (`scores`, `[hkv][t]`).
+    pub fn window_scores_after(&self, scores: &[Vec<f32>], keep: usize) -> Result<Vec<Vec<f32>>> {
+        let old: Vec<Vec<f32>> = match &self.window_scores {
+            Some(s) => s.to_vec2::<f32>()?,
+            None => vec![Vec::new(); scores.len()],
         };
-        let v = v.to_dtype(DType::F32)?.to_vec3::<f32>()?;
-        let read = read.to_dtype(DType::F32)?.to_vec3::<f32>()?;
-        Ok(v.iter()
-            .zip(&read)
-            .map(|(vh, rh)| {
-                vh.iter()
-                    .zip(rh)
-                    .enumerate()
-                    .map(|(i, (vt, rt))| score(i, salience(vt, rt)))
-                    .collect()
+        Ok(old
+            .into_iter()
+            .zip(scores)
+            .map(|(old, new)| {
+                let all = [old, new.clone()].concat();
+                all[all.len() - keep..].to_vec()
             })
             .collect())
+    }
+
+    /// One decode token's update, as the fused decode step needs it: the token (position
+    /// `position`, raw salience per head `raw`, post-RoPE key and value `[hkv, 1, d]`) was
+    /// read after `window_before` (the window cache before it, if any); the window keeps
+    /// `window` rows, so the oldest cached row may leave and compete for a place.
+    pub(crate) fn decode_step(
+        &mut self,
+        position: usize,
+        window: usize,
+        window_before: Option<(&Tensor, &Tensor)>,
+        (k, v): (&Tensor, &Tensor),
+        raw: Vec<f32>,
+    ) -> Result<()> {
+        let scores = self.with_sinks(position, raw.into_iter().map(|s| vec![s]).collect());
+        let window_len = window_before.map_or(Ok(0), |(k, _)| k.dim(1))?;
+        let plan = self.plan(window, window_len, &scores)?;
+        let keep = (window_len + 1).min(window);
+        let window_scores = self.window_scores_after(&scores, keep)?;
+        let device = k.device().clone();
+        let kept = self.kept.clone();
+        self.apply(
+            &plan,
+            || {
+                let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                if let Some((gk, gv, _)) = &kept {
+                    ks.push(gk.clone());
+                    vs.push(gv.clone());
+                }
+                if let Some((wk, wv)) = window_before {
+                    ks.push(wk.clone());
+                    vs.push(wv.clone());
+                }
+                ks.push(k.clone());
+                vs.push(v.clone());
+                Ok((Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?))
+            },
+            window_scores,
+            &device,
+        )
     }
 
     /// The admissions of a span of `t` tokens after `window_len` cached window rows, for
@@ -192,34 +251,40 @@ impl GlobalCache {
         Ok(plan)
     }
 
-    /// Carries out `plan` for a span: `candidates_k`, `candidates_v` are `[hkv, n + w + t, d]`
-    /// in the plan's layout, `window_scores_after` the saliences of the window rows kept
-    /// after the span (`[hkv][len]`).
+    /// Carries out `plan` for a span: `candidates` gives the keys and values
+    /// `[hkv, n + w + t, d]` in the plan's layout (built only when an entry changes),
+    /// `window_scores_after` the saliences of the window rows kept after the span (`[hkv][len]`).
     pub fn apply(
         &mut self,
         plan: &Plan,
-        candidates: (&Tensor, &Tensor),
+        candidates: impl FnOnce() -> Result<(Tensor, Tensor)>,
         window_scores_after: Vec<Vec<f32>>,
         device: &Device,
     ) -> Result<()> {
-        let (hkv, _, d) = candidates.0.dims3()?;
+        let before = self.len();
         let n = plan.kept_after.first().map_or(0, Vec::len);
-        self.kept = if n == 0 {
-            None
-        } else {
+        let unchanged = n == before
+            && plan
+                .kept_after
+                .iter()
+                .all(|row| row.iter().enumerate().all(|(i, &c)| i == c));
+        if !unchanged {
+            let (ck, cv) = candidates()?;
+            let (hkv, _, d) = ck.dims3()?;
             let idx: Vec<u32> = plan
                 .kept_after
                 .iter()
                 .flat_map(|row| row.iter().flat_map(|&c| std::iter::repeat_n(c as u32, d)))
                 .collect();
-            let idx = Tensor::from_vec(idx, (hkv, n, d), candidates.0.device())?;
+            let idx = Tensor::from_vec(idx, (hkv, n, d), ck.device())?;
             let scores: Vec<f32> = plan.kept_scores.concat();
-            Some((
-                candidates.0.contiguous()?.gather(&idx, 1)?,
-                candidates.1.contiguous()?.gather(&idx, 1)?,
+            self.kept = Some((
+                ck.contiguous()?.gather(&idx, 1)?,
+                cv.contiguous()?.gather(&idx, 1)?,
                 Tensor::from_vec(scores, (hkv, n), device)?,
-            ))
-        };
+            ));
+        }
+        let hkv = window_scores_after.len();
         let len = window_scores_after.first().map_or(0, Vec::len);
         self.window_scores = if len == 0 {
             None
@@ -263,7 +328,7 @@ impl Plan {
 /// `1 - cos(v, r)`; 1 when the read is negligible next to the value (nothing to compare
 /// with: the read is then mostly the rounding of taking the token's own write out of it, so
 /// the cosine would be noise).
-fn salience(v: &[f32], r: &[f32]) -> f32 {
+pub(crate) fn salience(v: &[f32], r: &[f32]) -> f32 {
     let (mut dot, mut vv, mut rr) = (0f64, 0f64, 0f64);
     for (&a, &b) in v.iter().zip(r) {
         dot += a as f64 * b as f64;
@@ -408,7 +473,8 @@ mod tests {
             let keep = wk.len().min(2);
             wk.drain(..wk.len() - keep);
             ws.drain(..ws.len() - keep);
-            g.apply(&plan, (&c, &c), vec![ws.clone()], &dev).unwrap();
+            g.apply(&plan, || Ok((c.clone(), c.clone())), vec![ws.clone()], &dev)
+                .unwrap();
         }
         let kept: Vec<f32> = g
             .kept()

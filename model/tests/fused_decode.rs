@@ -59,6 +59,26 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
             true,
         ),
         (
+            "gla+global",
+            Some(LigerConfig {
+                global_cache: 3,
+                sinks: 1,
+                ..liger(3)
+            }),
+            true,
+        ),
+        (
+            "window+sinks",
+            Some(LigerConfig {
+                window_weight: 1.0,
+                recurrent_weight: 0.0,
+                global_cache: 2,
+                sinks: 2,
+                ..liger(3)
+            }),
+            true,
+        ),
+        (
             "gsa",
             Some(LigerConfig {
                 variant: Variant::Gsa,
@@ -100,15 +120,40 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
                 LayerState::Liger {
                     window: cx,
                     recurrent: rx,
-                    ..
+                    global: gx,
                 },
                 LayerState::Liger {
                     window: cy,
                     recurrent: ry,
-                    ..
+                    global: gy,
                 },
             ) => {
                 close(rx, ry, &format!("layer {l} recurrent memory"));
+                // The same tokens kept in the same places, with the same saliences.
+                assert_eq!(gx.len(), gy.len(), "{what}: layer {l} global cache length");
+                // Saliences: sinks score +inf on both paths.
+                let scores_close = |x: &Tensor, y: &Tensor, part: &str| {
+                    let (x, y) = (
+                        x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
+                    assert_eq!(x.len(), y.len(), "{what}: layer {l} {part}");
+                    for (a, b) in x.iter().zip(&y) {
+                        assert!(
+                            a == b || (a - b).abs() <= 1e-4,
+                            "{what}: layer {l} {part}: {a} vs {b}"
+                        );
+                    }
+                };
+                if let (Some(x), Some(y)) = (gx.kept(), gy.kept()) {
+                    close(x.0, y.0, &format!("layer {l} global keys"));
+                    close(x.1, y.1, &format!("layer {l} global values"));
+                    scores_close(x.2, y.2, "global saliences");
+                }
+                assert_eq!(gx.window_scores().is_some(), gy.window_scores().is_some());
+                if let (Some(x), Some(y)) = (gx.window_scores(), gy.window_scores()) {
+                    scores_close(x, y, "window saliences");
+                }
                 (cx, cy)
             }
             _ => panic!("{what}: layer {l} kinds differ"),

@@ -21,17 +21,23 @@ pub(crate) enum Mix {
         recurrent: Recurrent,
         window_weight: f32,
         recurrent_weight: f32,
+        /// The layer keeps a global cache: the window branch also attends to its rows, and
+        /// the token's salience is measured (`crate::global`).
+        global: bool,
     },
 }
 
 /// One KV head group's inputs: its `g` query heads and its key and value, all pre-RoPE, the
-/// group's cache rows (`[len, d]`, post-RoPE keys) and the token's RoPE table.
+/// group's cache rows (`[len, d]`, post-RoPE keys), its global cache rows (the same; empty
+/// without one) and the token's RoPE table.
 pub(crate) struct GroupIn<'a> {
     pub q: &'a [f32],
     pub k: &'a [f32],
     pub v: &'a [f32],
     pub cached_k: &'a [f32],
     pub cached_v: &'a [f32],
+    pub global_k: &'a [f32],
+    pub global_v: &'a [f32],
     pub cos: &'a [f32],
     pub sin: &'a [f32],
 }
@@ -42,6 +48,9 @@ pub(crate) struct GroupOut<'a> {
     pub out: &'a mut [f32],
     pub new_k: &'a mut [f32],
     pub new_v: &'a mut [f32],
+    /// The token's salience (one value) for layers with a global cache and a recurrent
+    /// memory; empty otherwise.
+    pub salience: &'a mut [f32],
 }
 
 /// The recurrent memory of the group's KV head, before and after the token (`[d, d]`).
@@ -60,6 +69,7 @@ pub(crate) struct Scratch {
     key: Vec<f32>,
     q_feat: Vec<f32>,
     o_rec: Vec<f32>,
+    read: Vec<f32>,
 }
 
 /// `buf` resized to `n` (contents unspecified).
@@ -86,8 +96,8 @@ pub(crate) fn mix_group(
     rope(x.k, x.cos, x.sin, k_rot);
     attend(
         q_rot,
-        (x.cached_k, k_rot),
-        (x.cached_v, x.v),
+        [x.global_k, x.cached_k, k_rot],
+        [x.global_v, x.cached_v, x.v],
         (d, &mut scratch.probs),
         &mut *y.out,
     );
@@ -97,6 +107,7 @@ pub(crate) fn mix_group(
         recurrent,
         window_weight,
         recurrent_weight,
+        ..
     } = mix
     {
         for o in y.out.iter_mut() {
@@ -104,9 +115,13 @@ pub(crate) fn mix_group(
         }
         if recurrent_weight != 0.0 {
             let memory = memory.expect("a Liger layer with a recurrent branch has a memory");
-            recurrent_step(recurrent, (x.q, x.k, x.v), d, memory, scratch);
+            let key_read = !y.salience.is_empty();
+            recurrent_step(recurrent, (x.q, x.k, x.v), d, (memory, key_read), scratch);
             for (o, r) in y.out.iter_mut().zip(&scratch.o_rec) {
                 *o += recurrent_weight * r;
+            }
+            if let Some(s) = y.salience.first_mut() {
+                *s = crate::global::salience(x.v, &scratch.read);
             }
         }
     }
@@ -122,40 +137,28 @@ pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Softmax attention of the group's queries over the cached keys followed by the token's
-/// own, scaled by `1/sqrt(d)`; writes `out: [g, d]`.
+/// Softmax attention of the group's queries over rows of keys given in blocks (the global
+/// cache's, the window cache's, the token's own), scaled by `1/sqrt(d)`; writes `out: [g, d]`.
 fn attend(
     q_rot: &[f32],
-    (cached_k, k): (&[f32], &[f32]),
-    (cached_v, v): (&[f32], &[f32]),
+    keys: [&[f32]; 3],
+    values: [&[f32]; 3],
     (d, probs): (usize, &mut Vec<f32>),
     out: &mut [f32],
 ) {
     let scale = (1.0 / (d as f64).sqrt()) as f32;
-    let len = cached_k.len() / d + 1;
-    let key = |j: usize| -> &[f32] {
-        if j + 1 < len {
-            &cached_k[j * d..(j + 1) * d]
-        } else {
-            k
-        }
-    };
-    let value = |j: usize| -> &[f32] {
-        if j + 1 < len {
-            &cached_v[j * d..(j + 1) * d]
-        } else {
-            v
-        }
-    };
+    let len: usize = keys.iter().map(|k| k.len() / d).sum();
     let p = sized(probs, len);
     for (qh, o) in q_rot.chunks(d).zip(out.chunks_mut(d)) {
-        for (j, pj) in p.iter_mut().enumerate() {
-            *pj = scale * dot(qh, key(j));
+        let rows = keys.iter().flat_map(|b| b.chunks(d));
+        for (pj, key) in p.iter_mut().zip(rows) {
+            *pj = scale * dot(qh, key);
         }
         softmax(p);
         o.fill(0.0);
-        for (j, &pj) in p.iter().enumerate() {
-            for (oi, vi) in o.iter_mut().zip(value(j)) {
+        let rows = values.iter().flat_map(|b| b.chunks(d));
+        for (&pj, value) in p.iter().zip(rows) {
+            for (oi, vi) in o.iter_mut().zip(value) {
                 *oi += pj * vi;
             }
         }
@@ -177,12 +180,13 @@ fn keep_last(cached: &[f32], new: &[f32], dst: &mut [f32]) {
 
 /// One step of the gated recurrence on the group's KV head (`gla::step_reference`):
 /// feature maps of the raw q and k, `S' = diag(exp(g)) S + k'^T v`, `o = q' S'` per query
-/// head.
+/// head; with `key_read`, also the memory's answer to the key from before the token,
+/// `k' S' - |k'|^2 v` (into `scratch.read`, as the general path computes it).
 fn recurrent_step(
     r: Recurrent,
     (q, k, v): (&[f32], &[f32], &[f32]),
     d: usize,
-    memory: Memory,
+    (memory, key_read): (Memory, bool),
     scratch: &mut Scratch,
 ) {
     let gate = sized(&mut scratch.gate, d);
@@ -209,6 +213,8 @@ fn recurrent_step(
     }
     let out = sized(&mut scratch.o_rec, q.len());
     out.fill(0.0);
+    let read = sized(&mut scratch.read, if key_read { d } else { 0 });
+    read.fill(0.0);
     for i in 0..d {
         let decay = gate[i].exp();
         let row_old = &memory.old[i * d..(i + 1) * d];
@@ -221,6 +227,18 @@ fn recurrent_step(
             for (acc, &s) in o.iter_mut().zip(row.iter()) {
                 *acc += qi * s;
             }
+        }
+        if key_read {
+            let ki = key[i];
+            for (acc, &s) in read.iter_mut().zip(row.iter()) {
+                *acc += ki * s;
+            }
+        }
+    }
+    if key_read {
+        let own: f32 = key.iter().map(|x| x * x).sum();
+        for (r, &vj) in read.iter_mut().zip(v) {
+            *r -= own * vj;
         }
     }
 }

@@ -151,6 +151,10 @@ struct SeqLayerIx {
     cached: Option<(usize, usize, usize)>,
     keep: usize,
     memory: Option<usize>,
+    /// The global cache's keys and values (indices, rows per head), when it has entries.
+    global: Option<(usize, usize, usize)>,
+    /// The layer measures the token's salience (a global cache beside a recurrent memory).
+    salience: bool,
 }
 
 /// What one new token produced in one layer of one sequence.
@@ -158,6 +162,8 @@ struct SeqLayerOut {
     new_k: Vec<f32>,
     new_v: Vec<f32>,
     memory: Option<Vec<f32>>,
+    /// Per KV head, when measured.
+    salience: Vec<f32>,
 }
 
 /// Fused steps taken by this process (for tests that must know the fused path ran).
@@ -277,14 +283,19 @@ impl Plan {
         for (li, layer) in layers.iter().enumerate() {
             let mut per_seq = Vec::with_capacity(seqs.len());
             for s in seqs {
+                let (mut global, mut salience) = (None, false);
                 let (cache, memory) = match (&s.state.layers.get(li)?, layer.mix) {
                     (LayerState::Softmax(cache), Mix::Softmax) => (cache, None),
                     (
                         LayerState::Liger {
-                            window, recurrent, ..
+                            window,
+                            recurrent,
+                            global: g,
                         },
                         Mix::Liger {
-                            recurrent_weight, ..
+                            recurrent_weight,
+                            global: has_global,
+                            ..
                         },
                     ) => {
                         let memory = if recurrent_weight == 0.0 {
@@ -295,6 +306,17 @@ impl Plan {
                             }
                             Some(inputs.add(recurrent)?)
                         };
+                        if has_global != g.is_enabled() {
+                            return None;
+                        }
+                        salience = has_global && memory.is_some();
+                        if let Some((k, v, _)) = g.kept() {
+                            let (kh, n, kd) = k.dims3().ok()?;
+                            if (kh, kd) != (hkv, d) || v.dims() != k.dims() {
+                                return None;
+                            }
+                            global = Some((inputs.add(k)?, inputs.add(v)?, n));
+                        }
                         (window, memory)
                     }
                     _ => return None,
@@ -314,6 +336,8 @@ impl Plan {
                     cached,
                     keep: cache.capacity().map_or(total, |c| total.min(c)),
                     memory,
+                    global,
+                    salience,
                 });
             }
             states.push(per_seq);
@@ -367,6 +391,7 @@ impl Plan {
                         new_k: vec![0f32; hkv * s.keep * d],
                         new_v: vec![0f32; hkv * s.keep * d],
                         memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
+                        salience: vec![0f32; if s.salience { hkv } else { 0 }],
                     })
                     .collect()
             })
@@ -378,7 +403,7 @@ impl Plan {
         let mut act = vec![0f32; nb * self.intermediate];
         let mut logits = vec![0f32; nb * self.lm_head.n];
         let threads = rayon::current_num_threads().max(1);
-        let new_state: Vec<Vec<[Shared; 3]>> = outs
+        let new_state: Vec<Vec<[Shared; 4]>> = outs
             .iter_mut()
             .map(|per_seq| {
                 per_seq
@@ -389,6 +414,7 @@ impl Plan {
                             Shared::new(&mut o.new_k),
                             Shared::new(&mut o.new_v),
                             Shared::new(memory),
+                            Shared::new(&mut o.salience),
                         ]
                     })
                     .collect()
@@ -457,11 +483,31 @@ impl Plan {
                         Tensor::from_vec(out.new_v, shape, &device)?,
                     ))
                 };
+                let position = seq.state.position;
                 match &mut seq.state.layers[li] {
                     LayerState::Softmax(cache) => cache.set_parts(kv),
                     LayerState::Liger {
-                        window, recurrent, ..
+                        window,
+                        recurrent,
+                        global,
                     } => {
+                        if global.is_enabled() {
+                            // The token's row is the last of the new window.
+                            let (nk, nv) = kv.as_ref().expect("a window keeps the new token");
+                            let new = (nk.narrow(1, keep - 1, 1)?, nv.narrow(1, keep - 1, 1)?);
+                            let raw = match out.salience {
+                                s if s.is_empty() => vec![0.0; hkv],
+                                s => s,
+                            };
+                            let places = window.capacity().unwrap_or(usize::MAX);
+                            global.decode_step(
+                                position,
+                                places,
+                                window.parts(),
+                                (&new.0, &new.1),
+                                raw,
+                            )?;
+                        }
                         window.set_parts(kv);
                         if let Some(memory) = out.memory {
                             *recurrent = Tensor::from_vec(memory, (1, hkv, d, d), &device)?;
@@ -495,7 +541,7 @@ struct Step<'a> {
     act: Shared<'a>,
     logits: Shared<'a>,
     /// `[layer][seq]`: new keys, values, recurrent memory.
-    new_state: Vec<Vec<[Shared<'a>; 3]>>,
+    new_state: Vec<Vec<[Shared<'a>; 4]>>,
     /// One work counter per phase (five per layer, then the LM head), claimed from by all
     /// threads; fresh each step, so never reset.
     counters: Vec<AtomicUsize>,
@@ -665,6 +711,13 @@ impl Step<'_> {
                 ),
                 None => (&[][..], &[][..]),
             };
+            let (global_k, global_v) = match state.global {
+                Some((ki, vi, n)) => (
+                    &self.slices[ki][kvh * n * d..(kvh + 1) * n * d],
+                    &self.slices[vi][kvh * n * d..(kvh + 1) * n * d],
+                ),
+                None => (&[][..], &[][..]),
+            };
             let (cos, sin) = &self.rope[s];
             let input = GroupIn {
                 q: &q[s * h * d + kvh * g * d..][..g * d],
@@ -672,10 +725,12 @@ impl Step<'_> {
                 v: &v[s * hkv * d + kvh * d..][..d],
                 cached_k,
                 cached_v,
+                global_k,
+                global_v,
                 cos,
                 sin,
             };
-            let [new_k, new_v, memory] = &self.new_state[li][s];
+            let [new_k, new_v, memory, salience] = &self.new_state[li][s];
             let rows = state.keep * d;
             let out = GroupOut {
                 out: unsafe {
@@ -684,6 +739,11 @@ impl Step<'_> {
                 },
                 new_k: unsafe { new_k.part(kvh * rows..(kvh + 1) * rows) },
                 new_v: unsafe { new_v.part(kvh * rows..(kvh + 1) * rows) },
+                salience: if state.salience {
+                    unsafe { salience.part(kvh..kvh + 1) }
+                } else {
+                    &mut []
+                },
             };
             let memory = state.memory.map(|mi| Memory {
                 old: &self.slices[mi][kvh * d * d..(kvh + 1) * d * d],
