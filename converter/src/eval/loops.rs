@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use liger_model::Model;
 use serde::Serialize;
 
 use super::Loaded;
@@ -130,52 +131,59 @@ pub(super) fn validate(o: &LoopsOptions) -> Result<()> {
     Ok(())
 }
 
-/// Greedy answers of one model; the prompt of each (its last message) with its answer.
-fn answers(
-    model: &liger_model::Model,
-    m: &Loaded,
-    prompts: &[Vec<Message>],
+/// The prompts, and how models answer them.
+struct Answering<'a> {
+    m: &'a Loaded,
+    prompts: Vec<Vec<Message>>,
     max_tokens: usize,
-    progress: &Progress,
-    label: &str,
-) -> Result<Vec<(String, String)>> {
-    let bar = progress.items(prompts.len() as u64, label);
-    let settings = GenSettings {
-        // One answer per prompt: greedy (sampling starts only past the prompts).
-        count: prompts.len(),
-        max_tokens,
-        batch: BATCH,
-        seed: 0,
-    };
-    let convs = generate(
-        model,
-        &m.tokenizer,
-        &m.template,
-        prompts,
-        settings,
-        &bar,
-        &mut |_| {},
-    )?;
-    bar.finish_and_clear();
-    // Empty answers are left out by `generate`; they do not loop.
-    Ok(convs
-        .into_iter()
-        .map(|mut c| {
-            let answer = c.pop().map(|a| a.content).unwrap_or_default();
-            let prompt = c.pop().map(|p| p.content).unwrap_or_default();
-            (prompt, answer)
-        })
-        .collect())
+    progress: &'a Progress,
+}
+
+impl Answering<'_> {
+    /// Greedy answers of `model`: each prompt's last message with its answer.
+    fn answers(&self, model: &Model, label: &str) -> Result<Vec<(String, String)>> {
+        let bar = self.progress.items(self.prompts.len() as u64, label);
+        let settings = GenSettings {
+            // One answer per prompt: greedy (sampling starts only past the prompts).
+            count: self.prompts.len(),
+            max_tokens: self.max_tokens,
+            batch: BATCH,
+            seed: 0,
+        };
+        let convs = generate(
+            model,
+            &self.m.tokenizer,
+            &self.m.template,
+            &self.prompts,
+            settings,
+            &bar,
+            &mut |_| {},
+        )?;
+        bar.finish_and_clear();
+        // Empty answers are left out by `generate`; they do not loop.
+        Ok(convs
+            .into_iter()
+            .map(|mut c| {
+                let answer = c.pop().map(|a| a.content).unwrap_or_default();
+                let prompt = c.pop().map(|p| p.content).unwrap_or_default();
+                (prompt, answer)
+            })
+            .collect())
+    }
 }
 
 /// Answers every prompt with the model and the reference and counts the looping answers.
 pub(super) fn run(o: &LoopsOptions, m: &Loaded, progress: &Progress) -> Result<LoopsReport> {
-    let prompts = read_prompts(&o.prompts)?;
-    let n = prompts.len().max(1) as f64;
-    let mine = answers(&m.model, m, &prompts, o.max_tokens, progress, "loops")?;
+    let asked = Answering {
+        m,
+        prompts: read_prompts(&o.prompts)?,
+        max_tokens: o.max_tokens,
+        progress,
+    };
+    let n = asked.prompts.len();
     let mut examples = Vec::new();
     let mut model_looping = 0;
-    for (prompt, answer) in mine {
+    for (prompt, answer) in asked.answers(&m.model, "loops")? {
         if let Some(run) = repeated(&answer) {
             model_looping += 1;
             if examples.len() < EXAMPLES {
@@ -189,19 +197,21 @@ pub(super) fn run(o: &LoopsOptions, m: &Loaded, progress: &Progress) -> Result<L
     }
     let reference_looping = match &m.reference {
         Some(r) => Some(
-            answers(r, m, &prompts, o.max_tokens, progress, "loops (reference)")?
+            asked
+                .answers(r, "loops (reference)")?
                 .iter()
                 .filter(|(_, a)| repeated(a).is_some())
                 .count(),
         ),
         None => None,
     };
+    let share = |k: usize| k as f64 / n.max(1) as f64;
     Ok(LoopsReport {
-        prompts: prompts.len(),
+        prompts: n,
         max_tokens: o.max_tokens,
-        model: model_looping as f64 / n,
+        model: share(model_looping),
         model_looping,
-        reference: reference_looping.map(|k| k as f64 / n),
+        reference: reference_looping.map(share),
         reference_looping,
         examples,
     })

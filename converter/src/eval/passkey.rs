@@ -221,28 +221,44 @@ fn keys(seed: u64, length: usize, depth: u32, count: usize) -> Vec<u32> {
         .collect()
 }
 
-/// The greedy answer of `model` to `prompt`, prefilled `segment` tokens at a time.
-fn answer(
-    model: &Model,
-    tokenizer: &Tokenizer,
-    stops: &[u32],
-    prompt: &[u32],
+/// One model answering pass-key prompts greedily.
+struct Answerer<'a> {
+    model: &'a Model,
+    tokenizer: &'a Tokenizer,
+    /// Tokens that end an answer.
+    stops: Vec<u32>,
+    /// Prompt tokens fed per forward.
     segment: usize,
-) -> Result<String> {
-    let mut state = model.new_state()?;
-    let mut logits = model.prefill(prompt, &mut state, segment)?;
-    let mut out = Vec::with_capacity(ANSWER_TOKENS);
-    for _ in 0..ANSWER_TOKENS {
-        let next = argmax(&logits)?;
-        if stops.contains(&next) {
-            break;
+}
+
+impl<'a> Answerer<'a> {
+    fn new(model: &'a Model, tokenizer: &'a Tokenizer, segment: usize) -> Self {
+        Self {
+            model,
+            tokenizer,
+            stops: stop_ids(model, tokenizer),
+            segment,
         }
-        out.push(next);
-        logits = model.forward(&[next], &mut state, Logits::Last)?;
     }
-    Ok(tokenizer
-        .decode(&out, true)
-        .map_err(|e| liger_model::Error::Tokenizer(e.to_string()))?)
+
+    /// The greedy answer to `prompt`, prefilled `segment` tokens at a time.
+    fn answer(&self, prompt: &[u32]) -> Result<String> {
+        let mut state = self.model.new_state()?;
+        let mut logits = self.model.prefill(prompt, &mut state, self.segment)?;
+        let mut out = Vec::with_capacity(ANSWER_TOKENS);
+        for _ in 0..ANSWER_TOKENS {
+            let next = argmax(&logits)?;
+            if self.stops.contains(&next) {
+                break;
+            }
+            out.push(next);
+            logits = self.model.forward(&[next], &mut state, Logits::Last)?;
+        }
+        Ok(self
+            .tokenizer
+            .decode(&out, true)
+            .map_err(|e| liger_model::Error::Tokenizer(e.to_string()))?)
+    }
 }
 
 fn argmax(logits: &Tensor) -> Result<u32> {
@@ -279,8 +295,11 @@ pub(super) fn run(
     let builder = PromptBuilder {
         tokenizer: &m.tokenizer,
     };
-    let stops = stop_ids(&m.model, &m.tokenizer);
-    let ref_stops = m.reference.as_ref().map(|r| stop_ids(r, &m.tokenizer));
+    let model = Answerer::new(&m.model, &m.tokenizer, segment);
+    let reference = m
+        .reference
+        .as_ref()
+        .map(|r| Answerer::new(r, &m.tokenizer, segment));
     let ref_max = m
         .reference
         .as_ref()
@@ -292,10 +311,10 @@ pub(super) fn run(
         for &depth in &o.depths {
             for key in keys(o.seed, length, depth, o.keys) {
                 let prompt = builder.build(length, depth, key)?;
-                let model_answer = answer(&m.model, &m.tokenizer, &stops, &prompt.tokens, segment)?;
-                let reference_answer = match (&m.reference, &ref_stops) {
-                    (Some(r), Some(s)) if ref_max.is_some_and(|max| length <= max) => {
-                        Some(answer(r, &m.tokenizer, s, &prompt.tokens, segment)?)
+                let model_answer = model.answer(&prompt.tokens)?;
+                let reference_answer = match &reference {
+                    Some(r) if ref_max.is_some_and(|max| length <= max) => {
+                        Some(r.answer(&prompt.tokens)?)
                     }
                     _ => None,
                 };
