@@ -8,6 +8,7 @@ Python install carries, so no data set is downloaded).
     python3 scripts/make-corpus.py --extra    # also data/pydoc-train-extra.txt
     python3 scripts/make-corpus.py --heldout-more   # also data/heldout-more.txt
     python3 scripts/make-corpus.py --long     # only data/long-prose.txt, data/long-code.txt
+    python3 scripts/make-corpus.py --long-train   # only data/long-train.jsonl
 
 The files come from disjoint module lists: held-out text is never trained on. The large
 training file covers every importable top-level standard-library module except the held-out
@@ -35,16 +36,27 @@ checked by sha256, and writes only them (no standard-library file is touched):
 - data/long-code.txt: Python source, bottle.py of bottle==0.12.25 (PyPI source
   distribution; MIT License, whose notice heads the file), whole: tabs expanded, trailing
   spaces dropped, runs of blank lines cut to two.
+
+The long training documents (data/long-train.jsonl, one {"text": ...} per line, for
+long-sequence recovery: `recover --seq-len 2048 --segment 512`) come from neither held-out
+source: the Canterbury corpus files alice29.txt (Carroll, "Alice's Adventures in
+Wonderland"; hard-wrapped lines joined into paragraphs), asyoulik.txt (Shakespeare, "As You
+Like It") and plrabn12.txt (Milton, "Paradise Lost", the first PARADISE_CHARS characters),
+all public domain, from the same Brotli sdist; and whole standard-library modules
+(LONG_TRAIN_MODULES, source code, none of them a held-out module) of the Python running the
+script (the committed file: 3.11.7).
 """
 
 import hashlib
 import importlib
 import inspect
+import json
 import os
 import pkgutil
 import re
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import warnings
@@ -233,6 +245,45 @@ def long_code(source, license_text):
     return head + "\n\n" + text + "\n"
 
 
+PARADISE_CHARS = 200_000
+LONG_TRAIN_MODULES = """
+argparse calendar configparser csv dataclasses difflib enum functools pathlib shutil
+statistics threading
+""".split()
+
+
+def tidy(text):
+    """Tabs expanded, trailing spaces dropped, runs of blank lines cut to one."""
+    lines = [line.expandtabs(4).rstrip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def joined_paragraphs(text):
+    """Hard-wrapped lines joined; blank lines separate paragraphs."""
+    paras = re.split(r"\n\s*\n", text)
+    joined = [" ".join(l.strip() for l in p.splitlines() if l.strip()) for p in paras]
+    return "\n\n".join(p for p in joined if p) + "\n"
+
+
+def write_long_train(root):
+    assert not set(LONG_TRAIN_MODULES) & set(HELDOUT)
+    with tempfile.TemporaryDirectory() as tmp:
+        alice, play, poem = (sdist_member(BROTLI, f"tests/testdata/{f}", tmp)
+                             for f in ("alice29.txt", "asyoulik.txt", "plrabn12.txt"))
+    poem = tidy(poem)
+    docs = [joined_paragraphs(tidy(alice)), tidy(play),
+            poem[:poem.rfind("\n\n", 0, PARADISE_CHARS)].strip() + "\n"]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for m in LONG_TRAIN_MODULES:
+        with open(os.path.join(stdlib, m + ".py"), encoding="utf-8") as f:
+            docs.append(tidy(f.read()))
+    path = os.path.join(root, "long-train.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    print(f"{path}: {len(docs)} documents, {sum(map(len, docs))} characters", file=sys.stderr)
+
+
 def write_long(root):
     with tempfile.TemporaryDirectory() as tmp:
         prose = long_prose(sdist_member(BROTLI, "tests/testdata/lcet10.txt", tmp))
@@ -251,6 +302,9 @@ if __name__ == "__main__":
     os.makedirs(root, exist_ok=True)
     if "--long" in sys.argv[1:]:
         write_long(root)
+        sys.exit(0)
+    if "--long-train" in sys.argv[1:]:
+        write_long_train(root)
         sys.exit(0)
     write(os.path.join(root, "pydoc-train.txt"), TRAIN)
     write(os.path.join(root, "heldout.txt"), HELDOUT)

@@ -22,7 +22,8 @@
 //!
 //! `--variants` picks the Liger structures to compare (default `gla`): `gla`, `hgrn2`, `gsa`
 //! (64 slots), `gla-h8` (GLA with full attention at layers 7, 15, 23: `every:8`) and
-//! `window` (sliding-window attention alone).
+//! `window` (sliding-window attention alone), `gla-w256` (a 256-token window) and
+//! `gla-w256-g64` (the same plus a 64-place global cache with 4 sinks).
 //!
 //! The context is built once per model by chunked prefill and grown between measurements,
 //! so each model pays one prefill to the largest context. Figures are medians over `--steps`
@@ -131,7 +132,7 @@ fn parse_args() -> Args {
 type MakeLiger = fn(usize) -> LigerConfig;
 
 /// The Liger structures `--variants` can name.
-const VARIANTS: [(&str, MakeLiger); 5] = [
+const VARIANTS: [(&str, MakeLiger); 7] = [
     ("gla", |_| LigerConfig::default()),
     ("hgrn2", |_| LigerConfig {
         variant: Variant::Hgrn2,
@@ -150,6 +151,18 @@ const VARIANTS: [(&str, MakeLiger); 5] = [
     ("window", |_| LigerConfig {
         window_weight: 1.0,
         recurrent_weight: 0.0,
+        ..Default::default()
+    }),
+    // The committed adapter's structures: a 256-token window, and the same with a global
+    // cache of 64 places (4 of them sinks).
+    ("gla-w256", |_| LigerConfig {
+        window: 256,
+        ..Default::default()
+    }),
+    ("gla-w256-g64", |_| LigerConfig {
+        window: 256,
+        global_cache: 64,
+        sinks: 4,
         ..Default::default()
     }),
 ];

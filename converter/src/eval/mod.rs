@@ -142,6 +142,8 @@ pub struct StateBytesReport {
     pub total: usize,
     pub recurrent: usize,
     pub window: usize,
+    /// Global caches (kept tokens and the saliences they are chosen by).
+    pub global: usize,
     pub kv_cache: usize,
 }
 
@@ -151,6 +153,7 @@ impl From<liger_model::StateBytes> for StateBytesReport {
             total: b.total(),
             recurrent: b.recurrent,
             window: b.window,
+            global: b.global,
             kv_cache: b.kv_cache,
         }
     }

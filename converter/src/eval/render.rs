@@ -158,7 +158,7 @@ fn text_comparison(s: &mut String, reports: &[EvalReport]) {
     );
     let _ = writeln!(
         s,
-        "| model | perplexity | ratio | agreement | KL | decode ms/token | state at {} (recurrent + window + KV) |",
+        "| model | perplexity | ratio | agreement | KL | decode ms/token | state at {} (recurrent + window + global + KV) |",
         first.seq_len
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|");
@@ -166,7 +166,7 @@ fn text_comparison(s: &mut String, reports: &[EvalReport]) {
     for r in reports {
         let _ = writeln!(
             s,
-            "| {} | {:.3} | {} | {} | {} | {} | {} ({} + {} + {}) |",
+            "| {} | {:.3} | {} | {} | {} | {} | {} ({} + {} + {} + {}) |",
             model_name(r),
             r.model.perplexity,
             opt(r.perplexity_ratio, &|x| format!("{x:.2}x")),
@@ -176,6 +176,7 @@ fn text_comparison(s: &mut String, reports: &[EvalReport]) {
             human_bytes(r.state.total as u64),
             human_bytes(r.state.recurrent as u64),
             human_bytes(r.state.window as u64),
+            human_bytes(r.state.global as u64),
             human_bytes(r.state.kv_cache as u64),
         );
     }
