@@ -5,11 +5,16 @@
 //! The model and the reference answer the same prompts greedily through the chat template
 //! (the generation code of self-distillation), and each answer is checked by [`repeated`]:
 //!
-//! **An answer loops when some run of [`RUN_WORDS`] (4) consecutive words occurs at least
-//! [`RUN_REPEATS`] (3) times in it.** Words are the answer's runs of letters and digits,
-//! lowercased, so punctuation and case do not hide a repeat. A phrase said three times or
-//! a sentence repeated over and over is flagged; a list whose items share a word or two
-//! ("1. Eat ...", "2. Get ...") is not, since its items differ within any four words.
+//! **An answer loops when some run of [`RUN_WORDS`] (8) consecutive words occurs at least
+//! [`RUN_REPEATS`] (3) times in it** (overlapping occurrences count). Words are the answer's
+//! runs of letters and digits, lowercased, so punctuation and case do not hide a repeat. A
+//! phrase said over and over ("A lone ship, A lone ship, ...") or a sentence repeated is
+//! flagged; a list whose items share a few words ("1. Use a ...", "2. Use a ...") is not.
+//! Shorter runs flag normal writing: on the original model's own answers (up to 200 tokens,
+//! data/heldout-chats.jsonl), 4-word runs said three times flag 22 of the 42 chat answers,
+//! among them plain ones that name their topic thrice ("the Earth's oceans", "communicate
+//! with each other") or list "X development: the creation of ..."; 8-word runs flag 10,
+//! each a clause really said three times ("a skill that can be learned and practiced").
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +30,7 @@ use crate::recover::template::Message;
 use crate::{Error, Result};
 
 /// Words in a run that, repeated, makes an answer loop.
-pub const RUN_WORDS: usize = 4;
+pub const RUN_WORDS: usize = 8;
 /// Occurrences of one run that make an answer loop.
 pub const RUN_REPEATS: usize = 3;
 /// Looping answers of the model kept as examples.
@@ -224,11 +229,24 @@ mod tests {
     #[test]
     fn a_repeated_phrase_loops() {
         let ship = "A lone ship, A lone ship, A lone ship, A lone ship, A lone ship";
-        assert_eq!(repeated(ship).as_deref(), Some("a lone ship a"));
-        let sentence = "The sea is calm tonight. ".repeat(3);
+        assert_eq!(
+            repeated(ship).as_deref(),
+            Some("a lone ship a lone ship a lone")
+        );
+        assert_eq!(
+            repeated(&ship[..ship.len() - 13]),
+            None,
+            "four times is not enough"
+        );
+        let sentence = "The sea is calm tonight. ".repeat(4);
         assert!(repeated(&sentence).is_some(), "{sentence}");
-        let word = "very ".repeat(6);
-        assert_eq!(repeated(&word).as_deref(), Some("very very very very"));
+        let clause = "it's a skill that can be learned and practiced, and ";
+        assert!(repeated(&format!("First aid: {}.", clause.repeat(3))).is_some());
+        let word = "very ".repeat(10);
+        assert_eq!(
+            repeated(&word).as_deref(),
+            Some("very very very very very very very very")
+        );
     }
 
     #[test]
@@ -240,6 +258,14 @@ mod tests {
             3. Get enough sleep: adults need seven to nine hours a night.\n\
             4. Drink enough water: it keeps you hydrated and helps your body work.";
         assert_eq!(repeated(list), None);
+        let tips = "1. Use a strong password for each account.\n\
+            2. Use a password manager to keep them.\n\
+            3. Use a second factor when a site offers one.\n\
+            4. Use a different email address for shopping.";
+        assert_eq!(repeated(tips), None);
+        let topic = "Tides come from the pull of the moon on the Earth's oceans. The Earth's \
+            oceans bulge toward the moon, and the Earth's oceans bulge on the far side too.";
+        assert_eq!(repeated(topic), None, "a topic named thrice is not a loop");
         let prose = "The capital of France is Paris. Paris is known for the Eiffel Tower, \
             and the city is also famous for its museums. It is the capital of France and \
             its largest city.";
