@@ -16,46 +16,6 @@ use liger_model::testing::{Family, TinyCheckpoint};
 use liger_model::LigerConfig;
 use serde_json::json;
 
-/// Characters of the tiny tokenizer, after the three special tokens (ids 0-2) and the
-/// unknown-character token (id 3): 57 more, 61 in all (the tiny models' vocabulary).
-const CHARS: &str = "abcdefghijklmnopqrstuvwxyz .,!?'\n0123456789ABCDEFGHIJTW:-";
-
-/// A character-level tokenizer with ChatML's special tokens, as `tokenizer.json` (the
-/// recovery tests' own), so one token is one character.
-fn tokenizer_json() -> serde_json::Value {
-    let mut vocab = serde_json::Map::new();
-    for (i, t) in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "~"]
-        .iter()
-        .enumerate()
-    {
-        vocab.insert((*t).to_owned(), json!(i));
-    }
-    for (i, c) in CHARS.chars().enumerate() {
-        vocab.insert(c.to_string(), json!(i + 4));
-    }
-    let added: Vec<_> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
-    json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
-        "model": {"type": "BPE", "dropout": null, "unk_token": "~", "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "vocab": vocab, "merges": []}
-    })
-}
-
-/// One candle thread per test (tests run side by side); child processes inherit it.
-fn single_threaded() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| std::env::set_var("RAYON_NUM_THREADS", "1"));
-}
-
 /// Writes a tiny model of `family` (converted with `liger` when given) with the tokenizer.
 fn tiny(dir: &Path, family: Family, liger: Option<LigerConfig>) -> PathBuf {
     single_threaded();

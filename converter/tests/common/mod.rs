@@ -135,3 +135,44 @@ pub fn sum(t: &Tensor) -> f64 {
 
 #[allow(unused_imports)]
 pub use liger_model::testing::fixture::{golden_dir, golden_json, smollm2_gguf};
+
+/// Characters of the tiny tokenizer, after the three special tokens (ids 0-2) and the
+/// unknown-character token (id 3): 57 more, 61 in all (the tiny models' vocabulary).
+pub const CHARS: &str = "abcdefghijklmnopqrstuvwxyz .,!?'\n0123456789ABCDEFGHIJTW:-";
+
+/// A character-level tokenizer with ChatML's special tokens, as `tokenizer.json`.
+pub fn tokenizer_json() -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "~"]
+        .iter()
+        .enumerate()
+    {
+        vocab.insert((*t).to_owned(), serde_json::json!(i));
+    }
+    for (i, c) in CHARS.chars().enumerate() {
+        vocab.insert(c.to_string(), serde_json::json!(i + 4));
+    }
+    assert_eq!(vocab.len(), 61);
+    let added: Vec<_> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": "~", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab, "merges": []}
+    })
+}
+
+/// One candle thread per test (tests already run side by side; on a busy machine candle's
+/// spinning thread pool is much slower than one thread). Child processes inherit it.
+pub fn single_threaded() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("RAYON_NUM_THREADS", "1"));
+}
