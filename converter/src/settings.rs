@@ -198,21 +198,14 @@ impl LigerSettings {
                 ),
             ));
         }
-        if self.global_cache > self.sinks {
-            if self.variant == Variant::Gsa {
-                return Err(Error::flag(
-                    "--global-cache",
-                    "places beyond the sinks are chosen by the gla/hgrn2 memory's recall; \
-                     with gsa use sinks only (--global-cache equal to --sinks)",
-                ));
-            }
-            if self.mix == Some(0.0) {
-                return Err(Error::flag(
-                    "--global-cache",
-                    "places beyond the sinks are chosen by the recurrent memory's recall, \
-                     and --mix 0 has none: use sinks only (--global-cache equal to --sinks)",
-                ));
-            }
+        // Places beyond the sinks go to the tokens a d x d memory recalls worst (it is kept
+        // for that even with --mix 0); GSA's slot memories have no such recall.
+        if self.global_cache > self.sinks && self.variant == Variant::Gsa {
+            return Err(Error::flag(
+                "--global-cache",
+                "places beyond the sinks are chosen by the gla/hgrn2 memory's recall; \
+                 with gsa use sinks only (--global-cache equal to --sinks)",
+            ));
         }
         if let Some(g) = self.gate_normalizer {
             if !(g.is_finite() && g > 0.0) {

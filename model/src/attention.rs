@@ -7,7 +7,10 @@
 //! ```
 //!
 //! where `R` is the checkpoint's gated recurrence (GLA, HGRN2 or GSA; see [`crate::gla`]),
-//! skipped entirely when its weight is 0 (window-only attention).
+//! whose read-out is skipped when its weight is 0 (window-only attention). Its memory is then
+//! still kept when the layer has global cache places beyond its sinks, because the cache
+//! admits the tokens that memory recalls worst (LoLA's rule, [`crate::global`]); without such
+//! places nothing recurrent is computed or kept.
 //!
 //! Both kinds share the q/k/v/o projections, which run once over every token of the batch;
 //! only the mixing itself is done per sequence (each has its own cache and position).
@@ -32,6 +35,19 @@ struct Hybrid {
     /// Global cache places per KV head, and how many of them are sinks.
     global_places: usize,
     sinks: usize,
+}
+
+impl Hybrid {
+    /// Whether the recurrent memory's read-out goes into the output.
+    fn reads_out(&self) -> bool {
+        self.recurrent_weight != 0.0
+    }
+
+    /// Whether the layer keeps a recurrent memory: for its read-out, or only to choose what
+    /// the global cache keeps (window-only attention with places beyond the sinks).
+    fn keeps_memory(&self) -> bool {
+        self.reads_out() || self.global_places > self.sinks
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +201,7 @@ impl Attention {
                     },
                     window_weight: hy.window_weight as f32,
                     recurrent_weight: hy.recurrent_weight as f32,
+                    memory: hy.keeps_memory(),
                     global: hy.global_places > 0,
                 }
             }
@@ -358,13 +375,12 @@ impl Attention {
         }
         // The recurrent branch first: its memory reads give the saliences the global cache
         // chooses by, before the window branch attends.
-        let (recurrent_out, reads) = if hy.recurrent_weight == 0.0 {
-            // Window-only attention: the recurrent branch would be multiplied by 0, so it is
-            // neither computed nor kept (its state has no rows).
-            (None, vec![None; ctx.spans.len()])
+        let (recurrent_out, reads) = if hy.keeps_memory() {
+            self.recurrent_branch(hy, (q, k, v), ctx, states)?
         } else {
-            let (out, reads) = self.recurrent_branch(hy, (q, k, v), ctx, states)?;
-            (Some(out), reads)
+            // Window-only attention without a cache to choose for: the recurrent branch
+            // would be multiplied by 0, so it is neither computed nor kept (no state rows).
+            (None, vec![None; ctx.spans.len()])
         };
         let window_out = if hy.global_places > 0 {
             self.attend_with_global(q_rot, k_rot, v, ctx, states, &reads)?
@@ -379,18 +395,20 @@ impl Attention {
         })
     }
 
-    /// The gated recurrent branch for every sequence: `[tokens, h, d]`, and, when the layer
-    /// has a global cache, each sequence's memory reads at its own keys (`[hkv, len, d]`,
-    /// see [`crate::global`]).
+    /// The gated recurrent branch for every sequence: its read-out `[tokens, h, d]` (`None`
+    /// when its weight is 0: then only the memory and its key reads are computed), and, when
+    /// the layer has a global cache, each sequence's memory reads at its own keys
+    /// (`[hkv, len, d]`, see [`crate::global`]).
     fn recurrent_branch(
         &self,
         hy: &Hybrid,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         ctx: &BatchContext,
         states: &mut [&mut LayerState],
-    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    ) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let g = h / hkv;
+        // Without a read-out the query heads are dropped: the key reads are all there is.
+        let g = if hy.reads_out() { h / hkv } else { 0 };
         let features = FeatureMaps {
             differentiable: ctx.differentiable,
             ..hy.features
@@ -398,9 +416,11 @@ impl Attention {
         // Feature maps for all tokens at once: [1, heads, tokens, d].
         let as_bhtd =
             |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
-        let mut all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
         let self_read = hy.global_places > hy.sinks;
-        if self_read {
+        let mut all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
+        if !hy.reads_out() {
+            all = all.key_reads_only()?;
+        } else if self_read {
             all = all.with_key_reads()?;
         }
         // Query heads per KV head in the recurrence's output, the key read last.
@@ -411,9 +431,13 @@ impl Attention {
         let split = |o: &Tensor,
                      t: usize,
                      own: Option<Tensor>|
-         -> Result<(Tensor, Option<Tensor>)> {
+         -> Result<(Option<Tensor>, Option<Tensor>)> {
             let o = o.reshape((hkv, heads, t, d))?;
-            let out = o.narrow(1, 0, g)?.reshape((h, t, d))?.transpose(0, 1)?;
+            let out = (g > 0)
+                .then(|| -> Result<Tensor> {
+                    Ok(o.narrow(1, 0, g)?.reshape((h, t, d))?.transpose(0, 1)?)
+                })
+                .transpose()?;
             let read = match own {
                 Some(own) => Some((o.narrow(1, g, 1)?.squeeze(1)? - own.reshape((hkv, t, d))?)?),
                 None => None,
@@ -434,10 +458,7 @@ impl Attention {
             let (o, s) = x.chunked(recurrent, ctx.chunk_size)?;
             *recurrent = s;
             let own = self_read.then(|| x.own_writes()).transpose()?;
-            (outs[i], reads[i]) = {
-                let (o, r) = split(&o, span.len, own)?;
-                (Some(o), r)
-            };
+            (outs[i], reads[i]) = split(&o, span.len, own)?;
         }
         if !decode.is_empty() {
             let idx: Vec<u32> = decode.iter().map(|&i| ctx.spans[i].start as u32).collect();
@@ -451,17 +472,17 @@ impl Attention {
             for (j, &i) in decode.iter().enumerate() {
                 *recurrent_of(states[i]) = s.narrow(0, j, 1)?;
                 let own_j = own.as_ref().map(|w| w.get(j)).transpose()?;
-                (outs[i], reads[i]) = {
-                    let (o, r) = split(&o.get(j)?, 1, own_j)?;
-                    (Some(o), r)
-                };
+                (outs[i], reads[i]) = split(&o.get(j)?, 1, own_j)?;
             }
+        }
+        if !hy.reads_out() {
+            return Ok((None, reads));
         }
         let outs: Vec<Tensor> = outs
             .into_iter()
             .map(|o| o.expect("every span computed"))
             .collect();
-        Ok((Tensor::cat(&outs, 0)?, reads))
+        Ok((Some(Tensor::cat(&outs, 0)?), reads))
     }
 
     /// The window branch of a layer with a global cache, one sequence at a time: each query

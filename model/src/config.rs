@@ -152,6 +152,13 @@ impl LigerConfig {
     pub fn gsa_slots(&self) -> Option<usize> {
         (self.variant == Variant::Gsa).then(|| self.slots.unwrap_or(DEFAULT_SLOTS))
     }
+
+    /// Whether layers keep a recurrent memory: to read it into the output (a recurrent
+    /// weight above 0), or only to choose what the global cache keeps (window-only
+    /// attention with places beyond the sinks, LoLA's rule without its read-out).
+    pub fn keeps_memory(&self) -> bool {
+        self.recurrent_weight != 0.0 || self.global_cache > self.sinks
+    }
 }
 
 /// What a layer's token mixer is.
@@ -505,23 +512,14 @@ fn parse_liger(v: &Value, num_layers: usize, head_dim: usize) -> Result<LigerCon
             ),
         ));
     }
-    if l.global_cache > l.sinks {
-        // Places beyond the sinks go to the tokens the recurrent memory recalls worst, which
-        // needs a d x d memory to ask.
-        if l.variant == Variant::Gsa {
-            return Err(Error::config(
-                "liger.global_cache",
-                "is chosen by the GLA/HGRN2 memory's recall; gsa supports sinks only \
-                 (global_cache equal to sinks)",
-            ));
-        }
-        if l.recurrent_weight == 0.0 {
-            return Err(Error::config(
-                "liger.global_cache",
-                "is chosen by the recurrent memory's recall, and window-only attention \
-                 (recurrent_weight 0) has none: use sinks only (global_cache equal to sinks)",
-            ));
-        }
+    // Places beyond the sinks go to the tokens a d x d memory recalls worst (kept for that
+    // even when its read-out has weight 0); GSA's slot memories have no such recall.
+    if l.global_cache > l.sinks && l.variant == Variant::Gsa {
+        return Err(Error::config(
+            "liger.global_cache",
+            "is chosen by the GLA/HGRN2 memory's recall; gsa supports sinks only \
+             (global_cache equal to sinks)",
+        ));
     }
     let mut seen = vec![false; num_layers];
     for &i in &l.full_attention_layers {

@@ -45,8 +45,9 @@ impl StateSpec {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             recurrent_rows: match &cfg.liger {
-                // Window-only attention (recurrent weight 0) keeps no recurrent memory.
-                Some(l) if l.recurrent_weight == 0.0 => 0,
+                // Window-only attention (recurrent weight 0) keeps no recurrent memory unless
+                // a global cache chooses by it.
+                Some(l) if !l.keeps_memory() => 0,
                 Some(l) => l.gsa_slots().map_or(cfg.head_dim, |m| 2 * m),
                 None => cfg.head_dim,
             },

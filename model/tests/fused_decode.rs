@@ -79,6 +79,18 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
             true,
         ),
         (
+            // Window-only output; the memory is kept only to choose the cache (LoLA's rule).
+            "window+global",
+            Some(LigerConfig {
+                window_weight: 1.0,
+                recurrent_weight: 0.0,
+                global_cache: 3,
+                sinks: 1,
+                ..liger(3)
+            }),
+            true,
+        ),
+        (
             "gsa",
             Some(LigerConfig {
                 variant: Variant::Gsa,

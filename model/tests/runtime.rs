@@ -80,6 +80,17 @@ fn variants(family: Family) -> Vec<(String, Model)> {
                 ..liger(3)
             },
         ),
+        (
+            // Window-only output, the memory kept only to choose the cache.
+            "window+global",
+            LigerConfig {
+                recurrent_weight: 0.0,
+                window_weight: 1.0,
+                global_cache: 3,
+                sinks: 1,
+                ..liger(3)
+            },
+        ),
     ];
     for (name, l) in settings {
         let mut m = base().with_liger(&l).model(DType::F32).unwrap();
@@ -271,7 +282,19 @@ fn liger_state_is_constant_size_and_round_trips() {
         sinks: 2,
         ..window_only.clone()
     };
-    for l in [liger(4), gsa(4), window_only, global, sinks_only] {
+    let window_global = LigerConfig {
+        global_cache: 5,
+        sinks: 2,
+        ..window_only.clone()
+    };
+    for l in [
+        liger(4),
+        gsa(4),
+        window_only,
+        global,
+        sinks_only,
+        window_global,
+    ] {
         check_state_round_trip(&l);
     }
 }
@@ -320,7 +343,7 @@ fn check_state_round_trip(l: &LigerConfig) {
         .unwrap();
     // GLA keeps a d x d memory per KV head (head dim 8), GSA two M x d ones.
     let rows = match l.gsa_slots() {
-        _ if l.recurrent_weight == 0.0 => 0,
+        _ if !l.keeps_memory() => 0,
         Some(m) => 2 * m,
         None => 8,
     };

@@ -21,6 +21,9 @@ pub(crate) enum Mix {
         recurrent: Recurrent,
         window_weight: f32,
         recurrent_weight: f32,
+        /// The layer keeps a recurrent memory: for R, or only for the global cache's
+        /// saliences when R's weight is 0.
+        memory: bool,
         /// The layer keeps a global cache: the window branch also attends to its rows, and
         /// the token's salience is measured (`crate::global`).
         global: bool,
@@ -78,7 +81,7 @@ fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
-/// Mixes one group. `memory` is needed exactly when `mix` has a recurrent branch.
+/// Mixes one group. `memory` is needed exactly when `mix` keeps a recurrent memory.
 pub(crate) fn mix_group(
     mix: Mix,
     d: usize,
@@ -113,10 +116,11 @@ pub(crate) fn mix_group(
         for o in y.out.iter_mut() {
             *o *= window_weight;
         }
-        if recurrent_weight != 0.0 {
-            let memory = memory.expect("a Liger layer with a recurrent branch has a memory");
+        if let Some(memory) = memory {
             let key_read = !y.salience.is_empty();
-            recurrent_step(recurrent, (x.q, x.k, x.v), d, (memory, key_read), scratch);
+            // Without a read-out (weight 0) the memory is only written and asked at the key.
+            let q: &[f32] = if recurrent_weight != 0.0 { x.q } else { &[] };
+            recurrent_step(recurrent, (q, x.k, x.v), d, (memory, key_read), scratch);
             for (o, r) in y.out.iter_mut().zip(&scratch.o_rec) {
                 *o += recurrent_weight * r;
             }

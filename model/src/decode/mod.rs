@@ -293,12 +293,12 @@ impl Plan {
                             global: g,
                         },
                         Mix::Liger {
-                            recurrent_weight,
+                            memory: keeps_memory,
                             global: has_global,
                             ..
                         },
                     ) => {
-                        let memory = if recurrent_weight == 0.0 {
+                        let memory = if !keeps_memory {
                             None
                         } else {
                             if recurrent.dims() != [1, hkv, d, d] {

@@ -78,6 +78,21 @@ impl Recurrence {
         }
     }
 
+    /// Each token's own feature-mapped key as the only query head of every KV head: the
+    /// output is just the key reads of [`Self::with_key_reads`], for a layer that keeps its
+    /// memory only to choose the global cache (no read-out). GLA and HGRN2 only.
+    pub fn key_reads_only(self) -> Result<Self> {
+        match self {
+            Self::Gla(x) => Ok(Self::Gla(GlaInputs {
+                q: x.k.unsqueeze(2)?.contiguous()?,
+                ..x
+            })),
+            Self::Gsa(_) => Err(crate::Error::State(
+                "gated slot attention has no key reads for a global cache".into(),
+            )),
+        }
+    }
+
     /// Each token's own write as its key reads it back, `|k_t|^2 v_t`: `[b, hkv, t, d]`
     /// (GLA and HGRN2).
     pub fn own_writes(&self) -> Result<Tensor> {
