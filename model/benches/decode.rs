@@ -23,7 +23,8 @@
 //! `--variants` picks the Liger structures to compare (default `gla`): `gla`, `hgrn2`, `gsa`
 //! (64 slots), `gla-h8` (GLA with full attention at layers 7, 15, 23: `every:8`) and
 //! `window` (sliding-window attention alone), `gla-w256` (a 256-token window) and
-//! `gla-w256-g64` (the same plus a 64-place global cache with 4 sinks).
+//! `gla-w256-g64` (the same plus a 64-place global cache with 4 sinks), `window-w256-g64`
+//! (that window and cache with no recurrent read-out: the memory only chooses the cache).
 //!
 //! The context is built once per model by chunked prefill and grown between measurements,
 //! so each model pays one prefill to the largest context. Figures are medians over `--steps`
@@ -132,7 +133,7 @@ fn parse_args() -> Args {
 type MakeLiger = fn(usize) -> LigerConfig;
 
 /// The Liger structures `--variants` can name.
-const VARIANTS: [(&str, MakeLiger); 7] = [
+const VARIANTS: [(&str, MakeLiger); 8] = [
     ("gla", |_| LigerConfig::default()),
     ("hgrn2", |_| LigerConfig {
         variant: Variant::Hgrn2,
@@ -153,14 +154,23 @@ const VARIANTS: [(&str, MakeLiger); 7] = [
         recurrent_weight: 0.0,
         ..Default::default()
     }),
-    // The committed adapter's structures: a 256-token window, and the same with a global
-    // cache of 64 places (4 of them sinks).
+    // Structures the project's adapters were trained for: a 256-token window, the same with
+    // a global cache of 64 places (4 of them sinks), and that window and cache without the
+    // recurrent read-out (the memory kept only to choose the cache).
     ("gla-w256", |_| LigerConfig {
         window: 256,
         ..Default::default()
     }),
     ("gla-w256-g64", |_| LigerConfig {
         window: 256,
+        global_cache: 64,
+        sinks: 4,
+        ..Default::default()
+    }),
+    ("window-w256-g64", |_| LigerConfig {
+        window: 256,
+        window_weight: 1.0,
+        recurrent_weight: 0.0,
         global_cache: 64,
         sinks: 4,
         ..Default::default()

@@ -512,16 +512,8 @@ impl Attention {
             let scores = global.saliences(span.position, &v_new, read.as_ref())?;
             let places = window.capacity().unwrap_or(usize::MAX);
             let plan = global.plan(places, window.len(), &scores)?;
-            let (mut keys, mut values) = (Vec::new(), Vec::new());
-            if let Some((k, v, _)) = global.kept() {
-                keys.push(k.clone());
-                values.push(v.clone());
-            }
             let (k_all, v_all) = window.extend(&k_new, &v_new)?;
-            keys.push(k_all);
-            values.push(v_all);
-            let keys = Tensor::cat(&keys, 1)?;
-            let values = Tensor::cat(&values, 1)?;
+            let (keys, values) = global.candidates(&[(&k_all, &v_all)])?;
             let mask = if plan.all_visible() {
                 None
             } else {

@@ -195,25 +195,19 @@ impl GlobalCache {
         let window_scores = self.window_scores_after(&scores, keep)?;
         let device = k.device().clone();
         let kept = self.kept.clone();
+        let rows: Vec<(&Tensor, &Tensor)> = window_before.into_iter().chain([(k, v)]).collect();
         self.apply(
             &plan,
-            || {
-                let (mut ks, mut vs) = (Vec::new(), Vec::new());
-                if let Some((gk, gv, _)) = &kept {
-                    ks.push(gk.clone());
-                    vs.push(gv.clone());
-                }
-                if let Some((wk, wv)) = window_before {
-                    ks.push(wk.clone());
-                    vs.push(wv.clone());
-                }
-                ks.push(k.clone());
-                vs.push(v.clone());
-                Ok((Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?))
-            },
+            || candidates(kept.as_ref(), &rows),
             window_scores,
             &device,
         )
+    }
+
+    /// The keys and values a plan's columns index: the kept rows, then `rows` in order (the
+    /// window cache and the new tokens), each `[hkv, len, d]`.
+    pub fn candidates(&self, rows: &[(&Tensor, &Tensor)]) -> Result<(Tensor, Tensor)> {
+        candidates(self.kept.as_ref(), rows)
     }
 
     /// The admissions of a span of `t` tokens after `window_len` cached window rows, for
@@ -323,6 +317,16 @@ impl Plan {
             .collect();
         Ok(Tensor::from_vec(m, (hkv, 1, t, l), device)?)
     }
+}
+
+fn candidates(
+    kept: Option<&(Tensor, Tensor, Tensor)>,
+    rows: &[(&Tensor, &Tensor)],
+) -> Result<(Tensor, Tensor)> {
+    let kept = kept.map(|(k, v, _)| (k, v));
+    let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) =
+        kept.into_iter().chain(rows.iter().copied()).unzip();
+    Ok((Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?))
 }
 
 /// `1 - cos(v, r)`; 1 when the read is negligible next to the value (nothing to compare

@@ -358,21 +358,38 @@ impl Model {
     ) -> Result<Tensor> {
         let ctx = self.batch_context(spans, positions)?;
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embed.forward(&ids)?;
+        let x = self
+            .embed
+            .forward(&Tensor::new(ids.as_slice(), &self.device)?)?;
+        let mut states: Vec<&mut SequenceState> = seqs.iter_mut().map(|s| &mut *s.state).collect();
+        let x = self.decoder_layers(x, &ctx, &mut states, |_| ())?;
+        for (s, span) in seqs.iter_mut().zip(spans) {
+            s.state.position += span.len;
+        }
+        Ok(x)
+    }
+
+    /// Every decoder layer over the residual stream `x` (one batch, `ctx`), advancing each
+    /// sequence's layer states; `observe` sees each layer's input first.
+    fn decoder_layers(
+        &self,
+        mut x: Tensor,
+        ctx: &BatchContext,
+        states: &mut [&mut SequenceState],
+        mut observe: impl FnMut(&Tensor),
+    ) -> Result<Tensor> {
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut states: Vec<&mut LayerState> =
-                seqs.iter_mut().map(|s| &mut s.state.layers[l]).collect();
-            let a =
-                layer
-                    .attn
-                    .forward(&self.norm_fwd(&layer.input_norm, &x)?, &ctx, &mut states)?;
+            observe(&x);
+            let mut layer_states: Vec<&mut LayerState> =
+                states.iter_mut().map(|s| &mut s.layers[l]).collect();
+            let a = layer.attn.forward(
+                &self.norm_fwd(&layer.input_norm, &x)?,
+                ctx,
+                &mut layer_states,
+            )?;
             let h = (x + a)?;
             let m = layer.mlp.forward(&self.norm_fwd(&layer.post_norm, &h)?)?;
             x = (h + m)?;
-        }
-        for (s, span) in seqs.iter_mut().zip(spans) {
-            s.state.position += span.len;
         }
         Ok(x)
     }
@@ -411,24 +428,16 @@ impl Model {
         let (spans, positions) = Self::fresh_spans(&lens);
         let ctx = self.batch_context(&spans, &positions)?;
         let ids: Vec<u32> = seqs.concat();
-        let mut x = self
+        let x = self
             .embed
             .forward(&Tensor::new(ids.as_slice(), &self.device)?)?;
         let mut states: Vec<SequenceState> = seqs
             .iter()
             .map(|_| self.new_state())
             .collect::<Result<_>>()?;
+        let mut refs: Vec<&mut SequenceState> = states.iter_mut().collect();
         let mut out = Vec::with_capacity(self.layers.len() + 1);
-        for (l, layer) in self.layers.iter().enumerate() {
-            out.push(x.clone());
-            let mut ls: Vec<&mut LayerState> =
-                states.iter_mut().map(|s| &mut s.layers[l]).collect();
-            let a = layer
-                .attn
-                .forward(&self.norm_fwd(&layer.input_norm, &x)?, &ctx, &mut ls)?;
-            let h = (x + a)?;
-            x = (&h + layer.mlp.forward(&self.norm_fwd(&layer.post_norm, &h)?)?)?;
-        }
+        let x = self.decoder_layers(x, &ctx, &mut refs, |x| out.push(x.clone()))?;
         out.push(x);
         Ok(out)
     }
