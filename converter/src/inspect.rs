@@ -333,8 +333,14 @@ pub fn render_table(r: &Report) -> String {
                     &mut s,
                     "global cache",
                     format!(
-                        "{} older tokens per KV head and layer ({} of them sinks)",
-                        l.global_cache, l.sinks
+                        "{} older tokens per KV head and layer ({} of them sinks){}",
+                        l.global_cache,
+                        l.sinks,
+                        if l.recurrent_weight == 0.0 && l.global_cache > l.sinks {
+                            "; the recurrent memory only chooses them (no read-out)"
+                        } else {
+                            ""
+                        }
                     ),
                 );
             }
