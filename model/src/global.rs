@@ -195,7 +195,20 @@ impl GlobalCache {
         let window_scores = self.window_scores_after(&scores, keep)?;
         let device = k.device().clone();
         let kept = self.kept.clone();
-        let rows: Vec<(&Tensor, &Tensor)> = window_before.into_iter().chain([(k, v)]).collect();
+        // One token steps in, so at most the oldest window row leaves and competes: when the
+        // plan keeps nothing past it (always, unless the window is empty), the candidates are
+        // the kept rows and that one row, not the whole window (a fifth of the copying at
+        // window 256 and 64 places).
+        let n = self.len();
+        let oldest_only = window_len > 0 && plan.kept_after.iter().flatten().all(|&c| c <= n);
+        let oldest = match window_before {
+            Some((wk, wv)) if oldest_only => Some((wk.narrow(1, 0, 1)?, wv.narrow(1, 0, 1)?)),
+            _ => None,
+        };
+        let rows: Vec<(&Tensor, &Tensor)> = match &oldest {
+            Some((wk, wv)) => vec![(wk, wv)],
+            None => window_before.into_iter().chain([(k, v)]).collect(),
+        };
         self.apply(
             &plan,
             || candidates(kept.as_ref(), &rows),
