@@ -336,7 +336,7 @@ pub fn render_table(r: &Report) -> String {
                         "{} older tokens per KV head and layer ({} of them sinks){}",
                         l.global_cache,
                         l.sinks,
-                        if l.recurrent_weight == 0.0 && l.global_cache > l.sinks {
+                        if l.recurrent_weight == 0.0 && l.keeps_memory() {
                             "; the recurrent memory only chooses them (no read-out)"
                         } else {
                             ""

@@ -35,18 +35,14 @@ struct Hybrid {
     /// Global cache places per KV head, and how many of them are sinks.
     global_places: usize,
     sinks: usize,
+    /// The layer keeps a recurrent memory ([`LigerConfig::keeps_memory`]).
+    keeps_memory: bool,
 }
 
 impl Hybrid {
     /// Whether the recurrent memory's read-out goes into the output.
     fn reads_out(&self) -> bool {
         self.recurrent_weight != 0.0
-    }
-
-    /// Whether the layer keeps a recurrent memory: for its read-out, or only to choose what
-    /// the global cache keeps (window-only attention with places beyond the sinks).
-    fn keeps_memory(&self) -> bool {
-        self.reads_out() || self.global_places > self.sinks
     }
 }
 
@@ -116,6 +112,7 @@ impl Attention {
                     recurrent_weight: l.recurrent_weight,
                     global_places: l.global_cache,
                     sinks: l.sinks,
+                    keeps_memory: l.keeps_memory(),
                 })
             }
         };
@@ -201,7 +198,7 @@ impl Attention {
                     },
                     window_weight: hy.window_weight as f32,
                     recurrent_weight: hy.recurrent_weight as f32,
-                    memory: hy.keeps_memory(),
+                    memory: hy.keeps_memory,
                     global: hy.global_places > 0,
                 }
             }
@@ -375,7 +372,7 @@ impl Attention {
         }
         // The recurrent branch first: its memory reads give the saliences the global cache
         // chooses by, before the window branch attends.
-        let (recurrent_out, reads) = if hy.keeps_memory() {
+        let (recurrent_out, reads) = if hy.keeps_memory {
             self.recurrent_branch(hy, (q, k, v), ctx, states)?
         } else {
             // Window-only attention without a cache to choose for: the recurrent branch
