@@ -333,11 +333,13 @@ pub fn render_table(r: &Report) -> String {
                     &mut s,
                     "global cache",
                     format!(
-                        "{} older tokens per KV head and layer ({} of them sinks){}",
+                        "{} older tokens per KV head and layer: {} sinks, {} by the attention they got in the window, {} by the recurrent memory's recall{}",
                         l.global_cache,
                         l.sinks,
+                        l.attention_places,
+                        l.recall_places(),
                         if l.recurrent_weight == 0.0 && l.keeps_memory() {
-                            "; the recurrent memory only chooses them (no read-out)"
+                            " (the memory only chooses them: no read-out)"
                         } else {
                             ""
                         }

@@ -391,12 +391,17 @@ struct ConvertArgs {
     #[arg(long, value_name = "M")]
     slots: Option<usize>,
     /// Global cache: besides the window, each layer keeps up to N older tokens per KV head
-    /// (those its recurrent memory recalls worst) for the window branch; constant memory.
+    /// for the window branch (sinks, then --attention-places, the rest to the tokens its
+    /// recurrent memory recalls worst); constant memory.
     #[arg(long, value_name = "N", default_value_t = 0)]
     global_cache: usize,
     /// Attention sinks: the first N tokens keep places in the global cache for good.
     #[arg(long, value_name = "N", default_value_t = 0)]
     sinks: usize,
+    /// Of the global cache's places beyond the sinks, N go to the tokens that got the most
+    /// attention while in the window (the rest: those the recurrent memory recalls worst).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    attention_places: usize,
     /// Divisor of the log-gate [default: 16 for gla and gsa, 1 for hgrn2].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     gate_normalizer: Option<f64>,
@@ -562,8 +567,9 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
                 .join(",")
         };
         println!(
-            "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}, global cache {} ({} sinks)",
-            liger_converter::settings::variant_label(l), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer, l.global_cache, l.sinks
+            "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}, global cache {} ({} sinks, {} by attention, {} by recall)",
+            liger_converter::settings::variant_label(l), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer, l.global_cache, l.sinks,
+            l.attention_places, l.recall_places()
         );
         println!(
             "next: recovery training restores quality: liger-convert recover --teacher ORIG --student {} --data FILES --out DIR",
@@ -646,6 +652,7 @@ fn run(cli: Cli) -> Result<()> {
                     slots: a.slots,
                     global_cache: a.global_cache,
                     sinks: a.sinks,
+                    attention_places: a.attention_places,
                 },
                 dtype: a.dtype.map(Into::into),
                 quantize: a.quantize,

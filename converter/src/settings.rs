@@ -140,6 +140,8 @@ pub struct LigerSettings {
     /// first tokens.
     pub global_cache: usize,
     pub sinks: usize,
+    /// Of the places beyond the sinks, how many go by attention (the rest by recall).
+    pub attention_places: usize,
 }
 
 impl Default for LigerSettings {
@@ -154,6 +156,7 @@ impl Default for LigerSettings {
             slots: None,
             global_cache: 0,
             sinks: 0,
+            attention_places: d.attention_places,
         }
     }
 }
@@ -198,13 +201,24 @@ impl LigerSettings {
                 ),
             ));
         }
-        // Places beyond the sinks go to the tokens a d x d memory recalls worst (it is kept
-        // for that even with --mix 0); GSA's slot memories have no such recall.
-        if self.global_cache > self.sinks && self.variant == Variant::Gsa {
+        if self.sinks + self.attention_places > self.global_cache {
+            return Err(Error::flag(
+                "--attention-places",
+                format!(
+                    "{} attention places and {} sinks need as many places: add --global-cache {} or more",
+                    self.attention_places,
+                    self.sinks,
+                    self.sinks + self.attention_places
+                ),
+            ));
+        }
+        // The remaining places go to the tokens a d x d memory recalls worst (it is kept for
+        // that even with --mix 0); GSA's slot memories have no such recall.
+        if self.global_cache > self.sinks + self.attention_places && self.variant == Variant::Gsa {
             return Err(Error::flag(
                 "--global-cache",
-                "places beyond the sinks are chosen by the gla/hgrn2 memory's recall; \
-                 with gsa use sinks only (--global-cache equal to --sinks)",
+                "places beyond the sinks and --attention-places are chosen by the gla/hgrn2 \
+                 memory's recall; with gsa give them all to attention (--attention-places) or sinks",
             ));
         }
         if let Some(g) = self.gate_normalizer {
@@ -253,6 +267,7 @@ impl LigerSettings {
             slots: (self.variant == Variant::Gsa).then(|| self.slots.unwrap_or(DEFAULT_SLOTS)),
             global_cache: self.global_cache,
             sinks: self.sinks,
+            attention_places: self.attention_places,
             source: source.map(str::to_owned),
         })
     }

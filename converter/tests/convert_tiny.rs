@@ -148,8 +148,9 @@ fn non_default_flags() {
         gate_normalizer: 1.0,
         full_attention_layers: vec![1],
         slots: None,
-        global_cache: 3,
+        global_cache: 4,
         sinks: 1,
+        attention_places: 2,
         source: None,
     };
     check_conversion(
@@ -164,9 +165,11 @@ fn non_default_flags() {
             "--full-attention-layers",
             "every:2",
             "--global-cache",
-            "3",
+            "4",
             "--sinks",
             "1",
+            "--attention-places",
+            "2",
         ],
         hgrn2,
         DType::F32,

@@ -228,6 +228,20 @@ fn bad_flag_values() {
         r,
         &src,
         &out,
+        &[
+            "--global-cache",
+            "4",
+            "--sinks",
+            "2",
+            "--attention-places",
+            "3",
+        ],
+        &["--attention-places", "--global-cache 5"],
+    );
+    convert_fails(
+        r,
+        &src,
+        &out,
         &["--gate-normalizer", "0"],
         &["--gate-normalizer"],
     );

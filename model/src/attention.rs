@@ -21,6 +21,7 @@ use candle_nn::VarBuilder;
 use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
 use crate::decode::{Mix, Recurrent};
 use crate::gla::{self, FeatureMaps};
+use crate::global::recall_scores;
 use crate::layers::{Linear, Rope};
 use crate::state::{KvCache, LayerState};
 use crate::weights::QuantizedTensors;
@@ -35,6 +36,8 @@ struct Hybrid {
     /// Global cache places per KV head, and how many of them are sinks.
     global_places: usize,
     sinks: usize,
+    /// Places beyond the sinks given by attention (the rest beyond those by recall).
+    attention_places: usize,
     /// The layer keeps a recurrent memory ([`LigerConfig::keeps_memory`]).
     keeps_memory: bool,
 }
@@ -43,6 +46,12 @@ impl Hybrid {
     /// Whether the recurrent memory's read-out goes into the output.
     fn reads_out(&self) -> bool {
         self.recurrent_weight != 0.0
+    }
+
+    /// Whether the memory's key reads score tokens for the global cache
+    /// ([`LigerConfig::recall_chooses`]).
+    fn recall_chooses(&self) -> bool {
+        self.global_places > self.sinks + self.attention_places
     }
 }
 
@@ -112,6 +121,7 @@ impl Attention {
                     recurrent_weight: l.recurrent_weight,
                     global_places: l.global_cache,
                     sinks: l.sinks,
+                    attention_places: l.attention_places,
                     keeps_memory: l.keeps_memory(),
                 })
             }
@@ -200,6 +210,8 @@ impl Attention {
                     recurrent_weight: hy.recurrent_weight as f32,
                     memory: hy.keeps_memory,
                     global: hy.global_places > 0,
+                    attention_scores: hy.attention_places > 0,
+                    recall_scores: hy.recall_chooses(),
                 }
             }
             Mixer::Liger(_) => return None,
@@ -380,7 +392,7 @@ impl Attention {
             (None, vec![None; ctx.spans.len()])
         };
         let window_out = if hy.global_places > 0 {
-            self.attend_with_global(q_rot, k_rot, v, ctx, states, &reads)?
+            self.attend_with_global(hy, (q_rot, k_rot, v), ctx, states, &reads)?
         } else {
             let outs = self.attend_all(q_rot, k_rot, v, ctx, &mut window_caches(states)?)?;
             Tensor::cat(&outs, 0)?
@@ -413,7 +425,7 @@ impl Attention {
         // Feature maps for all tokens at once: [1, heads, tokens, d].
         let as_bhtd =
             |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
-        let self_read = hy.global_places > hy.sinks;
+        let self_read = hy.recall_chooses();
         let mut all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
         if !hy.reads_out() {
             all = all.key_reads_only()?;
@@ -488,9 +500,8 @@ impl Attention {
     /// `[tokens, h, d]`, f32.
     fn attend_with_global(
         &self,
-        q_rot: &Tensor,
-        k_rot: &Tensor,
-        v: &Tensor,
+        hy: &Hybrid,
+        (q_rot, k_rot, v): (&Tensor, &Tensor, &Tensor),
         ctx: &BatchContext,
         states: &mut [&mut LayerState],
         reads: &[Option<Tensor>],
@@ -506,10 +517,20 @@ impl Attention {
                     .contiguous()?)
             };
             let (k_new, v_new, q) = (to_heads(k_rot)?, to_heads(v)?, to_heads(q_rot)?);
-            let scores = global.saliences(span.position, &v_new, read.as_ref())?;
             let places = window.capacity().unwrap_or(usize::MAX);
-            let plan = global.plan(places, window.len(), &scores)?;
+            let cached = window.len();
             let (k_all, v_all) = window.extend(&k_new, &v_new)?;
+            let mass = match hy.attention_places {
+                0 => None,
+                _ => Some(window_mass(&q, &k_all, cached, places)?),
+            };
+            let recall = match read {
+                Some(read) if hy.recall_chooses() => Some(recall_scores(&v_new, read)?),
+                _ => None,
+            };
+            let hkv = k_new.dim(0)?;
+            let scores = global.span_scores(span.position, (hkv, span.len), mass, recall)?;
+            let plan = global.plan(places, cached, &scores)?;
             let (keys, values) = global.candidates(&[(&k_all, &v_all)])?;
             let mask = if plan.all_visible() {
                 None
@@ -590,6 +611,28 @@ pub fn attention_mask(
     Ok(Some(Tensor::from_vec(m, (t, total), device)?))
 }
 
+/// The window-only attention mass of a span (`Salience::Attention`, [`crate::global`]):
+/// `t` queries `q: [h, t, d]` (post-RoPE) after `cached` window rows, over the keys
+/// `k: [hkv, cached + t, d]`; each query sees itself and `window` keys back. Returns, per
+/// KV head and key, the sum over the span's queries of the key's share of the query's
+/// softmax over its window keys, averaged over the group's query heads: `[hkv][cached + t]`.
+/// No gradient flows (the choice of places is not differentiable).
+pub fn window_mass(q: &Tensor, k: &Tensor, cached: usize, window: usize) -> Result<Vec<Vec<f32>>> {
+    let (h, t, d) = q.dims3()?;
+    let (hkv, l, _) = k.dims3()?;
+    let g = h / hkv;
+    let q =
+        (q.detach().to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?.reshape((hkv, g * t, d))?;
+    let k = k.detach().to_dtype(DType::F32)?;
+    let scores = q.matmul(&k.t()?)?.reshape((hkv, g, t, l))?;
+    let scores = match attention_mask(t, cached, Some(window), q.device())? {
+        Some(m) => scores.broadcast_add(&m)?,
+        None => scores,
+    };
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok((p.sum((1, 2))? / g as f64)?.to_vec2::<f32>()?)
+}
+
 /// Grouped-query softmax attention without repeating keys: `q: [h, t, d]`, `k`, `v`:
 /// `[hkv, L, d]`, `mask: [t, L]`, or `[hkv, 1, t, L]` for a mask per KV head. Scale
 /// `1/sqrt(d)`. Returns `[t, h, d]` in f32.
@@ -647,5 +690,57 @@ mod tests {
         assert_eq!(visible(3, 2, Some(2)), ["111..", ".111.", "..111"]);
         // No window: plain causal.
         assert_eq!(visible(3, 1, None), ["11..", "111.", "1111"]);
+    }
+
+    /// `window_mass` by its definition, one query and one key at a time.
+    fn naive_mass(
+        q: &[Vec<Vec<f32>>],
+        k: &[Vec<Vec<f32>>],
+        cached: usize,
+        window: usize,
+    ) -> Vec<Vec<f32>> {
+        let (h, hkv) = (q.len(), k.len());
+        let (g, t, l) = (h / hkv, q[0].len(), k[0].len());
+        let d = q[0][0].len();
+        let mut mass = vec![vec![0f32; l]; hkv];
+        for (head, qh) in q.iter().enumerate() {
+            let kh = &k[head / g];
+            for (i, qi) in qh.iter().enumerate().take(t) {
+                let newest = cached + i;
+                let seen: Vec<usize> = (newest.saturating_sub(window)..=newest).collect();
+                let logits: Vec<f64> = seen
+                    .iter()
+                    .map(|&j| {
+                        let dot: f64 = qi.iter().zip(&kh[j]).map(|(a, b)| (a * b) as f64).sum();
+                        dot / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = logits.iter().map(|x| (x - max).exp()).sum();
+                for (&j, x) in seen.iter().zip(&logits) {
+                    mass[head / g][j] += (((x - max).exp() / z) / g as f64) as f32;
+                }
+            }
+        }
+        mass
+    }
+
+    #[test]
+    fn window_mass_is_each_keys_share_of_the_window_softmax() {
+        let dev = Device::Cpu;
+        let (h, hkv, d) = (4, 2, 8);
+        for (t, cached, window) in [(5, 0, 2), (3, 2, 2), (1, 3, 3), (6, 1, 8)] {
+            let l = cached + t;
+            let q = Tensor::randn(0f32, 1.0, (h, t, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (hkv, l, d), &dev).unwrap();
+            let got = window_mass(&q, &k, cached, window).unwrap();
+            let want = naive_mass(&q.to_vec3().unwrap(), &k.to_vec3().unwrap(), cached, window);
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() < 1e-5, "t {t} cached {cached}: {g} vs {w}");
+            }
+            // Each query hands out one unit of mass, whatever it sees.
+            let total: f32 = got.iter().flatten().sum();
+            assert!((total - (hkv * t) as f32).abs() < 1e-4, "{total}");
+        }
     }
 }

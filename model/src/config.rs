@@ -111,6 +111,11 @@ pub struct LigerConfig {
     /// global cache (StreamingLLM, arXiv 2309.17453); at most `global_cache`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub sinks: usize,
+    /// Of the global cache's places beyond the sinks, how many go to the tokens that got
+    /// the most attention while in the window (H2O); the rest go to those the recurrent
+    /// memory recalls worst (LoLA). See [`crate::global`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attention_places: usize,
     /// Where the weights came from (a path, hub id or GGUF file); informational.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -133,6 +138,7 @@ impl Default for LigerConfig {
             slots: None,
             global_cache: 0,
             sinks: 0,
+            attention_places: 0,
             source: None,
         }
     }
@@ -155,9 +161,22 @@ impl LigerConfig {
 
     /// Whether layers keep a recurrent memory: to read it into the output (a recurrent
     /// weight above 0), or only to choose what the global cache keeps (window-only
-    /// attention with places beyond the sinks, LoLA's rule without its read-out).
+    /// attention with places beyond the sinks given by recall, LoLA's rule without its
+    /// read-out).
     pub fn keeps_memory(&self) -> bool {
-        self.recurrent_weight != 0.0 || self.global_cache > self.sinks
+        self.recurrent_weight != 0.0 || self.recall_chooses()
+    }
+
+    /// Global cache places given by the memory's recall (beyond the sinks and the
+    /// attention places).
+    pub fn recall_places(&self) -> usize {
+        self.global_cache
+            .saturating_sub(self.sinks + self.attention_places)
+    }
+
+    /// Whether the memory's recall gives out global cache places.
+    pub fn recall_chooses(&self) -> bool {
+        self.recall_places() > 0
     }
 }
 
@@ -512,13 +531,22 @@ fn parse_liger(v: &Value, num_layers: usize, head_dim: usize) -> Result<LigerCon
             ),
         ));
     }
+    if l.sinks + l.attention_places > l.global_cache {
+        return Err(Error::config(
+            "liger.attention_places",
+            format!(
+                "{} attention places and {} sinks do not fit a global cache of {} tokens",
+                l.attention_places, l.sinks, l.global_cache
+            ),
+        ));
+    }
     // Places beyond the sinks go to the tokens a d x d memory recalls worst (kept for that
     // even when its read-out has weight 0); GSA's slot memories have no such recall.
-    if l.global_cache > l.sinks && l.variant == Variant::Gsa {
+    if l.recall_chooses() && l.variant == Variant::Gsa {
         return Err(Error::config(
             "liger.global_cache",
-            "is chosen by the GLA/HGRN2 memory's recall; gsa supports sinks only \
-             (global_cache equal to sinks)",
+            "places beyond the sinks and attention places are chosen by the GLA/HGRN2 memory's \
+             recall; gsa supports sinks and attention places only",
         ));
     }
     let mut seen = vec![false; num_layers];

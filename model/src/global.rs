@@ -1,31 +1,36 @@
 //! The global cache: a bounded set of older tokens the window branch keeps attending to.
 //!
 //! A sliding window forgets a token `window` steps after reading it, and the recurrent
-//! memory keeps only a blurred sum of what it read. LoLA (McDermott et al., "LoLA: Low-Rank
-//! Linear Attention With Sparse Caching", arXiv 2505.23666) keeps, besides the window, a
-//! small cache of the past key/value pairs the linear memory *predicts worst*: those are the
-//! ones the memory cannot stand in for (a pass key in filler text; a name defined once),
-//! while redundant tokens are left to the memory. The memory stays constant: at most
-//! `capacity` pairs per KV head and layer.
+//! memory keeps only a blurred sum of what it read. Besides the window, each layer keeps at
+//! most `capacity` older key/value pairs per KV head, in up to three kinds of places:
+//! - **sinks**: the first `sinks` tokens of a sequence, for good (StreamingLLM's attention
+//!   sinks, arXiv 2309.17453);
+//! - **attention places**: the tokens that got the most attention while they were in the
+//!   window (H2O's heavy hitters, Zhang et al., arXiv 2306.14048, measured over the same
+//!   span for every token): a token's score is the sum, over the `window + 1` queries that
+//!   saw it, of its share of each query's softmax over its window keys (the global rows
+//!   left out, so the score does not depend on what the cache kept), averaged over the
+//!   group's query heads. What the text keeps referring to (names, the topic's words);
+//! - **recall places**: the tokens the linear memory *predicts worst* (LoLA, McDermott et al.,
+//!   arXiv 2505.23666): `1 - cos(v_t, r_t)` with `r_t = phi(k_t) diag(a_t) S_{t-1}`, how far
+//!   the memory's answer to the token's own key (before the token is written) is from its
+//!   value; 1 while the memory has next to nothing to say (`|r| <= 1e-5 |v|`). What was said
+//!   once and is not echoed (a pass key in filler text), which attention alone misses.
 //!
-//! Here, per KV head:
-//! - every token gets a **salience** when it is read: `1 - cos(v_t, r_t)` with
-//!   `r_t = phi(k_t) diag(a_t) S_{t-1}`, how far the memory's answer to the token's own key
-//!   (before the token is written) is from its value. A token the memory already "knows"
-//!   scores near 0; a surprising one near 1 or more; while the memory has next to nothing to
-//!   say (`|r| <= 1e-5 |v|`, the first tokens of a sequence) a token scores 1. The first
-//!   `sinks` tokens score `+inf` (StreamingLLM's attention sinks, arXiv 2309.17453).
-//! - when a token leaves the window it competes for a place: while the cache has room it
-//!   enters; when full, it replaces the lowest-scored entry if it scores strictly higher
-//!   (ties keep the incumbent; among equal lowest, the first place goes). A token that lost
-//!   is gone for good (it only lives on in the recurrent memory, which read it anyway).
-//! - a query sees its window, itself, and the cache as it stood when the query was read.
+//! When a token leaves the window it is offered to the sink and attention places (one
+//! pool, the sinks scoring `+inf` there): while the pool has room it enters; when full, it
+//! replaces the lowest-scored entry if it scores strictly higher. Whatever that pool turns
+//! away or pushes out is then offered, by its recall score, to the recall places the same
+//! way (ties keep the incumbent; among equal lowest, the first place goes). What both turn
+//! away is gone for good (it lives on only in the recurrent memory, when there is one). So
+//! the places fill in the same order in every head: sinks and attention places first, then
+//! recall places, and a place's kind is its index.
 //!
-//! Scores never change once given, so the cache after any prefix is exactly "the
-//! `capacity` highest-scored tokens that have left the window" (ties to the older), however
-//! the prefix was cut into prefill chunks or decode steps: [`Plan`] replays the same
-//! admissions token by token for a chunk, and a decode step is a chunk of one.
-//! The recurrence itself is unchanged: every token still enters the memory.
+//! A query sees its window, itself, and the cache as it stood when the query was read. A
+//! token's scores are complete when it leaves the window (every query that sees it comes
+//! before that) and never change after, so the cache after any prefix is the same however
+//! the prefix was cut into prefill chunks or decode steps: [`Plan`] replays the admissions
+//! token by token for a chunk, and a decode step is a chunk of one.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -36,13 +41,27 @@ use crate::Result;
 pub struct GlobalCache {
     capacity: usize,
     sinks: usize,
+    /// Places beyond the sinks given by attention; the rest beyond those go by recall.
+    attention: usize,
     /// The kept entries: keys `[hkv, n, d]` (post-RoPE), values `[hkv, n, d]` and their
-    /// saliences `[hkv, n]` (f32). `n` is the same for every head.
+    /// scores in their place's kind `[hkv, n]` (f32). `n` is the same for every head.
     kept: Option<(Tensor, Tensor, Tensor)>,
-    /// Saliences of the window cache's rows, `[hkv, len]`, oldest first: they compete for a
-    /// place when they leave the window.
+    /// With both attention and recall places: the kept entries' recall scores `[hkv, n]`
+    /// (an attention place's entry pushed out moves on to the recall places by it).
+    kept_recall: Option<Tensor>,
+    /// Scores of the window cache's rows, `[hkv, len]`, oldest first: the running attention
+    /// sums with attention places, else the recall scores. They compete for a place when
+    /// they leave the window.
     window_scores: Option<Tensor>,
+    /// With both kinds of places: the window rows' recall scores, `[hkv, len]`.
+    window_recall: Option<Tensor>,
 }
+
+/// A token's scores: (attention, recall). With one kind of place both hold that kind's.
+pub type Scores = (f32, f32);
+
+/// Values per KV head: `[hkv][len]`.
+pub type PerHead = Vec<Vec<f32>>;
 
 /// Which candidate keys each new query sees, and what the cache keeps afterwards. The
 /// candidates of a span are laid out as `[kept (n) | window cache (w) | new tokens (t)]`.
@@ -52,17 +71,22 @@ pub struct Plan {
     visible: Vec<Vec<Vec<bool>>>,
     /// Per head, the candidate index of every kept entry after the span, in place order.
     kept_after: Vec<Vec<usize>>,
-    /// Per head, the saliences of those entries.
-    kept_scores: Vec<Vec<f32>>,
+    /// Per head, the scores of those entries.
+    kept_scores: Vec<Vec<Scores>>,
 }
 
 impl GlobalCache {
-    pub fn new(capacity: usize, sinks: usize) -> Self {
+    /// `capacity` places per KV head: `sinks` for the first tokens, `attention` given by
+    /// attention, the rest by recall.
+    pub fn new(capacity: usize, sinks: usize, attention: usize) -> Self {
         Self {
             capacity,
             sinks,
+            attention,
             kept: None,
+            kept_recall: None,
             window_scores: None,
+            window_recall: None,
         }
     }
 
@@ -73,6 +97,21 @@ impl GlobalCache {
 
     pub fn is_enabled(&self) -> bool {
         self.capacity > 0
+    }
+
+    /// Whether tokens are scored by the attention they get in the window.
+    pub fn scores_attention(&self) -> bool {
+        self.attention > 0
+    }
+
+    /// Whether tokens are scored by the memory's recall (there are recall places).
+    pub fn scores_recall(&self) -> bool {
+        self.capacity > self.sinks + self.attention
+    }
+
+    /// Whether both kinds are scored (two scores per token kept).
+    fn two_kinds(&self) -> bool {
+        self.scores_attention() && self.scores_recall()
     }
 
     /// Entries kept per head.
@@ -86,25 +125,32 @@ impl GlobalCache {
         self.len() == 0
     }
 
-    /// Kept keys, values and saliences (none while empty).
+    /// Kept keys, values and scores (none while empty).
     pub fn kept(&self) -> Option<(&Tensor, &Tensor, &Tensor)> {
         self.kept.as_ref().map(|(k, v, s)| (k, v, s))
     }
 
-    /// Saliences of the window cache's rows (none while the window is empty).
+    /// The kept entries' recall scores, with both kinds of places.
+    pub fn kept_recall(&self) -> Option<&Tensor> {
+        self.kept_recall.as_ref()
+    }
+
+    /// Scores of the window cache's rows (none while the window is empty).
     pub fn window_scores(&self) -> Option<&Tensor> {
         self.window_scores.as_ref()
     }
 
-    /// Restores parts written by [`kept`](Self::kept) and
-    /// [`window_scores`](Self::window_scores) (state deserialization checks the shapes).
-    pub(crate) fn set_parts(
-        &mut self,
-        kept: Option<(Tensor, Tensor, Tensor)>,
-        window_scores: Option<Tensor>,
-    ) {
+    /// The window rows' recall scores, with both kinds of places.
+    pub fn window_recall(&self) -> Option<&Tensor> {
+        self.window_recall.as_ref()
+    }
+
+    /// Restores parts written by the getters above (state deserialization checks shapes).
+    pub(crate) fn set_parts(&mut self, kept: Option<(Tensor, Tensor, Tensor)>, parts: Parts) {
         self.kept = kept;
-        self.window_scores = window_scores;
+        self.kept_recall = parts.kept_recall;
+        self.window_scores = parts.window_scores;
+        self.window_recall = parts.window_recall;
     }
 
     /// Cuts the kept keys and values off from the autograd graph (see
@@ -115,57 +161,89 @@ impl GlobalCache {
         }
     }
 
-    /// Bytes held (keys, values and saliences).
+    /// Bytes held (keys, values and scores).
     pub fn bytes(&self) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         self.kept.as_ref().map_or(0, |(k, v, s)| b(k) + b(v) + b(s))
-            + self.window_scores.as_ref().map_or(0, b)
+            + [&self.kept_recall, &self.window_scores, &self.window_recall]
+                .into_iter()
+                .flatten()
+                .map(b)
+                .sum::<usize>()
     }
 
-    /// Per-token saliences of a span starting at `position`: `1 - cos(v, r)` for values
-    /// `v` and the memory's reads `r` before each token (`[hkv, t, d]` each), `+inf` for the
-    /// first `sinks` positions. Without reads (a cache of sinks only) every other token
-    /// scores 0: it can never displace a sink. Returns `[hkv][t]`.
-    pub fn saliences(
-        &self,
+    /// The scores of a span of `t` new tokens from `position` in `hkv` heads, `[hkv][t]`,
+    /// sinks at `+inf`.
+    /// `mass` (`[hkv][w + t]`, attention places only, [`crate::attention::window_mass`]):
+    /// the attention the span's queries gave each of the `w` cached window rows and the new
+    /// tokens; the first `w` are added to the window rows' running sums. `recall`
+    /// (`[hkv][t]`, recall places only, [`recall_scores`]): the new tokens' recall scores.
+    /// What a kind needs and is not given scores 0 (sinks only: no other token can take a
+    /// place anyway).
+    pub fn span_scores(
+        &mut self,
         position: usize,
-        v: &Tensor,
-        read: Option<&Tensor>,
-    ) -> Result<Vec<Vec<f32>>> {
-        let (hkv, t, _) = v.dims3()?;
-        let raw = match read {
-            None => vec![vec![0.0; t]; hkv],
-            Some(read) => {
-                let v = v.to_dtype(DType::F32)?.to_vec3::<f32>()?;
-                let read = read.to_dtype(DType::F32)?.to_vec3::<f32>()?;
-                v.iter()
-                    .zip(&read)
-                    .map(|(vh, rh)| vh.iter().zip(rh).map(|(a, b)| salience(a, b)).collect())
-                    .collect()
-            }
-        };
-        Ok(self.with_sinks(position, raw))
-    }
-
-    /// `raw` saliences (`[hkv][t]`, a span from `position`) with the sinks' set to `+inf`.
-    fn with_sinks(&self, position: usize, mut raw: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
-        for head in &mut raw {
-            for (i, s) in head.iter_mut().enumerate() {
-                if position + i < self.sinks {
-                    *s = f32::INFINITY;
+        (hkv, t): (usize, usize),
+        mass: Option<Vec<Vec<f32>>>,
+        recall: Option<Vec<Vec<f32>>>,
+    ) -> Result<Vec<Vec<Scores>>> {
+        let new_mass: Option<Vec<Vec<f32>>> = match mass {
+            Some(mass) if self.scores_attention() => {
+                let cached = self.window_scores.as_ref().map_or(Ok(0), |s| s.dim(1))?;
+                if mass.iter().any(|m| m.len() != cached + t) {
+                    return Err(crate::Error::State(
+                        "attention scores do not cover the window".into(),
+                    ));
                 }
+                if let Some(old) = &self.window_scores {
+                    let sums: Vec<Vec<f32>> = old
+                        .to_vec2::<f32>()?
+                        .into_iter()
+                        .zip(&mass)
+                        .map(|(o, m)| o.iter().zip(m).map(|(a, b)| a + b).collect())
+                        .collect();
+                    self.window_scores = Some(Tensor::new(sums, old.device())?);
+                }
+                Some(mass.into_iter().map(|m| m[cached..].to_vec()).collect())
             }
-        }
-        raw
+            _ => None,
+        };
+        let pick =
+            |x: &Option<Vec<Vec<f32>>>, h: usize, i: usize| x.as_ref().map_or(0.0, |x| x[h][i]);
+        let recall = recall.filter(|_| self.scores_recall());
+        Ok((0..hkv)
+            .map(|h| {
+                (0..t)
+                    .map(|i| {
+                        if position + i < self.sinks {
+                            return (f32::INFINITY, f32::INFINITY);
+                        }
+                        let (a, r) = (pick(&new_mass, h, i), pick(&recall, h, i));
+                        match (self.scores_attention(), self.scores_recall()) {
+                            (true, true) => (a, r),
+                            (true, false) => (a, a),
+                            (false, _) => (r, r),
+                        }
+                    })
+                    .collect()
+            })
+            .collect())
     }
 
-    /// The saliences of the window rows kept after a span: the last `keep` of the cached
-    /// rows' followed by the span's (`scores`, `[hkv][t]`).
-    pub fn window_scores_after(&self, scores: &[Vec<f32>], keep: usize) -> Result<Vec<Vec<f32>>> {
-        let old: Vec<Vec<f32>> = match &self.window_scores {
-            Some(s) => s.to_vec2::<f32>()?,
-            None => vec![Vec::new(); scores.len()],
-        };
+    /// The window rows' scores as pairs, `[hkv][len]`.
+    fn window_pairs(&self) -> Result<Vec<Vec<Scores>>> {
+        pairs(self.window_scores.as_ref(), self.window_recall.as_ref())
+    }
+
+    /// The scores of the window rows kept after a span: the last `keep` of the cached rows'
+    /// followed by the span's (`scores`, `[hkv][t]`).
+    pub fn window_scores_after(
+        &self,
+        scores: &[Vec<Scores>],
+        keep: usize,
+    ) -> Result<Vec<Vec<Scores>>> {
+        let mut old = self.window_pairs()?;
+        old.resize(scores.len(), Vec::new());
         Ok(old
             .into_iter()
             .zip(scores)
@@ -177,18 +255,19 @@ impl GlobalCache {
     }
 
     /// One decode token's update, as the fused decode step needs it: the token (position
-    /// `position`, raw salience per head `raw`, post-RoPE key and value `[hkv, 1, d]`) was
-    /// read after `window_before` (the window cache before it, if any); the window keeps
-    /// `window` rows, so the oldest cached row may leave and compete for a place.
+    /// `position`, post-RoPE key and value `[hkv, 1, d]`) was read after `window_before`
+    /// (the window cache before it, if any); the window keeps `window` rows, so the oldest
+    /// cached row may leave and compete for a place. `mass` and `recall` as in
+    /// [`span_scores`](Self::span_scores) for a span of one.
     pub(crate) fn decode_step(
         &mut self,
         position: usize,
         window: usize,
         window_before: Option<(&Tensor, &Tensor)>,
         (k, v): (&Tensor, &Tensor),
-        raw: Vec<f32>,
+        (mass, recall): (Option<PerHead>, Option<PerHead>),
     ) -> Result<()> {
-        let scores = self.with_sinks(position, raw.into_iter().map(|s| vec![s]).collect());
+        let scores = self.span_scores(position, (k.dim(0)?, 1), mass, recall)?;
         let window_len = window_before.map_or(Ok(0), |(k, _)| k.dim(1))?;
         let plan = self.plan(window, window_len, &scores)?;
         let keep = (window_len + 1).min(window);
@@ -225,18 +304,17 @@ impl GlobalCache {
 
     /// The admissions of a span of `t` tokens after `window_len` cached window rows, for
     /// a window of `window` keys: replays, token by token, every token leaving the window
-    /// (`scores`: the new tokens' saliences, `[hkv][t]`).
-    pub fn plan(&self, window: usize, window_len: usize, scores: &[Vec<f32>]) -> Result<Plan> {
+    /// (`scores`: the new tokens', `[hkv][t]`, from [`span_scores`](Self::span_scores)).
+    pub fn plan(&self, window: usize, window_len: usize, scores: &[Vec<Scores>]) -> Result<Plan> {
         let hkv = scores.len();
         let t = scores.first().map_or(0, Vec::len);
-        let kept_scores: Vec<Vec<f32>> = match &self.kept {
-            Some((_, _, s)) => s.to_vec2()?,
-            None => vec![Vec::new(); hkv],
-        };
-        let window_scores: Vec<Vec<f32>> = match &self.window_scores {
-            Some(s) => s.to_vec2()?,
-            None => vec![Vec::new(); hkv],
-        };
+        let mut kept_scores = pairs(
+            self.kept.as_ref().map(|(_, _, s)| s),
+            self.kept_recall.as_ref(),
+        )?;
+        kept_scores.resize(hkv, Vec::new());
+        let mut window_scores = self.window_pairs()?;
+        window_scores.resize(hkv, Vec::new());
         let mut plan = Plan {
             visible: Vec::with_capacity(hkv),
             kept_after: Vec::with_capacity(hkv),
@@ -245,6 +323,7 @@ impl GlobalCache {
         for h in 0..hkv {
             let head = HeadPlan {
                 capacity: self.capacity,
+                first_pool: self.sinks + self.attention,
                 window,
                 kept: &kept_scores[h],
                 stream: [&window_scores[h][..window_len], &scores[h][..]].concat(),
@@ -260,21 +339,23 @@ impl GlobalCache {
 
     /// Carries out `plan` for a span: `candidates` gives the keys and values
     /// `[hkv, n + w + t, d]` in the plan's layout (built only when an entry changes),
-    /// `window_scores_after` the saliences of the window rows kept after the span (`[hkv][len]`).
+    /// `window_scores_after` the scores of the window rows kept after the span (`[hkv][len]`).
     pub fn apply(
         &mut self,
         plan: &Plan,
         candidates: impl FnOnce() -> Result<(Tensor, Tensor)>,
-        window_scores_after: Vec<Vec<f32>>,
+        window_scores_after: Vec<Vec<Scores>>,
         device: &Device,
     ) -> Result<()> {
         let before = self.len();
         let n = plan.kept_after.first().map_or(0, Vec::len);
+        let first_pool = self.sinks + self.attention;
         let unchanged = n == before
             && plan
                 .kept_after
                 .iter()
                 .all(|row| row.iter().enumerate().all(|(i, &c)| i == c));
+        let two = self.two_kinds();
         if !unchanged {
             let (ck, cv) = candidates()?;
             let (hkv, _, d) = ck.dims3()?;
@@ -284,26 +365,68 @@ impl GlobalCache {
                 .flat_map(|row| row.iter().flat_map(|&c| std::iter::repeat_n(c as u32, d)))
                 .collect();
             let idx = Tensor::from_vec(idx, (hkv, n, d), ck.device())?;
-            let scores: Vec<f32> = plan.kept_scores.concat();
+            // Each entry's score in its place's kind.
+            let own: Vec<f32> = plan
+                .kept_scores
+                .iter()
+                .flat_map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .map(|(i, s)| if i < first_pool { s.0 } else { s.1 })
+                })
+                .collect();
             self.kept = Some((
                 ck.contiguous()?.gather(&idx, 1)?,
                 cv.contiguous()?.gather(&idx, 1)?,
-                Tensor::from_vec(scores, (hkv, n), device)?,
+                Tensor::from_vec(own, (hkv, n), device)?,
             ));
+            self.kept_recall = if two {
+                let r: Vec<f32> = plan.kept_scores.iter().flatten().map(|s| s.1).collect();
+                Some(Tensor::from_vec(r, (hkv, n), device)?)
+            } else {
+                None
+            };
         }
         let hkv = window_scores_after.len();
         let len = window_scores_after.first().map_or(0, Vec::len);
-        self.window_scores = if len == 0 {
-            None
-        } else {
-            Some(Tensor::from_vec(
-                window_scores_after.concat(),
-                (hkv, len),
-                device,
-            )?)
+        let channel = |f: fn(&Scores) -> f32| -> Result<Option<Tensor>> {
+            if len == 0 {
+                return Ok(None);
+            }
+            let x: Vec<f32> = window_scores_after.iter().flatten().map(f).collect();
+            Ok(Some(Tensor::from_vec(x, (hkv, len), device)?))
         };
+        self.window_scores = channel(|s| s.0)?;
+        self.window_recall = if two { channel(|s| s.1)? } else { None };
         Ok(())
     }
+}
+
+/// The score parts of a global cache besides the kept entries' own, for
+/// [`GlobalCache::set_parts`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Parts {
+    pub kept_recall: Option<Tensor>,
+    pub window_scores: Option<Tensor>,
+    pub window_recall: Option<Tensor>,
+}
+
+/// Score pairs from one score tensor `[hkv, n]` and, with two kinds, the recall scores: an
+/// entry's first score is `own`, its second the recall (or `own` again).
+fn pairs(own: Option<&Tensor>, recall: Option<&Tensor>) -> Result<Vec<Vec<Scores>>> {
+    let Some(own) = own else {
+        return Ok(Vec::new());
+    };
+    let own = own.to_vec2::<f32>()?;
+    let recall = match recall {
+        Some(r) => r.to_vec2::<f32>()?,
+        None => own.clone(),
+    };
+    Ok(own
+        .into_iter()
+        .zip(recall)
+        .map(|(o, r)| o.into_iter().zip(r).collect())
+        .collect())
 }
 
 impl Plan {
@@ -342,6 +465,17 @@ fn candidates(
     Ok((Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?))
 }
 
+/// Recall scores of a span (`[hkv][t]`): `1 - cos(v, r)` for values `v` and the memory's
+/// reads `r` before each token (`[hkv, t, d]` each).
+pub fn recall_scores(v: &Tensor, read: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let v = v.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+    let read = read.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+    Ok(v.iter()
+        .zip(&read)
+        .map(|(vh, rh)| vh.iter().zip(rh).map(|(a, b)| salience(a, b)).collect())
+        .collect())
+}
+
 /// `1 - cos(v, r)`; 1 when the read is negligible next to the value (nothing to compare
 /// with: the read is then mostly the rounding of taking the token's own write out of it, so
 /// the cosine would be noise).
@@ -361,24 +495,28 @@ pub(crate) fn salience(v: &[f32], r: &[f32]) -> f32 {
 /// One head's admissions over a span, on plain data.
 struct HeadPlan<'a> {
     capacity: usize,
+    /// Places of the first pool (sinks and attention places), compared by the first score;
+    /// the rest are recall places, compared by the second.
+    first_pool: usize,
     window: usize,
-    /// Saliences of the entries kept before the span (candidates `0..n`).
-    kept: &'a [f32],
-    /// Saliences of the cached window rows then the new tokens (candidates `n..`).
-    stream: Vec<f32>,
+    /// Scores of the entries kept before the span (candidates `0..n`).
+    kept: &'a [Scores],
+    /// Scores of the cached window rows then the new tokens (candidates `n..`).
+    stream: Vec<Scores>,
     new_tokens: usize,
 }
 
 impl HeadPlan<'_> {
-    /// Returns (visibility `[t][n + w + t]`, kept candidates after, their saliences).
-    fn run(self) -> (Vec<Vec<bool>>, Vec<usize>, Vec<f32>) {
+    /// Returns (visibility `[t][n + w + t]`, kept candidates after, their scores).
+    fn run(self) -> (Vec<Vec<bool>>, Vec<usize>, Vec<Scores>) {
         let n = self.kept.len();
         let t = self.new_tokens;
         let w = self.stream.len() - t; // cached window rows
         let total = n + w + t;
-        // Places: (candidate, salience); membership of each candidate as [since, until)
+        let first = self.first_pool.min(self.capacity);
+        // Places: (candidate, scores); membership of each candidate as [since, until)
         // in query indices.
-        let mut places: Vec<(usize, f32)> = self.kept.iter().copied().enumerate().collect();
+        let mut places: Vec<(usize, Scores)> = self.kept.iter().copied().enumerate().collect();
         let mut since = vec![usize::MAX; total];
         let mut until = vec![usize::MAX; total];
         for s in since.iter_mut().take(n) {
@@ -392,18 +530,43 @@ impl HeadPlan<'_> {
             let first_in_window = (i + w).saturating_sub(self.window);
             while next_leave < first_in_window {
                 let c = n + next_leave;
-                let score = self.stream[next_leave];
-                if places.len() < self.capacity {
-                    places.push((c, score));
-                    since[c] = i;
-                } else if let Some(p) = lowest(&places) {
-                    if score > places[p].1 {
-                        until[places[p].0] = i;
-                        places[p] = (c, score);
-                        since[c] = i;
-                    }
-                }
+                let entry = (c, self.stream[next_leave]);
                 next_leave += 1;
+                // The first pool, by the first score.
+                let offered = if places.len() < first {
+                    places.push(entry);
+                    since[c] = i;
+                    continue;
+                } else {
+                    match lowest(&places[..first], |s| s.0) {
+                        Some(p) if entry.1 .0 > places[p].1 .0 => {
+                            since[c] = i;
+                            std::mem::replace(&mut places[p], entry)
+                        }
+                        _ => entry,
+                    }
+                };
+                // What it turned away or pushed out: the recall places, by the second.
+                let taken = if places.len() < self.capacity {
+                    places.push(offered);
+                    true
+                } else {
+                    match lowest(&places[first..], |s| s.1) {
+                        Some(p) if offered.1 .1 > places[first + p].1 .1 => {
+                            let out = std::mem::replace(&mut places[first + p], offered);
+                            until[out.0] = i;
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if taken {
+                    if since[offered.0] == usize::MAX {
+                        since[offered.0] = i;
+                    }
+                } else if since[offered.0] != usize::MAX {
+                    until[offered.0] = i; // pushed out of the first pool and gone
+                }
             }
             if i == t {
                 break;
@@ -421,11 +584,11 @@ impl HeadPlan<'_> {
     }
 }
 
-/// The place with the lowest salience (the first among equals).
-fn lowest(places: &[(usize, f32)]) -> Option<usize> {
+/// The place with the lowest score by `key` (the first among equals).
+fn lowest(places: &[(usize, Scores)], key: impl Fn(&Scores) -> f32) -> Option<usize> {
     let mut best: Option<usize> = None;
-    for (i, &(_, s)) in places.iter().enumerate() {
-        if best.is_none_or(|b| s < places[b].1) {
+    for (i, (_, s)) in places.iter().enumerate() {
+        if best.is_none_or(|b| key(s) < key(&places[b].1)) {
             best = Some(i);
         }
     }
@@ -436,12 +599,18 @@ fn lowest(places: &[(usize, f32)]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn same(scores: &[f32]) -> Vec<Scores> {
+        scores.iter().map(|&s| (s, s)).collect()
+    }
+
     fn run(capacity: usize, window: usize, kept: &[f32], stream: &[f32], t: usize) -> String {
+        let kept = same(kept);
         let (vis, after, _) = HeadPlan {
             capacity,
+            first_pool: 0,
             window,
-            kept,
-            stream: stream.to_vec(),
+            kept: &kept,
+            stream: same(stream),
             new_tokens: t,
         }
         .run();
@@ -464,6 +633,25 @@ mod tests {
     }
 
     #[test]
+    fn what_attention_places_push_out_moves_on_to_recall_places() {
+        // Window 1, one attention place then one recall place. Scores (attention, recall):
+        // token 0 (1, 9) takes the attention place; token 1 (5, 0) pushes it out, and it
+        // moves on to the recall place with its 9; token 2 (0, 3) loses both.
+        let stream = vec![(1.0, 9.0), (5.0, 0.0), (0.0, 3.0), (0.0, 0.0)];
+        let (_, after, scores) = HeadPlan {
+            capacity: 2,
+            first_pool: 1,
+            window: 1,
+            kept: &[],
+            stream,
+            new_tokens: 4,
+        }
+        .run();
+        assert_eq!(after, [1, 0]);
+        assert_eq!(scores, [(5.0, 0.0), (1.0, 9.0)]);
+    }
+
+    #[test]
     fn a_chunked_span_replays_what_single_steps_do() {
         // The same tokens, the first three read as one chunk, then one at a time: the
         // places after each step must equal those of the whole run.
@@ -472,10 +660,10 @@ mod tests {
         assert!(whole.ends_with("-> [3, 1]"), "{whole}");
         // Replayed in two pieces through GlobalCache on tensors.
         let dev = Device::Cpu;
-        let mut g = GlobalCache::new(2, 0);
+        let mut g = GlobalCache::new(2, 0, 0);
         let (mut wk, mut ws): (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
         for piece in [&scores[..3], &scores[3..4], &scores[4..]] {
-            let plan = g.plan(2, ws.len(), &[piece.to_vec()]).unwrap();
+            let plan = g.plan(2, ws.len(), &[same(piece)]).unwrap();
             // Keys are the candidates' own scores, so the kept keys name the kept tokens.
             let mut cand: Vec<f32> = g
                 .kept()
@@ -490,7 +678,7 @@ mod tests {
             let keep = wk.len().min(2);
             wk.drain(..wk.len() - keep);
             ws.drain(..ws.len() - keep);
-            g.apply(&plan, || Ok((c.clone(), c.clone())), vec![ws.clone()], &dev)
+            g.apply(&plan, || Ok((c.clone(), c.clone())), vec![same(&ws)], &dev)
                 .unwrap();
         }
         let kept: Vec<f32> = g
@@ -504,27 +692,76 @@ mod tests {
         assert_eq!(kept, [9.0, 7.0]);
     }
 
-    /// The definition, from scratch for every query: the window, itself, and the
-    /// `capacity` highest-scored tokens older than the window.
-    fn naive_visible(capacity: usize, window: usize, scores: &[f32], p: usize) -> Vec<bool> {
+    /// The definition, from scratch for every query at `p`: replay the tokens that have
+    /// left the window, one by one, through the two pools (`first` places by the first
+    /// score, then the rest by the second); the query sees those kept, the window, itself.
+    fn naive_visible(
+        (capacity, first): (usize, usize),
+        window: usize,
+        scores: &[Scores],
+        p: usize,
+    ) -> Vec<bool> {
         let first_in_window = p.saturating_sub(window);
-        let mut old: Vec<usize> = (0..first_in_window).collect();
-        old.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-        old.truncate(capacity);
+        let mut pool_a: Vec<usize> = Vec::new();
+        let mut pool_b: Vec<usize> = Vec::new();
+        let min_by = |pool: &[usize], key: &dyn Fn(usize) -> f32| -> usize {
+            let mut best = 0;
+            for i in 1..pool.len() {
+                if key(pool[i]) < key(pool[best]) {
+                    best = i;
+                }
+            }
+            best
+        };
+        for tok in 0..first_in_window {
+            let mut offered = tok;
+            if pool_a.len() < first {
+                pool_a.push(tok);
+                continue;
+            }
+            if first > 0 {
+                let m = min_by(&pool_a, &|j| scores[j].0);
+                if scores[tok].0 > scores[pool_a[m]].0 {
+                    offered = std::mem::replace(&mut pool_a[m], tok);
+                }
+            }
+            if pool_b.len() < capacity - first {
+                pool_b.push(offered);
+            } else if !pool_b.is_empty() {
+                let m = min_by(&pool_b, &|j| scores[j].1);
+                if scores[offered].1 > scores[pool_b[m]].1 {
+                    pool_b[m] = offered;
+                }
+            }
+        }
         (0..=p)
-            .map(|j| j >= first_in_window || old.contains(&j))
+            .map(|j| j >= first_in_window || pool_a.contains(&j) || pool_b.contains(&j))
             .collect()
     }
 
     #[test]
     fn chunks_of_any_size_see_what_the_definition_says() {
         let mut rng = crate::rng::SplitMix(7);
-        for case in 0..40 {
+        for case in 0..60 {
             let (capacity, window) = (1 + case % 4, 1 + case % 5);
+            let first = (case / 4) % (capacity + 1); // 0 (recall only) ..= all (attention)
             let len = 30;
-            // Distinct scores (ties are resolved by place, not by age).
-            let scores: Vec<f32> = (0..len).map(|i| rng.uniform() + i as f32 * 1e-3).collect();
-            let mut g = GlobalCache::new(capacity, 0);
+            // Distinct scores (ties are resolved by place, not by age); with one kind of
+            // place both scores are that kind's, as `span_scores` gives them.
+            let scores: Vec<Scores> = (0..len)
+                .map(|i| {
+                    let (a, r) = (
+                        rng.uniform() + i as f32 * 1e-3,
+                        rng.uniform() + i as f32 * 1e-3,
+                    );
+                    match first {
+                        0 => (r, r),
+                        f if f == capacity => (a, a),
+                        _ => (a, r),
+                    }
+                })
+                .collect();
+            let mut g = GlobalCache::new(capacity, 0, first);
             let mut kept_tokens: Vec<usize> = Vec::new(); // token of each place
             let mut start = 0;
             while start < len {
@@ -543,7 +780,7 @@ mod tests {
                 };
                 for (i, row) in plan.visible[0].iter().enumerate() {
                     let p = start + i;
-                    let want = naive_visible(capacity, window, &scores, p);
+                    let want = naive_visible((capacity, first), window, &scores, p);
                     let mut got = vec![false; p + 1];
                     for (c, &v) in row.iter().enumerate() {
                         if v {
@@ -556,34 +793,62 @@ mod tests {
                     .iter()
                     .map(|&c| candidate_token(c))
                     .collect();
+                // Carry the state the way `apply` does, without keys.
                 let keep = (start + t).min(window);
+                let n = kept_tokens.len();
                 let ws = scores[start + t - keep..start + t].to_vec();
-                g.window_scores =
-                    (keep > 0).then(|| Tensor::from_vec(ws, (1, keep), &Device::Cpu).unwrap());
-                let ks: Vec<f32> = plan.kept_scores[0].clone();
-                let n = ks.len();
-                g.kept = (n > 0).then(|| {
-                    let z = Tensor::zeros((1, n, 1), DType::F32, &Device::Cpu).unwrap();
-                    (
-                        z.clone(),
-                        z,
-                        Tensor::from_vec(ks, (1, n), &Device::Cpu).unwrap(),
-                    )
-                });
+                let cand = move || {
+                    let l = n + window_len + t;
+                    let c = Tensor::zeros((1, l, 1), DType::F32, &Device::Cpu).unwrap();
+                    Ok((c.clone(), c))
+                };
+                g.apply(&plan, cand, vec![ws], &Device::Cpu).unwrap();
                 start += t;
             }
         }
     }
 
     #[test]
-    fn sinks_score_infinite_and_never_leave() {
-        let g = GlobalCache::new(2, 1);
-        let v = Tensor::new(&[[[1f32, 0.0], [0.0, 1.0]]], &Device::Cpu).unwrap();
-        let s = g.saliences(0, &v, Some(&v)).unwrap();
-        assert_eq!(s[0][0], f32::INFINITY);
-        assert!(s[0][1].abs() < 1e-6, "a perfectly recalled token scores 0");
-        let r = Tensor::new(&[[[0f32, 1.0], [0.0, -1.0]]], &Device::Cpu).unwrap();
-        let s = g.saliences(1, &v, Some(&r)).unwrap();
-        assert_eq!(s[0], [1.0, 2.0]);
+    fn sinks_score_infinite_and_scores_follow_the_kinds_of_places() {
+        let dev = Device::Cpu;
+        let v = Tensor::new(&[[[1f32, 0.0], [0.0, 1.0]]], &dev).unwrap();
+        let perfect = recall_scores(&v, &v).unwrap();
+        assert!(
+            perfect[0][1].abs() < 1e-6,
+            "a perfectly recalled token scores 0"
+        );
+        let r = Tensor::new(&[[[0f32, 1.0], [0.0, -1.0]]], &dev).unwrap();
+        assert_eq!(recall_scores(&v, &r).unwrap(), [[1.0, 2.0]]);
+        // Recall places only: both scores are the recall score; the sink is +inf.
+        let mut g = GlobalCache::new(2, 1, 0);
+        let s = g
+            .span_scores(0, (1, 2), None, Some(vec![vec![1.0, 2.0]]))
+            .unwrap();
+        assert_eq!(s, [[(f32::INFINITY, f32::INFINITY), (2.0, 2.0)]]);
+        // Both kinds: (attention, recall); the cached window rows' attention adds up.
+        let mut g = GlobalCache::new(4, 1, 1);
+        g.window_scores = Some(Tensor::new(&[[0.5f32]], &dev).unwrap());
+        g.window_recall = Some(Tensor::new(&[[0.7f32]], &dev).unwrap());
+        let s = g
+            .span_scores(
+                3,
+                (1, 1),
+                Some(vec![vec![0.25, 0.75]]),
+                Some(vec![vec![1.5]]),
+            )
+            .unwrap();
+        assert_eq!(s, [[(0.75, 1.5)]]);
+        let w = g.window_scores().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(w, [[0.75]]);
+        // A mass that does not cover the window is refused.
+        assert!(g
+            .span_scores(4, (1, 1), Some(vec![vec![1.0]]), None)
+            .is_err());
+        // Sinks only: nothing measured, every other token scores 0 in every head.
+        let mut g = GlobalCache::new(2, 2, 0);
+        assert_eq!(
+            g.span_scores(5, (2, 1), None, None).unwrap(),
+            [[(0.0, 0.0)], [(0.0, 0.0)]]
+        );
     }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{LayerKind, ModelConfig};
-use crate::global::GlobalCache;
+use crate::global::{GlobalCache, Parts};
 use crate::{Error, Result};
 
 /// What every state of one model must look like.
@@ -33,6 +33,8 @@ pub struct StateSpec {
     /// tokens (sinks); 0 places: no global cache.
     pub global_cache: usize,
     pub sinks: usize,
+    /// Of the places beyond the sinks, how many go by attention (the rest by recall).
+    pub attention_places: usize,
     /// dtype of cached keys and values (the model's); recurrent states are always f32.
     pub cache_dtype: DType,
     pub device: Device,
@@ -54,6 +56,7 @@ impl StateSpec {
             liger_window: cfg.liger.as_ref().map_or(0, |l| l.window),
             global_cache: cfg.liger.as_ref().map_or(0, |l| l.global_cache),
             sinks: cfg.liger.as_ref().map_or(0, |l| l.sinks),
+            attention_places: cfg.liger.as_ref().map_or(0, |l| l.attention_places),
             cache_dtype,
             device: device.clone(),
         }
@@ -69,10 +72,15 @@ impl StateSpec {
                     DType::F32,
                     &self.device,
                 )?,
-                global: GlobalCache::new(self.global_cache, self.sinks),
+                global: GlobalCache::new(self.global_cache, self.sinks, self.attention_places),
             },
             LayerKind::Softmax { window } => LayerState::Softmax(KvCache::new(window)),
         })
+    }
+
+    /// Whether global caches keep two scores per token (attention and recall places).
+    fn two_scores(&self) -> bool {
+        self.attention_places > 0 && self.global_cache > self.sinks + self.attention_places
     }
 
     /// Bytes one sequence's state occupies after `context` tokens.
@@ -92,10 +100,11 @@ impl StateSpec {
                     let in_window = context.min(self.liger_window);
                     b.window += kv_row * in_window;
                     if self.global_cache > 0 {
-                        // Kept entries (key, value, f32 salience) and the window rows' saliences.
+                        // Kept entries (key, value, f32 score) and the window rows' scores;
+                        // with attention and recall places, a second score each.
+                        let scores = self.num_kv_heads * 4 * (1 + usize::from(self.two_scores()));
                         let kept = (context - in_window).min(self.global_cache);
-                        b.global += (kv_row + self.num_kv_heads * 4) * kept
-                            + self.num_kv_heads * 4 * in_window;
+                        b.global += (kv_row + scores) * kept + scores * in_window;
                     }
                 }
                 LayerKind::Softmax { window } => {
@@ -313,8 +322,14 @@ impl SequenceState {
                         tensors.push((format!("layers.{i}.global.v"), v.clone()));
                         tensors.push((format!("layers.{i}.global.scores"), s.clone()));
                     }
+                    if let Some(r) = global.kept_recall() {
+                        tensors.push((format!("layers.{i}.global.recall"), r.clone()));
+                    }
                     if let Some(s) = global.window_scores() {
                         tensors.push((format!("layers.{i}.window_scores"), s.clone()));
+                    }
+                    if let Some(r) = global.window_recall() {
+                        tensors.push((format!("layers.{i}.window_recall"), r.clone()));
                     }
                     window
                 }
@@ -440,19 +455,26 @@ fn restore_global(
             )))
         }
     };
-    let scores = match take("window_scores") {
-        Some(s) => {
-            check(&s, &[hkv, in_window], DType::F32, i)?;
-            Some(s)
-        }
-        None if in_window == 0 => None,
-        None => {
-            return Err(Error::State(format!(
-                "layer {i}: window saliences do not match position {position}"
-            )))
+    // A score tensor `[hkv, len]`, present exactly when `wanted` and `len > 0`.
+    let mut scores = |name: &str, len: usize, wanted: bool| -> Result<Option<Tensor>> {
+        match take(name) {
+            Some(s) if wanted && len > 0 => {
+                check(&s, &[hkv, len], DType::F32, i)?;
+                Ok(Some(s))
+            }
+            None if !wanted || len == 0 => Ok(None),
+            _ => Err(Error::State(format!(
+                "layer {i}: `{name}` does not match position {position}"
+            ))),
         }
     };
-    global.set_parts(kept, scores);
+    let two = spec.two_scores();
+    let parts = Parts {
+        kept_recall: scores("global.recall", kept_len, two)?,
+        window_scores: scores("window_scores", in_window, true)?,
+        window_recall: scores("window_recall", in_window, two)?,
+    };
+    global.set_parts(kept, parts);
     Ok(())
 }
 

@@ -91,6 +91,30 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
             true,
         ),
         (
+            // Places by attention while in the window: no memory at all.
+            "window+attention",
+            Some(LigerConfig {
+                window_weight: 1.0,
+                recurrent_weight: 0.0,
+                global_cache: 3,
+                sinks: 1,
+                attention_places: 2,
+                ..liger(3)
+            }),
+            true,
+        ),
+        (
+            // Both kinds of places beside the GLA read-out.
+            "gla+both",
+            Some(LigerConfig {
+                global_cache: 4,
+                sinks: 1,
+                attention_places: 1,
+                ..liger(3)
+            }),
+            true,
+        ),
+        (
             "gsa",
             Some(LigerConfig {
                 variant: Variant::Gsa,
@@ -162,9 +186,19 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
                     close(x.1, y.1, &format!("layer {l} global values"));
                     scores_close(x.2, y.2, "global saliences");
                 }
-                assert_eq!(gx.window_scores().is_some(), gy.window_scores().is_some());
-                if let (Some(x), Some(y)) = (gx.window_scores(), gy.window_scores()) {
-                    scores_close(x, y, "window saliences");
+                for (x, y, part) in [
+                    (gx.kept_recall(), gy.kept_recall(), "global recall scores"),
+                    (gx.window_scores(), gy.window_scores(), "window scores"),
+                    (
+                        gx.window_recall(),
+                        gy.window_recall(),
+                        "window recall scores",
+                    ),
+                ] {
+                    assert_eq!(x.is_some(), y.is_some(), "{what}: layer {l} {part}");
+                    if let (Some(x), Some(y)) = (x, y) {
+                        scores_close(x, y, part);
+                    }
                 }
                 (cx, cy)
             }

@@ -91,6 +91,41 @@ fn variants(family: Family) -> Vec<(String, Model)> {
                 ..liger(3)
             },
         ),
+        (
+            // Places given by the attention tokens got while in the window: no memory.
+            "window+attention",
+            LigerConfig {
+                recurrent_weight: 0.0,
+                window_weight: 1.0,
+                global_cache: 3,
+                sinks: 1,
+                attention_places: 2,
+                ..liger(3)
+            },
+        ),
+        (
+            // A sink, two places by attention, two by recall: tokens pushed out of the
+            // attention places move on to the recall places.
+            "window+both",
+            LigerConfig {
+                recurrent_weight: 0.0,
+                window_weight: 1.0,
+                global_cache: 5,
+                sinks: 1,
+                attention_places: 2,
+                ..liger(3)
+            },
+        ),
+        (
+            "gsa+attention",
+            LigerConfig {
+                variant: Variant::Gsa,
+                slots: Some(4),
+                global_cache: 3,
+                attention_places: 3,
+                ..liger(4)
+            },
+        ),
     ];
     for (name, l) in settings {
         let mut m = base().with_liger(&l).model(DType::F32).unwrap();
@@ -287,6 +322,14 @@ fn liger_state_is_constant_size_and_round_trips() {
         sinks: 2,
         ..window_only.clone()
     };
+    let window_attention = LigerConfig {
+        attention_places: 3,
+        ..window_global.clone()
+    };
+    let window_both = LigerConfig {
+        attention_places: 1,
+        ..window_global.clone()
+    };
     for l in [
         liger(4),
         gsa(4),
@@ -294,6 +337,8 @@ fn liger_state_is_constant_size_and_round_trips() {
         global,
         sinks_only,
         window_global,
+        window_attention,
+        window_both,
     ] {
         check_state_round_trip(&l);
     }
@@ -302,11 +347,12 @@ fn liger_state_is_constant_size_and_round_trips() {
 #[test]
 fn global_places_covering_the_sequence_are_a_window_covering_it() {
     // Every token that leaves the 3-token window finds a place, so each query sees all the
-    // tokens before it, as with a window as long as the sequence.
-    for family in [Family::Llama, Family::Qwen2] {
+    // tokens before it, as with a window as long as the sequence (whatever the salience).
+    for (family, attention_places) in [(Family::Llama, 0), (Family::Qwen2, 0), (Family::Llama, 9)] {
         let with_places = LigerConfig {
             global_cache: LEN,
             sinks: 1,
+            attention_places,
             ..liger(3)
         };
         let m = TinyCheckpoint::new(family, 4)
@@ -327,6 +373,7 @@ fn global_places_covering_the_sequence_are_a_window_covering_it() {
             .unwrap()
             .with_liger(&LigerConfig {
                 global_cache: 2,
+                attention_places: attention_places.min(1),
                 ..with_places
             })
             .model(DType::F32)

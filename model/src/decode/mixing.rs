@@ -24,9 +24,14 @@ pub(crate) enum Mix {
         /// The layer keeps a recurrent memory: for R, or only for the global cache's
         /// saliences when R's weight is 0.
         memory: bool,
-        /// The layer keeps a global cache: the window branch also attends to its rows, and
-        /// the token's salience is measured (`crate::global`).
+        /// The layer keeps a global cache: the window branch also attends to its rows.
         global: bool,
+        /// The global cache gives places by attention: the step measures the window-only
+        /// attention share of each window row (the cache's, then the token's).
+        attention_scores: bool,
+        /// The global cache gives places by recall: the step measures the memory's recall
+        /// error at the token's key.
+        recall_scores: bool,
     },
 }
 
@@ -51,8 +56,9 @@ pub(crate) struct GroupOut<'a> {
     pub out: &'a mut [f32],
     pub new_k: &'a mut [f32],
     pub new_v: &'a mut [f32],
-    /// The token's salience (one value) for layers with a global cache and a recurrent
-    /// memory; empty otherwise.
+    /// What the global cache's choice needs: the attention shares of the window rows
+    /// (cache, then the token) when it gives places by attention, then the token's recall
+    /// score when it gives places by recall; empty otherwise.
     pub salience: &'a mut [f32],
 }
 
@@ -97,12 +103,24 @@ pub(crate) fn mix_group(
     }
     let k_rot = sized(&mut scratch.k_rot, d);
     rope(x.k, x.cos, x.sin, k_rot);
+    let (attention_scores, recall_scores) = match mix {
+        Mix::Liger {
+            attention_scores,
+            recall_scores,
+            ..
+        } => (attention_scores, recall_scores),
+        Mix::Softmax => (false, false),
+    };
+    let rows = (x.cached_k.len() + k_rot.len()) / d;
+    let (mass, recall) = y
+        .salience
+        .split_at_mut(if attention_scores { rows } else { 0 });
     attend(
         q_rot,
         [x.global_k, x.cached_k, k_rot],
         [x.global_v, x.cached_v, x.v],
         (d, &mut scratch.probs),
-        &mut *y.out,
+        (&mut *y.out, attention_scores.then_some(mass)),
     );
     keep_last(x.cached_k, k_rot, y.new_k);
     keep_last(x.cached_v, x.v, y.new_v);
@@ -117,15 +135,15 @@ pub(crate) fn mix_group(
             *o *= window_weight;
         }
         if let Some(memory) = memory {
-            let key_read = !y.salience.is_empty();
+            let key_read = recall_scores;
             // Without a read-out (weight 0) the memory is only written and asked at the key.
             let q: &[f32] = if recurrent_weight != 0.0 { x.q } else { &[] };
             recurrent_step(recurrent, (q, x.k, x.v), d, (memory, key_read), scratch);
             for (o, r) in y.out.iter_mut().zip(&scratch.o_rec) {
                 *o += recurrent_weight * r;
             }
-            if let Some(s) = y.salience.first_mut() {
-                *s = crate::global::salience(x.v, &scratch.read);
+            if key_read {
+                recall[0] = crate::global::salience(x.v, &scratch.read);
             }
         }
     }
@@ -142,16 +160,24 @@ pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 }
 
 /// Softmax attention of the group's queries over rows of keys given in blocks (the global
-/// cache's, the window cache's, the token's own), scaled by `1/sqrt(d)`; writes `out: [g, d]`.
+/// cache's, the window cache's, the token's own), scaled by `1/sqrt(d)`; writes `out: [g, d]`
+/// and, when asked, each window row's (cache, then token) share of the window rows' softmax
+/// mass, averaged over the queries: the global rows' terms cancel out of that share, which
+/// is the window-only softmax the general path computes.
 fn attend(
     q_rot: &[f32],
     keys: [&[f32]; 3],
     values: [&[f32]; 3],
     (d, probs): (usize, &mut Vec<f32>),
-    out: &mut [f32],
+    (out, mut mass): (&mut [f32], Option<&mut [f32]>),
 ) {
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let len: usize = keys.iter().map(|k| k.len() / d).sum();
+    let n_global = keys[0].len() / d;
+    let g = q_rot.len() / d;
+    if let Some(m) = mass.as_deref_mut() {
+        m.fill(0.0);
+    }
     let p = sized(probs, len);
     for (qh, o) in q_rot.chunks(d).zip(out.chunks_mut(d)) {
         let rows = keys.iter().flat_map(|b| b.chunks(d));
@@ -159,6 +185,13 @@ fn attend(
             *pj = scale * dot(qh, key);
         }
         softmax(p);
+        if let Some(m) = mass.as_deref_mut() {
+            let window = &p[n_global..];
+            let share = 1.0 / (window.iter().sum::<f32>() * g as f32);
+            for (mj, &pj) in m.iter_mut().zip(window) {
+                *mj += pj * share;
+            }
+        }
         o.fill(0.0);
         let rows = values.iter().flat_map(|b| b.chunks(d));
         for (&pj, value) in p.iter().zip(rows) {

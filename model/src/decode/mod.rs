@@ -153,8 +153,13 @@ struct SeqLayerIx {
     memory: Option<usize>,
     /// The global cache's keys and values (indices, rows per head), when it has entries.
     global: Option<(usize, usize, usize)>,
-    /// The layer measures the token's salience (a global cache beside a recurrent memory).
-    salience: bool,
+    /// Values per KV head the layer measures for the global cache: attention shares of
+    /// the window rows, then the recall score (see `GroupOut::salience`).
+    scores: usize,
+    /// Whether the first `scores` values per head are attention shares (then all but the
+    /// last when recall is also measured).
+    attention_scores: bool,
+    recall_scores: bool,
 }
 
 /// What one new token produced in one layer of one sequence.
@@ -162,7 +167,7 @@ struct SeqLayerOut {
     new_k: Vec<f32>,
     new_v: Vec<f32>,
     memory: Option<Vec<f32>>,
-    /// Per KV head, when measured.
+    /// `[hkv, scores]`, when measured.
     salience: Vec<f32>,
 }
 
@@ -283,7 +288,7 @@ impl Plan {
         for (li, layer) in layers.iter().enumerate() {
             let mut per_seq = Vec::with_capacity(seqs.len());
             for s in seqs {
-                let (mut global, mut salience) = (None, false);
+                let (mut global, mut scoring) = (None, (false, false));
                 let (cache, memory) = match (&s.state.layers.get(li)?, layer.mix) {
                     (LayerState::Softmax(cache), Mix::Softmax) => (cache, None),
                     (
@@ -295,6 +300,8 @@ impl Plan {
                         Mix::Liger {
                             memory: keeps_memory,
                             global: has_global,
+                            attention_scores,
+                            recall_scores,
                             ..
                         },
                     ) => {
@@ -309,7 +316,10 @@ impl Plan {
                         if has_global != g.is_enabled() {
                             return None;
                         }
-                        salience = has_global && memory.is_some();
+                        if recall_scores && memory.is_none() {
+                            return None;
+                        }
+                        scoring = (attention_scores, recall_scores);
                         if let Some((k, v, _)) = g.kept() {
                             let (kh, n, kd) = k.dims3().ok()?;
                             if (kh, kd) != (hkv, d) || v.dims() != k.dims() {
@@ -337,7 +347,9 @@ impl Plan {
                     keep: cache.capacity().map_or(total, |c| total.min(c)),
                     memory,
                     global,
-                    salience,
+                    scores: if scoring.0 { total } else { 0 } + usize::from(scoring.1),
+                    attention_scores: scoring.0,
+                    recall_scores: scoring.1,
                 });
             }
             states.push(per_seq);
@@ -391,7 +403,7 @@ impl Plan {
                         new_k: vec![0f32; hkv * s.keep * d],
                         new_v: vec![0f32; hkv * s.keep * d],
                         memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
-                        salience: vec![0f32; if s.salience { hkv } else { 0 }],
+                        salience: vec![0f32; hkv * s.scores],
                     })
                     .collect()
             })
@@ -495,17 +507,25 @@ impl Plan {
                             // The token's row is the last of the new window.
                             let (nk, nv) = kv.as_ref().expect("a window keeps the new token");
                             let new = (nk.narrow(1, keep - 1, 1)?, nv.narrow(1, keep - 1, 1)?);
-                            let raw = match out.salience {
-                                s if s.is_empty() => vec![0.0; hkv],
-                                s => s,
+                            let ix = &self.states[li][si];
+                            let per_head: Vec<&[f32]> = match ix.scores {
+                                0 => vec![&[][..]; hkv],
+                                n => out.salience.chunks(n).collect(),
                             };
+                            let recall_at = ix.scores - usize::from(ix.recall_scores);
+                            let mass = ix.attention_scores.then(|| {
+                                per_head.iter().map(|h| h[..recall_at].to_vec()).collect()
+                            });
+                            let recall = ix.recall_scores.then(|| {
+                                per_head.iter().map(|h| h[recall_at..].to_vec()).collect()
+                            });
                             let places = window.capacity().unwrap_or(usize::MAX);
                             global.decode_step(
                                 position,
                                 places,
                                 window.parts(),
                                 (&new.0, &new.1),
-                                raw,
+                                (mass, recall),
                             )?;
                         }
                         window.set_parts(kv);
@@ -739,8 +759,9 @@ impl Step<'_> {
                 },
                 new_k: unsafe { new_k.part(kvh * rows..(kvh + 1) * rows) },
                 new_v: unsafe { new_v.part(kvh * rows..(kvh + 1) * rows) },
-                salience: if state.salience {
-                    unsafe { salience.part(kvh..kvh + 1) }
+                salience: if state.scores > 0 {
+                    let n = state.scores;
+                    unsafe { salience.part(kvh * n..(kvh + 1) * n) }
                 } else {
                     &mut []
                 },
