@@ -24,7 +24,8 @@
 //! (64 slots), `gla-h8` (GLA with full attention at layers 7, 15, 23: `every:8`) and
 //! `window` (sliding-window attention alone), `gla-w256` (a 256-token window) and
 //! `gla-w256-g64` (the same plus a 64-place global cache with 4 sinks), `window-w256-g64`
-//! (that window and cache with no recurrent read-out: the memory only chooses the cache).
+//! (that window and cache with no recurrent read-out: the memory only chooses the cache) and
+//! `window-w256-g64-a16` (16 of those places given by attention instead).
 //!
 //! The context is built once per model by chunked prefill and grown between measurements,
 //! so each model pays one prefill to the largest context. Figures are medians over `--steps`
@@ -173,6 +174,15 @@ const VARIANTS: [(&str, MakeLiger); 8] = [
         recurrent_weight: 0.0,
         global_cache: 64,
         sinks: 4,
+        ..Default::default()
+    }),
+    ("window-w256-g64-a16", |_| LigerConfig {
+        window: 256,
+        window_weight: 1.0,
+        recurrent_weight: 0.0,
+        global_cache: 64,
+        sinks: 4,
+        attention_places: 16,
         ..Default::default()
     }),
 ];

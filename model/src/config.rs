@@ -112,8 +112,9 @@ pub struct LigerConfig {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub sinks: usize,
     /// Of the global cache's places beyond the sinks, how many go to the tokens that got
-    /// the most attention while in the window (H2O); the rest go to those the recurrent
-    /// memory recalls worst (LoLA). See [`crate::global`].
+    /// the most attention while in the window (H2O), among those the recall places turn
+    /// away; the rest go to the tokens the recurrent memory recalls worst (LoLA). See
+    /// [`crate::global`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attention_places: usize,
     /// Where the weights came from (a path, hub id or GGUF file); informational.

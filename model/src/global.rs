@@ -5,26 +5,27 @@
 //! most `capacity` older key/value pairs per KV head, in up to three kinds of places:
 //! - **sinks**: the first `sinks` tokens of a sequence, for good (StreamingLLM's attention
 //!   sinks, arXiv 2309.17453);
+//! - **recall places**: the tokens the linear memory *predicts worst* (LoLA, McDermott et al.,
+//!   arXiv 2505.23666): `1 - cos(v_t, r_t)` with `r_t = phi(k_t) diag(a_t) S_{t-1}`, how far
+//!   the memory's answer to the token's own key (before the token is written) is from its
+//!   value; 1 while the memory has next to nothing to say (`|r| <= 1e-5 |v|`). What was said
+//!   once and is not echoed (a pass key in filler text);
 //! - **attention places**: the tokens that got the most attention while they were in the
 //!   window (H2O's heavy hitters, Zhang et al., arXiv 2306.14048, measured over the same
 //!   span for every token): a token's score is the sum, over the `window + 1` queries that
 //!   saw it, of its share of each query's softmax over its window keys (the global rows
 //!   left out, so the score does not depend on what the cache kept), averaged over the
-//!   group's query heads. What the text keeps referring to (names, the topic's words);
-//! - **recall places**: the tokens the linear memory *predicts worst* (LoLA, McDermott et al.,
-//!   arXiv 2505.23666): `1 - cos(v_t, r_t)` with `r_t = phi(k_t) diag(a_t) S_{t-1}`, how far
-//!   the memory's answer to the token's own key (before the token is written) is from its
-//!   value; 1 while the memory has next to nothing to say (`|r| <= 1e-5 |v|`). What was said
-//!   once and is not echoed (a pass key in filler text), which attention alone misses.
+//!   group's query heads. What the text keeps referring to, which the memory may already
+//!   predict well and recall places then pass over.
 //!
-//! When a token leaves the window it is offered to the sink and attention places (one
-//! pool, the sinks scoring `+inf` there): while the pool has room it enters; when full, it
+//! When a token leaves the window it is offered to the sinks and recall places (one pool,
+//! the sinks scoring `+inf` there): while the pool has room it enters; when full, it
 //! replaces the lowest-scored entry if it scores strictly higher. Whatever that pool turns
-//! away or pushes out is then offered, by its recall score, to the recall places the same
-//! way (ties keep the incumbent; among equal lowest, the first place goes). What both turn
-//! away is gone for good (it lives on only in the recurrent memory, when there is one). So
-//! the places fill in the same order in every head: sinks and attention places first, then
-//! recall places, and a place's kind is its index.
+//! away or pushes out is then offered, by its attention score, to the attention places the
+//! same way (ties keep the incumbent; among equal lowest, the first place goes). What both
+//! turn away is gone for good (it lives on only in the recurrent memory, when there is one).
+//! So the places fill in the same order in every head: sinks and recall places first, then
+//! attention places, and a place's kind is its index.
 //!
 //! A query sees its window, itself, and the cache as it stood when the query was read. A
 //! token's scores are complete when it leaves the window (every query that sees it comes
@@ -41,23 +42,25 @@ use crate::Result;
 pub struct GlobalCache {
     capacity: usize,
     sinks: usize,
-    /// Places beyond the sinks given by attention; the rest beyond those go by recall.
+    /// Places given by attention (the last ones); those between the sinks and them go by
+    /// recall.
     attention: usize,
     /// The kept entries: keys `[hkv, n, d]` (post-RoPE), values `[hkv, n, d]` and their
     /// scores in their place's kind `[hkv, n]` (f32). `n` is the same for every head.
     kept: Option<(Tensor, Tensor, Tensor)>,
-    /// With both attention and recall places: the kept entries' recall scores `[hkv, n]`
-    /// (an attention place's entry pushed out moves on to the recall places by it).
-    kept_recall: Option<Tensor>,
-    /// Scores of the window cache's rows, `[hkv, len]`, oldest first: the running attention
-    /// sums with attention places, else the recall scores. They compete for a place when
-    /// they leave the window.
+    /// With both recall and attention places: the kept entries' attention scores `[hkv, n]`
+    /// (a recall place's entry pushed out moves on to the attention places by it).
+    kept_attention: Option<Tensor>,
+    /// Scores of the window cache's rows, `[hkv, len]`, oldest first: the recall scores
+    /// when there are recall places, else the running attention sums. They compete for a
+    /// place when they leave the window.
     window_scores: Option<Tensor>,
-    /// With both kinds of places: the window rows' recall scores, `[hkv, len]`.
-    window_recall: Option<Tensor>,
+    /// With both kinds of places: the window rows' running attention sums, `[hkv, len]`.
+    window_attention: Option<Tensor>,
 }
 
-/// A token's scores: (attention, recall). With one kind of place both hold that kind's.
+/// A token's scores: (recall, attention), the first pool's then the second's. With one
+/// kind of place both hold that kind's.
 pub type Scores = (f32, f32);
 
 /// Values per KV head: `[hkv][len]`.
@@ -76,17 +79,17 @@ pub struct Plan {
 }
 
 impl GlobalCache {
-    /// `capacity` places per KV head: `sinks` for the first tokens, `attention` given by
-    /// attention, the rest by recall.
+    /// `capacity` places per KV head: `sinks` for the first tokens, the last `attention`
+    /// given by attention, those between by recall.
     pub fn new(capacity: usize, sinks: usize, attention: usize) -> Self {
         Self {
             capacity,
             sinks,
             attention,
             kept: None,
-            kept_recall: None,
+            kept_attention: None,
             window_scores: None,
-            window_recall: None,
+            window_attention: None,
         }
     }
 
@@ -130,9 +133,9 @@ impl GlobalCache {
         self.kept.as_ref().map(|(k, v, s)| (k, v, s))
     }
 
-    /// The kept entries' recall scores, with both kinds of places.
-    pub fn kept_recall(&self) -> Option<&Tensor> {
-        self.kept_recall.as_ref()
+    /// The kept entries' attention scores, with both kinds of places.
+    pub fn kept_attention(&self) -> Option<&Tensor> {
+        self.kept_attention.as_ref()
     }
 
     /// Scores of the window cache's rows (none while the window is empty).
@@ -140,17 +143,17 @@ impl GlobalCache {
         self.window_scores.as_ref()
     }
 
-    /// The window rows' recall scores, with both kinds of places.
-    pub fn window_recall(&self) -> Option<&Tensor> {
-        self.window_recall.as_ref()
+    /// The window rows' running attention sums, with both kinds of places.
+    pub fn window_attention(&self) -> Option<&Tensor> {
+        self.window_attention.as_ref()
     }
 
     /// Restores parts written by the getters above (state deserialization checks shapes).
     pub(crate) fn set_parts(&mut self, kept: Option<(Tensor, Tensor, Tensor)>, parts: Parts) {
         self.kept = kept;
-        self.kept_recall = parts.kept_recall;
+        self.kept_attention = parts.kept_attention;
         self.window_scores = parts.window_scores;
-        self.window_recall = parts.window_recall;
+        self.window_attention = parts.window_attention;
     }
 
     /// Cuts the kept keys and values off from the autograd graph (see
@@ -165,11 +168,15 @@ impl GlobalCache {
     pub fn bytes(&self) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         self.kept.as_ref().map_or(0, |(k, v, s)| b(k) + b(v) + b(s))
-            + [&self.kept_recall, &self.window_scores, &self.window_recall]
-                .into_iter()
-                .flatten()
-                .map(b)
-                .sum::<usize>()
+            + [
+                &self.kept_attention,
+                &self.window_scores,
+                &self.window_attention,
+            ]
+            .into_iter()
+            .flatten()
+            .map(b)
+            .sum::<usize>()
     }
 
     /// The scores of a span of `t` new tokens from `position` in `hkv` heads, `[hkv][t]`,
@@ -189,20 +196,26 @@ impl GlobalCache {
     ) -> Result<Vec<Vec<Scores>>> {
         let new_mass: Option<Vec<Vec<f32>>> = match mass {
             Some(mass) if self.scores_attention() => {
-                let cached = self.window_scores.as_ref().map_or(Ok(0), |s| s.dim(1))?;
+                let two = self.two_kinds();
+                let sums = if two {
+                    &mut self.window_attention
+                } else {
+                    &mut self.window_scores
+                };
+                let cached = sums.as_ref().map_or(Ok(0), |s| s.dim(1))?;
                 if mass.iter().any(|m| m.len() != cached + t) {
                     return Err(crate::Error::State(
                         "attention scores do not cover the window".into(),
                     ));
                 }
-                if let Some(old) = &self.window_scores {
-                    let sums: Vec<Vec<f32>> = old
+                if let Some(old) = sums.as_ref() {
+                    let new: Vec<Vec<f32>> = old
                         .to_vec2::<f32>()?
                         .into_iter()
                         .zip(&mass)
                         .map(|(o, m)| o.iter().zip(m).map(|(a, b)| a + b).collect())
                         .collect();
-                    self.window_scores = Some(Tensor::new(sums, old.device())?);
+                    *sums = Some(Tensor::new(new, old.device())?);
                 }
                 Some(mass.into_iter().map(|m| m[cached..].to_vec()).collect())
             }
@@ -219,10 +232,10 @@ impl GlobalCache {
                             return (f32::INFINITY, f32::INFINITY);
                         }
                         let (a, r) = (pick(&new_mass, h, i), pick(&recall, h, i));
-                        match (self.scores_attention(), self.scores_recall()) {
-                            (true, true) => (a, r),
-                            (true, false) => (a, a),
-                            (false, _) => (r, r),
+                        match (self.scores_recall(), self.scores_attention()) {
+                            (true, true) => (r, a),
+                            (false, true) => (a, a),
+                            (_, false) => (r, r),
                         }
                     })
                     .collect()
@@ -232,7 +245,7 @@ impl GlobalCache {
 
     /// The window rows' scores as pairs, `[hkv][len]`.
     fn window_pairs(&self) -> Result<Vec<Vec<Scores>>> {
-        pairs(self.window_scores.as_ref(), self.window_recall.as_ref())
+        pairs(self.window_scores.as_ref(), self.window_attention.as_ref())
     }
 
     /// The scores of the window rows kept after a span: the last `keep` of the cached rows'
@@ -310,7 +323,7 @@ impl GlobalCache {
         let t = scores.first().map_or(0, Vec::len);
         let mut kept_scores = pairs(
             self.kept.as_ref().map(|(_, _, s)| s),
-            self.kept_recall.as_ref(),
+            self.kept_attention.as_ref(),
         )?;
         kept_scores.resize(hkv, Vec::new());
         let mut window_scores = self.window_pairs()?;
@@ -323,7 +336,7 @@ impl GlobalCache {
         for h in 0..hkv {
             let head = HeadPlan {
                 capacity: self.capacity,
-                first_pool: self.sinks + self.attention,
+                first_pool: self.capacity - self.attention,
                 window,
                 kept: &kept_scores[h],
                 stream: [&window_scores[h][..window_len], &scores[h][..]].concat(),
@@ -349,7 +362,7 @@ impl GlobalCache {
     ) -> Result<()> {
         let before = self.len();
         let n = plan.kept_after.first().map_or(0, Vec::len);
-        let first_pool = self.sinks + self.attention;
+        let first_pool = self.capacity - self.attention;
         let unchanged = n == before
             && plan
                 .kept_after
@@ -380,9 +393,9 @@ impl GlobalCache {
                 cv.contiguous()?.gather(&idx, 1)?,
                 Tensor::from_vec(own, (hkv, n), device)?,
             ));
-            self.kept_recall = if two {
-                let r: Vec<f32> = plan.kept_scores.iter().flatten().map(|s| s.1).collect();
-                Some(Tensor::from_vec(r, (hkv, n), device)?)
+            self.kept_attention = if two {
+                let a: Vec<f32> = plan.kept_scores.iter().flatten().map(|s| s.1).collect();
+                Some(Tensor::from_vec(a, (hkv, n), device)?)
             } else {
                 None
             };
@@ -397,7 +410,7 @@ impl GlobalCache {
             Ok(Some(Tensor::from_vec(x, (hkv, len), device)?))
         };
         self.window_scores = channel(|s| s.0)?;
-        self.window_recall = if two { channel(|s| s.1)? } else { None };
+        self.window_attention = if two { channel(|s| s.1)? } else { None };
         Ok(())
     }
 }
@@ -406,25 +419,25 @@ impl GlobalCache {
 /// [`GlobalCache::set_parts`].
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Parts {
-    pub kept_recall: Option<Tensor>,
+    pub kept_attention: Option<Tensor>,
     pub window_scores: Option<Tensor>,
-    pub window_recall: Option<Tensor>,
+    pub window_attention: Option<Tensor>,
 }
 
-/// Score pairs from one score tensor `[hkv, n]` and, with two kinds, the recall scores: an
-/// entry's first score is `own`, its second the recall (or `own` again).
-fn pairs(own: Option<&Tensor>, recall: Option<&Tensor>) -> Result<Vec<Vec<Scores>>> {
+/// Score pairs from one score tensor `[hkv, n]` and, with two kinds, the attention scores:
+/// an entry's first score is `own`, its second the attention (or `own` again).
+fn pairs(own: Option<&Tensor>, second: Option<&Tensor>) -> Result<Vec<Vec<Scores>>> {
     let Some(own) = own else {
         return Ok(Vec::new());
     };
     let own = own.to_vec2::<f32>()?;
-    let recall = match recall {
+    let second = match second {
         Some(r) => r.to_vec2::<f32>()?,
         None => own.clone(),
     };
     Ok(own
         .into_iter()
-        .zip(recall)
+        .zip(second)
         .map(|(o, r)| o.into_iter().zip(r).collect())
         .collect())
 }
@@ -495,8 +508,8 @@ pub(crate) fn salience(v: &[f32], r: &[f32]) -> f32 {
 /// One head's admissions over a span, on plain data.
 struct HeadPlan<'a> {
     capacity: usize,
-    /// Places of the first pool (sinks and attention places), compared by the first score;
-    /// the rest are recall places, compared by the second.
+    /// Places of the first pool (sinks and recall places), compared by the first score;
+    /// the rest are attention places, compared by the second.
     first_pool: usize,
     window: usize,
     /// Scores of the entries kept before the span (candidates `0..n`).
@@ -546,7 +559,7 @@ impl HeadPlan<'_> {
                         _ => entry,
                     }
                 };
-                // What it turned away or pushed out: the recall places, by the second.
+                // What it turned away or pushed out: the attention places, by the second.
                 let taken = if places.len() < self.capacity {
                     places.push(offered);
                     true
@@ -633,10 +646,10 @@ mod tests {
     }
 
     #[test]
-    fn what_attention_places_push_out_moves_on_to_recall_places() {
-        // Window 1, one attention place then one recall place. Scores (attention, recall):
-        // token 0 (1, 9) takes the attention place; token 1 (5, 0) pushes it out, and it
-        // moves on to the recall place with its 9; token 2 (0, 3) loses both.
+    fn what_recall_places_push_out_moves_on_to_attention_places() {
+        // Window 1, one recall place then one attention place. Scores (recall, attention):
+        // token 0 (1, 9) takes the recall place; token 1 (5, 0) pushes it out, and it
+        // moves on to the attention place with its 9; token 2 (0, 3) loses both.
         let stream = vec![(1.0, 9.0), (5.0, 0.0), (0.0, 3.0), (0.0, 0.0)];
         let (_, after, scores) = HeadPlan {
             capacity: 2,
@@ -744,7 +757,8 @@ mod tests {
         let mut rng = crate::rng::SplitMix(7);
         for case in 0..60 {
             let (capacity, window) = (1 + case % 4, 1 + case % 5);
-            let first = (case / 4) % (capacity + 1); // 0 (recall only) ..= all (attention)
+            // Places of the first pool: 0 (attention only) ..= all (recall only).
+            let first = (case / 4) % (capacity + 1);
             let len = 30;
             // Distinct scores (ties are resolved by place, not by age); with one kind of
             // place both scores are that kind's, as `span_scores` gives them.
@@ -755,13 +769,13 @@ mod tests {
                         rng.uniform() + i as f32 * 1e-3,
                     );
                     match first {
-                        0 => (r, r),
-                        f if f == capacity => (a, a),
-                        _ => (a, r),
+                        0 => (a, a),
+                        f if f == capacity => (r, r),
+                        _ => (r, a),
                     }
                 })
                 .collect();
-            let mut g = GlobalCache::new(capacity, 0, first);
+            let mut g = GlobalCache::new(capacity, 0, capacity - first);
             let mut kept_tokens: Vec<usize> = Vec::new(); // token of each place
             let mut start = 0;
             while start < len {
@@ -825,10 +839,10 @@ mod tests {
             .span_scores(0, (1, 2), None, Some(vec![vec![1.0, 2.0]]))
             .unwrap();
         assert_eq!(s, [[(f32::INFINITY, f32::INFINITY), (2.0, 2.0)]]);
-        // Both kinds: (attention, recall); the cached window rows' attention adds up.
+        // Both kinds: (recall, attention); the cached window rows' attention adds up.
         let mut g = GlobalCache::new(4, 1, 1);
-        g.window_scores = Some(Tensor::new(&[[0.5f32]], &dev).unwrap());
-        g.window_recall = Some(Tensor::new(&[[0.7f32]], &dev).unwrap());
+        g.window_scores = Some(Tensor::new(&[[0.7f32]], &dev).unwrap());
+        g.window_attention = Some(Tensor::new(&[[0.5f32]], &dev).unwrap());
         let s = g
             .span_scores(
                 3,
@@ -837,9 +851,13 @@ mod tests {
                 Some(vec![vec![1.5]]),
             )
             .unwrap();
-        assert_eq!(s, [[(0.75, 1.5)]]);
-        let w = g.window_scores().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(s, [[(1.5, 0.75)]]);
+        let w = g.window_attention().unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(w, [[0.75]]);
+        assert_eq!(
+            g.window_scores().unwrap().to_vec2::<f32>().unwrap(),
+            [[0.7]]
+        );
         // A mass that does not cover the window is refused.
         assert!(g
             .span_scores(4, (1, 1), Some(vec![vec![1.0]]), None)

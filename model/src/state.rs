@@ -322,14 +322,14 @@ impl SequenceState {
                         tensors.push((format!("layers.{i}.global.v"), v.clone()));
                         tensors.push((format!("layers.{i}.global.scores"), s.clone()));
                     }
-                    if let Some(r) = global.kept_recall() {
-                        tensors.push((format!("layers.{i}.global.recall"), r.clone()));
+                    if let Some(a) = global.kept_attention() {
+                        tensors.push((format!("layers.{i}.global.attention"), a.clone()));
                     }
                     if let Some(s) = global.window_scores() {
                         tensors.push((format!("layers.{i}.window_scores"), s.clone()));
                     }
-                    if let Some(r) = global.window_recall() {
-                        tensors.push((format!("layers.{i}.window_recall"), r.clone()));
+                    if let Some(a) = global.window_attention() {
+                        tensors.push((format!("layers.{i}.window_attention"), a.clone()));
                     }
                     window
                 }
@@ -470,9 +470,9 @@ fn restore_global(
     };
     let two = spec.two_scores();
     let parts = Parts {
-        kept_recall: scores("global.recall", kept_len, two)?,
+        kept_attention: scores("global.attention", kept_len, two)?,
         window_scores: scores("window_scores", in_window, true)?,
-        window_recall: scores("window_recall", in_window, two)?,
+        window_attention: scores("window_attention", in_window, two)?,
     };
     global.set_parts(kept, parts);
     Ok(())

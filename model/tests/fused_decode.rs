@@ -187,12 +187,16 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
                     scores_close(x.2, y.2, "global saliences");
                 }
                 for (x, y, part) in [
-                    (gx.kept_recall(), gy.kept_recall(), "global recall scores"),
+                    (
+                        gx.kept_attention(),
+                        gy.kept_attention(),
+                        "global attention scores",
+                    ),
                     (gx.window_scores(), gy.window_scores(), "window scores"),
                     (
-                        gx.window_recall(),
-                        gy.window_recall(),
-                        "window recall scores",
+                        gx.window_attention(),
+                        gy.window_attention(),
+                        "window attention sums",
                     ),
                 ] {
                     assert_eq!(x.is_some(), y.is_some(), "{what}: layer {l} {part}");
