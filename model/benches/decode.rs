@@ -6,8 +6,14 @@
 //! cargo bench -p liger-model --bench decode -- [--contexts 256,1024,4096,16384] [--steps 32]
 //!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
 //!     [--variants gla,hgrn2,gsa,gla-h8,window] [--batches 1,8,32] [--transformer-up-to N]
-//!     [--device cpu|cuda] [--general]
+//!     [--device cpu|cuda] [--general] [--prefill 512,4096 [--reps 5]]
 //! ```
+//!
+//! `--prefill N,...` measures prefill instead of decode: every model (the Transformer and the
+//! variants) reads an `N`-token prompt from a fresh state in 512-token chunks, `--reps` times,
+//! the models taking turns (the first one moves each round) so that the machine's drift
+//! falls on all of them alike; the table gives the median time, tokens/s and the time as a
+//! ratio to the first variant's.
 //!
 //! `--general` turns the fused CPU decode step off (`RuntimeOptions::fast_decode`): decode
 //! then runs on the general path, the fused step's reference, for a side-by-side figure.
@@ -51,6 +57,8 @@ struct Args {
     json: Option<PathBuf>,
     device: Device,
     general: bool,
+    prefill: Vec<usize>,
+    reps: usize,
 }
 
 fn parse_args() -> Args {
@@ -65,6 +73,8 @@ fn parse_args() -> Args {
         json: None,
         device: Device::Cpu,
         general: false,
+        prefill: Vec::new(),
+        reps: 5,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -122,6 +132,13 @@ fn parse_args() -> Args {
                 }
             }
             "--general" => a.general = true,
+            "--prefill" => {
+                a.prefill = val()
+                    .split(',')
+                    .map(|s| s.trim().parse().expect("prompt length"))
+                    .collect()
+            }
+            "--reps" => a.reps = val().parse().expect("repetitions"),
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -134,7 +151,7 @@ fn parse_args() -> Args {
 type MakeLiger = fn(usize) -> LigerConfig;
 
 /// The Liger structures `--variants` can name.
-const VARIANTS: [(&str, MakeLiger); 8] = [
+const VARIANTS: [(&str, MakeLiger); 9] = [
     ("gla", |_| LigerConfig::default()),
     ("hgrn2", |_| LigerConfig {
         variant: Variant::Hgrn2,
@@ -296,6 +313,39 @@ fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger
     Ok(())
 }
 
+/// Prefill of each prompt length by every model, in turns (see the header).
+fn run_prefill(models: &[(&'static str, Model)], args: &Args) -> liger_model::Result<()> {
+    println!(
+        "| prompt tokens | model | median ms | tokens/s | time / {} |",
+        models[1].0
+    );
+    println!("|---:|---|---:|---:|---:|");
+    for &n in &args.prefill {
+        let mut times = vec![Vec::with_capacity(args.reps); models.len()];
+        for rep in 0..args.reps.max(1) {
+            for k in 0..models.len() {
+                let i = (rep + k) % models.len();
+                let (_, m) = &models[i];
+                let prompt: Vec<u32> = (0..n).map(|j| token(m, j)).collect();
+                let mut state = m.new_state()?;
+                let t = Instant::now();
+                m.prefill(&prompt, &mut state, 512)?;
+                m.device().synchronize()?;
+                times[i].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let medians: Vec<f64> = times.into_iter().map(median).collect();
+        for ((name, _), ms) in models.iter().zip(&medians) {
+            println!(
+                "| {n} | {name} | {ms:.0} | {:.1} | {:.2}x |",
+                n as f64 * 1e3 / ms,
+                ms / medians[1]
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> liger_model::Result<()> {
     let threads = liger_model::threads::init(None);
     let args = parse_args();
@@ -332,6 +382,20 @@ fn main() -> liger_model::Result<()> {
         args.dtype,
         &args.device,
     )?)?;
+    if !args.prefill.is_empty() {
+        let mut models = vec![("transformer", transformer)];
+        for &name in &args.variants {
+            let (_, make) = VARIANTS.iter().find(|(n, _)| *n == name).expect("parsed");
+            let m = model_from_tensors(
+                cfg.with_liger(make(cfg.num_layers))?,
+                &tensors,
+                args.dtype,
+                &args.device,
+            )?;
+            models.push((name, quantized(m)?));
+        }
+        return run_prefill(&models, &args);
+    }
     let mut batch_rows = Vec::new();
     run("transformer", &transformer, &args, &mut rows)?;
     run_batches("transformer", &transformer, &args, &mut batch_rows)?;
