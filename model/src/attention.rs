@@ -629,8 +629,12 @@ pub fn window_mass(q: &Tensor, k: &Tensor, cached: usize, window: usize) -> Resu
         Some(m) => scores.broadcast_add(&m)?,
         None => scores,
     };
-    let p = candle_nn::ops::softmax_last_dim(&scores)?;
-    Ok((p.sum((1, 2))? / g as f64)?.to_vec2::<f32>()?)
+    let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((hkv, g * t, l))?;
+    // Summing over the query rows as a product with a row of ones: candle's reductions over
+    // inner dims are generic strided loops, its matmul is not.
+    let ones = Tensor::ones((hkv, 1, g * t), DType::F32, p.device())?;
+    let mass = ones.matmul(&p)?.squeeze(1)?;
+    Ok((mass / g as f64)?.to_vec2::<f32>()?)
 }
 
 /// Grouped-query softmax attention without repeating keys: `q: [h, t, d]`, `k`, `v`:
