@@ -31,7 +31,9 @@
 //! `window` (sliding-window attention alone), `gla-w256` (a 256-token window) and
 //! `gla-w256-g64` (the same plus a 64-place global cache with 4 sinks), `window-w256-g64`
 //! (that window and cache with no recurrent read-out: the memory only chooses the cache) and
-//! `window-w256-g64-a16` (16 of those places given by attention instead).
+//! `window-w256-g64-a16` (16 of those places given by attention instead), and
+//! `window-w240-g80-a16` (the default model's structure: a 240-token window, 4 sinks, 60
+//! places by recall and 16 by attention).
 //!
 //! The context is built once per model by chunked prefill and grown between measurements,
 //! so each model pays one prefill to the largest context. Figures are medians over `--steps`
@@ -151,7 +153,7 @@ fn parse_args() -> Args {
 type MakeLiger = fn(usize) -> LigerConfig;
 
 /// The Liger structures `--variants` can name.
-const VARIANTS: [(&str, MakeLiger); 9] = [
+const VARIANTS: [(&str, MakeLiger); 10] = [
     ("gla", |_| LigerConfig::default()),
     ("hgrn2", |_| LigerConfig {
         variant: Variant::Hgrn2,
@@ -198,6 +200,15 @@ const VARIANTS: [(&str, MakeLiger); 9] = [
         window_weight: 1.0,
         recurrent_weight: 0.0,
         global_cache: 64,
+        sinks: 4,
+        attention_places: 16,
+        ..Default::default()
+    }),
+    ("window-w240-g80-a16", |_| LigerConfig {
+        window: 240,
+        window_weight: 1.0,
+        recurrent_weight: 0.0,
+        global_cache: 80,
         sinks: 4,
         attention_places: 16,
         ..Default::default()
