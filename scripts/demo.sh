@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Demo on the default model, SmolLM2-135M-Instruct: fetch it (cached), convert it to
-# Liger-GLA with the settings the committed recovery adapter was trained for
+# Demo on the default model, SmolLM2-135M-Instruct: fetch it (cached), convert it to a
+# Liger model with the settings the committed recovery adapter ships with
 # (models/smollm2-135m-liger/convert.args), merge the adapter into it, and serve the
 # recovered model.
 #
