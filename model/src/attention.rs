@@ -8,9 +8,9 @@
 //!
 //! where `R` is the checkpoint's gated recurrence (GLA, HGRN2 or GSA; see [`crate::gla`]),
 //! whose read-out is skipped when its weight is 0 (window-only attention). Its memory is then
-//! still kept when the layer has global cache places beyond its sinks, because the cache
-//! admits the tokens that memory recalls worst (LoLA's rule, [`crate::global`]); without such
-//! places nothing recurrent is computed or kept.
+//! still kept when the layer has recall places in its global cache, which go to the tokens
+//! that memory recalls worst (LoLA's rule, [`crate::global`]); without them (window alone,
+//! sinks, attention places) nothing recurrent is computed or kept.
 //!
 //! Both kinds share the q/k/v/o projections, which run once over every token of the batch;
 //! only the mixing itself is done per sequence (each has its own cache and position).

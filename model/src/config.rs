@@ -102,9 +102,10 @@ pub struct LigerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<usize>,
     /// Global cache: besides the window, each layer keeps at most this many older tokens'
-    /// keys and values per KV head for the window branch to attend to, chosen as the tokens
-    /// the recurrent memory recalls worst (LoLA, arXiv 2505.23666); 0 keeps none. Constant
-    /// memory, like the window. See [`crate::global`].
+    /// keys and values per KV head for the window branch to attend to: the `sinks`, then
+    /// the tokens the recurrent memory recalls worst (LoLA, arXiv 2505.23666), then
+    /// `attention_places` by attention; 0 keeps none. Constant memory, like the window. See
+    /// [`crate::global`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub global_cache: usize,
     /// Attention sinks: the first this many tokens of a sequence always hold places in the
