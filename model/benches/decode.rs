@@ -187,33 +187,24 @@ const VARIANTS: [(&str, MakeLiger); 10] = [
         sinks: 4,
         ..Default::default()
     }),
-    ("window-w256-g64", |_| LigerConfig {
-        window: 256,
-        window_weight: 1.0,
-        recurrent_weight: 0.0,
-        global_cache: 64,
-        sinks: 4,
-        ..Default::default()
-    }),
-    ("window-w256-g64-a16", |_| LigerConfig {
-        window: 256,
-        window_weight: 1.0,
-        recurrent_weight: 0.0,
-        global_cache: 64,
-        sinks: 4,
-        attention_places: 16,
-        ..Default::default()
-    }),
-    ("window-w240-g80-a16", |_| LigerConfig {
-        window: 240,
-        window_weight: 1.0,
-        recurrent_weight: 0.0,
-        global_cache: 80,
-        sinks: 4,
-        attention_places: 16,
-        ..Default::default()
-    }),
+    ("window-w256-g64", |_| window_with_cache(256, 64, 0)),
+    ("window-w256-g64-a16", |_| window_with_cache(256, 64, 16)),
+    ("window-w240-g80-a16", |_| window_with_cache(240, 80, 16)),
 ];
+
+/// Window attention alone (read-out off) with a global cache of `places`, 4 of them sinks
+/// and `attention` given by attention, the rest by the memory's recall.
+fn window_with_cache(window: usize, places: usize, attention: usize) -> LigerConfig {
+    LigerConfig {
+        window,
+        window_weight: 1.0,
+        recurrent_weight: 0.0,
+        global_cache: places,
+        sinks: 4,
+        attention_places: attention,
+        ..Default::default()
+    }
+}
 
 struct Row {
     model: &'static str,

@@ -33,11 +33,13 @@ struct Hybrid {
     features: FeatureMaps,
     window_weight: f64,
     recurrent_weight: f64,
-    /// Global cache places per KV head, and how many of them are sinks.
+    /// Global cache places per KV head.
     global_places: usize,
-    sinks: usize,
     /// Places beyond the sinks given by attention (the rest beyond those by recall).
     attention_places: usize,
+    /// The memory's key reads score tokens for recall places
+    /// ([`LigerConfig::recall_chooses`]).
+    recall_chooses: bool,
     /// The layer keeps a recurrent memory ([`LigerConfig::keeps_memory`]).
     keeps_memory: bool,
 }
@@ -46,12 +48,6 @@ impl Hybrid {
     /// Whether the recurrent memory's read-out goes into the output.
     fn reads_out(&self) -> bool {
         self.recurrent_weight != 0.0
-    }
-
-    /// Whether the memory's key reads score tokens for the global cache
-    /// ([`LigerConfig::recall_chooses`]).
-    fn recall_chooses(&self) -> bool {
-        self.global_places > self.sinks + self.attention_places
     }
 }
 
@@ -120,8 +116,8 @@ impl Attention {
                     window_weight: l.window_weight,
                     recurrent_weight: l.recurrent_weight,
                     global_places: l.global_cache,
-                    sinks: l.sinks,
                     attention_places: l.attention_places,
+                    recall_chooses: l.recall_chooses(),
                     keeps_memory: l.keeps_memory(),
                 })
             }
@@ -211,7 +207,7 @@ impl Attention {
                     memory: hy.keeps_memory,
                     global: hy.global_places > 0,
                     attention_scores: hy.attention_places > 0,
-                    recall_scores: hy.recall_chooses(),
+                    recall_scores: hy.recall_chooses,
                 }
             }
             Mixer::Liger(_) => return None,
@@ -425,7 +421,7 @@ impl Attention {
         // Feature maps for all tokens at once: [1, heads, tokens, d].
         let as_bhtd =
             |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
-        let self_read = hy.recall_chooses();
+        let self_read = hy.recall_chooses;
         let mut all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
         if !hy.reads_out() {
             all = all.key_reads_only()?;
@@ -525,7 +521,7 @@ impl Attention {
                 _ => Some(window_mass(&q, &k_all, cached, places)?),
             };
             let recall = match read {
-                Some(read) if hy.recall_chooses() => Some(recall_scores(&v_new, read)?),
+                Some(read) if hy.recall_chooses => Some(recall_scores(&v_new, read)?),
                 _ => None,
             };
             let hkv = k_new.dim(0)?;

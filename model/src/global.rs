@@ -113,8 +113,13 @@ impl GlobalCache {
     }
 
     /// Whether both kinds are scored (two scores per token kept).
-    fn two_kinds(&self) -> bool {
+    pub(crate) fn two_kinds(&self) -> bool {
         self.scores_attention() && self.scores_recall()
+    }
+
+    /// Places of the first pool: the sinks and the recall places, which come first.
+    fn first_pool(&self) -> usize {
+        self.capacity - self.attention
     }
 
     /// Entries kept per head.
@@ -336,7 +341,7 @@ impl GlobalCache {
         for h in 0..hkv {
             let head = HeadPlan {
                 capacity: self.capacity,
-                first_pool: self.capacity - self.attention,
+                first_pool: self.first_pool(),
                 window,
                 kept: &kept_scores[h],
                 stream: [&window_scores[h][..window_len], &scores[h][..]].concat(),
@@ -362,7 +367,7 @@ impl GlobalCache {
     ) -> Result<()> {
         let before = self.len();
         let n = plan.kept_after.first().map_or(0, Vec::len);
-        let first_pool = self.capacity - self.attention;
+        let first_pool = self.first_pool();
         let unchanged = n == before
             && plan
                 .kept_after

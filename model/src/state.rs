@@ -72,15 +72,20 @@ impl StateSpec {
                     DType::F32,
                     &self.device,
                 )?,
-                global: GlobalCache::new(self.global_cache, self.sinks, self.attention_places),
+                global: self.new_global_cache(),
             },
             LayerKind::Softmax { window } => LayerState::Softmax(KvCache::new(window)),
         })
     }
 
+    /// A Liger layer's empty global cache.
+    fn new_global_cache(&self) -> GlobalCache {
+        GlobalCache::new(self.global_cache, self.sinks, self.attention_places)
+    }
+
     /// Whether global caches keep two scores per token (attention and recall places).
     fn two_scores(&self) -> bool {
-        self.attention_places > 0 && self.global_cache > self.sinks + self.attention_places
+        self.new_global_cache().two_kinds()
     }
 
     /// Bytes one sequence's state occupies after `context` tokens.

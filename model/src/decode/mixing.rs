@@ -35,6 +35,20 @@ pub(crate) enum Mix {
     },
 }
 
+impl Mix {
+    /// What the global cache's choice needs measured: (attention shares, recall score).
+    pub(crate) fn scoring(&self) -> (bool, bool) {
+        match *self {
+            Mix::Liger {
+                attention_scores,
+                recall_scores,
+                ..
+            } => (attention_scores, recall_scores),
+            Mix::Softmax => (false, false),
+        }
+    }
+}
+
 /// One KV head group's inputs: its `g` query heads and its key and value, all pre-RoPE, the
 /// group's cache rows (`[len, d]`, post-RoPE keys), its global cache rows (the same; empty
 /// without one) and the token's RoPE table.
@@ -103,14 +117,7 @@ pub(crate) fn mix_group(
     }
     let k_rot = sized(&mut scratch.k_rot, d);
     rope(x.k, x.cos, x.sin, k_rot);
-    let (attention_scores, recall_scores) = match mix {
-        Mix::Liger {
-            attention_scores,
-            recall_scores,
-            ..
-        } => (attention_scores, recall_scores),
-        Mix::Softmax => (false, false),
-    };
+    let (attention_scores, recall_scores) = mix.scoring();
     let rows = (x.cached_k.len() + k_rot.len()) / d;
     let (mass, recall) = y
         .salience

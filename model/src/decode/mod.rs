@@ -153,13 +153,9 @@ struct SeqLayerIx {
     memory: Option<usize>,
     /// The global cache's keys and values (indices, rows per head), when it has entries.
     global: Option<(usize, usize, usize)>,
-    /// Values per KV head the layer measures for the global cache: attention shares of
-    /// the window rows, then the recall score (see `GroupOut::salience`).
+    /// Values per KV head the layer measures for the global cache (`Mix::scoring`):
+    /// attention shares of the window rows, then the recall score (`GroupOut::salience`).
     scores: usize,
-    /// Whether the first `scores` values per head are attention shares (then all but the
-    /// last when recall is also measured).
-    attention_scores: bool,
-    recall_scores: bool,
 }
 
 /// What one new token produced in one layer of one sequence.
@@ -288,7 +284,7 @@ impl Plan {
         for (li, layer) in layers.iter().enumerate() {
             let mut per_seq = Vec::with_capacity(seqs.len());
             for s in seqs {
-                let (mut global, mut scoring) = (None, (false, false));
+                let mut global = None;
                 let (cache, memory) = match (&s.state.layers.get(li)?, layer.mix) {
                     (LayerState::Softmax(cache), Mix::Softmax) => (cache, None),
                     (
@@ -300,7 +296,6 @@ impl Plan {
                         Mix::Liger {
                             memory: keeps_memory,
                             global: has_global,
-                            attention_scores,
                             recall_scores,
                             ..
                         },
@@ -319,7 +314,6 @@ impl Plan {
                         if recall_scores && memory.is_none() {
                             return None;
                         }
-                        scoring = (attention_scores, recall_scores);
                         if let Some((k, v, _)) = g.kept() {
                             let (kh, n, kd) = k.dims3().ok()?;
                             if (kh, kd) != (hkv, d) || v.dims() != k.dims() {
@@ -342,14 +336,14 @@ impl Plan {
                     }
                 };
                 let total = cached.map_or(0, |c| c.2) + 1;
+                let (attention, recall) = layer.mix.scoring();
+                let scores = if attention { total } else { 0 } + usize::from(recall);
                 per_seq.push(SeqLayerIx {
                     cached,
                     keep: cache.capacity().map_or(total, |c| total.min(c)),
                     memory,
                     global,
-                    scores: if scoring.0 { total } else { 0 } + usize::from(scoring.1),
-                    attention_scores: scoring.0,
-                    recall_scores: scoring.1,
+                    scores,
                 });
             }
             states.push(per_seq);
@@ -507,16 +501,17 @@ impl Plan {
                             // The token's row is the last of the new window.
                             let (nk, nv) = kv.as_ref().expect("a window keeps the new token");
                             let new = (nk.narrow(1, keep - 1, 1)?, nv.narrow(1, keep - 1, 1)?);
-                            let ix = &self.states[li][si];
-                            let per_head: Vec<&[f32]> = match ix.scores {
+                            let n = self.states[li][si].scores;
+                            let (attention_scores, recall_scores) = self.layers[li].mix.scoring();
+                            let per_head: Vec<&[f32]> = match n {
                                 0 => vec![&[][..]; hkv],
                                 n => out.salience.chunks(n).collect(),
                             };
-                            let recall_at = ix.scores - usize::from(ix.recall_scores);
-                            let mass = ix.attention_scores.then(|| {
+                            let recall_at = n - usize::from(recall_scores);
+                            let mass = attention_scores.then(|| {
                                 per_head.iter().map(|h| h[..recall_at].to_vec()).collect()
                             });
-                            let recall = ix.recall_scores.then(|| {
+                            let recall = recall_scores.then(|| {
                                 per_head.iter().map(|h| h[recall_at..].to_vec()).collect()
                             });
                             let places = window.capacity().unwrap_or(usize::MAX);
