@@ -112,9 +112,10 @@ fn finish_convert(
         );
     }
     opts.settings.check_slots(base.head_dim)?;
-    let liger = opts
-        .settings
-        .to_liger_config(base.num_layers, Some(&opts.source))?;
+    let liger = opts.settings.to_liger_config(
+        (base.num_layers, base.max_position_embeddings),
+        Some(&opts.source),
+    )?;
     let cfg = base.with_liger(liger.clone())?;
     let dtype = opts.dtype.unwrap_or(loaded.native_dtype);
     let config_json = cfg.to_json_with_liger(Some(&liger));

@@ -345,6 +345,13 @@ pub fn render_table(r: &Report) -> String {
                         }
                     ),
                 );
+                if let Some(m) = l.max_distance {
+                    row(
+                        &mut s,
+                        "distance cap",
+                        format!("kept tokens more than {m} back are scored as if {m} back"),
+                    );
+                }
             }
             if let Some(src) = &l.source {
                 row(&mut s, "converted from", src.clone());

@@ -402,6 +402,11 @@ struct ConvertArgs {
     /// attention while in the window (the rest: those the recurrent memory recalls worst).
     #[arg(long, value_name = "N", default_value_t = 0)]
     attention_places: usize,
+    /// Score global-cache tokens more than N positions back as if they were N back (RoPE
+    /// breaks on distances the model was never trained on); must exceed --window; 0: no cap
+    /// [default with --global-cache: half the model's max_position_embeddings].
+    #[arg(long, value_name = "N")]
+    max_distance: Option<usize>,
     /// Divisor of the log-gate [default: 16 for gla and gsa, 1 for hgrn2].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     gate_normalizer: Option<f64>,
@@ -567,9 +572,10 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
                 .join(",")
         };
         println!(
-            "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}, global cache {} ({} sinks, {} by attention, {} by recall)",
+            "liger: variant {}, window {}, mix {} window + {} recurrent, gate normalizer {}, full attention layers {full}, global cache {} ({} sinks, {} by attention, {} by recall{})",
             liger_converter::settings::variant_label(l), l.window, l.window_weight, l.recurrent_weight, l.gate_normalizer, l.global_cache, l.sinks,
-            l.attention_places, l.recall_places()
+            l.attention_places, l.recall_places(),
+            l.max_distance.map_or(String::new(), |m| format!(", scored at most {m} back"))
         );
         println!(
             "next: recovery training restores quality: liger-convert recover --teacher ORIG --student {} --data FILES --out DIR",
@@ -653,6 +659,7 @@ fn run(cli: Cli) -> Result<()> {
                     global_cache: a.global_cache,
                     sinks: a.sinks,
                     attention_places: a.attention_places,
+                    max_distance: a.max_distance,
                 },
                 dtype: a.dtype.map(Into::into),
                 quantize: a.quantize,

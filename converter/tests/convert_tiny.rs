@@ -151,6 +151,7 @@ fn non_default_flags() {
         global_cache: 4,
         sinks: 1,
         attention_places: 2,
+        max_distance: Some(9),
         source: None,
     };
     check_conversion(
@@ -170,6 +171,8 @@ fn non_default_flags() {
             "1",
             "--attention-places",
             "2",
+            "--max-distance",
+            "9",
         ],
         hgrn2,
         DType::F32,

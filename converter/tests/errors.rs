@@ -242,6 +242,20 @@ fn bad_flag_values() {
         r,
         &src,
         &out,
+        &[
+            "--global-cache",
+            "4",
+            "--window",
+            "8",
+            "--max-distance",
+            "8",
+        ],
+        &["--max-distance", "must exceed --window 8"],
+    );
+    convert_fails(
+        r,
+        &src,
+        &out,
         &["--gate-normalizer", "0"],
         &["--gate-normalizer"],
     );

@@ -32,8 +32,9 @@
 //! `gla-w256-g64` (the same plus a 64-place global cache with 4 sinks), `window-w256-g64`
 //! (that window and cache with no recurrent read-out: the memory only chooses the cache) and
 //! `window-w256-g64-a16` (16 of those places given by attention instead), and
-//! `window-w240-g80-a16` (the default model's structure: a 240-token window, 4 sinks, 60
-//! places by recall and 16 by attention).
+//! `window-w240-g80-a16` (a 240-token window, 4 sinks, 60 places by recall and 16 by
+//! attention) and `window-w240-g80-a16-c4096` (the default model's structure: the same with
+//! kept tokens scored at most 4,096 back).
 //!
 //! The context is built once per model by chunked prefill and grown between measurements,
 //! so each model pays one prefill to the largest context. Figures are medians over `--steps`
@@ -153,7 +154,7 @@ fn parse_args() -> Args {
 type MakeLiger = fn(usize) -> LigerConfig;
 
 /// The Liger structures `--variants` can name.
-const VARIANTS: [(&str, MakeLiger); 10] = [
+const VARIANTS: [(&str, MakeLiger); 11] = [
     ("gla", |_| LigerConfig::default()),
     ("hgrn2", |_| LigerConfig {
         variant: Variant::Hgrn2,
@@ -190,6 +191,10 @@ const VARIANTS: [(&str, MakeLiger); 10] = [
     ("window-w256-g64", |_| window_with_cache(256, 64, 0)),
     ("window-w256-g64-a16", |_| window_with_cache(256, 64, 16)),
     ("window-w240-g80-a16", |_| window_with_cache(240, 80, 16)),
+    ("window-w240-g80-a16-c4096", |_| LigerConfig {
+        max_distance: Some(4096),
+        ..window_with_cache(240, 80, 16)
+    }),
 ];
 
 /// Window attention alone (read-out off) with a global cache of `places`, 4 of them sinks

@@ -21,7 +21,7 @@ use candle_nn::VarBuilder;
 use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
 use crate::decode::{Mix, Recurrent};
 use crate::gla::{self, FeatureMaps};
-use crate::global::recall_scores;
+use crate::global::{recall_scores, SpanPositions};
 use crate::layers::{Linear, Rope};
 use crate::state::{KvCache, LayerState};
 use crate::weights::QuantizedTensors;
@@ -42,6 +42,8 @@ struct Hybrid {
     recall_chooses: bool,
     /// The layer keeps a recurrent memory ([`LigerConfig::keeps_memory`]).
     keeps_memory: bool,
+    /// The distance cap of the global cache's entries ([`LigerConfig::max_distance`]).
+    max_distance: Option<usize>,
 }
 
 impl Hybrid {
@@ -88,6 +90,8 @@ pub struct BatchContext<'a> {
     pub chunk_size: usize,
     /// Use ops with a backward pass.
     pub differentiable: bool,
+    /// The model's rotary embedding, for rotations at other positions than the tokens'.
+    pub rope: &'a Rope,
 }
 
 impl Attention {
@@ -119,6 +123,7 @@ impl Attention {
                     attention_places: l.attention_places,
                     recall_chooses: l.recall_chooses(),
                     keeps_memory: l.keeps_memory(),
+                    max_distance: l.max_distance,
                 })
             }
         };
@@ -208,6 +213,7 @@ impl Attention {
                     global: hy.global_places > 0,
                     attention_scores: hy.attention_places > 0,
                     recall_scores: hy.recall_chooses,
+                    max_distance: hy.max_distance,
                 }
             }
             Mixer::Liger(_) => return None,
@@ -388,7 +394,7 @@ impl Attention {
             (None, vec![None; ctx.spans.len()])
         };
         let window_out = if hy.global_places > 0 {
-            self.attend_with_global(hy, (q_rot, k_rot, v), ctx, states, &reads)?
+            self.attend_with_global(hy, (q, q_rot, k_rot, v), ctx, states, &reads)?
         } else {
             let outs = self.attend_all(q_rot, k_rot, v, ctx, &mut window_caches(states)?)?;
             Tensor::cat(&outs, 0)?
@@ -497,7 +503,7 @@ impl Attention {
     fn attend_with_global(
         &self,
         hy: &Hybrid,
-        (q_rot, k_rot, v): (&Tensor, &Tensor, &Tensor),
+        (q_raw, q_rot, k_rot, v): (&Tensor, &Tensor, &Tensor, &Tensor),
         ctx: &BatchContext,
         states: &mut [&mut LayerState],
         reads: &[Option<Tensor>],
@@ -533,18 +539,35 @@ impl Attention {
             } else {
                 Some(plan.mask(q.device())?)
             };
-            outs.push(softmax_attention(
-                &q,
-                &keys,
-                &values,
+            let capped = match hy.max_distance {
+                Some(cap) => {
+                    let q_raw = q_raw.narrow(0, span.start, span.len)?;
+                    let candidates = Candidates {
+                        keys: &keys,
+                        kept: global.positions(),
+                        raw: &global.raw_entries(span.position),
+                        first_row: span.position - cached,
+                    };
+                    capped_scoring(&candidates, (&q_raw, span.position), cap, ctx.rope)?
+                }
+                None => None,
+            };
+            outs.push(attention_with(
+                (&q, &keys, &values),
                 mask.as_ref(),
+                capped.as_ref(),
                 ctx.differentiable,
             )?);
             let window_scores = global.window_scores_after(&scores, window.len())?;
+            let positions = SpanPositions {
+                first_row: span.position - cached,
+                start: span.position,
+                end: span.position + span.len,
+            };
             global.apply(
                 &plan,
                 || Ok((keys.clone(), values.clone())),
-                window_scores,
+                (window_scores, positions),
                 q.device(),
             )?;
         }
@@ -670,13 +693,124 @@ pub fn softmax_attention(
     mask: Option<&Tensor>,
     differentiable: bool,
 ) -> Result<Tensor> {
+    attention_with((q, k, v), mask, None, differentiable)
+}
+
+/// How far key columns are scored under the distance cap ([`LigerConfig::max_distance`]):
+/// the first `m` key columns take `<R(cap) q, k>`, both un-rotated, wherever `far` says
+/// the pair is more than `cap` apart.
+pub struct CappedScoring {
+    /// The span's queries rotated by `cap` alone, `[h, t, d]`.
+    pub q: Tensor,
+    /// The first `m` columns' keys rotated back to no position, `[hkv, m, d]`.
+    pub k: Tensor,
+    /// Which (query, column) pairs are past the cap, `[hkv, 1, t, m]` (u8).
+    pub far: Tensor,
+}
+
+/// A span's key columns, laid out as [`crate::global::Plan`]'s: the kept entries (at
+/// their own positions per head), then rows at consecutive positions from `first_row`
+/// (the window cache, then the span's tokens).
+pub struct Candidates<'a> {
+    /// `[hkv, n + rows, d]`, post-RoPE except the kept entries `raw` marks.
+    pub keys: &'a Tensor,
+    /// The kept entries' positions, `[hkv][n]`.
+    pub kept: &'a [Vec<u32>],
+    /// Which kept entries are stored un-rotated (past the cap already), `[hkv][n]`; empty:
+    /// none.
+    pub raw: &'a [Vec<bool>],
+    pub first_row: usize,
+}
+
+/// The distance cap's scoring for a span of queries (`q_raw`: `[t, h, d]` before RoPE, the
+/// first at `position`); `None` when no column is more than `cap` before the last query,
+/// which is always the case below `cap` tokens of context. The pairs past the cap are
+/// those of the global cache's tokens (kept before the span or admitted during it: the
+/// window's are never that far), and those are the oldest columns of each kind.
+pub fn capped_scoring(
+    c: &Candidates,
+    (q_raw, position): (&Tensor, usize),
+    cap: usize,
+    rope: &Rope,
+) -> Result<Option<CappedScoring>> {
+    let t = q_raw.dim(0)?;
+    let (hkv, l, d) = c.keys.dims3()?;
+    let n = c.kept.first().map_or(0, Vec::len);
+    let last = position + t - 1;
+    let far = |p: usize, i: usize| position + i - p.min(position + i) > cap;
+    // Rows (consecutive positions) past the cap for the last query.
+    let rows = (l - n).min((last.saturating_sub(cap)).saturating_sub(c.first_row));
+    if rows == 0 && !c.kept.iter().flatten().any(|&p| far(p as usize, t - 1)) {
+        return Ok(None);
+    }
+    let m = n + rows;
+    let columns: Vec<Vec<usize>> = (0..hkv)
+        .map(|h| {
+            let kept = c.kept.get(h).map_or(&[][..], Vec::as_slice);
+            kept.iter()
+                .map(|&p| p as usize)
+                .chain((0..rows).map(|r| c.first_row + r))
+                .collect()
+        })
+        .collect();
+    let mask: Vec<u8> = columns
+        .iter()
+        .flat_map(|row| (0..t).flat_map(move |i| row.iter().map(move |&p| far(p, i) as u8)))
+        .collect();
+    let device = c.keys.device();
+    let far = Tensor::from_vec(mask, (hkv, 1, t, m), device)?;
+    // Back to no rotation: each key by minus its own position (un-rotated ones stay).
+    let raw = |h: usize, col: usize| c.raw.get(h).and_then(|r| r.get(col)) == Some(&true);
+    let back: Vec<i64> = columns
+        .iter()
+        .enumerate()
+        .flat_map(|(h, row)| {
+            row.iter()
+                .enumerate()
+                .map(move |(col, &p)| if raw(h, col) { 0 } else { -(p as i64) })
+        })
+        .collect();
+    let (cos, sin) = rope.cos_sin_signed(&back, c.keys.dtype())?;
+    let first = c.keys.narrow(1, 0, m)?.contiguous()?;
+    let k = Rope::apply_differentiable(&first.reshape((hkv * m, 1, d))?, &cos, &sin)?
+        .reshape((hkv, m, d))?;
+    let (cos, sin) = rope.cos_sin(&vec![cap as u32; t], q_raw.dtype())?;
+    let q = Rope::apply_differentiable(q_raw, &cos, &sin)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    Ok(Some(CappedScoring { q, k, far }))
+}
+
+/// [`softmax_attention`], with the first key columns scored under the distance cap where
+/// `capped` says so.
+pub fn attention_with(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    mask: Option<&Tensor>,
+    capped: Option<&CappedScoring>,
+    differentiable: bool,
+) -> Result<Tensor> {
     let (h, t, d) = q.dims3()?;
     let (hkv, l, _) = k.dims3()?;
     let g = h / hkv;
-    let q = (q.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?.reshape((hkv, g * t, d))?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = (q.to_dtype(DType::F32)? * scale)?.reshape((hkv, g * t, d))?;
     let k = k.to_dtype(DType::F32)?;
     let v = v.to_dtype(DType::F32)?;
-    let scores = q.matmul(&k.t()?)?.reshape((hkv, g, t, l))?;
+    let mut scores = q.matmul(&k.t()?)?.reshape((hkv, g, t, l))?;
+    if let Some(c) = capped {
+        let n = c.k.dim(1)?;
+        let qc = (c.q.to_dtype(DType::F32)? * scale)?.reshape((hkv, g * t, d))?;
+        let far = qc
+            .matmul(&c.k.to_dtype(DType::F32)?.t()?)?
+            .reshape((hkv, g, t, n))?;
+        let near = scores.narrow(3, 0, n)?;
+        let kept = c.far.broadcast_as(near.shape())?.where_cond(&far, &near)?;
+        scores = if n == l {
+            kept
+        } else {
+            Tensor::cat(&[kept, scores.narrow(3, n, l - n)?], 3)?
+        };
+    }
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
@@ -782,6 +916,118 @@ mod tests {
             // Each query hands out one unit of mass, whatever it sees.
             let total: f32 = got.iter().flatten().sum();
             assert!((total - (hkv * t) as f32).abs() < 1e-4, "{total}");
+        }
+    }
+
+    /// Half-split RoPE of one head at `pos`, in f64 (the definition).
+    fn rotate(x: &[f32], pos: f64, inv_freq: &[f32]) -> Vec<f64> {
+        let half = x.len() / 2;
+        let mut out = vec![0f64; x.len()];
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let (s, c) = (pos * f as f64).sin_cos();
+            let (a, b) = (x[i] as f64, x[i + half] as f64);
+            out[i] = a * c - b * s;
+            out[i + half] = a * s + b * c;
+        }
+        out
+    }
+
+    #[test]
+    fn capped_scoring_scores_far_entries_at_the_cap() {
+        let dev = Device::Cpu;
+        let (h, hkv, d, t, n, rows) = (4, 2, 8, 4, 5, 3);
+        let (start, cap, first_row) = (40usize, 15usize, 22usize);
+        let cfg = ModelConfig::from_json(serde_json::json!({
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": h, "num_key_value_heads": hkv,
+            "vocab_size": 10
+        }))
+        .unwrap();
+        let rope = Rope::new(&cfg, &dev).unwrap();
+        let inv = rope.inv_freq().unwrap();
+        // Kept entries on both sides of the cap for the first query (40 - 15 = 25), one
+        // (24) that only the later queries see past it, then rows at 22, 23, 24.
+        let kept: Vec<Vec<u32>> = vec![vec![0, 3, 24, 25, 30], vec![1, 26, 14, 19, 33]];
+        let position = |kv: usize, c: usize| match c < n {
+            true => kept[kv][c] as usize,
+            false => first_row + c - n,
+        };
+        let l = n + rows;
+        let k_raw = Tensor::randn(0f32, 1.0, (hkv, l, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (hkv, l, d), &dev).unwrap();
+        let q_raw = Tensor::randn(0f32, 1.0, (t, h, d), &dev).unwrap();
+        let kr = k_raw.to_vec3::<f32>().unwrap();
+        // Kept entries already past the cap at the first query are stored un-rotated.
+        let raw: Vec<Vec<bool>> = kept
+            .iter()
+            .map(|row| row.iter().map(|&p| start - p as usize > cap).collect())
+            .collect();
+        assert!(raw.iter().flatten().any(|&r| r) && raw.iter().flatten().any(|&r| !r));
+        let stored: Vec<f32> = (0..hkv)
+            .flat_map(|kv| (0..l).map(move |c| (kv, c)))
+            .flat_map(|(kv, c)| match c < n && raw[kv][c] {
+                true => kr[kv][c].iter().map(|&x| x as f64).collect(),
+                false => rotate(&kr[kv][c], position(kv, c) as f64, &inv),
+            })
+            .map(|x| x as f32)
+            .collect();
+        let keys = Tensor::from_vec(stored, (hkv, l, d), &dev).unwrap();
+        let candidates = Candidates {
+            keys: &keys,
+            kept: &kept,
+            raw: &raw,
+            first_row,
+        };
+        let capped = capped_scoring(&candidates, (&q_raw, start), cap, &rope)
+            .unwrap()
+            .expect("some pairs are past the cap");
+        assert_eq!(capped.k.dim(1).unwrap(), l, "every row is past the cap");
+        let positions_q: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
+        let (cos, sin) = rope.cos_sin(&positions_q, DType::F32).unwrap();
+        let q_rot = Rope::apply(&q_raw, &cos, &sin)
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap();
+        let got = attention_with((&q_rot, &keys, &v), None, Some(&capped), false)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        // Below the cap nothing is computed; rows are capped only when past it.
+        let one = q_raw.narrow(0, 0, 1).unwrap();
+        assert!(capped_scoring(&candidates, (&one, 34), 34, &rope)
+            .unwrap()
+            .is_none());
+        let some = capped_scoring(&candidates, (&one, 40), 17, &rope)
+            .unwrap()
+            .expect("kept entries past the cap");
+        assert_eq!(
+            some.k.dim(1).unwrap(),
+            n + 1,
+            "only the row at 22 is past 17"
+        );
+        let (qr, vv) = (q_raw.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
+        for i in 0..t {
+            let p = (start + i) as f64;
+            for head in 0..h {
+                let kv = head / (h / hkv);
+                let q = rotate(&qr[i][head], p, &inv);
+                let logits: Vec<f64> = (0..l)
+                    .map(|c| {
+                        let dist = (p - position(kv, c) as f64).min(cap as f64);
+                        let k = rotate(&kr[kv][c], p - dist, &inv);
+                        q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = logits.iter().map(|x| (x - max).exp()).sum();
+                for e in 0..d {
+                    let want: f64 = (0..l)
+                        .map(|c| (logits[c] - max).exp() / z * vv[kv][c][e] as f64)
+                        .sum();
+                    let diff = (got[i][head][e] as f64 - want).abs();
+                    assert!(diff < 1e-4, "query {i} head {head}: {diff}");
+                }
+            }
         }
     }
 }

@@ -118,6 +118,13 @@ pub struct LigerConfig {
     /// [`crate::global`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attention_places: usize,
+    /// The longest query-key distance the global cache's tokens are scored at: a kept token
+    /// more than this many positions back is scored as if it were exactly this far (its
+    /// rotary angle relative to the query is capped). RoPE models break on distances past
+    /// those they were trained on, which only kept tokens reach; the window's are always
+    /// shorter (this must exceed `window`). `None`: no cap. See [`crate::global`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_distance: Option<usize>,
     /// Where the weights came from (a path, hub id or GGUF file); informational.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -141,6 +148,7 @@ impl Default for LigerConfig {
             global_cache: 0,
             sinks: 0,
             attention_places: 0,
+            max_distance: None,
             source: None,
         }
     }
@@ -542,6 +550,17 @@ fn parse_liger(v: &Value, num_layers: usize, head_dim: usize) -> Result<LigerCon
             ),
         ));
     }
+    if let Some(m) = l.max_distance {
+        if m <= l.window {
+            return Err(Error::config(
+                "liger.max_distance",
+                format!(
+                    "{m} must exceed the window ({}): it caps the distance of tokens kept past it",
+                    l.window
+                ),
+            ));
+        }
+    }
     // Places beyond the sinks go to the tokens a d x d memory recalls worst (kept for that
     // even when its read-out has weight 0); GSA's slot memories have no such recall.
     if l.recall_chooses() && l.variant == Variant::Gsa {
@@ -739,6 +758,16 @@ mod tests {
             "recurrent_weight": 0.5, "gate_normalizer": 16.0, "slots": 8});
         let c = ModelConfig::from_json(v).unwrap();
         assert_eq!(c.liger.unwrap().gsa_slots(), Some(8));
+
+        // The distance cap must exceed the window (whose keys are never capped).
+        let mut v = llama();
+        v["liger"] = json!({"variant": "gla", "window": 64, "window_weight": 0.5,
+            "recurrent_weight": 0.5, "gate_normalizer": 16.0, "global_cache": 8,
+            "max_distance": 64});
+        assert!(err(v.clone()).contains("liger.max_distance"));
+        v["liger"]["max_distance"] = json!(65);
+        let c = ModelConfig::from_json(v).unwrap();
+        assert_eq!(c.liger.unwrap().max_distance, Some(65));
 
         let mut v = llama();
         v["hidden_act"] = json!("gelu");

@@ -27,15 +27,51 @@
 //! So the places fill in the same order in every head: sinks and recall places first, then
 //! attention places, and a place's kind is its index.
 //!
+//! With a distance cap (`max_distance` L), a query at `P` scores an entry at `j < P - L` as
+//! if it were exactly L back: `<R(L) q, k>` with both un-rotated, rather than
+//! `<R(P) q, R(j) k>` (RoPE models break on distances they were never trained on, and only
+//! kept tokens get that far). An entry's key is stored rotated until it passes L, and
+//! un-rotated (rotated back by `j`, once) from then on, so a decode step scores every far
+//! entry with one extra rotation of its query.
+//!
 //! A query sees its window, itself, and the cache as it stood when the query was read. A
 //! token's scores are complete when it leaves the window (every query that sees it comes
 //! before that) and never change after, so the cache after any prefix is the same however
 //! the prefix was cut into prefill chunks or decode steps: [`Plan`] replays the admissions
 //! token by token for a chunk, and a decode step is a chunk of one.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
+use crate::layers::Rope;
 use crate::Result;
+
+/// The global cache's distance cap ([`crate::config::LigerConfig::max_distance`]), with the
+/// rotary frequencies its keys were rotated by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistanceCap {
+    pub max: usize,
+    /// `[head_dim / 2]`, as [`Rope`] computes them.
+    pub inv_freq: Arc<[f32]>,
+}
+
+impl DistanceCap {
+    /// Whether a query at `query` scores a token at `position` at the cap.
+    pub fn far(&self, position: u32, query: usize) -> bool {
+        query.saturating_sub(position as usize) > self.max
+    }
+}
+
+/// Where a span's candidate rows sit: the first candidate after the kept entries (the
+/// oldest window row, or the span's first token without one), the span's first token, and
+/// the position after its last.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanPositions {
+    pub first_row: usize,
+    pub start: usize,
+    pub end: usize,
+}
 
 /// One layer's global cache for one sequence.
 #[derive(Debug, Clone)]
@@ -48,6 +84,9 @@ pub struct GlobalCache {
     /// The kept entries: keys `[hkv, n, d]` (post-RoPE), values `[hkv, n, d]` and their
     /// scores in their place's kind `[hkv, n]` (f32). `n` is the same for every head.
     kept: Option<(Tensor, Tensor, Tensor)>,
+    /// The kept entries' positions in the sequence, `[hkv][n]` (the distance cap scores
+    /// an entry by how far back it is).
+    positions: Vec<Vec<u32>>,
     /// With both recall and attention places: the kept entries' attention scores `[hkv, n]`
     /// (a recall place's entry pushed out moves on to the attention places by it).
     kept_attention: Option<Tensor>,
@@ -57,6 +96,9 @@ pub struct GlobalCache {
     window_scores: Option<Tensor>,
     /// With both kinds of places: the window rows' running attention sums, `[hkv, len]`.
     window_attention: Option<Tensor>,
+    /// With a distance cap, the entries more than its distance before the next token are
+    /// stored un-rotated.
+    cap: Option<DistanceCap>,
 }
 
 /// A token's scores: (recall, attention), the first pool's then the second's. With one
@@ -87,9 +129,34 @@ impl GlobalCache {
             sinks,
             attention,
             kept: None,
+            positions: Vec::new(),
             kept_attention: None,
             window_scores: None,
             window_attention: None,
+            cap: None,
+        }
+    }
+
+    /// The same cache with a distance cap (`None`: none).
+    pub fn with_distance_cap(mut self, cap: Option<DistanceCap>) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    pub fn distance_cap(&self) -> Option<&DistanceCap> {
+        self.cap.as_ref()
+    }
+
+    /// Which kept entries are stored un-rotated while `next` is the next token's position
+    /// (those a query there scores at the cap), `[hkv][n]`; empty without a cap.
+    pub fn raw_entries(&self, next: usize) -> Vec<Vec<bool>> {
+        match &self.cap {
+            None => Vec::new(),
+            Some(cap) => self
+                .positions
+                .iter()
+                .map(|row| row.iter().map(|&p| cap.far(p, next)).collect())
+                .collect(),
         }
     }
 
@@ -138,6 +205,11 @@ impl GlobalCache {
         self.kept.as_ref().map(|(k, v, s)| (k, v, s))
     }
 
+    /// The kept entries' positions, `[hkv][n]` (empty while nothing is kept).
+    pub fn positions(&self) -> &[Vec<u32>] {
+        &self.positions
+    }
+
     /// The kept entries' attention scores, with both kinds of places.
     pub fn kept_attention(&self) -> Option<&Tensor> {
         self.kept_attention.as_ref()
@@ -156,6 +228,7 @@ impl GlobalCache {
     /// Restores parts written by the getters above (state deserialization checks shapes).
     pub(crate) fn set_parts(&mut self, kept: Option<(Tensor, Tensor, Tensor)>, parts: Parts) {
         self.kept = kept;
+        self.positions = parts.positions;
         self.kept_attention = parts.kept_attention;
         self.window_scores = parts.window_scores;
         self.window_attention = parts.window_attention;
@@ -169,10 +242,11 @@ impl GlobalCache {
         }
     }
 
-    /// Bytes held (keys, values and scores).
+    /// Bytes held (keys, values, positions and scores).
     pub fn bytes(&self) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         self.kept.as_ref().map_or(0, |(k, v, s)| b(k) + b(v) + b(s))
+            + self.positions.iter().map(Vec::len).sum::<usize>() * std::mem::size_of::<u32>()
             + [
                 &self.kept_attention,
                 &self.window_scores,
@@ -306,10 +380,15 @@ impl GlobalCache {
             Some((wk, wv)) => vec![(wk, wv)],
             None => window_before.into_iter().chain([(k, v)]).collect(),
         };
+        let span = SpanPositions {
+            first_row: position - window_len,
+            start: position,
+            end: position + 1,
+        };
         self.apply(
             &plan,
             || candidates(kept.as_ref(), &rows),
-            window_scores,
+            (window_scores, span),
             &device,
         )
     }
@@ -356,16 +435,21 @@ impl GlobalCache {
     }
 
     /// Carries out `plan` for a span: `candidates` gives the keys and values
-    /// `[hkv, n + w + t, d]` in the plan's layout (built only when an entry changes),
-    /// `window_scores_after` the scores of the window rows kept after the span (`[hkv][len]`).
+    /// `[hkv, n + w + t, d]` in the plan's layout (built only when an entry changes);
+    /// `window_scores_after` is the scores of the window rows kept after the span
+    /// (`[hkv][len]`). With a distance cap, the entries that have passed it by the next
+    /// token are then stored un-rotated.
     pub fn apply(
         &mut self,
         plan: &Plan,
         candidates: impl FnOnce() -> Result<(Tensor, Tensor)>,
-        window_scores_after: Vec<Vec<Scores>>,
+        (window_scores_after, span): (Vec<Vec<Scores>>, SpanPositions),
         device: &Device,
     ) -> Result<()> {
+        let first_row = span.first_row;
         let before = self.len();
+        // Which entries are stored un-rotated now, in the new place order.
+        let mut was_raw = self.raw_entries(span.start);
         let n = plan.kept_after.first().map_or(0, Vec::len);
         let first_pool = self.first_pool();
         let unchanged = n == before
@@ -398,6 +482,28 @@ impl GlobalCache {
                 cv.contiguous()?.gather(&idx, 1)?,
                 Tensor::from_vec(own, (hkv, n), device)?,
             ));
+            let mut old = std::mem::take(&mut self.positions);
+            old.resize(hkv, Vec::new());
+            was_raw.resize(hkv, Vec::new());
+            was_raw = plan
+                .kept_after
+                .iter()
+                .zip(&was_raw)
+                .map(|(row, raw)| row.iter().map(|&c| raw.get(c) == Some(&true)).collect())
+                .collect();
+            self.positions = plan
+                .kept_after
+                .iter()
+                .zip(&old)
+                .map(|(row, old)| {
+                    row.iter()
+                        .map(|&c| match old.get(c) {
+                            Some(&p) => p,
+                            None => (first_row + c - old.len()) as u32,
+                        })
+                        .collect()
+                })
+                .collect();
             self.kept_attention = if two {
                 let a: Vec<f32> = plan.kept_scores.iter().flatten().map(|s| s.1).collect();
                 Some(Tensor::from_vec(a, (hkv, n), device)?)
@@ -416,6 +522,39 @@ impl GlobalCache {
         };
         self.window_scores = channel(|s| s.0)?;
         self.window_attention = if two { channel(|s| s.1)? } else { None };
+        self.unrotate_passed(&was_raw, span.end)
+    }
+
+    /// Rotates back, by its own position, the key of every entry (`was_raw`: which are
+    /// un-rotated already) that a query at `next` scores at the cap.
+    fn unrotate_passed(&mut self, was_raw: &[Vec<bool>], next: usize) -> Result<()> {
+        let (Some(cap), Some((k, _, _))) = (&self.cap, &mut self.kept) else {
+            return Ok(());
+        };
+        let half = cap.inv_freq.len();
+        let mut any = false;
+        // Angles per entry: minus its position's where it passes now, 0 (identity) elsewhere.
+        let mut angles = Vec::with_capacity(k.elem_count() / 2);
+        for (row, raw) in self.positions.iter().zip(was_raw) {
+            for (i, &p) in row.iter().enumerate() {
+                let now = cap.far(p, next) && !raw.get(i).copied().unwrap_or(false);
+                any |= now;
+                let from = if now { p as f32 } else { 0.0 };
+                // The same product as the forward rotation's, negated.
+                angles.extend(cap.inv_freq.iter().map(|f| -(from * f)));
+            }
+        }
+        if !any {
+            return Ok(());
+        }
+        let (hkv, n, d) = k.dims3()?;
+        let angles = Tensor::from_vec(angles, (hkv * n, half), k.device())?;
+        let (cos, sin) = (
+            angles.cos()?.to_dtype(k.dtype())?,
+            angles.sin()?.to_dtype(k.dtype())?,
+        );
+        *k = Rope::apply_differentiable(&k.reshape((hkv * n, 1, d))?, &cos, &sin)?
+            .reshape((hkv, n, d))?;
         Ok(())
     }
 }
@@ -424,6 +563,7 @@ impl GlobalCache {
 /// [`GlobalCache::set_parts`].
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Parts {
+    pub positions: Vec<Vec<u32>>,
     pub kept_attention: Option<Tensor>,
     pub window_scores: Option<Tensor>,
     pub window_attention: Option<Tensor>,
@@ -680,8 +820,11 @@ mod tests {
         let dev = Device::Cpu;
         let mut g = GlobalCache::new(2, 0, 0);
         let (mut wk, mut ws): (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
+        let mut read = 0;
         for piece in [&scores[..3], &scores[3..4], &scores[4..]] {
             let plan = g.plan(2, ws.len(), &[same(piece)]).unwrap();
+            let first_row = read - ws.len();
+            read += piece.len();
             // Keys are the candidates' own scores, so the kept keys name the kept tokens.
             let mut cand: Vec<f32> = g
                 .kept()
@@ -696,9 +839,23 @@ mod tests {
             let keep = wk.len().min(2);
             wk.drain(..wk.len() - keep);
             ws.drain(..ws.len() - keep);
-            g.apply(&plan, || Ok((c.clone(), c.clone())), vec![same(&ws)], &dev)
-                .unwrap();
+            g.apply(
+                &plan,
+                || Ok((c.clone(), c.clone())),
+                (
+                    vec![same(&ws)],
+                    SpanPositions {
+                        first_row,
+                        start: read - piece.len(),
+                        end: read,
+                    },
+                ),
+                &dev,
+            )
+            .unwrap();
         }
+        // Tokens 3 and 1 (scores 9 and 7), and their positions with them.
+        assert_eq!(g.positions(), [vec![3, 1]]);
         let kept: Vec<f32> = g
             .kept()
             .unwrap()
@@ -821,7 +978,15 @@ mod tests {
                     let c = Tensor::zeros((1, l, 1), DType::F32, &Device::Cpu).unwrap();
                     Ok((c.clone(), c))
                 };
-                g.apply(&plan, cand, vec![ws], &Device::Cpu).unwrap();
+                let span = SpanPositions {
+                    first_row: start - window_len,
+                    start,
+                    end: start + t,
+                };
+                g.apply(&plan, cand, (vec![ws], span), &Device::Cpu)
+                    .unwrap();
+                let positions: Vec<u32> = kept_tokens.iter().map(|&p| p as u32).collect();
+                assert_eq!(g.positions().concat(), positions, "case {case}");
                 start += t;
             }
         }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{LayerKind, ModelConfig};
-use crate::global::{GlobalCache, Parts};
+use crate::global::{DistanceCap, GlobalCache, Parts};
 use crate::{Error, Result};
 
 /// What every state of one model must look like.
@@ -35,6 +35,8 @@ pub struct StateSpec {
     pub sinks: usize,
     /// Of the places beyond the sinks, how many go by attention (the rest by recall).
     pub attention_places: usize,
+    /// The global cache's distance cap ([`crate::config::LigerConfig::max_distance`]).
+    pub distance_cap: Option<DistanceCap>,
     /// dtype of cached keys and values (the model's); recurrent states are always f32.
     pub cache_dtype: DType,
     pub device: Device,
@@ -57,6 +59,19 @@ impl StateSpec {
             global_cache: cfg.liger.as_ref().map_or(0, |l| l.global_cache),
             sinks: cfg.liger.as_ref().map_or(0, |l| l.sinks),
             attention_places: cfg.liger.as_ref().map_or(0, |l| l.attention_places),
+            distance_cap: cfg
+                .liger
+                .as_ref()
+                .and_then(|l| l.max_distance)
+                .map(|max| DistanceCap {
+                    max,
+                    inv_freq: crate::layers::rope::inv_frequencies(
+                        cfg.head_dim,
+                        cfg.rope_theta,
+                        cfg.rope_scaling.as_ref(),
+                    )
+                    .into(),
+                }),
             cache_dtype,
             device: device.clone(),
         }
@@ -81,6 +96,7 @@ impl StateSpec {
     /// A Liger layer's empty global cache.
     fn new_global_cache(&self) -> GlobalCache {
         GlobalCache::new(self.global_cache, self.sinks, self.attention_places)
+            .with_distance_cap(self.distance_cap.clone())
     }
 
     /// Whether global caches keep two scores per token (attention and recall places).
@@ -105,11 +121,12 @@ impl StateSpec {
                     let in_window = context.min(self.liger_window);
                     b.window += kv_row * in_window;
                     if self.global_cache > 0 {
-                        // Kept entries (key, value, f32 score) and the window rows' scores;
-                        // with attention and recall places, a second score each.
+                        // Kept entries (key, value, f32 score, u32 position) and the window
+                        // rows' scores; with attention and recall places, a second score each.
                         let scores = self.num_kv_heads * 4 * (1 + usize::from(self.two_scores()));
+                        let position = self.num_kv_heads * 4;
                         let kept = (context - in_window).min(self.global_cache);
-                        b.global += (kv_row + scores) * kept + scores * in_window;
+                        b.global += (kv_row + scores + position) * kept + scores * in_window;
                     }
                 }
                 LayerKind::Softmax { window } => {
@@ -254,7 +271,8 @@ pub struct SequenceState {
 }
 
 const STATE_FORMAT: &str = "liger-sequence-state";
-const STATE_VERSION: &str = "1";
+/// 2: global caches keep their entries' positions (the distance cap).
+const STATE_VERSION: &str = "2";
 
 impl SequenceState {
     pub fn position(&self) -> usize {
@@ -326,6 +344,13 @@ impl SequenceState {
                         tensors.push((format!("layers.{i}.global.k"), k.clone()));
                         tensors.push((format!("layers.{i}.global.v"), v.clone()));
                         tensors.push((format!("layers.{i}.global.scores"), s.clone()));
+                        let p = global.positions();
+                        let flat: Vec<u32> = p.iter().flatten().copied().collect();
+                        let shape = (p.len(), flat.len() / p.len().max(1));
+                        tensors.push((
+                            format!("layers.{i}.global.positions"),
+                            Tensor::from_vec(flat, shape, &Device::Cpu)?,
+                        ));
                     }
                     if let Some(a) = global.kept_attention() {
                         tensors.push((format!("layers.{i}.global.attention"), a.clone()));
@@ -446,11 +471,27 @@ fn restore_global(
     let in_window = position.min(spec.liger_window);
     let kept_len = (position - in_window).min(global.capacity());
     let mut take = |name: &str| tensors.remove(&format!("layers.{i}.{name}"));
+    let mut positions = Vec::new();
     let kept = match (take("global.k"), take("global.v"), take("global.scores")) {
         (Some(k), Some(v), Some(s)) => {
             check(&k, &[hkv, kept_len, d], spec.cache_dtype, i)?;
             check(&v, &[hkv, kept_len, d], spec.cache_dtype, i)?;
             check(&s, &[hkv, kept_len], DType::F32, i)?;
+            let p = take("global.positions").ok_or_else(|| {
+                Error::State(format!("layer {i}: global cache without positions"))
+            })?;
+            check(&p, &[hkv, kept_len], DType::U32, i)?;
+            positions = p.to_vec2::<u32>()?;
+            // Kept tokens have left the window.
+            if positions
+                .iter()
+                .flatten()
+                .any(|&p| p as usize >= position - in_window)
+            {
+                return Err(Error::State(format!(
+                    "layer {i}: a global cache position is not before the window"
+                )));
+            }
             Some((k, v, s))
         }
         (None, None, None) if kept_len == 0 => None,
@@ -475,6 +516,7 @@ fn restore_global(
     };
     let two = spec.two_scores();
     let parts = Parts {
+        positions,
         kept_attention: scores("global.attention", kept_len, two)?,
         window_scores: scores("window_scores", in_window, true)?,
         window_attention: scores("window_attention", in_window, two)?,

@@ -115,6 +115,18 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
             true,
         ),
         (
+            // Both kinds of places, kept tokens past a distance cap of 6 (re-rotated keys).
+            "gla+both+cap",
+            Some(LigerConfig {
+                global_cache: 4,
+                sinks: 1,
+                attention_places: 1,
+                max_distance: Some(6),
+                ..liger(3)
+            }),
+            true,
+        ),
+        (
             "gsa",
             Some(LigerConfig {
                 variant: Variant::Gsa,
@@ -167,6 +179,11 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
                 close(rx, ry, &format!("layer {l} recurrent memory"));
                 // The same tokens kept in the same places, with the same saliences.
                 assert_eq!(gx.len(), gy.len(), "{what}: layer {l} global cache length");
+                assert_eq!(
+                    gx.positions(),
+                    gy.positions(),
+                    "{what}: layer {l} global cache positions"
+                );
                 // Saliences: sinks score +inf on both paths.
                 let scores_close = |x: &Tensor, y: &Tensor, part: &str| {
                     let (x, y) = (

@@ -117,6 +117,29 @@ fn variants(family: Family) -> Vec<(String, Model)> {
             },
         ),
         (
+            // Both kinds of places with a distance cap of 6 on a 29-token run: the sink
+            // and most kept tokens are scored at the cap long before the end.
+            "window+both+cap",
+            LigerConfig {
+                recurrent_weight: 0.0,
+                window_weight: 1.0,
+                global_cache: 5,
+                sinks: 1,
+                attention_places: 2,
+                max_distance: Some(6),
+                ..liger(3)
+            },
+        ),
+        (
+            "gla+global+cap",
+            LigerConfig {
+                global_cache: 4,
+                sinks: 1,
+                max_distance: Some(5),
+                ..liger(3)
+            },
+        ),
+        (
             "gsa+attention",
             LigerConfig {
                 variant: Variant::Gsa,
@@ -330,6 +353,10 @@ fn liger_state_is_constant_size_and_round_trips() {
         attention_places: 1,
         ..window_global.clone()
     };
+    let capped = LigerConfig {
+        max_distance: Some(7),
+        ..window_both.clone()
+    };
     for l in [
         liger(4),
         gsa(4),
@@ -339,6 +366,7 @@ fn liger_state_is_constant_size_and_round_trips() {
         window_global,
         window_attention,
         window_both,
+        capped,
     ] {
         check_state_round_trip(&l);
     }
@@ -379,6 +407,42 @@ fn global_places_covering_the_sequence_are_a_window_covering_it() {
             .model(DType::F32)
             .unwrap();
         assert!(max_diff(&full_forward(&few, &toks), &full_forward(&w, &toks)) > 1e-3);
+    }
+}
+
+#[test]
+fn the_distance_cap_changes_nothing_until_a_kept_token_is_past_it() {
+    // The sink (token 0) is the oldest kept token: with a cap of 10 the first 11 tokens'
+    // logits are the uncapped model's, and later ones are not.
+    let uncapped = LigerConfig {
+        global_cache: 4,
+        sinks: 1,
+        attention_places: 1,
+        ..liger(3)
+    };
+    let capped = LigerConfig {
+        max_distance: Some(10),
+        ..uncapped.clone()
+    };
+    let model = |l: &LigerConfig| {
+        TinyCheckpoint::new(Family::Llama, 6)
+            .unwrap()
+            .with_liger(l)
+            .model(DType::F32)
+            .unwrap()
+    };
+    let toks = tokens(15, LEN);
+    let (a, b) = (
+        full_forward(&model(&uncapped), &toks),
+        full_forward(&model(&capped), &toks),
+    );
+    let rows = |t: &Tensor, from: usize, len: usize| t.narrow(0, from, len).unwrap();
+    assert_eq!(max_diff(&rows(&a, 0, 11), &rows(&b, 0, 11)), 0.0);
+    for p in 11..LEN {
+        assert!(
+            max_diff(&rows(&a, p, 1), &rows(&b, p, 1)) > 1e-4,
+            "position {p} is past the cap"
+        );
     }
 }
 

@@ -32,6 +32,9 @@ pub(crate) enum Mix {
         /// The global cache gives places by recall: the step measures the memory's recall
         /// error at the token's key.
         recall_scores: bool,
+        /// The global cache's distance cap: its entries past it are stored un-rotated and
+        /// scored with the query rotated by the cap alone.
+        max_distance: Option<usize>,
     },
 }
 
@@ -60,8 +63,12 @@ pub(crate) struct GroupIn<'a> {
     pub cached_v: &'a [f32],
     pub global_k: &'a [f32],
     pub global_v: &'a [f32],
+    /// Which global rows are past the distance cap (stored un-rotated); empty: none.
+    pub global_far: &'a [bool],
     pub cos: &'a [f32],
     pub sin: &'a [f32],
+    /// The RoPE table of the distance cap, when some global row is past it.
+    pub cap_rope: Option<(&'a [f32], &'a [f32])>,
 }
 
 /// Where the group's results go: `out` (`[g, d]`), the new cache rows (the last
@@ -86,6 +93,7 @@ pub(crate) struct Memory<'a> {
 #[derive(Default)]
 pub(crate) struct Scratch {
     q_rot: Vec<f32>,
+    q_cap: Vec<f32>,
     k_rot: Vec<f32>,
     probs: Vec<f32>,
     gate: Vec<f32>,
@@ -117,13 +125,24 @@ pub(crate) fn mix_group(
     }
     let k_rot = sized(&mut scratch.k_rot, d);
     rope(x.k, x.cos, x.sin, k_rot);
+    // The queries as far global rows (un-rotated keys) see them: rotated by the cap alone.
+    let far = match x.cap_rope {
+        Some((cos, sin)) if x.global_far.contains(&true) => {
+            let q_cap = sized(&mut scratch.q_cap, g * d);
+            for (qh, qc) in x.q.chunks(d).zip(q_cap.chunks_mut(d)) {
+                rope(qh, cos, sin, qc);
+            }
+            Some((&*q_cap, x.global_far))
+        }
+        _ => None,
+    };
     let (attention_scores, recall_scores) = mix.scoring();
     let rows = (x.cached_k.len() + k_rot.len()) / d;
     let (mass, recall) = y
         .salience
         .split_at_mut(if attention_scores { rows } else { 0 });
     attend(
-        q_rot,
+        (q_rot, far),
         [x.global_k, x.cached_k, k_rot],
         [x.global_v, x.cached_v, x.v],
         (d, &mut scratch.probs),
@@ -171,8 +190,12 @@ pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 /// and, when asked, each window row's (cache, then token) share of the window rows' softmax
 /// mass, averaged over the queries: the global rows' terms cancel out of that share, which
 /// is the window-only softmax the general path computes.
+/// Queries rotated by the distance cap alone, and which global rows they score (those past
+/// the cap, stored un-rotated).
+type FarQueries<'a> = Option<(&'a [f32], &'a [bool])>;
+
 fn attend(
-    q_rot: &[f32],
+    (q_rot, far): (&[f32], FarQueries),
     keys: [&[f32]; 3],
     values: [&[f32]; 3],
     (d, probs): (usize, &mut Vec<f32>),
@@ -186,10 +209,21 @@ fn attend(
         m.fill(0.0);
     }
     let p = sized(probs, len);
-    for (qh, o) in q_rot.chunks(d).zip(out.chunks_mut(d)) {
+    for (head, (qh, o)) in q_rot.chunks(d).zip(out.chunks_mut(d)).enumerate() {
         let rows = keys.iter().flat_map(|b| b.chunks(d));
         for (pj, key) in p.iter_mut().zip(rows) {
             *pj = scale * dot(qh, key);
+        }
+        if let Some((q_cap, rows_far)) = far {
+            let qc = &q_cap[head * d..(head + 1) * d];
+            for ((pj, key), _) in p
+                .iter_mut()
+                .zip(keys[0].chunks(d))
+                .zip(rows_far)
+                .filter(|(_, &f)| f)
+            {
+                *pj = scale * dot(qc, key);
+            }
         }
         softmax(p);
         if let Some(m) = mass.as_deref_mut() {

@@ -153,6 +153,8 @@ struct SeqLayerIx {
     memory: Option<usize>,
     /// The global cache's keys and values (indices, rows per head), when it has entries.
     global: Option<(usize, usize, usize)>,
+    /// Which global rows are past the distance cap, `[hkv * rows]` (empty: none).
+    global_far: Vec<bool>,
     /// Values per KV head the layer measures for the global cache (`Mix::scoring`):
     /// attention shares of the window rows, then the recall score (`GroupOut::salience`).
     scores: usize,
@@ -237,6 +239,8 @@ struct Plan {
     layers: Vec<LayerIx>,
     /// `[layer][seq]`
     states: Vec<Vec<SeqLayerIx>>,
+    /// The RoPE table of the global caches' distance cap (`Mix::Liger::max_distance`).
+    cap_rope: Option<(Vec<f32>, Vec<f32>)>,
     hidden: usize,
     intermediate: usize,
 }
@@ -280,11 +284,26 @@ impl Plan {
             return None;
         }
         let intermediate = layers[0].gate.n;
+        // One cap for the model: every Liger layer has the same settings.
+        let cap_rope = refs.layers.iter().find_map(|l| match l.mix {
+            Mix::Liger {
+                max_distance: Some(cap),
+                ..
+            } => {
+                let angles = refs.inv_freq.iter().map(|f| cap as f32 * f);
+                Some((
+                    angles.clone().map(f32::cos).collect(),
+                    angles.map(f32::sin).collect(),
+                ))
+            }
+            _ => None,
+        });
         let mut states = Vec::with_capacity(layers.len());
         for (li, layer) in layers.iter().enumerate() {
             let mut per_seq = Vec::with_capacity(seqs.len());
             for s in seqs {
                 let mut global = None;
+                let mut global_far = Vec::new();
                 let (cache, memory) = match (&s.state.layers.get(li)?, layer.mix) {
                     (LayerState::Softmax(cache), Mix::Softmax) => (cache, None),
                     (
@@ -297,6 +316,7 @@ impl Plan {
                             memory: keeps_memory,
                             global: has_global,
                             recall_scores,
+                            max_distance,
                             ..
                         },
                     ) => {
@@ -320,6 +340,11 @@ impl Plan {
                                 return None;
                             }
                             global = Some((inputs.add(k)?, inputs.add(v)?, n));
+                            if max_distance.is_some() {
+                                // Stored un-rotated exactly when this query scores them at
+                                // the cap.
+                                global_far = g.raw_entries(s.state.position).concat();
+                            }
                         }
                         (window, memory)
                     }
@@ -343,6 +368,7 @@ impl Plan {
                     keep: cache.capacity().map_or(total, |c| total.min(c)),
                     memory,
                     global,
+                    global_far,
                     scores,
                 });
             }
@@ -355,6 +381,7 @@ impl Plan {
             lm_head,
             layers,
             states,
+            cap_rope,
             hidden,
             intermediate,
         })
@@ -734,6 +761,10 @@ impl Step<'_> {
                 None => (&[][..], &[][..]),
             };
             let (cos, sin) = &self.rope[s];
+            let global_far = match (state.global, state.global_far.is_empty()) {
+                (Some((_, _, n)), false) => &state.global_far[kvh * n..(kvh + 1) * n],
+                _ => &[][..],
+            };
             let input = GroupIn {
                 q: &q[s * h * d + kvh * g * d..][..g * d],
                 k: &k[s * hkv * d + kvh * d..][..d],
@@ -742,8 +773,14 @@ impl Step<'_> {
                 cached_v,
                 global_k,
                 global_v,
+                global_far,
                 cos,
                 sin,
+                cap_rope: self
+                    .plan
+                    .cap_rope
+                    .as_ref()
+                    .map(|(c, s)| (c.as_slice(), s.as_slice())),
             };
             let [new_k, new_v, memory, salience] = &self.new_state[li][s];
             let rows = state.keep * d;

@@ -6,7 +6,7 @@ pub mod matvec;
 pub(crate) mod matvec_q8;
 mod mlp;
 mod norm;
-mod rope;
+pub(crate) mod rope;
 
 pub use linear::{format_name, parse_format, Linear, LoraAdapter, Quantization};
 pub use mlp::Mlp;

@@ -32,8 +32,24 @@ impl Rope {
     }
 
     pub fn cos_sin(&self, positions: &[u32], dtype: DType) -> Result<(Tensor, Tensor)> {
-        let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
-        let pos = Tensor::from_vec(pos, (positions.len(), 1), self.inv_freq.device())?;
+        self.cos_sin_of(positions.iter().map(|&p| p as f32).collect(), dtype)
+    }
+
+    /// [`cos_sin`](Self::cos_sin) at signed positions: `-p` rotates back what `p` rotated
+    /// (the angles are exact negatives, so the two rotations cancel to rounding).
+    pub fn cos_sin_signed(&self, positions: &[i64], dtype: DType) -> Result<(Tensor, Tensor)> {
+        self.cos_sin_of(
+            positions
+                .iter()
+                .map(|&p| p.signum() as f32 * p.unsigned_abs() as f32)
+                .collect(),
+            dtype,
+        )
+    }
+
+    fn cos_sin_of(&self, pos: Vec<f32>, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let n = pos.len();
+        let pos = Tensor::from_vec(pos, (n, 1), self.inv_freq.device())?;
         let angles = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
         Ok((
             angles.cos()?.to_dtype(dtype)?,
@@ -60,7 +76,11 @@ impl Rope {
 }
 
 /// `theta^(-2i/d)`, adjusted by the scaling rule.
-fn inv_frequencies(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
+pub(crate) fn inv_frequencies(
+    head_dim: usize,
+    theta: f64,
+    scaling: Option<&RopeScaling>,
+) -> Vec<f32> {
     let base = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64));
     match scaling {
         None => base.map(|f| f as f32).collect(),
