@@ -531,21 +531,31 @@ impl GlobalCache {
         let (Some(cap), Some((k, _, _))) = (&self.cap, &mut self.kept) else {
             return Ok(());
         };
+        let passes = |h: usize, i: usize, p: u32| {
+            cap.far(p, next)
+                && !was_raw
+                    .get(h)
+                    .and_then(|r| r.get(i))
+                    .copied()
+                    .unwrap_or(false)
+        };
+        // Most steps nothing passes: look before building anything.
+        let rows = self.positions.iter().enumerate();
+        if !rows
+            .clone()
+            .any(|(h, row)| row.iter().enumerate().any(|(i, &p)| passes(h, i, p)))
+        {
+            return Ok(());
+        }
         let half = cap.inv_freq.len();
-        let mut any = false;
         // Angles per entry: minus its position's where it passes now, 0 (identity) elsewhere.
         let mut angles = Vec::with_capacity(k.elem_count() / 2);
-        for (row, raw) in self.positions.iter().zip(was_raw) {
+        for (h, row) in rows {
             for (i, &p) in row.iter().enumerate() {
-                let now = cap.far(p, next) && !raw.get(i).copied().unwrap_or(false);
-                any |= now;
-                let from = if now { p as f32 } else { 0.0 };
+                let from = if passes(h, i, p) { p as f32 } else { 0.0 };
                 // The same product as the forward rotation's, negated.
                 angles.extend(cap.inv_freq.iter().map(|f| -(from * f)));
             }
-        }
-        if !any {
-            return Ok(());
         }
         let (hkv, n, d) = k.dims3()?;
         let angles = Tensor::from_vec(angles, (hkv * n, half), k.device())?;
