@@ -21,7 +21,8 @@ use candle_nn::VarBuilder;
 use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
 use crate::decode::{Mix, Recurrent};
 use crate::gla::{self, FeatureMaps};
-use crate::global::{recall_scores, SpanPositions};
+use crate::global::{recall_scores, DistanceCap, SpanPositions};
+use crate::layers::rope::rotate_rows;
 use crate::layers::{Linear, Rope};
 use crate::state::{KvCache, LayerState};
 use crate::weights::QuantizedTensors;
@@ -90,8 +91,6 @@ pub struct BatchContext<'a> {
     pub chunk_size: usize,
     /// Use ops with a backward pass.
     pub differentiable: bool,
-    /// The model's rotary embedding, for rotations at other positions than the tokens'.
-    pub rope: &'a Rope,
 }
 
 impl Attention {
@@ -539,16 +538,15 @@ impl Attention {
             } else {
                 Some(plan.mask(q.device())?)
             };
-            let capped = match hy.max_distance {
+            let capped = match global.distance_cap() {
                 Some(cap) => {
                     let q_raw = q_raw.narrow(0, span.start, span.len)?;
                     let candidates = Candidates {
                         keys: &keys,
                         kept: global.positions(),
-                        raw: &global.raw_entries(span.position),
                         first_row: span.position - cached,
                     };
-                    capped_scoring(&candidates, (&q_raw, span.position), cap, ctx.rope)?
+                    capped_scoring(&candidates, (&q_raw, span.position), cap)?
                 }
                 None => None,
             };
@@ -712,13 +710,11 @@ pub struct CappedScoring {
 /// their own positions per head), then rows at consecutive positions from `first_row`
 /// (the window cache, then the span's tokens).
 pub struct Candidates<'a> {
-    /// `[hkv, n + rows, d]`, post-RoPE except the kept entries `raw` marks.
+    /// `[hkv, n + rows, d]`, post-RoPE except the kept entries already past the cap at the
+    /// span's first query, which the global cache stores un-rotated.
     pub keys: &'a Tensor,
     /// The kept entries' positions, `[hkv][n]`.
     pub kept: &'a [Vec<u32>],
-    /// Which kept entries are stored un-rotated (past the cap already), `[hkv][n]`; empty:
-    /// none.
-    pub raw: &'a [Vec<bool>],
     pub first_row: usize,
 }
 
@@ -730,54 +726,60 @@ pub struct Candidates<'a> {
 pub fn capped_scoring(
     c: &Candidates,
     (q_raw, position): (&Tensor, usize),
-    cap: usize,
-    rope: &Rope,
+    cap: &DistanceCap,
 ) -> Result<Option<CappedScoring>> {
-    let t = q_raw.dim(0)?;
+    let (t, h, _) = q_raw.dims3()?;
     let (hkv, l, d) = c.keys.dims3()?;
     let n = c.kept.first().map_or(0, Vec::len);
     let last = position + t - 1;
-    let far = |p: usize, i: usize| position + i - p.min(position + i) > cap;
     // Rows (consecutive positions) past the cap for the last query.
-    let rows = (l - n).min((last.saturating_sub(cap)).saturating_sub(c.first_row));
-    if rows == 0 && !c.kept.iter().flatten().any(|&p| far(p as usize, t - 1)) {
+    let rows = (l - n).min((last.saturating_sub(cap.max)).saturating_sub(c.first_row));
+    if rows == 0 && !c.kept.iter().flatten().any(|&p| cap.far(p, last)) {
         return Ok(None);
     }
     let m = n + rows;
-    let columns: Vec<Vec<usize>> = (0..hkv)
+    let columns: Vec<Vec<u32>> = (0..hkv)
         .map(|h| {
             let kept = c.kept.get(h).map_or(&[][..], Vec::as_slice);
-            kept.iter()
-                .map(|&p| p as usize)
-                .chain((0..rows).map(|r| c.first_row + r))
-                .collect()
+            let rows = (0..rows).map(|r| (c.first_row + r) as u32);
+            kept.iter().copied().chain(rows).collect()
         })
         .collect();
     let mask: Vec<u8> = columns
         .iter()
-        .flat_map(|row| (0..t).flat_map(move |i| row.iter().map(move |&p| far(p, i) as u8)))
-        .collect();
-    let device = c.keys.device();
-    let far = Tensor::from_vec(mask, (hkv, 1, t, m), device)?;
-    // Back to no rotation: each key by minus its own position (un-rotated ones stay).
-    let raw = |h: usize, col: usize| c.raw.get(h).and_then(|r| r.get(col)) == Some(&true);
-    let back: Vec<i64> = columns
-        .iter()
-        .enumerate()
-        .flat_map(|(h, row)| {
-            row.iter()
-                .enumerate()
-                .map(move |(col, &p)| if raw(h, col) { 0 } else { -(p as i64) })
+        .flat_map(|row| {
+            (position..=last)
+                .flat_map(move |query| row.iter().map(move |&p| cap.far(p, query) as u8))
         })
         .collect();
-    let (cos, sin) = rope.cos_sin_signed(&back, c.keys.dtype())?;
-    let first = c.keys.narrow(1, 0, m)?.contiguous()?;
-    let k = Rope::apply_differentiable(&first.reshape((hkv * m, 1, d))?, &cos, &sin)?
-        .reshape((hkv, m, d))?;
-    let (cos, sin) = rope.cos_sin(&vec![cap as u32; t], q_raw.dtype())?;
-    let q = Rope::apply_differentiable(q_raw, &cos, &sin)?
-        .transpose(0, 1)?
-        .contiguous()?;
+    let far = Tensor::from_vec(mask, (hkv, 1, t, m), c.keys.device())?;
+    // Back to no rotation: each key by minus its own position, except the kept entries the
+    // global cache already stores un-rotated (past the cap at the first query).
+    let back: Vec<i64> = columns
+        .iter()
+        .flat_map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(col, &p)| match col < n && cap.far(p, position) {
+                    true => 0,
+                    false => -(p as i64),
+                })
+        })
+        .collect();
+    let first = c
+        .keys
+        .narrow(1, 0, m)?
+        .contiguous()?
+        .reshape((hkv * m, d))?;
+    let k = rotate_rows(&first, &back, &cap.inv_freq)?.reshape((hkv, m, d))?;
+    let q = rotate_rows(
+        &q_raw.reshape((t * h, d))?,
+        &vec![cap.max as i64; t * h],
+        &cap.inv_freq,
+    )?
+    .reshape((t, h, d))?
+    .transpose(0, 1)?
+    .contiguous()?;
     Ok(Some(CappedScoring { q, k, far }))
 }
 
@@ -975,10 +977,13 @@ mod tests {
         let candidates = Candidates {
             keys: &keys,
             kept: &kept,
-            raw: &raw,
             first_row,
         };
-        let capped = capped_scoring(&candidates, (&q_raw, start), cap, &rope)
+        let capped_at = |max: usize| DistanceCap {
+            max,
+            inv_freq: inv.clone().into(),
+        };
+        let capped = capped_scoring(&candidates, (&q_raw, start), &capped_at(cap))
             .unwrap()
             .expect("some pairs are past the cap");
         assert_eq!(capped.k.dim(1).unwrap(), l, "every row is past the cap");
@@ -994,10 +999,10 @@ mod tests {
             .unwrap();
         // Below the cap nothing is computed; rows are capped only when past it.
         let one = q_raw.narrow(0, 0, 1).unwrap();
-        assert!(capped_scoring(&candidates, (&one, 34), 34, &rope)
+        assert!(capped_scoring(&candidates, (&one, 34), &capped_at(34))
             .unwrap()
             .is_none());
-        let some = capped_scoring(&candidates, (&one, 40), 17, &rope)
+        let some = capped_scoring(&candidates, (&one, 40), &capped_at(17))
             .unwrap()
             .expect("kept entries past the cap");
         assert_eq!(

@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::layers::Rope;
+use crate::layers::rope::rotate_rows;
 use crate::Result;
 
 /// The global cache's distance cap ([`crate::config::LigerConfig::max_distance`]), with the
@@ -52,7 +52,7 @@ use crate::Result;
 #[derive(Debug, Clone, PartialEq)]
 pub struct DistanceCap {
     pub max: usize,
-    /// `[head_dim / 2]`, as [`Rope`] computes them.
+    /// `[head_dim / 2]`, as [`crate::layers::Rope`] computes them.
     pub inv_freq: Arc<[f32]>,
 }
 
@@ -547,24 +547,16 @@ impl GlobalCache {
         {
             return Ok(());
         }
-        let half = cap.inv_freq.len();
-        // Angles per entry: minus its position's where it passes now, 0 (identity) elsewhere.
-        let mut angles = Vec::with_capacity(k.elem_count() / 2);
-        for (h, row) in rows {
-            for (i, &p) in row.iter().enumerate() {
-                let from = if passes(h, i, p) { p as f32 } else { 0.0 };
-                // The same product as the forward rotation's, negated.
-                angles.extend(cap.inv_freq.iter().map(|f| -(from * f)));
-            }
-        }
+        // Back by its own position where it passes now; the rest stay as they are.
+        let back: Vec<i64> = rows
+            .flat_map(|(h, row)| {
+                row.iter()
+                    .enumerate()
+                    .map(move |(i, &p)| if passes(h, i, p) { -(p as i64) } else { 0 })
+            })
+            .collect();
         let (hkv, n, d) = k.dims3()?;
-        let angles = Tensor::from_vec(angles, (hkv * n, half), k.device())?;
-        let (cos, sin) = (
-            angles.cos()?.to_dtype(k.dtype())?,
-            angles.sin()?.to_dtype(k.dtype())?,
-        );
-        *k = Rope::apply_differentiable(&k.reshape((hkv * n, 1, d))?, &cos, &sin)?
-            .reshape((hkv, n, d))?;
+        *k = rotate_rows(&k.reshape((hkv * n, d))?, &back, &cap.inv_freq)?.reshape((hkv, n, d))?;
         Ok(())
     }
 }

@@ -394,11 +394,7 @@ impl Model {
         Ok(x)
     }
 
-    fn batch_context<'s>(
-        &'s self,
-        spans: &'s [Span],
-        positions: &[u32],
-    ) -> Result<BatchContext<'s>> {
+    fn batch_context<'s>(&self, spans: &'s [Span], positions: &[u32]) -> Result<BatchContext<'s>> {
         let (cos, sin) = self.rope.cos_sin(positions, self.dtype)?;
         Ok(BatchContext {
             spans,
@@ -406,7 +402,6 @@ impl Model {
             sin,
             chunk_size: self.options.chunk_size,
             differentiable: self.options.differentiable,
-            rope: &self.rope,
         })
     }
 

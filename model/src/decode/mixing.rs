@@ -210,20 +210,15 @@ fn attend(
     }
     let p = sized(probs, len);
     for (head, (qh, o)) in q_rot.chunks(d).zip(out.chunks_mut(d)).enumerate() {
+        // Global rows past the cap are scored by the query rotated by the cap alone.
+        let q_far = far.map(|(q_cap, rows_far)| (&q_cap[head * d..(head + 1) * d], rows_far));
         let rows = keys.iter().flat_map(|b| b.chunks(d));
-        for (pj, key) in p.iter_mut().zip(rows) {
-            *pj = scale * dot(qh, key);
-        }
-        if let Some((q_cap, rows_far)) = far {
-            let qc = &q_cap[head * d..(head + 1) * d];
-            for ((pj, key), _) in p
-                .iter_mut()
-                .zip(keys[0].chunks(d))
-                .zip(rows_far)
-                .filter(|(_, &f)| f)
-            {
-                *pj = scale * dot(qc, key);
-            }
+        for (j, (pj, key)) in p.iter_mut().zip(rows).enumerate() {
+            let q = match q_far {
+                Some((qc, rows_far)) if rows_far.get(j) == Some(&true) => qc,
+                _ => qh,
+            };
+            *pj = scale * dot(q, key);
         }
         softmax(p);
         if let Some(m) = mass.as_deref_mut() {

@@ -25,31 +25,15 @@ impl Rope {
         })
     }
 
-    /// `(cos, sin)`, each `[positions.len(), head_dim / 2]` in `dtype`.
     /// The rotation frequencies, `[head_dim / 2]`: angle = position * frequency.
     pub fn inv_freq(&self) -> Result<Vec<f32>> {
         Ok(self.inv_freq.to_vec1::<f32>()?)
     }
 
+    /// `(cos, sin)`, each `[positions.len(), head_dim / 2]` in `dtype`.
     pub fn cos_sin(&self, positions: &[u32], dtype: DType) -> Result<(Tensor, Tensor)> {
-        self.cos_sin_of(positions.iter().map(|&p| p as f32).collect(), dtype)
-    }
-
-    /// [`cos_sin`](Self::cos_sin) at signed positions: `-p` rotates back what `p` rotated
-    /// (the angles are exact negatives, so the two rotations cancel to rounding).
-    pub fn cos_sin_signed(&self, positions: &[i64], dtype: DType) -> Result<(Tensor, Tensor)> {
-        self.cos_sin_of(
-            positions
-                .iter()
-                .map(|&p| p.signum() as f32 * p.unsigned_abs() as f32)
-                .collect(),
-            dtype,
-        )
-    }
-
-    fn cos_sin_of(&self, pos: Vec<f32>, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let n = pos.len();
-        let pos = Tensor::from_vec(pos, (n, 1), self.inv_freq.device())?;
+        let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (positions.len(), 1), self.inv_freq.device())?;
         let angles = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
         Ok((
             angles.cos()?.to_dtype(dtype)?,
@@ -73,6 +57,27 @@ impl Rope {
         let r2 = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
         Ok(Tensor::cat(&[r1, r2], candle_core::D::Minus1)?)
     }
+}
+
+/// Rotates each row of `x` (`[rows, head_dim]`) by its own signed position with the
+/// frequencies `inv_freq`: `-p` rotates back what [`Rope::cos_sin`] at `p` rotated (the
+/// angles are the same f32 products, negated, so the two cancel to rounding), 0 leaves the
+/// row as it is.
+pub fn rotate_rows(x: &Tensor, positions: &[i64], inv_freq: &[f32]) -> Result<Tensor> {
+    let (rows, d) = x.dims2()?;
+    let angles: Vec<f32> = positions
+        .iter()
+        .flat_map(|&p| {
+            let (sign, p) = (p.signum() as f32, p.unsigned_abs() as f32);
+            inv_freq.iter().map(move |f| sign * (p * f))
+        })
+        .collect();
+    let angles = Tensor::from_vec(angles, (rows, inv_freq.len()), x.device())?;
+    let (cos, sin) = (
+        angles.cos()?.to_dtype(x.dtype())?,
+        angles.sin()?.to_dtype(x.dtype())?,
+    );
+    Ok(Rope::apply_differentiable(&x.reshape((rows, 1, d))?, &cos, &sin)?.reshape((rows, d))?)
 }
 
 /// `theta^(-2i/d)`, adjusted by the scaling rule.
