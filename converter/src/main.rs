@@ -20,6 +20,7 @@ use liger_converter::{
     LigerSettings, Progress, QuantizeOptions, RecoverOptions, SelfDistillOptions, StageChoice,
     Summary,
 };
+use liger_model::config::KvDtype;
 use liger_model::layers::Quantization;
 use liger_model::lora::LoraConfig;
 use liger_model::Variant;
@@ -407,6 +408,11 @@ struct ConvertArgs {
     /// [default with --global-cache: half the model's max_position_embeddings].
     #[arg(long, value_name = "N")]
     max_distance: Option<usize>,
+    /// How served states store the keys and values they keep (window and global cache
+    /// rows); f16 halves their bytes, so twice the rows fit one state [default: the model's
+    /// dtype].
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    kv_dtype: Option<DtypeArg>,
     /// Divisor of the log-gate [default: 16 for gla and gsa, 1 for hgrn2].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     gate_normalizer: Option<f64>,
@@ -577,6 +583,9 @@ fn print_summary(verb: &str, source: &str, s: &Summary) {
             l.attention_places, l.recall_places(),
             l.max_distance.map_or(String::new(), |m| format!(", scored at most {m} back"))
         );
+        if let Some(d) = l.kv_dtype {
+            println!("states keep their key and value rows in {}", d.name());
+        }
         println!(
             "next: recovery training restores quality: liger-convert recover --teacher ORIG --student {} --data FILES --out DIR",
             s.out.display()
@@ -660,6 +669,11 @@ fn run(cli: Cli) -> Result<()> {
                     sinks: a.sinks,
                     attention_places: a.attention_places,
                     max_distance: a.max_distance,
+                    kv_dtype: a.kv_dtype.map(|d| match d {
+                        DtypeArg::F32 => KvDtype::F32,
+                        DtypeArg::F16 => KvDtype::F16,
+                        DtypeArg::Bf16 => KvDtype::Bf16,
+                    }),
                 },
                 dtype: a.dtype.map(Into::into),
                 quantize: a.quantize,

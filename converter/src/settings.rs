@@ -7,7 +7,7 @@
 
 use std::str::FromStr;
 
-use liger_model::config::{slots_fit, DEFAULT_SLOTS};
+use liger_model::config::{slots_fit, KvDtype, DEFAULT_SLOTS};
 use liger_model::{LigerConfig, Variant};
 
 use crate::{Error, Result};
@@ -145,6 +145,8 @@ pub struct LigerSettings {
     /// The distance cap of the global cache's entries: `None` picks half the model's
     /// `max_position_embeddings` when there is a global cache, `Some(0)` turns it off.
     pub max_distance: Option<usize>,
+    /// How states store the rows they keep; `None`: the model's dtype.
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl Default for LigerSettings {
@@ -161,6 +163,7 @@ impl Default for LigerSettings {
             sinks: 0,
             attention_places: d.attention_places,
             max_distance: None,
+            kv_dtype: None,
         }
     }
 }
@@ -302,6 +305,7 @@ impl LigerSettings {
             sinks: self.sinks,
             attention_places: self.attention_places,
             max_distance: self.max_distance(max_positions),
+            kv_dtype: self.kv_dtype,
             source: source.map(str::to_owned),
         })
     }

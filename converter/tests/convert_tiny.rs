@@ -13,6 +13,7 @@ use common::*;
 use liger_converter::inspect::render_table;
 use liger_converter::output::DEFAULT_SHARD_LIMIT;
 use liger_converter::{ConvertOptions, FullAttention, LigerSettings, Progress};
+use liger_model::config::KvDtype;
 use liger_model::layers::Quantization;
 use liger_model::testing::{Family, TinyCheckpoint, ALL_FAMILIES};
 use liger_model::{LigerConfig, ModelConfig, StateSpec, Variant};
@@ -152,6 +153,7 @@ fn non_default_flags() {
         sinks: 1,
         attention_places: 2,
         max_distance: Some(9),
+        kv_dtype: Some(KvDtype::F16),
         source: None,
     };
     check_conversion(
@@ -173,6 +175,8 @@ fn non_default_flags() {
             "2",
             "--max-distance",
             "9",
+            "--kv-dtype",
+            "f16",
         ],
         hgrn2,
         DType::F32,

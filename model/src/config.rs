@@ -79,6 +79,33 @@ impl Variant {
     }
 }
 
+/// How a state stores cached keys and values ([`LigerConfig::kv_dtype`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            KvDtype::F32 => candle_core::DType::F32,
+            KvDtype::F16 => candle_core::DType::F16,
+            KvDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+}
+
 /// The `liger` section of a converted checkpoint's `config.json`. Every conversion
 /// setting lives here so other settings than the reference ones can be served.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,6 +152,12 @@ pub struct LigerConfig {
     /// shorter (this must exceed `window`). `None`: no cap. See [`crate::global`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_distance: Option<usize>,
+    /// How the state stores the keys and values it keeps (window and global cache rows):
+    /// `f16` halves their bytes, so twice the rows fit the same state (llama.cpp's default
+    /// cache type). Attention still computes in the model's dtype; rows are rounded once,
+    /// when stored. `None`: the model's dtype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_dtype: Option<KvDtype>,
     /// Where the weights came from (a path, hub id or GGUF file); informational.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -149,6 +182,7 @@ impl Default for LigerConfig {
             sinks: 0,
             attention_places: 0,
             max_distance: None,
+            kv_dtype: None,
             source: None,
         }
     }

@@ -99,6 +99,8 @@ pub struct GlobalCache {
     /// With a distance cap, the entries more than its distance before the next token are
     /// stored un-rotated.
     cap: Option<DistanceCap>,
+    /// What kept keys and values are stored in; `None`: as they come.
+    stored: Option<DType>,
 }
 
 /// A token's scores: (recall, attention), the first pool's then the second's. With one
@@ -134,7 +136,15 @@ impl GlobalCache {
             window_scores: None,
             window_attention: None,
             cap: None,
+            stored: None,
         }
+    }
+
+    /// Stores kept keys and values in `dtype` (rounded once, when stored); the candidates
+    /// it hands out are in the dtype of the rows they are built with.
+    pub fn stored_as(mut self, dtype: DType) -> Self {
+        self.stored = Some(dtype);
+        self
     }
 
     /// The same cache with a distance cap (`None`: none).
@@ -380,6 +390,7 @@ impl GlobalCache {
             Some((wk, wv)) => vec![(wk, wv)],
             None => window_before.into_iter().chain([(k, v)]).collect(),
         };
+        let dtype = k.dtype();
         let span = SpanPositions {
             first_row: position - window_len,
             start: position,
@@ -387,16 +398,18 @@ impl GlobalCache {
         };
         self.apply(
             &plan,
-            || candidates(kept.as_ref(), &rows),
+            || candidates(kept.as_ref(), &rows, dtype),
             (window_scores, span),
             &device,
         )
     }
 
     /// The keys and values a plan's columns index: the kept rows, then `rows` in order (the
-    /// window cache and the new tokens), each `[hkv, len, d]`.
+    /// window cache and the new tokens), each `[hkv, len, d]`, in the dtype of the first
+    /// rows.
     pub fn candidates(&self, rows: &[(&Tensor, &Tensor)]) -> Result<(Tensor, Tensor)> {
-        candidates(self.kept.as_ref(), rows)
+        let dtype = rows.first().map_or(DType::F32, |(k, _)| k.dtype());
+        candidates(self.kept.as_ref(), rows, dtype)
     }
 
     /// The admissions of a span of `t` tokens after `window_len` cached window rows, for
@@ -477,9 +490,16 @@ impl GlobalCache {
                         .map(|(i, s)| if i < first_pool { s.0 } else { s.1 })
                 })
                 .collect();
+            let store = |x: &Tensor| -> Result<Tensor> {
+                let x = x.contiguous()?.gather(&idx, 1)?;
+                Ok(match self.stored {
+                    Some(s) => x.to_dtype(s)?,
+                    None => x,
+                })
+            };
             self.kept = Some((
-                ck.contiguous()?.gather(&idx, 1)?,
-                cv.contiguous()?.gather(&idx, 1)?,
+                store(&ck)?,
+                store(&cv)?,
                 Tensor::from_vec(own, (hkv, n), device)?,
             ));
             let mut old = std::mem::take(&mut self.positions);
@@ -556,7 +576,11 @@ impl GlobalCache {
             })
             .collect();
         let (hkv, n, d) = k.dims3()?;
-        *k = rotate_rows(&k.reshape((hkv * n, d))?, &back, &cap.inv_freq)?.reshape((hkv, n, d))?;
+        // In f32 whatever the keys are stored in, so they are rounded once more at most.
+        let rows = k.reshape((hkv * n, d))?.to_dtype(DType::F32)?;
+        *k = rotate_rows(&rows, &back, &cap.inv_freq)?
+            .to_dtype(k.dtype())?
+            .reshape((hkv, n, d))?;
         Ok(())
     }
 }
@@ -615,13 +639,20 @@ impl Plan {
     }
 }
 
+/// The kept rows then `rows`, in `dtype` (the kept rows may be stored in another).
 fn candidates(
     kept: Option<&(Tensor, Tensor, Tensor)>,
     rows: &[(&Tensor, &Tensor)],
+    dtype: DType,
 ) -> Result<(Tensor, Tensor)> {
     let kept = kept.map(|(k, v, _)| (k, v));
-    let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) =
-        kept.into_iter().chain(rows.iter().copied()).unzip();
+    let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = kept
+        .into_iter()
+        .chain(rows.iter().copied())
+        .map(|(k, v)| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     Ok((Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?))
 }
 

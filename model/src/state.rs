@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{LayerKind, ModelConfig};
+use crate::config::{KvDtype, LayerKind, ModelConfig};
 use crate::global::{DistanceCap, GlobalCache, Parts};
 use crate::{Error, Result};
 
@@ -37,12 +37,15 @@ pub struct StateSpec {
     pub attention_places: usize,
     /// The global cache's distance cap ([`crate::config::LigerConfig::max_distance`]).
     pub distance_cap: Option<DistanceCap>,
-    /// dtype of cached keys and values (the model's); recurrent states are always f32.
+    /// dtype cached keys and values are stored in (the config's `kv_dtype`, else the
+    /// model's); recurrent states are always f32.
     pub cache_dtype: DType,
     pub device: Device,
 }
 
 impl StateSpec {
+    /// The spec of a model computing in `dtype`, whose caches keep that dtype unless the
+    /// config names another.
     pub fn new(cfg: &ModelConfig, cache_dtype: DType, device: &Device) -> Self {
         Self {
             layers: (0..cfg.num_layers).map(|i| cfg.layer_kind(i)).collect(),
@@ -72,7 +75,11 @@ impl StateSpec {
                     )
                     .into(),
                 }),
-            cache_dtype,
+            cache_dtype: cfg
+                .liger
+                .as_ref()
+                .and_then(|l| l.kv_dtype)
+                .map_or(cache_dtype, KvDtype::dtype),
             device: device.clone(),
         }
     }
@@ -81,7 +88,7 @@ impl StateSpec {
     pub fn new_layer_state(&self, i: usize) -> Result<LayerState> {
         Ok(match self.layers[i] {
             LayerKind::Liger => LayerState::Liger {
-                window: KvCache::new(Some(self.liger_window)),
+                window: KvCache::new(Some(self.liger_window)).stored_as(self.cache_dtype),
                 recurrent: Tensor::zeros(
                     (1, self.num_kv_heads, self.recurrent_rows, self.head_dim),
                     DType::F32,
@@ -89,7 +96,9 @@ impl StateSpec {
                 )?,
                 global: self.new_global_cache(),
             },
-            LayerKind::Softmax { window } => LayerState::Softmax(KvCache::new(window)),
+            LayerKind::Softmax { window } => {
+                LayerState::Softmax(KvCache::new(window).stored_as(self.cache_dtype))
+            }
         })
     }
 
@@ -97,6 +106,7 @@ impl StateSpec {
     fn new_global_cache(&self) -> GlobalCache {
         GlobalCache::new(self.global_cache, self.sinks, self.attention_places)
             .with_distance_cap(self.distance_cap.clone())
+            .stored_as(self.cache_dtype)
     }
 
     /// Whether global caches keep two scores per token (attention and recall places).
@@ -183,11 +193,24 @@ impl std::ops::AddAssign for StateBytes {
 pub struct KvCache {
     kv: Option<(Tensor, Tensor)>,
     capacity: Option<usize>,
+    /// What the rows are stored in; `None`: as they come.
+    stored: Option<DType>,
 }
 
 impl KvCache {
     pub fn new(capacity: Option<usize>) -> Self {
-        Self { kv: None, capacity }
+        Self {
+            kv: None,
+            capacity,
+            stored: None,
+        }
+    }
+
+    /// Stores rows in `dtype` (rounded once, when stored); [`extend`](Self::extend) still
+    /// returns them in the dtype of the new rows.
+    pub fn stored_as(mut self, dtype: DType) -> Self {
+        self.stored = Some(dtype);
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -202,25 +225,40 @@ impl KvCache {
         self.capacity
     }
 
+    /// What rows are stored in (`None`: as they come).
+    pub fn stored_dtype(&self) -> Option<DType> {
+        self.stored
+    }
+
     /// Appends `k`, `v`: `[hkv, t, d]` and returns everything a query among the new tokens
     /// may need (the old cache followed by the new keys), then trims itself to capacity.
     pub fn extend(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dtype = k.dtype();
         let (k_all, v_all) = match &self.kv {
             None => (k.clone(), v.clone()),
-            Some((ck, cv)) => (Tensor::cat(&[ck, k], 1)?, Tensor::cat(&[cv, v], 1)?),
+            Some((ck, cv)) => (
+                Tensor::cat(&[&ck.to_dtype(dtype)?, k], 1)?,
+                Tensor::cat(&[&cv.to_dtype(dtype)?, v], 1)?,
+            ),
         };
         let len = k_all.dim(1)?;
         let keep = self.capacity.map_or(len, |c| len.min(c));
+        let store = |x: &Tensor| -> Result<Tensor> {
+            // Copy so the dropped prefix is freed rather than kept alive by a view.
+            let x = if keep == len {
+                x.clone()
+            } else {
+                x.narrow(1, len - keep, keep)?.contiguous()?
+            };
+            Ok(match self.stored {
+                Some(s) => x.to_dtype(s)?,
+                None => x,
+            })
+        };
         self.kv = if keep == 0 {
             None
-        } else if keep == len {
-            Some((k_all.clone(), v_all.clone()))
         } else {
-            // Copy so the dropped prefix is freed rather than kept alive by a view.
-            Some((
-                k_all.narrow(1, len - keep, keep)?.contiguous()?,
-                v_all.narrow(1, len - keep, keep)?.contiguous()?,
-            ))
+            Some((store(&k_all)?, store(&v_all)?))
         };
         Ok((k_all, v_all))
     }

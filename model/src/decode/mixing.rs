@@ -2,7 +2,58 @@
 //! the same math as `attention.rs` and `gla` (LIGER.md §1), written per row so the fused
 //! step can run a (sequence, KV head) pair on whichever thread owns it.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::config::Variant;
+
+/// Cached key or value rows as a state stores them (`KvCache::stored_as`).
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Rows<'a> {
+    pub const EMPTY: Rows<'static> = Rows::F32(&[]);
+
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::F16(x) => x.len(),
+        }
+    }
+
+    /// The rows in f32: borrowed as they are, or widened into `buf`.
+    fn widened<'s>(self, buf: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match self {
+            Rows::F32(x) => x,
+            Rows::F16(x) => {
+                let out = sized(buf, x.len());
+                x.convert_to_f32_slice(out);
+                out
+            }
+        }
+    }
+}
+
+/// Where new cache rows go, in the dtype the state stores them in.
+pub(crate) enum RowsMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+}
+
+impl RowsMut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            RowsMut::F32(x) => x.len(),
+            RowsMut::F16(x) => x.len(),
+        }
+    }
+}
 
 /// The Liger recurrent branch's settings for one layer.
 #[derive(Debug, Clone, Copy)]
@@ -59,10 +110,10 @@ pub(crate) struct GroupIn<'a> {
     pub q: &'a [f32],
     pub k: &'a [f32],
     pub v: &'a [f32],
-    pub cached_k: &'a [f32],
-    pub cached_v: &'a [f32],
-    pub global_k: &'a [f32],
-    pub global_v: &'a [f32],
+    pub cached_k: Rows<'a>,
+    pub cached_v: Rows<'a>,
+    pub global_k: Rows<'a>,
+    pub global_v: Rows<'a>,
     /// Which global rows are past the distance cap (stored un-rotated); empty: none.
     pub global_far: &'a [bool],
     pub cos: &'a [f32],
@@ -75,8 +126,8 @@ pub(crate) struct GroupIn<'a> {
 /// `new_k.len() / d` of cache-then-token) and, for Liger layers, the recurrent memory.
 pub(crate) struct GroupOut<'a> {
     pub out: &'a mut [f32],
-    pub new_k: &'a mut [f32],
-    pub new_v: &'a mut [f32],
+    pub new_k: RowsMut<'a>,
+    pub new_v: RowsMut<'a>,
     /// What the global cache's choice needs: the attention shares of the window rows
     /// (cache, then the token) when it gives places by attention, then the token's recall
     /// score when it gives places by recall; empty otherwise.
@@ -101,6 +152,8 @@ pub(crate) struct Scratch {
     q_feat: Vec<f32>,
     o_rec: Vec<f32>,
     read: Vec<f32>,
+    /// Cached rows widened to f32 (global keys and values, then the window's).
+    wide: [Vec<f32>; 4],
 }
 
 /// `buf` resized to `n` (contents unspecified).
@@ -141,10 +194,13 @@ pub(crate) fn mix_group(
     let (mass, recall) = y
         .salience
         .split_at_mut(if attention_scores { rows } else { 0 });
+    let [wgk, wgv, wck, wcv] = &mut scratch.wide;
+    let (global_k, global_v) = (x.global_k.widened(wgk), x.global_v.widened(wgv));
+    let (cached_k, cached_v) = (x.cached_k.widened(wck), x.cached_v.widened(wcv));
     attend(
         (q_rot, far),
-        [x.global_k, x.cached_k, k_rot],
-        [x.global_v, x.cached_v, x.v],
+        [global_k, cached_k, k_rot],
+        [global_v, cached_v, x.v],
         (d, &mut scratch.probs),
         (&mut *y.out, attention_scores.then_some(mass)),
     );
@@ -238,16 +294,30 @@ fn attend(
     }
 }
 
-/// The last `dst.len()` values of `cached` followed by `new`.
-fn keep_last(cached: &[f32], new: &[f32], dst: &mut [f32]) {
+/// The last `dst.len()` values of `cached` followed by `new`, in `dst`'s dtype (cached
+/// rows are copied as stored; only the new row is rounded when `dst` is f16).
+fn keep_last(cached: Rows, new: &[f32], dst: RowsMut) {
     let total = cached.len() + new.len();
     let skip = total - dst.len();
-    if skip < cached.len() {
-        let from_cache = cached.len() - skip;
-        dst[..from_cache].copy_from_slice(&cached[skip..]);
-        dst[from_cache..].copy_from_slice(new);
-    } else {
-        dst.copy_from_slice(&new[skip - cached.len()..]);
+    let from_cache = cached.len().saturating_sub(skip);
+    let new = &new[skip.saturating_sub(cached.len())..];
+    match (cached, dst) {
+        (Rows::F32(c), RowsMut::F32(d)) => {
+            d[..from_cache].copy_from_slice(&c[c.len() - from_cache..]);
+            d[from_cache..].copy_from_slice(new);
+        }
+        (Rows::F16(c), RowsMut::F16(d)) => {
+            d[..from_cache].copy_from_slice(&c[c.len() - from_cache..]);
+            d[from_cache..].convert_from_f32_slice(new);
+        }
+        (Rows::F32(c), RowsMut::F16(d)) => {
+            d[..from_cache].convert_from_f32_slice(&c[c.len() - from_cache..]);
+            d[from_cache..].convert_from_f32_slice(new);
+        }
+        (Rows::F16(c), RowsMut::F32(d)) => {
+            c[c.len() - from_cache..].convert_to_f32_slice(&mut d[..from_cache]);
+            d[from_cache..].copy_from_slice(new);
+        }
     }
 }
 
@@ -358,14 +428,22 @@ mod tests {
     fn keep_last_trims_the_oldest_rows() {
         let cached = [1.0, 2.0, 3.0];
         let mut dst = [0.0; 2];
-        keep_last(&cached, &[4.0], &mut dst);
+        keep_last(Rows::F32(&cached), &[4.0], RowsMut::F32(&mut dst));
         assert_eq!(dst, [3.0, 4.0]);
         let mut dst = [0.0; 4];
-        keep_last(&cached, &[4.0], &mut dst);
+        keep_last(Rows::F32(&cached), &[4.0], RowsMut::F32(&mut dst));
         assert_eq!(dst, [1.0, 2.0, 3.0, 4.0]);
         let mut dst = [0.0; 1];
-        keep_last(&[], &[4.0], &mut dst);
+        keep_last(Rows::EMPTY, &[4.0], RowsMut::F32(&mut dst));
         assert_eq!(dst, [4.0]);
+        // Stored in f16: the cached rows are copied, the new one rounded.
+        let halves = cached.map(f16::from_f32);
+        let mut dst = [f16::ZERO; 3];
+        keep_last(Rows::F16(&halves), &[4.1], RowsMut::F16(&mut dst));
+        assert_eq!(dst, [2.0, 3.0, 4.1].map(f16::from_f32));
+        let mut dst = [0.0; 2];
+        keep_last(Rows::F16(&halves), &[4.0], RowsMut::F32(&mut dst));
+        assert_eq!(dst, [3.0, 4.0]);
     }
 
     #[test]

@@ -33,7 +33,8 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
-use mixing::{GroupIn, GroupOut, Memory, Scratch};
+use half::f16;
+use mixing::{GroupIn, GroupOut, Memory, Rows, RowsMut, Scratch};
 pub(crate) use mixing::{Mix, Recurrent};
 use sync::{PanicGuard, Shared, SpinBarrier};
 
@@ -77,11 +78,48 @@ pub(crate) struct ModelRefs<'m> {
 #[derive(Default)]
 struct Inputs {
     tensors: Vec<Tensor>,
+    /// Cache rows a state stores in f16 (locked the same way).
+    halves: Vec<Tensor>,
     /// Q8_0 weights (their bytes are borrowed the same way).
     blocks: Vec<Arc<QTensor>>,
 }
 
+/// Where cache rows are in [`Inputs`]: among the f32 tensors or the f16 ones.
+#[derive(Clone, Copy)]
+enum RowsIx {
+    F32(usize),
+    F16(usize),
+}
+
+/// Which dtype a layer's new window rows are stored in.
+#[derive(Clone, Copy, PartialEq)]
+enum RowsDtype {
+    F32,
+    F16,
+}
+
+impl RowsDtype {
+    fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(Self::F32),
+            DType::F16 => Some(Self::F16),
+            _ => None,
+        }
+    }
+}
+
 impl Inputs {
+    /// Registers cache rows (a contiguous f32 or f16 CPU tensor; `None` otherwise).
+    fn add_rows(&mut self, t: &Tensor) -> Option<RowsIx> {
+        match t.dtype() {
+            DType::F16 if t.device().is_cpu() && t.is_contiguous() => {
+                self.halves.push(t.clone());
+                Some(RowsIx::F16(self.halves.len() - 1))
+            }
+            _ => self.add(t).map(RowsIx::F32),
+        }
+    }
+
     /// Registers `t` (a contiguous f32 CPU tensor; `None` otherwise).
     fn add(&mut self, t: &Tensor) -> Option<usize> {
         if !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous() {
@@ -148,11 +186,13 @@ struct LayerIx {
 /// One sequence's state in one layer: its cache (indices of keys and values, rows), how
 /// many rows the cache keeps, and its recurrent memory when the layer has one.
 struct SeqLayerIx {
-    cached: Option<(usize, usize, usize)>,
+    cached: Option<(RowsIx, RowsIx, usize)>,
     keep: usize,
+    /// What the cache stores its rows in.
+    stored: RowsDtype,
     memory: Option<usize>,
     /// The global cache's keys and values (indices, rows per head), when it has entries.
-    global: Option<(usize, usize, usize)>,
+    global: Option<(RowsIx, RowsIx, usize)>,
     /// Which global rows are past the distance cap, `[hkv * rows]` (empty: none).
     global_far: Vec<bool>,
     /// Values per KV head the layer measures for the global cache (`Mix::scoring`):
@@ -160,10 +200,57 @@ struct SeqLayerIx {
     scores: usize,
 }
 
+/// New cache rows, in the dtype the cache stores them in.
+enum NewRows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl NewRows {
+    fn zeros(dtype: RowsDtype, n: usize) -> Self {
+        match dtype {
+            RowsDtype::F32 => Self::F32(vec![0.0; n]),
+            RowsDtype::F16 => Self::F16(vec![f16::ZERO; n]),
+        }
+    }
+
+    fn shared(&mut self) -> SharedRows<'_> {
+        match self {
+            Self::F32(x) => SharedRows::F32(Shared::new(x)),
+            Self::F16(x) => SharedRows::F16(Shared::new(x)),
+        }
+    }
+
+    fn into_tensor(self, shape: (usize, usize, usize)) -> Result<Tensor> {
+        let device = candle_core::Device::Cpu;
+        Ok(match self {
+            Self::F32(x) => Tensor::from_vec(x, shape, &device)?,
+            Self::F16(x) => Tensor::from_vec(x, shape, &device)?,
+        })
+    }
+}
+
+/// [`NewRows`] shared among the step's threads.
+enum SharedRows<'a> {
+    F32(Shared<'a, f32>),
+    F16(Shared<'a, f16>),
+}
+
+impl SharedRows<'_> {
+    /// # Safety
+    /// As [`Shared::part`].
+    unsafe fn part(&self, range: std::ops::Range<usize>) -> RowsMut<'_> {
+        match self {
+            Self::F32(x) => RowsMut::F32(x.part(range)),
+            Self::F16(x) => RowsMut::F16(x.part(range)),
+        }
+    }
+}
+
 /// What one new token produced in one layer of one sequence.
 struct SeqLayerOut {
-    new_k: Vec<f32>,
-    new_v: Vec<f32>,
+    new_k: NewRows,
+    new_v: NewRows,
     memory: Option<Vec<f32>>,
     /// `[hkv, scores]`, when measured.
     salience: Vec<f32>,
@@ -213,6 +300,24 @@ pub(crate) fn step(
     let Some(slices) = slices else {
         return Ok(None);
     };
+    let half_guards: Vec<_> = plan
+        .inputs
+        .halves
+        .iter()
+        .map(|t| t.storage_and_layout())
+        .collect();
+    let halves: Option<Vec<&[f16]>> = half_guards
+        .iter()
+        .map(
+            |(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F16(data)), Some((a, b))) => Some(&data[a..b]),
+                _ => None,
+            },
+        )
+        .collect();
+    let Some(halves) = halves else {
+        return Ok(None);
+    };
     // On the CPU these borrow the blocks' storage (no copy).
     let bytes: Vec<Cow<[u8]>> = plan
         .inputs
@@ -221,14 +326,19 @@ pub(crate) fn step(
         .map(|q| q.data())
         .collect::<candle_core::Result<_>>()?;
     let bytes: Vec<&[u8]> = bytes.iter().map(|b| b.as_ref()).collect();
-    let (logits, outs) = plan.run(refs, (&slices, &bytes), seqs, positions);
+    let (logits, outs) = plan.run(refs, (&slices, &halves, &bytes), seqs, positions);
     drop(slices);
+    drop(halves);
     drop(guards);
+    drop(half_guards);
     let (_, hkv, d) = refs.heads;
     let out = plan.store((hkv, d), seqs, logits, outs)?;
     STEPS_TAKEN.fetch_add(1, Ordering::Relaxed);
     Ok(Some(out))
 }
+
+/// The step's inputs, locked: f32 tensors, f16 cache rows, Q8_0 blocks.
+type Locked<'a> = (&'a [&'a [f32]], &'a [&'a [f16]], &'a [&'a [u8]]);
 
 /// Everything a step needs, checked and numbered before any thread starts.
 struct Plan {
@@ -339,7 +449,7 @@ impl Plan {
                             if (kh, kd) != (hkv, d) || v.dims() != k.dims() {
                                 return None;
                             }
-                            global = Some((inputs.add(k)?, inputs.add(v)?, n));
+                            global = Some((inputs.add_rows(k)?, inputs.add_rows(v)?, n));
                             if max_distance.is_some() {
                                 // Stored un-rotated exactly when this query scores them at
                                 // the cap.
@@ -357,15 +467,17 @@ impl Plan {
                         if (kh, kd) != (hkv, d) || v.dims() != k.dims() {
                             return None;
                         }
-                        Some((inputs.add(k)?, inputs.add(v)?, len))
+                        Some((inputs.add_rows(k)?, inputs.add_rows(v)?, len))
                     }
                 };
+                let stored = RowsDtype::of(cache.stored_dtype().unwrap_or(DType::F32))?;
                 let total = cached.map_or(0, |c| c.2) + 1;
                 let (attention, recall) = layer.mix.scoring();
                 let scores = if attention { total } else { 0 } + usize::from(recall);
                 per_seq.push(SeqLayerIx {
                     cached,
                     keep: cache.capacity().map_or(total, |c| total.min(c)),
+                    stored,
                     memory,
                     global,
                     global_far,
@@ -392,7 +504,7 @@ impl Plan {
     fn run(
         &self,
         refs: &ModelRefs,
-        (slices, blocks): (&[&[f32]], &[&[u8]]),
+        (slices, halves, blocks): Locked,
         seqs: &[SeqStep<'_>],
         positions: &[u32],
     ) -> (Vec<f32>, Vec<Vec<SeqLayerOut>>) {
@@ -421,8 +533,8 @@ impl Plan {
                 per_seq
                     .iter()
                     .map(|s| SeqLayerOut {
-                        new_k: vec![0f32; hkv * s.keep * d],
-                        new_v: vec![0f32; hkv * s.keep * d],
+                        new_k: NewRows::zeros(s.stored, hkv * s.keep * d),
+                        new_v: NewRows::zeros(s.stored, hkv * s.keep * d),
                         memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
                         salience: vec![0f32; hkv * s.scores],
                     })
@@ -436,19 +548,19 @@ impl Plan {
         let mut act = vec![0f32; nb * self.intermediate];
         let mut logits = vec![0f32; nb * self.lm_head.n];
         let threads = rayon::current_num_threads().max(1);
-        let new_state: Vec<Vec<[Shared; 4]>> = outs
+        let new_state: Vec<Vec<NewState>> = outs
             .iter_mut()
             .map(|per_seq| {
                 per_seq
                     .iter_mut()
                     .map(|o| {
                         let memory = o.memory.as_deref_mut().unwrap_or(&mut []);
-                        [
-                            Shared::new(&mut o.new_k),
-                            Shared::new(&mut o.new_v),
-                            Shared::new(memory),
-                            Shared::new(&mut o.salience),
-                        ]
+                        NewState {
+                            k: o.new_k.shared(),
+                            v: o.new_v.shared(),
+                            memory: Shared::new(memory),
+                            salience: Shared::new(&mut o.salience),
+                        }
                     })
                     .collect()
             })
@@ -456,6 +568,7 @@ impl Plan {
         let step = Step {
             plan: self,
             slices,
+            halves,
             blocks,
             nb,
             heads: refs.heads,
@@ -511,10 +624,7 @@ impl Plan {
                     None
                 } else {
                     let shape = (hkv, keep, d);
-                    Some((
-                        Tensor::from_vec(out.new_k, shape, &device)?,
-                        Tensor::from_vec(out.new_v, shape, &device)?,
-                    ))
+                    Some((out.new_k.into_tensor(shape)?, out.new_v.into_tensor(shape)?))
                 };
                 let position = seq.state.position;
                 match &mut seq.state.layers[li] {
@@ -569,6 +679,7 @@ impl Plan {
 struct Step<'a> {
     plan: &'a Plan,
     slices: &'a [&'a [f32]],
+    halves: &'a [&'a [f16]],
     blocks: &'a [&'a [u8]],
     nb: usize,
     heads: (usize, usize, usize),
@@ -583,11 +694,19 @@ struct Step<'a> {
     act: Shared<'a>,
     logits: Shared<'a>,
     /// `[layer][seq]`: new keys, values, recurrent memory.
-    new_state: Vec<Vec<[Shared<'a>; 4]>>,
+    new_state: Vec<Vec<NewState<'a>>>,
     /// One work counter per phase (five per layer, then the LM head), claimed from by all
     /// threads; fresh each step, so never reset.
     counters: Vec<AtomicUsize>,
     barrier: SpinBarrier,
+}
+
+/// Where one sequence's new state parts in one layer go.
+struct NewState<'a> {
+    k: SharedRows<'a>,
+    v: SharedRows<'a>,
+    memory: Shared<'a>,
+    salience: Shared<'a>,
 }
 
 /// What a projection does with its output rows.
@@ -746,19 +865,21 @@ impl Step<'_> {
             }
             let (s, kvh) = (unit / hkv, unit % hkv);
             let state = &self.plan.states[li][s];
+            // Head `kvh`'s rows of `n` per head.
+            let rows_of = |ix: RowsIx, n: usize| {
+                let range = kvh * n * d..(kvh + 1) * n * d;
+                match ix {
+                    RowsIx::F32(i) => Rows::F32(&self.slices[i][range]),
+                    RowsIx::F16(i) => Rows::F16(&self.halves[i][range]),
+                }
+            };
             let (cached_k, cached_v) = match state.cached {
-                Some((ki, vi, len)) => (
-                    &self.slices[ki][kvh * len * d..(kvh + 1) * len * d],
-                    &self.slices[vi][kvh * len * d..(kvh + 1) * len * d],
-                ),
-                None => (&[][..], &[][..]),
+                Some((ki, vi, len)) => (rows_of(ki, len), rows_of(vi, len)),
+                None => (Rows::EMPTY, Rows::EMPTY),
             };
             let (global_k, global_v) = match state.global {
-                Some((ki, vi, n)) => (
-                    &self.slices[ki][kvh * n * d..(kvh + 1) * n * d],
-                    &self.slices[vi][kvh * n * d..(kvh + 1) * n * d],
-                ),
-                None => (&[][..], &[][..]),
+                Some((ki, vi, n)) => (rows_of(ki, n), rows_of(vi, n)),
+                None => (Rows::EMPTY, Rows::EMPTY),
             };
             let (cos, sin) = &self.rope[s];
             let global_far = match (state.global, state.global_far.is_empty()) {
@@ -782,7 +903,12 @@ impl Step<'_> {
                     .as_ref()
                     .map(|(c, s)| (c.as_slice(), s.as_slice())),
             };
-            let [new_k, new_v, memory, salience] = &self.new_state[li][s];
+            let NewState {
+                k: new_k,
+                v: new_v,
+                memory,
+                salience,
+            } = &self.new_state[li][s];
             let rows = state.keep * d;
             let out = GroupOut {
                 out: unsafe {

@@ -13,19 +13,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// A buffer shared by the step's threads. Between two barriers each part of it is either
 /// read by any number of threads or written by exactly one: the phase structure of
 /// `super::worker` guarantees that, and the accessors' safety contracts state it.
-pub(crate) struct Shared<'a> {
-    ptr: *mut f32,
+pub(crate) struct Shared<'a, T = f32> {
+    ptr: *mut T,
     len: usize,
-    _borrow: PhantomData<&'a mut [f32]>,
+    _borrow: PhantomData<&'a mut [T]>,
 }
 
-// SAFETY: `Shared` is a `&mut [f32]` split among threads under the phase discipline above;
-// f32 has no drop glue or interior pointers.
-unsafe impl Send for Shared<'_> {}
-unsafe impl Sync for Shared<'_> {}
+// SAFETY: `Shared` is a `&mut [T]` split among threads under the phase discipline above;
+// the `T`s used (f32, f16) are plain `Copy` numbers without drop glue or interior pointers.
+unsafe impl<T: Copy + Send> Send for Shared<'_, T> {}
+unsafe impl<T: Copy + Send> Sync for Shared<'_, T> {}
 
-impl<'a> Shared<'a> {
-    pub fn new(buf: &'a mut [f32]) -> Self {
+impl<'a, T: Copy> Shared<'a, T> {
+    pub fn new(buf: &'a mut [T]) -> Self {
         Self {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
@@ -37,7 +37,7 @@ impl<'a> Shared<'a> {
     ///
     /// # Safety
     /// No thread may write any of it while the returned slice is alive.
-    pub unsafe fn read(&self) -> &[f32] {
+    pub unsafe fn read(&self) -> &[T] {
         std::slice::from_raw_parts(self.ptr, self.len)
     }
 
@@ -46,7 +46,7 @@ impl<'a> Shared<'a> {
     /// # Safety
     /// No other thread may read or write any of `range` while the returned slice is alive.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn part(&self, range: Range<usize>) -> &mut [f32] {
+    pub unsafe fn part(&self, range: Range<usize>) -> &mut [T] {
         assert!(
             range.start <= range.end && range.end <= self.len,
             "{range:?} outside a buffer of {}",
