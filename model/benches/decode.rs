@@ -33,8 +33,9 @@
 //! (that window and cache with no recurrent read-out: the memory only chooses the cache) and
 //! `window-w256-g64-a16` (16 of those places given by attention instead), and
 //! `window-w240-g80-a16` (a 240-token window, 4 sinks, 60 places by recall and 16 by
-//! attention) and `window-w240-g80-a16-c4096` (the default model's structure: the same with
-//! kept tokens scored at most 4,096 back).
+//! attention), `window-w240-g80-a16-c4096` (the same with kept tokens scored at most 4,096
+//! back) and `window-w240-g384-a320-c4096-f16` (the default model's structure: rows stored
+//! in f16, so 384 places, 320 of them by attention, fit the same state bytes).
 //!
 //! The context is built once per model by chunked prefill and grown between measurements,
 //! so each model pays one prefill to the largest context. Figures are medians over `--steps`
@@ -154,7 +155,7 @@ fn parse_args() -> Args {
 type MakeLiger = fn(usize) -> LigerConfig;
 
 /// The Liger structures `--variants` can name.
-const VARIANTS: [(&str, MakeLiger); 11] = [
+const VARIANTS: [(&str, MakeLiger); 12] = [
     ("gla", |_| LigerConfig::default()),
     ("hgrn2", |_| LigerConfig {
         variant: Variant::Hgrn2,
@@ -194,6 +195,12 @@ const VARIANTS: [(&str, MakeLiger); 11] = [
     ("window-w240-g80-a16-c4096", |_| LigerConfig {
         max_distance: Some(4096),
         ..window_with_cache(240, 80, 16)
+    }),
+    // Rows in f16: 384 places (60 by recall, 320 by attention) in the same state bytes.
+    ("window-w240-g384-a320-c4096-f16", |_| LigerConfig {
+        max_distance: Some(4096),
+        kv_dtype: Some(liger_model::config::KvDtype::F16),
+        ..window_with_cache(240, 384, 320)
     }),
 ];
 

@@ -280,6 +280,18 @@ impl StateCache {
         None
     }
 
+    /// How many leading tokens of `prompt` [`lookup`](Self::lookup) would resume from (0:
+    /// none), without touching the cache's order or counters. A snapshot only on disk
+    /// counts, though it may fail its checks when loaded.
+    pub fn cached_prefix(&self, prompt: &[u32]) -> usize {
+        let limit = prompt.len().saturating_sub(1);
+        self.root
+            .prefixes_with_entries(&prompt[..limit])
+            .last()
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// How many leading tokens of `tokens` some stored key shares (whether or not a snapshot
     /// sits exactly there). A request that diverges from a cached conversation at this point
     /// should store a snapshot here: the next request with the same prefix (a system prompt,

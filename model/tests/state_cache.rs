@@ -89,6 +89,15 @@ fn shared_prefixes_branch_and_never_match_other_tokens() {
     // A prompt equal to a cached key still leaves one token to process.
     let hit = cache.lookup(&a).unwrap();
     assert_eq!(hit.tokens, system.len());
+    // What a lookup would resume from, asked without a lookup's side effects.
+    let before = cache.stats();
+    assert_eq!(cache.cached_prefix(&b), system.len());
+    assert_eq!(
+        cache.cached_prefix(&system),
+        0,
+        "one token must be left to read"
+    );
+    assert_eq!(cache.stats(), before);
     // A prompt that diverges inside the first edge gets nothing.
     let mut other = system.clone();
     other[3] = (other[3] + 1) % 61;

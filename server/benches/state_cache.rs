@@ -167,6 +167,7 @@ fn main() {
             max_running: 4,
             max_waiting: 4,
             max_batch_tokens: 512,
+            step_target: None,
             max_model_len: 32768,
             state_cache: StateCacheOptions {
                 budget_bytes: budget,

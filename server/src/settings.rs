@@ -81,6 +81,11 @@ pub struct Args {
     /// Tokens per forward pass, decodes plus prefill chunks [default: 512].
     #[arg(long, env = "LIGER_MAX_BATCH_TOKENS")]
     pub max_batch_tokens: Option<usize>,
+    /// While sequences decode, cut each step's prompt chunk so the step takes about this
+    /// long (every step delays each decoding stream's next token by its duration); 0 turns
+    /// the cut off (every step reads up to --max-batch-tokens) [default: 250].
+    #[arg(long, env = "LIGER_STEP_TARGET_MS", value_name = "MS")]
+    pub step_target_ms: Option<u64>,
     /// Prompt plus completion tokens [default: max_position_embeddings; only Liger models may exceed it].
     #[arg(long, env = "LIGER_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
@@ -116,6 +121,7 @@ impl Args {
             max_running: self.max_running.or(file.max_running),
             max_waiting: self.max_waiting.or(file.max_waiting),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
+            step_target_ms: self.step_target_ms.or(file.step_target_ms),
             max_model_len: self.max_model_len.or(file.max_model_len),
             api_key: self.api_key.or(file.api_key),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
@@ -146,6 +152,8 @@ pub struct Settings {
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_batch_tokens: usize,
+    /// `None`: steps are not cut to a latency target.
+    pub step_target: Option<std::time::Duration>,
     pub max_model_len: Option<usize>,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
@@ -213,6 +221,10 @@ impl Settings {
             max_running,
             max_waiting,
             max_batch_tokens,
+            step_target: match a.step_target_ms.unwrap_or(250) {
+                0 => None,
+                ms => Some(std::time::Duration::from_millis(ms)),
+            },
             max_model_len: a.max_model_len,
             api_key: a.api_key.filter(|k| !k.is_empty()),
             max_body_bytes,
@@ -256,6 +268,9 @@ mod tests {
         assert_eq!(s.max_running, 4, "file fills the gap");
         assert_eq!(s.dtype, DTypeArg::F16);
         assert_eq!(s.max_waiting, 64, "default");
+        assert_eq!(s.step_target, Some(std::time::Duration::from_millis(250)));
+        let off = Settings::resolve(args(&["--model", "m", "--step-target-ms", "0"])).unwrap();
+        assert_eq!(off.step_target, None, "0 turns the cut off");
         assert_eq!(s.served_model_name, "org/m");
         assert_eq!(s.host, "127.0.0.1");
     }

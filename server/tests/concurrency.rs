@@ -230,6 +230,7 @@ async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
         max_running: 4,
         max_waiting: 8,
         max_batch_tokens: 64,
+        step_target: None,
         max_model_len: 256,
         state_cache: Default::default(),
     };

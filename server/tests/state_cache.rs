@@ -205,6 +205,7 @@ fn engine(cache: StateCacheOptions) -> (LocalEngine, Arc<Metrics>, usize, tempfi
         max_running: 4,
         max_waiting: 16,
         max_batch_tokens: 16,
+        step_target: None,
         max_model_len: 256,
         state_cache: cache,
     };

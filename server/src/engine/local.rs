@@ -25,6 +25,8 @@ pub struct EngineOptions {
     pub max_waiting: usize,
     /// Tokens per forward pass (decodes plus prefill chunks).
     pub max_batch_tokens: usize,
+    /// While sequences decode, steps are cut to about this long ([`super::scheduler`]).
+    pub step_target: Option<std::time::Duration>,
     /// Prompt plus generated tokens per sequence.
     pub max_model_len: usize,
     pub state_cache: StateCacheOptions,

@@ -28,7 +28,7 @@ use liger_model::{Model, SequenceState, Slot, StateBytes, StatePool};
 use tracing::{debug, info, warn};
 
 use super::local::{EngineOptions, Submission};
-use super::scheduler::admit;
+use super::scheduler::{admit, StepBudget, Waiting};
 use super::sequence::{Choice, Shared};
 use super::{EngineError, Event, EventSender, GenerationRequest, TokenLogprob};
 use crate::metrics::Metrics;
@@ -49,6 +49,8 @@ struct Group {
     phase: Phase,
     /// A prompt position to snapshot on the way (where it leaves the cached keys).
     snapshot_at: Option<usize>,
+    /// Resumed from the state cache: its prompt is read before cold ones.
+    warm: bool,
     prompt_logprobs: Vec<TokenLogprob>,
     first_token_at: Option<Instant>,
     last_token_at: Instant,
@@ -88,12 +90,14 @@ pub(super) struct Worker {
     waiting: Arc<AtomicUsize>,
     queue: VecDeque<Submission>,
     running: Vec<Group>,
+    budget: StepBudget,
 }
 
 impl Worker {
     /// Starts the thread; it ends once every handle is dropped and the work is done.
     pub(super) fn spawn(p: WorkerParts) -> std::io::Result<()> {
         let worker = Worker {
+            budget: StepBudget::new(p.options.max_batch_tokens, p.options.step_target),
             model: p.model,
             codec: p.codec,
             pool: p.pool,
@@ -162,12 +166,22 @@ impl Worker {
     }
 
     fn admit(&mut self) {
-        let count = admit(
-            self.pool.available(),
-            self.queue.iter().map(|s| s.request.n),
-        );
-        for _ in 0..count {
-            let sub = self.queue.pop_front().expect("counted");
+        let waiting: Vec<Waiting> = self
+            .queue
+            .iter()
+            .map(|s| Waiting {
+                need: s.request.n,
+                warm: self.is_warm(&s.request),
+            })
+            .collect();
+        let picked = admit(self.pool.available(), &waiting);
+        let mut taken: Vec<Option<Submission>> = Vec::new();
+        if !picked.is_empty() {
+            let mut all: Vec<Option<Submission>> = self.queue.drain(..).map(Some).collect();
+            taken = picked.iter().map(|&i| all[i].take()).collect();
+            self.queue = all.into_iter().flatten().collect();
+        }
+        for sub in taken.into_iter().flatten() {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             let mut slots = Vec::with_capacity(sub.request.n);
             let mut failure = None;
@@ -185,6 +199,7 @@ impl Worker {
                 continue;
             }
             let cached = self.resume_from_cache(&sub.request, &mut slots[0]);
+            let warm = cached > 0;
             let snapshot_at = self.divergence(&sub.request.prompt, cached);
             if cached > 0 && sub.events.send(Event::Cached(cached)).is_err() {
                 self.release_slots(slots);
@@ -206,6 +221,7 @@ impl Worker {
                     done: cached,
                 },
                 snapshot_at,
+                warm,
                 prompt_logprobs: Vec::new(),
                 first_token_at: None,
                 last_token_at: sub.at,
@@ -213,6 +229,19 @@ impl Worker {
                 gone: false,
             });
         }
+    }
+
+    /// Whether the state cache holds a prefix of the request's prompt that leaves at most
+    /// one step of it to read (as [`resume_from_cache`](Self::resume_from_cache) would use it).
+    fn is_warm(&self, request: &GenerationRequest) -> bool {
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        if request.prompt_logprobs.is_some() {
+            return false;
+        }
+        let cached = cache.cached_prefix(&request.prompt);
+        cached > 0 && request.prompt.len() - cached <= self.options.max_batch_tokens
     }
 
     /// Starts `slot` from the longest cached prefix of the prompt; returns its length (0 on

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::{snapshot, Part, Phase, Worker};
 use crate::engine::sampling::token_logprob;
-use crate::engine::scheduler::plan_prefill;
+use crate::engine::scheduler::{plan_prefill, Prefilling};
 use crate::engine::sequence::Choice;
 use crate::engine::{EngineError, Event, FinishReason};
 
@@ -71,8 +71,15 @@ impl Worker {
             catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut steps, mode)))
                 .unwrap_or_else(|p| Err(liger_model::Error::Invalid(panic_message(&p))))
         };
+        let took = started.elapsed();
+        // One input per decoding choice and one per prefill chunk.
+        let (chunks, prompt) = parts.iter().fold((0, 0), |(n, p), part| match part {
+            Part::Prefill(len) => (n + 1, p + len),
+            _ => (n, p),
+        });
+        self.budget.observe(inputs.len() - chunks, prompt, took);
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
-        self.metrics.step_duration.observe(started.elapsed());
+        self.metrics.step_duration.observe(took);
         match result {
             Ok(outputs) => self.apply(&parts, outputs),
             Err(e) => self.fail_step(&parts, &e.to_string()),
@@ -88,16 +95,19 @@ impl Worker {
                 Phase::Prefill { .. } => 0,
             })
             .sum();
-        let remaining: Vec<usize> = self
+        let prefilling: Vec<Prefilling> = self
             .running
             .iter()
             .filter_map(|g| match &g.phase {
-                Phase::Prefill { done, .. } => Some(g.request.prompt.len() - done),
+                Phase::Prefill { done, .. } => Some(Prefilling {
+                    remaining: g.request.prompt.len() - done,
+                    warm: g.warm,
+                }),
                 Phase::Decode { .. } => None,
             })
             .collect();
-        let mut chunks =
-            plan_prefill(self.options.max_batch_tokens, decodes, &remaining).into_iter();
+        let budget = self.budget.tokens(decodes);
+        let mut chunks = plan_prefill(budget, decodes, &prefilling).into_iter();
         self.running
             .iter()
             .map(|g| match &g.phase {
