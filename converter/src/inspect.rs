@@ -353,6 +353,13 @@ pub fn render_table(r: &Report) -> String {
                     );
                 }
             }
+            if let Some(d) = l.kv_dtype {
+                row(
+                    &mut s,
+                    "state rows",
+                    format!("window and kept keys and values stored in {}", d.name()),
+                );
+            }
             if let Some(src) = &l.source {
                 row(&mut s, "converted from", src.clone());
             }

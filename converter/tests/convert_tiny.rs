@@ -478,6 +478,8 @@ fn inspect_reports_runtime_state_sizes() {
         "1",
         "--window",
         "16",
+        "--kv-dtype",
+        "f16",
     ]);
 
     let cfg = ModelConfig::from_file(&out.join("config.json")).unwrap();
@@ -509,6 +511,9 @@ fn inspect_reports_runtime_state_sizes() {
     let state = json["state"].as_array().unwrap();
     assert_eq!(state.len(), 2);
     let table = run_ok(&["inspect", out.to_str().unwrap()]);
+    assert!(table.contains("stored in f16"), "{table}");
+    // The sizes below are of rows stored in f16, though the model computes in f32.
+    assert_eq!(liger.cache_dtype, DType::F16);
     for (row, ctx) in state.iter().zip([4096usize, 32768]) {
         assert_eq!(row["context"].as_u64(), Some(ctx as u64));
         assert_eq!(

@@ -152,7 +152,8 @@ pub struct LigerConfig {
     /// shorter (this must exceed `window`). `None`: no cap. See [`crate::global`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_distance: Option<usize>,
-    /// How the state stores the keys and values it keeps (window and global cache rows):
+    /// How the state stores the keys and values it keeps (window, global cache and
+    /// full-attention layers' rows):
     /// `f16` halves their bytes, so twice the rows fit the same state (llama.cpp's default
     /// cache type). Attention still computes in the model's dtype; rows are rounded once,
     /// when stored. `None`: the model's dtype.
