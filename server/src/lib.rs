@@ -14,6 +14,7 @@ pub mod api;
 pub mod engine;
 pub mod error;
 pub mod loader;
+pub mod logging;
 pub mod metrics;
 pub mod settings;
 pub mod text;

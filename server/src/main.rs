@@ -3,18 +3,15 @@
 
 use anyhow::Context;
 use liger_server::settings::Settings;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     // Before any thread exists: it sets an environment variable (see liger_model::threads),
     // which is why the tokio runtime is built by hand below rather than by #[tokio::main].
     liger_model::threads::init(None);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = liger_server::logging::init() {
+        eprintln!("liger-serve: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

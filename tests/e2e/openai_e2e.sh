@@ -61,8 +61,8 @@ free_port() {
 start_server() {
   local dir="$1" name="$2" log="$3"
   port="$(free_port)"
-  "$BIN/liger-serve" --model "$dir" --served-model-name "$name" --host 127.0.0.1 \
-    --port "$port" --api-key "$API_KEY" --max-running 4 >"$log" 2>&1 &
+  LIGER_LOG_FORMAT="${log_format:-}" "$BIN/liger-serve" --model "$dir" --served-model-name "$name" \
+    --host 127.0.0.1 --port "$port" --api-key "$API_KEY" --max-running 4 >"$log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 600); do
     if ! kill -0 "$server_pid" 2>/dev/null; then
@@ -99,8 +99,16 @@ step "liger-convert import (Transformer)" \
 step "python venv with openai" \
   bash -c "'$PYTHON' -m venv '$WORK/venv' && '$WORK/venv/bin/pip' install -q --disable-pip-version-check openai" || finish
 
+# Logs written to a file are plain text, or one JSON object per line (the transformer run).
+plain_log() { ! grep -q $'\e\[' "$1"; }
+json_log() {
+  "$PYTHON" -c 'import json, sys; [json.loads(l) for l in open(sys.argv[1]) if l.strip()]' "$1" &&
+    grep -q '"level"' "$1"
+}
+
 for kind in transformer liger; do
   reference=$([[ $kind == liger ]] && echo liger_gla || echo transformer)
+  log_format=$([[ $kind == transformer ]] && echo json || echo text)
   name="smollm2-$kind"
   if ! step "liger-serve $kind starts and becomes healthy" start_server "$WORK/$kind" "$name" "$WORK/$kind.log"; then
     continue
@@ -119,5 +127,10 @@ for kind in transformer liger; do
     failed=$((failed + 1))
   fi
   stop_server
+  if [[ $log_format == json ]]; then
+    step "liger-serve $kind log: one JSON object per line (LIGER_LOG_FORMAT=json)" json_log "$WORK/$kind.log" || true
+  else
+    step "liger-serve $kind log: no colour codes in a file" plain_log "$WORK/$kind.log" || true
+  fi
 done
 finish
