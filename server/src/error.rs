@@ -31,6 +31,8 @@ pub enum ApiError {
     Overloaded { retry_after_secs: u64 },
     #[error("The model is still loading; retry shortly")]
     NotReady,
+    #[error("The server is shutting down; retry on another replica or later")]
+    ShuttingDown,
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -56,7 +58,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +74,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => ("invalid_request_error", Some("request_too_large")),
             ApiError::Overloaded { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),
             ApiError::NotReady => ("service_unavailable_error", Some("model_loading")),
+            ApiError::ShuttingDown => ("service_unavailable_error", Some("shutting_down")),
             ApiError::Internal(_) => ("server_error", Some("internal_error")),
         }
     }
@@ -120,6 +123,7 @@ impl From<EngineError> for ApiError {
             EngineError::Invalid(m) => ApiError::invalid(None, m),
             EngineError::Stopped => ApiError::Internal(e.to_string()),
             EngineError::Model(m) => ApiError::Internal(m),
+            EngineError::ShuttingDown => ApiError::ShuttingDown,
         }
     }
 }

@@ -44,10 +44,24 @@ pub async fn serve(settings: Settings, listener: TcpListener) -> anyhow::Result<
     let app = api::router(state.clone());
     let addr = listener.local_addr().context("listener address")?;
     info!(%addr, model = %settings.model, "listening; loading the model");
+    // On the signal, axum stops accepting and waits for the connections in flight; after
+    // the grace period the engine fails what is left, so those connections end too.
+    let (stopping, mut stop_seen) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                let _ = stopping.send(true);
+            })
             .await
+    });
+    let grace = settings.shutdown_grace;
+    let draining = state.clone();
+    tokio::spawn(async move {
+        if stop_seen.wait_for(|&s| s).await.is_ok() {
+            tokio::time::sleep(grace).await;
+            draining.shut_down_engine();
+        }
     });
     match loader::load(&settings, metrics).await {
         Ok(ready) => {

@@ -86,6 +86,11 @@ pub struct Args {
     /// the cut off (every step reads up to --max-batch-tokens) [default: 250].
     #[arg(long, env = "LIGER_STEP_TARGET_MS", value_name = "MS")]
     pub step_target_ms: Option<u64>,
+    /// On SIGTERM or Ctrl-C, requests in flight may finish for this many seconds; then the
+    /// rest fail with 503 `shutting_down` and the server exits [default: 20, below
+    /// Kubernetes' 30 s termination grace period].
+    #[arg(long, env = "LIGER_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
+    pub shutdown_grace_secs: Option<u64>,
     /// Prompt plus completion tokens [default: max_position_embeddings; only Liger models may exceed it].
     #[arg(long, env = "LIGER_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
@@ -122,6 +127,7 @@ impl Args {
             max_waiting: self.max_waiting.or(file.max_waiting),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
             step_target_ms: self.step_target_ms.or(file.step_target_ms),
+            shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
             max_model_len: self.max_model_len.or(file.max_model_len),
             api_key: self.api_key.or(file.api_key),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
@@ -154,6 +160,8 @@ pub struct Settings {
     pub max_batch_tokens: usize,
     /// `None`: steps are not cut to a latency target.
     pub step_target: Option<std::time::Duration>,
+    /// How long a shutdown waits for requests in flight before failing them.
+    pub shutdown_grace: std::time::Duration,
     pub max_model_len: Option<usize>,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
@@ -225,6 +233,7 @@ impl Settings {
                 0 => None,
                 ms => Some(std::time::Duration::from_millis(ms)),
             },
+            shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace_secs.unwrap_or(20)),
             max_model_len: a.max_model_len,
             api_key: a.api_key.filter(|k| !k.is_empty()),
             max_body_bytes,
@@ -271,6 +280,7 @@ mod tests {
         assert_eq!(s.step_target, Some(std::time::Duration::from_millis(250)));
         let off = Settings::resolve(args(&["--model", "m", "--step-target-ms", "0"])).unwrap();
         assert_eq!(off.step_target, None, "0 turns the cut off");
+        assert_eq!(s.shutdown_grace, std::time::Duration::from_secs(20));
         assert_eq!(s.served_model_name, "org/m");
         assert_eq!(s.host, "127.0.0.1");
     }

@@ -11,8 +11,9 @@ use candle_core::{DType, Device};
 use common::*;
 use futures::StreamExt;
 use liger_server::engine::{
-    Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams,
+    Engine, EngineError, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams,
 };
+use liger_server::error::ApiError;
 use liger_server::metrics::Metrics;
 use liger_server::text::Codec;
 use serde_json::{json, Value};
@@ -273,4 +274,62 @@ async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+#[tokio::test]
+async fn after_the_grace_period_requests_in_flight_and_queued_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path());
+    let model = liger_model::weights::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let codec = Arc::new(Codec::load(dir.path(), &[IM_END]).unwrap());
+    let options = EngineOptions {
+        max_running: 1,
+        max_waiting: 8,
+        max_batch_tokens: 64,
+        step_target: None,
+        max_model_len: 100_000,
+        state_cache: Default::default(),
+    };
+    let engine = LocalEngine::start(model, codec, options, Arc::new(Metrics::default())).unwrap();
+    let request = || GenerationRequest {
+        id: "t".into(),
+        prompt: vec![5, 6, 7],
+        n: 1,
+        sampling: SamplingParams::default(),
+        max_tokens: 50_000,
+        min_tokens: 0,
+        stop: Vec::new(),
+        ignore_eos: true,
+        logprobs: None,
+        prompt_logprobs: None,
+    };
+    // One long generation running, one waiting for its slot.
+    let mut running = engine.submit(request()).unwrap();
+    let mut queued = engine.submit(request()).unwrap();
+    assert!(matches!(running.recv().await, Some(Event::Token { .. })));
+    engine.shut_down();
+    for (name, rx) in [("running", &mut running), ("queued", &mut queued)] {
+        let last = loop {
+            match rx.recv().await {
+                Some(Event::Token { .. }) => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(last, Some(Event::Failed(EngineError::ShuttingDown))),
+            "{name}: {last:?}"
+        );
+        assert!(
+            rx.recv().await.is_none(),
+            "{name}: nothing after the failure"
+        );
+    }
+    assert!(matches!(
+        engine.submit(request()),
+        Err(EngineError::ShuttingDown)
+    ));
+    // What the HTTP layer answers: 503, OpenAI-shaped.
+    let api = ApiError::from(EngineError::ShuttingDown);
+    assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(api.body()["error"]["code"], "shutting_down");
 }

@@ -71,6 +71,14 @@ impl AppState {
         let _ = self.ready.set(ready);
     }
 
+    /// Fails everything the engine holds and will be given ([`Engine::shut_down`]); nothing
+    /// to do while the model is still loading.
+    pub fn shut_down_engine(&self) {
+        if let Some(r) = self.ready.get() {
+            r.engine.shut_down();
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.get().is_some()
     }

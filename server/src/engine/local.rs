@@ -3,7 +3,7 @@
 //! the waiting-queue limit at the door so overload is answered at once with 429.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
@@ -58,6 +58,13 @@ impl StateCacheOptions {
     }
 }
 
+/// What the engine thread receives.
+pub(super) enum Message {
+    Submit(Box<Submission>),
+    /// Fail everything held, and everything submitted from now on ([`Engine::shut_down`]).
+    ShutDown,
+}
+
 /// A request on its way to the engine thread.
 pub(super) struct Submission {
     pub request: GenerationRequest,
@@ -67,7 +74,9 @@ pub(super) struct Submission {
 
 /// Handle to the engine thread. Dropping it lets the thread exit once idle.
 pub struct LocalEngine {
-    inbox: mpsc::Sender<Submission>,
+    inbox: mpsc::Sender<Message>,
+    /// Set by [`Engine::shut_down`]: submissions are refused at the door.
+    closing: Arc<AtomicBool>,
     /// Submitted but not yet holding slots; shared with the thread.
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
@@ -103,6 +112,7 @@ impl LocalEngine {
         })?;
         Ok(Self {
             inbox: tx,
+            closing: Arc::new(AtomicBool::new(false)),
             waiting,
             max_waiting,
             max_running,
@@ -113,6 +123,9 @@ impl LocalEngine {
 
 impl Engine for LocalEngine {
     fn submit(&self, request: GenerationRequest) -> Result<EventReceiver, EngineError> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
         if request.prompt.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
@@ -139,10 +152,15 @@ impl Engine for LocalEngine {
             events: tx,
             at: Instant::now(),
         };
-        if self.inbox.send(sub).is_err() {
+        if self.inbox.send(Message::Submit(Box::new(sub))).is_err() {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped);
         }
         Ok(rx)
+    }
+
+    fn shut_down(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _ = self.inbox.send(Message::ShutDown);
     }
 }

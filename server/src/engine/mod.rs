@@ -148,10 +148,18 @@ pub enum EngineError {
     /// The model failed on a step this request was part of.
     #[error("model error: {0}")]
     Model(String),
+    /// The server is stopping and its drain grace period is over.
+    #[error("the server is shutting down; retry on another replica or later")]
+    ShuttingDown,
 }
 
 /// Runs generation requests. Implementations must be cheap to call from async handlers.
 pub trait Engine: Send + Sync {
     /// Queues a request. Dropping the receiver cancels it (its slot is freed at the next step).
     fn submit(&self, request: GenerationRequest) -> Result<EventReceiver, EngineError>;
+
+    /// Ends serving: every queued and running request fails with
+    /// [`EngineError::ShuttingDown`] (streams get it as their last event), and so does every
+    /// later submission. Called when a shutdown's drain grace period is over.
+    fn shut_down(&self) {}
 }

@@ -27,7 +27,7 @@ use liger_model::cache::StateCache;
 use liger_model::{Model, SequenceState, Slot, StateBytes, StatePool};
 use tracing::{debug, info, warn};
 
-use super::local::{EngineOptions, Submission};
+use super::local::{EngineOptions, Message, Submission};
 use super::scheduler::{admit, StepBudget, Waiting};
 use super::sequence::{Choice, Shared};
 use super::{EngineError, Event, EventSender, GenerationRequest, TokenLogprob};
@@ -75,7 +75,7 @@ pub(super) struct WorkerParts {
     pub cache: Option<StateCache>,
     pub options: EngineOptions,
     pub metrics: Arc<Metrics>,
-    pub inbox: mpsc::Receiver<Submission>,
+    pub inbox: mpsc::Receiver<Message>,
     pub waiting: Arc<AtomicUsize>,
 }
 
@@ -86,8 +86,10 @@ pub(super) struct Worker {
     cache: Option<StateCache>,
     options: EngineOptions,
     metrics: Arc<Metrics>,
-    inbox: mpsc::Receiver<Submission>,
+    inbox: mpsc::Receiver<Message>,
     waiting: Arc<AtomicUsize>,
+    /// A shutdown's grace period is over: everything fails with `ShuttingDown`.
+    closing: bool,
     queue: VecDeque<Submission>,
     running: Vec<Group>,
     budget: StepBudget,
@@ -106,6 +108,7 @@ impl Worker {
             metrics: p.metrics,
             inbox: p.inbox,
             waiting: p.waiting,
+            closing: false,
             queue: VecDeque::new(),
             running: Vec::new(),
         };
@@ -121,12 +124,16 @@ impl Worker {
             if self.queue.is_empty() && self.running.is_empty() {
                 // Idle: block until work arrives or every handle is gone.
                 match self.inbox.recv() {
-                    Ok(s) => self.queue.push_back(s),
+                    Ok(m) => self.take(m),
                     Err(_) => break,
                 }
             }
-            while let Ok(s) = self.inbox.try_recv() {
-                self.queue.push_back(s);
+            while let Ok(m) = self.inbox.try_recv() {
+                self.take(m);
+            }
+            if self.closing {
+                self.fail_everything();
+                continue;
             }
             self.drop_cancelled();
             self.admit();
@@ -281,6 +288,34 @@ impl Worker {
                 .send(Event::Failed(EngineError::Model(msg.to_string())));
             self.release_group(g);
         }
+    }
+
+    fn take(&mut self, message: Message) {
+        match message {
+            Message::Submit(s) => self.queue.push_back(*s),
+            Message::ShutDown => self.closing = true,
+        }
+    }
+
+    /// Fails every queued and running request with `ShuttingDown` (a shutdown's grace
+    /// period is over).
+    fn fail_everything(&mut self) {
+        if !self.queue.is_empty() || !self.running.is_empty() {
+            warn!(
+                queued = self.queue.len(),
+                running = self.running.len(),
+                "shutdown grace period over; failing the requests still in flight"
+            );
+        }
+        for s in std::mem::take(&mut self.queue) {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            let _ = s.events.send(Event::Failed(EngineError::ShuttingDown));
+        }
+        for g in std::mem::take(&mut self.running) {
+            let _ = g.events.send(Event::Failed(EngineError::ShuttingDown));
+            self.release_group(g);
+        }
+        self.publish_gauges();
     }
 
     fn fail_all(&mut self, msg: &str) {
