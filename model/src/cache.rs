@@ -42,6 +42,9 @@ pub struct CacheStats {
     pub entries: usize,
     /// Snapshots known on disk.
     pub disk_entries: usize,
+    /// Snapshots that could not be written to disk (a full or vanished folder); each is
+    /// logged, and leaves no file behind.
+    pub write_failures: u64,
 }
 
 /// A successful lookup.
@@ -105,6 +108,8 @@ struct Writer {
     tx: Option<mpsc::Sender<Job>>,
     /// Jobs sent and not yet written, with a condition to wait for zero.
     pending: Arc<(Mutex<usize>, Condvar)>,
+    /// Jobs that failed.
+    failures: Arc<std::sync::atomic::AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -119,11 +124,14 @@ impl Writer {
         let (tx, rx) = mpsc::channel::<Job>();
         let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
         let counter = pending.clone();
+        let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = failures.clone();
         let thread = std::thread::Builder::new()
             .name("liger-state-writer".into())
             .spawn(move || {
                 for job in rx {
                     if let Err(e) = write_snapshot(&job) {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(error = %e, "could not persist a state snapshot");
                     }
                     let (count, done) = &*counter;
@@ -136,6 +144,7 @@ impl Writer {
         Ok(Self {
             tx: Some(tx),
             pending,
+            failures,
             thread: Some(thread),
         })
     }
@@ -205,7 +214,13 @@ impl StateCache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        self.stats
+        let write_failures = self.disk.as_ref().map_or(0, |d| {
+            d.writer.failures.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        CacheStats {
+            write_failures,
+            ..self.stats
+        }
     }
 
     /// Indexes the snapshot files in the folder not seen before, when its modification time
@@ -573,11 +588,24 @@ fn write_snapshot(job: &Job) -> Result<()> {
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(&body);
-    let path = &job.path;
-    // Write then rename, so a crash never leaves a half-written snapshot under the real name.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &out).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    write_atomically(&job.path, &out)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it into place, so a crash
+/// never leaves a half-written snapshot under the real name; a failed write removes its
+/// temporary file. The temporary name is unique to this process and write: replicas sharing
+/// a folder may write the same snapshot at once.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
+    let written = std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn parse_header(bytes: &[u8]) -> std::result::Result<(serde_json::Value, usize), String> {
@@ -650,4 +678,28 @@ fn read_snapshot(disk: &Disk, tokens: &[u32]) -> std::result::Result<SequenceSta
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.snap");
+        write_atomically(&path, b"one").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        // The rename cannot replace a non-empty folder: the write fails and cleans up.
+        let blocked = dir.path().join("y.snap");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("inside"), b"").unwrap();
+        assert!(write_atomically(&blocked, b"two").is_err());
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["x.snap", "y.snap"]);
+    }
 }

@@ -256,3 +256,24 @@ fn replicas_sharing_a_folder_resume_each_others_conversations() {
     assert_eq!(hit, prompt.len());
     assert!(max_diff(&logits, &uncached(&m, &next)) < 1e-4);
 }
+
+#[test]
+fn snapshots_that_cannot_be_written_are_counted_and_serving_goes_on() {
+    let m = model(6);
+    let id = m.fingerprint().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("states");
+    let mut cache = StateCache::with_dir(usize::MAX, &folder, m.state_spec().clone(), &id).unwrap();
+    assert_eq!(cache.stats().write_failures, 0);
+    // The folder disappears under the server (an unmounted volume, say).
+    std::fs::remove_dir_all(&folder).unwrap();
+    let prompt = tokens(40, 9);
+    let (logits, _) = serve(&m, &mut cache, &prompt);
+    assert!(max_diff(&logits, &uncached(&m, &prompt)) < 1e-4);
+    cache.flush();
+    assert_eq!(cache.stats().write_failures, 1);
+    // The snapshot is still served from memory.
+    let next = [prompt.clone(), tokens(41, 2)].concat();
+    let (_, hit) = serve(&m, &mut cache, &next);
+    assert_eq!(hit, prompt.len());
+}

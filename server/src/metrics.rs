@@ -100,6 +100,7 @@ pub struct Metrics {
     pub state_cache_evictions: AtomicU64,
     pub state_cache_bytes: AtomicU64,
     pub state_cache_entries: AtomicU64,
+    pub state_cache_write_failures: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -129,6 +130,7 @@ impl Default for Metrics {
             state_cache_evictions: AtomicU64::new(0),
             state_cache_bytes: AtomicU64::new(0),
             state_cache_entries: AtomicU64::new(0),
+            state_cache_write_failures: AtomicU64::new(0),
         }
     }
 }
@@ -173,7 +175,7 @@ impl Metrics {
             "liger_engine_step_seconds",
             "Duration of one batched engine step.",
         );
-        let series: [(&str, &str, &str, &AtomicU64); 16] = [
+        let series: [(&str, &str, &str, &AtomicU64); 17] = [
             (
                 "liger_running_sequences",
                 "gauge",
@@ -269,6 +271,12 @@ impl Metrics {
                 "gauge",
                 "State snapshots held in memory.",
                 &self.state_cache_entries,
+            ),
+            (
+                "liger_state_cache_write_failures_total",
+                "counter",
+                "State snapshots that could not be written to --state-cache-dir (full or gone).",
+                &self.state_cache_write_failures,
             ),
         ];
         for (name, kind, help, v) in series {

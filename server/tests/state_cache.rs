@@ -89,6 +89,10 @@ async fn chat_turns_resume_from_the_previous_turn_and_answer_the_same() {
         hit_tokens as f64
     );
     assert!(metric(&on.app, "liger_state_cache_bytes").await > 0.0);
+    assert_eq!(
+        metric(&on.app, "liger_state_cache_write_failures_total").await,
+        0.0
+    );
 }
 
 fn header() -> Vec<u32> {

@@ -366,6 +366,8 @@ impl Worker {
             m.state_cache_bytes.store(s.bytes as u64, Ordering::Relaxed);
             m.state_cache_entries
                 .store(s.entries as u64, Ordering::Relaxed);
+            m.state_cache_write_failures
+                .store(s.write_failures, Ordering::Relaxed);
         }
         let mut sequences = 0;
         let mut bytes = StateBytes::default();
