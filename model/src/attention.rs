@@ -21,7 +21,7 @@ use candle_nn::VarBuilder;
 use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
 use crate::decode::{Mix, Recurrent};
 use crate::gla::{self, FeatureMaps};
-use crate::global::{recall_scores, DistanceCap, SpanPositions};
+use crate::global::{recall_scores, DistanceCap, GlobalCache, SpanPositions};
 use crate::layers::rope::rotate_rows;
 use crate::layers::{Linear, Rope};
 use crate::state::{KvCache, LayerState};
@@ -89,6 +89,8 @@ pub struct BatchContext<'a> {
     pub sin: Tensor,
     /// Chunk length of the chunked-parallel recurrent form.
     pub chunk_size: usize,
+    /// Queries a layer with a global cache attends at once (`RuntimeOptions::global_block`).
+    pub global_block: usize,
     /// Use ops with a backward pass.
     pub differentiable: bool,
 }
@@ -508,68 +510,100 @@ impl Attention {
         reads: &[Option<Tensor>],
     ) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(ctx.spans.len());
-        for ((span, state), read) in ctx.spans.iter().zip(states.iter_mut()).zip(reads) {
+        for ((whole, state), read) in ctx.spans.iter().zip(states.iter_mut()).zip(reads) {
             let LayerState::Liger { window, global, .. } = &mut **state else {
                 unreachable!("checked by hybrid");
             };
-            let to_heads = |x: &Tensor| -> Result<Tensor> {
-                Ok(x.narrow(0, span.start, span.len)?
-                    .transpose(0, 1)?
-                    .contiguous()?)
-            };
-            let (k_new, v_new, q) = (to_heads(k_rot)?, to_heads(v)?, to_heads(q_rot)?);
-            let places = window.capacity().unwrap_or(usize::MAX);
-            let cached = window.len();
-            let (k_all, v_all) = window.extend(&k_new, &v_new)?;
-            let mass = match hy.attention_places {
-                0 => None,
-                _ => Some(window_mass(&q, &k_all, cached, places)?),
-            };
-            let recall = match read {
-                Some(read) if hy.recall_chooses => Some(recall_scores(&v_new, read)?),
-                _ => None,
-            };
-            let hkv = k_new.dim(0)?;
-            let scores = global.span_scores(span.position, (hkv, span.len), mass, recall)?;
-            let plan = global.plan(places, cached, &scores)?;
-            let (keys, values) = global.candidates(&[(&k_all, &v_all)])?;
-            let mask = if plan.all_visible() {
-                None
-            } else {
-                Some(plan.mask(q.device())?)
-            };
-            let capped = match global.distance_cap() {
-                Some(cap) => {
-                    let q_raw = q_raw.narrow(0, span.start, span.len)?;
-                    let candidates = Candidates {
-                        keys: &keys,
-                        kept: global.positions(),
-                        first_row: span.position - cached,
-                    };
-                    capped_scoring(&candidates, (&q_raw, span.position), cap)?
-                }
-                None => None,
-            };
-            outs.push(attention_with(
-                (&q, &keys, &values),
-                mask.as_ref(),
-                capped.as_ref(),
-                ctx.differentiable,
-            )?);
-            let window_scores = global.window_scores_after(&scores, window.len())?;
-            let positions = SpanPositions {
-                first_row: span.position - cached,
-                start: span.position,
-                end: span.position + span.len,
-            };
-            global.apply(
-                &plan,
-                || Ok((keys.clone(), values.clone())),
-                (window_scores, positions),
-                q.device(),
-            )?;
+            // Consecutive pieces of the span, each read as a prefill chunk of its own.
+            let mut done = 0;
+            while done < whole.len {
+                let len = ctx.global_block.min(whole.len - done);
+                let span = Span {
+                    start: whole.start + done,
+                    len,
+                    position: whole.position + done,
+                };
+                let read = read.as_ref().map(|r| r.narrow(1, done, len)).transpose()?;
+                outs.push(self.attend_piece(
+                    hy,
+                    (q_raw, q_rot, k_rot, v),
+                    (&span, ctx.differentiable),
+                    (window, global),
+                    read.as_ref(),
+                )?);
+                done += len;
+            }
         }
         Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// [`attend_with_global`](Self::attend_with_global) for one piece of one sequence's span
+    /// (`read`: the memory's reads at its keys, when recall chooses). Returns `[len, h, d]`.
+    fn attend_piece(
+        &self,
+        hy: &Hybrid,
+        (q_raw, q_rot, k_rot, v): (&Tensor, &Tensor, &Tensor, &Tensor),
+        (span, differentiable): (&Span, bool),
+        (window, global): (&mut KvCache, &mut GlobalCache),
+        read: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let to_heads = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.narrow(0, span.start, span.len)?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let (k_new, v_new, q) = (to_heads(k_rot)?, to_heads(v)?, to_heads(q_rot)?);
+        let places = window.capacity().unwrap_or(usize::MAX);
+        let cached = window.len();
+        let (k_all, v_all) = window.extend(&k_new, &v_new)?;
+        let mass = match hy.attention_places {
+            0 => None,
+            _ => Some(window_mass(&q, &k_all, cached, places)?),
+        };
+        let recall = match read {
+            Some(read) if hy.recall_chooses => Some(recall_scores(&v_new, read)?),
+            _ => None,
+        };
+        let hkv = k_new.dim(0)?;
+        let scores = global.span_scores(span.position, (hkv, span.len), mass, recall)?;
+        let plan = global.plan(places, cached, &scores)?;
+        let (keys, values) = global.candidates(&[(&k_all, &v_all)])?;
+        let mask = if plan.all_visible() {
+            None
+        } else {
+            Some(plan.mask(q.device())?)
+        };
+        let capped = match global.distance_cap() {
+            Some(cap) => {
+                let q_raw = q_raw.narrow(0, span.start, span.len)?;
+                let candidates = Candidates {
+                    keys: &keys,
+                    kept: global.positions(),
+                    first_row: span.position - cached,
+                };
+                capped_scoring(&candidates, (&q_raw, span.position), cap)?
+            }
+            None => None,
+        };
+        let out = attention_with(
+            (&q, &keys, &values),
+            mask.as_ref(),
+            capped.as_ref(),
+            differentiable,
+        )?;
+        let window_scores = global.window_scores_after(&scores, window.len())?;
+        let positions = SpanPositions {
+            first_row: span.position - cached,
+            start: span.position,
+            end: span.position + span.len,
+        };
+        global.apply(
+            &plan,
+            || Ok((keys.clone(), values.clone())),
+            (window_scores, positions),
+            q.device(),
+        )?;
+        Ok(out)
     }
 }
 

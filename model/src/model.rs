@@ -27,6 +27,14 @@ use crate::{Error, Result};
 pub struct RuntimeOptions {
     /// Chunk length of the chunked-parallel recurrent form.
     pub chunk_size: usize,
+    /// Queries a layer with a global cache attends at once: a longer span is read as
+    /// consecutive pieces of this many tokens (the same result as prefill chunks of that
+    /// length). Each query sees only its window, itself and the cache, so shorter pieces
+    /// score fewer masked columns per query (a 512-token piece after 240 window rows and 384
+    /// places scores 1,136 columns a query, a 256-token one 880), while each piece pays for
+    /// its own cache bookkeeping: 256 read 4,096 tokens fastest of 64, 128, 256 and 512 on
+    /// SmolLM2 (`docs/results/prefill-window-w256-g64.md`).
+    pub global_block: usize,
     /// Use only ops that have a backward pass (for training; slower).
     pub differentiable: bool,
     /// Run decode steps (one token per sequence, up to 32 sequences) through the fused CPU
@@ -39,6 +47,7 @@ impl Default for RuntimeOptions {
     fn default() -> Self {
         Self {
             chunk_size: 16,
+            global_block: 256,
             differentiable: false,
             fast_decode: true,
         }
@@ -186,8 +195,10 @@ impl Model {
     }
 
     pub fn set_options(&mut self, options: RuntimeOptions) -> Result<()> {
-        if options.chunk_size == 0 {
-            return Err(Error::Invalid("chunk_size must be at least 1".into()));
+        if options.chunk_size == 0 || options.global_block == 0 {
+            return Err(Error::Invalid(
+                "chunk_size and global_block must be at least 1".into(),
+            ));
         }
         self.options = options;
         Ok(())
@@ -401,6 +412,7 @@ impl Model {
             cos,
             sin,
             chunk_size: self.options.chunk_size,
+            global_block: self.options.global_block,
             differentiable: self.options.differentiable,
         })
     }

@@ -168,9 +168,11 @@ fn variants(family: Family) -> Vec<(String, Model)> {
     ];
     for (name, l) in settings {
         let mut m = base().with_liger(&l).model(DType::F32).unwrap();
-        // Small chunks so the test crosses many chunk boundaries.
+        // Small chunks so the test crosses many chunk boundaries, and global-cache layers
+        // read long spans in several pieces.
         m.set_options(RuntimeOptions {
             chunk_size: 4,
+            global_block: 5,
             ..Default::default()
         })
         .unwrap();
@@ -568,6 +570,44 @@ fn bad_inputs_are_errors_and_leave_states_untouched() {
     let empty: [u32; 0] = [];
     assert!(m.forward(&empty, &mut good, Logits::Last).is_err());
     assert_eq!(good.position(), 5);
+}
+
+#[test]
+fn global_cache_pieces_are_prefill_chunks() {
+    // A span read in pieces of 3 or 7 tokens equals it read whole (pieces of 128).
+    let l = LigerConfig {
+        recurrent_weight: 0.0,
+        window_weight: 1.0,
+        global_cache: 5,
+        sinks: 1,
+        attention_places: 2,
+        max_distance: Some(6),
+        ..liger(3)
+    };
+    let base = TinyCheckpoint::new(Family::Llama, 12)
+        .unwrap()
+        .with_liger(&l)
+        .model(DType::F32)
+        .unwrap();
+    let toks = tokens(23, LEN);
+    let whole = full_forward(&base, &toks);
+    for block in [3, 7] {
+        let mut m = base.clone();
+        m.set_options(RuntimeOptions {
+            global_block: block,
+            ..Default::default()
+        })
+        .unwrap();
+        let d = max_diff(&full_forward(&m, &toks), &whole);
+        assert!(d < 1e-4, "pieces of {block}: {d}");
+    }
+    let mut m = base.clone();
+    assert!(m
+        .set_options(RuntimeOptions {
+            global_block: 0,
+            ..Default::default()
+        })
+        .is_err());
 }
 
 #[test]
