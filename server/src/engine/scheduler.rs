@@ -111,10 +111,13 @@ impl StepBudget {
         let (Some(target), true) = (self.target, decodes > 0) else {
             return self.max_tokens;
         };
-        let (Some(step), Some(per_token)) = (self.decode_step, self.per_prompt_token) else {
+        let Some(per_token) = self.per_prompt_token else {
             // Not measured yet: the first steps measure.
             return self.max_tokens;
         };
+        // While prompts wait, every step mixes them with decodes and no decode-only step
+        // is seen: count a decode token as a prompt token until one is.
+        let step = self.decode_step.unwrap_or(per_token * decodes as f64);
         let room = (target.as_secs_f64() - step).max(0.0);
         let prefill = (room / per_token.max(1e-9)) as usize;
         let most = self
@@ -231,6 +234,11 @@ mod tests {
         b.observe(4, 0, Duration::from_millis(80));
         b.observe(4, 100, Duration::from_millis(280));
         assert_eq!(b.tokens(0), 512, "nobody waits on a token");
+        // Only prompt steps seen so far (every step since had prompts in it): the decodes
+        // are counted as prompt tokens, (200 - 4 x 2) / 2 = 96 prompt tokens.
+        let mut b = StepBudget::new(512, Some(Duration::from_millis(200)));
+        b.observe(0, 100, Duration::from_millis(200));
+        assert_eq!(b.tokens(4), 4 + 96);
     }
 
     #[test]
