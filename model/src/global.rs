@@ -45,6 +45,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::layers::rope::rotate_rows;
+use crate::state::stored_as;
 use crate::Result;
 
 /// The global cache's distance cap ([`crate::config::LigerConfig::max_distance`]), with the
@@ -490,13 +491,7 @@ impl GlobalCache {
                         .map(|(i, s)| if i < first_pool { s.0 } else { s.1 })
                 })
                 .collect();
-            let store = |x: &Tensor| -> Result<Tensor> {
-                let x = x.contiguous()?.gather(&idx, 1)?;
-                Ok(match self.stored {
-                    Some(s) => x.to_dtype(s)?,
-                    None => x,
-                })
-            };
+            let store = |x: &Tensor| stored_as(x.contiguous()?.gather(&idx, 1)?, self.stored);
             self.kept = Some((
                 store(&ck)?,
                 store(&cv)?,

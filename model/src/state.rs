@@ -250,10 +250,7 @@ impl KvCache {
             } else {
                 x.narrow(1, len - keep, keep)?.contiguous()?
             };
-            Ok(match self.stored {
-                Some(s) => x.to_dtype(s)?,
-                None => x,
-            })
+            stored_as(x, self.stored)
         };
         self.kv = if keep == 0 {
             None
@@ -572,6 +569,14 @@ fn check(t: &Tensor, dims: &[usize], dtype: DType, layer: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Rows as a cache stores them: in `dtype` (rounded once, here), or as they come.
+pub(crate) fn stored_as(rows: Tensor, dtype: Option<DType>) -> Result<Tensor> {
+    Ok(match dtype {
+        Some(d) => rows.to_dtype(d)?,
+        None => rows,
+    })
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {

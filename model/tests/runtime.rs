@@ -21,6 +21,19 @@ fn liger(window: usize) -> LigerConfig {
     }
 }
 
+/// Window attention alone (read-out off) with 5 places: a sink, two by attention, two by
+/// recall, so tokens pushed out of the attention places move on to the recall places.
+fn window_both(window: usize) -> LigerConfig {
+    LigerConfig {
+        recurrent_weight: 0.0,
+        window_weight: 1.0,
+        global_cache: 5,
+        sinks: 1,
+        attention_places: 2,
+        ..liger(window)
+    }
+}
+
 /// The model variants every equivalence runs on.
 fn variants(family: Family) -> Vec<(String, Model)> {
     let base = || TinyCheckpoint::new(family, 42).unwrap();
@@ -103,31 +116,14 @@ fn variants(family: Family) -> Vec<(String, Model)> {
                 ..liger(3)
             },
         ),
-        (
-            // A sink, two places by attention, two by recall: tokens pushed out of the
-            // attention places move on to the recall places.
-            "window+both",
-            LigerConfig {
-                recurrent_weight: 0.0,
-                window_weight: 1.0,
-                global_cache: 5,
-                sinks: 1,
-                attention_places: 2,
-                ..liger(3)
-            },
-        ),
+        ("window+both", window_both(3)),
         (
             // Both kinds of places with a distance cap of 6 on a 29-token run: the sink
             // and most kept tokens are scored at the cap long before the end.
             "window+both+cap",
             LigerConfig {
-                recurrent_weight: 0.0,
-                window_weight: 1.0,
-                global_cache: 5,
-                sinks: 1,
-                attention_places: 2,
                 max_distance: Some(6),
-                ..liger(3)
+                ..window_both(3)
             },
         ),
         (
@@ -145,14 +141,9 @@ fn variants(family: Family) -> Vec<(String, Model)> {
             // chunk does not (prefill-then-decode is equal within f16's rounding).
             "window+both+cap f16 rows",
             LigerConfig {
-                recurrent_weight: 0.0,
-                window_weight: 1.0,
-                global_cache: 5,
-                sinks: 1,
-                attention_places: 2,
                 max_distance: Some(6),
                 kv_dtype: Some(KvDtype::F16),
-                ..liger(3)
+                ..window_both(3)
             },
         ),
         (
@@ -576,13 +567,8 @@ fn bad_inputs_are_errors_and_leave_states_untouched() {
 fn global_cache_pieces_are_prefill_chunks() {
     // A span read in pieces of 3 or 7 tokens equals it read whole (pieces of 128).
     let l = LigerConfig {
-        recurrent_weight: 0.0,
-        window_weight: 1.0,
-        global_cache: 5,
-        sinks: 1,
-        attention_places: 2,
         max_distance: Some(6),
-        ..liger(3)
+        ..window_both(3)
     };
     let base = TinyCheckpoint::new(Family::Llama, 12)
         .unwrap()
@@ -613,13 +599,8 @@ fn global_cache_pieces_are_prefill_chunks() {
 #[test]
 fn f16_rows_halve_the_rows_and_track_f32_rows() {
     let rows = |kv_dtype| LigerConfig {
-        recurrent_weight: 0.0,
-        window_weight: 1.0,
-        global_cache: 5,
-        sinks: 1,
-        attention_places: 2,
         kv_dtype,
-        ..liger(4)
+        ..window_both(4)
     };
     let model = |l: &LigerConfig| {
         TinyCheckpoint::new(Family::Llama, 8)

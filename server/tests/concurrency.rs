@@ -220,23 +220,29 @@ async fn a_full_queue_answers_429() {
     );
 }
 
-#[tokio::test]
-async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
+/// The real engine on the tiny test model, with `max_running` slots and a context of
+/// `max_model_len`.
+fn tiny_engine(max_running: usize, max_model_len: usize) -> (LocalEngine, Arc<Metrics>) {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path());
     let model = liger_model::weights::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let codec = Arc::new(Codec::load(dir.path(), &[IM_END]).unwrap());
     let metrics = Arc::new(Metrics::default());
     let options = EngineOptions {
-        max_running: 4,
+        max_running,
         max_waiting: 8,
         max_batch_tokens: 64,
         step_target: None,
-        max_model_len: 256,
+        max_model_len,
         state_cache: Default::default(),
     };
     let engine = LocalEngine::start(model, codec, options, metrics.clone()).unwrap();
-    let request = |prompt: Vec<u32>| GenerationRequest {
+    (engine, metrics)
+}
+
+/// `max_tokens` seeded samples of `prompt`, past end-of-sequence tokens.
+fn generation(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
         id: "t".into(),
         prompt,
         n: 1,
@@ -244,21 +250,28 @@ async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
             seed: Some(1),
             ..Default::default()
         },
-        max_tokens: 3,
+        max_tokens,
         min_tokens: 0,
         stop: Vec::new(),
         ignore_eos: true,
         logprobs: None,
         prompt_logprobs: None,
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
+    let (engine, metrics) = tiny_engine(4, 256);
     // Bypasses the HTTP validation: an out-of-vocabulary id makes the forward pass fail.
-    let mut bad = engine.submit(request(vec![5, VOCAB as u32 + 3])).unwrap();
+    let mut bad = engine
+        .submit(generation(vec![5, VOCAB as u32 + 3], 3))
+        .unwrap();
     match bad.recv().await {
         Some(Event::Failed(e)) => assert!(e.to_string().contains("out of range"), "{e}"),
         other => panic!("expected a failure, got {other:?}"),
     }
     assert!(bad.recv().await.is_none(), "nothing after the failure");
-    let mut good = engine.submit(request(vec![5, 6, 7])).unwrap();
+    let mut good = engine.submit(generation(vec![5, 6, 7], 3)).unwrap();
     let mut tokens = 0;
     while let Some(e) = good.recv().await {
         match e {
@@ -278,31 +291,8 @@ async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
 
 #[tokio::test]
 async fn after_the_grace_period_requests_in_flight_and_queued_fail_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    write_model(dir.path());
-    let model = liger_model::weights::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let codec = Arc::new(Codec::load(dir.path(), &[IM_END]).unwrap());
-    let options = EngineOptions {
-        max_running: 1,
-        max_waiting: 8,
-        max_batch_tokens: 64,
-        step_target: None,
-        max_model_len: 100_000,
-        state_cache: Default::default(),
-    };
-    let engine = LocalEngine::start(model, codec, options, Arc::new(Metrics::default())).unwrap();
-    let request = || GenerationRequest {
-        id: "t".into(),
-        prompt: vec![5, 6, 7],
-        n: 1,
-        sampling: SamplingParams::default(),
-        max_tokens: 50_000,
-        min_tokens: 0,
-        stop: Vec::new(),
-        ignore_eos: true,
-        logprobs: None,
-        prompt_logprobs: None,
-    };
+    let (engine, _) = tiny_engine(1, 100_000);
+    let request = || generation(vec![5, 6, 7], 50_000);
     // One long generation running, one waiting for its slot.
     let mut running = engine.submit(request()).unwrap();
     let mut queued = engine.submit(request()).unwrap();

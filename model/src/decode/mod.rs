@@ -288,34 +288,21 @@ pub(crate) fn step(
         .iter()
         .map(|t| t.storage_and_layout())
         .collect();
-    let slices: Option<Vec<&[f32]>> = guards
-        .iter()
-        .map(
-            |(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => Some(&data[a..b]),
-                _ => None,
-            },
-        )
-        .collect();
-    let Some(slices) = slices else {
-        return Ok(None);
-    };
     let half_guards: Vec<_> = plan
         .inputs
         .halves
         .iter()
         .map(|t| t.storage_and_layout())
         .collect();
-    let halves: Option<Vec<&[f16]>> = half_guards
-        .iter()
-        .map(
-            |(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F16(data)), Some((a, b))) => Some(&data[a..b]),
-                _ => None,
-            },
-        )
-        .collect();
-    let Some(halves) = halves else {
+    let slices = cpu_slices(&guards, |s| match s {
+        CpuStorage::F32(data) => Some(data.as_slice()),
+        _ => None,
+    });
+    let halves = cpu_slices(&half_guards, |s| match s {
+        CpuStorage::F16(data) => Some(data.as_slice()),
+        _ => None,
+    });
+    let (Some(slices), Some(halves)) = (slices, halves) else {
         return Ok(None);
     };
     // On the CPU these borrow the blocks' storage (no copy).
@@ -339,6 +326,23 @@ pub(crate) fn step(
 
 /// The step's inputs, locked: f32 tensors, f16 cache rows, Q8_0 blocks.
 type Locked<'a> = (&'a [&'a [f32]], &'a [&'a [f16]], &'a [&'a [u8]]);
+
+/// The contiguous data of each locked storage, as `data` reads a CPU storage of the
+/// expected dtype (`None` if any is not one).
+fn cpu_slices<'g, T, G: std::ops::Deref<Target = Storage>>(
+    guards: &'g [(G, &candle_core::Layout)],
+    data: impl Fn(&CpuStorage) -> Option<&[T]>,
+) -> Option<Vec<&'g [T]>> {
+    guards
+        .iter()
+        .map(
+            |(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(cpu), Some((a, b))) => data(cpu).map(|d| &d[a..b]),
+                _ => None,
+            },
+        )
+        .collect()
+}
 
 /// Everything a step needs, checked and numbered before any thread starts.
 struct Plan {

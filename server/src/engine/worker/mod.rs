@@ -173,6 +173,10 @@ impl Worker {
     }
 
     fn admit(&mut self) {
+        // Most steps nothing can be admitted: skip the cache lookups below.
+        if self.queue.is_empty() || self.pool.available() == 0 {
+            return;
+        }
         let waiting: Vec<Waiting> = self
             .queue
             .iter()
@@ -182,13 +186,14 @@ impl Worker {
             })
             .collect();
         let picked = admit(self.pool.available(), &waiting);
-        let mut taken: Vec<Option<Submission>> = Vec::new();
-        if !picked.is_empty() {
-            let mut all: Vec<Option<Submission>> = self.queue.drain(..).map(Some).collect();
-            taken = picked.iter().map(|&i| all[i].take()).collect();
-            self.queue = all.into_iter().flatten().collect();
+        if picked.is_empty() {
+            return;
         }
-        for sub in taken.into_iter().flatten() {
+        // Take the picked ones out in admission order; the rest keep their queue order.
+        let mut all: Vec<Option<Submission>> = self.queue.drain(..).map(Some).collect();
+        let taken: Vec<Submission> = picked.iter().filter_map(|&i| all[i].take()).collect();
+        self.queue = all.into_iter().flatten().collect();
+        for sub in taken {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             let mut slots = Vec::with_capacity(sub.request.n);
             let mut failure = None;
