@@ -599,7 +599,7 @@ impl Attention {
         };
         global.apply(
             &plan,
-            || Ok((keys.clone(), values.clone())),
+            &[(&k_all, &v_all)],
             (window_scores, positions),
             q.device(),
         )?;

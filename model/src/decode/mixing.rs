@@ -5,6 +5,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::attend::{attend, Attend};
 use crate::config::Variant;
 
 /// Cached key or value rows as a state stores them (`KvCache::stored_as`).
@@ -17,7 +18,7 @@ pub(crate) enum Rows<'a> {
 impl<'a> Rows<'a> {
     pub const EMPTY: Rows<'static> = Rows::F32(&[]);
 
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         match self {
             Rows::F32(x) => x.len(),
             Rows::F16(x) => x.len(),
@@ -25,7 +26,7 @@ impl<'a> Rows<'a> {
     }
 
     /// The rows in f32: borrowed as they are, or widened into `buf`.
-    fn widened<'s>(self, buf: &'s mut Vec<f32>) -> &'s [f32]
+    pub(super) fn widened<'s>(self, buf: &'s mut Vec<f32>) -> &'s [f32]
     where
         'a: 's,
     {
@@ -194,14 +195,14 @@ pub(crate) fn mix_group(
     let (mass, recall) = y
         .salience
         .split_at_mut(if attention_scores { rows } else { 0 });
-    let [wgk, wgv, wck, wcv] = &mut scratch.wide;
-    let (global_k, global_v) = (x.global_k.widened(wgk), x.global_v.widened(wgv));
-    let (cached_k, cached_v) = (x.cached_k.widened(wck), x.cached_v.widened(wcv));
     attend(
-        (q_rot, far),
-        [global_k, cached_k, k_rot],
-        [global_v, cached_v, x.v],
-        (d, &mut scratch.probs),
+        &Attend {
+            queries: (q_rot, far),
+            keys: [x.global_k, x.cached_k, Rows::F32(k_rot)],
+            values: [x.global_v, x.cached_v, Rows::F32(x.v)],
+            d,
+        },
+        (&mut scratch.probs, &mut scratch.wide),
         (&mut *y.out, attention_scores.then_some(mass)),
     );
     keep_last(x.cached_k, k_rot, y.new_k);
@@ -238,59 +239,6 @@ pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
         let (a, b) = (x[i], x[i + half]);
         out[i] = a * cos[i] - b * sin[i];
         out[i + half] = a * sin[i] + b * cos[i];
-    }
-}
-
-/// Softmax attention of the group's queries over rows of keys given in blocks (the global
-/// cache's, the window cache's, the token's own), scaled by `1/sqrt(d)`; writes `out: [g, d]`
-/// and, when asked, each window row's (cache, then token) share of the window rows' softmax
-/// mass, averaged over the queries: the global rows' terms cancel out of that share, which
-/// is the window-only softmax the general path computes.
-/// Queries rotated by the distance cap alone, and which global rows they score (those past
-/// the cap, stored un-rotated).
-type FarQueries<'a> = Option<(&'a [f32], &'a [bool])>;
-
-fn attend(
-    (q_rot, far): (&[f32], FarQueries),
-    keys: [&[f32]; 3],
-    values: [&[f32]; 3],
-    (d, probs): (usize, &mut Vec<f32>),
-    (out, mut mass): (&mut [f32], Option<&mut [f32]>),
-) {
-    let scale = (1.0 / (d as f64).sqrt()) as f32;
-    let len: usize = keys.iter().map(|k| k.len() / d).sum();
-    let n_global = keys[0].len() / d;
-    let g = q_rot.len() / d;
-    if let Some(m) = mass.as_deref_mut() {
-        m.fill(0.0);
-    }
-    let p = sized(probs, len);
-    for (head, (qh, o)) in q_rot.chunks(d).zip(out.chunks_mut(d)).enumerate() {
-        // Global rows past the cap are scored by the query rotated by the cap alone.
-        let q_far = far.map(|(q_cap, rows_far)| (&q_cap[head * d..(head + 1) * d], rows_far));
-        let rows = keys.iter().flat_map(|b| b.chunks(d));
-        for (j, (pj, key)) in p.iter_mut().zip(rows).enumerate() {
-            let q = match q_far {
-                Some((qc, rows_far)) if rows_far.get(j) == Some(&true) => qc,
-                _ => qh,
-            };
-            *pj = scale * dot(q, key);
-        }
-        softmax(p);
-        if let Some(m) = mass.as_deref_mut() {
-            let window = &p[n_global..];
-            let share = 1.0 / (window.iter().sum::<f32>() * g as f32);
-            for (mj, &pj) in m.iter_mut().zip(window) {
-                *mj += pj * share;
-            }
-        }
-        o.fill(0.0);
-        let rows = values.iter().flat_map(|b| b.chunks(d));
-        for (&pj, value) in p.iter().zip(rows) {
-            for (oi, vi) in o.iter_mut().zip(value) {
-                *oi += pj * vi;
-            }
-        }
     }
 }
 
@@ -414,10 +362,6 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
             *o = v * inv * wi;
         }
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 //! Not covered (those steps take the general path): GSA layers, quantized or half-precision
 //! weights, unmerged adapters, gradients, other devices, and prefill.
 
+mod attend;
 mod mixing;
 mod sync;
 

@@ -44,9 +44,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::layers::rope::rotate_rows;
-use crate::state::stored_as;
+mod rows;
+
 use crate::Result;
+use rows::{Gather, Unrotate};
 
 /// The global cache's distance cap ([`crate::config::LigerConfig::max_distance`]), with the
 /// rotary frequencies its keys were rotated by.
@@ -82,9 +83,11 @@ pub struct GlobalCache {
     /// Places given by attention (the last ones); those between the sinks and them go by
     /// recall.
     attention: usize,
-    /// The kept entries: keys `[hkv, n, d]` (post-RoPE), values `[hkv, n, d]` and their
-    /// scores in their place's kind `[hkv, n]` (f32). `n` is the same for every head.
-    kept: Option<(Tensor, Tensor, Tensor)>,
+    /// The kept entries' keys `[hkv, n, d]` (post-RoPE) and values `[hkv, n, d]`. `n` is
+    /// the same for every head.
+    kept_kv: Option<(Tensor, Tensor)>,
+    /// The kept entries' scores in their place's kind, `[hkv, n]` (f32).
+    scores: Option<Tensor>,
     /// The kept entries' positions in the sequence, `[hkv][n]` (the distance cap scores
     /// an entry by how far back it is).
     positions: Vec<Vec<u32>>,
@@ -131,7 +134,8 @@ impl GlobalCache {
             capacity,
             sinks,
             attention,
-            kept: None,
+            kept_kv: None,
+            scores: None,
             positions: Vec::new(),
             kept_attention: None,
             window_scores: None,
@@ -202,9 +206,9 @@ impl GlobalCache {
 
     /// Entries kept per head.
     pub fn len(&self) -> usize {
-        self.kept
+        self.kept_kv
             .as_ref()
-            .map_or(0, |(k, _, _)| k.dim(1).unwrap_or(0))
+            .map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -213,7 +217,10 @@ impl GlobalCache {
 
     /// Kept keys, values and scores (none while empty).
     pub fn kept(&self) -> Option<(&Tensor, &Tensor, &Tensor)> {
-        self.kept.as_ref().map(|(k, v, s)| (k, v, s))
+        match (&self.kept_kv, &self.scores) {
+            (Some((k, v)), Some(s)) => Some((k, v, s)),
+            _ => None,
+        }
     }
 
     /// The kept entries' positions, `[hkv][n]` (empty while nothing is kept).
@@ -238,7 +245,10 @@ impl GlobalCache {
 
     /// Restores parts written by the getters above (state deserialization checks shapes).
     pub(crate) fn set_parts(&mut self, kept: Option<(Tensor, Tensor, Tensor)>, parts: Parts) {
-        self.kept = kept;
+        (self.kept_kv, self.scores) = match kept {
+            Some((k, v, s)) => (Some((k, v)), Some(s)),
+            None => (None, None),
+        };
         self.positions = parts.positions;
         self.kept_attention = parts.kept_attention;
         self.window_scores = parts.window_scores;
@@ -248,7 +258,7 @@ impl GlobalCache {
     /// Cuts the kept keys and values off from the autograd graph (see
     /// [`SequenceState::detach`](crate::SequenceState::detach)).
     pub(crate) fn detach(&mut self) {
-        if let Some((k, v, _)) = &mut self.kept {
+        if let Some((k, v)) = &mut self.kept_kv {
             (*k, *v) = (k.detach(), v.detach());
         }
     }
@@ -256,7 +266,7 @@ impl GlobalCache {
     /// Bytes held (keys, values, positions and scores).
     pub fn bytes(&self) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        self.kept.as_ref().map_or(0, |(k, v, s)| b(k) + b(v) + b(s))
+        self.kept().map_or(0, |(k, v, s)| b(k) + b(v) + b(s))
             + self.positions.iter().map(Vec::len).sum::<usize>() * std::mem::size_of::<u32>()
             + [
                 &self.kept_attention,
@@ -376,33 +386,13 @@ impl GlobalCache {
         let keep = (window_len + 1).min(window);
         let window_scores = self.window_scores_after(&scores, keep)?;
         let device = k.device().clone();
-        let kept = self.kept.clone();
-        // One token steps in, so at most the oldest window row leaves and competes: when the
-        // plan keeps nothing past it (always, unless the window is empty), the candidates are
-        // the kept rows and that one row, not the whole window (a fifth of the copying at
-        // window 256 and 64 places).
-        let n = self.len();
-        let oldest_only = window_len > 0 && plan.kept_after.iter().flatten().all(|&c| c <= n);
-        let oldest = match window_before {
-            Some((wk, wv)) if oldest_only => Some((wk.narrow(1, 0, 1)?, wv.narrow(1, 0, 1)?)),
-            _ => None,
-        };
-        let rows: Vec<(&Tensor, &Tensor)> = match &oldest {
-            Some((wk, wv)) => vec![(wk, wv)],
-            None => window_before.into_iter().chain([(k, v)]).collect(),
-        };
-        let dtype = k.dtype();
+        let rows: Vec<(&Tensor, &Tensor)> = window_before.into_iter().chain([(k, v)]).collect();
         let span = SpanPositions {
             first_row: position - window_len,
             start: position,
             end: position + 1,
         };
-        self.apply(
-            &plan,
-            || candidates(kept.as_ref(), &rows, dtype),
-            (window_scores, span),
-            &device,
-        )
+        self.apply(&plan, &rows, (window_scores, span), &device)
     }
 
     /// The keys and values a plan's columns index: the kept rows, then `rows` in order (the
@@ -410,7 +400,7 @@ impl GlobalCache {
     /// rows.
     pub fn candidates(&self, rows: &[(&Tensor, &Tensor)]) -> Result<(Tensor, Tensor)> {
         let dtype = rows.first().map_or(DType::F32, |(k, _)| k.dtype());
-        candidates(self.kept.as_ref(), rows, dtype)
+        candidates(self.kept_kv.as_ref(), rows, dtype)
     }
 
     /// The admissions of a span of `t` tokens after `window_len` cached window rows, for
@@ -419,10 +409,7 @@ impl GlobalCache {
     pub fn plan(&self, window: usize, window_len: usize, scores: &[Vec<Scores>]) -> Result<Plan> {
         let hkv = scores.len();
         let t = scores.first().map_or(0, Vec::len);
-        let mut kept_scores = pairs(
-            self.kept.as_ref().map(|(_, _, s)| s),
-            self.kept_attention.as_ref(),
-        )?;
+        let mut kept_scores = pairs(self.scores.as_ref(), self.kept_attention.as_ref())?;
         kept_scores.resize(hkv, Vec::new());
         let mut window_scores = self.window_pairs()?;
         window_scores.resize(hkv, Vec::new());
@@ -448,15 +435,15 @@ impl GlobalCache {
         Ok(plan)
     }
 
-    /// Carries out `plan` for a span: `candidates` gives the keys and values
-    /// `[hkv, n + w + t, d]` in the plan's layout (built only when an entry changes);
+    /// Carries out `plan` for a span: `rows` are the candidates after the kept entries,
+    /// in the plan's layout (the window cache, then the new tokens, each `[hkv, len, d]`);
     /// `window_scores_after` is the scores of the window rows kept after the span
     /// (`[hkv][len]`). With a distance cap, the entries that have passed it by the next
     /// token are then stored un-rotated.
     pub fn apply(
         &mut self,
         plan: &Plan,
-        candidates: impl FnOnce() -> Result<(Tensor, Tensor)>,
+        rows: &[(&Tensor, &Tensor)],
         (window_scores_after, span): (Vec<Vec<Scores>>, SpanPositions),
         device: &Device,
     ) -> Result<()> {
@@ -472,15 +459,8 @@ impl GlobalCache {
                 .iter()
                 .all(|row| row.iter().enumerate().all(|(i, &c)| i == c));
         let two = self.two_kinds();
+        let hkv = plan.kept_after.len();
         if !unchanged {
-            let (ck, cv) = candidates()?;
-            let (hkv, _, d) = ck.dims3()?;
-            let idx: Vec<u32> = plan
-                .kept_after
-                .iter()
-                .flat_map(|row| row.iter().flat_map(|&c| std::iter::repeat_n(c as u32, d)))
-                .collect();
-            let idx = Tensor::from_vec(idx, (hkv, n, d), ck.device())?;
             // Each entry's score in its place's kind.
             let own: Vec<f32> = plan
                 .kept_scores
@@ -491,12 +471,7 @@ impl GlobalCache {
                         .map(|(i, s)| if i < first_pool { s.0 } else { s.1 })
                 })
                 .collect();
-            let store = |x: &Tensor| stored_as(x.contiguous()?.gather(&idx, 1)?, self.stored);
-            self.kept = Some((
-                store(&ck)?,
-                store(&cv)?,
-                Tensor::from_vec(own, (hkv, n), device)?,
-            ));
+            self.scores = Some(Tensor::from_vec(own, (hkv, n), device)?);
             let mut old = std::mem::take(&mut self.positions);
             old.resize(hkv, Vec::new());
             was_raw.resize(hkv, Vec::new());
@@ -526,6 +501,10 @@ impl GlobalCache {
                 None
             };
         }
+        let back = self.passing(&was_raw, span.end);
+        if !unchanged || back.is_some() {
+            self.rebuild(plan, rows, unchanged, back.as_deref())?;
+        }
         let hkv = window_scores_after.len();
         let len = window_scores_after.first().map_or(0, Vec::len);
         let channel = |f: fn(&Scores) -> f32| -> Result<Option<Tensor>> {
@@ -537,15 +516,15 @@ impl GlobalCache {
         };
         self.window_scores = channel(|s| s.0)?;
         self.window_attention = if two { channel(|s| s.1)? } else { None };
-        self.unrotate_passed(&was_raw, span.end)
+        Ok(())
     }
 
-    /// Rotates back, by its own position, the key of every entry (`was_raw`: which are
-    /// un-rotated already) that a query at `next` scores at the cap.
-    fn unrotate_passed(&mut self, was_raw: &[Vec<bool>], next: usize) -> Result<()> {
-        let (Some(cap), Some((k, _, _))) = (&self.cap, &mut self.kept) else {
-            return Ok(());
-        };
+    /// With a distance cap, how far to rotate back each entry's key (`[hkv * n]`): by its
+    /// own position where a query at `next` scores it at the cap and it is still rotated
+    /// (`was_raw`: which are un-rotated already), else 0; `None` when none passes (most
+    /// steps).
+    fn passing(&self, was_raw: &[Vec<bool>], next: usize) -> Option<Vec<i64>> {
+        let cap = self.cap.as_ref()?;
         let passes = |h: usize, i: usize, p: u32| {
             cap.far(p, next)
                 && !was_raw
@@ -554,28 +533,73 @@ impl GlobalCache {
                     .copied()
                     .unwrap_or(false)
         };
-        // Most steps nothing passes: look before building anything.
         let rows = self.positions.iter().enumerate();
         if !rows
             .clone()
             .any(|(h, row)| row.iter().enumerate().any(|(i, &p)| passes(h, i, p)))
         {
-            return Ok(());
+            return None;
         }
-        // Back by its own position where it passes now; the rest stay as they are.
-        let back: Vec<i64> = rows
-            .flat_map(|(h, row)| {
+        Some(
+            rows.flat_map(|(h, row)| {
                 row.iter()
                     .enumerate()
                     .map(move |(i, &p)| if passes(h, i, p) { -(p as i64) } else { 0 })
             })
-            .collect();
-        let (hkv, n, d) = k.dims3()?;
-        // In f32 whatever the keys are stored in, so they are rounded once more at most.
-        let rows = k.reshape((hkv * n, d))?.to_dtype(DType::F32)?;
-        *k = rotate_rows(&rows, &back, &cap.inv_freq)?
-            .to_dtype(k.dtype())?
-            .reshape((hkv, n, d))?;
+            .collect(),
+        )
+    }
+
+    /// Rebuilds the kept keys and values in the plan's place order from the kept entries
+    /// and `rows` (or, `unchanged`, only rotates back the keys `back` names).
+    fn rebuild(
+        &mut self,
+        plan: &Plan,
+        rows: &[(&Tensor, &Tensor)],
+        unchanged: bool,
+        back: Option<&[i64]>,
+    ) -> Result<()> {
+        let old = self.kept_kv.take();
+        let dtype = match (self.stored, &old, rows.first()) {
+            (Some(d), _, _) => d,
+            (None, _, Some((k, _))) => k.dtype(),
+            (None, Some((k, _)), None) => k.dtype(),
+            (None, None, None) => return Ok(()),
+        };
+        let identity: Vec<Vec<usize>>;
+        let (kept_after, rows) = if unchanged {
+            let n = self.positions.first().map_or(0, Vec::len);
+            identity = vec![(0..n).collect(); plan.kept_after.len()];
+            (&identity, &[][..])
+        } else {
+            (&plan.kept_after, rows)
+        };
+        let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) = old
+            .iter()
+            .map(|(k, v)| (k, v))
+            .chain(rows.iter().copied())
+            .unzip();
+        let gather = |sources: &[&Tensor], unrotate| {
+            Gather {
+                sources,
+                kept_after,
+                dtype,
+            }
+            .run(unrotate)
+        };
+        let unrotate = match (&self.cap, back) {
+            (Some(cap), Some(back)) => Some(Unrotate {
+                back,
+                inv_freq: &cap.inv_freq,
+            }),
+            _ => None,
+        };
+        let k = gather(&ks, unrotate.as_ref())?;
+        let v = match (&old, unchanged) {
+            (Some((_, v)), true) => v.clone(),
+            _ => gather(&vs, None)?,
+        };
+        self.kept_kv = Some((k, v));
         Ok(())
     }
 }
@@ -636,11 +660,11 @@ impl Plan {
 
 /// The kept rows then `rows`, in `dtype` (the kept rows may be stored in another).
 fn candidates(
-    kept: Option<&(Tensor, Tensor, Tensor)>,
+    kept: Option<&(Tensor, Tensor)>,
     rows: &[(&Tensor, &Tensor)],
     dtype: DType,
 ) -> Result<(Tensor, Tensor)> {
-    let kept = kept.map(|(k, v, _)| (k, v));
+    let kept = kept.map(|(k, v)| (k, v));
     let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = kept
         .into_iter()
         .chain(rows.iter().copied())
@@ -854,11 +878,7 @@ mod tests {
             let first_row = read - ws.len();
             read += piece.len();
             // Keys are the candidates' own scores, so the kept keys name the kept tokens.
-            let mut cand: Vec<f32> = g
-                .kept()
-                .map(|(k, _, _)| k.flatten_all().unwrap().to_vec1().unwrap())
-                .unwrap_or_default();
-            cand.extend(&wk);
+            let mut cand: Vec<f32> = wk.clone();
             cand.extend(piece);
             let l = cand.len();
             let c = Tensor::from_vec(cand, (1, l, 1), &dev).unwrap();
@@ -869,7 +889,7 @@ mod tests {
             ws.drain(..ws.len() - keep);
             g.apply(
                 &plan,
-                || Ok((c.clone(), c.clone())),
+                &[(&c, &c)],
                 (
                     vec![same(&ws)],
                     SpanPositions {
@@ -999,19 +1019,14 @@ mod tests {
                     .collect();
                 // Carry the state the way `apply` does, without keys.
                 let keep = (start + t).min(window);
-                let n = kept_tokens.len();
                 let ws = scores[start + t - keep..start + t].to_vec();
-                let cand = move || {
-                    let l = n + window_len + t;
-                    let c = Tensor::zeros((1, l, 1), DType::F32, &Device::Cpu).unwrap();
-                    Ok((c.clone(), c))
-                };
+                let c = Tensor::zeros((1, window_len + t, 1), DType::F32, &Device::Cpu).unwrap();
                 let span = SpanPositions {
                     first_row: start - window_len,
                     start,
                     end: start + t,
                 };
-                g.apply(&plan, cand, (vec![ws], span), &Device::Cpu)
+                g.apply(&plan, &[(&c, &c)], (vec![ws], span), &Device::Cpu)
                     .unwrap();
                 let positions: Vec<u32> = kept_tokens.iter().map(|&p| p as u32).collect();
                 assert_eq!(g.positions().concat(), positions, "case {case}");
