@@ -118,8 +118,8 @@ pub type PerHead = Vec<Vec<f32>>;
 /// candidates of a span are laid out as `[kept (n) | window cache (w) | new tokens (t)]`.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Per head, per query, per candidate: visible or not. `[hkv][t][n + w + t]`.
-    visible: Vec<Vec<Vec<bool>>>,
+    /// Per head, which candidates each query sees.
+    visible: Vec<Visibility>,
     /// Per head, the candidate index of every kept entry after the span, in place order.
     kept_after: Vec<Vec<usize>>,
     /// Per head, the scores of those entries.
@@ -635,26 +635,70 @@ fn pairs(own: Option<&Tensor>, second: Option<&Tensor>) -> Result<Vec<Vec<Scores
 impl Plan {
     /// Whether every candidate is visible to every query (no mask needed).
     pub fn all_visible(&self) -> bool {
-        self.visible.iter().flatten().flatten().all(|&v| v)
+        self.visible
+            .iter()
+            .all(|v| (0..v.t).all(|i| v.row(i).iter().all(|&x| x)))
+    }
+
+    /// Which candidates query `i` of head `h` sees (`[n + w + t]`).
+    pub fn visible_row(&self, h: usize, i: usize) -> Vec<bool> {
+        self.visible[h].row(i)
     }
 
     /// The additive mask `[hkv, 1, t, candidates]` (0 visible, -inf hidden).
     pub fn mask(&self, device: &Device) -> Result<Tensor> {
         let hkv = self.visible.len();
-        let t = self.visible.first().map_or(0, Vec::len);
-        let l = self
-            .visible
-            .first()
-            .and_then(|q| q.first())
-            .map_or(0, Vec::len);
-        let m: Vec<f32> = self
-            .visible
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|&v| if v { 0.0 } else { f32::NEG_INFINITY })
-            .collect();
+        let (t, l) = self.visible.first().map_or((0, 0), |v| (v.t, v.total()));
+        let mut m = vec![f32::NEG_INFINITY; hkv * t * l];
+        for (v, head) in self.visible.iter().zip(m.chunks_mut((t * l).max(1))) {
+            for (i, row) in head.chunks_mut(l.max(1)).enumerate().take(t) {
+                v.fill_row(i, row, 0.0);
+            }
+        }
         Ok(Tensor::from_vec(m, (hkv, 1, t, l), device)?)
+    }
+}
+
+/// Which candidates (`[kept (n) | window cache (w) | new tokens (t)]`) each of a span's
+/// queries sees in one head: its window (consecutive columns), and the global cache's
+/// entries while they are kept, `[since, until)` in query indices. Kept as ranges, not a
+/// table of `t * (n + w + t)` flags: a prefill piece's mask is written with row fills.
+#[derive(Debug, Clone)]
+struct Visibility {
+    n: usize,
+    w: usize,
+    t: usize,
+    window: usize,
+    /// Candidates that are in the cache for some queries: (candidate, since, until).
+    members: Vec<(usize, usize, usize)>,
+}
+
+impl Visibility {
+    fn total(&self) -> usize {
+        self.n + self.w + self.t
+    }
+
+    /// Query `i`'s window: candidates `lo..=hi`.
+    fn window_of(&self, i: usize) -> (usize, usize) {
+        let first_in_window = (i + self.w).saturating_sub(self.window);
+        (self.n + first_in_window, self.n + i + self.w)
+    }
+
+    /// Writes `value` where query `i` sees a candidate (`row`: `[total]`).
+    fn fill_row<T: Copy>(&self, i: usize, row: &mut [T], value: T) {
+        let (lo, hi) = self.window_of(i);
+        row[lo..=hi].fill(value);
+        for &(c, since, until) in &self.members {
+            if since <= i && i < until {
+                row[c] = value;
+            }
+        }
+    }
+
+    fn row(&self, i: usize) -> Vec<bool> {
+        let mut row = vec![false; self.total()];
+        self.fill_row(i, &mut row, true);
+        row
     }
 }
 
@@ -717,8 +761,8 @@ struct HeadPlan<'a> {
 }
 
 impl HeadPlan<'_> {
-    /// Returns (visibility `[t][n + w + t]`, kept candidates after, their scores).
-    fn run(self) -> (Vec<Vec<bool>>, Vec<usize>, Vec<Scores>) {
+    /// Returns (what each query sees, kept candidates after, their scores).
+    fn run(self) -> (Visibility, Vec<usize>, Vec<Scores>) {
         let n = self.kept.len();
         let t = self.new_tokens;
         let w = self.stream.len() - t; // cached window rows
@@ -733,9 +777,8 @@ impl HeadPlan<'_> {
             *s = 0;
         }
         let mut next_leave = 0; // stream index of the next row to leave the window
-        let mut visible = Vec::with_capacity(t);
-        // Query i (the span's i-th token) sees stream rows i + w - window ..= i + w; rows
-        // before that have left. After the span, rows before t + w - window have left.
+                                // Query i (the span's i-th token) sees stream rows i + w - window ..= i + w; rows
+                                // before that have left. After the span, rows before t + w - window have left.
         for i in 0..=t {
             let first_in_window = (i + w).saturating_sub(self.window);
             while next_leave < first_in_window {
@@ -778,17 +821,18 @@ impl HeadPlan<'_> {
                     until[offered.0] = i; // pushed out of the first pool and gone
                 }
             }
-            if i == t {
-                break;
-            }
-            let row: Vec<bool> = (0..total)
-                .map(|c| {
-                    let in_window = c >= n && c - n >= first_in_window && c - n <= i + w;
-                    in_window || (since[c] <= i && i < until[c])
-                })
-                .collect();
-            visible.push(row);
         }
+        let members = (0..total)
+            .filter(|&c| since[c] != usize::MAX)
+            .map(|c| (c, since[c], until[c]))
+            .collect();
+        let visible = Visibility {
+            n,
+            w,
+            t,
+            window: self.window,
+            members,
+        };
         let (kept_after, kept_scores) = places.into_iter().unzip();
         (visible, kept_after, kept_scores)
     }
@@ -824,8 +868,8 @@ mod tests {
             new_tokens: t,
         }
         .run();
-        let rows: Vec<String> = vis
-            .iter()
+        let rows: Vec<String> = (0..t)
+            .map(|i| vis.row(i))
             .map(|r| r.iter().map(|&v| if v { '1' } else { '.' }).collect())
             .collect();
         format!("{} -> {:?}", rows.join(" "), after)
@@ -1002,7 +1046,7 @@ mod tests {
                         start - window_len + (c - kept_tokens.len())
                     }
                 };
-                for (i, row) in plan.visible[0].iter().enumerate() {
+                for (i, row) in (0..t).map(|i| plan.visible_row(0, i)).enumerate() {
                     let p = start + i;
                     let want = naive_visible((capacity, first), window, &scores, p);
                     let mut got = vec![false; p + 1];
