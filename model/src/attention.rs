@@ -22,6 +22,7 @@ use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
 use crate::decode::{Mix, Recurrent};
 use crate::gla::{self, FeatureMaps};
 use crate::global::{recall_scores, DistanceCap, GlobalCache, SpanPositions};
+use crate::global::{Exps, Geometry};
 use crate::layers::rope::rotate_rows;
 use crate::layers::{Linear, Rope};
 use crate::state::{KvCache, LayerState};
@@ -91,6 +92,8 @@ pub struct BatchContext<'a> {
     pub chunk_size: usize,
     /// Queries a layer with a global cache attends at once (`RuntimeOptions::global_block`).
     pub global_block: usize,
+    /// Global-cache prefill pieces on the host kernel (`RuntimeOptions::host_attention`).
+    pub host_attention: bool,
     /// Use ops with a backward pass.
     pub differentiable: bool,
 }
@@ -527,7 +530,7 @@ impl Attention {
                 outs.push(self.attend_piece(
                     hy,
                     (q_raw, q_rot, k_rot, v),
-                    (&span, ctx.differentiable),
+                    (&span, ctx.differentiable, ctx.host_attention),
                     (window, global),
                     read.as_ref(),
                 )?);
@@ -543,7 +546,7 @@ impl Attention {
         &self,
         hy: &Hybrid,
         (q_raw, q_rot, k_rot, v): (&Tensor, &Tensor, &Tensor, &Tensor),
-        (span, differentiable): (&Span, bool),
+        (span, differentiable, host): (&Span, bool, bool),
         (window, global): (&mut KvCache, &mut GlobalCache),
         read: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -556,26 +559,10 @@ impl Attention {
         let places = window.capacity().unwrap_or(usize::MAX);
         let cached = window.len();
         let (k_all, v_all) = window.extend(&k_new, &v_new)?;
-        let mass = match hy.attention_places {
-            0 => None,
-            _ => Some(window_mass(&q, &k_all, cached, places)?),
-        };
-        let recall = match read {
-            Some(read) if hy.recall_chooses => Some(recall_scores(&v_new, read)?),
-            _ => None,
-        };
-        let hkv = k_new.dim(0)?;
-        let scores = global.span_scores(span.position, (hkv, span.len), mass, recall)?;
-        let plan = global.plan(places, cached, &scores)?;
+        let q_raw = q_raw.narrow(0, span.start, span.len)?;
         let (keys, values) = global.candidates(&[(&k_all, &v_all)])?;
-        let mask = if plan.all_visible() {
-            None
-        } else {
-            Some(plan.mask(q.device())?)
-        };
         let capped = match global.distance_cap() {
             Some(cap) => {
-                let q_raw = q_raw.narrow(0, span.start, span.len)?;
                 let candidates = Candidates {
                     keys: &keys,
                     kept: global.positions(),
@@ -585,18 +572,64 @@ impl Attention {
             }
             None => None,
         };
-        let out = attention_with(
-            (&q, &keys, &values),
-            mask.as_ref(),
-            capped.as_ref(),
-            differentiable,
-        )?;
-        let window_scores = global.window_scores_after(&scores, window.len())?;
+        // On the host, every score is exponentiated once, for the window shares and the
+        // attention alike (see `global::attend`).
+        let exps = match host && !differentiable && q.device().is_cpu() {
+            true => {
+                let geo = Geometry {
+                    n: global.len(),
+                    w: cached,
+                    t: span.len,
+                    window: places,
+                    g: q.dim(0)? / k_new.dim(0)?,
+                };
+                let scores = attention_scores((&q, &keys), capped.as_ref())?.contiguous()?;
+                Exps::new(&scores, geo)?
+            }
+            false => None,
+        };
+        let mass = match (hy.attention_places, &exps) {
+            (0, _) => None,
+            (_, Some(exps)) => Some(exps.window_mass()),
+            (_, None) => Some(window_mass(&q, &k_all, cached, places)?),
+        };
+        let recall = match read {
+            Some(read) if hy.recall_chooses => Some(recall_scores(&v_new, read)?),
+            _ => None,
+        };
+        let hkv = k_new.dim(0)?;
+        let scores = global.span_scores(span.position, (hkv, span.len), mass, recall)?;
+        let plan = global.plan(places, cached, &scores)?;
         let positions = SpanPositions {
             first_row: span.position - cached,
             start: span.position,
             end: span.position + span.len,
         };
+        let p = match exps {
+            Some(exps) => exps.probabilities(&plan)?,
+            None => None,
+        };
+        let out = match p {
+            Some(p) => {
+                let (h, t, d) = q.dims3()?;
+                let o = p.matmul(&values.to_dtype(DType::F32)?)?; // [hkv, g*t, d]
+                o.reshape((h, t, d))?.transpose(0, 1)?
+            }
+            None => {
+                let mask = if plan.all_visible() {
+                    None
+                } else {
+                    Some(plan.mask(q.device())?)
+                };
+                attention_with(
+                    (&q, &keys, &values),
+                    mask.as_ref(),
+                    capped.as_ref(),
+                    differentiable,
+                )?
+            }
+        };
+        let window_scores = global.window_scores_after(&scores, window.len())?;
         global.apply(
             &plan,
             &[(&k_all, &v_all)],
@@ -828,10 +861,32 @@ pub fn attention_with(
     let (h, t, d) = q.dims3()?;
     let (hkv, l, _) = k.dims3()?;
     let g = h / hkv;
+    let v = v.to_dtype(DType::F32)?;
+    let scores = attention_scores((q, k), capped)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let p = if differentiable {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let o = p.reshape((hkv, g * t, l))?.matmul(&v)?; // [hkv, g*t, d]
+    Ok(o.reshape((h, t, d))?.transpose(0, 1)?)
+}
+
+/// The scaled scores of [`attention_with`], `[hkv, g, t, L]` in f32, before any mask.
+pub fn attention_scores(
+    (q, k): (&Tensor, &Tensor),
+    capped: Option<&CappedScoring>,
+) -> Result<Tensor> {
+    let (h, t, d) = q.dims3()?;
+    let (hkv, l, _) = k.dims3()?;
+    let g = h / hkv;
     let scale = 1.0 / (d as f64).sqrt();
     let q = (q.to_dtype(DType::F32)? * scale)?.reshape((hkv, g * t, d))?;
     let k = k.to_dtype(DType::F32)?;
-    let v = v.to_dtype(DType::F32)?;
     let mut scores = q.matmul(&k.t()?)?.reshape((hkv, g, t, l))?;
     if let Some(c) = capped {
         let n = c.k.dim(1)?;
@@ -847,17 +902,7 @@ pub fn attention_with(
             Tensor::cat(&[kept, scores.narrow(3, n, l - n)?], 3)?
         };
     }
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let p = if differentiable {
-        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    };
-    let o = p.reshape((hkv, g * t, l))?.matmul(&v)?; // [hkv, g*t, d]
-    Ok(o.reshape((h, t, d))?.transpose(0, 1)?)
+    Ok(scores)
 }
 
 #[cfg(test)]

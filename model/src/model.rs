@@ -33,7 +33,7 @@ pub struct RuntimeOptions {
     /// score fewer masked columns per query (a 512-token piece after 240 window rows and 384
     /// places scores 1,136 columns a query, a 256-token one 880), while each piece pays for
     /// its own cache bookkeeping: 256 read 4,096 tokens fastest of 64, 128, 256 and 512 on
-    /// SmolLM2 (`docs/results/prefill-window-w256-g64.md`).
+    /// SmolLM2 (`docs/results/prefill-window-w256-g64.md`, measured on the candle path).
     pub global_block: usize,
     /// Use only ops that have a backward pass (for training; slower).
     pub differentiable: bool,
@@ -41,6 +41,10 @@ pub struct RuntimeOptions {
     /// path when the model allows it (f32 weights, no GSA, no unmerged adapter). Off, they
     /// take the general path, which is the fused one's reference.
     pub fast_decode: bool,
+    /// Read prefill pieces of layers with a global cache with the host kernel
+    /// ([`crate::global::Band`]: each query scores only the columns it sees) when on the CPU
+    /// without gradients. Off, they take the candle path, which is its reference.
+    pub host_attention: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -50,6 +54,7 @@ impl Default for RuntimeOptions {
             global_block: 256,
             differentiable: false,
             fast_decode: true,
+            host_attention: true,
         }
     }
 }
@@ -413,6 +418,7 @@ impl Model {
             sin,
             chunk_size: self.options.chunk_size,
             global_block: self.options.global_block,
+            host_attention: self.options.host_attention,
             differentiable: self.options.differentiable,
         })
     }

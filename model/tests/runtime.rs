@@ -597,6 +597,63 @@ fn global_cache_pieces_are_prefill_chunks() {
 }
 
 #[test]
+fn host_prefill_attention_equals_the_candle_path() {
+    // Layers with a global cache read prefill pieces with the host kernel unless told not
+    // to; the candle path is its reference. Caps the pieces cross, f16 rows, pieces that
+    // start mid-window, recall and attention places, a recurrent read-out.
+    let settings = [
+        LigerConfig {
+            max_distance: Some(6),
+            ..window_both(3)
+        },
+        LigerConfig {
+            max_distance: Some(9),
+            kv_dtype: Some(KvDtype::F16),
+            ..window_both(4)
+        },
+        LigerConfig {
+            global_cache: 4,
+            sinks: 1,
+            max_distance: Some(7),
+            ..liger(3)
+        },
+    ];
+    for (case, l) in settings.iter().enumerate() {
+        let base = TinyCheckpoint::new(Family::Llama, 31)
+            .unwrap()
+            .with_liger(l)
+            .model(DType::F32)
+            .unwrap();
+        for block in [5, 128] {
+            let with = |host_attention| {
+                let mut m = base.clone();
+                m.set_options(RuntimeOptions {
+                    global_block: block,
+                    host_attention,
+                    ..Default::default()
+                })
+                .unwrap();
+                m
+            };
+            let (host, candle) = (with(true), with(false));
+            let toks = tokens(40 + case as u64, LEN);
+            let d = max_diff(&full_forward(&host, &toks), &full_forward(&candle, &toks));
+            assert!(d < 1e-4, "case {case}, pieces of {block}: {d}");
+            // Then decode: the caches the two prefills left must agree too.
+            let (mut sh, mut sc) = (host.new_state().unwrap(), candle.new_state().unwrap());
+            host.forward(&toks[..20], &mut sh, Logits::Last).unwrap();
+            candle.forward(&toks[..20], &mut sc, Logits::Last).unwrap();
+            for &t in &toks[20..] {
+                let a = host.forward(&[t], &mut sh, Logits::Last).unwrap();
+                let b = candle.forward(&[t], &mut sc, Logits::Last).unwrap();
+                let d = max_diff(&a, &b);
+                assert!(d < 1e-4, "case {case}, pieces of {block}, decode: {d}");
+            }
+        }
+    }
+}
+
+#[test]
 fn f16_rows_halve_the_rows_and_track_f32_rows() {
     let rows = |kv_dtype| LigerConfig {
         kv_dtype,

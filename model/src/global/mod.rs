@@ -44,9 +44,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+mod attend;
 mod rows;
 
 use crate::Result;
+pub(crate) use attend::{Exps, Geometry};
 use rows::{Gather, Unrotate};
 
 /// The global cache's distance cap ([`crate::config::LigerConfig::max_distance`]), with the
@@ -638,6 +640,12 @@ impl Plan {
         self.visible
             .iter()
             .all(|v| (0..v.t).all(|i| v.row(i).iter().all(|&x| x)))
+    }
+
+    /// Head `h`'s candidates that are in the cache for some of the span's queries:
+    /// (candidate, since, until), in query indices.
+    pub(crate) fn members(&self, h: usize) -> &[(usize, usize, usize)] {
+        &self.visible[h].members
     }
 
     /// Which candidates query `i` of head `h` sees (`[n + w + t]`).

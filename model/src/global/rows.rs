@@ -143,7 +143,7 @@ fn locate(lens: &[usize], mut c: usize) -> (usize, usize) {
 
 /// [`rotate_rows`] on one row: the same f32 angles, products and differences, so the two
 /// agree to the bit.
-fn rotate_row(x: &mut [f32], position: i64, inv_freq: &[f32]) {
+pub(super) fn rotate_row(x: &mut [f32], position: i64, inv_freq: &[f32]) {
     let half = x.len() / 2;
     let (sign, p) = (position.signum() as f32, position.unsigned_abs() as f32);
     let (x1, x2) = x.split_at_mut(half);
