@@ -20,6 +20,7 @@ use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::Plan;
+use crate::layers::vexp::{self, exp_shifted};
 use crate::Result;
 
 /// The layout of a piece's candidates `[kept (n) | window cache (w) | piece (t)]`.
@@ -84,12 +85,10 @@ impl Exps {
                     let (kvh, i) = (row / (g * t), row % t);
                     let (lo, hi) = geo.band(i);
                     let past = &s[..=hi];
-                    let max = past.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    for (x, &y) in e[..=hi].iter_mut().zip(past) {
-                        *x = (y - max).exp();
-                    }
+                    let max = vexp::max(past);
+                    exp_shifted(past, max, &mut e[..=hi]);
                     let band = &e[lo..=hi];
-                    let z: f32 = band.iter().sum();
+                    let z = vexp::sum(band);
                     if !usable(z) {
                         return None;
                     }
@@ -148,7 +147,7 @@ impl Exps {
                 for &(c, x) in kept.iter() {
                     e[c] = x;
                 }
-                let z: f32 = e.iter().sum();
+                let z = vexp::sum(e);
                 if !usable(z) {
                     return false;
                 }

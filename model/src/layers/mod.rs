@@ -7,6 +7,7 @@ pub(crate) mod matvec_q8;
 mod mlp;
 mod norm;
 pub(crate) mod rope;
+pub mod vexp;
 
 pub use linear::{format_name, parse_format, Linear, LoraAdapter, Quantization};
 pub use mlp::Mlp;
