@@ -5,12 +5,14 @@
 //! one sequential dot product per row (a chain of dependent adds the compiler may not
 //! reorder). With a global cache of hundreds of rows in f16 that was a third of a decode
 //! step's mixing time, so where the CPU has AVX2, FMA and F16C, [`attend`] reads each row
-//! once for all the group's heads, widening f16 rows eight lanes at a time in registers.
+//! once for all the group's heads, widening f16 rows eight lanes at a time in registers,
+//! and takes the softmax in eight lanes too ([`crate::layers::vexp`]).
 //! The two sum in different orders; `tests` hold them to each other.
 
 use half::f16;
 
 use super::mixing::{softmax, Rows};
+use crate::layers::vexp;
 
 /// Queries rotated by the distance cap alone, and which global rows they score (those past
 /// the cap, stored un-rotated).
@@ -52,7 +54,7 @@ pub(crate) fn attend(
             // SAFETY: the features were just detected; the kernel checks its bounds.
             unsafe { avx2::scores(a, p) };
             for head in p.chunks_mut(len) {
-                softmax(head);
+                vexp::softmax(head);
             }
             if let Some(m) = mass {
                 window_share(p, (g, len), a.keys[0].len() / a.d, m);

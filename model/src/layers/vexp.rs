@@ -21,6 +21,38 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) {
     exp_lanes(x, shift, out);
 }
 
+/// `x[i] = exp(x[i] - max(x)) / sum`: a softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were just detected.
+            unsafe { softmax_avx2(x) };
+            return;
+        }
+    }
+    softmax_lanes(x);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(x: &mut [f32]) {
+    softmax_lanes(x);
+}
+
+#[inline(always)]
+fn softmax_lanes(x: &mut [f32]) {
+    let m = max_lanes(x);
+    for v in x.iter_mut() {
+        *v = exp1(*v - m);
+    }
+    let inv = 1.0 / sum_lanes(x);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_avx2(x: &[f32], shift: f32, out: &mut [f32]) {
@@ -148,6 +180,20 @@ mod tests {
         exp_shifted(&[3.0, -1e30, f32::NEG_INFINITY], 3.0, &mut out[..3]);
         assert_eq!(out[0], 1.0);
         assert_eq!((out[1], out[2]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn softmax_matches_the_definition() {
+        let mut x: Vec<f32> = (0..45)
+            .map(|i| ((i * 13) % 17) as f32 * 0.7 - 3.0)
+            .collect();
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
+        let want: Vec<f64> = x.iter().map(|&v| ((v - m) as f64).exp() / z).collect();
+        softmax(&mut x);
+        for (a, b) in x.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-6 * b.max(1e-3), "{a} vs {b}");
+        }
     }
 
     #[test]
