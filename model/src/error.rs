@@ -42,6 +42,10 @@ pub enum Error {
     #[error("sequence state: {0}")]
     State(String),
 
+    /// A chat template does not compile, or refused a conversation (`raise_exception`).
+    #[error("chat template: {0}")]
+    Template(String),
+
     /// A caller passed arguments the runtime cannot honour (empty batch, too long a prompt, ...).
     #[error("{0}")]
     Invalid(String),

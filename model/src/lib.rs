@@ -16,10 +16,13 @@
 //! - [`model`]: the causal LM, its batched forward, and LoRA adapters ([`lora`]); its
 //!   decode steps run fused on the CPU (`decode`, private);
 //! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded);
-//! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form.
+//! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form;
+//! - [`chat`]: the chat template of a model folder, one renderer for serving, training
+//!   and evaluation.
 
 pub mod attention;
 pub mod cache;
+pub mod chat;
 pub mod config;
 mod decode;
 pub mod error;

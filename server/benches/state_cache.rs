@@ -22,7 +22,7 @@ use liger_server::engine::{
     Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams, StateCacheOptions,
 };
 use liger_server::metrics::Metrics;
-use liger_server::text::template::ChatMessage;
+use liger_server::text::ChatMessage;
 use liger_server::text::Codec;
 
 const QUESTIONS: &[&str] = &[

@@ -26,8 +26,8 @@ use super::Loaded;
 use crate::progress::Progress;
 use crate::recover::data::{self, Entry};
 use crate::recover::selfdistill::{generate, GenSettings};
-use crate::recover::template::Message;
 use crate::{Error, Result};
+use liger_model::chat::Message;
 
 /// Words in a run that, repeated, makes an answer loop.
 pub const RUN_WORDS: usize = 8;

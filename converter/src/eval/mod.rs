@@ -37,8 +37,8 @@ use crate::adapter::DeviceChoice;
 use crate::progress::Progress;
 use crate::recover::data::{self, TokenStream};
 use crate::recover::load_tokenizer;
-use crate::recover::template::ChatTemplate;
 use crate::{Error, Result};
+use liger_model::chat::ChatTemplate;
 use liger_model::layers::Quantization;
 
 pub mod loops;

@@ -15,12 +15,12 @@ use tokenizers::Tokenizer;
 
 use super::data::{self, Entry};
 use super::selfdistill::{self, GenSettings};
-use super::template::{ChatTemplate, Message};
 use super::{prompts, Log, PLAIN_EVERY};
 use crate::adapter::DeviceChoice;
 use crate::output;
 use crate::progress::Progress;
 use crate::{Error, Result};
+use liger_model::chat::{ChatTemplate, Message};
 
 /// What `liger-convert self-distill` is asked to do.
 #[derive(Debug, Clone)]

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use super::template::{ChatTemplate, Message};
 use crate::{Error, Result};
+use liger_model::chat::{ChatTemplate, Message};
 
 /// One record of a data file.
 #[derive(Debug, Clone, PartialEq)]

@@ -34,7 +34,6 @@ pub mod prompts;
 pub mod selfdistill;
 pub mod stats;
 pub mod teacher;
-pub mod template;
 pub mod train;
 
 use std::fmt::Write as _;
@@ -57,8 +56,8 @@ use checkpoint::{first_difference, Checkpoints};
 use conversations::write_conversations;
 pub use conversations::{self_distill, SelfDistillOptions, SelfDistillSummary};
 use data::{Chunk, Entry, TokenStream};
+use liger_model::chat::{ChatTemplate, Message};
 use stats::StageStats;
-use template::{ChatTemplate, Message};
 
 /// One kind of training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

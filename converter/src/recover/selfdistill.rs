@@ -16,8 +16,8 @@ use liger_model::rng::SplitMix;
 use liger_model::{Logits, Model, SeqStep, SequenceState};
 use tokenizers::Tokenizer;
 
-use super::template::{ChatTemplate, Message};
 use crate::Result;
+use liger_model::chat::{ChatTemplate, Message};
 
 /// How the teacher writes.
 #[derive(Debug, Clone, Copy)]

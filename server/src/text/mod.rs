@@ -5,7 +5,6 @@
 
 pub mod detok;
 pub mod stop;
-pub mod template;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -14,8 +13,8 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 pub use detok::{Decode, IncrementalDecoder};
+pub use liger_model::chat::{ChatTemplate, Message as ChatMessage, Specials, CHATML};
 pub use stop::StopMatcher;
-pub use template::{ChatMessage, ChatTemplate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
@@ -33,7 +32,6 @@ pub struct Codec {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     bos_token: Option<String>,
-    eos_token: Option<String>,
     eos_token_ids: Vec<u32>,
     /// Byte-level BPE stores bytes as printable characters; this maps them back.
     byte_decoder: Option<HashMap<char, u8>>,
@@ -66,18 +64,10 @@ impl Codec {
         })?;
         let tok_config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let gen_config = read_json_opt(&dir.join("generation_config.json"))?;
-        // Newer Hugging Face folders keep the template in its own file.
-        let template_file = dir.join("chat_template.jinja");
-        let template_text = if template_file.exists() {
-            Some(
-                std::fs::read_to_string(&template_file).map_err(|e| TextError::File {
-                    path: template_file.display().to_string(),
-                    reason: e.to_string(),
-                })?,
-            )
-        } else {
-            None
-        };
+        // One precedence for every front end (`liger_model::chat`).
+        let template_text = liger_model::chat::folder_source(dir, &tok_config)
+            .map_err(template_error)?
+            .map(|(_, text)| text);
         Self::from_parts(
             tokenizer,
             &tok_config,
@@ -94,13 +84,17 @@ impl Codec {
         template_override: Option<String>,
         model_eos: &[u32],
     ) -> Result<Self, TextError> {
-        let template_src = template_override.or_else(|| template_from_config(tokenizer_config));
+        let specials = Specials::from_config(tokenizer_config);
+        let template_src =
+            template_override.or_else(|| liger_model::chat::config_source(tokenizer_config));
         let template = match template_src {
-            Some(src) => ChatTemplate::new(&src).map_err(|e| TextError::Template(e.to_string()))?,
-            None => ChatTemplate::chatml(),
+            Some(src) => ChatTemplate::new(&src, &specials).map_err(template_error)?,
+            None => ChatTemplate::chatml(&specials),
         };
-        let bos_token = special_token(tokenizer_config, "bos_token");
-        let eos_token = special_token(tokenizer_config, "eos_token");
+        let Specials {
+            bos: bos_token,
+            eos: eos_token,
+        } = specials;
         let mut eos: BTreeSet<u32> = model_eos.iter().copied().collect();
         if let Some(ids) = generation_config.and_then(|g| g.get("eos_token_id")) {
             eos.extend(id_list(ids));
@@ -116,7 +110,6 @@ impl Codec {
             tokenizer,
             template,
             bos_token,
-            eos_token,
             eos_token_ids: eos.into_iter().collect(),
             byte_decoder: byte_level.then(byte_decoder),
         })
@@ -145,13 +138,7 @@ impl Codec {
 
     /// Renders a conversation with the chat template.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TextError> {
-        self.template
-            .render(
-                messages,
-                self.bos_token.as_deref(),
-                self.eos_token.as_deref(),
-            )
-            .map_err(|e| TextError::Template(describe_jinja(&e)))
+        self.template.render(messages, true).map_err(template_error)
     }
 
     /// Renders and tokenizes a conversation. The tokenizer's own BOS is added only when the
@@ -239,34 +226,6 @@ pub fn byte_encoder() -> HashMap<u8, char> {
     byte_decoder().into_iter().map(|(c, b)| (b, c)).collect()
 }
 
-fn template_from_config(config: &Value) -> Option<String> {
-    match config.get("chat_template")? {
-        Value::String(s) => Some(s.clone()),
-        // A list of named templates: the default one, else the first.
-        Value::Array(list) => {
-            let named = |n: &str| {
-                list.iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some(n))
-            };
-            named("default")
-                .or_else(|| list.first())
-                .and_then(|t| t.get("template"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        }
-        _ => None,
-    }
-}
-
-/// `bos_token` / `eos_token`: a string or an AddedToken object with `content`.
-fn special_token(config: &Value, key: &str) -> Option<String> {
-    match config.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
-        _ => None,
-    }
-}
-
 fn id_list(v: &Value) -> Vec<u32> {
     match v {
         Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
@@ -293,9 +252,12 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>, TextError> {
         .map_err(|e| bad(format!("not valid JSON: {e}")))
 }
 
-/// minijinja errors put the useful part (the template's own message) in the detail.
-fn describe_jinja(e: &minijinja::Error) -> String {
-    e.detail().map_or_else(|| e.to_string(), str::to_string)
+/// A template's failure, as the request's fault (the model crate already names it).
+fn template_error(e: liger_model::Error) -> TextError {
+    match e {
+        liger_model::Error::Template(message) => TextError::Template(message),
+        other => TextError::Template(other.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -318,9 +280,10 @@ mod tests {
             "bos_token": {"content": "<s>", "lstrip": false},
             "eos_token": "</s>",
         });
-        assert_eq!(template_from_config(&c).as_deref(), Some("D"));
-        assert_eq!(special_token(&c, "bos_token").as_deref(), Some("<s>"));
-        assert_eq!(special_token(&c, "eos_token").as_deref(), Some("</s>"));
+        assert_eq!(liger_model::chat::config_source(&c).as_deref(), Some("D"));
+        let specials = Specials::from_config(&c);
+        assert_eq!(specials.bos.as_deref(), Some("<s>"));
+        assert_eq!(specials.eos.as_deref(), Some("</s>"));
         assert_eq!(id_list(&serde_json::json!([2, 3])), vec![2, 3]);
         assert_eq!(byte_fallback("<0x0A>"), Some(10));
         assert_eq!(byte_fallback("<0x0A"), None);

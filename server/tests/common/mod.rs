@@ -15,7 +15,7 @@ use liger_model::LigerConfig;
 use liger_server::api::{router, ApiConfig, AppState};
 use liger_server::metrics::Metrics;
 use liger_server::settings::{Args, Settings};
-use liger_server::text::{byte_encoder, template::CHATML};
+use liger_server::text::{byte_encoder, CHATML};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 

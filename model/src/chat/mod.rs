@@ -1,0 +1,316 @@
+//! Chat templates: one renderer for serving, training and evaluation.
+//!
+//! The Jinja template a model ships, rendered with minijinja the way Hugging Face's
+//! `apply_chat_template` does (trim/lstrip blocks, Python string methods,
+//! `raise_exception`, `strftime_now`), or ChatML when the model has none. Where a folder has
+//! more than one, the precedence is Hugging Face's (`transformers` >= 4.43):
+//! 1. `chat_template.jinja` (newer hub repositories keep the template there);
+//! 2. `tokenizer_config.json`'s `chat_template`: a string, or a list of named templates
+//!    (the one called `default`, else the first);
+//! 3. ChatML.
+//!
+//! `strftime_now` reads one clock, the wall clock in UTC, wherever a template is rendered:
+//! a conversation is trained on, evaluated and served as the same text on the same day.
+//!
+//! Recovery needs two things from a template: the text of a whole conversation, and which
+//! of its characters the assistant wrote ([`ChatTemplate::render_conversation`]; the `lm`
+//! stage learns only those, as instruction tuning does).
+
+use std::ops::Range;
+use std::path::Path;
+
+use minijinja::value::Serde;
+use minijinja::{context, Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// The template used when a model ships none (SmolLM2, Qwen2 and many others use ChatML).
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+const NAME: &str = "chat";
+
+/// One turn of a conversation, its content flattened to text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_owned(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A compiled chat template plus the special tokens templates refer to.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+    bos: String,
+    eos: String,
+    fallback: bool,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .field("fallback", &self.fallback)
+            .finish()
+    }
+}
+
+/// The special tokens of a folder's `tokenizer_config.json` (`bos_token`, `eos_token`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Specials {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+}
+
+impl Specials {
+    pub fn from_config(config: &Value) -> Self {
+        Self {
+            bos: special_token(config, "bos_token"),
+            eos: special_token(config, "eos_token"),
+        }
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles `source` (a syntax error is reported now, not on the first render);
+    /// `bos_token` and `eos_token` render as `specials` says (empty when absent).
+    pub fn new(source: &str, specials: &Specials) -> Result<Self> {
+        let mut env = Environment::new();
+        // Hugging Face compiles chat templates with trim_blocks and lstrip_blocks; without
+        // them the whitespace around `{% %}` tags (and so the tokens) would differ.
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(template_error)?,
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(NAME, source.to_owned())
+            .map_err(template_error)?;
+        Ok(Self {
+            env,
+            source: source.to_owned(),
+            bos: specials.bos.clone().unwrap_or_default(),
+            eos: specials.eos.clone().unwrap_or_default(),
+            fallback: false,
+        })
+    }
+
+    /// The built-in ChatML template.
+    pub fn chatml(specials: &Specials) -> Self {
+        let mut t = Self::new(CHATML, specials).expect("the built-in ChatML template compiles");
+        t.fallback = true;
+        t
+    }
+
+    /// The template of a model folder, by the precedence in the module header.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer_config.json");
+        let config: Value = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                Error::Template(format!("{}: not valid JSON ({e})", path.display()))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        let specials = Specials::from_config(&config);
+        match folder_source(dir, &config)? {
+            Some((from, source)) => Self::new(&source, &specials)
+                .map_err(|e| Error::Template(format!("{}: {e}", from.display()))),
+            None => Ok(Self::chatml(&specials)),
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether this is the built-in ChatML fallback.
+    pub fn is_fallback(&self) -> bool {
+        self.fallback
+    }
+
+    /// What `bos_token` renders as (empty when the folder names none).
+    pub fn bos_token(&self) -> &str {
+        &self.bos
+    }
+
+    /// The text of `messages`, followed by the opening of an assistant turn when
+    /// `add_generation_prompt`.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template(NAME).map_err(template_error)?;
+        tmpl.render(context! {
+            messages => Serde(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos.as_str(),
+            eos_token => self.eos.as_str(),
+        })
+        .map_err(template_error)
+    }
+
+    /// A whole conversation and where its assistant turns are. An assistant turn's range
+    /// runs from the end of the prompt that asks for it to the end of the conversation
+    /// rendered up to and including it, so it covers the turn's closing tokens too (the
+    /// model must learn to stop). `None` for the ranges when the template does not render
+    /// conversations as growing prefixes (then callers train on every token).
+    pub fn render_conversation(
+        &self,
+        messages: &[Message],
+    ) -> Result<(String, Option<Vec<Range<usize>>>)> {
+        let text = self.render(messages, false)?;
+        let mut ranges = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let prompt = self.render(&messages[..i], true)?;
+            let upto = self.render(&messages[..=i], false)?;
+            if !(upto.starts_with(&prompt) && text.starts_with(&upto)) {
+                return Ok((text, None));
+            }
+            if upto.len() > prompt.len() {
+                ranges.push(prompt.len()..upto.len());
+            }
+        }
+        Ok((text, Some(ranges)))
+    }
+}
+
+/// The template text of a folder whose `tokenizer_config.json` is `config`, with the file
+/// it came from; `None` when it has none (then ChatML).
+pub fn folder_source(dir: &Path, config: &Value) -> Result<Option<(std::path::PathBuf, String)>> {
+    let file = dir.join("chat_template.jinja");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => return Ok(Some((file, text))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(Error::Io { path: file, source }),
+    }
+    Ok(config_source(config).map(|s| (dir.join("tokenizer_config.json"), s)))
+}
+
+/// `tokenizer_config.json`'s `chat_template`: a string, or a list of named templates (the
+/// one called `default`, else the first).
+pub fn config_source(config: &Value) -> Option<String> {
+    match config.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// `bos_token` / `eos_token`: a string or an AddedToken object with `content`.
+fn special_token(config: &Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// The template's own message (minijinja puts it in the detail), on one line.
+fn template_error(e: minijinja::Error) -> Error {
+    let text = e.detail().map_or_else(|| e.to_string(), str::to_owned);
+    Error::Template(
+        text.lines()
+            .next()
+            .unwrap_or("cannot be rendered")
+            .to_owned(),
+    )
+}
+
+/// Llama 3.x templates print today's date with `strftime_now("%d %b %Y")`.
+fn strftime_now(format: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    strftime(&format, secs)
+}
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// A UTC `strftime` covering the directives chat templates use.
+fn strftime(format: &str, unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y % 100)),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('B') => out.push_str(MONTHS[m as usize - 1]),
+            Some('b') => out.push_str(&MONTHS[m as usize - 1][..3]),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests;
