@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use liger_model::device::DeviceKind;
 use liger_model::layers::Quantization;
 use liger_model::lora;
 use liger_model::Model;
@@ -28,19 +29,14 @@ pub enum DeviceChoice {
 
 impl DeviceChoice {
     pub fn device(self) -> Result<Device> {
-        match self {
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda if cfg!(feature = "cuda") => Device::new_cuda(0).map_err(|e| {
-                Error::flag(
-                    "--device",
-                    format!("cuda is not usable on this machine ({e})"),
-                )
-            }),
-            DeviceChoice::Cuda => Err(Error::flag(
-                "--device",
-                "this build has no CUDA support (rebuild with `--features cuda`)",
-            )),
-        }
+        let kind = match self {
+            DeviceChoice::Cpu => DeviceKind::Cpu,
+            DeviceChoice::Cuda => DeviceKind::Cuda,
+        };
+        liger_model::device::open(kind).map_err(|e| match e {
+            liger_model::Error::Device(why) => Error::flag("--device", why),
+            other => other.into(),
+        })
     }
 }
 

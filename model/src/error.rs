@@ -42,6 +42,10 @@ pub enum Error {
     #[error("sequence state: {0}")]
     State(String),
 
+    /// The device asked for cannot be used (not compiled in, or no usable GPU).
+    #[error("device {0}")]
+    Device(String),
+
     /// A chat template does not compile, or refused a conversation (`raise_exception`).
     #[error("chat template: {0}")]
     Template(String),

@@ -25,6 +25,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 mod decode;
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod gla;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device};
+use liger_model::device::DeviceKind;
 use liger_model::ModelConfig;
 use tracing::info;
 
@@ -134,43 +135,15 @@ pub fn resolve_dtype(arg: DTypeArg, device: &Device) -> DType {
 }
 
 pub fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
-    match arg {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => cuda_device(),
-        DeviceArg::Metal => metal_device(),
-    }
-}
-
-// `cfg!` rather than `#[cfg]`: both paths are type-checked in every build (candle keeps
-// stub constructors when a backend is compiled out), so the GPU path cannot rot unseen.
-fn cuda_device() -> anyhow::Result<Device> {
-    if !cfg!(feature = "cuda") {
-        bail!(
-            "--device cuda: this liger-serve was built without CUDA support; rebuild with \
-             `cargo build --release -p liger-server --features cuda`, or use --device cpu"
-        );
-    }
-    // candle errors (it does not fall back) when no GPU is present; some driver-loading
-    // failures panic instead, so catch those too and say what to do.
-    let hint = "no usable CUDA GPU; run with --device cpu";
-    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
-        Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(anyhow!("--device cuda: {hint} ({e})")),
-        Err(_) => Err(anyhow!(
-            "--device cuda: {hint} (the CUDA driver could not be loaded)"
-        )),
-    }
-}
-
-fn metal_device() -> anyhow::Result<Device> {
-    if !cfg!(feature = "metal") {
-        bail!(
-            "--device metal: this liger-serve was built without Metal support; rebuild on macOS \
-             with `--features metal`, or use --device cpu"
-        );
-    }
-    Device::new_metal(0)
-        .map_err(|e| anyhow!("--device metal: no usable Metal device ({e}); run with --device cpu"))
+    let kind = match arg {
+        DeviceArg::Cpu => DeviceKind::Cpu,
+        DeviceArg::Cuda => DeviceKind::Cuda,
+        DeviceArg::Metal => DeviceKind::Metal,
+    };
+    liger_model::device::open(kind).map_err(|e| match e {
+        liger_model::Error::Device(why) => anyhow!("--device {why}"),
+        other => anyhow!("--device: {other}"),
+    })
 }
 
 /// A local folder as is; anything else that looks like a hub id is downloaded.
@@ -265,7 +238,8 @@ mod tests {
         #[cfg(not(feature = "cuda"))]
         {
             let e = select_device(DeviceArg::Cuda).unwrap_err().to_string();
-            assert!(e.contains("built without CUDA"), "{e}");
+            assert!(e.starts_with("--device cuda:"), "{e}");
+            assert!(e.contains("built without the `cuda` feature"), "{e}");
         }
         #[cfg(not(feature = "metal"))]
         assert!(select_device(DeviceArg::Metal).is_err());
