@@ -46,6 +46,10 @@ pub enum Error {
     #[error("device {0}")]
     Device(String),
 
+    /// A hub model cannot be downloaded (or found in the cache when the hub is unreachable).
+    #[error("{0}")]
+    Hub(String),
+
     /// A chat template does not compile, or refused a conversation (`raise_exception`).
     #[error("chat template: {0}")]
     Template(String),

@@ -17,6 +17,7 @@
 //!   decode steps run fused on the CPU (`decode`, private);
 //! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded);
 //! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form;
+//! - [`hub`]: downloading hub models into the Hugging Face cache;
 //! - [`chat`]: the chat template of a model folder, one renderer for serving, training
 //!   and evaluation.
 
@@ -30,6 +31,7 @@ pub mod error;
 pub mod gguf;
 pub mod gla;
 pub mod global;
+pub mod hub;
 pub mod layers;
 pub mod lora;
 pub mod model;

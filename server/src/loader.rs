@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device};
 use liger_model::device::DeviceKind;
+use liger_model::hub::HubOptions;
 use liger_model::ModelConfig;
 use tracing::info;
 
@@ -146,74 +147,33 @@ pub fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
     })
 }
 
-/// A local folder as is; anything else that looks like a hub id is downloaded.
+/// A local folder as is; a hub id `owner/name` is fetched into the Hugging Face cache (or
+/// found there when the hub is unreachable or `HF_HUB_OFFLINE` is set), the same way
+/// `liger-convert` does it ([`liger_model::hub`]).
 pub async fn resolve_model_dir(spec: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let looks_like_path =
-        spec.starts_with(['/', '.', '~']) || spec.split('/').count() > 2 || path.exists();
-    if looks_like_path {
-        bail!("--model {spec}: no such model folder");
+    if path.exists() || !liger_model::hub::looks_like_hub_id(spec) {
+        bail!("--model {spec}: no such model folder (nor a hub id owner/name)");
     }
-    download(spec, revision.unwrap_or("main"))
-        .await
-        .with_context(|| format!("--model {spec}: not a local folder, and downloading it from the Hugging Face hub failed"))
-}
-
-/// Downloads the files a server needs; returns the snapshot folder holding them.
-async fn download(repo_id: &str, revision: &str) -> anyhow::Result<PathBuf> {
-    use hf_hub::api::tokio::ApiBuilder;
-    use hf_hub::{Repo, RepoType};
-
-    let mut builder = ApiBuilder::from_env().with_progress(false);
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder.build()?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
+    let opts = HubOptions {
+        revision: revision.map(str::to_owned),
+        token: std::env::var("HF_TOKEN").ok(),
+    };
     info!(
-        repo = repo_id,
-        revision, "downloading from the Hugging Face hub"
+        repo = spec,
+        "fetching from the Hugging Face hub (or its cache)"
     );
-    let config = repo.get("config.json").await.context("config.json")?;
-    repo.get("tokenizer.json").await.context("tokenizer.json")?;
-    for optional in ["tokenizer_config.json", "generation_config.json"] {
-        if let Err(e) = repo.get(optional).await {
-            info!(file = optional, error = %e, "optional file not downloaded");
-        }
-    }
-    match repo.get(liger_model::weights::INDEX_FILE).await {
-        Ok(index) => {
-            let text = std::fs::read_to_string(&index)?;
-            let json: serde_json::Value = serde_json::from_str(&text).context("weight index")?;
-            let mut shards: Vec<&str> = json["weight_map"]
-                .as_object()
-                .ok_or_else(|| anyhow!("weight index without weight_map"))?
-                .values()
-                .filter_map(|v| v.as_str())
-                .collect();
-            shards.sort_unstable();
-            shards.dedup();
-            for shard in shards {
-                repo.get(shard).await.with_context(|| shard.to_string())?;
-            }
-        }
-        Err(_) => {
-            repo.get(liger_model::weights::SINGLE_FILE)
-                .await
-                .context("model.safetensors (and no model.safetensors.index.json)")?;
-        }
-    }
-    config
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("hub cache path without a parent"))
+    let id = spec.to_owned();
+    // The download runs its own runtime: off this one's worker threads.
+    tokio::task::spawn_blocking(move || liger_model::hub::download(&id, &opts, || ()))
+        .await
+        .context("the download task")?
+        .with_context(|| {
+            format!("--model {spec}: not a local folder, and fetching it from the Hugging Face hub failed")
+        })
 }
 
 #[cfg(test)]
@@ -230,6 +190,17 @@ mod tests {
         assert_eq!(resolve_max_model_len(Some(100), &plain).unwrap(), 100);
         assert!(resolve_max_model_len(Some(1000), &plain).is_err());
         assert_eq!(resolve_max_model_len(Some(1000), &liger).unwrap(), 1000);
+    }
+
+    #[tokio::test]
+    async fn model_specs_that_are_neither_folders_nor_hub_ids_are_refused() {
+        for spec in ["./no/such/folder", "plain-name", "a/b/c"] {
+            let e = resolve_model_dir(spec, None).await.unwrap_err().to_string();
+            assert!(e.contains("no such model folder"), "{spec}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().to_str().unwrap();
+        assert_eq!(resolve_model_dir(spec, None).await.unwrap(), dir.path());
     }
 
     #[test]
