@@ -6,14 +6,16 @@
 //! cargo bench -p liger-model --bench decode -- [--contexts 256,1024,4096,16384] [--steps 32]
 //!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
 //!     [--variants gla,hgrn2,gsa,gla-h8,window] [--batches 1,8,32] [--transformer-up-to N]
-//!     [--device cpu|cuda] [--general] [--prefill 512,4096 [--reps 5]]
+//!     [--device cpu|cuda] [--general] [--prefill 512,4096 [--reps 5] [--prefill-batches 1,8]]
 //! ```
 //!
 //! `--prefill N,...` measures prefill instead of decode: every model (the Transformer and the
 //! variants) reads an `N`-token prompt from a fresh state in 512-token chunks, `--reps` times,
 //! the models taking turns (the first one moves each round) so that the machine's drift
 //! falls on all of them alike; the table gives the median time, tokens/s and the time as a
-//! ratio to the first variant's.
+//! ratio to the first variant's. `--prefill-batches B,...` also reads `B` different prompts
+//! of each length together (every step advances each by a chunk of `512 / B` tokens, at
+//! least 32, as one batch through `forward_batch`), tokens/s then counting all `B` prompts.
 //!
 //! `--general` turns the fused CPU decode step off (`RuntimeOptions::fast_decode`): decode
 //! then runs on the general path, the fused step's reference, for a side-by-side figure.
@@ -62,6 +64,7 @@ struct Args {
     device: Device,
     general: bool,
     prefill: Vec<usize>,
+    prefill_batches: Vec<usize>,
     reps: usize,
 }
 
@@ -78,6 +81,7 @@ fn parse_args() -> Args {
         device: Device::Cpu,
         general: false,
         prefill: Vec::new(),
+        prefill_batches: vec![1],
         reps: 5,
     };
     let mut it = std::env::args().skip(1);
@@ -140,6 +144,13 @@ fn parse_args() -> Args {
                 a.prefill = val()
                     .split(',')
                     .map(|s| s.trim().parse().expect("prompt length"))
+                    .collect()
+            }
+            "--prefill-batches" => {
+                a.prefill_batches = val()
+                    .split(',')
+                    .map(|s| s.trim().parse().expect("batch size"))
+                    .filter(|&b| b > 0)
                     .collect()
             }
             "--reps" => a.reps = val().parse().expect("repetitions"),
@@ -330,34 +341,60 @@ fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger
 /// Prefill of each prompt length by every model, in turns (see the header).
 fn run_prefill(models: &[(&'static str, Model)], args: &Args) -> liger_model::Result<()> {
     println!(
-        "| prompt tokens | model | median ms | tokens/s | time / {} |",
+        "| prompt tokens | batch | model | median ms | tokens/s | time / {} |",
         models[1].0
     );
-    println!("|---:|---|---:|---:|---:|");
+    println!("|---:|---:|---|---:|---:|---:|");
     for &n in &args.prefill {
-        let mut times = vec![Vec::with_capacity(args.reps); models.len()];
-        for rep in 0..args.reps.max(1) {
-            for k in 0..models.len() {
-                let i = (rep + k) % models.len();
-                let (_, m) = &models[i];
-                let prompt: Vec<u32> = (0..n).map(|j| token(m, j)).collect();
-                let mut state = m.new_state()?;
-                let t = Instant::now();
-                m.prefill(&prompt, &mut state, 512)?;
-                m.device().synchronize()?;
-                times[i].push(t.elapsed().as_secs_f64() * 1e3);
+        for &b in &args.prefill_batches {
+            let mut times = vec![Vec::with_capacity(args.reps); models.len()];
+            for rep in 0..args.reps.max(1) {
+                for k in 0..models.len() {
+                    let i = (rep + k) % models.len();
+                    let (_, m) = &models[i];
+                    times[i].push(prefill_batch(m, n, b)?);
+                }
             }
-        }
-        let medians: Vec<f64> = times.into_iter().map(median).collect();
-        for ((name, _), ms) in models.iter().zip(&medians) {
-            println!(
-                "| {n} | {name} | {ms:.0} | {:.1} | {:.2}x |",
-                n as f64 * 1e3 / ms,
-                ms / medians[1]
-            );
+            let medians: Vec<f64> = times.into_iter().map(median).collect();
+            for ((name, _), ms) in models.iter().zip(&medians) {
+                println!(
+                    "| {n} | {b} | {name} | {ms:.0} | {:.1} | {:.2}x |",
+                    (n * b) as f64 * 1e3 / ms,
+                    ms / medians[1]
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// Milliseconds to read `b` different `n`-token prompts from fresh states, together: one
+/// prompt in 512-token chunks, several in chunks of `512 / b` (at least 32) per step.
+fn prefill_batch(m: &Model, n: usize, b: usize) -> liger_model::Result<f64> {
+    let prompts: Vec<Vec<u32>> = (0..b)
+        .map(|s| (0..n).map(|j| token(m, j + s * 7919)).collect())
+        .collect();
+    let mut states = (0..b)
+        .map(|_| m.new_state())
+        .collect::<liger_model::Result<Vec<_>>>()?;
+    let chunk = (512 / b).max(32);
+    let t = Instant::now();
+    let mut at = 0;
+    while at < n {
+        let end = (at + chunk).min(n);
+        let mut steps: Vec<SeqStep> = states
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(state, p)| SeqStep {
+                tokens: &p[at..end],
+                state,
+            })
+            .collect();
+        m.forward_batch(&mut steps, Logits::Last)?;
+        at = end;
+    }
+    m.device().synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
 fn main() -> liger_model::Result<()> {
