@@ -17,6 +17,8 @@
 //! of each length together (every step advances each by a chunk of `512 / B` tokens, at
 //! least 32, as one batch through `forward_batch`), tokens/s then counting all `B` prompts.
 //!
+//! `--chunk-size N` sets the chunked recurrent form's chunk (`RuntimeOptions::chunk_size`).
+//!
 //! `--general` turns the fused CPU decode step off (`RuntimeOptions::fast_decode`): decode
 //! then runs on the general path, the fused step's reference, for a side-by-side figure.
 //!
@@ -65,6 +67,7 @@ struct Args {
     general: bool,
     prefill: Vec<usize>,
     prefill_batches: Vec<usize>,
+    chunk_size: Option<usize>,
     reps: usize,
 }
 
@@ -82,6 +85,7 @@ fn parse_args() -> Args {
         general: false,
         prefill: Vec::new(),
         prefill_batches: vec![1],
+        chunk_size: None,
         reps: 5,
     };
     let mut it = std::env::args().skip(1);
@@ -153,6 +157,7 @@ fn parse_args() -> Args {
                     .filter(|&b| b > 0)
                     .collect()
             }
+            "--chunk-size" => a.chunk_size = Some(val().parse().expect("chunk size")),
             "--reps" => a.reps = val().parse().expect("repetitions"),
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
@@ -421,9 +426,11 @@ fn main() -> liger_model::Result<()> {
         if let Some(q) = args.quantize {
             m.quantize(q)?;
         }
+        let options = m.options();
         m.set_options(liger_model::RuntimeOptions {
             fast_decode: !args.general,
-            ..m.options()
+            chunk_size: args.chunk_size.unwrap_or(options.chunk_size),
+            ..options
         })?;
         Ok(m)
     };

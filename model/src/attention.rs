@@ -470,7 +470,7 @@ impl Attention {
             }
             let recurrent = recurrent_of(state);
             let x = all.tokens(span.start, span.len)?;
-            let (o, s) = x.chunked(recurrent, ctx.chunk_size)?;
+            let (o, s) = x.span(recurrent, ctx.chunk_size)?;
             *recurrent = s;
             let own = self_read.then(|| x.own_writes()).transpose()?;
             (outs[i], reads[i]) = split(&o, span.len, own)?;

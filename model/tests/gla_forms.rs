@@ -97,6 +97,18 @@ fn check_case(c: Case, variant: Variant, tol: f32) {
         "recurrent t={}: out {eo:e}, state {es:e}",
         c.t
     );
+    // The host scan prefill runs on the CPU (`Recurrence::span`).
+    assert!(gla::scan::applies(&x, &s0));
+    let (o_scan, s_scan) = gla::scan::scan(&x, &s0).unwrap();
+    let (eo, es) = (
+        max_rel_diff(&flat(&o_scan), &o_ref),
+        max_rel_diff(&flat(&s_scan), &s_ref),
+    );
+    assert!(
+        eo < tol && es < tol,
+        "scan t={}: out {eo:e}, state {es:e}",
+        c.t
+    );
 }
 
 #[test]
@@ -112,6 +124,16 @@ fn gla_forms_agree_across_chunk_boundaries() {
         };
         check_case(c, Variant::Gla, 2e-5);
     }
+    // Head dim 32: the host scan splits the value columns into blocks of 16.
+    let c = Case {
+        b: 1,
+        hkv: 3,
+        g: 2,
+        t: 21,
+        d: 32,
+        key_scale: 2.0,
+    };
+    check_case(c, Variant::Gla, 5e-5);
 }
 
 #[test]

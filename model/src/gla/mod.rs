@@ -24,6 +24,7 @@ pub mod feature;
 mod fused;
 pub mod gsa;
 pub mod reference;
+pub mod scan;
 
 pub use chunked::{chunked, chunked_value_read};
 pub use feature::{feature_maps, FeatureMaps};
@@ -154,6 +155,15 @@ impl Recurrence {
         match self {
             Self::Gla(x) => chunked(x, state, c),
             Self::Gsa(x) => gsa::chunked(x, state, c),
+        }
+    }
+
+    /// A prefill span: on the CPU without gradients, GLA and HGRN2 run the host scan
+    /// ([`scan`]), everything else the chunked form with chunks of `c`.
+    pub fn span(&self, state: &Tensor, c: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Gla(x) if scan::applies(x, state) => scan::scan(x, state),
+            _ => self.chunked(state, c),
         }
     }
 

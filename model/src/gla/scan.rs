@@ -1,0 +1,103 @@
+//! The recurrence over a whole span on the host (CPU, f32, no gradients): prefill.
+//!
+//! The chunked form ([`super::chunked`]) turns a span into matmuls, which is what a GPU
+//! wants; on the CPU its chunks of 16 tokens are small candle ops (pairwise decays, tiny
+//! matmuls), and their overhead made the recurrent branch a quarter of a 4,096-token
+//! prefill. Here the recurrence itself runs token by token on plain slices, split by KV head
+//! and by blocks of value columns (a state's columns evolve independently), each block's
+//! state staying in L1 for the whole span. It is the definition in f32, so it equals
+//! [`super::recurrent`] up to summation order; `tests/gla_forms.rs` holds it to the
+//! chunked and recurrent forms.
+
+use candle_core::{Storage, Tensor};
+use rayon::prelude::*;
+
+use super::GlaInputs;
+use crate::layers::vexp;
+use crate::Result;
+
+/// Value columns per task: a block's state (`dk x 16` f32) stays in L1.
+const COLUMNS: usize = 16;
+
+/// Whether [`scan`] can run these inputs: CPU, f32, no gradient to track.
+pub fn applies(x: &GlaInputs, state: &Tensor) -> bool {
+    super::fused::applies(&[&x.q, &x.k, &x.gate, &x.v, state])
+}
+
+/// Shapes as in [`super::recurrent`]: returns `(o: [b, hkv, g, t, dv], new_state)`.
+pub fn scan(x: &GlaInputs, state: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, hkv, g, t, dk) = x.q.dims5()?;
+    let dv = x.v.dim(3)?;
+    let tensors = [&x.q, &x.k, &x.gate, &x.v, state].map(|t| t.contiguous());
+    let [q, k, gate, v, s] = tensors;
+    let (q, k, gate, v, s) = (q?, k?, gate?, v?, s?);
+    let guards = [&q, &k, &gate, &v, &s].map(|t| t.storage_and_layout());
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(5);
+    for (storage, layout) in &guards {
+        match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(cpu), Some((a, z))) => slices.push(&cpu.as_slice::<f32>()?[a..z]),
+            _ => {
+                return Err(crate::Error::State(
+                    "GLA scan: expected contiguous f32 on the CPU".into(),
+                ))
+            }
+        }
+    }
+    let [q, k, gate, v, s] = [slices[0], slices[1], slices[2], slices[3], slices[4]];
+    let heads = b * hkv;
+    let cw = if dv % COLUMNS == 0 { COLUMNS } else { dv };
+    let blocks = dv / cw;
+    // Each task: one KV head's columns c0..c0 + cw; its state block and outputs.
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..heads * blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (h, c0) = (task / blocks, (task % blocks) * cw);
+            let mut st = vec![0f32; dk * cw];
+            for i in 0..dk {
+                let at = (h * dk + i) * dv + c0;
+                st[i * cw..(i + 1) * cw].copy_from_slice(&s[at..at + cw]);
+            }
+            let mut decay = vec![0f32; t * dk];
+            vexp::exp_shifted(&gate[h * t * dk..(h + 1) * t * dk], 0.0, &mut decay);
+            let mut out = vec![0f32; g * t * cw];
+            for step in 0..t {
+                let kt = &k[(h * t + step) * dk..(h * t + step + 1) * dk];
+                let vt = &v[(h * t + step) * dv + c0..(h * t + step) * dv + c0 + cw];
+                let dt = &decay[step * dk..(step + 1) * dk];
+                for i in 0..dk {
+                    let row = &mut st[i * cw..(i + 1) * cw];
+                    let (a, ki) = (dt[i], kt[i]);
+                    for (r, &vj) in row.iter_mut().zip(vt) {
+                        *r = *r * a + ki * vj;
+                    }
+                    for gq in 0..g {
+                        let qi = q[((h * g + gq) * t + step) * dk + i];
+                        let o = &mut out[(gq * t + step) * cw..(gq * t + step + 1) * cw];
+                        for (acc, &r) in o.iter_mut().zip(row.iter()) {
+                            *acc += qi * r;
+                        }
+                    }
+                }
+            }
+            (st, out)
+        })
+        .collect();
+    let mut new_state = vec![0f32; heads * dk * dv];
+    let mut o = vec![0f32; heads * g * t * dv];
+    for (task, (st, out)) in parts.into_iter().enumerate() {
+        let (h, c0) = (task / blocks, (task % blocks) * cw);
+        for i in 0..dk {
+            let at = (h * dk + i) * dv + c0;
+            new_state[at..at + cw].copy_from_slice(&st[i * cw..(i + 1) * cw]);
+        }
+        for row in 0..g * t {
+            let at = (h * g * t + row) * dv + c0;
+            o[at..at + cw].copy_from_slice(&out[row * cw..(row + 1) * cw]);
+        }
+    }
+    let dev = state.device();
+    Ok((
+        Tensor::from_vec(o, (b, hkv, g, t, dv), dev)?,
+        Tensor::from_vec(new_state, (b, hkv, dk, dv), dev)?,
+    ))
+}
