@@ -75,40 +75,28 @@ fn naive(c: &Case, x: &GlaInputs, s0: &Tensor) -> (Vec<f32>, Vec<f32>) {
 fn check_case(c: Case, variant: Variant, tol: f32) {
     let (x, s0) = inputs(&c, variant, 7 + c.t as u64);
     let (o_ref, s_ref) = naive(&c, &x, &s0);
-    let (o_rec, s_rec) = gla::recurrent(&x, &s0).unwrap();
-    for chunk in [1, 4, 16, 64] {
-        let (o_chk, s_chk) = gla::chunked(&x, &s0, chunk).unwrap();
+    // Each form's output and final state within `tol` of the definition.
+    let check = |form: &str, (o, s): (Tensor, Tensor)| {
         let (eo, es) = (
-            max_rel_diff(&flat(&o_chk), &o_ref),
-            max_rel_diff(&flat(&s_chk), &s_ref),
+            max_rel_diff(&flat(&o), &o_ref),
+            max_rel_diff(&flat(&s), &s_ref),
         );
         assert!(
             eo < tol && es < tol,
-            "chunked c={chunk} t={}: out {eo:e}, state {es:e}",
+            "{form} t={}: out {eo:e}, state {es:e}",
             c.t
         );
+    };
+    for chunk in [1, 4, 16, 64] {
+        check(
+            &format!("chunked c={chunk}"),
+            gla::chunked(&x, &s0, chunk).unwrap(),
+        );
     }
-    let (eo, es) = (
-        max_rel_diff(&flat(&o_rec), &o_ref),
-        max_rel_diff(&flat(&s_rec), &s_ref),
-    );
-    assert!(
-        eo < tol && es < tol,
-        "recurrent t={}: out {eo:e}, state {es:e}",
-        c.t
-    );
+    check("recurrent", gla::recurrent(&x, &s0).unwrap());
     // The host scan prefill runs on the CPU (`Recurrence::span`).
     assert!(gla::scan::applies(&x, &s0));
-    let (o_scan, s_scan) = gla::scan::scan(&x, &s0).unwrap();
-    let (eo, es) = (
-        max_rel_diff(&flat(&o_scan), &o_ref),
-        max_rel_diff(&flat(&s_scan), &s_ref),
-    );
-    assert!(
-        eo < tol && es < tol,
-        "scan t={}: out {eo:e}, state {es:e}",
-        c.t
-    );
+    check("scan", gla::scan::scan(&x, &s0).unwrap());
 }
 
 #[test]

@@ -148,11 +148,6 @@ impl ChatTemplate {
         self.fallback
     }
 
-    /// What `bos_token` renders as (empty when the folder names none).
-    pub fn bos_token(&self) -> &str {
-        &self.bos
-    }
-
     /// The text of `messages`, followed by the opening of an assistant turn when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

@@ -11,7 +11,7 @@
 
 use half::f16;
 
-use super::mixing::{softmax, Rows};
+use super::mixing::{sized, softmax, Rows};
 use crate::layers::vexp;
 
 /// Queries rotated by the distance cap alone, and which global rows they score (those past
@@ -86,12 +86,6 @@ fn widened_own(r: Rows<'_>) -> &[f32] {
     }
 }
 
-/// `buf` resized to `n` (contents unspecified).
-fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    buf.resize(n, 0.0);
-    &mut buf[..n]
-}
-
 /// Adds each window row's share of its query's window-only softmax mass, averaged over the
 /// `g` queries, into `mass` (zeroed first); `p` is `[g, len]`, the first `n_global`
 /// columns the global rows'.
@@ -160,6 +154,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{f16, Attend, Rows, MAX_GROUP};
+    use crate::layers::matvec::avx2::hsum;
 
     /// Eight lanes of a row, widened to f32.
     trait Lanes: Copy {
@@ -281,16 +276,6 @@ mod avx2 {
                 *a = _mm256_fmadd_ps(_mm256_set1_ps(*pp.add(h * len + j)), v, *a);
             }
         }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let hi = _mm256_extractf128_ps(v, 1);
-        let lo = _mm256_castps256_ps128(v);
-        let s = _mm_add_ps(hi, lo);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 }
 

@@ -158,7 +158,7 @@ pub(crate) struct Scratch {
 }
 
 /// `buf` resized to `n` (contents unspecified).
-fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+pub(super) fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     buf.resize(n, 0.0);
     &mut buf[..n]
 }

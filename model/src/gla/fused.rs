@@ -71,14 +71,14 @@ pub fn step(
 }
 
 /// The values of a contiguous CPU f32 tensor, borrowed from its storage.
-fn f32_slice<'a, G: std::ops::Deref<Target = Storage>>(
+pub(super) fn f32_slice<'a, G: std::ops::Deref<Target = Storage>>(
     (storage, layout): &'a (G, &candle_core::Layout),
 ) -> Result<&'a [f32]> {
     let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
         (&**storage, layout.contiguous_offsets())
     else {
         return Err(crate::Error::State(
-            "fused GLA step: expected contiguous f32 on the CPU".into(),
+            "GLA on the host: expected contiguous f32 on the CPU".into(),
         ));
     };
     Ok(&data[start..end])

@@ -9,9 +9,10 @@
 //! [`super::recurrent`] up to summation order; `tests/gla_forms.rs` holds it to the
 //! chunked and recurrent forms.
 
-use candle_core::{Storage, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::fused::f32_slice;
 use super::GlaInputs;
 use crate::layers::vexp;
 use crate::Result;
@@ -32,18 +33,8 @@ pub fn scan(x: &GlaInputs, state: &Tensor) -> Result<(Tensor, Tensor)> {
     let [q, k, gate, v, s] = tensors;
     let (q, k, gate, v, s) = (q?, k?, gate?, v?, s?);
     let guards = [&q, &k, &gate, &v, &s].map(|t| t.storage_and_layout());
-    let mut slices: Vec<&[f32]> = Vec::with_capacity(5);
-    for (storage, layout) in &guards {
-        match (&**storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(cpu), Some((a, z))) => slices.push(&cpu.as_slice::<f32>()?[a..z]),
-            _ => {
-                return Err(crate::Error::State(
-                    "GLA scan: expected contiguous f32 on the CPU".into(),
-                ))
-            }
-        }
-    }
-    let [q, k, gate, v, s] = [slices[0], slices[1], slices[2], slices[3], slices[4]];
+    let [q, k, gate, v, s] = [0, 1, 2, 3, 4].map(|i| f32_slice(&guards[i]));
+    let (q, k, gate, v, s) = (q?, k?, gate?, v?, s?);
     let heads = b * hkv;
     let cw = if dv % COLUMNS == 0 { COLUMNS } else { dv };
     let blocks = dv / cw;

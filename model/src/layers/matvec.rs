@@ -177,7 +177,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Tile, MR, NR, NR1};
@@ -185,7 +185,7 @@ mod avx2 {
     /// Dispatches on the tile's shape so the full 4 x 3 tile (and each edge shape) gets a
     /// kernel whose accumulators are plain registers.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(t: Tile, out: &mut [f32]) {
+    pub(super) unsafe fn tile(t: Tile, out: &mut [f32]) {
         assert!(t.x.len() >= (t.i0 + t.mr) * t.k && t.w.len() >= (t.j0 + t.nr) * t.k);
         assert!(out.len() >= (t.j0 + t.nr) * t.m && t.mr <= MR && t.nr <= NR.max(NR1));
         match (t.mr, t.nr) {
@@ -239,8 +239,9 @@ mod avx2 {
         }
     }
 
+    /// The sum of a vector's eight lanes (every AVX2 kernel of the crate ends with it).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(v, 1);
         let lo = _mm256_castps256_ps128(v);
         let s = _mm_add_ps(hi, lo);

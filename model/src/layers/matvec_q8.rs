@@ -139,6 +139,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, BLOCK_BYTES};
+    use crate::layers::matvec::avx2::hsum;
 
     /// Block `b` of row `w`'s 32 weights, scaled, as four 8-wide f32 vectors. A macro, not a
     /// function: `#[target_feature]` functions are not inlined into each other reliably,
@@ -197,14 +198,6 @@ mod avx2 {
         for (d, a) in dst.iter_mut().zip(&acc) {
             *d = hsum(_mm256_add_ps(a[0], a[1]));
         }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 }
 
