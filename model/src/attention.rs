@@ -428,16 +428,14 @@ impl Attention {
             differentiable: ctx.differentiable,
             ..hy.features
         };
-        // Feature maps for all tokens at once: [1, heads, tokens, d].
-        let as_bhtd =
-            |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
         let self_read = hy.recall_chooses;
-        let mut all = gla::Recurrence::new(features, &as_bhtd(q)?, &as_bhtd(k)?, &as_bhtd(v)?)?;
-        if !hy.reads_out() {
-            all = all.key_reads_only()?;
-        } else if self_read {
-            all = all.with_key_reads()?;
-        }
+        // Feature maps for all tokens at once: [1, heads, tokens, d].
+        let readers = match (hy.reads_out(), self_read) {
+            (false, _) => gla::feature::Readers::KeysOnly,
+            (true, true) => gla::feature::Readers::QueriesAndKeys,
+            (true, false) => gla::feature::Readers::Queries,
+        };
+        let all = gla::Recurrence::from_projections(features, (q, k, v), readers)?;
         // Query heads per KV head in the recurrence's output, the key read last.
         let heads = if self_read { g + 1 } else { g };
         // [.., heads, t, d] -> ([t, h, d], the key reads [hkv, t, d]). A key read `k_t S_t`

@@ -4,11 +4,23 @@
 //! computes it by parsing `/proc/cpuinfo` (`num_cpus::get_physical`) each time: on SmolLM2-135M
 //! that was about 11% of CPU time. Fixing the count once at start-up removes that cost and
 //! makes the choice explicit.
+//!
+//! candle also keeps a second pool of its own (`CANDLE_NUM_THREADS`, default: as many
+//! threads as rayon's) for elementwise ops, whose workers spin for a while after each op
+//! before they sleep. The heavy work here (gemm, the host attention, the recurrence scan,
+//! the decode kernels) runs on rayon's pool, so those spinning workers take cores from it:
+//! on two cores a 512-token prefill took 1.17-1.25 s with that pool and 1.04-1.07 s without
+//! it (the decode bench did not change). So unless the user sets it, candle's pool gets one
+//! thread, the caller: its elementwise ops run where they are called, and every other
+//! thread is rayon's.
 
 /// Sets `RAYON_NUM_THREADS` (unless the user already did) to `threads`, or to the number of
-/// CPUs this process may use. Call at the very start of `main`, before any thread exists:
+/// CPUs this process may use, and `CANDLE_NUM_THREADS` to 1 (same; see the module docs). Call at the very start of `main`, before any thread exists:
 /// changing the environment while other threads read it is a data race.
 pub fn init(threads: Option<usize>) -> usize {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     if let Some(n) = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())

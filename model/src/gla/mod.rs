@@ -63,6 +63,29 @@ impl Recurrence {
         })
     }
 
+    /// One sequence's raw projections as a layer computes them, `q: [t, h, d]`, `k`, `v`:
+    /// `[t, hkv, d]`, to the variant's inputs with the readers `readers` asks for: on the
+    /// host in one pass where [`feature::host_maps`] applies, else [`Self::new`] and the
+    /// key-read adapters (the reference it is tested against).
+    pub fn from_projections(
+        fm: FeatureMaps,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        readers: feature::Readers,
+    ) -> Result<Self> {
+        if let Some(x) = feature::host_maps(fm, (q, k, v), readers)? {
+            return Ok(Self::Gla(x));
+        }
+        // [t, heads, d] -> [1, heads, t, d]
+        let bhtd =
+            |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?) };
+        let all = Self::new(fm, &bhtd(q)?, &bhtd(k)?, &bhtd(v)?)?;
+        match readers {
+            feature::Readers::Queries => Ok(all),
+            feature::Readers::QueriesAndKeys => all.with_key_reads(),
+            feature::Readers::KeysOnly => all.key_reads_only(),
+        }
+    }
+
     /// Adds each token's own feature-mapped key as one more query head after the `g` of
     /// every KV head, so the output also holds `k_t S_t`: what the memory answers for the
     /// token's key right after writing it (the global cache's salience, [`crate::global`]).

@@ -1,7 +1,8 @@
 //! The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 
-use candle_core::{Module, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use super::Linear;
 use crate::weights::QuantizedTensors;
@@ -58,7 +59,84 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        self.down.forward(&silu_mul(&g, &u)?)
+    }
+}
+
+/// `silu(g) * u`: on the CPU in f32 without gradients one fused pass in eight lanes over
+/// all threads (candle's `silu` is a scalar `exp` per element on one thread, then a second
+/// pass multiplies: ~7% of a 512-token prefill); elsewhere candle's ops, the reference
+/// `tests::fused_silu_mul_matches_candle` holds it to.
+pub(crate) fn silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    let fused = g.device().is_cpu()
+        && g.dtype() == DType::F32
+        && u.dtype() == DType::F32
+        && g.shape() == u.shape()
+        && g.is_contiguous()
+        && u.is_contiguous()
+        && !g.track_op()
+        && !u.track_op();
+    if fused {
+        g.apply_op2_no_bwd(u, &SiluMul)
+    } else {
+        g.silu()? * u
+    }
+}
+
+struct SiluMul;
+
+/// Elements per parallel task: large enough to amortize scheduling.
+const SILU_TASK: usize = 1 << 14;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "liger-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gs, us) else {
+            candle_core::bail!("liger-silu-mul: f32 only");
+        };
+        let (Some((ga, gb)), Some((ua, ub))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
+        else {
+            candle_core::bail!("liger-silu-mul: contiguous inputs only");
+        };
+        let (g, u) = (&g[ga..gb], &u[ua..ub]);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(SILU_TASK)
+            .zip(g.par_chunks(SILU_TASK).zip(u.par_chunks(SILU_TASK)))
+            .for_each(|(o, (g, u))| crate::layers::vexp::silu_mul(g, u, o));
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn fused_silu_mul_matches_candle() {
+        let g = Tensor::randn(0f32, 3.0, (37, 1000), &Device::Cpu).unwrap();
+        let u = Tensor::randn(0f32, 1.0, (37, 1000), &Device::Cpu).unwrap();
+        let fused = super::silu_mul(&g, &u).unwrap();
+        let reference = (g.silu().unwrap() * &u).unwrap();
+        let diff = (fused - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
     }
 }
