@@ -283,8 +283,13 @@ impl Module for Linear {
             if x.dim(0)? > DENSE_ROWS {
                 // Prefill chunks: candle's GGML kernels run one dot product per row and
                 // column (measured 4x slower than dense f32 on a 3.8K-token prefill);
-                // dequantizing once per call and using gemm costs a fraction of the product.
-                let w = self.weight().map_err(candle_core::Error::wrap)?;
+                // dequantizing once per call and using gemm costs a fraction of the product
+                // (Q8_0 on the CPU decoded on all threads, see `matvec_q8::dequantize`).
+                let w = match q.cpu_q8_0() {
+                    Some(blocks) => super::matvec_q8::dequantize(blocks),
+                    None => self.weight(),
+                }
+                .map_err(candle_core::Error::wrap)?;
                 x.to_dtype(DType::F32)?
                     .matmul(&w.t()?)?
                     .to_dtype(x.dtype())?
