@@ -1,9 +1,11 @@
 //! The fused CPU decode step against the general path, its reference: for every family and
 //! every mixer it covers, a batch of decode steps gives the same logits and leaves the same
 //! states (window caches trimmed alike, recurrent memories equal), for one sequence (the
-//! single-row kernel) and for many, across window boundaries. Q8_0 weights run on their
+//! single-row kernel) and for many, across window boundaries, and beside a prompt chunk in
+//! the same batch (the one-token steps fused, the chunk on the general path). Q8_0 weights run on their
 //! blocks with f32 inputs, so they equal the dense model of the dequantized weights. Steps
-//! it does not cover (GSA, half precision, batches over 32) must go to the general path.
+//! it does not cover (GSA, half precision) must go to the general path; batches over 32
+//! take several fused steps.
 //!
 //! One test function: the fused-step counter is process-wide, and tests of one binary run
 //! in parallel.
@@ -264,9 +266,24 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
     }
 }
 
-/// Steps `histories.len()` sequences three times with both models; checks equality and
-/// whether the fused path ran.
+/// Steps `histories.len()` sequences three times with both models, then once more with a
+/// three-token prompt chunk for the first sequence beside one-token steps of the others
+/// (a server step while a prompt is read: the one-token steps fuse, the chunk does not);
+/// checks equality and whether the fused path ran (`covered`: in the decode steps,
+/// `mixed`: in the mixed one).
 fn check(fused: &Model, reference: &Model, histories: &[Vec<u32>], covered: bool, what: &str) {
+    let mixed = covered && histories.len() > 1;
+    let counts = (u64::from(covered), u64::from(mixed));
+    check_steps(fused, reference, histories, counts, what);
+}
+
+fn check_steps(
+    fused: &Model,
+    reference: &Model,
+    histories: &[Vec<u32>],
+    (covered, mixed): (u64, u64),
+    what: &str,
+) {
     let mut rng = SplitMix(histories.len() as u64);
     // Both start from the reference's states: prompts are read by the general path anyway,
     // (on a Q8_0 model, with the same kernel as the fused step or the dense product).
@@ -278,16 +295,17 @@ fn check(fused: &Model, reference: &Model, histories: &[Vec<u32>], covered: bool
         .iter()
         .map(|h| state_after(reference, h).unwrap())
         .collect();
-    for step in 0..3 {
-        let toks: Vec<Vec<u32>> = histories.iter().map(|_| rng.tokens(1, 61)).collect();
+    for step in 0..4 {
+        let mut toks: Vec<Vec<u32>> = histories.iter().map(|_| rng.tokens(1, 61)).collect();
+        let mut expected = covered;
+        if step == 3 {
+            toks[0] = rng.tokens(3, 61);
+            expected = mixed;
+        }
         let before = fused_decode_steps();
         let out_f = step_batch(fused, &mut sf, &toks).unwrap();
         let ran = fused_decode_steps() - before;
-        assert_eq!(
-            ran,
-            u64::from(covered),
-            "{what} step {step}: fused steps taken"
-        );
+        assert_eq!(ran, expected, "{what} step {step}: fused steps taken");
         let before = fused_decode_steps();
         let out_r = step_batch(reference, &mut sr, &toks).unwrap();
         assert_eq!(
@@ -393,12 +411,14 @@ fn fused_decode_equals_the_general_path() {
             &format!("{what} alone"),
         );
         // Beyond the fused step's batch limit, and in half precision: the general path.
+        // Beyond the fused step's batch limit: two fused steps (32 + 1); with a prompt
+        // chunk beside them, the other 32 fit one.
         let many: Vec<Vec<u32>> = (0..33).map(|i| rng.tokens(i % 7, 61)).collect();
-        check(
+        check_steps(
             &fused,
             &reference,
             &many,
-            false,
+            (2, 1),
             &format!("{family:?} 33 sequences"),
         );
         let half = TinyCheckpoint::new(family, 11)

@@ -78,6 +78,12 @@ impl Worker {
             _ => (n, p),
         });
         self.budget.observe(inputs.len() - chunks, prompt, took);
+        tracing::debug!(
+            decodes = inputs.len() - chunks,
+            prompt,
+            took_ms = took.as_secs_f64() * 1e3,
+            "step"
+        );
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         self.metrics.step_duration.observe(took);
         match result {
