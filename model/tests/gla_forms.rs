@@ -112,16 +112,19 @@ fn gla_forms_agree_across_chunk_boundaries() {
         };
         check_case(c, Variant::Gla, 2e-5);
     }
-    // Head dim 32: the host scan splits the value columns into blocks of 16.
-    let c = Case {
-        b: 1,
-        hkv: 3,
-        g: 2,
-        t: 21,
-        d: 32,
-        key_scale: 2.0,
-    };
-    check_case(c, Variant::Gla, 5e-5);
+    // Head dim 32: the host scan splits the value columns into blocks of 16, with a kernel
+    // per reader count up to 5 and the generic loop beyond.
+    for g in [1, 2, 4, 5, 6] {
+        let c = Case {
+            b: 1,
+            hkv: 3,
+            g,
+            t: 21,
+            d: 32,
+            key_scale: 2.0,
+        };
+        check_case(c, Variant::Gla, 5e-5);
+    }
 }
 
 #[test]
