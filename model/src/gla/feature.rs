@@ -112,10 +112,7 @@ pub fn host_maps(
         .for_each(|(r, ((kr, gr), vr))| {
             let (j, s) = (r / t, r % t);
             let src = &k[(s * hkv + j) * d..(s * hkv + j + 1) * d];
-            for (gi, &x) in gr.iter_mut().zip(src) {
-                // log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), neither branch overflowing.
-                *gi = (x.min(0.0) - (-x.abs()).exp().ln_1p()) * inv_c;
-            }
+            crate::layers::vexp::log_sigmoid(src, inv_c, gr);
             match fm.variant {
                 Variant::Hgrn2 => {
                     for (ki, &gi) in kr.iter_mut().zip(gr.iter()) {

@@ -67,6 +67,50 @@ fn exp_lanes(x: &[f32], shift: f32, out: &mut [f32]) {
     }
 }
 
+/// `out[i] = scale * log(sigmoid(x[i]))`, as `min(x, 0) - log(1 + exp(-|x|))` so neither
+/// branch overflows: the recurrence's log-gates.
+pub fn log_sigmoid(x: &[f32], scale: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were just detected.
+            unsafe { log_sigmoid_avx2(x, scale, out) };
+            return;
+        }
+    }
+    log_sigmoid_lanes(x, scale, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn log_sigmoid_avx2(x: &[f32], scale: f32, out: &mut [f32]) {
+    log_sigmoid_lanes(x, scale, out);
+}
+
+#[inline(always)]
+fn log_sigmoid_lanes(x: &[f32], scale: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v.min(0.0) - log1p_unit(exp1(-v.abs()))) * scale;
+    }
+}
+
+/// `log(1 + y)` for `y` in `[0, 1]`: `2 atanh(s)` with `s = y / (2 + y)` in `[0, 1/3]`, the
+/// series to `s^13` (its next term is below f32's rounding); exact to the last bits for
+/// small `y`, where `log(1 + y)` would cancel.
+#[inline(always)]
+fn log1p_unit(y: f32) -> f32 {
+    let s = y / (2.0 + y);
+    let s2 = s * s;
+    let p = 1.0 / 11.0 + s2 * (1.0 / 13.0);
+    let p = 1.0 / 9.0 + s2 * p;
+    let p = 1.0 / 7.0 + s2 * p;
+    let p = 1.0 / 5.0 + s2 * p;
+    let p = 1.0 / 3.0 + s2 * p;
+    2.0 * s * (1.0 + s2 * p)
+}
+
 /// `out[i] = silu(gate[i]) * up[i]` with `silu(g) = g / (1 + exp(-g))`: SwiGLU's gate.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == up.len() && up.len() == out.len());
@@ -208,6 +252,29 @@ mod tests {
         exp_shifted(&[3.0, -1e30, f32::NEG_INFINITY], 3.0, &mut out[..3]);
         assert_eq!(out[0], 1.0);
         assert_eq!((out[1], out[2]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn log_sigmoid_matches_the_definition() {
+        let x: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) * 0.01).collect();
+        let x: Vec<f32> = x
+            .into_iter()
+            .chain([-90.0, -30.0, 30.0, 90.0, 1e-6, -1e-6])
+            .collect();
+        let mut out = vec![0f32; x.len()];
+        log_sigmoid(&x, 0.25, &mut out);
+        let mut portable = vec![0f32; x.len()];
+        log_sigmoid_lanes(&x, 0.25, &mut portable);
+        for (i, &v) in x.iter().enumerate() {
+            let v64 = v as f64;
+            let want = 0.25 * (v64.min(0.0) - (-v64.abs()).exp().ln_1p());
+            let got = out[i] as f64;
+            assert!(
+                (got - want).abs() <= 4e-7 * want.abs().max(1e-6),
+                "log_sigmoid({v}) = {got}, want {want}"
+            );
+            assert_eq!(out[i].to_bits(), portable[i].to_bits());
+        }
     }
 
     #[test]
