@@ -610,7 +610,7 @@ impl Attention {
         let out = match p {
             Some(p) => {
                 let (h, t, d) = q.dims3()?;
-                let o = p.matmul(&values.to_dtype(DType::F32)?)?; // [hkv, g*t, d]
+                let o = p.matmul(&crate::layers::to_f32(&values)?)?; // [hkv, g*t, d]
                 o.reshape((h, t, d))?.transpose(0, 1)?
             }
             None => {
@@ -884,7 +884,7 @@ pub fn attention_scores(
     let g = h / hkv;
     let scale = 1.0 / (d as f64).sqrt();
     let q = (q.to_dtype(DType::F32)? * scale)?.reshape((hkv, g * t, d))?;
-    let k = k.to_dtype(DType::F32)?;
+    let k = crate::layers::to_f32(k)?;
     let mut scores = q.matmul(&k.t()?)?.reshape((hkv, g, t, l))?;
     if let Some(c) = capped {
         let n = c.k.dim(1)?;
