@@ -1,8 +1,8 @@
 //! `apply-adapter`: folds a LoRA adapter (PEFT layout) into a model folder's weights and
 //! writes the result as a plain model folder, servable with no adapter support at all.
 //!
-//! Also home to what `recover` shares with it: choosing the device, the dtype a folder is
-//! stored in, writing a model's (merged) weights, and copying tokenizer files along.
+//! Also home to what `recover` shares with it: choosing the device and the dtype a folder
+//! is stored in (both write their folders with [`crate::folder`]).
 
 use std::path::{Path, PathBuf};
 
@@ -10,13 +10,11 @@ use candle_core::{DType, Device};
 use liger_model::device::DeviceKind;
 use liger_model::layers::Quantization;
 use liger_model::lora;
-use liger_model::Model;
 use serde_json::Value;
 
-use crate::output::{self, PartialDir, WeightFormat, WrittenWeights};
+use crate::folder::{Config, ModelFolder, SideFiles, Weights};
+use crate::output::{self, PartialDir, WeightFormat};
 use crate::progress::Progress;
-use crate::source::SIDE_FILES;
-use crate::tensors::TensorSet;
 use crate::{Error, Result};
 
 /// Where training and evaluation run.
@@ -51,51 +49,6 @@ pub fn folder_dtype(dir: &Path) -> Result<DType> {
         Some("bfloat16") => DType::BF16,
         _ => DType::F32,
     })
-}
-
-/// Copies the tokenizer and generation files of `src` into `dst`; returns their names.
-pub fn copy_side_files(src: &Path, dst: &Path) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
-    for name in SIDE_FILES {
-        let from = src.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, dst.join(name)).map_err(|e| Error::io(&from, e))?;
-            copied.push((*name).to_owned());
-        }
-    }
-    Ok(copied)
-}
-
-/// Writes `model`'s weights (adapters must be merged first) as `format` says.
-pub fn write_weights(
-    dir: &Path,
-    model: &Model,
-    format: &WeightFormat,
-    progress: &Progress,
-) -> Result<WrittenWeights> {
-    if model.is_quantized() {
-        return Err(liger_model::Error::Invalid(
-            "a quantized model cannot be written (its weights would be dequantized); \
-             write the dense model and quantize that"
-                .into(),
-        )
-        .into());
-    }
-    let weights = model
-        .named_weights()?
-        .into_iter()
-        .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let set = TensorSet::from_memory(weights)?;
-    output::write_weights(dir, &set, format, progress)
-}
-
-/// Copies `config.json` of `src` (byte for byte: the merged model is the same architecture).
-pub fn copy_config(src: &Path, dst: &Path) -> Result<()> {
-    let from = src.join(liger_model::weights::CONFIG_FILE);
-    std::fs::copy(&from, dst.join(liger_model::weights::CONFIG_FILE))
-        .map_err(|e| Error::io(&from, e))?;
-    Ok(())
 }
 
 /// Everything `liger-convert apply-adapter` takes.
@@ -146,14 +99,10 @@ pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied
     model.merge_lora()?;
     spinner.finish_and_clear();
     let out = PartialDir::begin(&opts.out, opts.force)?;
-    let dir = out.path().to_path_buf();
-    copy_config(&opts.model, &dir)?;
     let format = WeightFormat {
         quantize: opts.quantize,
         ..WeightFormat::dense(dtype)
     };
-    let written = write_weights(&dir, &model, &format, progress)?;
-    copy_side_files(&opts.model, &dir)?;
     let mut card = format!(
         "# {} with a merged LoRA adapter\n\nThis folder is `{}` with the LoRA adapter `{}` \
          (rank {}, alpha {}, on {}; {adapted} projections) folded into its weights by \
@@ -171,9 +120,14 @@ pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied
     if let Some(cmd) = &opts.command_line {
         card.push_str(&format!("\n## How it was made\n\n```sh\n{cmd}\n```\n"));
     }
-    let readme = dir.join("README.md");
-    std::fs::write(&readme, card).map_err(|e| Error::io(&readme, e))?;
-    let out = out.commit()?;
+    let folder = ModelFolder {
+        config: Config::CopyFrom(&opts.model),
+        weights: Weights::Model(&model),
+        format: &format,
+        side_files: SideFiles::CopyFrom(&opts.model),
+        records: Vec::new(),
+    };
+    let (out, written) = folder.write(out, |_| card, progress)?;
     Ok(Applied {
         out,
         adapted,

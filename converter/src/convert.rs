@@ -7,7 +7,7 @@
 //! against the weights; only then is anything written, into a folder that becomes visible
 //! at its final path only once complete (see [`crate::output`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::DType;
 use liger_model::layers::Quantization;
@@ -16,10 +16,11 @@ use serde_json::Value;
 
 use crate::card::{model_card, CardInfo};
 use crate::check::check_weights;
-use crate::output::{self, PartialDir, WeightFormat, DEFAULT_SHARD_LIMIT};
+use crate::folder::{Config, ModelFolder, SideFiles, Weights};
+use crate::output::{self, PartialDir, WeightFormat, WrittenWeights, DEFAULT_SHARD_LIMIT};
 use crate::progress::Progress;
 use crate::settings::LigerSettings;
-use crate::source::{self, HubOptions, LoadedSource, SideContent, SourceKind};
+use crate::source::{self, HubOptions, LoadedSource, SourceKind};
 use crate::{Error, Result};
 
 /// Everything `liger-convert convert` takes.
@@ -124,16 +125,15 @@ fn finish_convert(
         quantize: opts.quantize,
         shard_limit: opts.shard_limit,
     };
-    write_model(
-        out,
-        &loaded,
-        &cfg,
-        config_json,
-        &format,
-        &opts.source,
-        opts.command_line.as_deref(),
-        progress,
-    )
+    let conversion = Conversion {
+        loaded: &loaded,
+        cfg: &cfg,
+        config_json: &config_json,
+        format,
+        source: &opts.source,
+        command_line: opts.command_line.as_deref(),
+    };
+    write_model(out, &conversion, progress)
 }
 
 /// How a card and a summary name the stored format: `float32`, or
@@ -156,19 +156,22 @@ pub fn torch_dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// Checks `cfg` against the weights, then writes config, weights, side files and card into
-/// `out` and moves it into place. Shared by `convert` and `import`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_model(
-    out: PartialDir,
-    loaded: &LoadedSource,
-    cfg: &ModelConfig,
-    mut config_json: Value,
-    format: &WeightFormat,
-    source: &str,
-    command_line: Option<&str>,
-    progress: &Progress,
-) -> Result<Summary> {
+/// A model to write from a loaded source: `convert`'s and `import`'s output.
+pub(crate) struct Conversion<'a> {
+    pub loaded: &'a LoadedSource,
+    pub cfg: &'a ModelConfig,
+    /// `config.json` (the `torch_dtype` is set from `format`).
+    pub config_json: &'a Value,
+    pub format: WeightFormat,
+    /// SRC as given, and the command line, for the card.
+    pub source: &'a str,
+    pub command_line: Option<&'a str>,
+}
+
+/// Checks the config against the weights, then writes the model folder into `out` and
+/// moves it into place. Shared by `convert` and `import`.
+pub(crate) fn write_model(out: PartialDir, c: &Conversion, progress: &Progress) -> Result<Summary> {
+    let (loaded, cfg, format) = (c.loaded, c.cfg, &c.format);
     let dtype = format.dtype;
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(Error::flag(
@@ -187,32 +190,27 @@ pub(crate) fn write_model(
             report.unused.len()
         );
     }
-    let dir = out.path().to_path_buf();
-    if let Value::Object(m) = &mut config_json {
-        m.insert(
-            "torch_dtype".into(),
-            Value::String(torch_dtype_name(dtype).into()),
-        );
-    }
-    output::write_json(&dir.join(liger_model::weights::CONFIG_FILE), &config_json)?;
-    let written = output::write_weights(&dir, &loaded.tensors, format, progress)?;
-    write_side_files(&dir, &loaded.side_files)?;
-
     let parameters = loaded.tensors.parameter_count();
-    let card = model_card(&CardInfo {
-        source,
-        source_kind: &loaded.kind,
-        source_name: loaded.name.as_deref(),
-        config: cfg,
-        parameters,
-        dtype: &format_label(format),
-        weight_files: &written.files,
-        command_line,
-    });
-    let readme = dir.join("README.md");
-    std::fs::write(&readme, card).map_err(|e| Error::io(&readme, e))?;
-
-    let out = out.commit()?;
+    let folder = ModelFolder {
+        config: Config::Json(c.config_json),
+        weights: Weights::Tensors(&loaded.tensors),
+        format,
+        side_files: SideFiles::Planned(&loaded.side_files),
+        records: Vec::new(),
+    };
+    let card = |written: &WrittenWeights| {
+        model_card(&CardInfo {
+            source: c.source,
+            source_kind: &loaded.kind,
+            source_name: loaded.name.as_deref(),
+            config: cfg,
+            parameters,
+            dtype: &format_label(format),
+            weight_files: &written.files,
+            command_line: c.command_line,
+        })
+    };
+    let (out, written) = folder.write(out, card, progress)?;
     Ok(Summary {
         out,
         tensors: loaded.tensors.infos().len(),
@@ -224,20 +222,4 @@ pub(crate) fn write_model(
         liger: cfg.liger.clone(),
         unused: report.unused,
     })
-}
-
-pub(crate) fn write_side_files(dir: &Path, files: &[(String, SideContent)]) -> Result<()> {
-    for (name, content) in files {
-        let path = dir.join(name);
-        match content {
-            SideContent::Copy(src) => {
-                std::fs::copy(src, &path).map_err(|e| Error::io(src, e))?;
-            }
-            SideContent::Json(v) => output::write_json(&path, v)?,
-            SideContent::Tokenizer(t) => t.save(&path, false).map_err(|e| {
-                liger_model::Error::Tokenizer(format!("saving {}: {e}", path.display()))
-            })?,
-        }
-    }
-    Ok(())
 }

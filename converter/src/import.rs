@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use candle_core::DType;
 use liger_model::ModelConfig;
 
-use crate::convert::{write_model, Summary};
+use crate::convert::{write_model, Conversion, Summary};
 use crate::output::{self, PartialDir, WeightFormat, DEFAULT_SHARD_LIMIT};
 use crate::progress::Progress;
 use crate::source::{self, SourceKind};
@@ -55,17 +55,16 @@ pub fn import(opts: &ImportOptions, progress: &Progress) -> Result<Summary> {
     let loaded = source::load_gguf(&opts.source, progress)?;
     let cfg = ModelConfig::from_json(loaded.config.clone())?;
     let config_json = cfg.to_json_with_liger(None);
-    write_model(
-        out,
-        &loaded,
-        &cfg,
-        config_json,
-        &WeightFormat {
+    let conversion = Conversion {
+        loaded: &loaded,
+        cfg: &cfg,
+        config_json: &config_json,
+        format: WeightFormat {
             shard_limit: opts.shard_limit,
             ..WeightFormat::dense(DType::F32)
         },
-        &src,
-        opts.command_line.as_deref(),
-        progress,
-    )
+        source: &src,
+        command_line: opts.command_line.as_deref(),
+    };
+    write_model(out, &conversion, progress)
 }

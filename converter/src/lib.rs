@@ -9,6 +9,8 @@
 //! - [`settings`]: Liger flags, validated, into the config's `liger` section;
 //! - [`check`]: the config against the weights, through the runtime's own model builder;
 //! - [`output`]: atomic output folders, safetensors writing and sharding;
+//! - [`folder`]: the one way every command writes a model folder (config, weights, side
+//!   files, records, card);
 //! - [`card`]: the `README.md` model card;
 //! - [`convert`], [`import`], [`inspect`]: the conversion commands;
 //! - [`recover`]: recovery training (attention transfer, distillation, LM) by LoRA;
@@ -22,6 +24,7 @@ pub mod check;
 pub mod convert;
 pub mod error;
 pub mod eval;
+pub mod folder;
 pub mod import;
 pub mod inspect;
 pub mod output;

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use candle_core::DType;
 use liger_model::layers::Quantization;
 use liger_model::ModelConfig;
-use serde_json::Value;
 
 use crate::check::check_weights;
-use crate::convert::{format_label, torch_dtype_name, write_side_files, Summary};
+use crate::convert::{format_label, Summary};
+use crate::folder::{Config, ModelFolder, SideFiles, Weights};
 use crate::output::{self, PartialDir, WeightFormat, DEFAULT_SHARD_LIMIT};
 use crate::progress::Progress;
 use crate::source;
@@ -67,21 +67,14 @@ pub fn quantize(opts: &QuantizeOptions, progress: &Progress) -> Result<Summary> 
         quantize: Some(opts.format),
         shard_limit: opts.shard_limit,
     };
-    let dir = out.path().to_path_buf();
-    let mut config_json = loaded.config.clone();
-    if let Value::Object(m) = &mut config_json {
-        m.insert(
-            "torch_dtype".into(),
-            Value::String(torch_dtype_name(format.dtype).into()),
-        );
-    }
-    output::write_json(&dir.join(liger_model::weights::CONFIG_FILE), &config_json)?;
-    let written = output::write_weights(&dir, &loaded.tensors, &format, progress)?;
-    write_side_files(&dir, &loaded.side_files)?;
-    let card = card(opts, &cfg, &format);
-    let readme = dir.join("README.md");
-    std::fs::write(&readme, card).map_err(|e| Error::io(&readme, e))?;
-    let out = out.commit()?;
+    let folder = ModelFolder {
+        config: Config::Json(&loaded.config),
+        weights: Weights::Tensors(&loaded.tensors),
+        format: &format,
+        side_files: SideFiles::Planned(&loaded.side_files),
+        records: Vec::new(),
+    };
+    let (out, written) = folder.write(out, |_| card(opts, &cfg, &format), progress)?;
     Ok(Summary {
         out,
         tensors: loaded.tensors.infos().len(),

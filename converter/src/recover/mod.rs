@@ -49,6 +49,7 @@ use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
 use crate::adapter::{self, DeviceChoice};
+use crate::folder::{Config, ModelFolder, SideFiles, Weights};
 use crate::output::{self, PartialDir, WeightFormat};
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -739,22 +740,6 @@ fn write_result(
     progress: &Progress,
 ) -> Result<RecoverSummary> {
     let out = PartialDir::begin(&opts.out, opts.force)?;
-    let dir = out.path().to_path_buf();
-    let adapter_tensors = student.lora_tensors();
-    if opts.adapter_only {
-        lora::save_adapter(
-            &dir,
-            &opts.lora,
-            &adapter_tensors,
-            Some(&opts.student.display().to_string()),
-        )?;
-    } else {
-        student.merge_lora()?;
-        adapter::copy_config(&opts.student, &dir)?;
-        let format = WeightFormat::dense(adapter::folder_dtype(&opts.student)?);
-        adapter::write_weights(&dir, &student, &format, progress)?;
-        adapter::copy_side_files(&opts.student, &dir)?;
-    }
     let record = json!({
         "teacher": opts.teacher,
         "student": opts.student,
@@ -773,10 +758,32 @@ fn write_result(
         "resumed": summary.resumed,
         "stages": summary.stages,
     });
-    output::write_json(&dir.join("recovery.json"), &record)?;
-    let readme = dir.join("README.md");
-    std::fs::write(&readme, card(opts, &summary)).map_err(|e| Error::io(&readme, e))?;
-    summary.out = out.commit()?;
+    if opts.adapter_only {
+        // An adapter folder, not a model: the adapter, the record, the card.
+        let dir = out.path().to_path_buf();
+        lora::save_adapter(
+            &dir,
+            &opts.lora,
+            &student.lora_tensors(),
+            Some(&opts.student.display().to_string()),
+        )?;
+        output::write_json(&dir.join("recovery.json"), &record)?;
+        let readme = dir.join("README.md");
+        std::fs::write(&readme, card(opts, &summary)).map_err(|e| Error::io(&readme, e))?;
+        summary.out = out.commit()?;
+        return Ok(summary);
+    }
+    student.merge_lora()?;
+    let format = WeightFormat::dense(adapter::folder_dtype(&opts.student)?);
+    let folder = ModelFolder {
+        config: Config::CopyFrom(&opts.student),
+        weights: Weights::Model(&student),
+        format: &format,
+        side_files: SideFiles::CopyFrom(&opts.student),
+        records: vec![("recovery.json", record)],
+    };
+    let card = card(opts, &summary);
+    summary.out = folder.write(out, |_| card, progress)?.0;
     Ok(summary)
 }
 
