@@ -24,7 +24,7 @@ use crate::gla::{self, FeatureMaps};
 use crate::global::{recall_scores, DistanceCap, GlobalCache, SpanPositions};
 use crate::global::{Exps, Geometry};
 use crate::layers::rope::rotate_rows;
-use crate::layers::{Linear, Rope};
+use crate::layers::{Dims, Linear, Rope};
 use crate::state::{KvCache, LayerState};
 use crate::weights::QuantizedTensors;
 use crate::{Error, Result};
@@ -132,10 +132,10 @@ impl Attention {
             }
         };
         Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), (hidden, h * d), qkv_bias, q)?,
-            k_proj: Linear::load(vb.pp("k_proj"), (hidden, hkv * d), qkv_bias, q)?,
-            v_proj: Linear::load(vb.pp("v_proj"), (hidden, hkv * d), qkv_bias, q)?,
-            o_proj: Linear::load(vb.pp("o_proj"), (h * d, hidden), cfg.o_bias, q)?,
+            q_proj: Linear::load(vb.pp("q_proj"), Dims::new(hidden, h * d), qkv_bias, q)?,
+            k_proj: Linear::load(vb.pp("k_proj"), Dims::new(hidden, hkv * d), qkv_bias, q)?,
+            v_proj: Linear::load(vb.pp("v_proj"), Dims::new(hidden, hkv * d), qkv_bias, q)?,
+            o_proj: Linear::load(vb.pp("o_proj"), Dims::new(h * d, hidden), cfg.o_bias, q)?,
             mixer,
             num_heads: h,
             num_kv_heads: hkv,

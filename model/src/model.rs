@@ -16,7 +16,7 @@ use candle_nn::{Embedding, VarBuilder};
 use crate::attention::{Attention, BatchContext, Span};
 use crate::config::ModelConfig;
 use crate::decode;
-use crate::layers::{Linear, LoraAdapter, Mlp, Quantization, RmsNorm, Rope};
+use crate::layers::{Dims, Linear, LoraAdapter, Mlp, Quantization, RmsNorm, Rope};
 use crate::lora::{self, LoraConfig};
 use crate::state::{LayerState, SequenceState, StateSpec};
 use crate::weights::QuantizedTensors;
@@ -128,18 +128,13 @@ impl Model {
             .pp("embed_tokens")
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let embed = Embedding::new(embed_w.clone(), cfg.hidden_size);
-        let head_dims = (cfg.vocab_size, cfg.hidden_size);
+        let head_dims = Dims::new(cfg.hidden_size, cfg.vocab_size);
         let lm_head = match q.take("lm_head.weight", head_dims)? {
             // A quantized checkpoint of a tied model stores the head's blocks apart: the
             // embedding lookup stays dense, the head's product reads 4-8 bit weights.
             Some(blocks) => Linear::from_quantized(blocks, dtype)?,
             None if cfg.tie_word_embeddings => Linear::from_weights(embed_w, None),
-            None => Linear::load(
-                vb.pp("lm_head"),
-                (cfg.hidden_size, cfg.vocab_size),
-                false,
-                q,
-            )?,
+            None => Linear::load(vb.pp("lm_head"), head_dims, false, q)?,
         };
         let layers = (0..cfg.num_layers)
             .map(|i| {
@@ -577,8 +572,8 @@ impl Model {
         for i in 0..self.layers.len() {
             for t in &cfg.targets {
                 let lin = self.layers[i].projection_mut(t).expect("validated target");
-                let (out_dim, in_dim) = lin.dims();
-                let (a, b) = lora::init_pair(&mut rng, cfg.rank, in_dim, out_dim, &device)?;
+                let dims = lin.dims();
+                let (a, b) = lora::init_pair(&mut rng, cfg.rank, dims.input, dims.output, &device)?;
                 lin.set_lora(Some(LoraAdapter {
                     a: a.as_tensor().clone(),
                     b: b.as_tensor().clone(),
@@ -607,7 +602,10 @@ impl Model {
                     continue;
                 };
                 let lin = self.layers[i].projection_mut(t).expect("validated target");
-                let (out_dim, in_dim) = lin.dims();
+                let Dims {
+                    input: in_dim,
+                    output: out_dim,
+                } = lin.dims();
                 if a.dims() != [cfg.rank, in_dim] || b.dims() != [out_dim, cfg.rank] {
                     return Err(Error::tensor(&na, format!(
                         "adapter shapes {:?} / {:?} do not fit a [{out_dim}, {in_dim}] projection with rank {}",

@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
-use crate::layers::{format_name, parse_format};
+use crate::layers::{format_name, parse_format, Dims};
 use crate::lora::TARGETS;
 use crate::model::Model;
 use crate::{Error, Result};
@@ -104,8 +104,9 @@ impl QuantizedTensors {
         self.tensors.borrow().len()
     }
 
-    /// Removes and returns `name`, checked to have the logical shape `(out, in)`.
-    pub fn take(&self, name: &str, (out_dim, in_dim): (usize, usize)) -> Result<Option<QTensor>> {
+    /// Removes and returns `name`, checked to have the logical shape of `dims`.
+    pub fn take(&self, name: &str, dims: Dims) -> Result<Option<QTensor>> {
+        let (out_dim, in_dim) = dims.weight_shape();
         let Some(t) = self.tensors.borrow_mut().remove(name) else {
             return Ok(None);
         };
@@ -286,7 +287,10 @@ mod tests {
         let path = write(dir.path(), good, 64 * 34);
         let q = read_quantized(&[path], &Device::Cpu).unwrap();
         assert_eq!(q.len(), 1);
-        assert!(q.take("lm_head.weight", (32, 64)).is_err(), "shape checked");
+        assert!(
+            q.take("lm_head.weight", Dims::new(64, 32)).is_err(),
+            "shape checked"
+        );
 
         for (entry, bytes, needle) in [
             (good, 100, "needs 2176 bytes"),

@@ -82,6 +82,25 @@ pub fn parse_format(name: &str) -> Option<GgmlDType> {
 /// to about 1%, not to float rounding.
 pub const DENSE_ROWS: usize = 32;
 
+/// A projection's sizes, named: `(in, out)` and `(out, in)` tuples both appeared between
+/// neighbouring APIs. The weight is stored `[output, input]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub input: usize,
+    pub output: usize,
+}
+
+impl Dims {
+    pub fn new(input: usize, output: usize) -> Self {
+        Self { input, output }
+    }
+
+    /// The weight's shape, `[output, input]`.
+    pub fn weight_shape(self) -> (usize, usize) {
+        (self.output, self.input)
+    }
+}
+
 /// A low-rank update `scale * B A` of a weight `W: [out, in]`.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
@@ -118,7 +137,7 @@ impl Quantized {
 struct Quantized {
     matmul: QMatMul,
     format: GgmlDType,
-    dims: (usize, usize),
+    dims: Dims,
 }
 
 impl Linear {
@@ -126,22 +145,22 @@ impl Linear {
     /// `quantized` when the checkpoint stores one under that name, the dense one otherwise.
     pub fn load(
         vb: VarBuilder,
-        (in_dim, out_dim): (usize, usize),
+        dims: Dims,
         bias: bool,
         quantized: &QuantizedTensors,
     ) -> Result<Self> {
         let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
+            Some(vb.get(dims.output, "bias")?)
         } else {
             None
         };
         let name = format!("{}.weight", vb.prefix());
-        if let Some(blocks) = quantized.take(&name, (out_dim, in_dim))? {
+        if let Some(blocks) = quantized.take(&name, dims)? {
             let mut lin = Self::from_quantized(blocks, vb.dtype())?;
             lin.bias = bias;
             return Ok(lin);
         }
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let weight = vb.get(dims.weight_shape(), "weight")?;
         Ok(Self::from_weights(weight, bias))
     }
 
@@ -157,7 +176,7 @@ impl Linear {
             quant: Some(Quantized {
                 matmul: QMatMul::from_qtensor(blocks)?,
                 format,
-                dims: (out_dim, in_dim),
+                dims: Dims::new(in_dim, out_dim),
             }),
         })
     }
@@ -222,8 +241,8 @@ impl Linear {
                 "merge LoRA adapters before quantizing".into(),
             ));
         }
-        let (out_dim, in_dim) = self.dims();
-        let Some(format) = q.format_for(in_dim) else {
+        let dims = self.dims();
+        let Some(format) = q.format_for(dims.input) else {
             return Ok(());
         };
         let dense = self.weight.to_dtype(DType::F32)?;
@@ -231,7 +250,7 @@ impl Linear {
         self.quant = Some(Quantized {
             matmul: QMatMul::from_qtensor(blocks)?,
             format,
-            dims: (out_dim, in_dim),
+            dims,
         });
         self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
         Ok(())
@@ -241,13 +260,12 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// `(out, in)`.
-    pub fn dims(&self) -> (usize, usize) {
+    pub fn dims(&self) -> Dims {
         if let Some(q) = &self.quant {
             return q.dims;
         }
         let d = self.weight.dims();
-        (d[0], d[1])
+        Dims::new(d[1], d[0])
     }
 
     pub fn lora(&self) -> Option<&LoraAdapter> {

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::Linear;
+use super::{Dims, Linear};
 use crate::weights::QuantizedTensors;
 use crate::Result;
 
@@ -24,9 +24,19 @@ impl Mlp {
     ) -> Result<Self> {
         let q = quantized;
         Ok(Self {
-            gate: Linear::load(vb.pp("gate_proj"), (hidden, intermediate), false, q)?,
-            up: Linear::load(vb.pp("up_proj"), (hidden, intermediate), false, q)?,
-            down: Linear::load(vb.pp("down_proj"), (intermediate, hidden), false, q)?,
+            gate: Linear::load(
+                vb.pp("gate_proj"),
+                Dims::new(hidden, intermediate),
+                false,
+                q,
+            )?,
+            up: Linear::load(vb.pp("up_proj"), Dims::new(hidden, intermediate), false, q)?,
+            down: Linear::load(
+                vb.pp("down_proj"),
+                Dims::new(intermediate, hidden),
+                false,
+                q,
+            )?,
         })
     }
 }

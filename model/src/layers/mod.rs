@@ -9,7 +9,7 @@ mod norm;
 pub(crate) mod rope;
 pub mod vexp;
 
-pub use linear::{format_name, parse_format, Linear, LoraAdapter, Quantization};
+pub use linear::{format_name, parse_format, Dims, Linear, LoraAdapter, Quantization};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
 pub use rope::Rope;
