@@ -7,6 +7,8 @@ use half::slice::HalfFloatSliceExt;
 
 use super::attend::{attend, Attend};
 use crate::config::Variant;
+use crate::gla::feature::key_row;
+use crate::layers::vexp;
 
 /// Cached key or value rows as a state stores them (`KvCache::stored_as`).
 #[derive(Clone, Copy)]
@@ -280,27 +282,15 @@ fn recurrent_step(
     (memory, key_read): (Memory, bool),
     scratch: &mut Scratch,
 ) {
+    // The same feature maps as prefill's (`gla::feature::host_maps`); GSA never reaches
+    // here (`super::applies` sends it to the general path).
     let gate = sized(&mut scratch.gate, d);
-    for (g, &x) in gate.iter_mut().zip(k) {
-        *g = log_sigmoid(x) / r.gate_normalizer;
-    }
     let key = sized(&mut scratch.key, d);
-    match r.variant {
-        Variant::Hgrn2 => {
-            for (kf, g) in key.iter_mut().zip(gate.iter()) {
-                *kf = 1.0 - g.exp();
-            }
-        }
-        // GSA never reaches here (`super::applies` sends it to the general path).
-        Variant::Gla | Variant::Gsa => {
-            key.copy_from_slice(k);
-            softmax(key);
-        }
-    }
+    key_row(r.variant, 1.0 / r.gate_normalizer, k, gate, key);
     let qf = sized(&mut scratch.q_feat, q.len());
     qf.copy_from_slice(q);
     for qh in qf.chunks_mut(d) {
-        softmax(qh);
+        vexp::softmax(qh);
     }
     let out = sized(&mut scratch.o_rec, q.len());
     out.fill(0.0);
@@ -332,11 +322,6 @@ fn recurrent_step(
             *r -= own * vj;
         }
     }
-}
-
-/// `log(sigmoid(x))` as `gla::feature::log_sigmoid` computes it: `min(x, 0) - ln(1 + e^-|x|)`.
-fn log_sigmoid(x: f32) -> f32 {
-    x.min(0.0) - ((-x.abs()).exp() + 1.0).ln()
 }
 
 /// In-place softmax with the maximum subtracted first.
@@ -388,13 +373,5 @@ mod tests {
         let mut dst = [0.0; 2];
         keep_last(Rows::F16(&halves), &[4.0], RowsMut::F32(&mut dst));
         assert_eq!(dst, [3.0, 4.0]);
-    }
-
-    #[test]
-    fn log_sigmoid_is_stable() {
-        for x in [-100.0f32, -3.0, 0.0, 2.5, 100.0] {
-            let want = (1.0 / (1.0 + (-x as f64).exp())).ln();
-            assert!((log_sigmoid(x) as f64 - want).abs() < 1e-5, "{x}");
-        }
     }
 }

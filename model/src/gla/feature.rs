@@ -96,10 +96,9 @@ pub fn host_maps(
     let hkv = k.dim(1)?;
     let g = h / hkv;
     let dev = q.device().clone();
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let guards = [&q, &k, &v].map(|t| t.storage_and_layout());
-    let [q, k, v] = [0, 1, 2].map(|i| super::fused::f32_slice(&guards[i]));
-    let (q, k, v) = (q?, k?, v?);
+    let owned = super::fused::contiguous([q, k, v])?;
+    let guards = owned.each_ref().map(|t| t.storage_and_layout());
+    let [q, k, v] = super::fused::f32_slices(&guards)?;
     let inv_c = (1.0 / fm.gate_normalizer) as f32;
     // k', gate and v as [hkv, t, d], one row per item.
     let mut kf = vec![0f32; hkv * t * d];
@@ -111,19 +110,13 @@ pub fn host_maps(
         .enumerate()
         .for_each(|(r, ((kr, gr), vr))| {
             let (j, s) = (r / t, r % t);
-            let src = &k[(s * hkv + j) * d..(s * hkv + j + 1) * d];
-            crate::layers::vexp::log_sigmoid(src, inv_c, gr);
-            match fm.variant {
-                Variant::Hgrn2 => {
-                    for (ki, &gi) in kr.iter_mut().zip(gr.iter()) {
-                        *ki = 1.0 - gi.exp();
-                    }
-                }
-                _ => {
-                    kr.copy_from_slice(src);
-                    crate::layers::vexp::softmax(kr);
-                }
-            }
+            key_row(
+                fm.variant,
+                inv_c,
+                &k[(s * hkv + j) * d..(s * hkv + j + 1) * d],
+                gr,
+                kr,
+            );
             vr.copy_from_slice(&v[(s * hkv + j) * d..(s * hkv + j + 1) * d]);
         });
     // q' as [hkv, heads, t, d]: the group's query heads, then (if asked) the key.
@@ -149,6 +142,26 @@ pub fn host_maps(
         gate: Tensor::from_vec(gate, (1, hkv, t, d), &dev)?,
         v: Tensor::from_vec(vf, (1, hkv, t, d), &dev)?,
     }))
+}
+
+/// One token's raw key for one KV head, on the host: its log-gate `log_sigmoid(k) / c`
+/// into `gate` (`inv_c = 1 / c`) and its feature-mapped key into `key` (softmax for GLA,
+/// `1 - exp(gate)` for HGRN2). The host feature maps use it for every row of a prefill and
+/// the fused decode step for each token, so a token gets the same gates whichever path
+/// reads it.
+pub(crate) fn key_row(variant: Variant, inv_c: f32, k: &[f32], gate: &mut [f32], key: &mut [f32]) {
+    crate::layers::vexp::log_sigmoid(k, inv_c, gate);
+    match variant {
+        Variant::Hgrn2 => {
+            for (ki, &gi) in key.iter_mut().zip(gate.iter()) {
+                *ki = 1.0 - gi.exp();
+            }
+        }
+        Variant::Gla | Variant::Gsa => {
+            key.copy_from_slice(k);
+            crate::layers::vexp::softmax(key);
+        }
+    }
 }
 
 #[cfg(test)]

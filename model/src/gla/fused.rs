@@ -30,12 +30,9 @@ pub fn step(
 ) -> Result<(Tensor, Tensor)> {
     let (b, hkv, g, dk) = q.dims4()?;
     let dv = v.dim(2)?;
-    let tensors = [q, k, gate, v, state].map(|t| t.contiguous());
-    let [q, k, gate, v, s] = tensors;
-    let (q, k, gate, v, s) = (q?, k?, gate?, v?, s?);
-    let guards = [&q, &k, &gate, &v, &s].map(|t| t.storage_and_layout());
-    let [q, k, gate, v, s] = [0, 1, 2, 3, 4].map(|i| f32_slice(&guards[i]));
-    let (q, k, gate, v, s) = (q?, k?, gate?, v?, s?);
+    let owned = contiguous([q, k, gate, v, state])?;
+    let guards = owned.each_ref().map(|t| t.storage_and_layout());
+    let [q, k, gate, v, s] = f32_slices(&guards)?;
     let heads = b * hkv;
     let mut new_state = vec![0f32; heads * dk * dv];
     let mut out = vec![0f32; heads * g * dv];
@@ -70,8 +67,26 @@ pub fn step(
     ))
 }
 
+/// `tensors`, each made contiguous (a copy only where one is not), to lock and read with
+/// [`f32_slices`]: `let guards = owned.each_ref().map(|t| t.storage_and_layout());`.
+pub(super) fn contiguous<const N: usize>(tensors: [&Tensor; N]) -> Result<[Tensor; N]> {
+    let owned = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(owned.try_into().expect("one tensor per input"))
+}
+
+/// [`f32_slice`] of every locked tensor.
+pub(super) fn f32_slices<'a, G: std::ops::Deref<Target = Storage>, const N: usize>(
+    guards: &'a [(G, &candle_core::Layout); N],
+) -> Result<[&'a [f32]; N]> {
+    let slices = guards.iter().map(f32_slice).collect::<Result<Vec<_>>>()?;
+    Ok(slices.try_into().expect("one slice per guard"))
+}
+
 /// The values of a contiguous CPU f32 tensor, borrowed from its storage.
-pub(super) fn f32_slice<'a, G: std::ops::Deref<Target = Storage>>(
+fn f32_slice<'a, G: std::ops::Deref<Target = Storage>>(
     (storage, layout): &'a (G, &candle_core::Layout),
 ) -> Result<&'a [f32]> {
     let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =

@@ -12,7 +12,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::fused::f32_slice;
+use super::fused::{contiguous, f32_slices};
 use super::GlaInputs;
 use crate::layers::vexp;
 use crate::Result;
@@ -29,12 +29,9 @@ pub fn applies(x: &GlaInputs, state: &Tensor) -> bool {
 pub fn scan(x: &GlaInputs, state: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, hkv, g, t, dk) = x.q.dims5()?;
     let dv = x.v.dim(3)?;
-    let tensors = [&x.q, &x.k, &x.gate, &x.v, state].map(|t| t.contiguous());
-    let [q, k, gate, v, s] = tensors;
-    let (q, k, gate, v, s) = (q?, k?, gate?, v?, s?);
-    let guards = [&q, &k, &gate, &v, &s].map(|t| t.storage_and_layout());
-    let [q, k, gate, v, s] = [0, 1, 2, 3, 4].map(|i| f32_slice(&guards[i]));
-    let (q, k, gate, v, s) = (q?, k?, gate?, v?, s?);
+    let owned = contiguous([&x.q, &x.k, &x.gate, &x.v, state])?;
+    let guards = owned.each_ref().map(|t| t.storage_and_layout());
+    let [q, k, gate, v, s] = f32_slices(&guards)?;
     let heads = b * hkv;
     let cw = if dv % COLUMNS == 0 { COLUMNS } else { dv };
     let blocks = dv / cw;

@@ -278,6 +278,17 @@ mod tests {
     }
 
     #[test]
+    fn log_sigmoid_is_stable() {
+        let x = [-100.0f32, -3.0, 0.0, 2.5, 100.0];
+        let mut out = [0f32; 5];
+        log_sigmoid(&x, 1.0, &mut out);
+        for (&x, &y) in x.iter().zip(&out) {
+            let want = (1.0 / (1.0 + (-x as f64).exp())).ln();
+            assert!((y as f64 - want).abs() < 1e-5, "{x}");
+        }
+    }
+
+    #[test]
     fn silu_mul_matches_the_definition() {
         let gate: Vec<f32> = (0..1001).map(|i| (i as f32 - 500.0) * 0.25).collect();
         let up: Vec<f32> = (0..1001).map(|i| 1.0 + (i % 7) as f32).collect();
