@@ -17,7 +17,8 @@
 #   cargo       the dependency layer's stub workspace (docker/cargo-stubs.sh) loads with
 #               `cargo metadata --locked` and has the real workspace's lib and bin targets
 #               (skipped without cargo)
-#   compose     `docker compose config` on both compose files, where the compose plugin exists
+#   compose     `docker compose config` (or Debian's docker-compose v1) on the compose files,
+#               where either is installed
 #
 # The linters go into a venv cached under $LIGER_CACHE (default ~/.cache/liger), made again
 # when the pinned versions below change. Environment: PYTHON (default python3).
@@ -36,10 +37,12 @@ REQUIREMENTS=(
 )
 K8S_VERSIONS=(1.30.0 1.37.0) # Kubernetes API versions the manifest is checked against
 
-DOCKERFILES=(docker/Dockerfile docker/Dockerfile.cuda)
-COMPOSE_FILES=(docker/compose.yaml docker/compose.cuda.yaml)
+DOCKERFILES=(docker/Dockerfile docker/Dockerfile.cuda)  # the liger images: all checks below
+OTHER_DOCKERFILES=(docker/Dockerfile.proxy)             # hadolint only
+COMPOSE_FILES=(docker/compose.yaml docker/compose.cuda.yaml docker/compose.replicas.yaml)
 K8S_FILES=(deploy/k8s/liger.yaml)
-SHELL_SCRIPTS=(docker/cargo-stubs.sh docker/liger-prepare.sh docker/healthcheck.sh scripts/*.sh)
+SHELL_SCRIPTS=(docker/cargo-stubs.sh docker/liger-prepare.sh docker/healthcheck.sh
+  docker/proxy-entrypoint.sh scripts/*.sh tests/docker/*.sh)
 
 failures=0
 fail() {
@@ -74,7 +77,8 @@ done
 
 # hadolint: no global ignores. The Dockerfiles' inline `# hadolint ignore=DL3008` (apt package
 # versions left unpinned) are explained where they stand.
-step "hadolint ${DOCKERFILES[*]}" "$VENV/bin/hadolint" --no-color --failure-threshold style "${DOCKERFILES[@]}"
+step "hadolint ${DOCKERFILES[*]} ${OTHER_DOCKERFILES[*]}" "$VENV/bin/hadolint" --no-color \
+  --failure-threshold style "${DOCKERFILES[@]}" "${OTHER_DOCKERFILES[@]}"
 step "shellcheck ${SHELL_SCRIPTS[*]}" "$VENV/bin/shellcheck" "${SHELL_SCRIPTS[@]}"
 # yamllint: default rules, lines up to 100 columns (as the rest of the repository), no
 # leading `---` required (compose files do without).
@@ -118,7 +122,7 @@ for dirpath, _, files in os.walk("server/src"):
 if "LIGER_MODEL" not in server_vars:
     bad("server/src", "found no `env = \"LIGER_...\"` options (did the settings move?)")
 script_vars = set()
-for s in ("docker/liger-prepare.sh", "docker/healthcheck.sh"):
+for s in ("docker/liger-prepare.sh", "docker/healthcheck.sh", "docker/proxy-entrypoint.sh"):
     code = [l for l in read(s).splitlines() if not l.lstrip().startswith("#")]
     script_vars |= set(re.findall(r"\$\{?(LIGER_[A-Z0-9_]+)", "\n".join(code)))
 prepare = read("docker/liger-prepare.sh")
@@ -397,7 +401,17 @@ def under(path, ms, writable=False):
 
 compose = compose_file("docker/compose.yaml")
 cuda = compose_file("docker/compose.cuda.yaml")
+replicas = compose_file("docker/compose.replicas.yaml")
 svcs = compose.get("services") or {}
+# The replicas file repeats compose.yaml's services (compose v1 has no `!reset` for the
+# published port): the repeats must stay the same.
+rs = replicas.get("services") or {}
+for name, same_as in (("convert", "convert"), ("server-a", "server"), ("server-b", "server")):
+    for key in ("image", "entrypoint", "env_file", "environment", "volumes", "healthcheck", "stop_grace_period"):
+        if (rs.get(name) or {}).get(key) != (svcs.get(same_as) or {}).get(key):
+            bad("docker/compose.replicas.yaml", f"services.{name}.{key} differs from docker/compose.yaml's {same_as}")
+if "$http_x_conversation_id" not in read("docker/proxy-entrypoint.sh"):
+    bad("docker/proxy-entrypoint.sh", "no longer hashes on X-Conversation-Id (deploy/k8s/liger.yaml's Ingress does)")
 conv, srv = svcs.get("convert"), svcs.get("server")
 if not conv or not srv:
     bad("docker/compose.yaml", "needs the services `convert` and `server`")
@@ -588,12 +602,20 @@ else
   echo "skip  stub workspace: no cargo"
 fi
 
-# ---- docker compose config, where the compose plugin is installed (it needs no daemon)
+# ---- compose config, where compose is installed (it needs no daemon): the plugin, or
+# Debian bookworm's docker-compose 1.29, which the files also support (no top-level `name:`)
+compose=()
 if command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; then
-  step "docker compose config (CPU)" docker compose -f docker/compose.yaml config --quiet
-  step "docker compose config (CUDA)" docker compose -f docker/compose.yaml -f docker/compose.cuda.yaml config --quiet
+  compose=(docker compose)
+elif command -v docker-compose >/dev/null 2>&1; then
+  compose=(docker-compose)
+fi
+if ((${#compose[@]})); then
+  step "${compose[*]} config (CPU)" "${compose[@]}" -f docker/compose.yaml config --quiet
+  step "${compose[*]} config (CUDA)" "${compose[@]}" -f docker/compose.yaml -f docker/compose.cuda.yaml config --quiet
+  step "${compose[*]} config (replicas)" "${compose[@]}" -f docker/compose.replicas.yaml config --quiet
 else
-  echo "skip  docker compose config: no docker compose plugin"
+  echo "skip  compose config: neither the docker compose plugin nor docker-compose"
 fi
 
 if ((failures > 0)); then

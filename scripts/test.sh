@@ -19,3 +19,14 @@ cargo test --workspace --locked
 # run, so the suite compiles the workspace once.
 echo "== end to end: liger-serve through the official openai client"
 LIGER_E2E_SKIP_BUILD=1 LIGER_E2E_BIN_DIR=target/debug tests/e2e/openai_e2e.sh
+# The images built and run (tests/docker/run.sh) where a Docker engine answers; .ci/run
+# starts one and sets LIGER_REQUIRE_DOCKER=1, so CI never skips this.
+if docker info >/dev/null 2>&1 || /usr/bin/docker info >/dev/null 2>&1; then
+  echo "== containers: the CPU image, compose, replicas behind nginx, faults"
+  tests/docker/run.sh
+elif [[ "${LIGER_REQUIRE_DOCKER:-0}" == 1 ]]; then
+  echo "== containers: no Docker engine answers, and LIGER_REQUIRE_DOCKER=1" >&2
+  exit 1
+else
+  echo "== containers: skipped (no Docker engine; .ci/run installs and starts one)"
+fi

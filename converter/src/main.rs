@@ -891,16 +891,32 @@ fn main() -> ExitCode {
     // Before any other thread exists: fixes candle's thread count once (see
     // liger_model::threads); `--threads` of recover/eval chooses it.
     liger_model::threads::init(cli.threads());
-    tracing_subscriber::fmt()
+    // As liger-serve: LIGER_LOG_FORMAT=json for log collectors (the prepare job's container),
+    // colour only on a terminal.
+    let json = match std::env::var("LIGER_LOG_FORMAT").as_deref().map(str::trim) {
+        Err(_) | Ok("") | Ok("text") => false,
+        Ok("json") => true,
+        Ok(other) => {
+            report(&format!(
+                "LIGER_LOG_FORMAT={other:?} is not a log format (use text or json)"
+            ));
+            return ExitCode::from(2);
+        }
+    };
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .without_time()
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal())
+            .without_time()
+            .init();
+    }
     // Ctrl-C or SIGTERM: remove the half-written output folder, then leave.
     if let Err(e) = ctrlc::set_handler(|| {
         liger_converter::output::abort_pending();

@@ -489,3 +489,50 @@ fn interrupt_removes_the_partial_output() {
     assert!(err.contains("interrupted"), "{err}");
     assert_only(r, &[]);
 }
+
+#[test]
+fn log_format_is_checked_and_json_is_one_object_per_line() {
+    let (root, src, out) = setup();
+    let o = bin()
+        .env("LIGER_LOG_FORMAT", "xml")
+        .args(["inspect", &src])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("error: ") && err.contains("LIGER_LOG_FORMAT"),
+        "{err}"
+    );
+    assert_only(root.path(), &["src"]);
+
+    // For log collectors (the prepare job in a container): JSON lines, no colour codes.
+    // Converting a conversion again logs a warning.
+    run_ok(&["convert", "--from", &src, "--out", &out, "-q"]);
+    let again = root.path().join("again");
+    let o = bin()
+        .env("LIGER_LOG_FORMAT", "json")
+        .args([
+            "convert",
+            "--from",
+            &out,
+            "--out",
+            again.to_str().unwrap(),
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let logs: Vec<&str> = err.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("already a Liger conversion")),
+        "no JSON warning in:\n{err}"
+    );
+    for l in &logs {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string(), "{l}");
+    }
+    assert!(!err.contains('\u{1b}'), "{err}");
+}
