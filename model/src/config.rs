@@ -195,7 +195,7 @@ pub const DEFAULT_SLOTS: usize = 64;
 /// Whether `slots` can pool a head dim of `head_dim`: GSA's gate averages the head dim in
 /// equal groups, one per slot.
 pub fn slots_fit(slots: usize, head_dim: usize) -> bool {
-    slots > 0 && slots <= head_dim && head_dim % slots == 0
+    slots > 0 && slots <= head_dim && head_dim.is_multiple_of(slots)
 }
 
 impl LigerConfig {

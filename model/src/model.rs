@@ -731,7 +731,7 @@ impl Model {
     pub fn fingerprint(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        h.update(self.cfg.raw.to_string().as_bytes());
+        h.update(canonical_json(&self.cfg.raw).as_bytes());
         let mut weights = self.named_weights()?;
         weights.extend(self.lora_tensors());
         // Quantized weights are sampled dequantized; name the formats too.
@@ -799,5 +799,44 @@ impl Model {
         } else {
             norm.forward(x)?
         })
+    }
+}
+
+/// JSON text with every object's keys sorted, whatever order the value keeps them in:
+/// serde_json keeps insertion order when any crate in the build enables its
+/// `preserve_order` feature (llguidance does), and a fingerprint must not depend on that.
+fn canonical_json(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::from(k.as_str()), canonical_json(&m[k])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(canonical_json).collect();
+            format!("[{}]", items.join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_json;
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_depth() {
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"b": {"d": 1, "c": [{"f": 0.5, "e": null}]}, "a": "x\""}"#)
+                .unwrap();
+        assert_eq!(
+            canonical_json(&v),
+            r#"{"a":"x\"","b":{"c":[{"e":null,"f":0.5}],"d":1}}"#
+        );
     }
 }

@@ -105,6 +105,7 @@ async fn conversation(
                 ignore_eos: false,
                 logprobs: None,
                 prompt_logprobs: None,
+                guide: None,
             })
             .expect("submit");
         let (mut ttft, mut cached, mut answer, mut text) = (None, 0, Vec::new(), String::new());

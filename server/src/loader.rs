@@ -16,6 +16,7 @@ use crate::api::{Limits, Ready};
 use crate::engine::{EngineOptions, LocalEngine, StateCacheOptions};
 use crate::metrics::Metrics;
 use crate::settings::{DTypeArg, DeviceArg, Settings};
+use crate::text::grammar::Grammars;
 use crate::text::Codec;
 
 /// Loads everything and starts the engine.
@@ -100,11 +101,14 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
         vocab_size: cfg.vocab_size,
         max_n: settings.max_running,
     };
+    let grammars = Grammars::new(codec.clone(), cfg.vocab_size)
+        .map_err(|e| anyhow!("preparing structured output for the tokenizer: {e}"))?;
     let engine = LocalEngine::start(model, codec.clone(), options, metrics)
         .context("starting the engine thread")?;
     Ok(Ready {
         engine: Arc::new(engine),
         codec,
+        grammars: Arc::new(grammars),
         limits,
     })
 }

@@ -52,7 +52,7 @@ fn request(i: usize) -> Value {
         .map(|k| byte_token(b'a' + ((i + k) % 26) as u8))
         .collect();
     json!({"prompt": prompt, "max_tokens": 12 + i % 5, "seed": 1000 + i, "temperature": 0.9, "top_p": 0.95,
-        "n": if i % 4 == 0 { 2 } else { 1 }, "ignore_eos": true, "logprobs": 0, "return_tokens_as_token_ids": true})
+        "n": if i.is_multiple_of(4) { 2 } else { 1 }, "ignore_eos": true, "logprobs": 0, "return_tokens_as_token_ids": true})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -256,6 +256,7 @@ fn generation(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         ignore_eos: true,
         logprobs: None,
         prompt_logprobs: None,
+        guide: None,
     }
 }
 

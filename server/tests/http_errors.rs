@@ -13,6 +13,7 @@ use liger_server::engine::{
     Engine, EngineError, Event, EventReceiver, FinishReason, GenerationRequest,
 };
 use liger_server::metrics::Metrics;
+use liger_server::text::grammar::Grammars;
 use liger_server::text::Codec;
 use serde_json::{json, Value};
 
@@ -93,6 +94,7 @@ fn fixture_with(api_key: Option<&str>, ready: bool, mock: Mock) -> Fixture {
         state.set_ready(Ready {
             engine: mock.clone(),
             codec: codec.clone(),
+            grammars: Arc::new(Grammars::new(codec.clone(), VOCAB).unwrap()),
             limits: Limits {
                 max_model_len: 100,
                 vocab_size: VOCAB,
@@ -139,6 +141,7 @@ async fn health_is_503_until_the_model_is_ready() {
     f.state.set_ready(Ready {
         engine: f.mock.clone(),
         codec: f.codec.clone(),
+        grammars: Arc::new(Grammars::new(f.codec.clone(), VOCAB).unwrap()),
         limits: Limits {
             max_model_len: 100,
             vocab_size: VOCAB,

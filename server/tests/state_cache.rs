@@ -234,6 +234,7 @@ async fn generate(e: &LocalEngine, prompt: Vec<u32>) -> (Vec<u32>, usize) {
             ignore_eos: true,
             logprobs: None,
             prompt_logprobs: None,
+            guide: None,
         })
         .unwrap();
     let (mut tokens, mut cached) = (Vec::new(), 0);

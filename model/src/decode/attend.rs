@@ -43,7 +43,7 @@ pub(crate) fn attend(
     #[cfg(target_arch = "x86_64")]
     {
         let g = a.queries.0.len() / a.d;
-        if a.d % 8 == 0
+        if a.d.is_multiple_of(8)
             && (1..=MAX_GROUP).contains(&g)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
@@ -183,7 +183,7 @@ mod avx2 {
         let d = a.d;
         let (q, far) = a.queries;
         let g = q.len() / d;
-        assert!(g <= MAX_GROUP && d % 8 == 0);
+        assert!(g <= MAX_GROUP && d.is_multiple_of(8));
         let len = p.len() / g;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let mut at = 0;
@@ -239,7 +239,7 @@ mod avx2 {
     pub unsafe fn weighted_sum(a: &Attend, p: &[f32], out: &mut [f32]) {
         let d = a.d;
         let g = out.len() / d;
-        assert!(g <= MAX_GROUP && d % 8 == 0 && out.len() == g * d);
+        assert!(g <= MAX_GROUP && d.is_multiple_of(8) && out.len() == g * d);
         let len = p.len() / g;
         for c in (0..d).step_by(8) {
             let mut acc = [_mm256_setzero_ps(); MAX_GROUP];

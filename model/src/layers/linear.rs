@@ -54,7 +54,7 @@ impl Quantization {
     pub fn format_for(self, in_dim: usize) -> Option<GgmlDType> {
         [self.ggml(), GgmlDType::Q8_0]
             .into_iter()
-            .find(|f| in_dim % f.block_size() == 0)
+            .find(|f| in_dim.is_multiple_of(f.block_size()))
     }
 }
 

@@ -15,7 +15,9 @@ use tracing::Instrument;
 use super::body::Params;
 use super::output::{chat_logprob, collect, ChatLogprobs, Completeness, TokenNames, Usage};
 use super::params::ChatRequest;
-use super::prepare::{check_model, check_prompt, generation_request, new_id, tokenize, unix_now};
+use super::prepare::{
+    check_model, check_prompt, compile_grammar, generation_request, new_id, tokenize, unix_now,
+};
 use super::stream::{sse_response, Chunker};
 use super::AppState;
 use crate::engine::Event;
@@ -67,7 +69,8 @@ pub async fn chat_completions(
             stream = req.common.stream,
             "chat request"
         );
-        let gen = generation_request(&id, prompt, &req.common, max_tokens, req.logprobs, None);
+        let mut gen = generation_request(&id, prompt, &req.common, max_tokens, req.logprobs, None);
+        gen.guide = compile_grammar(&ready, &req.common).await?;
         let rx = ready.engine.submit(gen)?;
         let created = unix_now();
         let model = app.config.served_model_name.clone();

@@ -15,7 +15,9 @@ use tracing::Instrument;
 use super::body::Params;
 use super::output::{collect, Completeness, CompletionLogprobs, TokenNames, Usage};
 use super::params::{CompletionRequest, Prompt};
-use super::prepare::{check_model, check_prompt, generation_request, new_id, tokenize, unix_now};
+use super::prepare::{
+    check_model, check_prompt, compile_grammar, generation_request, new_id, tokenize, unix_now,
+};
 use super::stream::{sse_response, Chunker};
 use super::AppState;
 use crate::engine::{Event, EventReceiver};
@@ -62,6 +64,7 @@ pub async fn completions(
         let mut prepared = Vec::with_capacity(req.prompts.len());
         let mut receivers: Vec<EventReceiver> = Vec::with_capacity(req.prompts.len());
         let prompt_logprobs = req.logprobs.filter(|_| req.echo);
+        let guide = compile_grammar(&ready, &req.common).await?;
         for prompt in &req.prompts {
             let (tokens, text) = match prompt {
                 Prompt::Text(t) => {
@@ -80,7 +83,7 @@ pub async fn completions(
                 "prompt",
                 Some(DEFAULT_MAX_TOKENS),
             )?;
-            let gen = generation_request(
+            let mut gen = generation_request(
                 &id,
                 tokens.clone(),
                 &req.common,
@@ -88,6 +91,7 @@ pub async fn completions(
                 req.logprobs,
                 prompt_logprobs,
             );
+            gen.guide = guide.clone();
             // On failure the receivers so far are dropped, which cancels those prompts.
             receivers.push(ready.engine.submit(gen)?);
             prepared.push(Prepared { tokens, text });

@@ -8,6 +8,7 @@
 mod body;
 mod chat;
 mod completions;
+mod format;
 mod inputs;
 mod output;
 pub mod params;
@@ -29,6 +30,7 @@ pub use params::Limits;
 use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::text::grammar::Grammars;
 use crate::text::Codec;
 
 /// Settings of the HTTP layer.
@@ -46,6 +48,8 @@ pub struct ApiConfig {
 pub struct Ready {
     pub engine: Arc<dyn Engine>,
     pub codec: Arc<Codec>,
+    /// Compiles structured-output constraints for this model's vocabulary.
+    pub grammars: Arc<Grammars>,
     pub limits: Limits,
 }
 

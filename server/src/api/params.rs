@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::body::{json_kind, Params};
+use super::format::{parse_grammar, Constraint};
 use super::inputs::{parse_messages, parse_prompts};
 use crate::engine::SamplingParams;
 use crate::error::ApiError;
@@ -46,6 +47,8 @@ pub struct Common {
     /// vLLM's option: logprob tokens as `token_id:<id>`, exact where text would be lossy.
     pub tokens_as_ids: bool,
     pub user: Option<String>,
+    /// Structured output: what the generated text must match (compiled by the handler).
+    pub grammar: Option<Constraint>,
 }
 
 /// A validated `/v1/chat/completions` request.
@@ -172,14 +175,7 @@ fn reject_unsupported(p: &mut Params, names: &[&str]) -> Result<(), ApiError> {
             }
         }
     }
-    match p.take_value("response_format") {
-        None => Ok(()),
-        Some(v) if v.get("type").and_then(Value::as_str) == Some("text") => Ok(()),
-        Some(_) => Err(ApiError::param(
-            "response_format",
-            "only {\"type\": \"text\"} is supported",
-        )),
-    }
+    Ok(())
 }
 
 fn parse_common(
@@ -320,6 +316,7 @@ fn parse_common(
             .take::<bool>("return_tokens_as_token_ids")?
             .unwrap_or(false),
         user: p.take::<String>("user")?,
+        grammar: parse_grammar(p)?,
     })
 }
 

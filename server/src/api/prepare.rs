@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use super::params::{Common, Limits};
-use super::AppState;
+use super::{AppState, Ready};
 use crate::engine::GenerationRequest;
 use crate::error::ApiError;
+use crate::text::grammar::Guide;
 use crate::text::{Codec, TextError};
 
 /// The `model` field, when sent, must name the served model.
@@ -38,6 +39,21 @@ where
             ),
             other => ApiError::param(param, other.to_string()),
         })
+}
+
+/// Compiles the request's output constraint against the model's vocabulary, off the async
+/// threads (a large schema takes milliseconds). A constraint that cannot be compiled is the
+/// client's error, named after the field it came in.
+pub async fn compile_grammar(ready: &Ready, common: &Common) -> Result<Option<Guide>, ApiError> {
+    let Some(constraint) = common.grammar.clone() else {
+        return Ok(None);
+    };
+    let grammars = ready.grammars.clone();
+    tokio::task::spawn_blocking(move || grammars.compile(&constraint.spec))
+        .await
+        .map_err(|e| ApiError::Internal(format!("grammar task failed: {e}")))?
+        .map(Some)
+        .map_err(|m| ApiError::param(constraint.param, m))
 }
 
 /// Checks the prompt against the model and settles `max_tokens`.
@@ -106,6 +122,7 @@ pub fn generation_request(
         ignore_eos: common.ignore_eos,
         logprobs,
         prompt_logprobs,
+        guide: None,
     }
 }
 

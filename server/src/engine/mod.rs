@@ -13,6 +13,8 @@ mod worker;
 
 use tokio::sync::mpsc;
 
+use crate::text::grammar::Guide;
+
 pub use local::{EngineOptions, LocalEngine, StateCacheOptions};
 
 /// How to pick the next token. Built only by the API layer's validation, so every field is
@@ -75,6 +77,9 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
     /// Report each prompt token's logprob with this many alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// Structured output: every choice's tokens must follow this grammar (each choice gets
+    /// its own copy); a choice whose grammar ends finishes with `stop`.
+    pub guide: Option<Guide>,
 }
 
 /// A token's log-probability under the model, with the most likely alternatives.

@@ -5,8 +5,11 @@ use std::collections::HashSet;
 
 use liger_model::Slot;
 
+use tracing::warn;
+
 use super::sampling::{token_logprob, History, Sampler};
 use super::{Event, FinishReason, GenerationRequest, SamplingParams};
+use crate::text::grammar::Guide;
 use crate::text::{Codec, IncrementalDecoder, StopMatcher};
 
 /// What all choices of a request share.
@@ -60,10 +63,18 @@ pub struct Choice {
     history: History,
     detok: IncrementalDecoder,
     stops: StopMatcher,
+    /// Structured output: the grammar this choice's tokens follow.
+    pub guide: Option<Guide>,
 }
 
 impl Choice {
-    pub fn new(index: usize, slot: Slot, prompt: &[u32], shared: &Shared) -> Self {
+    pub fn new(
+        index: usize,
+        slot: Slot,
+        prompt: &[u32],
+        shared: &Shared,
+        guide: Option<Guide>,
+    ) -> Self {
         Self {
             index,
             slot,
@@ -74,6 +85,7 @@ impl Choice {
             history: History::default(),
             detok: IncrementalDecoder::new(prompt),
             stops: StopMatcher::new(shared.stop.clone()),
+            guide,
         }
     }
 
@@ -86,8 +98,25 @@ impl Choice {
         codec: &Codec,
     ) -> (Vec<Event>, Option<FinishReason>) {
         let before_min = self.generated < shared.min_tokens;
-        let banned: &[u32] = if before_min { &shared.eos } else { &[] };
+        // A grammar decides by itself when the output may end: min_tokens does not hold it
+        // open (its end-of-sequence may be the only token left).
+        let banned: &[u32] = if before_min && self.guide.is_none() {
+            &shared.eos
+        } else {
+            &[]
+        };
+        // Logprobs are the model's, before the grammar's mask (as vLLM reports them).
         let logprob_of = shared.logprobs.map(|k| (k, logits.clone()));
+        let mut logits = logits;
+        if let Some(guide) = &mut self.guide {
+            if let Err(e) = guide.apply(&mut logits) {
+                // Cannot happen with a grammar that compiled, short of a bug in the matcher:
+                // end the choice rather than emit an unconstrained token.
+                warn!(error = %e, "grammar mask failed; ending the choice");
+                let checking = self.generated >= shared.min_tokens;
+                return self.finish(Vec::new(), FinishReason::Stop, codec, checking);
+            }
+        }
         let token = self.sampler.sample(
             &shared.sampling,
             logits,
@@ -96,6 +125,13 @@ impl Choice {
             banned,
         );
         let logprob = logprob_of.map(|(k, l)| token_logprob(&l, token, k));
+        let mut grammar_done = false;
+        if let Some(guide) = &mut self.guide {
+            if let Err(e) = guide.consume(token) {
+                warn!(error = %e, token, "grammar refused a token it allowed; ending the choice");
+            }
+            grammar_done = guide.is_stopped();
+        }
         self.generated += 1;
         self.tokens.push(token);
         *self.history.output_counts.entry(token).or_insert(0) += 1;
@@ -112,7 +148,7 @@ impl Choice {
             logprob,
         }];
         let at_eos = checking && !shared.ignore_eos && shared.eos.contains(&token);
-        let reason = if released.stopped || at_eos {
+        let reason = if released.stopped || at_eos || grammar_done {
             Some(FinishReason::Stop)
         } else if self.generated >= shared.max_tokens
             || shared.prompt_len + self.generated >= shared.max_model_len
@@ -121,20 +157,36 @@ impl Choice {
         } else {
             None
         };
-        let Some(mut reason) = reason else {
-            return (events, None);
-        };
-        let mut tail = String::new();
-        if !released.stopped {
-            // Release what was held back: unfinished characters, then possible stop
-            // prefixes (which the last characters may still complete into a stop string).
-            let last = self.stops.push(&self.detok.flush(codec), checking);
-            tail.push_str(&last.text);
-            if last.stopped {
-                reason = FinishReason::Stop;
-            } else {
-                tail.push_str(&self.stops.flush());
+        match reason {
+            None => (events, None),
+            Some(_) if released.stopped => {
+                events.push(Event::Finished {
+                    choice: self.index,
+                    reason: FinishReason::Stop,
+                    text: String::new(),
+                });
+                (events, Some(FinishReason::Stop))
             }
+            Some(reason) => self.finish(events, reason, codec, checking),
+        }
+    }
+
+    /// Ends the choice: releases what was held back (unfinished characters, then possible
+    /// stop prefixes, which the last characters may still complete into a stop string).
+    fn finish(
+        &mut self,
+        mut events: Vec<Event>,
+        mut reason: FinishReason,
+        codec: &Codec,
+        checking: bool,
+    ) -> (Vec<Event>, Option<FinishReason>) {
+        let mut tail = String::new();
+        let last = self.stops.push(&self.detok.flush(codec), checking);
+        tail.push_str(&last.text);
+        if last.stopped {
+            reason = FinishReason::Stop;
+        } else {
+            tail.push_str(&self.stops.flush());
         }
         events.push(Event::Finished {
             choice: self.index,

@@ -4,6 +4,7 @@
 //! needs.
 
 pub mod detok;
+pub mod grammar;
 pub mod stop;
 
 use std::collections::{BTreeSet, HashMap};
@@ -182,7 +183,8 @@ impl Codec {
         String::from_utf8_lossy(&self.token_bytes(id)).into_owned()
     }
 
-    fn is_added_token(&self, id: u32) -> bool {
+    /// Added tokens (`<|im_end|>` and the like) stand for no text.
+    pub fn is_added_token(&self, id: u32) -> bool {
         self.tokenizer
             .get_added_vocabulary()
             .simple_id_to_token(id)

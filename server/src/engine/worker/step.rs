@@ -45,6 +45,8 @@ impl Worker {
         let started = Instant::now();
         let result = {
             let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(inputs.len());
+            // Constrained choices: their next masks are computed while the model runs.
+            let mut guides = Vec::new();
             let mut it = inputs.iter();
             for (g, part) in self.running.iter_mut().zip(&parts) {
                 match (part, &mut g.phase) {
@@ -55,6 +57,7 @@ impl Worker {
                                 tokens,
                                 state: &mut c.slot.state,
                             });
+                            guides.extend(c.guide.as_mut());
                         }
                     }
                     (Part::Prefill(_), Phase::Prefill { slots, .. }) => {
@@ -68,8 +71,19 @@ impl Worker {
                 }
             }
             let model = &self.model;
-            catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut steps, mode)))
-                .unwrap_or_else(|p| Err(liger_model::Error::Invalid(panic_message(&p))))
+            std::thread::scope(|scope| {
+                // Off the critical path: llguidance's mask (well under a millisecond per
+                // sequence for JSON schemas) overlaps the forward pass instead of following it.
+                let masks = (!guides.is_empty())
+                    .then(|| scope.spawn(move || guides.into_iter().for_each(|g| g.prepare())));
+                let out = catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut steps, mode)))
+                    .unwrap_or_else(|p| Err(liger_model::Error::Invalid(panic_message(&p))));
+                if masks.is_some_and(|h| h.join().is_err()) {
+                    // The masks not computed are computed again when applied.
+                    warn!("the grammar mask thread panicked");
+                }
+                out
+            })
         };
         let took = started.elapsed();
         // One input per decoding choice and one per prefill chunk.
@@ -297,8 +311,16 @@ impl Worker {
             forks.push(s);
         }
         let mut choices = Vec::with_capacity(g.request.n);
+        let mut guide = g.request.guide.take();
+        let n = g.request.n;
         for (i, slot) in std::iter::once(first).chain(forks).enumerate() {
-            choices.push(Choice::new(i, slot, &g.request.prompt, &g.shared));
+            // Each choice its own matcher: the last takes the original.
+            let own = if i + 1 == n {
+                guide.take()
+            } else {
+                guide.clone()
+            };
+            choices.push(Choice::new(i, slot, &g.request.prompt, &g.shared, own));
         }
         let now = Instant::now();
         self.metrics.time_to_first_token.observe(now - g.submitted);
