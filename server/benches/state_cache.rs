@@ -85,6 +85,8 @@ async fn conversation(
     let mut out = Vec::new();
     for q in &QUESTIONS[..turns] {
         messages.push(ChatMessage {
+            tool_calls: Vec::new(),
+            tool_call_id: None,
             role: "user".into(),
             content: (*q).into(),
         });
@@ -126,6 +128,8 @@ async fn conversation(
             }
         }
         messages.push(ChatMessage {
+            tool_calls: Vec::new(),
+            tool_call_id: None,
             role: "assistant".into(),
             content: text,
         });

@@ -111,9 +111,10 @@ fn schemas() -> Vec<Value> {
     ]
 }
 
-/// Room for the random model's whitespace (up to 16 characters between JSON tokens).
+/// Room for the random model's whitespace (up to 16 characters between JSON tokens) after
+/// a tools prompt (long in bytes: the tiny tokenizer has few merges).
 fn long_context(a: &mut liger_server::settings::Args) {
-    a.max_model_len = Some(1100);
+    a.max_model_len = Some(2200);
 }
 
 fn schema_format(schema: &Value) -> Value {
@@ -313,4 +314,127 @@ async fn constraints_that_cannot_compile_are_400s_naming_the_field() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+            "parameters": {"type": "object", "additionalProperties": false, "required": ["city", "unit"],
+                "properties": {"city": {"type": "string", "maxLength": 6},
+                               "unit": {"type": "string", "enum": ["C", "F"]}}}}},
+        {"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "additionalProperties": false, "required": ["zone"],
+                "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}}}}
+    ])
+}
+
+fn schema_of(name: &str) -> Value {
+    weather_tools()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["function"]["name"] == name)
+        .unwrap()["function"]["parameters"]
+        .clone()
+}
+
+#[tokio::test]
+async fn required_and_named_tool_choices_give_valid_calls() {
+    let s = server(long_context);
+    for (choice, parallel) in [
+        (json!("required"), true),
+        (
+            json!({"type": "function", "function": {"name": "get_time"}}),
+            false,
+        ),
+    ] {
+        for seed in 0..3 {
+            let body = chat_body(json!({"tools": weather_tools(), "tool_choice": choice,
+                                        "parallel_tool_calls": parallel, "seed": seed}));
+            let (status, resp) = post_json(&s.app, "/v1/chat/completions", body).await;
+            assert_eq!(status, StatusCode::OK, "{resp}");
+            let choice0 = &resp["choices"][0];
+            assert_eq!(choice0["finish_reason"], "tool_calls", "{resp}");
+            assert!(choice0["message"]["content"].is_null(), "{resp}");
+            let calls = choice0["message"]["tool_calls"].as_array().unwrap();
+            assert!(
+                !calls.is_empty() && (parallel || calls.len() == 1),
+                "{resp}"
+            );
+            for c in calls {
+                assert!(c["id"].as_str().unwrap().starts_with("call_"));
+                assert_eq!(c["type"], "function");
+                let name = c["function"]["name"].as_str().unwrap();
+                if !parallel {
+                    assert_eq!(name, "get_time");
+                }
+                assert_valid(
+                    c["function"]["arguments"].as_str().unwrap(),
+                    &schema_of(name),
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn tool_calls_stream_as_indexed_deltas_and_the_next_turn_is_accepted() {
+    let s = server(long_context);
+    let body = chat_body(json!({"tools": weather_tools(), "tool_choice": "required", "seed": 4}));
+    let (_, whole) = post_json(&s.app, "/v1/chat/completions", body.clone()).await;
+    let calls = whole["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap()
+        .clone();
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, events) = post_stream(&s.app, "/v1/chat/completions", streamed).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut got: Vec<Value> = Vec::new();
+    let mut finish = None;
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let c = &v["choices"][0];
+        for d in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(d["index"].as_u64().unwrap() as usize, got.len(), "{d}");
+            got.push(d.clone());
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    let strip = |c: &Value| {
+        (
+            c["function"]["name"].clone(),
+            c["function"]["arguments"].clone(),
+        )
+    };
+    assert_eq!(
+        got.iter().map(strip).collect::<Vec<_>>(),
+        calls.iter().map(strip).collect::<Vec<_>>()
+    );
+
+    // The calls and their results go back in the next turn.
+    let mut next = json!({"model": MODEL, "max_tokens": 8, "tools": weather_tools(), "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": calls},
+    ]});
+    for c in &calls {
+        next["messages"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"role": "tool", "tool_call_id": c["id"], "content": "22 degrees"}));
+    }
+    let (status, resp) = post_json(&s.app, "/v1/chat/completions", next).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let (status, resp) = post_json(
+        &s.app,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{resp}");
+    assert_eq!(resp["error"]["param"], "messages[0].tool_call_id");
 }

@@ -31,11 +31,17 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 
 const NAME: &str = "chat";
 
-/// One turn of a conversation, its content flattened to text.
+/// One turn of a conversation, its content flattened to text. Assistant turns may carry
+/// the tool calls they made, and `tool` turns the id of the call they answer; both are
+/// rendered only by templates that know them (Hugging Face's field names).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -43,7 +49,42 @@ impl Message {
         Self {
             role: role.to_owned(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
+    }
+}
+
+/// A function call an assistant turn made, as templates expect it:
+/// `{"id", "type": "function", "function": {"name", "arguments"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+fn function_kind() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text, as OpenAI's API carries it. Templates receive it as an object (what
+    /// Hugging Face templates index and pass to `tojson`) when it parses as one.
+    #[serde(serialize_with = "arguments_as_json")]
+    pub arguments: String,
+}
+
+fn arguments_as_json<S: serde::Serializer>(
+    text: &str,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Object(_)) => v.serialize(s),
+        _ => s.serialize_str(text),
     }
 }
 
@@ -151,9 +192,27 @@ impl ChatTemplate {
     /// The text of `messages`, followed by the opening of an assistant turn when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template renders a `tools` list itself (tool-calling templates such as
+    /// Qwen2.5's or Llama 3.1's); callers describe tools in a system message otherwise.
+    pub fn supports_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// [`Self::render`] with the `tools` variable set (OpenAI's `tools` array), for
+    /// templates that [`Self::supports_tools`].
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template(NAME).map_err(template_error)?;
         tmpl.render(context! {
             messages => Serde(messages),
+            tools => tools.map(Serde),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),

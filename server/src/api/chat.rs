@@ -19,6 +19,7 @@ use super::prepare::{
     check_model, check_prompt, compile_grammar, generation_request, new_id, tokenize, unix_now,
 };
 use super::stream::{sse_response, Chunker};
+use super::tools::{plain_messages, split_output, CallSplitter, Tools};
 use super::AppState;
 use crate::engine::Event;
 use crate::error::ApiError;
@@ -45,7 +46,10 @@ struct ChatChoice {
 #[derive(Serialize)]
 struct AssistantMessage {
     role: &'static str,
-    content: String,
+    /// `null` when the answer is tool calls alone (as OpenAI answers).
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<Value>,
 }
 
 pub async fn chat_completions(
@@ -59,7 +63,16 @@ pub async fn chat_completions(
     let span = tracing::info_span!("request", id = %id, endpoint = "chat");
     async move {
         let messages = req.messages.clone();
-        let prompt = tokenize(&ready.codec, "messages", move |c| c.encode_chat(&messages)).await?;
+        let tools = req.tools.clone();
+        let prompt = tokenize(&ready.codec, "messages", move |c| {
+            if c.template().supports_tools() {
+                let listed = tools.as_ref().map(Tools::as_template_value);
+                c.encode_chat_with_tools(&messages, listed.as_ref())
+            } else {
+                c.encode_chat(&plain_messages(&messages, tools.as_ref()))
+            }
+        })
+        .await?;
         let max_tokens = check_prompt(&prompt, &req.common, &ready.limits, "messages", None)?;
         let prompt_len = prompt.len();
         tracing::debug!(
@@ -87,6 +100,12 @@ pub async fn chat_completions(
                 completion_tokens: 0,
                 cached_tokens: 0,
                 done: Completeness::new(req.common.n),
+                splitters: req.tools.clone().map(|t| {
+                    let per_choice = (0..req.common.n)
+                        .map(|_| (CallSplitter::default(), 0))
+                        .collect();
+                    (t, per_choice)
+                }),
             };
             return Ok(sse_response(vec![rx], chunker));
         }
@@ -111,9 +130,22 @@ pub async fn chat_completions(
                 }),
                 message: AssistantMessage {
                     role: "assistant",
-                    content: c.text,
+                    content: Some(c.text),
+                    tool_calls: Vec::new(),
                 },
                 finish_reason: c.finish.map(|f| f.as_str()),
+            })
+            .map(|mut choice| {
+                if let Some(tools) = &req.tools {
+                    let text = choice.message.content.take().unwrap_or_default();
+                    let (content, calls) = split_output(&text, tools);
+                    choice.message.content = content;
+                    if !calls.is_empty() && choice.finish_reason == Some("stop") {
+                        choice.finish_reason = Some("tool_calls");
+                    }
+                    choice.message.tool_calls = calls.iter().map(|c| c.to_json(None)).collect();
+                }
+                choice
             })
             .collect();
         let body = ChatCompletion {
@@ -142,9 +174,43 @@ struct ChatChunker {
     completion_tokens: usize,
     cached_tokens: usize,
     done: Completeness,
+    /// With tools: per choice, the splitter that finds calls in the text and how many
+    /// calls it has sent (the next call's `index`).
+    splitters: Option<(Tools, Vec<(CallSplitter, usize)>)>,
 }
 
 impl ChatChunker {
+    /// The deltas `text` releases for `choice`: content, then any calls it completes.
+    fn deltas(&mut self, choice: usize, text: &str, end: bool) -> Vec<Value> {
+        let Some((tools, per_choice)) = &mut self.splitters else {
+            return if text.is_empty() {
+                Vec::new()
+            } else {
+                vec![json!({"content": text})]
+            };
+        };
+        let (splitter, sent) = &mut per_choice[choice];
+        let mut split = splitter.push(text, tools);
+        if end {
+            split.content.push_str(&splitter.finish());
+        }
+        let mut out = Vec::new();
+        if !split.content.is_empty() {
+            out.push(json!({"content": split.content}));
+        }
+        for call in split.calls {
+            out.push(json!({"tool_calls": [call.to_json(Some(*sent))]}));
+            *sent += 1;
+        }
+        out
+    }
+
+    fn made_calls(&self, choice: usize) -> bool {
+        self.splitters
+            .as_ref()
+            .is_some_and(|(_, per_choice)| per_choice[choice].1 > 0)
+    }
+
     fn chunk(&self, choices: Value) -> Value {
         let mut c = json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -197,11 +263,19 @@ impl Chunker for ChatChunker {
                     codec: &self.codec,
                     as_ids: self.tokens_as_ids,
                 };
-                let lp = logprob.map_or(
+                let mut lp = logprob.map_or(
                     Value::Null,
                     |lp| json!({"content": [chat_logprob(names, &lp)]}),
                 );
-                vec![self.choice(choice, json!({"content": text}), lp, None)]
+                let mut deltas = self.deltas(choice, &text, false);
+                if deltas.is_empty() && !lp.is_null() {
+                    // Text held back (a possible tool call): the logprob still goes out.
+                    deltas.push(json!({"content": ""}));
+                }
+                deltas
+                    .into_iter()
+                    .map(|d| self.choice(choice, d, std::mem::take(&mut lp), None))
+                    .collect()
             }
             Event::Finished {
                 choice,
@@ -209,11 +283,16 @@ impl Chunker for ChatChunker {
                 text,
             } => {
                 self.done.finished += 1;
-                let mut out = Vec::new();
-                if !text.is_empty() {
-                    out.push(self.choice(choice, json!({"content": text}), Value::Null, None));
-                }
-                out.push(self.choice(choice, json!({}), Value::Null, Some(reason.as_str())));
+                let deltas = self.deltas(choice, &text, true);
+                let mut out: Vec<Value> = deltas
+                    .into_iter()
+                    .map(|d| self.choice(choice, d, Value::Null, None))
+                    .collect();
+                let reason = match reason.as_str() {
+                    "stop" if self.made_calls(choice) => "tool_calls",
+                    other => other,
+                };
+                out.push(self.choice(choice, json!({}), Value::Null, Some(reason)));
                 out
             }
             Event::Failed(e) => {

@@ -7,13 +7,19 @@ use serde_json::Value;
 use super::body::{json_kind, Params};
 use super::params::{Limits, Prompt};
 use crate::error::ApiError;
-use crate::text::ChatMessage;
+use crate::text::{ChatMessage, ToolCall};
 
 #[derive(Deserialize)]
 struct RawMessage {
     role: String,
     #[serde(default)]
     content: Option<RawContent>,
+    /// An assistant turn's calls (OpenAI's shape).
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -45,16 +51,31 @@ pub(super) fn parse_messages(p: &mut Params) -> Result<Vec<ChatMessage>, ApiErro
         .enumerate()
         .map(|(i, m)| {
             let role = match m.role.as_str() {
-                "system" | "user" | "assistant" => m.role,
+                "system" | "user" | "assistant" | "tool" => m.role,
                 // OpenAI's newer name for the system role.
                 "developer" => "system".to_string(),
                 other => {
                     return Err(ApiError::param(
                         &format!("messages[{i}].role"),
-                        format!("role `{other}` is not supported (use system, user or assistant)"),
+                        format!(
+                            "role `{other}` is not supported (use system, user, assistant or tool)"
+                        ),
                     ))
                 }
             };
+            let tool_calls = m.tool_calls.unwrap_or_default();
+            if !tool_calls.is_empty() && role != "assistant" {
+                return Err(ApiError::param(
+                    &format!("messages[{i}].tool_calls"),
+                    "only assistant messages carry tool calls",
+                ));
+            }
+            if role == "tool" && m.tool_call_id.is_none() {
+                return Err(ApiError::param(
+                    &format!("messages[{i}].tool_call_id"),
+                    "a tool message needs the `tool_call_id` it answers",
+                ));
+            }
             let content = match m.content {
                 Some(RawContent::Text(t)) => t,
                 Some(RawContent::Parts(parts)) => {
@@ -85,7 +106,12 @@ pub(super) fn parse_messages(p: &mut Params) -> Result<Vec<ChatMessage>, ApiErro
                     ))
                 }
             };
-            Ok(ChatMessage { role, content })
+            Ok(ChatMessage {
+                role,
+                content,
+                tool_calls,
+                tool_call_id: m.tool_call_id,
+            })
         })
         .collect()
 }

@@ -14,6 +14,7 @@ mod output;
 pub mod params;
 mod prepare;
 mod stream;
+mod tools;
 
 use std::sync::{Arc, OnceLock};
 

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::body::{json_kind, Params};
 use super::format::{parse_grammar, Constraint};
 use super::inputs::{parse_messages, parse_prompts};
+use super::tools::{parse_tools, Tools};
 use crate::engine::SamplingParams;
 use crate::error::ApiError;
 use crate::text::ChatMessage;
@@ -56,6 +57,8 @@ pub struct Common {
 pub struct ChatRequest {
     pub common: Common,
     pub messages: Vec<ChatMessage>,
+    /// Tools the model may call (absent with none, or `tool_choice: "none"`).
+    pub tools: Option<Tools>,
     /// `Some(k)`: report logprobs with `k` alternatives.
     pub logprobs: Option<usize>,
 }
@@ -78,11 +81,10 @@ pub struct CompletionRequest {
 
 impl ChatRequest {
     pub fn parse(mut p: Params, limits: &Limits) -> Result<Self, ApiError> {
-        reject_unsupported(
-            &mut p,
-            &["tools", "functions", "tool_choice", "function_call"],
-        )?;
+        // The deprecated function-calling fields: `tools` replaced them.
+        reject_unsupported(&mut p, &["functions", "function_call"])?;
         let messages = parse_messages(&mut p)?;
+        let tools = parse_tools(&mut p)?;
         let logprobs = p.take::<bool>("logprobs")?.unwrap_or(false);
         let top = p.take::<u64>("top_logprobs")?;
         let logprobs = match (logprobs, top) {
@@ -95,7 +97,19 @@ impl ChatRequest {
             (false, None) => None,
             (true, top) => Some(check_top("top_logprobs", top.unwrap_or(0))?),
         };
-        let common = parse_common(&mut p, limits, &["max_completion_tokens", "max_tokens"])?;
+        let mut common = parse_common(&mut p, limits, &["max_completion_tokens", "max_tokens"])?;
+        if let Some(spec) = tools.as_ref().and_then(Tools::grammar) {
+            if let Some(other) = &common.grammar {
+                return Err(ApiError::param(
+                    other.param,
+                    "cannot be combined with a required or named tool_choice",
+                ));
+            }
+            common.grammar = Some(Constraint {
+                param: "tool_choice",
+                spec,
+            });
+        }
         if common.max_tokens == Some(0) {
             return Err(ApiError::param(
                 common.max_tokens_param,
@@ -105,6 +119,7 @@ impl ChatRequest {
         Ok(Self {
             common,
             messages,
+            tools,
             logprobs,
         })
     }
@@ -444,11 +459,16 @@ mod tests {
                 "top_logprobs",
             ),
             (json!({"stream": "yes"}), "stream"),
-            (json!({"tools": [{"type": "function"}]}), "tools"),
+            (json!({"tools": [{"type": "function"}]}), "tools[0]"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"seed": 1.5}), "seed"),
             (json!({"messages": []}), "messages"),
             (
                 json!({"messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!({"messages": [{"role": "critic", "content": "x"}]}),
                 "messages[0].role",
             ),
             (

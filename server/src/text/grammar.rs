@@ -71,7 +71,7 @@ impl GrammarSpec {
 /// `x-guidance` options keeps them.
 const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,16}";
 
-fn bounded_whitespace(mut schema: Value) -> Value {
+pub fn bounded_whitespace(mut schema: Value) -> Value {
     if let Value::Object(m) = &mut schema {
         m.entry("x-guidance")
             .or_insert_with(|| json!({"whitespace_pattern": JSON_WHITESPACE}));

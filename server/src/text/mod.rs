@@ -14,7 +14,9 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 pub use detok::{Decode, IncrementalDecoder};
-pub use liger_model::chat::{ChatTemplate, Message as ChatMessage, Specials, CHATML};
+pub use liger_model::chat::{
+    ChatTemplate, FunctionCall, Message as ChatMessage, Specials, ToolCall, CHATML,
+};
 pub use stop::StopMatcher;
 
 #[derive(Debug, thiserror::Error)]
@@ -139,13 +141,33 @@ impl Codec {
 
     /// Renders a conversation with the chat template.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TextError> {
-        self.template.render(messages, true).map_err(template_error)
+        self.render_chat_with_tools(messages, None)
+    }
+
+    /// Renders a conversation with the template's own `tools` variable set.
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Value>,
+    ) -> Result<String, TextError> {
+        self.template
+            .render_with_tools(messages, tools, true)
+            .map_err(template_error)
     }
 
     /// Renders and tokenizes a conversation. The tokenizer's own BOS is added only when the
     /// template did not already write one.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TextError> {
-        let text = self.render_chat(messages)?;
+        self.encode_chat_with_tools(messages, None)
+    }
+
+    /// [`Self::encode_chat`] for templates that render `tools` themselves.
+    pub fn encode_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Value>,
+    ) -> Result<Vec<u32>, TextError> {
+        let text = self.render_chat_with_tools(messages, tools)?;
         let has_bos = self
             .bos_token
             .as_deref()
