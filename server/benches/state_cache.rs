@@ -11,17 +11,13 @@
 //! transcript (the cache changes no answer; checked here). Figures from one run, same
 //! machine: compare the ratio.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
-use liger_model::gguf::import_gguf;
-use liger_model::testing::model_from_tensors;
-use liger_model::{LigerConfig, ModelConfig};
 use liger_server::engine::{
     Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams, StateCacheOptions,
 };
-use liger_server::metrics::Metrics;
 use liger_server::text::ChatMessage;
 use liger_server::text::Codec;
 
@@ -146,21 +142,7 @@ async fn conversation(
 fn main() {
     let threads = liger_model::threads::init(None);
     let (turns, max_tokens) = parse_args();
-    let import = import_gguf(&liger_model::testing::fixture::smollm2_gguf()).expect("fixture");
-    let tensors = import.tensors.iter().cloned().collect();
-    let cfg = ModelConfig::from_json(import.config.clone())
-        .and_then(|c| c.with_liger(LigerConfig::default()))
-        .expect("config");
-    let model = model_from_tensors(cfg, &tensors, DType::F32, &Device::Cpu).expect("model");
-    let codec = Codec::from_parts(
-        import.tokenizer.clone(),
-        &import.tokenizer_config,
-        import.generation_config.as_ref(),
-        None,
-        &model.config().eos_token_ids,
-    )
-    .expect("tokenizer");
-    let codec = Arc::new(codec);
+    let (model, codec) = common::smollm2_liger();
     eprintln!("SmolLM2-135M-Instruct as Liger-GLA, f32, {threads} threads, {turns} turns, answers of up to {max_tokens} tokens");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -179,13 +161,7 @@ fn main() {
                 dir: None,
             },
         };
-        let engine = LocalEngine::start(
-            model.clone(),
-            codec.clone(),
-            options,
-            Arc::new(Metrics::default()),
-        )
-        .expect("engine");
+        let engine = common::engine(&model, &codec, options);
         let run = rt.block_on(conversation(&engine, &codec, turns, max_tokens));
         for (i, t) in run.iter().enumerate() {
             eprintln!(

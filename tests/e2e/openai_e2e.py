@@ -14,6 +14,8 @@ import traceback
 
 import openai
 
+from structured_checks import structured_checks
+
 TOLERANCE = 1e-2
 PASSED = []
 FAILED = []
@@ -208,6 +210,8 @@ def main():
             raise AssertionError("wrong API key accepted")
         except openai.AuthenticationError:
             pass
+
+    structured_checks(check, client, args.model, tag)
 
     print(f"{len(PASSED)} passed, {len(FAILED)} failed")
     return 1 if FAILED else 0
