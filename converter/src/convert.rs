@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::card::{model_card, CardInfo};
 use crate::check::check_weights;
-use crate::folder::{Config, ModelFolder, SideFiles, Weights};
+use crate::folder::{torch_dtype_name, Config, ModelFolder, SideFiles, Weights};
 use crate::output::{self, PartialDir, WeightFormat, WrittenWeights, DEFAULT_SHARD_LIMIT};
 use crate::progress::Progress;
 use crate::settings::LigerSettings;
@@ -143,16 +143,6 @@ pub fn format_label(format: &WeightFormat) -> String {
     match format.quantize {
         Some(q) => format!("{dtype}, with {} projections", q.name()),
         None => dtype.to_owned(),
-    }
-}
-
-/// The Hugging Face name of a dtype, as `torch_dtype` spells it.
-pub fn torch_dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        DType::F64 => "float64",
-        _ => "float32",
     }
 }
 

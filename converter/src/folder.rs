@@ -6,11 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use liger_model::Model;
 use serde_json::Value;
 
-use crate::convert::torch_dtype_name;
 use crate::output::{self, PartialDir, WeightFormat, WrittenWeights};
 use crate::progress::Progress;
 use crate::source::{SideContent, SIDE_FILES};
@@ -145,4 +144,14 @@ fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The Hugging Face name of a dtype, as `torch_dtype` spells it.
+pub fn torch_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
 }

@@ -14,7 +14,7 @@ use liger_model::weights::{CONFIG_FILE, INDEX_FILE};
 use liger_model::{LayerKind, LigerConfig, ModelConfig, StateSpec};
 use serde::Serialize;
 
-use crate::convert::torch_dtype_name;
+use crate::folder::torch_dtype_name;
 use crate::progress::Progress;
 use crate::settings::variant_label;
 use crate::tensors::{file_name, TensorSet};

@@ -19,14 +19,14 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
-use crate::decode::{Mix, Recurrent};
 use crate::gla::{self, FeatureMaps};
 use crate::global::{recall_scores, DistanceCap, GlobalCache, SpanPositions};
 use crate::global::{Exps, Geometry};
 use crate::layers::rope::rotate_rows;
+use crate::layers::QuantizedTensors;
 use crate::layers::{Dims, Linear, Rope};
+use crate::mix::{Mix, Recurrent};
 use crate::state::{KvCache, LayerState};
-use crate::weights::QuantizedTensors;
 use crate::{Error, Result};
 
 /// Settings of one Liger layer.

@@ -5,17 +5,23 @@
 //! gated recurrent model without new parameters: the key projection doubles as the
 //! gate, and each layer mixes gated linear attention with sliding-window attention.
 //!
-//! Layering, bottom up:
+//! Layering, bottom up (each module uses only those above it in this list; no module
+//! imports one that imports it back):
 //! - [`config`]: Hugging Face `config.json` plus the `liger` section, validated;
-//! - [`layers`]: RMSNorm, RoPE, SwiGLU, linear projections;
+//! - [`files`]: a model folder's file names and the safetensors check;
+//! - [`layers`]: RMSNorm, RoPE, SwiGLU, linear projections (dense, quantized, with LoRA),
+//!   the block's projection names, and the quantized tensors a checkpoint hands them;
 //! - [`gla`]: the gated recurrent branch in naive, chunked and recurrent form;
-//! - [`attention`]: softmax attention (full or windowed) and the Liger hybrid, whose
-//!   window branch may also see a bounded [`global`] cache of salient older tokens;
-//! - [`state`]: per-sequence state, kept outside the model, and its slot pool;
+//! - [`global`]: the bounded cache of salient older tokens the window branch may also see;
+//! - [`state`]: per-sequence state, kept outside the model, its slot pool, and a batch
+//!   entry ([`SeqStep`]);
+//! - `mix` (private): how a layer mixes tokens, as the fused decode step needs it;
+//! - [`attention`]: softmax attention (full or windowed) and the Liger hybrid;
+//! - `decode` (private): the fused CPU decode step, driven by the layers' `mix`;
 //! - [`cache`]: snapshots of states keyed by consumed tokens (resume, not re-read);
-//! - [`model`]: the causal LM, its batched forward, and LoRA adapters ([`lora`]); its
-//!   decode steps run fused on the CPU (`decode`, private);
-//! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded);
+//! - [`lora`]: adapter settings and PEFT files;
+//! - [`model`]: the causal LM and its batched forward;
+//! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded) into a model;
 //! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form;
 //! - [`hub`]: downloading hub models into the Hugging Face cache;
 //! - [`chat`]: the chat template of a model folder, one renderer for serving, training
@@ -28,12 +34,14 @@ pub mod config;
 mod decode;
 pub mod device;
 pub mod error;
+pub mod files;
 pub mod gguf;
 pub mod gla;
 pub mod global;
 pub mod hub;
 pub mod layers;
 pub mod lora;
+mod mix;
 pub mod model;
 pub mod rng;
 pub mod state;
@@ -43,5 +51,5 @@ pub mod weights;
 
 pub use config::{Architecture, LayerKind, LigerConfig, ModelConfig, Variant};
 pub use error::{Error, Result};
-pub use model::{Logits, Model, RuntimeOptions, SeqStep};
-pub use state::{SequenceState, Slot, StateBytes, StatePool, StateSpec};
+pub use model::{Logits, Model, RuntimeOptions};
+pub use state::{SeqStep, SequenceState, Slot, StateBytes, StatePool, StateSpec};

@@ -16,16 +16,9 @@ use crate::{Error, Result};
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
-/// Projections an adapter can target, with the block they live in.
-pub const TARGETS: [(&str, &str); 7] = [
-    ("q_proj", "self_attn"),
-    ("k_proj", "self_attn"),
-    ("v_proj", "self_attn"),
-    ("o_proj", "self_attn"),
-    ("gate_proj", "mlp"),
-    ("up_proj", "mlp"),
-    ("down_proj", "mlp"),
-];
+/// Projections an adapter can target (every projection of a block), with the block they
+/// live in.
+pub use crate::layers::PROJECTIONS as TARGETS;
 
 /// What to adapt and how strongly.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,7 +177,7 @@ pub fn load_adapter(dir: &Path) -> Result<(LoraConfig, HashMap<String, Tensor>)>
     };
     cfg.validate()?;
     let weights = dir.join(ADAPTER_WEIGHTS);
-    crate::weights::check_safetensors(&weights)?;
+    crate::files::check_safetensors(&weights)?;
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)?;
     Ok((cfg, tensors))
 }

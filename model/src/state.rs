@@ -680,6 +680,12 @@ impl StatePool {
     }
 }
 
+/// One sequence's part of a batched step: the tokens to read and the state that reads them.
+pub struct SeqStep<'a> {
+    pub tokens: &'a [u32],
+    pub state: &'a mut SequenceState,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,24 +10,23 @@
 //! The blocks are GGML's byte layout, so they load with no conversion; a tied model also
 //! stores a quantized `lm_head.weight` so that its head product reads the small blocks.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
-use crate::layers::{format_name, parse_format, Dims};
-use crate::lora::TARGETS;
+use crate::layers::{format_name, parse_format, PROJECTIONS};
 use crate::model::Model;
 use crate::{Error, Result};
 
-pub const CONFIG_FILE: &str = "config.json";
-pub const SINGLE_FILE: &str = "model.safetensors";
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub use crate::files::{
+    check_safetensors, safetensors_files, CONFIG_FILE, INDEX_FILE, SINGLE_FILE,
+};
+pub use crate::layers::QuantizedTensors;
 /// The safetensors metadata key listing a file's block-quantized tensors.
 pub const QUANTIZED_KEY: &str = "liger.quantized";
 
@@ -77,57 +76,9 @@ pub fn is_quantizable(name: &str) -> bool {
         return false;
     };
     layer.parse::<usize>().is_ok()
-        && TARGETS
+        && PROJECTIONS
             .iter()
             .any(|(t, block)| tail == format!("{block}.{t}.weight"))
-}
-
-/// The block-quantized tensors of a checkpoint by name, handed out once each to the
-/// layers that use them; whatever is left afterwards is a tensor the model does not know.
-#[derive(Debug, Default)]
-pub struct QuantizedTensors {
-    tensors: RefCell<HashMap<String, QTensor>>,
-}
-
-impl QuantizedTensors {
-    pub fn new(tensors: HashMap<String, QTensor>) -> Self {
-        Self {
-            tensors: RefCell::new(tensors),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tensors.borrow().is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.tensors.borrow().len()
-    }
-
-    /// Removes and returns `name`, checked to have the logical shape of `dims`.
-    pub fn take(&self, name: &str, dims: Dims) -> Result<Option<QTensor>> {
-        let (out_dim, in_dim) = dims.weight_shape();
-        let Some(t) = self.tensors.borrow_mut().remove(name) else {
-            return Ok(None);
-        };
-        if t.shape().dims() != [out_dim, in_dim] {
-            return Err(Error::tensor(
-                name,
-                format!(
-                    "is stored quantized as {:?}, the config implies [{out_dim}, {in_dim}]",
-                    t.shape().dims()
-                ),
-            ));
-        }
-        Ok(Some(t))
-    }
-
-    /// Names not taken yet, sorted.
-    pub fn unused(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tensors.borrow().keys().cloned().collect();
-        names.sort();
-        names
-    }
 }
 
 /// The [`QUANTIZED_KEY`] entries of one safetensors file (empty for a dense file).
@@ -190,42 +141,6 @@ pub fn read_quantized(files: &[PathBuf], device: &Device) -> Result<QuantizedTen
     Ok(QuantizedTensors::new(out))
 }
 
-/// The safetensors files of a model folder, checked to exist and to have readable headers.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join(INDEX_FILE);
-    let files = if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::weights(&index, format!("not valid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::weights(&index, "no `weight_map` object"))?;
-        let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-        if names.is_empty() {
-            return Err(Error::weights(&index, "`weight_map` lists no files"));
-        }
-        names.into_iter().map(|n| dir.join(n)).collect()
-    } else {
-        vec![dir.join(SINGLE_FILE)]
-    };
-    for f in &files {
-        check_safetensors(f)?;
-    }
-    Ok(files)
-}
-
-/// Fails with the file's name if it is missing, truncated or not safetensors.
-pub fn check_safetensors(path: &Path) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the map is read-only and dropped before we return; a file changed underneath
-    // us can at worst make the check fail.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::weights(path, format!("not a valid safetensors file ({e})")))?;
-    Ok(())
-}
-
 /// Loads `dir/config.json` and its weights as `dtype` on `device`.
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
     let cfg = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
@@ -242,6 +157,7 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::Dims;
     use safetensors::tensor::TensorView;
 
     #[test]

@@ -11,7 +11,7 @@
 
 use half::f16;
 
-use super::mixing::{sized, softmax, Rows};
+use super::rows::{sized, softmax, Rows};
 use crate::layers::vexp;
 
 /// Queries rotated by the distance cap alone, and which global rows they score (those past

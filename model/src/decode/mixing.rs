@@ -2,109 +2,13 @@
 //! the same math as `attention.rs` and `gla` (LIGER.md §1), written per row so the fused
 //! step can run a (sequence, KV head) pair on whichever thread owns it.
 
-use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::attend::{attend, Attend};
-use crate::config::Variant;
+use super::rows::{sized, Rows, RowsMut};
 use crate::gla::feature::key_row;
 use crate::layers::vexp;
-
-/// Cached key or value rows as a state stores them (`KvCache::stored_as`).
-#[derive(Clone, Copy)]
-pub(crate) enum Rows<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-}
-
-impl<'a> Rows<'a> {
-    pub const EMPTY: Rows<'static> = Rows::F32(&[]);
-
-    pub(super) fn len(&self) -> usize {
-        match self {
-            Rows::F32(x) => x.len(),
-            Rows::F16(x) => x.len(),
-        }
-    }
-
-    /// The rows in f32: borrowed as they are, or widened into `buf`.
-    pub(super) fn widened<'s>(self, buf: &'s mut Vec<f32>) -> &'s [f32]
-    where
-        'a: 's,
-    {
-        match self {
-            Rows::F32(x) => x,
-            Rows::F16(x) => {
-                let out = sized(buf, x.len());
-                x.convert_to_f32_slice(out);
-                out
-            }
-        }
-    }
-}
-
-/// Where new cache rows go, in the dtype the state stores them in.
-pub(crate) enum RowsMut<'a> {
-    F32(&'a mut [f32]),
-    F16(&'a mut [f16]),
-}
-
-impl RowsMut<'_> {
-    fn len(&self) -> usize {
-        match self {
-            RowsMut::F32(x) => x.len(),
-            RowsMut::F16(x) => x.len(),
-        }
-    }
-}
-
-/// The Liger recurrent branch's settings for one layer.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Recurrent {
-    pub variant: Variant,
-    pub gate_normalizer: f32,
-}
-
-/// How a layer mixes tokens, as the fused step needs it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Mix {
-    /// Causal softmax attention over the layer's KV cache.
-    Softmax,
-    /// Liger: `window_weight * SWA + recurrent_weight * R` (R skipped when its weight is 0).
-    Liger {
-        recurrent: Recurrent,
-        window_weight: f32,
-        recurrent_weight: f32,
-        /// The layer keeps a recurrent memory: for R, or only for the global cache's
-        /// saliences when R's weight is 0.
-        memory: bool,
-        /// The layer keeps a global cache: the window branch also attends to its rows.
-        global: bool,
-        /// The global cache gives places by attention: the step measures the window-only
-        /// attention share of each window row (the cache's, then the token's).
-        attention_scores: bool,
-        /// The global cache gives places by recall: the step measures the memory's recall
-        /// error at the token's key.
-        recall_scores: bool,
-        /// The global cache's distance cap: its entries past it are stored un-rotated and
-        /// scored with the query rotated by the cap alone.
-        max_distance: Option<usize>,
-    },
-}
-
-impl Mix {
-    /// What the global cache's choice needs measured: (attention shares, recall score).
-    pub(crate) fn scoring(&self) -> (bool, bool) {
-        match *self {
-            Mix::Liger {
-                attention_scores,
-                recall_scores,
-                ..
-            } => (attention_scores, recall_scores),
-            Mix::Softmax => (false, false),
-        }
-    }
-}
+use crate::mix::{Mix, Recurrent};
 
 /// One KV head group's inputs: its `g` query heads and its key and value, all pre-RoPE, the
 /// group's cache rows (`[len, d]`, post-RoPE keys), its global cache rows (the same; empty
@@ -157,12 +61,6 @@ pub(crate) struct Scratch {
     read: Vec<f32>,
     /// Cached rows widened to f32 (global keys and values, then the window's).
     wide: [Vec<f32>; 4],
-}
-
-/// `buf` resized to `n` (contents unspecified).
-pub(super) fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    buf.resize(n, 0.0);
-    &mut buf[..n]
 }
 
 /// Mixes one group. `memory` is needed exactly when `mix` keeps a recurrent memory.
@@ -324,19 +222,6 @@ fn recurrent_step(
     }
 }
 
-/// In-place softmax with the maximum subtracted first.
-pub(crate) fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
-
 /// `x / sqrt(mean(x^2) + eps) * w` for each `w.len()`-wide row of `x` (candle's `rms_norm`).
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
@@ -352,6 +237,7 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn keep_last_trims_the_oldest_rows() {

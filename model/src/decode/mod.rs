@@ -24,6 +24,7 @@
 
 mod attend;
 mod mixing;
+mod rows;
 mod sync;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -34,15 +35,16 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
+use crate::mix::Mix;
 use half::f16;
-use mixing::{GroupIn, GroupOut, Memory, Rows, RowsMut, Scratch};
-pub(crate) use mixing::{Mix, Recurrent};
+use mixing::{GroupIn, GroupOut, Memory, Scratch};
+use rows::{Rows, RowsMut};
 use sync::{PanicGuard, Shared, SpinBarrier};
 
 use crate::layers::Linear;
 use crate::layers::{matvec, matvec_q8};
-use crate::model::SeqStep;
 use crate::state::LayerState;
+use crate::state::SeqStep;
 use crate::Result;
 
 /// Most sequences one fused step takes; larger batches are compute-bound and go to gemm.

@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::weights::QuantizedTensors;
+use super::QuantizedTensors;
 use crate::{Error, Result};
 
 /// Weight formats a model can be quantized to after loading. Spelled `q8_0` and `q4k` on

@@ -4,8 +4,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::QuantizedTensors;
 use super::{Dims, Linear};
-use crate::weights::QuantizedTensors;
 use crate::Result;
 
 #[derive(Debug, Clone)]

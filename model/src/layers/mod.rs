@@ -6,13 +6,27 @@ pub mod matvec;
 pub(crate) mod matvec_q8;
 mod mlp;
 mod norm;
+mod quantized;
 pub(crate) mod rope;
 pub mod vexp;
 
 pub use linear::{format_name, parse_format, Dims, Linear, LoraAdapter, Quantization};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
+pub use quantized::QuantizedTensors;
 pub use rope::Rope;
+
+/// A decoder block's projections, with the sub-block each lives in (`self_attn`, `mlp`):
+/// what LoRA adapters target and quantization converts.
+pub const PROJECTIONS: [(&str, &str); 7] = [
+    ("q_proj", "self_attn"),
+    ("k_proj", "self_attn"),
+    ("v_proj", "self_attn"),
+    ("o_proj", "self_attn"),
+    ("gate_proj", "mlp"),
+    ("up_proj", "mlp"),
+    ("down_proj", "mlp"),
+];
 
 /// `t` in f32. f16 rows on the CPU (the caches' `--kv-dtype f16`) are widened eight at a
 /// time with F16C where the CPU has it (`half`'s slice conversion), where candle's

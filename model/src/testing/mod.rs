@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 pub mod fixture;
 
 use crate::config::{LigerConfig, ModelConfig};
-use crate::model::{Logits, Model, SeqStep};
+use crate::model::{Logits, Model};
+use crate::state::SeqStep;
 use crate::state::SequenceState;
 use crate::{Error, Result};
 

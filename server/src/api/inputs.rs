@@ -5,9 +5,26 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::body::{json_kind, Params};
-use super::params::{Limits, Prompt};
 use crate::error::ApiError;
 use crate::text::{ChatMessage, ToolCall};
+
+/// What the loaded model allows.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Prompt plus generated tokens.
+    pub max_model_len: usize,
+    /// Token ids must be below this (the model's embedding rows).
+    pub vocab_size: usize,
+    /// Largest `n` (the engine's state slots).
+    pub max_n: usize,
+}
+
+/// One prompt of a completions request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
 
 #[derive(Deserialize)]
 struct RawMessage {

@@ -10,21 +10,11 @@ use serde_json::Value;
 use super::body::{json_kind, Params};
 use super::format::{parse_grammar, Constraint};
 use super::inputs::{parse_messages, parse_prompts};
+pub use super::inputs::{Limits, Prompt};
 use super::tools::{parse_tools, Tools};
 use crate::engine::SamplingParams;
 use crate::error::ApiError;
 use crate::text::ChatMessage;
-
-/// What the loaded model allows.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Prompt plus generated tokens.
-    pub max_model_len: usize,
-    /// Token ids must be below this (the model's embedding rows).
-    pub vocab_size: usize,
-    /// Largest `n` (the engine's state slots).
-    pub max_n: usize,
-}
 
 /// Logprob alternatives OpenAI allows per token.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -61,13 +51,6 @@ pub struct ChatRequest {
     pub tools: Option<Tools>,
     /// `Some(k)`: report logprobs with `k` alternatives.
     pub logprobs: Option<usize>,
-}
-
-/// One prompt of a completions request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Prompt {
-    Text(String),
-    Tokens(Vec<u32>),
 }
 
 /// A validated `/v1/completions` request.

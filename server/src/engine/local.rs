@@ -2,75 +2,18 @@
 //! thread (see [`super::worker`]) and [`Engine::submit`] queues requests for it, enforcing
 //! the waiting-queue limit at the door so overload is answered at once with 429.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use liger_model::cache::StateCache;
 use liger_model::{Model, StatePool};
 use tokio::sync::mpsc as tokio_mpsc;
 
-use super::worker::Worker;
-use super::{Engine, EngineError, EventReceiver, EventSender, GenerationRequest};
+use super::options::EngineOptions;
+use super::worker::{Message, Submission, Worker};
+use super::{Engine, EngineError, EventReceiver, GenerationRequest};
 use crate::metrics::Metrics;
 use crate::text::Codec;
-
-/// Engine limits, from the server settings.
-#[derive(Debug, Clone)]
-pub struct EngineOptions {
-    /// State slots: sequences decoding or prefilling at once.
-    pub max_running: usize,
-    /// Requests queued for a slot before new ones get 429.
-    pub max_waiting: usize,
-    /// Tokens per forward pass (decodes plus prefill chunks).
-    pub max_batch_tokens: usize,
-    /// While sequences decode, steps are cut to about this long ([`super::scheduler`]).
-    pub step_target: Option<std::time::Duration>,
-    /// Prompt plus generated tokens per sequence.
-    pub max_model_len: usize,
-    pub state_cache: StateCacheOptions,
-}
-
-/// The conversation state cache (see [`liger_model::cache`]).
-#[derive(Debug, Clone, Default)]
-pub struct StateCacheOptions {
-    /// Bytes of snapshots kept in memory; 0 turns the cache off.
-    pub budget_bytes: usize,
-    /// Also keep snapshots here, for restarts and replicas of the same model.
-    pub dir: Option<PathBuf>,
-}
-
-impl StateCacheOptions {
-    /// The cache these options ask for, if any.
-    fn build(&self, model: &Model) -> std::io::Result<Option<StateCache>> {
-        if self.budget_bytes == 0 {
-            return Ok(None);
-        }
-        let Some(dir) = &self.dir else {
-            return Ok(Some(StateCache::new(self.budget_bytes)));
-        };
-        let made = model.fingerprint().and_then(|id| {
-            StateCache::with_dir(self.budget_bytes, dir, model.state_spec().clone(), &id)
-        });
-        made.map(Some)
-            .map_err(|e| std::io::Error::other(format!("--state-cache-dir {}: {e}", dir.display())))
-    }
-}
-
-/// What the engine thread receives.
-pub(super) enum Message {
-    Submit(Box<Submission>),
-    /// Fail everything held, and everything submitted from now on ([`Engine::shut_down`]).
-    ShutDown,
-}
-
-/// A request on its way to the engine thread.
-pub(super) struct Submission {
-    pub request: GenerationRequest,
-    pub events: EventSender,
-    pub at: Instant,
-}
 
 /// Handle to the engine thread. Dropping it lets the thread exit once idle.
 pub struct LocalEngine {

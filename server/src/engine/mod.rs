@@ -6,6 +6,7 @@
 //! release (the engine detokenizes because stop strings decide when generation ends).
 
 mod local;
+mod options;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
@@ -15,7 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::text::grammar::Guide;
 
-pub use local::{EngineOptions, LocalEngine, StateCacheOptions};
+pub use local::LocalEngine;
+pub use options::{EngineOptions, StateCacheOptions};
 
 /// How to pick the next token. Built only by the API layer's validation, so every field is
 /// in range here.

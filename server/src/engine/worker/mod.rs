@@ -27,7 +27,7 @@ use liger_model::cache::StateCache;
 use liger_model::{Model, SequenceState, Slot, StateBytes, StatePool};
 use tracing::{debug, info, warn};
 
-use super::local::{EngineOptions, Message, Submission};
+use super::options::EngineOptions;
 use super::scheduler::{admit, StepBudget, Waiting};
 use super::sequence::{Choice, Shared};
 use super::{EngineError, Event, EventSender, GenerationRequest, TokenLogprob};
@@ -57,6 +57,20 @@ struct Group {
     completion_tokens: usize,
     /// The client went away (a send failed).
     gone: bool,
+}
+
+/// What the engine thread receives.
+pub(in crate::engine) enum Message {
+    Submit(Box<Submission>),
+    /// Fail everything held, and everything submitted from now on ([`Engine::shut_down`]).
+    ShutDown,
+}
+
+/// A request on its way to the engine thread.
+pub(in crate::engine) struct Submission {
+    pub request: GenerationRequest,
+    pub events: EventSender,
+    pub at: Instant,
 }
 
 /// What a group contributes to the current step.

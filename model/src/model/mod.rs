@@ -8,19 +8,21 @@
 //! decode steps (one token) and prefill chunks (many). Every projection and MLP runs once
 //! over all tokens of the batch; only the token mixing looks at sequences one by one.
 
-use std::collections::HashMap;
-
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::attention::{Attention, BatchContext, Span};
 use crate::config::ModelConfig;
 use crate::decode;
-use crate::layers::{Dims, Linear, LoraAdapter, Mlp, Quantization, RmsNorm, Rope};
-use crate::lora::{self, LoraConfig};
-use crate::state::{LayerState, SequenceState, StateSpec};
-use crate::weights::QuantizedTensors;
+use crate::layers::QuantizedTensors;
+use crate::layers::{Dims, Linear, Mlp, RmsNorm, Rope};
+use crate::lora;
+use crate::state::{LayerState, SeqStep, SequenceState, StateSpec};
 use crate::{Error, Result};
+
+mod adapters;
+mod export;
+mod training;
 
 /// Knobs that change how, not what, the model computes.
 #[derive(Debug, Clone, Copy)]
@@ -66,12 +68,6 @@ pub enum Logits {
     Last,
     /// Every token (scoring, echo with logprobs, training).
     All,
-}
-
-/// One sequence's part of a batched step.
-pub struct SeqStep<'a> {
-    pub tokens: &'a [u32],
-    pub state: &'a mut SequenceState,
 }
 
 #[derive(Debug, Clone)]
@@ -517,255 +513,6 @@ impl Model {
         (spans, positions)
     }
 
-    /// The residual stream entering every layer (and, last, the final norm) for fresh
-    /// sequences: `num_layers + 1` tensors of `[total tokens, hidden]`. Attention transfer
-    /// feeds these teacher activations to each student layer.
-    pub fn layer_inputs(&self, seqs: &[&[u32]]) -> Result<Vec<Tensor>> {
-        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        let (spans, positions) = Self::fresh_spans(&lens);
-        let ctx = self.batch_context(&spans, &positions)?;
-        let ids: Vec<u32> = seqs.concat();
-        let x = self
-            .embed
-            .forward(&Tensor::new(ids.as_slice(), &self.device)?)?;
-        let mut states: Vec<SequenceState> = seqs
-            .iter()
-            .map(|_| self.new_state())
-            .collect::<Result<_>>()?;
-        let mut refs: Vec<&mut SequenceState> = states.iter_mut().collect();
-        let mut out = Vec::with_capacity(self.layers.len() + 1);
-        let x = self.decoder_layers(x, &ctx, &mut refs, |x| out.push(x.clone()))?;
-        out.push(x);
-        Ok(out)
-    }
-
-    /// Layer `layer`'s attention output before `o_proj` (`[tokens, heads * head_dim]`, f32)
-    /// for the residual stream `residual` of fresh sequences of lengths `lens`.
-    pub fn attention_output(
-        &self,
-        layer: usize,
-        residual: &Tensor,
-        lens: &[usize],
-    ) -> Result<Tensor> {
-        let l = self
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::Invalid(format!("layer {layer} does not exist")))?;
-        let (spans, positions) = Self::fresh_spans(lens);
-        let ctx = self.batch_context(&spans, &positions)?;
-        let mut states: Vec<LayerState> = lens
-            .iter()
-            .map(|_| self.spec.new_layer_state(layer))
-            .collect::<Result<_>>()?;
-        let mut refs: Vec<&mut LayerState> = states.iter_mut().collect();
-        l.attn
-            .mix(&self.norm_fwd(&l.input_norm, residual)?, &ctx, &mut refs)
-    }
-
-    /// Attaches fresh trainable LoRA adapters (B = 0, so the model is unchanged) to every
-    /// layer's `cfg.targets` and returns their variables under PEFT names.
-    pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<(String, Var)>> {
-        cfg.validate()?;
-        let mut rng = crate::rng::SplitMix(seed);
-        let mut vars = Vec::new();
-        let device = self.device.clone();
-        for i in 0..self.layers.len() {
-            for t in &cfg.targets {
-                let lin = self.layers[i].projection_mut(t).expect("validated target");
-                let dims = lin.dims();
-                let (a, b) = lora::init_pair(&mut rng, cfg.rank, dims.input, dims.output, &device)?;
-                lin.set_lora(Some(LoraAdapter {
-                    a: a.as_tensor().clone(),
-                    b: b.as_tensor().clone(),
-                    scale: cfg.scale(),
-                }));
-                vars.push((lora::peft_name(i, t, "A"), a));
-                vars.push((lora::peft_name(i, t, "B"), b));
-            }
-        }
-        Ok(vars)
-    }
-
-    /// Applies an adapter read with [`lora::load_adapter`] (weights cast to f32 on the
-    /// model's device). Every adapter tensor must be used and fit its projection.
-    pub fn apply_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        tensors: &HashMap<String, Tensor>,
-    ) -> Result<()> {
-        cfg.validate()?;
-        let mut used = 0;
-        for i in 0..self.layers.len() {
-            for t in &cfg.targets {
-                let (na, nb) = (lora::peft_name(i, t, "A"), lora::peft_name(i, t, "B"));
-                let (Some(a), Some(b)) = (tensors.get(&na), tensors.get(&nb)) else {
-                    continue;
-                };
-                let lin = self.layers[i].projection_mut(t).expect("validated target");
-                let Dims {
-                    input: in_dim,
-                    output: out_dim,
-                } = lin.dims();
-                if a.dims() != [cfg.rank, in_dim] || b.dims() != [out_dim, cfg.rank] {
-                    return Err(Error::tensor(&na, format!(
-                        "adapter shapes {:?} / {:?} do not fit a [{out_dim}, {in_dim}] projection with rank {}",
-                        a.dims(), b.dims(), cfg.rank
-                    )));
-                }
-                let to = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.to_dtype(DType::F32)?.to_device(&self.device)?)
-                };
-                let (a, b) = (to(a)?, to(b)?);
-                lin.set_lora(Some(LoraAdapter {
-                    a,
-                    b,
-                    scale: cfg.scale(),
-                }));
-                used += 2;
-            }
-        }
-        if used != tensors.len() {
-            return Err(Error::Invalid(format!(
-                "the adapter has {} tensors but only {used} match this model's layers and targets",
-                tensors.len()
-            )));
-        }
-        Ok(())
-    }
-
-    /// The current adapters' weights under PEFT names.
-    pub fn lora_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (t, _) in lora::TARGETS {
-                if let Some(l) = layer.projection(t).and_then(|p| p.lora()) {
-                    out.push((lora::peft_name(i, t, "A"), l.a.clone()));
-                    out.push((lora::peft_name(i, t, "B"), l.b.clone()));
-                }
-            }
-        }
-        out
-    }
-
-    /// Folds every adapter into its weight.
-    pub fn merge_lora(&mut self) -> Result<()> {
-        for layer in &mut self.layers {
-            for (t, _) in lora::TARGETS {
-                if let Some(p) = layer.projection_mut(t) {
-                    p.merge_lora()?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Every weight under its Hugging Face name (after merging, what a checkpoint stores).
-    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed.embeddings().clone(),
-        )];
-        if !self.cfg.tie_word_embeddings {
-            out.push(("lm_head.weight".into(), self.lm_head.weight()?));
-        }
-        out.push(("model.norm.weight".into(), self.norm.weight().clone()));
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                layer.input_norm.weight().clone(),
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                layer.post_norm.weight().clone(),
-            ));
-            for (t, block) in lora::TARGETS {
-                let lin = layer.projection(t).expect("known target");
-                out.push((format!("{p}.{block}.{t}.weight"), lin.weight()?));
-                if let Some(b) = lin.bias() {
-                    out.push((format!("{p}.{block}.{t}.bias"), b.clone()));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Whether any projection holds GGML blocks (loaded so or quantized since): such a
-    /// model takes LoRA adapters only unmerged, and has no backward pass.
-    pub fn is_quantized(&self) -> bool {
-        self.lm_head.quantization().is_some()
-            || self.layers.iter().any(|l| {
-                lora::TARGETS
-                    .iter()
-                    .any(|(t, _)| l.projection(t).is_some_and(|p| p.quantization().is_some()))
-            })
-    }
-
-    /// Block-quantizes every projection and the LM head (embeddings stay dense: a lookup
-    /// reads one row per token). Adapters must be merged first. Returns how many
-    /// projections got each format (some fall back to Q8_0 or stay dense when their input
-    /// size does not fit the blocks).
-    pub fn quantize(&mut self, q: Quantization) -> Result<Vec<(String, usize)>> {
-        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
-        let mut note = |lin: &Linear| {
-            let name = lin
-                .quantization()
-                .map_or("dense".to_string(), |f| format!("{f:?}").to_lowercase());
-            *counts.entry(name).or_default() += 1;
-        };
-        for layer in &mut self.layers {
-            for (t, _) in lora::TARGETS {
-                let lin = layer.projection_mut(t).expect("known target");
-                lin.quantize(q)?;
-                note(lin);
-            }
-        }
-        self.lm_head.quantize(q)?;
-        note(&self.lm_head);
-        Ok(counts.into_iter().collect())
-    }
-
-    /// A short identity of this model's function: a hash over the config and, for every
-    /// weight (adapters merged or not), its name, shape, dtype and a strided sample of its
-    /// values. Cached states carry it so a snapshot is never resumed on another model.
-    pub fn fingerprint(&self) -> Result<String> {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(canonical_json(&self.cfg.raw).as_bytes());
-        let mut weights = self.named_weights()?;
-        weights.extend(self.lora_tensors());
-        // Quantized weights are sampled dequantized; name the formats too.
-        for layer in &self.layers {
-            for (t, _) in lora::TARGETS {
-                if let Some(f) = layer.projection(t).and_then(|l| l.quantization()) {
-                    h.update(format!("{t}:{f:?}").as_bytes());
-                }
-            }
-        }
-        if let Some(f) = self.lm_head.quantization() {
-            h.update(format!("lm_head:{f:?}").as_bytes());
-        }
-        for (name, t) in weights {
-            h.update(name.as_bytes());
-            h.update(format!("{:?}{:?}", t.dims(), t.dtype()).as_bytes());
-            let flat = t.flatten_all()?;
-            let n = flat.elem_count();
-            let stride = (n / 256).max(1);
-            let idx: Vec<u32> = (0..n).step_by(stride).map(|i| i as u32).collect();
-            let sample = flat
-                .index_select(&Tensor::new(idx.as_slice(), flat.device())?, 0)?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            for x in sample {
-                h.update(x.to_le_bytes());
-            }
-        }
-        Ok(h.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
-    }
-
     /// The model as the fused decode step reads it; `None` when a layer's mixer is not
     /// covered there.
     fn decode_refs(&self) -> Result<Option<decode::ModelRefs<'_>>> {
@@ -799,44 +546,5 @@ impl Model {
         } else {
             norm.forward(x)?
         })
-    }
-}
-
-/// JSON text with every object's keys sorted, whatever order the value keeps them in:
-/// serde_json keeps insertion order when any crate in the build enables its
-/// `preserve_order` feature (llguidance does), and a fingerprint must not depend on that.
-fn canonical_json(v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            let fields: Vec<String> = keys
-                .into_iter()
-                .map(|k| format!("{}:{}", Value::from(k.as_str()), canonical_json(&m[k])))
-                .collect();
-            format!("{{{}}}", fields.join(","))
-        }
-        Value::Array(a) => {
-            let items: Vec<String> = a.iter().map(canonical_json).collect();
-            format!("[{}]", items.join(","))
-        }
-        other => other.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::canonical_json;
-
-    #[test]
-    fn canonical_json_sorts_keys_at_every_depth() {
-        let v: serde_json::Value =
-            serde_json::from_str(r#"{"b": {"d": 1, "c": [{"f": 0.5, "e": null}]}, "a": "x\""}"#)
-                .unwrap();
-        assert_eq!(
-            canonical_json(&v),
-            r#"{"a":"x\"","b":{"c":[{"e":null,"f":0.5}],"d":1}}"#
-        );
     }
 }
