@@ -111,7 +111,7 @@ fn schemas() -> Vec<Value> {
     ]
 }
 
-/// Room for the random model's whitespace (up to 16 characters between JSON tokens) after
+/// Room for the random model's whitespace (up to 21 characters between JSON tokens) after
 /// a tools prompt (long in bytes: the tiny tokenizer has few merges).
 fn long_context(a: &mut liger_server::settings::Args) {
     a.max_model_len = Some(2200);

@@ -3,11 +3,16 @@ openai_e2e.py with its `check` decorator): the client's `parse` helper with pyda
 (nested objects, enums, arrays, bounded numbers, optional fields), `json_object`, regex and
 choice constraints, a streamed tool call, and the 400 for a schema feature that cannot be
 compiled.
+
+The suite runs them on the plain Transformer and on the zero-shot conversion (no recovery,
+a weak model), so the schemas bound what a wandering model could stretch forever (string
+lengths, list sizes) and the budgets leave room; a valid answer then comes from the grammar
+whatever the model's quality.
 """
 
 import json
 from enum import Enum
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import openai
 from pydantic import BaseModel, Field
@@ -33,9 +38,9 @@ class Customer(BaseModel):
     person: Person
     address: Address
     favorite: Color
-    tags: List[str] = Field(min_length=1, max_length=3)
+    tags: List[Annotated[str, Field(max_length=12)]] = Field(min_length=1, max_length=3)
     score: float = Field(ge=0.0, le=1.0)
-    nickname: Optional[str] = None
+    nickname: Optional[Annotated[str, Field(max_length=12)]] = None
 
 
 class Inventory(BaseModel):
@@ -58,7 +63,7 @@ WEATHER_TOOL = {
         "parameters": {
             "type": "object",
             "properties": {
-                "city": {"type": "string", "maxLength": 40},
+                "city": {"type": "string", "maxLength": 24},
                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
             },
             "required": ["city", "unit"],
@@ -86,7 +91,7 @@ def structured_checks(check, client, model, tag):
                     model=model,
                     messages=[{"role": "user", "content": prompt}],
                     response_format=cls,
-                    max_tokens=300,
+                    max_tokens=600,
                     temperature=0.8,
                     seed=seed,
                 )
@@ -103,9 +108,12 @@ def structured_checks(check, client, model, tag):
             messages=[{"role": "user", "content": "Make up a person."}],
             response_format={
                 "type": "json_schema",
-                "json_schema": {"name": "person", "schema": Person.model_json_schema(), "strict": True},
+                # As strict schemas are written (and the parse helper sends them): no other keys.
+                "json_schema": {"name": "person", "strict": True,
+                                "schema": {**Person.model_json_schema(), "additionalProperties": False}},
             },
-            max_tokens=200,
+            max_tokens=400,
+            seed=3,
             stream=True,
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -132,6 +140,7 @@ def structured_checks(check, client, model, tag):
             messages=[{"role": "user", "content": "Give a date."}],
             extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]"}},
             max_tokens=20,
+            seed=5,
         )
         import re
 
@@ -141,6 +150,7 @@ def structured_checks(check, client, model, tag):
             prompt="Is the sky blue? Answer:",
             extra_body={"structured_outputs": {"choice": [" yes", " no"]}},
             max_tokens=5,
+            seed=5,
         )
         assert r.choices[0].text in (" yes", " no"), r
 
@@ -151,7 +161,10 @@ def structured_checks(check, client, model, tag):
             messages=[{"role": "user", "content": "What's the weather in Paris?"}],
             tools=[WEATHER_TOOL],
             tool_choice="required",
-            max_tokens=200,
+            # One call: a weak model may otherwise keep adding calls until max_tokens.
+            parallel_tool_calls=False,
+            max_tokens=300,
+            seed=7,
             stream=True,
         )
         calls, finish = {}, None
@@ -167,7 +180,7 @@ def structured_checks(check, client, model, tag):
                 c["arguments"] += d.function.arguments or ""
             finish = ch.finish_reason or finish
         assert finish == "tool_calls", finish
-        assert calls and sorted(calls) == list(range(len(calls))), calls
+        assert sorted(calls) == [0], calls
         for c in calls.values():
             assert c["id"].startswith("call_") and c["name"] == "get_weather", c
             args = json.loads(c["arguments"])

@@ -65,11 +65,11 @@ impl GrammarSpec {
     }
 }
 
-/// Whitespace between JSON tokens: at most this pattern per gap. llguidance's default is
-/// unbounded, and small models given unbounded whitespace can spend their whole budget on
-/// newlines (llama.cpp's JSON grammar bounds it the same way). A schema that sets its own
-/// `x-guidance` options keeps them.
-const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,16}";
+/// Whitespace between JSON tokens: one space, or one newline and up to 20 spaces or tabs of
+/// indentation (llama.cpp's JSON grammar allows the same). llguidance's default is any run
+/// of whitespace, and small models given that can spend their whole budget on blank lines.
+/// A schema that sets its own `x-guidance` options keeps them.
+const JSON_WHITESPACE: &str = r"\x20|\x0A[\x20\x09]{0,20}";
 
 pub fn bounded_whitespace(mut schema: Value) -> Value {
     if let Value::Object(m) = &mut schema {
