@@ -18,7 +18,7 @@ use super::params::ChatRequest;
 use super::prepare::{
     check_model, check_prompt, compile_grammar, generation_request, new_id, tokenize, unix_now,
 };
-use super::stream::{sse_response, Chunker};
+use super::stream::{sse_response, Chunker, Envelope};
 use super::tools::{plain_messages, split_output, CallSplitter, Tools};
 use super::AppState;
 use crate::engine::Event;
@@ -89,17 +89,20 @@ pub async fn chat_completions(
         let model = app.config.served_model_name.clone();
         if req.common.stream {
             let chunker = ChatChunker {
-                id,
-                created,
-                model,
+                head: Envelope {
+                    id,
+                    object: "chat.completion.chunk",
+                    created,
+                    model,
+                    include_usage: req.common.include_usage,
+                    prompt_tokens: prompt_len,
+                    completion_tokens: 0,
+                    cached_tokens: 0,
+                    done: Completeness::new(req.common.n),
+                },
                 n: req.common.n,
-                include_usage: req.common.include_usage,
                 codec: ready.codec.clone(),
                 tokens_as_ids: req.common.tokens_as_ids,
-                prompt_tokens: prompt_len,
-                completion_tokens: 0,
-                cached_tokens: 0,
-                done: Completeness::new(req.common.n),
                 splitters: req.tools.clone().map(|t| {
                     let per_choice = (0..req.common.n)
                         .map(|_| (CallSplitter::default(), 0))
@@ -163,17 +166,10 @@ pub async fn chat_completions(
 }
 
 struct ChatChunker {
-    id: String,
-    created: u64,
-    model: String,
+    head: Envelope,
     n: usize,
-    include_usage: bool,
     codec: Arc<Codec>,
     tokens_as_ids: bool,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    cached_tokens: usize,
-    done: Completeness,
     /// With tools: per choice, the splitter that finds calls in the text and how many
     /// calls it has sent (the next call's `index`).
     splitters: Option<(Tools, Vec<(CallSplitter, usize)>)>,
@@ -211,20 +207,10 @@ impl ChatChunker {
             .is_some_and(|(_, per_choice)| per_choice[choice].1 > 0)
     }
 
-    fn chunk(&self, choices: Value) -> Value {
-        let mut c = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "choices": choices,
-        });
-        if self.include_usage {
-            // OpenAI sends `usage: null` on every chunk but the last when usage is asked for.
-            c["usage"] = Value::Null;
-        }
-        c
-    }
-
     fn choice(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
-        self.chunk(json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]))
+        self.head.chunk(
+            json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]),
+        )
     }
 }
 
@@ -243,19 +229,17 @@ impl Chunker for ChatChunker {
     }
 
     fn event(&mut self, _prompt: usize, event: Event) -> Vec<Value> {
+        if let Some(error) = self.head.count(&event) {
+            return vec![error];
+        }
         match event {
-            Event::Cached(n) => {
-                self.cached_tokens += n;
-                Vec::new()
-            }
-            Event::Prompt(_) => Vec::new(),
+            Event::Cached(_) | Event::Prompt(_) | Event::Failed(_) => Vec::new(),
             Event::Token {
                 choice,
                 text,
                 logprob,
                 ..
             } => {
-                self.completion_tokens += 1;
                 if text.is_empty() && logprob.is_none() {
                     return Vec::new();
                 }
@@ -282,7 +266,6 @@ impl Chunker for ChatChunker {
                 reason,
                 text,
             } => {
-                self.done.finished += 1;
                 let deltas = self.deltas(choice, &text, true);
                 let mut out: Vec<Value> = deltas
                     .into_iter()
@@ -295,24 +278,10 @@ impl Chunker for ChatChunker {
                 out.push(self.choice(choice, json!({}), Value::Null, Some(reason)));
                 out
             }
-            Event::Failed(e) => {
-                self.done.failed = true;
-                vec![ApiError::from(e).body()]
-            }
         }
     }
 
     fn end(&mut self) -> Vec<Value> {
-        let mut out: Vec<Value> = self.done.error_at_end().into_iter().collect();
-        if self.include_usage {
-            let mut c = self.chunk(json!([]));
-            c["usage"] = json!(Usage::new(
-                self.prompt_tokens,
-                self.completion_tokens,
-                self.cached_tokens,
-            ));
-            out.push(c);
-        }
-        out
+        self.head.end()
     }
 }

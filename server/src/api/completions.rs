@@ -18,7 +18,7 @@ use super::params::{CompletionRequest, Prompt};
 use super::prepare::{
     check_model, check_prompt, compile_grammar, generation_request, new_id, tokenize, unix_now,
 };
-use super::stream::{sse_response, Chunker};
+use super::stream::{sse_response, Chunker, Envelope};
 use super::AppState;
 use crate::engine::{Event, EventReceiver};
 use crate::error::ApiError;
@@ -119,21 +119,24 @@ pub async fn completions(
                 })
                 .collect();
             let chunker = CompletionChunker {
-                id,
-                created,
-                model,
+                head: Envelope {
+                    id,
+                    object: "text_completion",
+                    created,
+                    model,
+                    include_usage: req.common.include_usage,
+                    prompt_tokens,
+                    completion_tokens: 0,
+                    cached_tokens: 0,
+                    done: Completeness::new(req.common.n * req.prompts.len()),
+                },
                 n: req.common.n,
-                include_usage: req.common.include_usage,
                 echo: req.echo,
                 logprobs: req.logprobs.is_some(),
                 codec: ready.codec.clone(),
                 tokens_as_ids: req.common.tokens_as_ids,
                 prompts: prepared,
                 offsets,
-                prompt_tokens,
-                completion_tokens: 0,
-                cached_tokens: 0,
-                done: Completeness::new(req.common.n * req.prompts.len()),
             };
             return Ok(sse_response(receivers, chunker));
         }
@@ -193,11 +196,8 @@ pub async fn completions(
 }
 
 struct CompletionChunker {
-    id: String,
-    created: u64,
-    model: String,
+    head: Envelope,
     n: usize,
-    include_usage: bool,
     echo: bool,
     logprobs: bool,
     codec: Arc<Codec>,
@@ -205,10 +205,6 @@ struct CompletionChunker {
     prompts: Vec<Prepared>,
     /// Per choice: the next token's `text_offset`.
     offsets: Vec<usize>,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    cached_tokens: usize,
-    done: Completeness,
 }
 
 impl CompletionChunker {
@@ -226,14 +222,9 @@ impl CompletionChunker {
         logprobs: Option<CompletionLogprobs>,
         finish: Option<&str>,
     ) -> Value {
-        let mut c = json!({
-            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        });
-        if self.include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
+        self.head.chunk(
+            json!([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]),
+        )
     }
 
     /// The echoed prompt, once per choice of prompt `p`.
@@ -263,11 +254,11 @@ impl Chunker for CompletionChunker {
     }
 
     fn event(&mut self, p: usize, event: Event) -> Vec<Value> {
+        if let Some(error) = self.head.count(&event) {
+            return vec![error];
+        }
         match event {
-            Event::Cached(n) => {
-                self.cached_tokens += n;
-                Vec::new()
-            }
+            Event::Cached(_) | Event::Failed(_) => Vec::new(),
             Event::Prompt(lps) => {
                 if self.echo {
                     let names = self.names();
@@ -284,7 +275,6 @@ impl Chunker for CompletionChunker {
                 text,
                 logprob,
             } => {
-                self.completion_tokens += 1;
                 let index = p * self.n + choice;
                 let names = TokenNames {
                     codec: &self.codec,
@@ -305,30 +295,11 @@ impl Chunker for CompletionChunker {
                 choice,
                 reason,
                 text,
-            } => {
-                self.done.finished += 1;
-                vec![self.chunk(p * self.n + choice, &text, None, Some(reason.as_str()))]
-            }
-            Event::Failed(e) => {
-                self.done.failed = true;
-                vec![ApiError::from(e).body()]
-            }
+            } => vec![self.chunk(p * self.n + choice, &text, None, Some(reason.as_str()))],
         }
     }
 
     fn end(&mut self) -> Vec<Value> {
-        let mut out: Vec<Value> = self.done.error_at_end().into_iter().collect();
-        if self.include_usage {
-            let usage = Usage::new(
-                self.prompt_tokens,
-                self.completion_tokens,
-                self.cached_tokens,
-            );
-            out.push(json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage,
-            }));
-        }
-        out
+        self.head.end()
     }
 }

@@ -10,8 +10,9 @@ use std::convert::Infallible;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, BoxStream, StreamExt};
-use serde_json::Value;
+use serde_json::{json, Value};
 
+use super::output::{Completeness, Usage};
 use crate::engine::{Event, EventReceiver};
 
 /// Formats one endpoint's chunks.
@@ -50,4 +51,67 @@ pub fn sse_response(receivers: Vec<EventReceiver>, mut chunker: impl Chunker) ->
         .chain(stream::once(async { "[DONE]".to_string() }))
         .map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
     Sse::new(frames).into_response()
+}
+
+/// What both endpoints' chunkers do alike: the chunk envelope (`id`, `object`, `created`,
+/// `model`, and `usage: null` on every chunk when usage is asked for, as OpenAI sends it),
+/// the token counts, whether every choice finished, and the closing chunks.
+pub struct Envelope {
+    pub id: String,
+    /// `chat.completion.chunk` or `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub include_usage: bool,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+    /// Choices expected to finish (`n` per prompt).
+    pub done: Completeness,
+}
+
+impl Envelope {
+    /// A chunk carrying `choices`.
+    pub fn chunk(&self, choices: Value) -> Value {
+        let mut c = json!({
+            "id": self.id, "object": self.object, "created": self.created,
+            "model": self.model, "choices": choices,
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    /// Counts what `event` says about usage and completion. A failure's chunk is the
+    /// OpenAI error body, returned here so both endpoints send it alike.
+    pub fn count(&mut self, event: &Event) -> Option<Value> {
+        match event {
+            Event::Cached(n) => self.cached_tokens += n,
+            Event::Token { .. } => self.completion_tokens += 1,
+            Event::Finished { .. } => self.done.finished += 1,
+            Event::Failed(e) => {
+                self.done.failed = true;
+                return Some(crate::error::ApiError::from(e.clone()).body());
+            }
+            Event::Prompt(_) => {}
+        }
+        None
+    }
+
+    /// The closing chunks: an error if the stream was cut short, then the usage chunk
+    /// when asked for.
+    pub fn end(&self) -> Vec<Value> {
+        let mut out: Vec<Value> = self.done.error_at_end().into_iter().collect();
+        if self.include_usage {
+            let mut c = self.chunk(json!([]));
+            c["usage"] = json!(Usage::new(
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.cached_tokens,
+            ));
+            out.push(c);
+        }
+        out
+    }
 }
