@@ -16,7 +16,7 @@ use super::body::Params;
 use super::output::{chat_logprob, collect, ChatLogprobs, Completeness, TokenNames, Usage};
 use super::params::ChatRequest;
 use super::prepare::{
-    check_model, check_prompt, compile_grammar, generation_request, new_id, tokenize, unix_now,
+    begin, check_prompt, compile_grammar, generation_request, tokenize, unix_now,
 };
 use super::stream::{sse_response, Chunker, Envelope};
 use super::tools::{plain_messages, split_output, CallSplitter, Tools};
@@ -56,11 +56,7 @@ pub async fn chat_completions(
     State(app): State<Arc<AppState>>,
     params: Params,
 ) -> Result<Response, ApiError> {
-    let ready = app.ready()?;
-    let req = ChatRequest::parse(params, &ready.limits)?;
-    check_model(&app, req.common.model.as_deref())?;
-    let id = new_id("chatcmpl");
-    let span = tracing::info_span!("request", id = %id, endpoint = "chat");
+    let (ready, req, id, span) = begin::<ChatRequest>(&app, params, "chatcmpl", "chat")?;
     async move {
         let messages = req.messages.clone();
         let tools = req.tools.clone();

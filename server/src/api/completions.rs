@@ -16,7 +16,7 @@ use super::body::Params;
 use super::output::{collect, Completeness, CompletionLogprobs, TokenNames, Usage};
 use super::params::{CompletionRequest, Prompt};
 use super::prepare::{
-    check_model, check_prompt, compile_grammar, generation_request, new_id, tokenize, unix_now,
+    begin, check_prompt, compile_grammar, generation_request, tokenize, unix_now,
 };
 use super::stream::{sse_response, Chunker, Envelope};
 use super::AppState;
@@ -55,11 +55,7 @@ pub async fn completions(
     State(app): State<Arc<AppState>>,
     params: Params,
 ) -> Result<Response, ApiError> {
-    let ready = app.ready()?;
-    let req = CompletionRequest::parse(params, &ready.limits)?;
-    check_model(&app, req.common.model.as_deref())?;
-    let id = new_id("cmpl");
-    let span = tracing::info_span!("request", id = %id, endpoint = "completions");
+    let (ready, req, id, span) = begin::<CompletionRequest>(&app, params, "cmpl", "completions")?;
     async move {
         let mut prepared = Vec::with_capacity(req.prompts.len());
         let mut receivers: Vec<EventReceiver> = Vec::with_capacity(req.prompts.len());

@@ -3,12 +3,54 @@
 
 use std::sync::Arc;
 
-use super::params::{Common, Limits};
+use super::body::Params;
+use super::params::{ChatRequest, Common, CompletionRequest, Limits};
 use super::{AppState, Ready};
 use crate::engine::GenerationRequest;
 use crate::error::ApiError;
 use crate::text::grammar::Guide;
 use crate::text::{Codec, TextError};
+
+/// A parsed request of either endpoint.
+pub trait Parsed: Sized {
+    fn parse(p: Params, limits: &Limits) -> Result<Self, ApiError>;
+    fn common(&self) -> &Common;
+}
+
+impl Parsed for ChatRequest {
+    fn parse(p: Params, limits: &Limits) -> Result<Self, ApiError> {
+        ChatRequest::parse(p, limits)
+    }
+    fn common(&self) -> &Common {
+        &self.common
+    }
+}
+
+impl Parsed for CompletionRequest {
+    fn parse(p: Params, limits: &Limits) -> Result<Self, ApiError> {
+        CompletionRequest::parse(p, limits)
+    }
+    fn common(&self) -> &Common {
+        &self.common
+    }
+}
+
+/// What both handlers start with: the loaded model (503 while loading), the validated
+/// request (400 naming the parameter), the `model` field checked (404), a fresh id with
+/// `prefix` and the request's tracing span.
+pub fn begin<R: Parsed>(
+    app: &AppState,
+    params: Params,
+    prefix: &str,
+    endpoint: &'static str,
+) -> Result<(Ready, R, String, tracing::Span), ApiError> {
+    let ready = app.ready()?;
+    let req = R::parse(params, &ready.limits)?;
+    check_model(app, req.common().model.as_deref())?;
+    let id = new_id(prefix);
+    let span = tracing::info_span!("request", id = %id, endpoint);
+    Ok((ready, req, id, span))
+}
 
 /// The `model` field, when sent, must name the served model.
 pub fn check_model(app: &AppState, model: Option<&str>) -> Result<(), ApiError> {
