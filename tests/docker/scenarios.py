@@ -228,7 +228,7 @@ def single(a, ref):
             answer, cached, _ = turn(base, "c1", history, TURNS[1])
             assert cached > 0, cached
             ref["answers"].append(answer)
-            answer, cached, _ = turn(base, "c1", history, TURNS[2])
+            answer, _, _ = turn(base, "c1", history, TURNS[2])
             ref["answers"].append(answer)
             print(f"      turn 2 after the restart: {cached} prompt tokens cached; answers {ref['answers']}")
 
