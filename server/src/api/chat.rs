@@ -19,7 +19,7 @@ use super::prepare::{
     begin, check_prompt, compile_grammar, generation_request, tokenize, unix_now,
 };
 use super::stream::{sse_response, Chunker, Envelope};
-use super::tools::{plain_messages, split_output, CallSplitter, Tools};
+use super::tools::{finish_reason, plain_messages, split_output, CallSplitter, Tools};
 use super::AppState;
 use crate::engine::Event;
 use crate::error::ApiError;
@@ -118,33 +118,28 @@ pub async fn chat_completions(
             .choices
             .into_iter()
             .enumerate()
-            .map(|(index, c)| ChatChoice {
-                index,
-                logprobs: req.logprobs.map(|_| ChatLogprobs {
+            .map(|(index, c)| {
+                let logprobs = req.logprobs.map(|_| ChatLogprobs {
                     content: c
                         .logprobs
                         .iter()
                         .map(|lp| chat_logprob(names, lp))
                         .collect(),
-                }),
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: Some(c.text),
-                    tool_calls: Vec::new(),
-                },
-                finish_reason: c.finish.map(|f| f.as_str()),
-            })
-            .map(|mut choice| {
-                if let Some(tools) = &req.tools {
-                    let text = choice.message.content.take().unwrap_or_default();
-                    let (content, calls) = split_output(&text, tools);
-                    choice.message.content = content;
-                    if !calls.is_empty() && choice.finish_reason == Some("stop") {
-                        choice.finish_reason = Some("tool_calls");
-                    }
-                    choice.message.tool_calls = calls.iter().map(|c| c.to_json(None)).collect();
+                });
+                let (content, calls) = match &req.tools {
+                    Some(tools) => split_output(&c.text, tools),
+                    None => (Some(c.text), Vec::new()),
+                };
+                ChatChoice {
+                    index,
+                    logprobs,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content,
+                        tool_calls: calls.iter().map(|c| c.to_json(None)).collect(),
+                    },
+                    finish_reason: c.finish.map(|f| finish_reason(f, !calls.is_empty())),
                 }
-                choice
             })
             .collect();
         let body = ChatCompletion {
@@ -267,10 +262,7 @@ impl Chunker for ChatChunker {
                     .into_iter()
                     .map(|d| self.choice(choice, d, Value::Null, None))
                     .collect();
-                let reason = match reason.as_str() {
-                    "stop" if self.made_calls(choice) => "tool_calls",
-                    other => other,
-                };
+                let reason = finish_reason(reason, self.made_calls(choice));
                 out.push(self.choice(choice, json!({}), Value::Null, Some(reason)));
                 out
             }

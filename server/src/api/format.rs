@@ -158,18 +158,12 @@ fn field(key: &str, param: &str, v: Value) -> Result<GrammarSpec, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::params::param_of;
     use serde_json::json;
 
     fn parse(v: Value) -> Result<Option<GrammarSpec>, ApiError> {
         let mut p = Params::from_value(v).unwrap();
         Ok(parse_grammar(&mut p)?.map(|c| c.spec))
-    }
-
-    fn param_of(e: ApiError) -> String {
-        match e {
-            ApiError::InvalidRequest { param, .. } => param.unwrap_or_default(),
-            other => panic!("not a 400: {other:?}"),
-        }
     }
 
     #[test]

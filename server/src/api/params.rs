@@ -371,6 +371,15 @@ fn parse_logit_bias(p: &mut Params, limits: &Limits) -> Result<Vec<(u32, f32)>, 
     Ok(out)
 }
 
+/// The parameter a 400 names (for the request parsers' tests).
+#[cfg(test)]
+pub(super) fn param_of(e: ApiError) -> String {
+    match e {
+        ApiError::InvalidRequest { param, .. } => param.unwrap_or_default(),
+        other => panic!("not a 400: {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,13 +397,6 @@ mod tests {
 
     fn completion(v: Value) -> Result<CompletionRequest, ApiError> {
         CompletionRequest::parse(Params::from_value(v).unwrap(), &LIMITS)
-    }
-
-    fn param_of(e: ApiError) -> String {
-        match e {
-            ApiError::InvalidRequest { param, .. } => param.unwrap_or_default(),
-            other => panic!("not a 400: {other:?}"),
-        }
     }
 
     #[test]

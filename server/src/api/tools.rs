@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::body::{json_kind, Params};
+use crate::engine::FinishReason;
 use crate::error::ApiError;
 use crate::text::grammar::{bounded_whitespace, GrammarSpec};
 use crate::text::ChatMessage;
@@ -284,6 +285,15 @@ impl Call {
     }
 }
 
+/// The finish reason to report: a choice that ended by itself after making calls ended to
+/// let them run (OpenAI's `tool_calls`); `length` stays `length`.
+pub fn finish_reason(reason: FinishReason, made_calls: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if made_calls => "tool_calls",
+        other => other.as_str(),
+    }
+}
+
 /// Parses one block's body: `{"name": known, "arguments": {...}}`.
 fn parse_call(body: &str, tools: &Tools) -> Option<Call> {
     let v: Value = serde_json::from_str(body.trim()).ok()?;
@@ -385,6 +395,7 @@ pub fn split_output(text: &str, tools: &Tools) -> (Option<String>, Vec<Call>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::params::param_of;
     use crate::text::ToolCall;
 
     fn tools(choice: ToolChoice) -> Tools {
@@ -447,12 +458,7 @@ mod tests {
             ),
             (json!({"tools": [t[0], t[0]]}), "tools[1].function.name"),
         ] {
-            match parse(body.clone()) {
-                Err(ApiError::InvalidRequest { param: Some(p), .. }) => {
-                    assert_eq!(p, param, "{body}")
-                }
-                other => panic!("{body}: {other:?}"),
-            }
+            assert_eq!(param_of(parse(body.clone()).unwrap_err()), param, "{body}");
         }
     }
 
