@@ -11,6 +11,8 @@ echo "== deployment files: lint and cross-check (no Docker engine needed)"
 scripts/check-deploy.sh
 echo "== cargo fmt --check"
 cargo fmt --all --check
+echo "== module import cycles"
+python3 scripts/check-cycles.py
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"

@@ -35,8 +35,8 @@ fn logits_all(m: &Model, seqs: &[Vec<u32>]) -> anyhow::Result<Tensor> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dev = Device::Cpu;
-    let teacher = liger_model::weights::load_model(args[1].as_ref(), DType::F32, &dev)?;
-    let mut student = liger_model::weights::load_model(args[2].as_ref(), DType::F32, &dev)?;
+    let teacher = liger_model::checkpoint::load_model(args[1].as_ref(), DType::F32, &dev)?;
+    let mut student = liger_model::checkpoint::load_model(args[2].as_ref(), DType::F32, &dev)?;
     let chunk: usize = std::env::var("CHUNK")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -4,13 +4,12 @@
 //! Also home to what `recover` shares with it: choosing the device and the dtype a folder
 //! is stored in (both write their folders with [`crate::folder`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use liger_model::checkpoint::{Checkpoint, LoadOptions};
 use liger_model::device::DeviceKind;
 use liger_model::layers::Quantization;
-use liger_model::lora;
-use serde_json::Value;
 
 use crate::folder::{Config, ModelFolder, SideFiles, Weights};
 use crate::output::{self, PartialDir, WeightFormat};
@@ -36,19 +35,6 @@ impl DeviceChoice {
             other => other.into(),
         })
     }
-}
-
-/// The dtype a folder's weights are stored in (`torch_dtype` of its config; f32 if unset).
-pub fn folder_dtype(dir: &Path) -> Result<DType> {
-    let path = dir.join(liger_model::weights::CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| liger_model::Error::config("config.json", e.to_string()))?;
-    Ok(match v.get("torch_dtype").and_then(Value::as_str) {
-        Some("float16") => DType::F16,
-        Some("bfloat16") => DType::BF16,
-        _ => DType::F32,
-    })
 }
 
 /// Everything `liger-convert apply-adapter` takes.
@@ -79,12 +65,8 @@ pub struct Applied {
 pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied> {
     output::check_destination(&opts.out, opts.force)?;
     output::check_not_source(&opts.out, &opts.model)?;
-    let (cfg, tensors) = lora::load_adapter(&opts.adapter)?;
-    let dtype = folder_dtype(&opts.model)?;
-    let spinner = progress.spinner("merge");
-    // Merging in f32 then casting once keeps f16/bf16 models from double rounding.
-    let mut model = liger_model::weights::load_model(&opts.model, DType::F32, &Device::Cpu)?;
-    if model.is_quantized() {
+    let ckpt = Checkpoint::open(&opts.model)?.with_adapter(&opts.adapter)?;
+    if ckpt.is_quantized() {
         return Err(Error::flag(
             "--model",
             format!(
@@ -94,10 +76,16 @@ pub fn apply_adapter(opts: &ApplyOptions, progress: &Progress) -> Result<Applied
             ),
         ));
     }
-    model.apply_lora(&cfg, &tensors)?;
-    let adapted = tensors.len() / 2;
-    model.merge_lora()?;
+    let spinner = progress.spinner("merge");
+    // Merging in f32 then casting once keeps f16/bf16 models from double rounding.
+    let merge = LoadOptions {
+        merge_adapter: true,
+        quantize: None,
+    };
+    let model = ckpt.load(&Device::Cpu, DType::F32, &merge)?;
     spinner.finish_and_clear();
+    let (dtype, adapter) = (ckpt.stored_dtype(), ckpt.adapter().expect("opened with it"));
+    let (cfg, adapted) = (&adapter.config, adapter.projections());
     let out = PartialDir::begin(&opts.out, opts.force)?;
     let format = WeightFormat {
         quantize: opts.quantize,

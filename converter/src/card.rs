@@ -9,13 +9,13 @@ use std::fmt::Write;
 use liger_model::{LayerKind, LigerConfig, ModelConfig};
 
 use crate::settings::variant_label;
-use crate::source::SourceKind;
+use crate::source::Source;
 
 /// The facts a card states.
 pub struct CardInfo<'a> {
     /// SRC as the user gave it.
     pub source: &'a str,
-    pub source_kind: &'a SourceKind,
+    pub source_kind: &'a Source,
     /// A human name from the source (GGUF `general.name`).
     pub source_name: Option<&'a str>,
     /// The written config (with its `liger` section for conversions).
@@ -42,7 +42,7 @@ pub fn model_card(info: &CardInfo) -> String {
     let liger = cfg.liger.as_ref();
     let mut s = String::new();
     s.push_str("---\n");
-    if let SourceKind::Hub(id) = info.source_kind {
+    if let Source::Hub(id) = info.source_kind {
         let _ = writeln!(s, "base_model: {id}");
     }
     s.push_str("library_name: liger\ntags:\n");
@@ -59,9 +59,9 @@ pub fn model_card(info: &CardInfo) -> String {
         None => format!("`{}`", info.source),
     };
     let kind = match info.source_kind {
-        SourceKind::Folder(_) => "a Hugging Face model folder",
-        SourceKind::Gguf(_) => "a GGUF file (dequantized to float32)",
-        SourceKind::Hub(_) => "the Hugging Face hub",
+        Source::Folder(_) => "a Hugging Face model folder",
+        Source::Gguf(_) => "a GGUF file (dequantized to float32)",
+        Source::Hub(_) => "the Hugging Face hub",
     };
     match liger {
         Some(l) => {

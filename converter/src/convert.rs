@@ -16,12 +16,13 @@ use serde_json::Value;
 
 use crate::card::{model_card, CardInfo};
 use crate::check::check_weights;
-use crate::folder::{torch_dtype_name, Config, ModelFolder, SideFiles, Weights};
+use crate::folder::{Config, ModelFolder, SideFiles, Weights};
 use crate::output::{self, PartialDir, WeightFormat, WrittenWeights, DEFAULT_SHARD_LIMIT};
 use crate::progress::Progress;
 use crate::settings::LigerSettings;
-use crate::source::{self, HubOptions, LoadedSource, SourceKind};
+use crate::source::{self, HubOptions, LoadedSource, Source};
 use crate::{Error, Result};
+use liger_model::checkpoint::torch_dtype_name;
 
 /// Everything `liger-convert convert` takes.
 #[derive(Debug, Clone)]
@@ -87,10 +88,10 @@ pub fn convert(opts: &ConvertOptions, progress: &Progress) -> Result<Summary> {
     // under the cleanup guard. Hub sources: download first, since a download can take a long
     // time and an interrupted one should leave nothing of ours behind.
     let kind = source::classify(&opts.source)?;
-    if let SourceKind::Folder(p) | SourceKind::Gguf(p) = &kind {
+    if let Source::Folder(p) | Source::Gguf(p) = &kind {
         output::check_not_source(&opts.out, p)?;
     }
-    let (loaded, out) = if matches!(kind, SourceKind::Hub(_)) {
+    let (loaded, out) = if matches!(kind, Source::Hub(_)) {
         let loaded = source::load(&opts.source, &opts.hub, progress)?;
         (loaded, PartialDir::begin(&opts.out, opts.force)?)
     } else {

@@ -6,7 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::Device;
+use liger_model::checkpoint::torch_dtype_name;
 use liger_model::Model;
 use serde_json::Value;
 
@@ -144,14 +145,4 @@ fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The Hugging Face name of a dtype, as `torch_dtype` spells it.
-pub fn torch_dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        DType::F64 => "float64",
-        _ => "float32",
-    }
 }

@@ -12,7 +12,7 @@ use liger_model::ModelConfig;
 use crate::convert::{write_model, Conversion, Summary};
 use crate::output::{self, PartialDir, WeightFormat, DEFAULT_SHARD_LIMIT};
 use crate::progress::Progress;
-use crate::source::{self, SourceKind};
+use crate::source::{self, Source};
 use crate::{Error, Result};
 
 /// Everything `liger-convert import` takes.
@@ -43,7 +43,7 @@ pub fn import(opts: &ImportOptions, progress: &Progress) -> Result<Summary> {
     output::check_destination(&opts.out, opts.force)?;
     let src = opts.source.to_string_lossy().into_owned();
     match source::classify(&src)? {
-        SourceKind::Gguf(_) => {}
+        Source::Gguf(_) => {}
         _ => {
             return Err(Error::Source(format!(
                 "{src} is not a GGUF file; `import` reads .gguf files (use `convert` for Hugging Face folders and hub ids)"

@@ -14,11 +14,11 @@ use liger_model::weights::{CONFIG_FILE, INDEX_FILE};
 use liger_model::{LayerKind, LigerConfig, ModelConfig, StateSpec};
 use serde::Serialize;
 
-use crate::folder::torch_dtype_name;
 use crate::progress::Progress;
 use crate::settings::variant_label;
 use crate::tensors::{file_name, TensorSet};
 use crate::{Error, Result};
+use liger_model::checkpoint::{torch_dtype_name, Checkpoint};
 
 /// Context lengths the state comparison is given at.
 pub const STATE_CONTEXTS: [usize; 2] = [4096, 32768];
@@ -76,19 +76,15 @@ pub fn inspect(dir: &Path) -> Result<Report> {
     if !config_path.is_file() {
         return Err(Error::missing(&config_path, "not a model folder"));
     }
-    let cfg = ModelConfig::from_file(&config_path)?;
-    let files = liger_model::weights::safetensors_files(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let (cfg, files, blocks) = (ckpt.config(), ckpt.files(), ckpt.quantized());
     let index = dir.join(INDEX_FILE);
     let set = TensorSet::open_files(
-        &files,
+        files,
         index.is_file().then_some(index.as_path()),
         &Progress::hidden(),
     )?;
 
-    let mut blocks = BTreeMap::new();
-    for f in &files {
-        blocks.extend(liger_model::weights::quantized_entries(f)?);
-    }
     let mut by_dtype = BTreeMap::new();
     let mut quantized = BTreeMap::new();
     let mut parameters = 0;
@@ -125,7 +121,7 @@ pub fn inspect(dir: &Path) -> Result<Report> {
         })
         .collect();
 
-    let (liger_spec, original_spec) = state_specs(&cfg, dtype)?;
+    let (liger_spec, original_spec) = state_specs(cfg, dtype)?;
     let state = STATE_CONTEXTS
         .iter()
         .map(|&c| StateAt {

@@ -6,12 +6,11 @@
 //! usual Hugging Face cache, so other tools (and the next run) reuse them, and the cached
 //! snapshot folder is then read like any local folder.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use indicatif::ProgressBar;
-use liger_model::hub::{self, Progress as HubProgress};
+use liger_model::hub::Progress as HubProgress;
 pub use liger_model::hub::{looks_like_hub_id, HubOptions, SIDE_FILES};
 use liger_model::weights::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use serde_json::Value;
@@ -20,50 +19,14 @@ use crate::progress::Progress;
 use crate::tensors::TensorSet;
 use crate::{Error, Result};
 
-/// What SRC names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SourceKind {
-    Folder(PathBuf),
-    Gguf(PathBuf),
-    Hub(String),
-}
+pub use liger_model::checkpoint::Source;
 
 /// Decides what `src` is (see the module docs for the rules).
-pub fn classify(src: &str) -> Result<SourceKind> {
-    let path = Path::new(src);
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.is_dir() {
-            return Ok(SourceKind::Folder(path.to_path_buf()));
-        }
-        if has_gguf_extension(path) || has_gguf_magic(path) {
-            return Ok(SourceKind::Gguf(path.to_path_buf()));
-        }
-        return Err(Error::Source(format!(
-            "{src} is a file but not a GGUF file (SRC must be a Hugging Face model folder, a .gguf file or a hub id owner/name)"
-        )));
-    }
-    if has_gguf_extension(path) {
-        return Err(Error::missing(path, "no such GGUF file"));
-    }
-    if looks_like_hub_id(src) {
-        return Ok(SourceKind::Hub(src.to_owned()));
-    }
-    Err(Error::Source(format!(
-        "{src}: no such file or folder, and not a hub id of the form owner/name"
-    )))
-}
-
-fn has_gguf_extension(p: &Path) -> bool {
-    p.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-}
-
-fn has_gguf_magic(p: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    std::fs::File::open(p)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
+pub fn classify(src: &str) -> Result<Source> {
+    Source::parse(src).map_err(|e| match e {
+        liger_model::Error::Invalid(why) => Error::Source(why),
+        other => other.into(),
+    })
 }
 
 /// How a tokenizer or generation file gets into the output.
@@ -86,7 +49,7 @@ pub struct LoadedSource {
     pub native_dtype: DType,
     /// A human name for the model card (GGUF `general.name`).
     pub name: Option<String>,
-    pub kind: SourceKind,
+    pub kind: Source,
 }
 
 /// Reads a local Hugging Face folder (the weights are memory-mapped, not read).
@@ -167,7 +130,7 @@ pub fn load_folder(dir: &Path, progress: &Progress) -> Result<LoadedSource> {
         tensors,
         side_files,
         name: None,
-        kind: SourceKind::Folder(dir.to_path_buf()),
+        kind: Source::Folder(dir.to_path_buf()),
     })
 }
 
@@ -201,7 +164,7 @@ pub fn load_gguf(path: &Path, progress: &Progress) -> Result<LoadedSource> {
         // The import dequantized to f32; anything smaller would lose precision silently.
         native_dtype: DType::F32,
         name: imp.name,
-        kind: SourceKind::Gguf(path.to_path_buf()),
+        kind: Source::Gguf(path.to_path_buf()),
     })
 }
 
@@ -227,21 +190,24 @@ impl HubProgress for DownloadBar {
 
 /// Downloads `id` (see [`liger_model::hub`]) with a byte bar per file.
 pub fn download(id: &str, opts: &HubOptions, progress: &Progress) -> Result<PathBuf> {
-    hub::download(id, opts, || DownloadBar(progress.bytes(0, "download"))).map_err(|e| match e {
-        liger_model::Error::Hub(why) => Error::Hub(why),
-        other => other.into(),
-    })
+    let bar = || DownloadBar(progress.bytes(0, "download"));
+    Source::Hub(id.to_owned())
+        .into_folder(opts, bar)
+        .map_err(|e| match e {
+            liger_model::Error::Hub(why) => Error::Hub(why),
+            other => other.into(),
+        })
 }
 
 /// Reads SRC of any kind, downloading hub models first.
 pub fn load(src: &str, hub: &HubOptions, progress: &Progress) -> Result<LoadedSource> {
     match classify(src)? {
-        SourceKind::Folder(dir) => load_folder(&dir, progress),
-        SourceKind::Gguf(path) => load_gguf(&path, progress),
-        SourceKind::Hub(id) => {
+        Source::Folder(dir) => load_folder(&dir, progress),
+        Source::Gguf(path) => load_gguf(&path, progress),
+        Source::Hub(id) => {
             let dir = download(&id, hub, progress)?;
             let mut loaded = load_folder(&dir, progress)?;
-            loaded.kind = SourceKind::Hub(id);
+            loaded.kind = Source::Hub(id);
             Ok(loaded)
         }
     }
@@ -257,13 +223,13 @@ mod tests {
         let d = dir.path();
         assert_eq!(
             classify(d.to_str().unwrap()).unwrap(),
-            SourceKind::Folder(d.into())
+            Source::Folder(d.into())
         );
         let g = d.join("m.bin");
         std::fs::write(&g, b"GGUF\x03\0\0\0").unwrap();
         assert_eq!(
             classify(g.to_str().unwrap()).unwrap(),
-            SourceKind::Gguf(g.clone())
+            Source::Gguf(g.clone())
         );
         let t = d.join("notes.txt");
         std::fs::write(&t, b"hello").unwrap();
@@ -278,7 +244,7 @@ mod tests {
             .contains("no such GGUF"));
         assert_eq!(
             classify("org/name").unwrap(),
-            SourceKind::Hub("org/name".into())
+            Source::Hub("org/name".into())
         );
         assert!(classify("./org/name/x").is_err());
     }

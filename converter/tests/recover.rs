@@ -558,7 +558,7 @@ fn eval_of_a_model_against_itself_is_perfect() {
     assert_eq!(rows.len(), 2);
     assert!((rows[0]["perplexity_ratio"].as_f64().unwrap() - 1.0).abs() < 1e-9);
     for (row, dir) in rows.iter().zip([&t, &s]) {
-        let m = liger_model::weights::load_model(dir, DType::F32, &Device::Cpu).unwrap();
+        let m = liger_model::checkpoint::load_model(dir, DType::F32, &Device::Cpu).unwrap();
         let want = m.state_spec().bytes_by_kind_at(64);
         assert_eq!(row["state"]["total"].as_u64(), Some(want.total() as u64));
         assert_eq!(

@@ -107,11 +107,8 @@ fn load(path: &std::path::Path, liger: bool) -> anyhow::Result<(Model, tokenizer
         if liger {
             anyhow::bail!("--liger applies to GGUF input; convert folders with liger-convert");
         }
-        let tok = tokenizers::Tokenizer::from_file(path.join("tokenizer.json"))
-            .map_err(anyhow::Error::msg)?;
-        Ok((
-            liger_model::weights::load_model(path, DType::F32, &device)?,
-            tok,
-        ))
+        let stored = liger_model::checkpoint::Checkpoint::open(path)?;
+        let model = stored.load(&device, DType::F32, &Default::default())?;
+        Ok((model, stored.text()?.tokenizer().clone()))
     }
 }

@@ -16,15 +16,13 @@
 //! only the mixing itself is done per sequence (each has its own cache and position).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
 use crate::gla::{self, FeatureMaps};
 use crate::global::{recall_scores, DistanceCap, GlobalCache, SpanPositions};
 use crate::global::{Exps, Geometry};
 use crate::layers::rope::rotate_rows;
-use crate::layers::QuantizedTensors;
-use crate::layers::{Dims, Linear, Rope};
+use crate::layers::{Dims, Linear, Rope, WeightSource};
 use crate::mix::{Mix, Recurrent};
 use crate::state::{KvCache, LayerState};
 use crate::{Error, Result};
@@ -99,14 +97,9 @@ pub struct BatchContext<'a> {
 }
 
 impl Attention {
-    pub fn load(
-        vb: VarBuilder,
-        cfg: &ModelConfig,
-        layer: usize,
-        quantized: &QuantizedTensors,
-    ) -> Result<Self> {
+    pub fn load(w: &WeightSource, cfg: &ModelConfig, layer: usize) -> Result<Self> {
         let (h, hkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let (hidden, qkv_bias, q) = (cfg.hidden_size, cfg.qkv_bias, quantized);
+        let (hidden, qkv_bias) = (cfg.hidden_size, cfg.qkv_bias);
         let mixer = match cfg.layer_kind(layer) {
             LayerKind::Softmax { .. } => Mixer::Softmax,
             LayerKind::Liger => {
@@ -132,10 +125,10 @@ impl Attention {
             }
         };
         Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), Dims::new(hidden, h * d), qkv_bias, q)?,
-            k_proj: Linear::load(vb.pp("k_proj"), Dims::new(hidden, hkv * d), qkv_bias, q)?,
-            v_proj: Linear::load(vb.pp("v_proj"), Dims::new(hidden, hkv * d), qkv_bias, q)?,
-            o_proj: Linear::load(vb.pp("o_proj"), Dims::new(h * d, hidden), cfg.o_bias, q)?,
+            q_proj: Linear::load(&w.pp("q_proj"), Dims::new(hidden, h * d), qkv_bias)?,
+            k_proj: Linear::load(&w.pp("k_proj"), Dims::new(hidden, hkv * d), qkv_bias)?,
+            v_proj: Linear::load(&w.pp("v_proj"), Dims::new(hidden, hkv * d), qkv_bias)?,
+            o_proj: Linear::load(&w.pp("o_proj"), Dims::new(h * d, hidden), cfg.o_bias)?,
             mixer,
             num_heads: h,
             num_kv_heads: hkv,

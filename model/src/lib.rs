@@ -21,15 +21,19 @@
 //! - [`cache`]: snapshots of states keyed by consumed tokens (resume, not re-read);
 //! - [`lora`]: adapter settings and PEFT files;
 //! - [`model`]: the causal LM and its batched forward;
-//! - [`weights`]: loading Hugging Face folders (safetensors, single or sharded) into a model;
+//! - [`weights`]: the safetensors side of a folder, dense and block-quantized;
 //! - [`gguf`]: reading llama-architecture GGUF files into Hugging Face form;
 //! - [`hub`]: downloading hub models into the Hugging Face cache;
 //! - [`chat`]: the chat template of a model folder, one renderer for serving, training
-//!   and evaluation.
+//!   and evaluation;
+//! - [`text`]: a folder's tokenizer, template, special tokens and stop ids, read once;
+//! - [`checkpoint`]: a model on disk (folder, hub id, GGUF), opened and loaded one way
+//!   for every front end.
 
 pub mod attention;
 pub mod cache;
 pub mod chat;
+pub mod checkpoint;
 pub mod config;
 mod decode;
 pub mod device;
@@ -46,6 +50,7 @@ pub mod model;
 pub mod rng;
 pub mod state;
 pub mod testing;
+pub mod text;
 pub mod threads;
 pub mod weights;
 

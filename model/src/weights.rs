@@ -1,6 +1,6 @@
-//! Loading a Hugging Face model folder: `config.json` plus safetensors weights, either one
-//! `model.safetensors` or shards listed in `model.safetensors.index.json`. Files are
-//! memory-mapped and converted to the requested dtype and device as tensors are read.
+//! The weights of a Hugging Face model folder: safetensors, either one `model.safetensors`
+//! or shards listed in `model.safetensors.index.json`, memory-mapped and converted to the
+//! requested dtype and device as tensors are read ([`crate::checkpoint`] opens folders).
 //!
 //! A *quantized* checkpoint is the same folder with some projection weights stored as GGML
 //! blocks (Q8_0, Q4K): each such tensor is a flat `U8` tensor under the usual name, and its
@@ -14,13 +14,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
 use crate::layers::{format_name, parse_format, PROJECTIONS};
-use crate::model::Model;
 use crate::{Error, Result};
 
 pub use crate::files::{
@@ -139,19 +136,6 @@ pub fn read_quantized(files: &[PathBuf], device: &Device) -> Result<QuantizedTen
         }
     }
     Ok(QuantizedTensors::new(out))
-}
-
-/// Loads `dir/config.json` and its weights as `dtype` on `device`.
-pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
-    let cfg = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
-    let files = safetensors_files(dir)?;
-    let quantized = read_quantized(&files, device)?;
-    // SAFETY: safetensors files are mapped read-only; every file was validated above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
-    Model::load(cfg, vb, &quantized).map_err(|e| match e {
-        Error::Candle(c) => Error::weights(dir, format!("weights do not match config.json: {c}")),
-        e => e,
-    })
 }
 
 #[cfg(test)]

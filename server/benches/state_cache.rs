@@ -16,7 +16,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use liger_server::engine::{
-    Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams, StateCacheOptions,
+    ChoiceCount, Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams,
+    StateCacheOptions,
 };
 use liger_server::text::ChatMessage;
 use liger_server::text::Codec;
@@ -92,11 +93,10 @@ async fn conversation(
             .submit(GenerationRequest {
                 id: "bench".into(),
                 prompt: prompt.clone(),
-                n: 1,
-                sampling: SamplingParams {
-                    temperature: 0.0,
-                    ..Default::default()
-                },
+                n: ChoiceCount::ONE,
+                sampling: SamplingParams::default()
+                    .with_temperature(0.0)
+                    .expect("in range"),
                 max_tokens,
                 min_tokens: 0,
                 stop: Vec::new(),

@@ -16,7 +16,8 @@ mod common;
 use std::time::Instant;
 
 use liger_server::engine::{
-    Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams, StateCacheOptions,
+    ChoiceCount, Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams,
+    StateCacheOptions,
 };
 use liger_server::text::grammar::{GrammarSpec, Grammars};
 use serde_json::json;
@@ -134,12 +135,11 @@ fn main() {
     let request = |i: usize, constrained: bool| GenerationRequest {
         id: format!("bench-{i}"),
         prompt: prompt.clone(),
-        n: 1,
-        sampling: SamplingParams {
-            temperature: 0.7,
-            seed: Some(i as u64),
-            ..Default::default()
-        },
+        n: ChoiceCount::ONE,
+        sampling: SamplingParams::default()
+            .with_temperature(0.7)
+            .expect("in range")
+            .with_seed(i as u64),
         max_tokens: args.tokens,
         min_tokens: 0,
         stop: Vec::new(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device};
+use liger_model::checkpoint::{Checkpoint, LoadOptions, Source};
 use liger_model::device::DeviceKind;
 use liger_model::hub::HubOptions;
 use liger_model::ModelConfig;
@@ -28,41 +29,24 @@ pub async fn load(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<
         .context("loader task")?
 }
 
-/// Folds a PEFT LoRA adapter into the weights: serving a merged model costs nothing extra
-/// per token, and the adapter (a few MB) can ship apart from the base weights. A quantized
-/// checkpoint keeps the adapter unmerged.
-fn merge_adapter(model: &mut liger_model::Model, dir: &Path) -> anyhow::Result<()> {
-    let context = || format!("--adapter {}", dir.display());
-    let (cfg, tensors) = liger_model::lora::load_adapter(dir).with_context(context)?;
-    model.apply_lora(&cfg, &tensors).with_context(context)?;
-    if model.is_quantized() {
-        // GGML blocks cannot absorb the update; the adapter runs beside them (two small
-        // extra products per adapted projection).
-        info!(adapter = %dir.display(), rank = cfg.rank, projections = tensors.len() / 2, "adapter applied unmerged (quantized weights)");
-        return Ok(());
-    }
-    model.merge_lora().with_context(context)?;
-    info!(adapter = %dir.display(), rank = cfg.rank, projections = tensors.len() / 2, "adapter merged");
-    Ok(())
-}
-
 /// Loads a local folder and starts the engine (blocking).
 pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
     let device = select_device(settings.device)?;
     let dtype = resolve_dtype(settings.dtype, &device);
     info!(dir = %dir.display(), ?dtype, device = ?settings.device, "loading weights");
-    let mut model = liger_model::weights::load_model(dir, dtype, &device)
+    let stored = open_checkpoint(dir, settings.adapter.as_deref())?;
+    let options = LoadOptions {
+        merge_adapter: true,
+        quantize: settings.quantize,
+    };
+    let model = stored
+        .load(&device, dtype, &options)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
-    if let Some(adapter) = &settings.adapter {
-        merge_adapter(&mut model, adapter)?;
-    }
-    if let Some(q) = settings.quantize {
-        let counts = model.quantize(q).context("--quantize")?;
-        info!(format = q.name(), projections = ?counts, "weights quantized");
-    }
+    log_adaptations(&stored, settings);
     let cfg = model.config().clone();
     let max_model_len = resolve_max_model_len(settings.max_model_len, &cfg)?;
-    let codec = Arc::new(Codec::load(dir, &cfg.eos_token_ids).context("loading the tokenizer")?);
+    let text = stored.text().context("loading the tokenizer")?;
+    let codec = Arc::new(Codec::new(text));
     if codec.vocab_size() > cfg.vocab_size {
         tracing::warn!(
             tokenizer = codec.vocab_size(),
@@ -113,6 +97,36 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
     })
 }
 
+/// `dir` with the `--adapter` folder, read before any weight is loaded.
+fn open_checkpoint(dir: &Path, adapter: Option<&Path>) -> anyhow::Result<Checkpoint> {
+    let stored = Checkpoint::open(dir)
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    match adapter {
+        None => Ok(stored),
+        Some(a) => stored
+            .with_adapter(a)
+            .with_context(|| format!("--adapter {}", a.display())),
+    }
+}
+
+/// What the loader did beyond the stored weights. An adapter is merged into dense weights
+/// (serving a merged model costs nothing extra per token); quantized blocks cannot absorb
+/// it, so it runs beside them (two small extra products per adapted projection).
+fn log_adaptations(stored: &Checkpoint, settings: &Settings) {
+    if let Some(a) = stored.adapter() {
+        let (rank, projections) = (a.config.rank, a.projections());
+        let adapter = a.dir.display();
+        if stored.is_quantized() {
+            info!(%adapter, rank, projections, "adapter applied unmerged (quantized weights)");
+        } else {
+            info!(%adapter, rank, projections, "adapter merged");
+        }
+    }
+    if let Some(q) = settings.quantize {
+        info!(format = q.name(), "weights quantized");
+    }
+}
+
 /// Transformers are bounded by their position embeddings; Liger models (constant-size
 /// state) may be run past them on request.
 pub fn resolve_max_model_len(flag: Option<usize>, cfg: &ModelConfig) -> anyhow::Result<usize> {
@@ -153,15 +167,17 @@ pub fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
 
 /// A local folder as is; a hub id `owner/name` is fetched into the Hugging Face cache (or
 /// found there when the hub is unreachable or `HF_HUB_OFFLINE` is set), the same way
-/// `liger-convert` does it ([`liger_model::hub`]).
+/// `liger-convert` does it ([`liger_model::checkpoint::Source`]).
 pub async fn resolve_model_dir(spec: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    if path.exists() || !liger_model::hub::looks_like_hub_id(spec) {
-        bail!("--model {spec}: no such model folder (nor a hub id owner/name)");
-    }
+    let source = Source::parse(spec).map_err(|e| anyhow!("--model: no such model folder: {e}"))?;
+    let id = match source {
+        Source::Hub(id) => id,
+        local => {
+            return local
+                .into_folder(&HubOptions::default(), || ())
+                .map_err(|e| anyhow!("--model: {e}"))
+        }
+    };
     let opts = HubOptions {
         revision: revision.map(str::to_owned),
         token: std::env::var("HF_TOKEN").ok(),
@@ -170,9 +186,8 @@ pub async fn resolve_model_dir(spec: &str, revision: Option<&str>) -> anyhow::Re
         repo = spec,
         "fetching from the Hugging Face hub (or its cache)"
     );
-    let id = spec.to_owned();
     // The download runs its own runtime: off this one's worker threads.
-    tokio::task::spawn_blocking(move || liger_model::hub::download(&id, &opts, || ()))
+    tokio::task::spawn_blocking(move || Source::Hub(id).into_folder(&opts, || ()))
         .await
         .context("the download task")?
         .with_context(|| {
@@ -219,64 +234,6 @@ mod tests {
         #[cfg(not(feature = "metal"))]
         assert!(select_device(DeviceArg::Metal).is_err());
         assert_eq!(resolve_dtype(DTypeArg::Auto, &Device::Cpu), DType::F32);
-    }
-
-    #[test]
-    fn an_adapter_is_merged_kept_beside_quantized_weights_and_a_bad_one_is_refused() {
-        use candle_core::Tensor;
-        use liger_model::lora::{self, LoraConfig};
-        use liger_model::testing::{max_abs_diff, Family, TinyCheckpoint};
-        use liger_model::Logits;
-        let t = TinyCheckpoint::new(Family::Llama, 3).unwrap();
-        let base = t.model(DType::F32).unwrap();
-        // A non-zero adapter (training's init has B = 0, which would prove nothing).
-        let cfg = LoraConfig::liger_default();
-        let mut with = base.clone();
-        let vars = with.attach_lora(&cfg, 7).unwrap();
-        // Seeded, so the margins below hold run after run (candle's randn is unseeded, and
-        // one draw in many broke the 8-bit bound on this tiny random model).
-        let mut rng = liger_model::testing::SplitMix(11);
-        for (_, v) in &vars {
-            let values: Vec<f32> = (0..v.elem_count()).map(|_| 0.1 * rng.normal()).collect();
-            v.set(&Tensor::from_vec(values, v.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        lora::save_adapter(dir.path(), &cfg, &with.lora_tensors(), None).unwrap();
-
-        let logits = |m: &liger_model::Model| {
-            let mut st = m.new_state().unwrap();
-            m.forward(&[1, 5, 9, 2], &mut st, Logits::Last).unwrap()
-        };
-        let mut merged = base.clone();
-        merge_adapter(&mut merged, dir.path()).unwrap();
-        let d = max_abs_diff(&logits(&merged), &logits(&with));
-        assert!(d < 1e-4, "merged vs adapter: {d}");
-        let moved = max_abs_diff(&logits(&merged), &logits(&base));
-        assert!(moved > 1e-3, "the adapter changed nothing");
-
-        // Quantized weights keep the adapter unmerged: base blocks plus the update (how
-        // close that is to the dense model is liger-model's tests' business; this random
-        // tiny model amplifies 8-bit rounding).
-        let mut quantized = base.clone();
-        quantized
-            .quantize(liger_model::layers::Quantization::Q8_0)
-            .unwrap();
-        let plain = logits(&quantized);
-        merge_adapter(&mut quantized, dir.path()).unwrap();
-        assert_eq!(quantized.lora_tensors().len(), with.lora_tensors().len());
-        let d = max_abs_diff(&logits(&quantized), &logits(&with));
-        let q_moved = max_abs_diff(&logits(&quantized), &plain);
-        assert!(
-            d < 0.25 * moved && q_moved > 0.5 * moved,
-            "{d} {q_moved} {moved}"
-        );
-
-        let e = merge_adapter(&mut base.clone(), Path::new("/no/such/adapter")).unwrap_err();
-        assert!(
-            format!("{e:#}").contains("--adapter /no/such/adapter"),
-            "{e:#}"
-        );
     }
 
     #[tokio::test]

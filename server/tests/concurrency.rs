@@ -11,7 +11,8 @@ use candle_core::{DType, Device};
 use common::*;
 use futures::StreamExt;
 use liger_server::engine::{
-    Engine, EngineError, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams,
+    ChoiceCount, Engine, EngineError, EngineOptions, Event, GenerationRequest, LocalEngine,
+    SamplingParams,
 };
 use liger_server::error::ApiError;
 use liger_server::metrics::Metrics;
@@ -139,7 +140,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     }
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path());
-    let spec = liger_model::weights::load_model(dir.path(), DType::F32, &Device::Cpu)
+    let spec = liger_model::checkpoint::load_model(dir.path(), DType::F32, &Device::Cpu)
         .unwrap()
         .state_spec()
         .clone();
@@ -225,7 +226,7 @@ async fn a_full_queue_answers_429() {
 fn tiny_engine(max_running: usize, max_model_len: usize) -> (LocalEngine, Arc<Metrics>) {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path());
-    let model = liger_model::weights::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let model = liger_model::checkpoint::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let codec = Arc::new(Codec::load(dir.path(), &[IM_END]).unwrap());
     let metrics = Arc::new(Metrics::default());
     let options = EngineOptions {
@@ -245,11 +246,8 @@ fn generation(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
     GenerationRequest {
         id: "t".into(),
         prompt,
-        n: 1,
-        sampling: SamplingParams {
-            seed: Some(1),
-            ..Default::default()
-        },
+        n: ChoiceCount::ONE,
+        sampling: SamplingParams::default().with_seed(1),
         max_tokens,
         min_tokens: 0,
         stop: Vec::new(),

@@ -35,7 +35,7 @@ fn ids_of(choice: &Value) -> Vec<u32> {
 
 /// The model and tokenizer of a test server's folder, for independent reference values.
 fn reference(dir: &std::path::Path) -> (Model, Codec) {
-    let model = liger_model::weights::load_model(dir, DType::F32, &Device::Cpu).unwrap();
+    let model = liger_model::checkpoint::load_model(dir, DType::F32, &Device::Cpu).unwrap();
     let codec = Codec::load(dir, &[IM_END]).unwrap();
     (model, codec)
 }

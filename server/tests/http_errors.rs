@@ -32,7 +32,7 @@ impl Engine for Mock {
             return Err(EngineError::Overloaded(3));
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        for choice in 0..req.n {
+        for choice in 0..req.n.get() {
             for (b, text) in [(b'h', "h"), (b'i', "i")] {
                 let token = byte_token(b);
                 tx.send(Event::Token {
@@ -325,9 +325,9 @@ async fn the_engine_gets_a_validated_request() {
         "chat defaults to the rest of the context"
     );
     assert_eq!(seen.stop, vec!["zz"]);
-    assert_eq!(seen.sampling.seed, Some(5));
-    assert_eq!(seen.sampling.top_k, 0);
-    assert_eq!(seen.sampling.logit_bias, vec![(7, -100.0)]);
+    assert_eq!(seen.sampling.seed(), Some(5));
+    assert_eq!(seen.sampling.top_k(), 0);
+    assert_eq!(seen.sampling.logit_bias(), vec![(7, -100.0)]);
     assert!(seen.ignore_eos && seen.min_tokens == 2);
 
     let (_, resp) = post_json(&f.app, "/v1/completions", json!({"prompt": "abc"})).await;

@@ -11,7 +11,8 @@ use common::*;
 use liger_model::config::{LigerConfig, Variant};
 use liger_model::testing::count_files;
 use liger_server::engine::{
-    Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams, StateCacheOptions,
+    ChoiceCount, Engine, EngineOptions, Event, GenerationRequest, LocalEngine, SamplingParams,
+    StateCacheOptions,
 };
 use liger_server::metrics::Metrics;
 use liger_server::text::Codec;
@@ -201,7 +202,7 @@ async fn shared_prefixes_and_n_choices(write: fn(&std::path::Path)) {
 fn engine(cache: StateCacheOptions) -> (LocalEngine, Arc<Metrics>, usize, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path());
-    let model = liger_model::weights::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let model = liger_model::checkpoint::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let one_state = model.state_spec().bytes_at(256);
     let codec = Arc::new(Codec::load(dir.path(), &[IM_END]).unwrap());
     let metrics = Arc::new(Metrics::default());
@@ -223,11 +224,10 @@ async fn generate(e: &LocalEngine, prompt: Vec<u32>) -> (Vec<u32>, usize) {
         .submit(GenerationRequest {
             id: "t".into(),
             prompt,
-            n: 1,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..Default::default()
-            },
+            n: ChoiceCount::ONE,
+            sampling: SamplingParams::default()
+                .with_temperature(0.0)
+                .expect("in range"),
             max_tokens: 5,
             min_tokens: 0,
             stop: Vec::new(),

@@ -1,10 +1,12 @@
 //! One chat template for serving, training and evaluation: a folder with both template
-//! sources renders the same prompt in the server as in `liger-convert`'s recovery and eval
-//! (which read it with `ChatTemplate::from_folder`).
+//! sources renders and tokenizes the same prompt in the server as in `liger-convert`'s
+//! recovery and eval (which read a folder's text side with `Checkpoint::text`, that is
+//! `liger_model::text::Text::load`).
 
 mod common;
 
-use liger_model::chat::{ChatTemplate, Message};
+use liger_model::chat::Message;
+use liger_model::text::Text;
 use liger_server::text::{ChatMessage, Codec};
 use serde_json::json;
 
@@ -29,12 +31,20 @@ fn a_folder_with_both_template_sources_renders_one_prompt_everywhere() {
     let messages = [Message::new("user", "the tin")];
     let want = "<|endoftext|><|im_start|>user\nthe tin<|im_end|>\n<|im_start|>assistant\n";
     // Training and eval.
-    let recovery = ChatTemplate::from_folder(dir.path()).unwrap();
-    assert_eq!(recovery.render(&messages, true).unwrap(), want);
+    let recovery = Text::load(dir.path(), &[common::IM_END]).unwrap();
+    let rendered = recovery.template().render(&messages, true).unwrap();
+    assert_eq!(rendered, want);
+    let trained = recovery
+        .encode_rendered(&rendered)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     // Serving.
     let codec = Codec::load(dir.path(), &[common::IM_END]).unwrap();
     let served: Vec<ChatMessage> = messages.to_vec();
     assert_eq!(codec.render_chat(&served).unwrap(), want);
+    assert_eq!(codec.encode_chat(&served).unwrap(), trained);
+    assert_eq!(codec.eos_token_ids(), recovery.eos_token_ids());
 }
 
 /// A template that renders tools itself (as Qwen2.5's does, reduced): the tool list, the

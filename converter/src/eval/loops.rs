@@ -157,8 +157,7 @@ impl Answering<'_> {
         };
         let convs = generate(
             model,
-            &self.m.tokenizer,
-            &self.m.template,
+            &self.m.text,
             &self.prompts,
             settings,
             &bar,

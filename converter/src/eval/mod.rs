@@ -29,17 +29,17 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, D};
-use liger_model::{lora, Logits, Model};
+use liger_model::{Logits, Model};
 use serde::Serialize;
-use tokenizers::Tokenizer;
 
 use crate::adapter::DeviceChoice;
 use crate::progress::Progress;
 use crate::recover::data::{self, TokenStream};
-use crate::recover::load_tokenizer;
+use crate::recover::load_text;
 use crate::{Error, Result};
-use liger_model::chat::ChatTemplate;
+use liger_model::checkpoint::{Checkpoint, LoadOptions};
 use liger_model::layers::Quantization;
+use liger_model::text::Text;
 
 pub mod loops;
 pub mod passkey;
@@ -166,8 +166,7 @@ const LATENCY_STEPS: usize = 16;
 pub(crate) struct Loaded {
     pub model: Model,
     pub reference: Option<Model>,
-    pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
+    pub text: Text,
 }
 
 /// Rejects unusable options before anything is loaded.
@@ -203,23 +202,26 @@ fn validate(opts: &EvalOptions) -> Result<()> {
 fn load(opts: &EvalOptions, progress: &Progress) -> Result<Loaded> {
     let device = opts.device.device()?;
     let spinner = progress.spinner("load");
-    let mut model = liger_model::weights::load_model(&opts.model, DType::F32, &device)?;
+    let mut stored = Checkpoint::open(&opts.model)?;
     if let Some(a) = &opts.adapter {
-        let (cfg, tensors) = lora::load_adapter(a)?;
-        model.apply_lora(&cfg, &tensors)?;
+        stored = stored.with_adapter(a)?;
     }
-    if let Some(q) = opts.quantize {
-        // Served quantized models have their adapters merged first; so here (a quantized
-        // checkpoint keeps its blocks and its adapter unmerged, as the server does).
-        if !model.is_quantized() {
-            model.merge_lora()?;
-        }
-        model.quantize(q)?;
-    }
-    let reference = opts
+    // The adapter stays unmerged unless the model is quantized: served quantized models
+    // have their adapters merged first (a quantized checkpoint keeps its blocks and its
+    // adapter unmerged, as the server does).
+    let options = LoadOptions {
+        merge_adapter: false,
+        quantize: opts.quantize,
+    };
+    let model = stored.load(&device, DType::F32, &options)?;
+    let reference_dir = opts
         .reference
+        .as_deref()
+        .map(Checkpoint::open)
+        .transpose()?;
+    let reference = reference_dir
         .as_ref()
-        .map(|r| liger_model::weights::load_model(r, DType::F32, &device))
+        .map(|r| r.load(&device, DType::F32, &LoadOptions::default()))
         .transpose()?;
     spinner.finish_and_clear();
     if let Some(r) = &reference {
@@ -234,16 +236,14 @@ fn load(opts: &EvalOptions, progress: &Progress) -> Result<Loaded> {
             ));
         }
     }
-    let tokenizer = load_tokenizer(
-        &opts.model,
-        opts.reference.as_deref().unwrap_or(&opts.model),
-    )?;
-    let template = ChatTemplate::from_folder(&opts.model)?;
+    let text = match &reference_dir {
+        Some(r) => load_text(&[&stored, r])?,
+        None => load_text(&[&stored])?,
+    };
     Ok(Loaded {
         model,
         reference,
-        tokenizer,
-        template,
+        text,
     })
 }
 
@@ -262,7 +262,7 @@ fn score_data(opts: &EvalOptions, m: &Loaded, progress: &Progress) -> Result<Sco
     let entries = data::read_files(&opts.data)?;
     let eos = m.model.config().eos_token_ids.first().copied().unwrap_or(0);
     let mut stream = TokenStream::default();
-    stream.extend(&entries, &m.tokenizer, &m.template, eos)?;
+    stream.extend(&entries, &m.text, eos)?;
     let chunks = stream.chunks(opts.seq_len);
     if chunks.is_empty() {
         return Err(Error::Data(

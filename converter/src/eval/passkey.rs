@@ -12,6 +12,7 @@
 
 use candle_core::{Tensor, D};
 use liger_model::rng::SplitMix;
+use liger_model::text::Text;
 use liger_model::{Logits, Model};
 use serde::Serialize;
 use tokenizers::Tokenizer;
@@ -224,7 +225,7 @@ fn keys(seed: u64, length: usize, depth: u32, count: usize) -> Vec<u32> {
 /// One model answering pass-key prompts greedily.
 struct Answerer<'a> {
     model: &'a Model,
-    tokenizer: &'a Tokenizer,
+    text: &'a Text,
     /// Tokens that end an answer.
     stops: Vec<u32>,
     /// Prompt tokens fed per forward.
@@ -232,11 +233,11 @@ struct Answerer<'a> {
 }
 
 impl<'a> Answerer<'a> {
-    fn new(model: &'a Model, tokenizer: &'a Tokenizer, segment: usize) -> Self {
+    fn new(model: &'a Model, text: &'a Text, segment: usize) -> Self {
         Self {
             model,
-            tokenizer,
-            stops: stop_ids(model, tokenizer),
+            text,
+            stops: stop_ids(text),
             segment,
         }
     }
@@ -254,10 +255,7 @@ impl<'a> Answerer<'a> {
             out.push(next);
             logits = self.model.forward(&[next], &mut state, Logits::Last)?;
         }
-        Ok(self
-            .tokenizer
-            .decode(&out, true)
-            .map_err(|e| liger_model::Error::Tokenizer(e.to_string()))?)
+        Ok(self.text.decode(&out, true)?)
     }
 }
 
@@ -293,13 +291,13 @@ pub(super) fn run(
     progress: &Progress,
 ) -> Result<PasskeyReport> {
     let builder = PromptBuilder {
-        tokenizer: &m.tokenizer,
+        tokenizer: m.text.tokenizer(),
     };
-    let model = Answerer::new(&m.model, &m.tokenizer, segment);
+    let model = Answerer::new(&m.model, &m.text, segment);
     let reference = m
         .reference
         .as_ref()
-        .map(|r| Answerer::new(r, &m.tokenizer, segment));
+        .map(|r| Answerer::new(r, &m.text, segment));
     let ref_max = m
         .reference
         .as_ref()

@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use candle_core::DType;
 use serde_json::json;
-use tokenizers::Tokenizer;
 
 use super::data::{self, Entry};
 use super::selfdistill::{self, GenSettings};
@@ -20,7 +19,9 @@ use crate::adapter::DeviceChoice;
 use crate::output;
 use crate::progress::Progress;
 use crate::{Error, Result};
-use liger_model::chat::{ChatTemplate, Message};
+use liger_model::chat::Message;
+use liger_model::checkpoint::{Checkpoint, LoadOptions};
+use liger_model::text::Text;
 
 /// What `liger-convert self-distill` is asked to do.
 #[derive(Debug, Clone)]
@@ -81,15 +82,14 @@ pub fn self_distill(opts: &SelfDistillOptions, progress: &Progress) -> Result<Se
     let started = Instant::now();
     let device = opts.device.device()?;
     let spinner = progress.spinner("load");
-    let teacher = liger_model::weights::load_model(&opts.teacher, DType::F32, &device)?;
+    let stored = Checkpoint::open(&opts.teacher)?;
+    let teacher = stored.load(&device, DType::F32, &LoadOptions::default())?;
     spinner.finish_and_clear();
-    let tokenizer = super::load_tokenizer(&opts.teacher, &opts.teacher)?;
-    let template = ChatTemplate::from_folder(&opts.teacher)?;
+    let text = stored.text()?;
     let convs = teacher_conversations(
         &Teacher {
             model: &teacher,
-            tokenizer: &tokenizer,
-            template: &template,
+            text: &text,
         },
         &prompts,
         GenSettings {
@@ -104,7 +104,7 @@ pub fn self_distill(opts: &SelfDistillOptions, progress: &Progress) -> Result<Se
     let mut answer_tokens = 0;
     for c in &convs {
         let answer = c.last().map_or("", |m| m.content.as_str());
-        answer_tokens += tokenizer
+        answer_tokens += text
             .encode(answer, false)
             .map_err(|e| Error::Data(format!("tokenizing an answer: {e}")))?
             .len();
@@ -145,8 +145,7 @@ fn prompt_records(files: &[PathBuf]) -> Result<Vec<Vec<Message>>> {
 /// The answering model with what it needs to read and write text.
 pub(super) struct Teacher<'a> {
     pub model: &'a liger_model::Model,
-    pub tokenizer: &'a Tokenizer,
-    pub template: &'a ChatTemplate,
+    pub text: &'a Text,
 }
 
 /// The teacher's answers to `prompts` (the built-in prompts when empty), as conversations.
@@ -182,8 +181,7 @@ pub(super) fn teacher_conversations(
     };
     let convs = selfdistill::generate(
         teacher.model,
-        teacher.tokenizer,
-        teacher.template,
+        teacher.text,
         prompts,
         gen,
         &bar,

@@ -19,10 +19,10 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tokenizers::Tokenizer;
 
 use crate::{Error, Result};
-use liger_model::chat::{ChatTemplate, Message};
+use liger_model::chat::Message;
+use liger_model::text::Text;
 
 /// One record of a data file.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,24 +157,21 @@ pub struct TokenStream {
 impl TokenStream {
     /// Tokenizes `entries` (prompts are skipped: they are not training text) and appends
     /// them, each followed by `eos`.
-    pub fn extend(
-        &mut self,
-        entries: &[Entry],
-        tokenizer: &Tokenizer,
-        template: &ChatTemplate,
-        eos: u32,
-    ) -> Result<()> {
+    pub fn extend(&mut self, entries: &[Entry], text: &Text, eos: u32) -> Result<()> {
         for e in entries {
             match e {
                 Entry::Text(t) => {
-                    let ids = encode(tokenizer, t)?.get_ids().to_vec();
+                    // Plain text gets no special tokens, as in pretraining with packed
+                    // documents.
+                    let ids = text.encode(t, false)?.get_ids().to_vec();
                     self.learn.extend(std::iter::repeat_n(true, ids.len() + 1));
                     self.tokens.extend(ids);
                     self.tokens.push(eos);
                 }
                 Entry::Conversation(msgs) => {
-                    let (text, ranges) = template.render_conversation(msgs)?;
-                    let enc = encode(tokenizer, &text)?;
+                    // Tokenized as serving tokenizes a rendered chat.
+                    let (rendered, ranges) = text.template().render_conversation(msgs)?;
+                    let enc = text.encode_rendered(&rendered)?;
                     for (&id, &(start, _)) in enc.get_ids().iter().zip(enc.get_offsets()) {
                         self.tokens.push(id);
                         self.learn.push(match &ranges {
@@ -206,14 +203,6 @@ impl TokenStream {
             })
             .collect()
     }
-}
-
-fn encode(tokenizer: &Tokenizer, text: &str) -> Result<tokenizers::Encoding> {
-    // Chat templates write their special tokens themselves; plain text gets none, as in
-    // pretraining with packed documents.
-    tokenizer
-        .encode(text, false)
-        .map_err(|e| liger_model::Error::Tokenizer(e.to_string()).into())
 }
 
 /// A training or evaluation sequence.

@@ -42,13 +42,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
+use liger_model::checkpoint::{Checkpoint, LoadOptions};
 use liger_model::lora::{self, LoraConfig};
+use liger_model::text::{Text, TOKENIZER_FILE};
 use liger_model::{LayerKind, Model, RuntimeOptions};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokenizers::Tokenizer;
 
-use crate::adapter::{self, DeviceChoice};
+use crate::adapter::DeviceChoice;
 use crate::folder::{Config, ModelFolder, SideFiles, Weights};
 use crate::output::{self, PartialDir, WeightFormat};
 use crate::progress::Progress;
@@ -57,7 +58,7 @@ use checkpoint::{first_difference, Checkpoints};
 use conversations::write_conversations;
 pub use conversations::{self_distill, SelfDistillOptions, SelfDistillSummary};
 use data::{Chunk, Entry, TokenStream};
-use liger_model::chat::{ChatTemplate, Message};
+use liger_model::chat::Message;
 use stats::StageStats;
 
 /// One kind of training.
@@ -362,9 +363,11 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
 
     // Models: both in f32, whatever they are stored in (training needs the precision).
     let spinner = progress.spinner("load");
-    let teacher = liger_model::weights::load_model(&opts.teacher, DType::F32, &device)?;
-    let mut student = liger_model::weights::load_model(&opts.student, DType::F32, &device)?;
-    if student.is_quantized() {
+    let (teacher_dir, student_dir) = (
+        Checkpoint::open(&opts.teacher)?,
+        Checkpoint::open(&opts.student)?,
+    );
+    if student_dir.is_quantized() {
         // GGML block products have no backward pass: no gradient would reach earlier layers.
         return Err(Error::flag(
             "--student",
@@ -374,6 +377,9 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
             ),
         ));
     }
+    let as_stored = LoadOptions::default();
+    let teacher = teacher_dir.load(&device, DType::F32, &as_stored)?;
+    let mut student = student_dir.load(&device, DType::F32, &as_stored)?;
     spinner.finish_and_clear();
     check_pair(&teacher, &student)?;
     student.set_options(RuntimeOptions {
@@ -381,8 +387,7 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
         differentiable: true,
         ..Default::default()
     })?;
-    let tokenizer = load_tokenizer(&opts.student, &opts.teacher)?;
-    let template = ChatTemplate::from_folder(&opts.student)?;
+    let text = load_text(&[&student_dir, &teacher_dir])?;
     let eos = *student.config().eos_token_ids.first().ok_or_else(|| {
         Error::Training("config.json names no eos_token_id (needed between documents)".into())
     })?;
@@ -406,8 +411,7 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
     if opts.self_distill > 0 {
         let answering = conversations::Teacher {
             model: &teacher,
-            tokenizer: &tokenizer,
-            template: &template,
+            text: &text,
         };
         let convs = self_distill_data(opts, &ckpt, &answering, &prompts, progress, &log)?;
         self_distilled = convs.len();
@@ -417,7 +421,7 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
         entries.extend(convs.into_iter().map(Entry::Conversation));
     }
     let mut stream = TokenStream::default();
-    stream.extend(&entries, &tokenizer, &template, eos)?;
+    stream.extend(&entries, &text, eos)?;
     let chunks = stream.chunks(opts.seq_len);
     if chunks.is_empty() {
         return Err(Error::Data(
@@ -546,20 +550,12 @@ fn check_pair(teacher: &Model, student: &Model) -> Result<()> {
     Ok(())
 }
 
-/// `tokenizer.json` of the first folder that has one.
-pub fn load_tokenizer(first: &Path, second: &Path) -> Result<Tokenizer> {
-    for dir in [first, second] {
-        let p = dir.join("tokenizer.json");
-        if p.is_file() {
-            return Tokenizer::from_file(&p).map_err(|e| {
-                liger_model::Error::Tokenizer(format!("{}: {e}", p.display())).into()
-            });
-        }
-    }
-    Err(Error::missing(
-        first.join("tokenizer.json"),
-        "the data must be tokenized with the model's tokenizer",
-    ))
+/// The text side (tokenizer, template, stop ids) of the first folder that has a
+/// tokenizer: a student folder written without one still trains on its teacher's.
+pub fn load_text(folders: &[&Checkpoint]) -> Result<Text> {
+    let has = |c: &&&Checkpoint| c.dir().join(TOKENIZER_FILE).is_file();
+    let first = folders.iter().find(has).or(folders.first());
+    Ok(first.expect("at least one folder").text()?)
 }
 
 /// The teacher's conversations: read back from the checkpoint folder when resuming (so
@@ -774,7 +770,7 @@ fn write_result(
         return Ok(summary);
     }
     student.merge_lora()?;
-    let format = WeightFormat::dense(adapter::folder_dtype(&opts.student)?);
+    let format = WeightFormat::dense(Checkpoint::open(&opts.student)?.stored_dtype());
     let folder = ModelFolder {
         config: Config::CopyFrom(&opts.student),
         weights: Weights::Model(&student),

@@ -14,10 +14,10 @@ use candle_core::D;
 use indicatif::ProgressBar;
 use liger_model::rng::SplitMix;
 use liger_model::{Logits, Model, SeqStep, SequenceState};
-use tokenizers::Tokenizer;
 
 use crate::Result;
-use liger_model::chat::{ChatTemplate, Message};
+use liger_model::chat::Message;
+use liger_model::text::Text;
 
 /// How the teacher writes.
 #[derive(Debug, Clone, Copy)]
@@ -50,10 +50,15 @@ struct Active {
     rng: Option<SplitMix>,
 }
 
-/// Token ids that end a response.
-pub fn stop_ids(model: &Model, tokenizer: &Tokenizer) -> Vec<u32> {
-    let mut ids = model.config().eos_token_ids.clone();
-    ids.extend(END_MARKERS.iter().filter_map(|m| tokenizer.token_to_id(m)));
+/// Token ids that end a response: the model's (as serving stops) and the usual
+/// end-of-turn markers its tokenizer knows.
+pub fn stop_ids(text: &Text) -> Vec<u32> {
+    let mut ids = text.eos_token_ids().to_vec();
+    ids.extend(
+        END_MARKERS
+            .iter()
+            .filter_map(|m| text.tokenizer().token_to_id(m)),
+    );
     ids.sort_unstable();
     ids.dedup();
     ids
@@ -62,8 +67,7 @@ pub fn stop_ids(model: &Model, tokenizer: &Tokenizer) -> Vec<u32> {
 /// The teacher's answers: conversation `j` answers `prompts[j % prompts.len()]`.
 pub fn generate(
     teacher: &Model,
-    tokenizer: &Tokenizer,
-    template: &ChatTemplate,
+    text: &Text,
     prompts: &[Vec<Message>],
     s: GenSettings,
     bar: &ProgressBar,
@@ -72,16 +76,11 @@ pub fn generate(
     if prompts.is_empty() || s.count == 0 {
         return Ok(Vec::new());
     }
-    let stops = stop_ids(teacher, tokenizer);
+    let stops = stop_ids(text);
     let mut encoded = Vec::with_capacity(prompts.len());
     for p in prompts {
-        let text = template.render(p, true)?;
-        let ids = tokenizer
-            .encode(text, false)
-            .map_err(|e| liger_model::Error::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec();
-        encoded.push(ids);
+        let rendered = text.template().render(p, true)?;
+        encoded.push(text.encode_rendered(&rendered)?.get_ids().to_vec());
     }
     let mut results: Vec<Option<String>> = vec![None; s.count];
     let mut next_job = 0;
@@ -130,10 +129,7 @@ pub fn generate(
         }
         for &i in finished.iter().rev() {
             let a = slots.swap_remove(i);
-            let text = tokenizer
-                .decode(&a.out, true)
-                .map_err(|e| liger_model::Error::Tokenizer(e.to_string()))?;
-            results[a.job] = Some(text.trim().to_owned());
+            results[a.job] = Some(text.decode(&a.out, true)?.trim().to_owned());
             done += 1;
             bar.inc(1);
             on_done(done);

@@ -110,7 +110,7 @@ pub fn logits(model: &Model, toks: &[u32]) -> Vec<Vec<f32>> {
 
 /// Loads a written folder as `dtype`.
 pub fn load(dir: &Path, dtype: DType) -> Model {
-    liger_model::weights::load_model(dir, dtype, &Device::Cpu)
+    liger_model::checkpoint::load_model(dir, dtype, &Device::Cpu)
         .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 

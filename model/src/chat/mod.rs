@@ -164,16 +164,13 @@ impl ChatTemplate {
 
     /// The template of a model folder, by the precedence in the module header.
     pub fn from_folder(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer_config.json");
-        let config: Value = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                Error::Template(format!("{}: not valid JSON ({e})", path.display()))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
-            Err(source) => return Err(Error::Io { path, source }),
-        };
-        let specials = Specials::from_config(&config);
-        match folder_source(dir, &config)? {
+        Self::from_folder_config(dir, &tokenizer_config(dir)?)
+    }
+
+    /// [`Self::from_folder`] with the folder's `tokenizer_config.json` already read.
+    pub fn from_folder_config(dir: &Path, config: &Value) -> Result<Self> {
+        let specials = Specials::from_config(config);
+        match folder_source(dir, config)? {
             Some((from, source)) => Self::new(&source, &specials)
                 .map_err(|e| Error::Template(format!("{}: {e}", from.display()))),
             None => Ok(Self::chatml(&specials)),
@@ -245,6 +242,17 @@ impl ChatTemplate {
             }
         }
         Ok((text, Some(ranges)))
+    }
+}
+
+/// A folder's `tokenizer_config.json` (`null` when it has none).
+pub fn tokenizer_config(dir: &Path) -> Result<Value> {
+    let path = dir.join("tokenizer_config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| Error::Template(format!("{}: not valid JSON ({e})", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Value::Null),
+        Err(source) => Err(Error::Io { path, source }),
     }
 }
 

@@ -4,9 +4,8 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
-use candle_nn::VarBuilder;
 
-use super::QuantizedTensors;
+use super::WeightSource;
 use crate::{Error, Result};
 
 /// Weight formats a model can be quantized to after loading. Spelled `q8_0` and `q4k` on
@@ -141,26 +140,20 @@ struct Quantized {
 }
 
 impl Linear {
-    /// Loads `weight` (and `bias`) under `vb`'s prefix: the block-quantized weight from
-    /// `quantized` when the checkpoint stores one under that name, the dense one otherwise.
-    pub fn load(
-        vb: VarBuilder,
-        dims: Dims,
-        bias: bool,
-        quantized: &QuantizedTensors,
-    ) -> Result<Self> {
+    /// Loads `weight` (and `bias`) under `w`'s prefix: the block-quantized weight when the
+    /// checkpoint stores one under that name, the dense one otherwise.
+    pub fn load(w: &WeightSource, dims: Dims, bias: bool) -> Result<Self> {
         let bias = if bias {
-            Some(vb.get(dims.output, "bias")?)
+            Some(w.get(dims.output, "bias")?)
         } else {
             None
         };
-        let name = format!("{}.weight", vb.prefix());
-        if let Some(blocks) = quantized.take(&name, dims)? {
-            let mut lin = Self::from_quantized(blocks, vb.dtype())?;
+        if let Some(blocks) = w.quantized("weight", dims)? {
+            let mut lin = Self::from_quantized(blocks, w.dtype())?;
             lin.bias = bias;
             return Ok(lin);
         }
-        let weight = vb.get(dims.weight_shape(), "weight")?;
+        let weight = w.get(dims.weight_shape(), "weight")?;
         Ok(Self::from_weights(weight, bias))
     }
 

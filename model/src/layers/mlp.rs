@@ -1,11 +1,9 @@
 //! The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
-use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::QuantizedTensors;
-use super::{Dims, Linear};
+use super::{Dims, Linear, WeightSource};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -16,27 +14,15 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(
-        vb: VarBuilder,
-        hidden: usize,
-        intermediate: usize,
-        quantized: &QuantizedTensors,
-    ) -> Result<Self> {
-        let q = quantized;
+    pub fn load(w: &WeightSource, hidden: usize, intermediate: usize) -> Result<Self> {
+        let (into, out_of) = (
+            Dims::new(hidden, intermediate),
+            Dims::new(intermediate, hidden),
+        );
         Ok(Self {
-            gate: Linear::load(
-                vb.pp("gate_proj"),
-                Dims::new(hidden, intermediate),
-                false,
-                q,
-            )?,
-            up: Linear::load(vb.pp("up_proj"), Dims::new(hidden, intermediate), false, q)?,
-            down: Linear::load(
-                vb.pp("down_proj"),
-                Dims::new(intermediate, hidden),
-                false,
-                q,
-            )?,
+            gate: Linear::load(&w.pp("gate_proj"), into, false)?,
+            up: Linear::load(&w.pp("up_proj"), into, false)?,
+            down: Linear::load(&w.pp("down_proj"), out_of, false)?,
         })
     }
 }

@@ -13,7 +13,7 @@ pub mod vexp;
 pub use linear::{format_name, parse_format, Dims, Linear, LoraAdapter, Quantization};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
-pub use quantized::QuantizedTensors;
+pub use quantized::{QuantizedTensors, WeightSource};
 pub use rope::Rope;
 
 /// A decoder block's projections, with the sub-block each lives in (`self_attn`, `mlp`):

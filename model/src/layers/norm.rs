@@ -1,8 +1,8 @@
 //! RMSNorm (Zhang & Sennrich, 2019) as Llama, Mistral and Qwen2 use it.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::VarBuilder;
 
+use super::WeightSource;
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -12,9 +12,9 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+    pub fn load(w: &WeightSource, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
+            weight: w.get(dim, "weight")?,
             eps,
         })
     }

@@ -14,8 +14,7 @@ use candle_nn::{Embedding, VarBuilder};
 use crate::attention::{Attention, BatchContext, Span};
 use crate::config::ModelConfig;
 use crate::decode;
-use crate::layers::QuantizedTensors;
-use crate::layers::{Dims, Linear, Mlp, RmsNorm, Rope};
+use crate::layers::{Dims, Linear, Mlp, RmsNorm, Rope, WeightSource};
 use crate::lora;
 use crate::state::{LayerState, SeqStep, SequenceState, StateSpec};
 use crate::{Error, Result};
@@ -109,50 +108,44 @@ pub struct Model {
 }
 
 impl Model {
-    /// Builds the model from weights under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
+    /// Builds the model from dense weights under Hugging Face names
+    /// (`model.layers.0.self_attn.q_proj.weight`, ...).
     pub fn new(cfg: ModelConfig, vb: VarBuilder) -> Result<Self> {
-        Self::load(cfg, vb, &QuantizedTensors::default())
+        Self::load(cfg, WeightSource::dense(vb))
     }
 
-    /// [`Model::new`] for a checkpoint with block-quantized projections: those come from
-    /// `quantized`, everything else from `vb`. Every quantized tensor must be used.
-    pub fn load(cfg: ModelConfig, vb: VarBuilder, quantized: &QuantizedTensors) -> Result<Self> {
-        let q = quantized;
-        let (dtype, device) = (vb.dtype(), vb.device().clone());
-        let vm = vb.pp("model");
-        let embed_w = vm
+    /// [`Model::new`] for any checkpoint: block-quantized projections where `w` has them,
+    /// dense tensors otherwise. Every quantized tensor must be used.
+    pub fn load(cfg: ModelConfig, w: WeightSource) -> Result<Self> {
+        let (dtype, device) = (w.dtype(), w.device().clone());
+        let wm = w.pp("model");
+        let embed_w = wm
             .pp("embed_tokens")
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let embed = Embedding::new(embed_w.clone(), cfg.hidden_size);
         let head_dims = Dims::new(cfg.hidden_size, cfg.vocab_size);
-        let lm_head = match q.take("lm_head.weight", head_dims)? {
+        let head = w.pp("lm_head");
+        let lm_head = match head.quantized("weight", head_dims)? {
             // A quantized checkpoint of a tied model stores the head's blocks apart: the
             // embedding lookup stays dense, the head's product reads 4-8 bit weights.
             Some(blocks) => Linear::from_quantized(blocks, dtype)?,
             None if cfg.tie_word_embeddings => Linear::from_weights(embed_w, None),
-            None => Linear::load(vb.pp("lm_head"), head_dims, false, q)?,
+            None => Linear::load(&head, head_dims, false)?,
         };
+        let (hidden, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let layers = (0..cfg.num_layers)
             .map(|i| {
-                let vl = vm.pp(format!("layers.{i}"));
+                let wl = wm.pp(format!("layers.{i}"));
                 Ok(DecoderLayer {
-                    input_norm: RmsNorm::load(
-                        vl.pp("input_layernorm"),
-                        cfg.hidden_size,
-                        cfg.rms_norm_eps,
-                    )?,
-                    attn: Attention::load(vl.pp("self_attn"), &cfg, i, q)?,
-                    post_norm: RmsNorm::load(
-                        vl.pp("post_attention_layernorm"),
-                        cfg.hidden_size,
-                        cfg.rms_norm_eps,
-                    )?,
-                    mlp: Mlp::load(vl.pp("mlp"), cfg.hidden_size, cfg.intermediate_size, q)?,
+                    input_norm: RmsNorm::load(&wl.pp("input_layernorm"), hidden, eps)?,
+                    attn: Attention::load(&wl.pp("self_attn"), &cfg, i)?,
+                    post_norm: RmsNorm::load(&wl.pp("post_attention_layernorm"), hidden, eps)?,
+                    mlp: Mlp::load(&wl.pp("mlp"), hidden, cfg.intermediate_size)?,
                 })
             })
             .collect::<Result<_>>()?;
-        let norm = RmsNorm::load(vm.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        if let Some(name) = q.unused().first() {
+        let norm = RmsNorm::load(&wm.pp("norm"), hidden, eps)?;
+        if let Some(name) = w.unused_quantized().first() {
             return Err(Error::tensor(
                 name,
                 "is stored quantized but is not a projection of this model",

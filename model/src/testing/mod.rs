@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{json, Value};
@@ -17,6 +18,7 @@ use crate::config::{LigerConfig, ModelConfig};
 use crate::model::{Logits, Model};
 use crate::state::SeqStep;
 use crate::state::SequenceState;
+use crate::weights::{is_quantizable, QuantizedEntry, QUANTIZED_KEY};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +228,57 @@ impl TinyCheckpoint {
         std::fs::write(&cfg, text).map_err(|e| Error::io(&cfg, e))?;
         candle_core::safetensors::save(&self.tensors, dir.join("model.safetensors"))?;
         Ok(())
+    }
+
+    /// [`Self::write_folder`] with the projections stored as GGML blocks of `format`, as
+    /// a quantized checkpoint holds them ([`crate::weights`]).
+    pub fn write_quantized_folder(&self, dir: &Path, format: GgmlDType) -> Result<()> {
+        use safetensors::tensor::TensorView;
+        self.write_folder(dir)?;
+        let mut dense: Vec<(String, Tensor)> = Vec::new();
+        let mut blocks: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut entries = serde_json::Map::new();
+        for (name, t) in &self.tensors {
+            // Rows that do not fill whole blocks stay dense, as `Model::quantize` leaves them.
+            let whole_blocks = t
+                .dims()
+                .last()
+                .is_some_and(|n| n % format.block_size() == 0);
+            if !is_quantizable(name) || !whole_blocks {
+                dense.push((name.clone(), t.clone()));
+                continue;
+            }
+            let q = QTensor::quantize(t, format)?;
+            let entry = QuantizedEntry::new(format, t.dims())?;
+            entries.insert(
+                name.clone(),
+                serde_json::to_value(entry).expect("plain struct"),
+            );
+            blocks.push((name.clone(), q.data()?.into_owned()));
+        }
+        let dense_bytes: Vec<(String, Vec<u8>)> = dense
+            .iter()
+            .map(|(n, t)| {
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                Ok((n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            })
+            .collect::<Result<_>>()?;
+        let mut views = Vec::new();
+        for ((n, t), (_, bytes)) in dense.iter().zip(&dense_bytes) {
+            let view = TensorView::new(safetensors::Dtype::F32, t.dims().to_vec(), bytes)
+                .map_err(|e| Error::tensor(n, e.to_string()))?;
+            views.push((n.clone(), view));
+        }
+        for (n, bytes) in &blocks {
+            let view = TensorView::new(safetensors::Dtype::U8, vec![bytes.len()], bytes)
+                .map_err(|e| Error::tensor(n, e.to_string()))?;
+            views.push((n.clone(), view));
+        }
+        let meta = HashMap::from([(QUANTIZED_KEY.to_owned(), Value::Object(entries).to_string())]);
+        let file = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::tensor("model.safetensors", e.to_string()))?;
+        let path = dir.join("model.safetensors");
+        std::fs::write(&path, file).map_err(|e| Error::io(&path, e))
     }
 }
 

@@ -58,8 +58,10 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let (ready, req, id, span) = begin::<ChatRequest>(&app, params, "chatcmpl", "chat")?;
     async move {
-        let messages = req.messages.clone();
-        let tools = req.tools.clone();
+        let common = req.common();
+        let n = common.n().get();
+        let messages = req.messages().to_vec();
+        let tools = req.tools().cloned();
         let prompt = tokenize(&ready.codec, "messages", move |c| {
             if c.template().supports_tools() {
                 let listed = tools.as_ref().map(Tools::as_template_value);
@@ -69,49 +71,47 @@ pub async fn chat_completions(
             }
         })
         .await?;
-        let max_tokens = check_prompt(&prompt, &req.common, &ready.limits, "messages", None)?;
+        let max_tokens = check_prompt(&prompt, common, &ready.limits, "messages", None)?;
         let prompt_len = prompt.len();
         tracing::debug!(
             prompt_tokens = prompt_len,
             max_tokens,
-            n = req.common.n,
-            stream = req.common.stream,
+            n,
+            stream = common.stream(),
             "chat request"
         );
-        let mut gen = generation_request(&id, prompt, &req.common, max_tokens, req.logprobs, None);
-        gen.guide = compile_grammar(&ready, &req.common).await?;
+        let mut gen = generation_request(&id, prompt, common, max_tokens, req.logprobs(), None);
+        gen.guide = compile_grammar(&ready, common).await?;
         let rx = ready.engine.submit(gen)?;
         let created = unix_now();
         let model = app.config.served_model_name.clone();
-        if req.common.stream {
+        if common.stream() {
             let chunker = ChatChunker {
                 head: Envelope {
                     id,
                     object: "chat.completion.chunk",
                     created,
                     model,
-                    include_usage: req.common.include_usage,
+                    include_usage: common.include_usage(),
                     prompt_tokens: prompt_len,
                     completion_tokens: 0,
                     cached_tokens: 0,
-                    done: Completeness::new(req.common.n),
+                    done: Completeness::new(n),
                 },
-                n: req.common.n,
+                n,
                 codec: ready.codec.clone(),
-                tokens_as_ids: req.common.tokens_as_ids,
-                splitters: req.tools.clone().map(|t| {
-                    let per_choice = (0..req.common.n)
-                        .map(|_| (CallSplitter::default(), 0))
-                        .collect();
+                tokens_as_ids: common.tokens_as_ids(),
+                splitters: req.tools().cloned().map(|t| {
+                    let per_choice = (0..n).map(|_| (CallSplitter::default(), 0)).collect();
                     (t, per_choice)
                 }),
             };
             return Ok(sse_response(vec![rx], chunker));
         }
-        let out = collect(rx, req.common.n).await?;
+        let out = collect(rx, n).await?;
         let names = TokenNames {
             codec: &ready.codec,
-            as_ids: req.common.tokens_as_ids,
+            as_ids: common.tokens_as_ids(),
         };
         let usage = Usage::new(prompt_len, out.completion_tokens(), out.cached_tokens);
         let choices = out
@@ -119,14 +119,14 @@ pub async fn chat_completions(
             .into_iter()
             .enumerate()
             .map(|(index, c)| {
-                let logprobs = req.logprobs.map(|_| ChatLogprobs {
+                let logprobs = req.logprobs().map(|_| ChatLogprobs {
                     content: c
                         .logprobs
                         .iter()
                         .map(|lp| chat_logprob(names, lp))
                         .collect(),
                 });
-                let (content, calls) = match &req.tools {
+                let (content, calls) = match req.tools() {
                     Some(tools) => split_output(&c.text, tools),
                     None => (Some(c.text), Vec::new()),
                 };

@@ -57,11 +57,13 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let (ready, req, id, span) = begin::<CompletionRequest>(&app, params, "cmpl", "completions")?;
     async move {
-        let mut prepared = Vec::with_capacity(req.prompts.len());
-        let mut receivers: Vec<EventReceiver> = Vec::with_capacity(req.prompts.len());
-        let prompt_logprobs = req.logprobs.filter(|_| req.echo);
-        let guide = compile_grammar(&ready, &req.common).await?;
-        for prompt in &req.prompts {
+        let common = req.common();
+        let n = common.n().get();
+        let mut prepared = Vec::with_capacity(req.prompts().len());
+        let mut receivers: Vec<EventReceiver> = Vec::with_capacity(req.prompts().len());
+        let prompt_logprobs = req.logprobs().filter(|_| req.echo());
+        let guide = compile_grammar(&ready, common).await?;
+        for prompt in req.prompts() {
             let (tokens, text) = match prompt {
                 Prompt::Text(t) => {
                     let owned = t.clone();
@@ -74,7 +76,7 @@ pub async fn completions(
             };
             let max_tokens = check_prompt(
                 &tokens,
-                &req.common,
+                common,
                 &ready.limits,
                 "prompt",
                 Some(DEFAULT_MAX_TOKENS),
@@ -82,9 +84,9 @@ pub async fn completions(
             let mut gen = generation_request(
                 &id,
                 tokens.clone(),
-                &req.common,
+                common,
                 max_tokens,
-                req.logprobs,
+                req.logprobs(),
                 prompt_logprobs,
             );
             gen.guide = guide.clone();
@@ -96,22 +98,26 @@ pub async fn completions(
         tracing::debug!(
             prompts = prepared.len(),
             prompt_tokens,
-            n = req.common.n,
-            stream = req.common.stream,
+            n,
+            stream = common.stream(),
             "completions request"
         );
         let created = unix_now();
         let model = app.config.served_model_name.clone();
         let names = TokenNames {
             codec: &ready.codec,
-            as_ids: req.common.tokens_as_ids,
+            as_ids: common.tokens_as_ids(),
         };
-        if req.common.stream {
+        if common.stream() {
             let offsets = prepared
                 .iter()
                 .flat_map(|p| {
-                    let start = if req.echo { 0 } else { p.text.chars().count() };
-                    std::iter::repeat_n(start, req.common.n)
+                    let start = if req.echo() {
+                        0
+                    } else {
+                        p.text.chars().count()
+                    };
+                    std::iter::repeat_n(start, n)
                 })
                 .collect();
             let chunker = CompletionChunker {
@@ -120,17 +126,17 @@ pub async fn completions(
                     object: "text_completion",
                     created,
                     model,
-                    include_usage: req.common.include_usage,
+                    include_usage: common.include_usage(),
                     prompt_tokens,
                     completion_tokens: 0,
                     cached_tokens: 0,
-                    done: Completeness::new(req.common.n * req.prompts.len()),
+                    done: Completeness::new(n * req.prompts().len()),
                 },
-                n: req.common.n,
-                echo: req.echo,
-                logprobs: req.logprobs.is_some(),
+                n,
+                echo: req.echo(),
+                logprobs: req.logprobs().is_some(),
                 codec: ready.codec.clone(),
-                tokens_as_ids: req.common.tokens_as_ids,
+                tokens_as_ids: common.tokens_as_ids(),
                 prompts: prepared,
                 offsets,
             };
@@ -139,17 +145,17 @@ pub async fn completions(
         let mut choices = Vec::new();
         let (mut completion_tokens, mut cached_tokens) = (0, 0);
         for (p, (rx, prep)) in receivers.into_iter().zip(&prepared).enumerate() {
-            let out = collect(rx, req.common.n).await?;
+            let out = collect(rx, n).await?;
             completion_tokens += out.completion_tokens();
             cached_tokens += out.cached_tokens;
             for (i, c) in out.choices.iter().enumerate() {
-                let mut offset = if req.echo {
+                let mut offset = if req.echo() {
                     0
                 } else {
                     prep.text.chars().count()
                 };
-                let logprobs = req.logprobs.map(|_| {
-                    let mut lps = if req.echo {
+                let logprobs = req.logprobs().map(|_| {
+                    let mut lps = if req.echo() {
                         CompletionLogprobs::prompt(
                             names,
                             &prep.tokens,
@@ -164,13 +170,13 @@ pub async fn completions(
                     }
                     lps
                 });
-                let text = if req.echo {
+                let text = if req.echo() {
                     format!("{}{}", prep.text, c.text)
                 } else {
                     c.text.clone()
                 };
                 choices.push(CompletionChoice {
-                    index: p * req.common.n + i,
+                    index: p * n + i,
                     text,
                     logprobs,
                     finish_reason: c.finish.map(|f| f.as_str()),

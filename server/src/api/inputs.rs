@@ -19,6 +19,25 @@ pub struct Limits {
     pub max_n: usize,
 }
 
+impl Limits {
+    /// The one rule for every token id a request brings (prompt ids, `logit_bias` keys,
+    /// the tokenizer's output): below the model's vocabulary size, else a 400 naming `param`.
+    pub fn check_token(&self, param: &str, id: u64) -> Result<u32, ApiError> {
+        u32::try_from(id)
+            .ok()
+            .filter(|&t| (t as usize) < self.vocab_size)
+            .ok_or_else(|| {
+                ApiError::param(
+                    param,
+                    format!(
+                        "token id {id} is outside the model's vocabulary (size {})",
+                        self.vocab_size
+                    ),
+                )
+            })
+    }
+}
+
 /// One prompt of a completions request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
@@ -144,16 +163,7 @@ pub(super) fn parse_prompts(p: &mut Params, limits: &Limits) -> Result<Vec<Promp
                 format!("token ids must be non-negative integers, not {v}"),
             )
         })?;
-        if id as usize >= limits.vocab_size {
-            return Err(ApiError::param(
-                "prompt",
-                format!(
-                    "token id {id} is outside the vocabulary (size {})",
-                    limits.vocab_size
-                ),
-            ));
-        }
-        Ok(id as u32)
+        limits.check_token("prompt", id)
     };
     let tokens = |a: &[Value]| a.iter().map(token).collect::<Result<Vec<u32>, _>>();
     let prompts = match v {
@@ -189,4 +199,38 @@ pub(super) fn parse_prompts(p: &mut Params, limits: &Limits) -> Result<Vec<Promp
         }
     };
     Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_model_len: 100,
+        vocab_size: 50,
+        max_n: 4,
+    };
+
+    #[test]
+    fn token_ids_below_the_vocabulary_pass() {
+        assert_eq!(LIMITS.check_token("prompt", 0).unwrap(), 0);
+        assert_eq!(LIMITS.check_token("prompt", 49).unwrap(), 49);
+    }
+
+    #[test]
+    fn token_ids_at_or_beyond_the_vocabulary_are_named() {
+        // u32::MAX + 1 must not wrap to an id in range.
+        for id in [50, 51, u64::from(u32::MAX) + 1, u64::MAX] {
+            match LIMITS.check_token("logit_bias", id).unwrap_err() {
+                ApiError::InvalidRequest { message, param } => {
+                    assert_eq!(param.as_deref(), Some("logit_bias"));
+                    assert_eq!(
+                        message,
+                        format!("token id {id} is outside the model's vocabulary (size 50)")
+                    );
+                }
+                other => panic!("not a 400: {other:?}"),
+            }
+        }
+    }
 }

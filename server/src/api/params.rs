@@ -1,6 +1,8 @@
 //! Parse, don't validate: request JSON becomes a [`ChatRequest`] or [`CompletionRequest`]
-//! whose every field is in range, or a 400 that names the offending parameter. Nothing
-//! downstream re-checks a value.
+//! whose every field is in range, or a 400 that names the offending parameter. Their fields
+//! are private and `parse` is their only constructor, so nothing downstream re-checks a
+//! value; the ranges the engine relies on are its own checked types ([`SamplingParams`],
+//! [`ChoiceCount`]), whose refusals are worded here as 400s.
 
 use std::collections::HashMap;
 
@@ -12,7 +14,7 @@ use super::format::{parse_grammar, Constraint};
 use super::inputs::{parse_messages, parse_prompts};
 pub use super::inputs::{Limits, Prompt};
 use super::tools::{parse_tools, Tools};
-use crate::engine::SamplingParams;
+use crate::engine::{ChoiceCount, OutOfRange, SamplingParams};
 use crate::error::ApiError;
 use crate::text::ChatMessage;
 
@@ -23,43 +25,93 @@ const MAX_STOPS: usize = 16;
 /// Parameters both endpoints share.
 #[derive(Debug, Clone)]
 pub struct Common {
-    pub model: Option<String>,
-    pub n: usize,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
+    model: Option<String>,
+    n: ChoiceCount,
+    stream: bool,
+    include_usage: bool,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    max_tokens: Option<usize>,
+    max_tokens_param: &'static str,
+    min_tokens: usize,
+    ignore_eos: bool,
+    tokens_as_ids: bool,
+    grammar: Option<Constraint>,
+}
+
+impl Common {
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Checked against [`Limits::max_n`].
+    pub fn n(&self) -> ChoiceCount {
+        self.n
+    }
+
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.include_usage
+    }
+
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.sampling
+    }
+
+    /// At most `MAX_STOPS`, none empty.
+    pub fn stop(&self) -> &[String] {
+        &self.stop
+    }
+
     /// As requested; the default depends on the endpoint and the prompt length.
-    pub max_tokens: Option<usize>,
-    /// Which name the client used, for error messages.
-    pub max_tokens_param: &'static str,
-    pub min_tokens: usize,
-    pub ignore_eos: bool,
+    pub fn max_tokens(&self) -> Option<usize> {
+        self.max_tokens
+    }
+
+    /// Which name the client used for `max_tokens`, for error messages.
+    pub fn max_tokens_param(&self) -> &'static str {
+        self.max_tokens_param
+    }
+
+    /// Never above `max_tokens` when that was sent.
+    pub fn min_tokens(&self) -> usize {
+        self.min_tokens
+    }
+
+    pub fn ignore_eos(&self) -> bool {
+        self.ignore_eos
+    }
+
     /// vLLM's option: logprob tokens as `token_id:<id>`, exact where text would be lossy.
-    pub tokens_as_ids: bool,
-    pub user: Option<String>,
+    pub fn tokens_as_ids(&self) -> bool {
+        self.tokens_as_ids
+    }
+
     /// Structured output: what the generated text must match (compiled by the handler).
-    pub grammar: Option<Constraint>,
+    pub fn grammar(&self) -> Option<&Constraint> {
+        self.grammar.as_ref()
+    }
 }
 
 /// A validated `/v1/chat/completions` request.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
-    pub common: Common,
-    pub messages: Vec<ChatMessage>,
-    /// Tools the model may call (absent with none, or `tool_choice: "none"`).
-    pub tools: Option<Tools>,
-    /// `Some(k)`: report logprobs with `k` alternatives.
-    pub logprobs: Option<usize>,
+    common: Common,
+    messages: Vec<ChatMessage>,
+    tools: Option<Tools>,
+    logprobs: Option<usize>,
 }
 
 /// A validated `/v1/completions` request.
 #[derive(Debug, Clone)]
 pub struct CompletionRequest {
-    pub common: Common,
-    pub prompts: Vec<Prompt>,
-    pub echo: bool,
-    pub logprobs: Option<usize>,
+    common: Common,
+    prompts: Vec<Prompt>,
+    echo: bool,
+    logprobs: Option<usize>,
 }
 
 impl ChatRequest {
@@ -106,6 +158,25 @@ impl ChatRequest {
             logprobs,
         })
     }
+
+    pub fn common(&self) -> &Common {
+        &self.common
+    }
+
+    /// Never empty.
+    pub fn messages(&self) -> &[ChatMessage] {
+        &self.messages
+    }
+
+    /// Tools the model may call (absent with none, or `tool_choice: "none"`).
+    pub fn tools(&self) -> Option<&Tools> {
+        self.tools.as_ref()
+    }
+
+    /// `Some(k)`: report logprobs with `k` (at most [`MAX_TOP_LOGPROBS`]) alternatives.
+    pub fn logprobs(&self) -> Option<usize> {
+        self.logprobs
+    }
 }
 
 impl CompletionRequest {
@@ -119,7 +190,7 @@ impl CompletionRequest {
             .transpose()?;
         let common = parse_common(&mut p, limits, &["max_tokens"])?;
         if let Some(best_of) = p.take::<u64>("best_of")? {
-            if best_of as usize != common.n {
+            if best_of as usize != common.n.get() {
                 return Err(ApiError::param(
                     "best_of",
                     "only best_of equal to n is supported",
@@ -144,6 +215,25 @@ impl CompletionRequest {
             echo,
             logprobs,
         })
+    }
+
+    pub fn common(&self) -> &Common {
+        &self.common
+    }
+
+    /// Never empty; token ids are below the vocabulary size.
+    pub fn prompts(&self) -> &[Prompt] {
+        &self.prompts
+    }
+
+    /// Whether the answer repeats the prompt (and its logprobs).
+    pub fn echo(&self) -> bool {
+        self.echo
+    }
+
+    /// `Some(k)`: report logprobs with `k` (at most [`MAX_TOP_LOGPROBS`]) alternatives.
+    pub fn logprobs(&self) -> Option<usize> {
+        self.logprobs
     }
 }
 
@@ -182,13 +272,8 @@ fn parse_common(
     max_names: &[&'static str],
 ) -> Result<Common, ApiError> {
     let model = p.take::<String>("model")?;
-    let n = p.take::<u64>("n")?.unwrap_or(1);
-    if n == 0 || n as usize > limits.max_n {
-        return Err(ApiError::param(
-            "n",
-            format!("must be between 1 and {}", limits.max_n),
-        ));
-    }
+    let n = ChoiceCount::new(p.take::<u64>("n")?.unwrap_or(1), limits.max_n)
+        .map_err(|e| ApiError::param("n", e.to_string()))?;
     let stream = p.take::<bool>("stream")?.unwrap_or(false);
     #[derive(Deserialize)]
     struct StreamOptions {
@@ -220,53 +305,7 @@ fn parse_common(
         }
     }
 
-    let sampling = SamplingParams {
-        temperature: float(p, "temperature", 1.0, |t| t >= 0.0, "must be >= 0")?,
-        top_p: float(
-            p,
-            "top_p",
-            1.0,
-            |t| t > 0.0 && t <= 1.0,
-            "must be in (0, 1]",
-        )?,
-        top_k: match p.take::<i64>("top_k")? {
-            None | Some(-1) | Some(0) => 0,
-            Some(k) if k > 0 => k as usize,
-            Some(_) => {
-                return Err(ApiError::param(
-                    "top_k",
-                    "must be -1 or 0 (off), or positive",
-                ))
-            }
-        },
-        min_p: float(
-            p,
-            "min_p",
-            0.0,
-            |t| (0.0..=1.0).contains(&t),
-            "must be in [0, 1]",
-        )?,
-        seed: p
-            .take::<serde_json::Number>("seed")?
-            .map(|s| seed(&s))
-            .transpose()?,
-        presence_penalty: float(
-            p,
-            "presence_penalty",
-            0.0,
-            |t| (-2.0..=2.0).contains(&t),
-            "must be in [-2, 2]",
-        )?,
-        frequency_penalty: float(
-            p,
-            "frequency_penalty",
-            0.0,
-            |t| (-2.0..=2.0).contains(&t),
-            "must be in [-2, 2]",
-        )?,
-        repetition_penalty: float(p, "repetition_penalty", 1.0, |t| t > 0.0, "must be > 0")?,
-        logit_bias: parse_logit_bias(p, limits)?,
-    };
+    let sampling = parse_sampling(p, limits)?;
     let stop = match p.take_value("stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s],
@@ -299,9 +338,15 @@ fn parse_common(
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::param("stop", "stop sequences must not be empty"));
     }
+    let ignore_eos = p.take::<bool>("ignore_eos")?.unwrap_or(false);
+    let tokens_as_ids = p
+        .take::<bool>("return_tokens_as_token_ids")?
+        .unwrap_or(false);
+    // Accepted for OpenAI compatibility: type-checked, not used.
+    p.take::<String>("user")?;
     Ok(Common {
         model,
-        n: n as usize,
+        n,
         stream,
         include_usage,
         sampling,
@@ -309,26 +354,71 @@ fn parse_common(
         max_tokens,
         max_tokens_param,
         min_tokens,
-        ignore_eos: p.take::<bool>("ignore_eos")?.unwrap_or(false),
-        tokens_as_ids: p
-            .take::<bool>("return_tokens_as_token_ids")?
-            .unwrap_or(false),
-        user: p.take::<String>("user")?,
+        ignore_eos,
+        tokens_as_ids,
         grammar: parse_grammar(p)?,
     })
 }
 
+/// The sampling parameters, in the order their errors are reported. Their ranges are
+/// [`SamplingParams`]' own; parameters not sent keep its neutral defaults.
+fn parse_sampling(p: &mut Params, limits: &Limits) -> Result<SamplingParams, ApiError> {
+    let s = SamplingParams::default();
+    let s = float(p, "temperature", s, SamplingParams::with_temperature)?;
+    let s = float(p, "top_p", s, SamplingParams::with_top_p)?;
+    let s = s.with_top_k(top_k(p)?);
+    let s = float(p, "min_p", s, SamplingParams::with_min_p)?;
+    let s = match p.take::<serde_json::Number>("seed")? {
+        Some(n) => s.with_seed(seed(&n)?),
+        None => s,
+    };
+    let s = float(
+        p,
+        "presence_penalty",
+        s,
+        SamplingParams::with_presence_penalty,
+    )?;
+    let s = float(
+        p,
+        "frequency_penalty",
+        s,
+        SamplingParams::with_frequency_penalty,
+    )?;
+    let s = float(
+        p,
+        "repetition_penalty",
+        s,
+        SamplingParams::with_repetition_penalty,
+    )?;
+    s.with_logit_bias(parse_logit_bias(p, limits)?)
+        .map_err(|e| ApiError::param("logit_bias", e.to_string()))
+}
+
+/// Applies the float `name`, when sent, through `set`'s range check; a refusal is a 400
+/// with the rule and the value as the client sent it.
 fn float(
     p: &mut Params,
     name: &str,
-    default: f32,
-    ok: impl Fn(f32) -> bool,
-    rule: &str,
-) -> Result<f32, ApiError> {
+    s: SamplingParams,
+    set: fn(SamplingParams, f32) -> Result<SamplingParams, OutOfRange>,
+) -> Result<SamplingParams, ApiError> {
     match p.take::<f64>(name)? {
-        None => Ok(default),
-        Some(v) if v.is_finite() && ok(v as f32) => Ok(v as f32),
-        Some(v) => Err(ApiError::param(name, format!("{rule} (got {v})"))),
+        None => Ok(s),
+        Some(v) => {
+            set(s, v as f32).map_err(|rule| ApiError::param(name, format!("{rule} (got {v})")))
+        }
+    }
+}
+
+/// vLLM's convention: -1 and 0 both turn top-k off.
+fn top_k(p: &mut Params) -> Result<usize, ApiError> {
+    match p.take::<i64>("top_k")? {
+        None | Some(-1) | Some(0) => Ok(0),
+        Some(k) if k > 0 => Ok(k as usize),
+        Some(_) => Err(ApiError::param(
+            "top_k",
+            "must be -1 or 0 (off), or positive",
+        )),
     }
 }
 
@@ -339,36 +429,19 @@ fn seed(n: &serde_json::Number) -> Result<u64, ApiError> {
         .ok_or_else(|| ApiError::param("seed", "must be an integer"))
 }
 
+/// Token ids and their biases; the biases' range is checked by [`SamplingParams`].
 fn parse_logit_bias(p: &mut Params, limits: &Limits) -> Result<Vec<(u32, f32)>, ApiError> {
     let Some(map) = p.take::<HashMap<String, f64>>("logit_bias")? else {
         return Ok(Vec::new());
     };
-    let mut out: Vec<(u32, f32)> = map
-        .into_iter()
+    map.into_iter()
         .map(|(k, v)| {
             let id: u32 = k.parse().map_err(|_| {
                 ApiError::param("logit_bias", format!("key `{k}` is not a token id"))
             })?;
-            if id as usize >= limits.vocab_size {
-                return Err(ApiError::param(
-                    "logit_bias",
-                    format!(
-                        "token id {id} is outside the vocabulary (size {})",
-                        limits.vocab_size
-                    ),
-                ));
-            }
-            if !(-100.0..=100.0).contains(&v) {
-                return Err(ApiError::param(
-                    "logit_bias",
-                    format!("bias for token {id} must be in [-100, 100]"),
-                ));
-            }
-            Ok((id, v as f32))
+            Ok((limits.check_token("logit_bias", id.into())?, v as f32))
         })
-        .collect::<Result<_, _>>()?;
-    out.sort_by_key(|&(id, _)| id);
-    Ok(out)
+        .collect()
 }
 
 /// The parameter a 400 names (for the request parsers' tests).
@@ -411,8 +484,8 @@ mod tests {
         assert_eq!(r.messages[1].content, "a\nb");
         assert_eq!(r.common.max_tokens, Some(5));
         assert_eq!(r.common.stop, vec!["x"]);
-        assert_eq!(r.common.sampling.seed, Some(u64::MAX));
-        assert_eq!(r.common.sampling.temperature, 1.0);
+        assert_eq!(r.common.sampling.seed(), Some(u64::MAX));
+        assert_eq!(r.common.sampling.temperature(), 1.0);
         assert_eq!(r.logprobs, None);
     }
 
@@ -474,6 +547,40 @@ mod tests {
             let got = param_of(chat(body.clone()).expect_err(&body.to_string()));
             assert_eq!(got, param, "{body}");
         }
+    }
+
+    #[test]
+    fn range_errors_keep_their_wording() {
+        let base = || json!({"messages": [{"role": "user", "content": "hi"}]});
+        let cases = [
+            (json!({"n": 5}), "must be between 1 and 4"),
+            (json!({"top_p": 1.5}), "must be in (0, 1] (got 1.5)"),
+            (json!({"temperature": -1}), "must be >= 0 (got -1)"),
+            (json!({"repetition_penalty": 0}), "must be > 0 (got 0)"),
+            (
+                json!({"logit_bias": {"3": -101}}),
+                "bias for token 3 must be in [-100, 100]",
+            ),
+        ];
+        for (patch, want) in cases {
+            let mut body = base();
+            for (k, v) in patch.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let e = chat(body).unwrap_err();
+            assert_eq!(e.to_string(), want, "{patch}");
+        }
+    }
+
+    #[test]
+    fn logit_bias_comes_sorted_by_token() {
+        let r = chat(json!({"messages": [{"role": "user", "content": "hi"}],
+            "logit_bias": {"9": 1, "2": -1, "30": 0.5}}))
+        .unwrap();
+        assert_eq!(
+            r.common.sampling.logit_bias(),
+            &[(2, -1.0), (9, 1.0), (30, 0.5)]
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ impl Parsed for ChatRequest {
         ChatRequest::parse(p, limits)
     }
     fn common(&self) -> &Common {
-        &self.common
+        ChatRequest::common(self)
     }
 }
 
@@ -31,7 +31,7 @@ impl Parsed for CompletionRequest {
         CompletionRequest::parse(p, limits)
     }
     fn common(&self) -> &Common {
-        &self.common
+        CompletionRequest::common(self)
     }
 }
 
@@ -46,7 +46,7 @@ pub fn begin<R: Parsed>(
 ) -> Result<(Ready, R, String, tracing::Span), ApiError> {
     let ready = app.ready()?;
     let req = R::parse(params, &ready.limits)?;
-    check_model(app, req.common().model.as_deref())?;
+    check_model(app, req.common().model())?;
     let id = new_id(prefix);
     let span = tracing::info_span!("request", id = %id, endpoint);
     Ok((ready, req, id, span))
@@ -87,7 +87,7 @@ where
 /// threads (a large schema takes milliseconds). A constraint that cannot be compiled is the
 /// client's error, named after the field it came in.
 pub async fn compile_grammar(ready: &Ready, common: &Common) -> Result<Option<Guide>, ApiError> {
-    let Some(constraint) = common.grammar.clone() else {
+    let Some(constraint) = common.grammar().cloned() else {
         return Ok(None);
     };
     let grammars = ready.grammars.clone();
@@ -112,14 +112,9 @@ pub fn check_prompt(
             "the prompt is empty after tokenization",
         ));
     }
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= limits.vocab_size) {
-        return Err(ApiError::param(
-            param,
-            format!(
-                "token id {bad} is outside the model's vocabulary (size {})",
-                limits.vocab_size
-            ),
-        ));
+    // The tokenizer may know more ids than the model has embedding rows.
+    for &id in prompt {
+        limits.check_token(param, id.into())?;
     }
     let len = prompt.len();
     if len >= limits.max_model_len {
@@ -132,9 +127,9 @@ pub fn check_prompt(
         ));
     }
     let room = limits.max_model_len - len;
-    match common.max_tokens {
+    match common.max_tokens() {
         Some(m) if m > room => Err(ApiError::param(
-            common.max_tokens_param,
+            common.max_tokens_param(),
             format!(
                 "this model's maximum context is {} tokens, but {len} are in the prompt and {m} were requested for the completion",
                 limits.max_model_len
@@ -156,12 +151,12 @@ pub fn generation_request(
     GenerationRequest {
         id: id.to_string(),
         prompt,
-        n: common.n,
-        sampling: common.sampling.clone(),
+        n: common.n(),
+        sampling: common.sampling().clone(),
         max_tokens,
-        min_tokens: common.min_tokens.min(max_tokens),
-        stop: common.stop.clone(),
-        ignore_eos: common.ignore_eos,
+        min_tokens: common.min_tokens().min(max_tokens),
+        stop: common.stop().to_vec(),
+        ignore_eos: common.ignore_eos(),
         logprobs,
         prompt_logprobs,
         guide: None,

@@ -72,13 +72,14 @@ impl Engine for LocalEngine {
         if request.prompt.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
-        if request.n == 0 || request.n > self.max_running {
-            // It could never get its slots, and would block the queue behind it.
-            return Err(EngineError::Invalid(format!(
-                "n = {} needs more sequence slots than the server has ({})",
-                request.n, self.max_running
-            )));
-        }
+        // `ChoiceCount` was checked against the server's slot count when the request was
+        // validated (`Limits::max_n` is `max_running`); more could never be admitted.
+        debug_assert!(
+            request.n.get() <= self.max_running,
+            "n = {} exceeds the {} sequence slots",
+            request.n.get(),
+            self.max_running
+        );
         // Reserve a place in the queue first, so the limit holds under concurrent submits.
         let reserved = self
             .waiting

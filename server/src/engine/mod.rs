@@ -7,6 +7,7 @@
 
 mod local;
 mod options;
+mod params;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
@@ -18,54 +19,18 @@ use crate::text::grammar::Guide;
 
 pub use local::LocalEngine;
 pub use options::{EngineOptions, StateCacheOptions};
-
-/// How to pick the next token. Built only by the API layer's validation, so every field is
-/// in range here.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// 1 means off.
-    pub top_p: f32,
-    /// 0 means off.
-    pub top_k: usize,
-    /// 0 means off.
-    pub min_p: f32,
-    /// Seeds the request's own RNG, so its output does not depend on what else runs.
-    pub seed: Option<u64>,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    /// 1 means off.
-    pub repetition_penalty: f32,
-    /// Added to the logits of these tokens before anything else.
-    pub logit_bias: Vec<(u32, f32)>,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            seed: None,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            repetition_penalty: 1.0,
-            logit_bias: Vec::new(),
-        }
-    }
-}
+pub use params::{ChoiceCount, OutOfRange, SamplingParams};
 
 /// One prompt to continue `n` times.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     /// For logs and spans.
     pub id: String,
-    /// Never empty; every id is below the vocabulary size.
+    /// Never empty (checked at submission). The HTTP layer keeps every id below the
+    /// vocabulary size; the model fails the step of a request that bypasses it.
     pub prompt: Vec<u32>,
     /// Continuations of the one prompt; the prompt is processed once and its state forked.
-    pub n: usize,
+    pub n: ChoiceCount,
     pub sampling: SamplingParams,
     /// 0 is allowed (score the prompt only).
     pub max_tokens: usize,

@@ -51,14 +51,14 @@ impl Sampler {
         banned: &[u32],
     ) -> u32 {
         process(params, &mut logits, prompt_tokens, history, banned);
-        if params.temperature == 0.0 {
+        if params.temperature() == 0.0 {
             return argmax(&logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if !max.is_finite() {
             return argmax(&logits);
         }
-        let inv_t = 1.0 / params.temperature;
+        let inv_t = 1.0 / params.temperature();
         // Unnormalized probabilities relative to the most likely token (which gets 1).
         let mut cands: Vec<(u32, f32)> = logits
             .iter()
@@ -66,15 +66,15 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
             .filter(|&(_, p)| p > 0.0)
             .collect();
-        if params.min_p > 0.0 {
-            cands.retain(|&(_, p)| p >= params.min_p);
+        if params.min_p() > 0.0 {
+            cands.retain(|&(_, p)| p >= params.min_p());
         }
         let by_prob = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if params.top_k > 0 && params.top_k < cands.len() {
-            cands.select_nth_unstable_by(params.top_k - 1, by_prob);
-            cands.truncate(params.top_k);
+        if params.top_k() > 0 && params.top_k() < cands.len() {
+            cands.select_nth_unstable_by(params.top_k() - 1, by_prob);
+            cands.truncate(params.top_k());
         }
-        if params.top_p < 1.0 {
+        if params.top_p() < 1.0 {
             cands.sort_unstable_by(by_prob);
             let total: f32 = cands.iter().map(|c| c.1).sum();
             let mut acc = 0.0;
@@ -82,7 +82,7 @@ impl Sampler {
                 .iter()
                 .position(|c| {
                     acc += c.1;
-                    acc >= params.top_p * total
+                    acc >= params.top_p() * total
                 })
                 .map_or(cands.len(), |i| i + 1);
             cands.truncate(keep);
@@ -113,7 +113,7 @@ fn process(
         }
     }
     let vocab = logits.len();
-    for &(id, bias) in &params.logit_bias {
+    for &(id, bias) in params.logit_bias() {
         if (id as usize) < vocab {
             logits[id as usize] += bias;
         }
@@ -123,8 +123,8 @@ fn process(
             logits[id as usize] = f32::NEG_INFINITY;
         }
     }
-    if params.repetition_penalty != 1.0 {
-        let p = params.repetition_penalty;
+    if params.repetition_penalty() != 1.0 {
+        let p = params.repetition_penalty();
         let seen = prompt_tokens.iter().chain(history.output_counts.keys());
         let unique: HashSet<u32> = seen.copied().collect();
         for id in unique {
@@ -133,10 +133,10 @@ fn process(
             }
         }
     }
-    if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+    if params.presence_penalty() != 0.0 || params.frequency_penalty() != 0.0 {
         for (&id, &count) in &history.output_counts {
             if let Some(l) = logits.get_mut(id as usize) {
-                *l -= params.frequency_penalty * count as f32 + params.presence_penalty;
+                *l -= params.frequency_penalty() * count as f32 + params.presence_penalty();
             }
         }
     }
@@ -232,11 +232,10 @@ mod tests {
 
     #[test]
     fn greedy_picks_the_argmax_and_respects_bias_and_bans() {
-        let mut p = params();
-        p.temperature = 0.0;
+        let p = params().with_temperature(0.0).unwrap();
         let logits = [0.0, 3.0, 1.0, 3.0];
         assert_eq!(draw(&p, &logits, 0, 1), vec![1], "lowest index wins ties");
-        p.logit_bias = vec![(2, 5.0)];
+        let p = p.with_logit_bias(vec![(2, 5.0)]).unwrap();
         assert_eq!(draw(&p, &logits, 0, 1), vec![2]);
         let mut s = Sampler::new(None, 0);
         assert_eq!(
@@ -272,30 +271,24 @@ mod tests {
     #[test]
     fn top_k_top_p_and_min_p_restrict_the_candidates() {
         let logits = [5.0, 4.9, 0.0, -1.0, -2.0];
-        let mut p = params();
-        p.top_k = 2;
+        let p = params().with_top_k(2);
         assert!(draw(&p, &logits, 1, 200).iter().all(|&t| t < 2));
-        let mut p = params();
-        p.top_p = 0.5;
+        let p = params().with_top_p(0.5).unwrap();
         assert!(draw(&p, &logits, 1, 200).iter().all(|&t| t == 0));
-        let mut p = params();
-        p.min_p = 0.5;
+        let p = params().with_min_p(0.5).unwrap();
         assert!(draw(&p, &logits, 1, 200).iter().all(|&t| t < 2));
     }
 
     #[test]
     fn penalties_push_seen_tokens_down() {
-        let mut p = params();
-        p.temperature = 0.0;
-        p.presence_penalty = 2.0;
+        let greedy = params().with_temperature(0.0).unwrap();
+        let p = greedy.clone().with_presence_penalty(2.0).unwrap();
         let mut h = History::default();
         h.output_counts.insert(0, 1);
         let mut s = Sampler::new(None, 0);
         let e = HashSet::new();
         assert_eq!(s.sample(&p, vec![1.0, 0.5], &e, &h, &[]), 1);
-        let mut p = params();
-        p.temperature = 0.0;
-        p.repetition_penalty = 4.0;
+        let p = greedy.with_repetition_penalty(4.0).unwrap();
         let prompt: HashSet<u32> = [0].into();
         assert_eq!(
             s.sample(&p, vec![1.0, 0.5], &prompt, &History::default(), &[]),

@@ -33,7 +33,7 @@ impl Shared {
         Self {
             sampling: req.sampling.clone(),
             prompt_len: req.prompt.len(),
-            prompt_tokens: if req.sampling.repetition_penalty != 1.0 {
+            prompt_tokens: if req.sampling.repetition_penalty() != 1.0 {
                 req.prompt.iter().copied().collect()
             } else {
                 HashSet::new()
@@ -81,7 +81,7 @@ impl Choice {
             next: 0,
             generated: 0,
             tokens: Vec::new(),
-            sampler: Sampler::new(shared.sampling.seed, index),
+            sampler: Sampler::new(shared.sampling.seed(), index),
             history: History::default(),
             detok: IncrementalDecoder::new(prompt),
             stops: StopMatcher::new(shared.stop.clone()),

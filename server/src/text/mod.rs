@@ -7,22 +7,23 @@ pub mod detok;
 pub mod grammar;
 pub mod stop;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
+use liger_model::text::Text;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
 pub use detok::{Decode, IncrementalDecoder};
-pub use liger_model::chat::{
-    ChatTemplate, FunctionCall, Message as ChatMessage, Specials, ToolCall, CHATML,
-};
+pub use liger_model::chat::{ChatTemplate, FunctionCall, Message as ChatMessage, ToolCall, CHATML};
 pub use stop::StopMatcher;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
-    #[error("{path}: {reason}")]
-    File { path: String, reason: String },
+    /// The folder's text files (missing tokenizer, bad JSON, a template that does not
+    /// compile).
+    #[error(transparent)]
+    Folder(#[from] liger_model::Error),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// The chat template failed (or called `raise_exception`): the request's fault.
@@ -30,12 +31,11 @@ pub enum TextError {
     Template(String),
 }
 
-/// The model's tokenizer with everything needed around it.
+/// The model's text side ([`liger_model::text::Text`]: tokenizer, template, special and
+/// stop ids, read as training and evaluation read them) plus what serving adds: token bytes
+/// for logprobs and grammars.
 pub struct Codec {
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
-    bos_token: Option<String>,
-    eos_token_ids: Vec<u32>,
+    text: Text,
     /// Byte-level BPE stores bytes as printable characters; this maps them back.
     byte_decoder: Option<HashMap<char, u8>>,
 }
@@ -43,9 +43,9 @@ pub struct Codec {
 impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Codec")
-            .field("vocab", &self.tokenizer.get_vocab_size(true))
-            .field("bos_token", &self.bos_token)
-            .field("eos_token_ids", &self.eos_token_ids)
+            .field("vocab", &self.text.vocab_size())
+            .field("bos_token", &self.text.bos_token())
+            .field("eos_token_ids", &self.text.eos_token_ids())
             .finish()
     }
 }
@@ -54,30 +54,7 @@ impl Codec {
     /// Reads the tokenizer files of a model folder. `model_eos` are the `config.json`
     /// end-of-sequence ids; the tokenizer's and `generation_config.json`'s are added.
     pub fn load(dir: &Path, model_eos: &[u32]) -> Result<Self, TextError> {
-        let tok_path = dir.join("tokenizer.json");
-        if !tok_path.exists() {
-            return Err(TextError::File {
-                path: tok_path.display().to_string(),
-                reason: "missing: the server needs the model's Hugging Face tokenizer".into(),
-            });
-        }
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| TextError::File {
-            path: tok_path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let tok_config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
-        let gen_config = read_json_opt(&dir.join("generation_config.json"))?;
-        // One precedence for every front end (`liger_model::chat`).
-        let template_text = liger_model::chat::folder_source(dir, &tok_config)
-            .map_err(template_error)?
-            .map(|(_, text)| text);
-        Self::from_parts(
-            tokenizer,
-            &tok_config,
-            gen_config.as_ref(),
-            template_text,
-            model_eos,
-        )
+        Ok(Self::new(Text::load(dir, model_eos)?))
     }
 
     pub fn from_parts(
@@ -87,56 +64,49 @@ impl Codec {
         template_override: Option<String>,
         model_eos: &[u32],
     ) -> Result<Self, TextError> {
-        let specials = Specials::from_config(tokenizer_config);
-        let template_src =
-            template_override.or_else(|| liger_model::chat::config_source(tokenizer_config));
-        let template = match template_src {
-            Some(src) => ChatTemplate::new(&src, &specials).map_err(template_error)?,
-            None => ChatTemplate::chatml(&specials),
-        };
-        let Specials {
-            bos: bos_token,
-            eos: eos_token,
-        } = specials;
-        let mut eos: BTreeSet<u32> = model_eos.iter().copied().collect();
-        if let Some(ids) = generation_config.and_then(|g| g.get("eos_token_id")) {
-            eos.extend(id_list(ids));
-        }
-        if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
-            eos.insert(id);
-        }
-        let byte_level = tokenizer
+        let text = Text::from_parts(
+            tokenizer,
+            tokenizer_config,
+            generation_config,
+            template_override.as_deref(),
+            model_eos,
+        )
+        .map_err(template_error)?;
+        Ok(Self::new(text))
+    }
+
+    /// Serving's view of a folder's text side.
+    pub fn new(text: Text) -> Self {
+        let byte_level = text
+            .tokenizer()
             .get_decoder()
             .and_then(|d| serde_json::to_string(d).ok())
             .is_some_and(|j| j.contains("\"ByteLevel\""));
-        Ok(Self {
-            tokenizer,
-            template,
-            bos_token,
-            eos_token_ids: eos.into_iter().collect(),
+        Self {
+            text,
             byte_decoder: byte_level.then(byte_decoder),
-        })
+        }
     }
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+        self.text.vocab_size()
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {
-        &self.eos_token_ids
+        self.text.eos_token_ids()
     }
 
     pub fn template(&self) -> &ChatTemplate {
-        &self.template
+        self.text.template()
     }
 
     /// Tokenizes text; special tokens written in it (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TextError> {
-        self.tokenizer
+        self.text
             .encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| TextError::Tokenizer(e.to_string()))
+            .map_err(tokenizer_error)
     }
 
     /// Renders a conversation with the chat template.
@@ -150,7 +120,7 @@ impl Codec {
         messages: &[ChatMessage],
         tools: Option<&Value>,
     ) -> Result<String, TextError> {
-        self.template
+        self.template()
             .render_with_tools(messages, tools, true)
             .map_err(template_error)
     }
@@ -168,21 +138,20 @@ impl Codec {
         tools: Option<&Value>,
     ) -> Result<Vec<u32>, TextError> {
         let text = self.render_chat_with_tools(messages, tools)?;
-        let has_bos = self
-            .bos_token
-            .as_deref()
-            .is_some_and(|b| !b.is_empty() && text.starts_with(b));
-        self.encode(&text, !has_bos)
+        self.text
+            .encode_rendered(&text)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(tokenizer_error)
     }
 
     /// Text of `ids`; special tokens are dropped when `skip_special`.
     pub fn decode_ids(&self, ids: &[u32], skip_special: bool) -> String {
-        self.tokenizer.decode(ids, skip_special).unwrap_or_default()
+        self.text.decode(ids, skip_special).unwrap_or_default()
     }
 
     /// The raw bytes a token stands for (OpenAI's `bytes` in logprobs).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let Some(piece) = self.tokenizer.id_to_token(id) else {
+        let Some(piece) = self.text.tokenizer().id_to_token(id) else {
             return Vec::new();
         };
         if let Some(b) = byte_fallback(&piece) {
@@ -207,7 +176,8 @@ impl Codec {
 
     /// Added tokens (`<|im_end|>` and the like) stand for no text.
     pub fn is_added_token(&self, id: u32) -> bool {
-        self.tokenizer
+        self.text
+            .tokenizer()
             .get_added_vocabulary()
             .simple_id_to_token(id)
             .is_some()
@@ -250,30 +220,11 @@ pub fn byte_encoder() -> HashMap<u8, char> {
     byte_decoder().into_iter().map(|(c, b)| (b, c)).collect()
 }
 
-fn id_list(v: &Value) -> Vec<u32> {
-    match v {
-        Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-        Value::Array(a) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|n| n as u32)
-            .collect(),
-        _ => Vec::new(),
+fn tokenizer_error(e: liger_model::Error) -> TextError {
+    match e {
+        liger_model::Error::Tokenizer(message) => TextError::Tokenizer(message),
+        other => TextError::Tokenizer(other.to_string()),
     }
-}
-
-fn read_json_opt(path: &Path) -> Result<Option<Value>, TextError> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let bad = |reason: String| TextError::File {
-        path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| bad(format!("not valid JSON: {e}")))
 }
 
 /// A template's failure, as the request's fault (the model crate already names it).
@@ -305,10 +256,9 @@ mod tests {
             "eos_token": "</s>",
         });
         assert_eq!(liger_model::chat::config_source(&c).as_deref(), Some("D"));
-        let specials = Specials::from_config(&c);
+        let specials = liger_model::chat::Specials::from_config(&c);
         assert_eq!(specials.bos.as_deref(), Some("<s>"));
         assert_eq!(specials.eos.as_deref(), Some("</s>"));
-        assert_eq!(id_list(&serde_json::json!([2, 3])), vec![2, 3]);
         assert_eq!(byte_fallback("<0x0A>"), Some(10));
         assert_eq!(byte_fallback("<0x0A"), None);
     }

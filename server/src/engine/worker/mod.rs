@@ -195,7 +195,7 @@ impl Worker {
             .queue
             .iter()
             .map(|s| Waiting {
-                need: s.request.n,
+                need: s.request.n.get(),
                 warm: self.is_warm(&s.request),
             })
             .collect();
@@ -209,9 +209,9 @@ impl Worker {
         self.queue = all.into_iter().flatten().collect();
         for sub in taken {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            let mut slots = Vec::with_capacity(sub.request.n);
+            let mut slots = Vec::with_capacity(sub.request.n.get());
             let mut failure = None;
-            for _ in 0..sub.request.n {
+            for _ in 0..sub.request.n.get() {
                 match self.pool.acquire() {
                     Ok(Some(s)) => slots.push(s),
                     Ok(None) => failure = Some("no free state slot".to_string()),
@@ -236,7 +236,7 @@ impl Worker {
                 self.codec.eos_token_ids(),
                 self.options.max_model_len,
             );
-            debug!(id = %sub.request.id, prompt_tokens = sub.request.prompt.len(), cached, n = sub.request.n, "admitted");
+            debug!(id = %sub.request.id, prompt_tokens = sub.request.prompt.len(), cached, n = sub.request.n.get(), "admitted");
             self.running.push(Group {
                 request: sub.request,
                 shared,

@@ -291,7 +291,7 @@ impl Worker {
         }
         if g.request.max_tokens == 0 {
             // Scoring only: nothing to generate.
-            for c in 0..g.request.n {
+            for c in 0..g.request.n.get() {
                 let e = Event::Finished {
                     choice: c,
                     reason: FinishReason::Length,
@@ -304,15 +304,15 @@ impl Worker {
         }
         let mut slots = slots.into_iter();
         let first = slots.next().expect("n >= 1");
-        let mut forks = Vec::with_capacity(g.request.n);
+        let mut forks = Vec::with_capacity(g.request.n.get());
         for mut s in slots {
             // Cheap: states are reference-counted and never mutated in place.
             s.state = first.state.clone();
             forks.push(s);
         }
-        let mut choices = Vec::with_capacity(g.request.n);
+        let mut choices = Vec::with_capacity(g.request.n.get());
         let mut guide = g.request.guide.take();
-        let n = g.request.n;
+        let n = g.request.n.get();
         for (i, slot) in std::iter::once(first).chain(forks).enumerate() {
             // Each choice its own matcher: the last takes the original.
             let own = if i + 1 == n {
