@@ -2,10 +2,11 @@
 //! the same math as `attention.rs` and `gla` (LIGER.md §1), written per row so the fused
 //! step can run a (sequence, KV head) pair on whichever thread owns it.
 
+use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::attend::{attend, Attend};
-use super::rows::{sized, Rows, RowsMut};
+use super::rows::{sized, write_converted, write_copy, Rows, RowsMut};
 use crate::gla::feature::key_row;
 use crate::layers::vexp;
 use crate::mix::{Mix, Recurrent};
@@ -151,22 +152,27 @@ fn keep_last(cached: Rows, new: &[f32], dst: RowsMut) {
     let new = &new[skip.saturating_sub(cached.len())..];
     match (cached, dst) {
         (Rows::F32(c), RowsMut::F32(d)) => {
-            d[..from_cache].copy_from_slice(&c[c.len() - from_cache..]);
-            d[from_cache..].copy_from_slice(new);
+            write_copy(&mut d[..from_cache], &c[c.len() - from_cache..]);
+            write_copy(&mut d[from_cache..], new);
         }
         (Rows::F16(c), RowsMut::F16(d)) => {
-            d[..from_cache].copy_from_slice(&c[c.len() - from_cache..]);
-            d[from_cache..].convert_from_f32_slice(new);
+            write_copy(&mut d[..from_cache], &c[c.len() - from_cache..]);
+            write_converted(&mut d[from_cache..], new, to_f16);
         }
         (Rows::F32(c), RowsMut::F16(d)) => {
-            d[..from_cache].convert_from_f32_slice(&c[c.len() - from_cache..]);
-            d[from_cache..].convert_from_f32_slice(new);
+            write_converted(&mut d[..from_cache], &c[c.len() - from_cache..], to_f16);
+            write_converted(&mut d[from_cache..], new, to_f16);
         }
         (Rows::F16(c), RowsMut::F32(d)) => {
-            c[c.len() - from_cache..].convert_to_f32_slice(&mut d[..from_cache]);
-            d[from_cache..].copy_from_slice(new);
+            let to_f32 = |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d);
+            write_converted(&mut d[..from_cache], &c[c.len() - from_cache..], to_f32);
+            write_copy(&mut d[from_cache..], new);
         }
     }
+}
+
+fn to_f16(s: &[f32], d: &mut [f16]) {
+    d.convert_from_f32_slice(s);
 }
 
 /// One step of the gated recurrence on the group's KV head (`gla::step_reference`):
@@ -241,23 +247,52 @@ mod tests {
 
     #[test]
     fn keep_last_trims_the_oldest_rows() {
+        use std::mem::MaybeUninit;
+        // Destinations start uninitialized, as the step allocates them; every slot of one
+        // must be written.
+        fn run<T: Copy>(
+            cached: Rows,
+            new: &[f32],
+            n: usize,
+            wrap: fn(&mut [MaybeUninit<T>]) -> RowsMut<'_>,
+        ) -> Vec<T> {
+            let mut dst = vec![MaybeUninit::<T>::uninit(); n];
+            keep_last(cached, new, wrap(&mut dst));
+            // SAFETY: `keep_last` writes all of `dst`.
+            dst.into_iter()
+                .map(|x| unsafe { x.assume_init() })
+                .collect()
+        }
+        fn f32s(d: &mut [MaybeUninit<f32>]) -> RowsMut<'_> {
+            RowsMut::F32(d)
+        }
+        fn f16s(d: &mut [MaybeUninit<f16>]) -> RowsMut<'_> {
+            RowsMut::F16(d)
+        }
         let cached = [1.0, 2.0, 3.0];
-        let mut dst = [0.0; 2];
-        keep_last(Rows::F32(&cached), &[4.0], RowsMut::F32(&mut dst));
-        assert_eq!(dst, [3.0, 4.0]);
-        let mut dst = [0.0; 4];
-        keep_last(Rows::F32(&cached), &[4.0], RowsMut::F32(&mut dst));
-        assert_eq!(dst, [1.0, 2.0, 3.0, 4.0]);
-        let mut dst = [0.0; 1];
-        keep_last(Rows::EMPTY, &[4.0], RowsMut::F32(&mut dst));
-        assert_eq!(dst, [4.0]);
+        assert_eq!(run(Rows::F32(&cached), &[4.0], 2, f32s), [3.0, 4.0]);
+        assert_eq!(
+            run(Rows::F32(&cached), &[4.0], 4, f32s),
+            [1.0, 2.0, 3.0, 4.0]
+        );
+        assert_eq!(run(Rows::EMPTY, &[4.0], 1, f32s), [4.0]);
         // Stored in f16: the cached rows are copied, the new one rounded.
         let halves = cached.map(f16::from_f32);
-        let mut dst = [f16::ZERO; 3];
-        keep_last(Rows::F16(&halves), &[4.1], RowsMut::F16(&mut dst));
-        assert_eq!(dst, [2.0, 3.0, 4.1].map(f16::from_f32));
-        let mut dst = [0.0; 2];
-        keep_last(Rows::F16(&halves), &[4.0], RowsMut::F32(&mut dst));
-        assert_eq!(dst, [3.0, 4.0]);
+        assert_eq!(
+            run(Rows::F16(&halves), &[4.1], 3, f16s),
+            [2.0, 3.0, 4.1].map(f16::from_f32)
+        );
+        assert_eq!(run(Rows::F16(&halves), &[4.0], 2, f32s), [3.0, 4.0]);
+        // Longer than one conversion block, across dtypes both ways.
+        let long: Vec<f32> = (0..150).map(|i| i as f32 * 0.5).collect();
+        let long16: Vec<f16> = long.iter().map(|&x| f16::from_f32(x)).collect();
+        assert_eq!(
+            run(Rows::F32(&long[..149]), &long[149..], 150, f16s),
+            long16
+        );
+        assert_eq!(
+            run(Rows::F16(&long16[..149]), &long[149..], 150, f32s),
+            long
+        );
     }
 }

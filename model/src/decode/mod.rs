@@ -30,6 +30,7 @@ mod sync;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -203,17 +204,39 @@ struct SeqLayerIx {
     scores: usize,
 }
 
-/// New cache rows, in the dtype the cache stores them in.
+/// New cache rows, in the dtype the cache stores them in. Allocated uninitialized: the
+/// buffer is cut into one part per KV head (`Step::group`), each written whole by that
+/// group's `keep_last`, so zero-filling it first (serially, before the threads start) was
+/// pure cost: ~4% of a batch-8 step's samples (docs/results/decode-batch8-profile.md).
 enum NewRows {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
+    F32(Vec<MaybeUninit<f32>>),
+    F16(Vec<MaybeUninit<f16>>),
+}
+
+/// `n` uninitialized values.
+fn uninit<T>(n: usize) -> Vec<MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialization, and the capacity is `n`.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `v` as the values it holds.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<T>` has `T`'s size and alignment; the caller vouches for the
+    // contents; the allocation moves over whole (pointer, length, capacity).
+    Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity())
 }
 
 impl NewRows {
-    fn zeros(dtype: RowsDtype, n: usize) -> Self {
+    fn uninit(dtype: RowsDtype, n: usize) -> Self {
         match dtype {
-            RowsDtype::F32 => Self::F32(vec![0.0; n]),
-            RowsDtype::F16 => Self::F16(vec![f16::ZERO; n]),
+            RowsDtype::F32 => Self::F32(uninit(n)),
+            RowsDtype::F16 => Self::F16(uninit(n)),
         }
     }
 
@@ -224,19 +247,23 @@ impl NewRows {
         }
     }
 
-    fn into_tensor(self, shape: (usize, usize, usize)) -> Result<Tensor> {
+    /// The rows, once the step has run.
+    ///
+    /// # Safety
+    /// Every group of the step has written its part (the parts cover the buffer).
+    unsafe fn into_tensor(self, shape: (usize, usize, usize)) -> Result<Tensor> {
         let device = candle_core::Device::Cpu;
         Ok(match self {
-            Self::F32(x) => Tensor::from_vec(x, shape, &device)?,
-            Self::F16(x) => Tensor::from_vec(x, shape, &device)?,
+            Self::F32(x) => Tensor::from_vec(assume_init(x), shape, &device)?,
+            Self::F16(x) => Tensor::from_vec(assume_init(x), shape, &device)?,
         })
     }
 }
 
 /// [`NewRows`] shared among the step's threads.
 enum SharedRows<'a> {
-    F32(Shared<'a, f32>),
-    F16(Shared<'a, f16>),
+    F32(Shared<'a, MaybeUninit<f32>>),
+    F16(Shared<'a, MaybeUninit<f16>>),
 }
 
 impl SharedRows<'_> {
@@ -540,8 +567,8 @@ impl Plan {
                 per_seq
                     .iter()
                     .map(|s| SeqLayerOut {
-                        new_k: NewRows::zeros(s.stored, hkv * s.keep * d),
-                        new_v: NewRows::zeros(s.stored, hkv * s.keep * d),
+                        new_k: NewRows::uninit(s.stored, hkv * s.keep * d),
+                        new_v: NewRows::uninit(s.stored, hkv * s.keep * d),
                         memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
                         salience: vec![0f32; hkv * s.scores],
                     })
@@ -631,7 +658,10 @@ impl Plan {
                     None
                 } else {
                     let shape = (hkv, keep, d);
-                    Some((out.new_k.into_tensor(shape)?, out.new_v.into_tensor(shape)?))
+                    // SAFETY: `run` returned, so every group of every layer and sequence
+                    // ran its `keep_last` over its whole part (a panicking worker would
+                    // have ended the step before this).
+                    unsafe { Some((out.new_k.into_tensor(shape)?, out.new_v.into_tensor(shape)?)) }
                 };
                 let position = seq.state.position;
                 match &mut seq.state.layers[li] {

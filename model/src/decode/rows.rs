@@ -1,6 +1,8 @@
 //! Cached key and value rows as states store them (f32 or f16), and the small slice
 //! helpers the decode kernels share; a leaf under [`super::mixing`] and [`super::attend`].
 
+use std::mem::MaybeUninit;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -37,10 +39,11 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// Where new cache rows go, in the dtype the state stores them in.
+/// Where new cache rows go, in the dtype the state stores them in: not yet initialized
+/// (the step writes every element once, so it never zero-fills them first).
 pub(crate) enum RowsMut<'a> {
-    F32(&'a mut [f32]),
-    F16(&'a mut [f16]),
+    F32(&'a mut [MaybeUninit<f32>]),
+    F16(&'a mut [MaybeUninit<f16>]),
 }
 
 impl RowsMut<'_> {
@@ -49,6 +52,30 @@ impl RowsMut<'_> {
             RowsMut::F32(x) => x.len(),
             RowsMut::F16(x) => x.len(),
         }
+    }
+}
+
+/// Writes `src` into the start of `dst` (which must be as long).
+pub(in crate::decode) fn write_copy<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
+    assert_eq!(dst.len(), src.len());
+    // SAFETY: equal lengths, and a `&mut` cannot overlap a `&`; writing into
+    // `MaybeUninit` memory needs no initialized contents.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<T>(), src.len()) };
+}
+
+/// Converts `src` into `dst` (as long) a stack block at a time, with `half`'s vectorized
+/// slice conversions.
+pub(in crate::decode) fn write_converted<S: Copy, D: Copy + Default>(
+    dst: &mut [MaybeUninit<D>],
+    src: &[S],
+    convert: impl Fn(&[S], &mut [D]),
+) {
+    assert_eq!(dst.len(), src.len());
+    let mut block = [D::default(); 64];
+    for (d, s) in dst.chunks_mut(64).zip(src.chunks(64)) {
+        let b = &mut block[..s.len()];
+        convert(s, b);
+        write_copy(d, b);
     }
 }
 
