@@ -137,12 +137,8 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Reads `dir`'s `config.json` and its safetensors headers (single file or shards).
     pub fn open(dir: &Path) -> Result<Self> {
-        let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let raw: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config("config.json", format!("{}: {e}", path.display())))?;
-        let stored_dtype = stored_dtype(&raw);
-        let config = ModelConfig::from_json(raw)?;
+        let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let stored_dtype = stored_dtype(&config.raw);
         let files = safetensors_files(dir)?;
         let mut quantized = BTreeMap::new();
         for f in &files {

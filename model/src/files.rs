@@ -11,6 +11,22 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// The JSON file at `path`, `None` when there is none; unreadable or invalid JSON is
+/// `invalid`'s error (each file's own kind: a tokenizer file's, a template's).
+pub fn read_optional_json(
+    path: &Path,
+    invalid: fn(String) -> Error,
+) -> Result<Option<serde_json::Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| invalid(format!("{}: not valid JSON ({e})", path.display())))
+}
+
 /// The safetensors files of a model folder, checked to exist and to have readable headers.
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(INDEX_FILE);

@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokenizers::{Encoding, Tokenizer};
 
 use crate::chat::{self, ChatTemplate, Specials};
+use crate::files::read_optional_json;
 use crate::{Error, Result};
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -45,7 +46,7 @@ impl Text {
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let config = chat::tokenizer_config(dir)?;
         let template = ChatTemplate::from_folder_config(dir, &config)?;
-        let generation = read_json(&dir.join(GENERATION_CONFIG_FILE))?;
+        let generation = read_optional_json(&dir.join(GENERATION_CONFIG_FILE), Error::Tokenizer)?;
         Ok(Self::assemble(
             tokenizer,
             template,
@@ -150,18 +151,6 @@ impl Text {
             .decode(ids, skip_special)
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
-}
-
-/// An optional JSON file: `None` when absent.
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, e)),
-    };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::Tokenizer(format!("{}: not valid JSON ({e})", path.display())))
 }
 
 /// `eos_token_id`: one id or a list.

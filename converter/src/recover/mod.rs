@@ -512,7 +512,8 @@ pub fn recover(opts: &RecoverOptions, progress: &Progress) -> Result<RecoverSumm
         seconds,
         resumed,
     };
-    let summary = write_result(opts, student, summary, &plans, progress)?;
+    let stored = student_dir.stored_dtype();
+    let summary = write_result(opts, (student, stored), summary, &plans, progress)?;
     ckpt.remove();
     Ok(summary)
 }
@@ -728,9 +729,10 @@ fn settings_json(
 }
 
 /// Writes the merged model or the adapter, plus `recovery.json` and a card.
+/// `student` with the dtype its folder stores (the merged model is written in it).
 fn write_result(
     opts: &RecoverOptions,
-    mut student: Model,
+    (mut student, stored): (Model, DType),
     mut summary: RecoverSummary,
     plans: &[StagePlan],
     progress: &Progress,
@@ -770,7 +772,7 @@ fn write_result(
         return Ok(summary);
     }
     student.merge_lora()?;
-    let format = WeightFormat::dense(Checkpoint::open(&opts.student)?.stored_dtype());
+    let format = WeightFormat::dense(stored);
     let folder = ModelFolder {
         config: Config::CopyFrom(&opts.student),
         weights: Weights::Model(&student),

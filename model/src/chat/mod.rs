@@ -24,6 +24,7 @@ use minijinja::{context, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::files::read_optional_json;
 use crate::{Error, Result};
 
 /// The template used when a model ships none (SmolLM2, Qwen2 and many others use ChatML).
@@ -248,12 +249,7 @@ impl ChatTemplate {
 /// A folder's `tokenizer_config.json` (`null` when it has none).
 pub fn tokenizer_config(dir: &Path) -> Result<Value> {
     let path = dir.join("tokenizer_config.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map_err(|e| Error::Template(format!("{}: not valid JSON ({e})", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Value::Null),
-        Err(source) => Err(Error::Io { path, source }),
-    }
+    Ok(read_optional_json(&path, Error::Template)?.unwrap_or(Value::Null))
 }
 
 /// The template text of a folder whose `tokenizer_config.json` is `config`, with the file

@@ -201,15 +201,19 @@ pub(super) fn parse_prompts(p: &mut Params, limits: &Limits) -> Result<Vec<Promp
     Ok(prompts)
 }
 
+/// What the request parsers' tests run against.
+#[cfg(test)]
+pub(super) const TEST_LIMITS: Limits = Limits {
+    max_model_len: 100,
+    vocab_size: 50,
+    max_n: 4,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_model_len: 100,
-        vocab_size: 50,
-        max_n: 4,
-    };
+    const LIMITS: Limits = TEST_LIMITS;
 
     #[test]
     fn token_ids_below_the_vocabulary_pass() {

@@ -458,11 +458,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const LIMITS: Limits = Limits {
-        max_model_len: 100,
-        vocab_size: 50,
-        max_n: 4,
-    };
+    const LIMITS: Limits = crate::api::inputs::TEST_LIMITS;
 
     fn chat(v: Value) -> Result<ChatRequest, ApiError> {
         ChatRequest::parse(Params::from_value(v).unwrap(), &LIMITS)
