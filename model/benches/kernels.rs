@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use liger_model::layers::matvec;
+use liger_model::layers::{gemm, matvec};
 
 fn time(f: impl Fn() -> Tensor, reps: usize) -> f64 {
     let t = Instant::now();
@@ -21,6 +21,8 @@ fn time(f: impl Fn() -> Tensor, reps: usize) -> f64 {
 fn main() -> candle_core::Result<()> {
     let threads = liger_model::threads::init(None);
     println!("threads: {threads}");
+    // `--gemm` runs only the prefill kernel's table.
+    let gemm_only = std::env::args().any(|a| a == "--gemm");
     println!("| rows | k x n | gemm µs | matvec µs | speed-up |");
     println!("|---:|---|---:|---:|---:|");
     for (k, n) in [
@@ -29,7 +31,10 @@ fn main() -> candle_core::Result<()> {
         (576, 1536),
         (1536, 576),
         (576, 49152),
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| !gemm_only)
+    {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         for m in [1, 4, 8, 16, 32, 64, 96] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
@@ -48,6 +53,33 @@ fn main() -> candle_core::Result<()> {
                 f[2],
                 g[2] / f[2]
             );
+        }
+    }
+    if gemm::available() {
+        println!();
+        println!("| rows | k x n | candle gemm µs | AVX-512 gemm µs | speed-up | GFLOP/s |");
+        println!("|---:|---|---:|---:|---:|---:|");
+        for (k, n) in [(576, 576), (576, 192), (576, 1536), (1536, 576)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+            for m in [64, 128, 512] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+                let wt = w.t()?;
+                let reps = (2_000_000_000 / (m * k * n)).clamp(5, 2000);
+                let (mut g, mut f) = (Vec::new(), Vec::new());
+                for _ in 0..5 {
+                    g.push(time(|| x.matmul(&wt).unwrap(), reps));
+                    f.push(time(|| gemm::matmul(&x, &w).unwrap(), reps));
+                }
+                g.sort_by(f64::total_cmp);
+                f.sort_by(f64::total_cmp);
+                println!(
+                    "| {m} | {k} x {n} | {:.1} | {:.1} | {:.2}x | {:.0} |",
+                    g[2],
+                    f[2],
+                    g[2] / f[2],
+                    (2 * m * k * n) as f64 / f[2] / 1e3
+                );
+            }
         }
     }
     Ok(())

@@ -296,14 +296,20 @@ impl Module for Linear {
                 // column (measured 4x slower than dense f32 on a 3.8K-token prefill);
                 // dequantizing once per call and using gemm costs a fraction of the product
                 // (Q8_0 on the CPU decoded on all threads, see `matvec_q8::dequantize`).
-                let w = match q.cpu_q8_0() {
-                    Some(blocks) => super::matvec_q8::dequantize(blocks),
-                    None => self.weight(),
+                // With AVX-512, Q8_0 blocks are decoded a panel at a time inside the
+                // product instead (`gemm`), never as a whole dense copy.
+                let xf = x.to_dtype(DType::F32)?;
+                let y = match q.cpu_q8_0() {
+                    Some(blocks) if super::gemm::applies_to_input(&xf) => {
+                        super::gemm::matmul_q8_0(&xf, blocks)
+                    }
+                    Some(blocks) => {
+                        super::matvec_q8::dequantize(blocks).and_then(|w| Ok(xf.matmul(&w.t()?)?))
+                    }
+                    None => self.weight().and_then(|w| Ok(xf.matmul(&w.t()?)?)),
                 }
                 .map_err(candle_core::Error::wrap)?;
-                x.to_dtype(DType::F32)?
-                    .matmul(&w.t()?)?
-                    .to_dtype(x.dtype())?
+                y.to_dtype(x.dtype())?
             } else if let (Some(blocks), false) = (q.cpu_q8_0(), x.track_op()) {
                 // Q8_0 on the CPU: the fused decode step's kernel, f32 activations, so a
                 // decode step computes the same product whichever path runs it.
@@ -318,6 +324,8 @@ impl Module for Linear {
             }
         } else if !x.track_op() && super::matvec::applies(x, &self.weight) {
             super::matvec::matvec(x, &self.weight)?
+        } else if super::gemm::applies(x, &self.weight) {
+            super::gemm::matmul(x, &self.weight).map_err(candle_core::Error::wrap)?
         } else if x.track_op() && !self.weight.track_op() {
             frozen_matmul(x, &self.weight)?
         } else {

@@ -1,6 +1,7 @@
 //! Building blocks shared by every architecture: the families differ by config and
 //! weight names, never by copied layer code.
 
+pub mod gemm;
 mod linear;
 pub mod matvec;
 pub(crate) mod matvec_q8;
