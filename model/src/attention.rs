@@ -21,6 +21,7 @@ use crate::config::{LayerKind, LigerConfig, ModelConfig, Variant};
 use crate::gla::{self, FeatureMaps};
 use crate::global::{recall_scores, DistanceCap, GlobalCache, SpanPositions};
 use crate::global::{Exps, Geometry};
+use crate::layers::gemm;
 use crate::layers::rope::rotate_rows;
 use crate::layers::{Dims, Linear, Rope, WeightSource};
 use crate::mix::{Mix, Recurrent};
@@ -603,7 +604,7 @@ impl Attention {
         let out = match p {
             Some(p) => {
                 let (h, t, d) = q.dims3()?;
-                let o = p.matmul(&crate::layers::to_f32(&values)?)?; // [hkv, g*t, d]
+                let o = gemm::batched(&p, &crate::layers::to_f32(&values)?)?; // [hkv, g*t, d]
                 o.reshape((h, t, d))?.transpose(0, 1)?
             }
             None => {
@@ -863,7 +864,7 @@ pub fn attention_with(
     } else {
         candle_nn::ops::softmax_last_dim(&scores)?
     };
-    let o = p.reshape((hkv, g * t, l))?.matmul(&v)?; // [hkv, g*t, d]
+    let o = gemm::batched(&p.reshape((hkv, g * t, l))?, &v)?; // [hkv, g*t, d]
     Ok(o.reshape((h, t, d))?.transpose(0, 1)?)
 }
 
@@ -878,13 +879,11 @@ pub fn attention_scores(
     let scale = 1.0 / (d as f64).sqrt();
     let q = (q.to_dtype(DType::F32)? * scale)?.reshape((hkv, g * t, d))?;
     let k = crate::layers::to_f32(k)?;
-    let mut scores = q.matmul(&k.t()?)?.reshape((hkv, g, t, l))?;
+    let mut scores = gemm::batched(&q, &k.t()?)?.reshape((hkv, g, t, l))?;
     if let Some(c) = capped {
         let n = c.k.dim(1)?;
         let qc = (c.q.to_dtype(DType::F32)? * scale)?.reshape((hkv, g * t, d))?;
-        let far = qc
-            .matmul(&c.k.to_dtype(DType::F32)?.t()?)?
-            .reshape((hkv, g, t, n))?;
+        let far = gemm::batched(&qc, &c.k.to_dtype(DType::F32)?.t()?)?.reshape((hkv, g, t, n))?;
         let near = scores.narrow(3, 0, n)?;
         let kept = c.far.broadcast_as(near.shape())?.where_cond(&far, &near)?;
         scores = if n == l {

@@ -37,6 +37,9 @@ pub const MIN_ROWS: usize = super::matvec::MAX_ROWS + 1;
 #[derive(Clone, Copy)]
 pub enum Weight<'a> {
     F32(&'a [f32]),
+    /// `W^T` stored instead, `[k, n]` row-major, with its `n`: the right operand of an
+    /// ordinary product `x B` (attention's probabilities times values).
+    F32T(&'a [f32], usize),
     /// GGML Q8_0 blocks: each row is `k / 32` blocks of an f16 scale and 32 signed bytes.
     Q8_0(&'a [u8]),
 }
@@ -118,6 +121,7 @@ fn with_input(x: &Tensor, n: usize, w: Weight<'_>) -> crate::Result<Tensor> {
 pub fn gemm(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize) -> crate::Result<Vec<f32>> {
     let fits = match w {
         Weight::F32(w) => w.len() >= n * k,
+        Weight::F32T(w, wn) => wn == n && w.len() >= n * k,
         Weight::Q8_0(w) => k % BLOCK == 0 && w.len() >= n * (k / BLOCK) * BLOCK_BYTES,
     };
     if !fits || x.len() < m * k {
@@ -133,6 +137,77 @@ pub fn gemm(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize) -> crate
     if m == 0 || n == 0 || k == 0 {
         return Ok(vec![0f32; m * n]);
     }
+    // Every value is written by the first k-block (tiles cover all rows, panels all
+    // columns), so the output starts uninitialized: no zero fill, and a buffer of this size
+    // freed earlier can be reused.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `y` has room for `m * n` values.
+    unsafe { gemm_to(x, (m, k), w, n, y.as_mut_ptr()) };
+    // SAFETY: `gemm_to` wrote all `m * n` values.
+    unsafe { y.set_len(m * n) };
+    Ok(y)
+}
+
+/// `a.matmul(b)` for `a: [batch, m, k]` and `b: [batch, k, n]` (attention's scores and
+/// weighted values): the kernel per batch entry when both are f32 on an AVX-512 CPU, `a`
+/// has enough rows, no gradient flows and `b` is either contiguous or the transpose of a
+/// contiguous `[batch, n, k]` (`keys.t()`); candle's matmul otherwise.
+pub fn batched(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    match try_batched(a, b)? {
+        Some(y) => Ok(y),
+        None => a.matmul(b),
+    }
+}
+
+fn try_batched(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (Ok((batch, m, k)), Ok((batch_b, k_b, n))) = (a.dims3(), b.dims3()) else {
+        return Ok(None);
+    };
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+    if batch != batch_b
+        || k != k_b
+        || m < MIN_ROWS
+        || n * k == 0
+        || !cpu_f32(a)
+        || !cpu_f32(b)
+        || !available()
+    {
+        return Ok(None);
+    }
+    let a = a.contiguous()?;
+    let (a_storage, a_layout) = a.storage_and_layout();
+    let (b_storage, b_layout) = b.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(ad)), Storage::Cpu(CpuStorage::F32(bd)), Some((a0, _))) =
+        (&*a_storage, &*b_storage, a_layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let b0 = b_layout.start_offset();
+    let transposed = b_layout.stride() == [n * k, 1, k];
+    if !transposed && !b_layout.is_contiguous() {
+        return Ok(None);
+    }
+    let mut y: Vec<f32> = Vec::with_capacity(batch * m * n);
+    for i in 0..batch {
+        let x = &ad[a0 + i * m * k..a0 + (i + 1) * m * k];
+        let wd = &bd[b0 + i * n * k..b0 + (i + 1) * n * k];
+        let w = if transposed {
+            Weight::F32(wd)
+        } else {
+            Weight::F32T(wd, n)
+        };
+        // SAFETY: `y` has room for `batch * m * n` values; entry `i` writes its own `m * n`.
+        unsafe { gemm_to(x, (m, k), w, n, y.as_mut_ptr().add(i * m * n)) };
+    }
+    // SAFETY: every entry wrote its `m * n` values.
+    unsafe { y.set_len(batch * m * n) };
+    Ok(Some(Tensor::from_vec(y, (batch, m, n), a.device())?))
+}
+
+/// [`gemm`] into `out`, which must have room for `m * n` values (all written); the sizes
+/// must fit (checked by the callers) and AVX-512F must be available.
+unsafe fn gemm_to(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize, out: *mut f32) {
+    debug_assert!(available() && m * n * k > 0);
     // The input, packed once: tile by tile, k-major, `MR` rows per input (rows past `m`
     // zero), so the kernel's broadcasts read one stream instead of 14 rows.
     let tiles = m.div_ceil(MR);
@@ -141,11 +216,7 @@ pub fn gemm(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize) -> crate
         .par_chunks_mut(MR * k)
         .enumerate()
         .for_each(|(t, dst)| pack_rows(x, (m, k), t * MR, dst));
-    // Every value is written by the first k-block (tiles cover all rows, panels all
-    // columns), so the output starts uninitialized: no zero fill, and a buffer of this size
-    // freed earlier can be reused.
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let out = SharedOut(y.as_mut_ptr());
+    let out = SharedOut(out);
     let panels = n.div_ceil(NR);
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
@@ -161,9 +232,9 @@ pub fn gemm(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize) -> crate
                     cols,
                     first: k0 == 0,
                 };
-                // SAFETY: AVX-512F was checked above; `a` holds `k * MR` values and the
-                // kernel reads `kc * MR` from `k0 * MR`; `y` has room for `m x n` values
-                // and the tile writes rows `i0..i0 + rows`, columns `j0..j0 + cols`, which
+                // SAFETY: AVX-512F is available (the caller's contract); `a` holds `k * MR`
+                // values and the kernel reads `kc * MR` from `k0 * MR`; `out` has room for
+                // `m x n` values and the tile writes rows `i0..i0 + rows`, columns `j0..j0 + cols`, which
                 // no other task of this k-block writes (tasks own whole panels); later
                 // k-blocks read only what the first one wrote.
                 unsafe {
@@ -181,9 +252,6 @@ pub fn gemm(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize) -> crate
         });
     }
     scratch::give_rows(packed);
-    // SAFETY: the first k-block wrote all `m * n` values (see above).
-    unsafe { y.set_len(m * n) };
-    Ok(y)
 }
 
 /// Buffers kept per thread between calls: a prefill calls the kernel seven times per
@@ -337,6 +405,7 @@ impl Panel {
 fn weight_at(w: Weight<'_>, k: usize, j: usize, kk: usize) -> f32 {
     match w {
         Weight::F32(w) => w[j * k + kk],
+        Weight::F32T(w, n) => w[kk * n + j],
         Weight::Q8_0(w) => {
             let block = &w[(j * k + kk) / BLOCK * BLOCK_BYTES..][..BLOCK_BYTES];
             let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
@@ -434,6 +503,18 @@ mod avx512 {
         k0: usize,
         kc: usize,
     ) {
+        if let Weight::F32T(w, n) = w {
+            // Already k-major: each input's 32 columns are one contiguous run.
+            for half in 0..NR / 16 {
+                let c0 = cols.start + 16 * half;
+                let lanes = lane_mask(cols.end.saturating_sub(c0).min(16));
+                for kk in 0..kc {
+                    let v = _mm512_maskz_loadu_ps(lanes, w.as_ptr().add((k0 + kk) * n + c0));
+                    _mm512_store_ps(panel.as_mut_ptr().add(kk * NR + 16 * half), v);
+                }
+            }
+            return;
+        }
         for half in 0..NR / 16 {
             let c0 = cols.start + 16 * half;
             let width = cols.end.saturating_sub(c0).min(16);
@@ -456,6 +537,7 @@ mod avx512 {
     unsafe fn load(w: Weight<'_>, k: usize, j: usize, kk: usize, n: usize) -> __m512 {
         match w {
             Weight::F32(w) => _mm512_maskz_loadu_ps(lane_mask(n), w.as_ptr().add(j * k + kk)),
+            Weight::F32T(..) => unreachable!("packed by straight copies"),
             Weight::Q8_0(w) => {
                 // `kk` is a multiple of 16 and `k` of 32, so the 16 values lie in one block.
                 let block = w.as_ptr().add((j * k + kk) / BLOCK * BLOCK_BYTES);
@@ -576,7 +658,13 @@ mod tests {
             let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
             let dense = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let bytes = q.data().unwrap();
-            for weight in [Weight::F32(&dense), Weight::Q8_0(&bytes)] {
+            let t = w.t().unwrap().contiguous().unwrap();
+            let transposed = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for weight in [
+                Weight::F32(&dense),
+                Weight::Q8_0(&bytes),
+                Weight::F32T(&transposed, n),
+            ] {
                 for j0 in (0..n).step_by(NR) {
                     for k0 in (0..k).step_by(KC) {
                         let (cols, kc) = (j0..NR.min(n - j0) + j0, KC.min(k - k0));
@@ -589,6 +677,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn batched_matches_matmul_for_both_layouts() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (batch, m, k, n) in [(3, 40, 64, 70), (2, 100, 300, 33), (1, 33, 17, 5)] {
+            let a = Tensor::randn(0f32, 1.0, (batch, m, k), &dev).unwrap();
+            let rows = Tensor::randn(0f32, 1.0, (batch, n, k), &dev).unwrap();
+            let plain = rows.t().unwrap().contiguous().unwrap();
+            for b in [rows.t().unwrap(), plain] {
+                let got = try_batched(&a, &b).unwrap().expect("the kernel applies");
+                let d = crate::testing::max_abs_diff(&got, &a.matmul(&b).unwrap());
+                assert!(
+                    d < 1e-4 * (k as f32).sqrt(),
+                    "{batch} x [{m}, {k}] x [{k}, {n}]: {d}"
+                );
+            }
+        }
+        // Too few rows: candle's matmul.
+        let a = Tensor::randn(0f32, 1.0, (2, 8, 16), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (2, 16, 4), &dev).unwrap();
+        assert!(try_batched(&a, &b).unwrap().is_none());
+        assert_eq!(batched(&a, &b).unwrap().dims(), &[2, 8, 4]);
     }
 
     #[test]
