@@ -60,8 +60,10 @@ if [[ -n "${LLAMA_SERVER:-}" ]]; then
   [[ -f "$gguf" ]] || "$(dirname "$LLAMA_SERVER")/llama-quantize" --allow-requantize \
     "$(scripts/fetch-smollm2.sh)" "$gguf" "$gguf_type" >"$out/llama-quantize.log" 2>&1
   port="$(free_port)"
+  # --no-repack: on AMX CPUs llama.cpp repacks Q8_0 weights for its AMX kernels, which
+  # crash (SIGSEGV) on the project's VM; f32 weights are never repacked.
   "$LLAMA_SERVER" -m "$gguf" --port "$port" -np 32 -c $((32 * 8192)) --cont-batching \
-    >"$out/llama-server.log" 2>&1 &
+    --no-repack >"$out/llama-server.log" 2>&1 &
   pid=$!
   wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/llama-server.log"
   "$venv/bin/python" benches/http_load.py --base-url "http://127.0.0.1:$port/v1" --model smollm2 \

@@ -42,7 +42,8 @@ for precision in ${precisions//,/ }; do
   [[ -f "$gguf" ]] || "$(dirname "$llama_bench")/llama-quantize" --allow-requantize \
     "$fixture" "$gguf" "$gguf_type" >"$out/llama-quantize.log" 2>&1
   for round in $(seq 1 "$rounds"); do
-    "$llama_bench" -m "$gguf" -p "$tokens" -n 0 -t "$threads" -r 3 -o jsonl 2>/dev/null |
+    # --repack 0: as in bench-http.sh (AMX repacking of Q8_0 crashes on the project's VM).
+    "$llama_bench" -m "$gguf" -p "$tokens" -n 0 -t "$threads" -r 3 --repack 0 -o jsonl 2>/dev/null |
       python3 -c '
 import json, sys
 for line in sys.stdin:
