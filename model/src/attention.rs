@@ -159,9 +159,13 @@ impl Attention {
     ) -> Result<Tensor> {
         let n_tok = x.dim(0)?;
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((n_tok, h, d))?;
-        let k = self.k_proj.forward(x)?.reshape((n_tok, hkv, d))?;
-        let v = self.v_proj.forward(x)?.reshape((n_tok, hkv, d))?;
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+                .try_into()
+                .expect("three projections");
+        let q = q.reshape((n_tok, h, d))?;
+        let k = k.reshape((n_tok, hkv, d))?;
+        let v = v.reshape((n_tok, hkv, d))?;
         let (q_rot, k_rot) = if ctx.differentiable {
             (
                 Rope::apply_differentiable(&q, &ctx.cos, &ctx.sin)?,

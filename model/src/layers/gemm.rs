@@ -58,11 +58,13 @@ pub fn available() -> bool {
 
 /// Whether `x @ w^T` for a dense weight `w` takes this path (neither carrying a gradient).
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
-    applies_to_input(x)
-        && w.dtype() == DType::F32
-        && w.is_contiguous()
-        && w.device().is_cpu()
-        && !w.track_op()
+    applies_to_input(x) && applies_weight(w)
+}
+
+/// Whether a dense weight can be read by this path: f32, contiguous, on the CPU, no
+/// gradient.
+pub fn applies_weight(w: &Tensor) -> bool {
+    w.dtype() == DType::F32 && w.is_contiguous() && w.device().is_cpu() && !w.track_op()
 }
 
 /// Whether an input `x` (any weight) takes this path: f32 rows on the CPU, enough of them,
@@ -102,6 +104,111 @@ pub fn matmul_q8_0(x: &Tensor, w: &QTensor) -> crate::Result<Tensor> {
     }
     let bytes = w.data()?;
     with_input(x, n, Weight::Q8_0(&bytes))
+}
+
+/// A weight [`matmul_many`] reads: dense f32 `[n, k]` or Q8_0 blocks, on the CPU.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    Dense(&'a Tensor),
+    Q8_0(&'a QTensor),
+}
+
+/// `x W^T` for several weights sharing the input `x: [m, k]` (q, k and v; gate and up) in
+/// one call: one packing of `x`, and all weights' panels split over the threads together.
+/// The same products as [`matmul`] / [`matmul_q8_0`] one by one, value for value.
+pub fn matmul_many(x: &Tensor, ws: &[Source<'_>]) -> crate::Result<Vec<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(xd)), Some((x0, x1))) = (&*xs, xl.contiguous_offsets())
+    else {
+        return Err(crate::Error::Invalid("gemm: f32 CPU inputs".into()));
+    };
+    // Hold every weight's storage (or block bytes) for the call, then borrow from them.
+    // (`G`: candle's storage guard.)
+    enum Held<'a, G> {
+        Dense(G, usize, usize),
+        Q8_0(std::borrow::Cow<'a, [u8]>),
+    }
+    let dense: Vec<Option<Tensor>> = ws
+        .iter()
+        .map(|w| match w {
+            Source::Dense(t) => t.contiguous().map(Some),
+            Source::Q8_0(_) => Ok(None),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let mut held = Vec::with_capacity(ws.len());
+    let mut dims = Vec::with_capacity(ws.len());
+    for (w, d) in ws.iter().zip(&dense) {
+        let ((n, wk), fits) = match (w, d) {
+            (Source::Q8_0(q), _) => (
+                q.shape().dims2()?,
+                q.dtype() == GgmlDType::Q8_0 && k % BLOCK == 0 && q.device().is_cpu(),
+            ),
+            (Source::Dense(_), Some(d)) => {
+                (d.dims2()?, d.dtype() == DType::F32 && d.device().is_cpu())
+            }
+            (Source::Dense(_), None) => unreachable!("dense weights were made contiguous"),
+        };
+        if wk != k || !fits || n == 0 {
+            return Err(crate::Error::Invalid(format!(
+                "gemm: [{m}, {k}] by a weight of shape [{n}, {wk}]"
+            )));
+        }
+        dims.push(n);
+        held.push(match (w, d) {
+            (Source::Q8_0(q), _) => Held::Q8_0(q.data()?),
+            (Source::Dense(_), Some(d)) => {
+                let (g, l) = d.storage_and_layout();
+                let (a, b) = l.contiguous_offsets().expect("made contiguous above");
+                Held::Dense(g, a, b)
+            }
+            (Source::Dense(_), None) => unreachable!("dense weights were made contiguous"),
+        });
+    }
+    let weights: Vec<Weight<'_>> = held
+        .iter()
+        .map(|h| match h {
+            Held::Dense(g, a, b) => match &**g {
+                Storage::Cpu(CpuStorage::F32(v)) => Ok(Weight::F32(&v[*a..*b])),
+                _ => Err(crate::Error::Invalid("gemm: an f32 CPU weight".into())),
+            },
+            Held::Q8_0(bytes) => Ok(Weight::Q8_0(bytes)),
+        })
+        .collect::<crate::Result<_>>()?;
+    if !available() {
+        return Err(crate::Error::Invalid(
+            "gemm: this CPU has no AVX-512".into(),
+        ));
+    }
+    let mut outs: Vec<Vec<f32>> = dims.iter().map(|&n| Vec::with_capacity(m * n)).collect();
+    if m > 0 && k > 0 {
+        let jobs: Vec<Job<'_>> = weights
+            .iter()
+            .zip(&dims)
+            .zip(outs.iter_mut())
+            .map(|((&w, &n), out)| Job {
+                w,
+                n,
+                out: SharedOut(out.as_mut_ptr()),
+            })
+            .collect();
+        // SAFETY: AVX-512F is available; every weight was checked to hold `n` rows of `k`;
+        // each output has room for `m * n` values and is its own allocation.
+        unsafe { gemm_jobs(&xd[x0..x1], (m, k), &jobs) };
+        for (out, &n) in outs.iter_mut().zip(&dims) {
+            // SAFETY: `gemm_jobs` wrote all `m * n` values of every output.
+            unsafe { out.set_len(m * n) };
+        }
+    } else {
+        for (out, &n) in outs.iter_mut().zip(&dims) {
+            out.resize(m * n, 0.0);
+        }
+    }
+    outs.into_iter()
+        .zip(&dims)
+        .map(|(y, &n)| Ok(Tensor::from_vec(y, (m, n), x.device())?))
+        .collect()
 }
 
 fn with_input(x: &Tensor, n: usize, w: Weight<'_>) -> crate::Result<Tensor> {
@@ -206,8 +313,31 @@ fn try_batched(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
 
 /// [`gemm`] into `out`, which must have room for `m * n` values (all written); the sizes
 /// must fit (checked by the callers) and AVX-512F must be available.
-unsafe fn gemm_to(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize, out: *mut f32) {
-    debug_assert!(available() && m * n * k > 0);
+unsafe fn gemm_to(x: &[f32], mk: (usize, usize), w: Weight<'_>, n: usize, out: *mut f32) {
+    let job = Job {
+        w,
+        n,
+        out: SharedOut(out),
+    };
+    gemm_jobs(x, mk, &[job]);
+}
+
+/// One weight of a [`gemm_jobs`] call and where its `[m, n]` product goes.
+struct Job<'a> {
+    w: Weight<'a>,
+    n: usize,
+    out: SharedOut,
+}
+
+/// `x W^T` for every job's weight (all `[n, k]` with the same `k`), the input packed once
+/// and the panels of all weights shared out among the threads together, so narrow
+/// projections (k and v: 192 columns, 6 panels) do not leave threads idle at each k-block.
+///
+/// # Safety
+/// AVX-512F must be available; every weight must hold its `n` rows of `k`; every `out`
+/// must have room for `m * n` values (all written) and not overlap another's.
+unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
+    debug_assert!(available() && m * k > 0 && jobs.iter().all(|j| j.n > 0));
     // The input, packed once: tile by tile, k-major, `MR` rows per input (rows past `m`
     // zero), so the kernel's broadcasts read one stream instead of 14 rows.
     let tiles = m.div_ceil(MR);
@@ -216,15 +346,25 @@ unsafe fn gemm_to(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize, ou
         .par_chunks_mut(MR * k)
         .enumerate()
         .for_each(|(t, dst)| pack_rows(x, (m, k), t * MR, dst));
-    let out = SharedOut(out);
-    let panels = n.div_ceil(NR);
+    // Panel `p` of the whole call: job `i`, its panel `p - first[i]`.
+    let first: Vec<usize> = jobs
+        .iter()
+        .scan(0, |at, j| {
+            let here = *at;
+            *at += j.n.div_ceil(NR);
+            Some(here)
+        })
+        .collect();
+    let panels: usize = jobs.iter().map(|j| j.n.div_ceil(NR)).sum();
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         (0..panels).into_par_iter().for_each(|p| {
+            let i = first.partition_point(|&f| f <= p) - 1;
+            let Job { w, n, out } = &jobs[i];
             let mut panel = scratch::take_panel();
-            let j0 = p * NR;
+            let j0 = (p - first[i]) * NR;
             let cols = NR.min(n - j0);
-            panel.pack(w, k, j0..j0 + cols, k0, kc);
+            panel.pack(*w, k, j0..j0 + cols, k0, kc);
             for (t, a) in packed[..tiles * MR * k].chunks_exact(MR * k).enumerate() {
                 let i0 = t * MR;
                 let tile = Tile {
@@ -234,16 +374,16 @@ unsafe fn gemm_to(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize, ou
                 };
                 // SAFETY: AVX-512F is available (the caller's contract); `a` holds `k * MR`
                 // values and the kernel reads `kc * MR` from `k0 * MR`; `out` has room for
-                // `m x n` values and the tile writes rows `i0..i0 + rows`, columns `j0..j0 + cols`, which
-                // no other task of this k-block writes (tasks own whole panels); later
-                // k-blocks read only what the first one wrote.
+                // `m x n` values and the tile writes rows `i0..i0 + rows`, columns
+                // `j0..j0 + cols`, which no other task of this k-block writes (tasks own
+                // whole panels); later k-blocks read only what the first one wrote.
                 unsafe {
                     avx512::tile(
                         a[k0 * MR..].as_ptr(),
                         panel.as_ptr(),
                         kc,
                         out.at(i0 * n + j0),
-                        n,
+                        *n,
                         tile,
                     )
                 }
@@ -704,6 +844,40 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, (2, 16, 4), &dev).unwrap();
         assert!(try_batched(&a, &b).unwrap().is_none());
         assert_eq!(batched(&a, &b).unwrap().dims(), &[2, 8, 4]);
+    }
+
+    #[test]
+    fn many_weights_at_once_match_one_at_a_time() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (m, k) = (50, 96);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w1 = Tensor::randn(0f32, 1.0, (70, k), &dev).unwrap();
+        let w2 = Tensor::randn(0f32, 1.0, (20, k), &dev).unwrap();
+        let q = QTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (33, k), &dev).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let all = matmul_many(
+            &x,
+            &[Source::Dense(&w1), Source::Q8_0(&q), Source::Dense(&w2)],
+        )
+        .unwrap();
+        let one = [
+            matmul(&x, &w1).unwrap(),
+            matmul_q8_0(&x, &q).unwrap(),
+            matmul(&x, &w2).unwrap(),
+        ];
+        for (a, b) in all.iter().zip(&one) {
+            assert_eq!(crate::testing::max_abs_diff(a, b), 0.0);
+        }
+        // A weight of another input size is refused.
+        let bad = Tensor::randn(0f32, 1.0, (5, k + 1), &dev).unwrap();
+        assert!(matmul_many(&x, &[Source::Dense(&w1), Source::Dense(&bad)]).is_err());
     }
 
     #[test]

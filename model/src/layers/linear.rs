@@ -290,7 +290,7 @@ impl Module for Linear {
     /// `x`: `[rows, in]` -> `[rows, out]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // The fast path has no backward pass: use it only when no gradient flows through.
-        let mut y = if let Some(q) = &self.quant {
+        let y = if let Some(q) = &self.quant {
             if x.dim(0)? > DENSE_ROWS {
                 // Prefill chunks: candle's GGML kernels run one dot product per row and
                 // column (measured 4x slower than dense f32 on a 3.8K-token prefill);
@@ -331,6 +331,37 @@ impl Module for Linear {
         } else {
             x.matmul(&self.weight.t()?)?
         };
+        self.finish(x, y)
+    }
+}
+
+impl Linear {
+    /// Several layers applied to the same input (q, k and v; gate and up): when each of
+    /// them would take the AVX-512 kernel alone, one call of it for all (the input packed
+    /// once, all weights' panels shared out together); each layer's `forward` otherwise.
+    /// The same values as `layers.map(|l| l.forward(x))` either way.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let sources: Option<Vec<super::gemm::Source<'_>>> = super::gemm::applies_to_input(x)
+            .then(|| layers.iter().map(|l| l.gemm_source()).collect())
+            .flatten();
+        let Some(sources) = sources else {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        };
+        let ys = super::gemm::matmul_many(x, &sources).map_err(candle_core::Error::wrap)?;
+        layers.iter().zip(ys).map(|(l, y)| l.finish(x, y)).collect()
+    }
+
+    /// The weight as `forward` hands it to the AVX-512 kernel for inputs that take it.
+    fn gemm_source(&self) -> Option<super::gemm::Source<'_>> {
+        match &self.quant {
+            None => super::gemm::applies_weight(&self.weight)
+                .then_some(super::gemm::Source::Dense(&self.weight)),
+            Some(q) => q.cpu_q8_0().map(super::gemm::Source::Q8_0),
+        }
+    }
+
+    /// `y` (the product) plus the bias and the adapter's update.
+    fn finish(&self, x: &Tensor, mut y: Tensor) -> candle_core::Result<Tensor> {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -422,6 +453,36 @@ mod tests {
             .unwrap();
         assert!(!xt.is_contiguous());
         assert!(diff(&frozen_matmul(&xt, &w).unwrap(), &y2) < 1e-5);
+    }
+
+    #[test]
+    fn forward_many_equals_each_forward() {
+        let dev = Device::Cpu;
+        let k = 64;
+        let dense = Linear::from_weights(
+            Tensor::randn(0f32, 1.0, (40, k), &dev).unwrap(),
+            Some(Tensor::randn(0f32, 1.0, 40, &dev).unwrap()),
+        );
+        let mut adapted =
+            Linear::from_weights(Tensor::randn(0f32, 1.0, (24, k), &dev).unwrap(), None);
+        adapted.set_lora(Some(LoraAdapter {
+            a: Tensor::randn(0f32, 1.0, (4, k), &dev).unwrap(),
+            b: Tensor::randn(0f32, 1.0, (24, 4), &dev).unwrap(),
+            scale: 0.5,
+        }));
+        let mut quantized =
+            Linear::from_weights(Tensor::randn(0f32, 1.0, (33, k), &dev).unwrap(), None);
+        quantized.quantize(Quantization::Q8_0).unwrap();
+        let layers = [&dense, &adapted, &quantized];
+        // Prompt-sized inputs (the kernel, where the CPU has AVX-512) and decode-sized ones.
+        for rows in [super::super::gemm::MIN_ROWS + 7, 5] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let all = Linear::forward_many(&layers, &x).unwrap();
+            for (l, y) in layers.iter().zip(&all) {
+                let d = crate::testing::max_abs_diff(y, &l.forward(&x).unwrap());
+                assert_eq!(d, 0.0, "{rows} rows");
+            }
+        }
     }
 
     #[test]

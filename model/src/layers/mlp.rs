@@ -55,7 +55,9 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let [g, u]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], x)?
+            .try_into()
+            .expect("two projections");
         self.down.forward(&silu_mul(&g, &u)?)
     }
 }
