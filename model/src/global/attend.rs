@@ -20,7 +20,9 @@ use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::Plan;
-use crate::layers::vexp::{self, exp_shifted};
+use std::mem::MaybeUninit;
+
+use crate::layers::vexp;
 use crate::Result;
 
 /// The layout of a piece's candidates `[kept (n) | window cache (w) | piece (t)]`.
@@ -72,7 +74,11 @@ impl Exps {
             _ => return Ok(None),
         };
         let wl = geo.w + t;
-        let mut e = vec![0f32; s.len()];
+        // Each row is written once below (exponentials up to the query, zeros after), so
+        // the buffer (megabytes per piece) is not zero-filled first.
+        let mut e: Vec<MaybeUninit<f32>> = Vec::with_capacity(s.len());
+        // SAFETY: `MaybeUninit` needs no initialization.
+        unsafe { e.set_len(s.len()) };
         let share = 1.0 / g as f32;
         let mass = e
             .par_chunks_mut(l)
@@ -86,8 +92,13 @@ impl Exps {
                     let (lo, hi) = geo.band(i);
                     let past = &s[..=hi];
                     let max = vexp::max(past);
-                    exp_shifted(past, max, &mut e[..=hi]);
-                    let band = &e[lo..=hi];
+                    vexp::exp_shifted_uninit(past, max, &mut e[..=hi]);
+                    for x in &mut e[hi + 1..] {
+                        x.write(0.0);
+                    }
+                    // SAFETY: the row was just written whole.
+                    let band: &[f32] =
+                        unsafe { &*(&e[lo..=hi] as *const [MaybeUninit<f32>] as *const [f32]) };
                     let z = vexp::sum(band);
                     if !usable(z) {
                         return None;
@@ -109,7 +120,17 @@ impl Exps {
                 },
             );
         drop(storage);
-        Ok(mass.map(|mass| Self {
+        let Some(mass) = mass else {
+            // A row's sum underflowed: later rows may be unwritten; `e` is dropped as is.
+            return Ok(None);
+        };
+        // SAFETY: with every row's sum usable, every row was written whole (`fold` stops
+        // writing only after a `None`); `MaybeUninit<f32>` and `f32` share their layout.
+        let e = unsafe {
+            let mut e = std::mem::ManuallyDrop::new(e);
+            Vec::from_raw_parts(e.as_mut_ptr().cast::<f32>(), e.len(), e.capacity())
+        };
+        Ok(Some(Self {
             geo,
             e,
             mass: mass.chunks(wl.max(1)).map(<[f32]>::to_vec).collect(),

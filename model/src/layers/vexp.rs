@@ -27,6 +27,46 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) {
     exp_lanes(x, shift, out);
 }
 
+/// [`exp_shifted`] into memory not yet initialized (the same values): a caller filling a
+/// large buffer once need not zero it first.
+pub fn exp_shifted_uninit(x: &[f32], shift: f32, out: &mut [std::mem::MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if wide() {
+            // SAFETY: the features were just detected.
+            unsafe { exp_uninit_avx512(x, shift, out) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were just detected.
+            unsafe { exp_uninit_avx2(x, shift, out) };
+            return;
+        }
+    }
+    exp_uninit_lanes(x, shift, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn exp_uninit_avx512(x: &[f32], shift: f32, out: &mut [std::mem::MaybeUninit<f32>]) {
+    exp_uninit_lanes(x, shift, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_uninit_avx2(x: &[f32], shift: f32, out: &mut [std::mem::MaybeUninit<f32>]) {
+    exp_uninit_lanes(x, shift, out);
+}
+
+#[inline(always)]
+fn exp_uninit_lanes(x: &[f32], shift: f32, out: &mut [std::mem::MaybeUninit<f32>]) {
+    assert_eq!(x.len(), out.len());
+    for (o, &v) in out.iter_mut().zip(x) {
+        o.write(exp1(v - shift));
+    }
+}
+
 /// `x[i] = exp(x[i] - max(x)) / sum`: a softmax in place.
 pub fn softmax(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -409,6 +449,12 @@ mod tests {
         let (mut a, mut b) = (x.clone(), x.clone());
         unsafe { (softmax_avx512(&mut a), softmax_avx2(&mut b)) };
         assert_eq!(bits(&a), bits(&b));
+        let mut u = vec![std::mem::MaybeUninit::<f32>::uninit(); x.len()];
+        exp_shifted_uninit(&x, 3.0, &mut u);
+        exp_shifted(&x, 3.0, &mut b);
+        // SAFETY: `exp_shifted_uninit` wrote every element.
+        let u: Vec<f32> = u.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_eq!(bits(&u), bits(&b));
     }
 
     #[test]
