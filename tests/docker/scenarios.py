@@ -210,9 +210,11 @@ def single(a, ref):
             r = cl.chat.completions.create(
                 model="liger", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)
             assert r.choices[0].message.content and r.usage.completion_tokens > 0
+            # Greedy and past the end-of-text token, so the stream always runs to its
+            # length (sampled at temperature 1, it could end early and the check flaked).
             chunks = list(cl.completions.create(
-                model="liger", prompt="The sky is", max_tokens=8, stream=True,
-                stream_options={"include_usage": True}))
+                model="liger", prompt="The sky is", max_tokens=8, stream=True, temperature=0,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
             assert chunks[-1].usage.completion_tokens == 8, chunks[-1]
             assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length", chunks
             m = metrics(base)
