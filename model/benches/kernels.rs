@@ -18,6 +18,18 @@ fn time(f: impl Fn() -> Tensor, reps: usize) -> f64 {
     t.elapsed().as_secs_f64() * 1e6 / reps as f64
 }
 
+/// Median µs per call of `a` and of `b` over five rounds, the two interleaved.
+fn medians(a: impl Fn() -> Tensor, b: impl Fn() -> Tensor, reps: usize) -> (f64, f64) {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        ta.push(time(&a, reps));
+        tb.push(time(&b, reps));
+    }
+    ta.sort_by(f64::total_cmp);
+    tb.sort_by(f64::total_cmp);
+    (ta[2], tb[2])
+}
+
 fn main() -> candle_core::Result<()> {
     let threads = liger_model::threads::init(None);
     println!("threads: {threads}");
@@ -40,19 +52,12 @@ fn main() -> candle_core::Result<()> {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
             let wt = w.t()?;
             let reps = (200_000_000 / (k * n)).clamp(5, 2000);
-            let (mut g, mut f) = (Vec::new(), Vec::new());
-            for _ in 0..5 {
-                g.push(time(|| x.matmul(&wt).unwrap(), reps));
-                f.push(time(|| matvec::matvec(&x, &w).unwrap(), reps));
-            }
-            g.sort_by(f64::total_cmp);
-            f.sort_by(f64::total_cmp);
-            println!(
-                "| {m} | {k} x {n} | {:.1} | {:.1} | {:.2}x |",
-                g[2],
-                f[2],
-                g[2] / f[2]
+            let (g, f) = medians(
+                || x.matmul(&wt).unwrap(),
+                || matvec::matvec(&x, &w).unwrap(),
+                reps,
             );
+            println!("| {m} | {k} x {n} | {g:.1} | {f:.1} | {:.2}x |", g / f);
         }
     }
     if gemm::available() {
@@ -67,23 +72,15 @@ fn main() -> candle_core::Result<()> {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
                 let wt = w.t()?;
                 let reps = (2_000_000_000 / (m * k * n)).clamp(5, 2000);
-                let (mut g, mut f) = (Vec::new(), Vec::new());
-                for _ in 0..5 {
-                    if m < gemm::MIN_ROWS {
-                        g.push(time(|| matvec::matvec(&x, &w).unwrap(), reps));
-                    } else {
-                        g.push(time(|| x.matmul(&wt).unwrap(), reps));
-                    }
-                    f.push(time(|| gemm_any_rows(&x, &w), reps));
-                }
-                g.sort_by(f64::total_cmp);
-                f.sort_by(f64::total_cmp);
+                let baseline = || match m < gemm::MIN_ROWS {
+                    true => matvec::matvec(&x, &w).unwrap(),
+                    false => x.matmul(&wt).unwrap(),
+                };
+                let (g, f) = medians(baseline, || gemm_any_rows(&x, &w), reps);
                 println!(
-                    "| {m} | {k} x {n} | {:.1} | {:.1} | {:.2}x | {:.0} |",
-                    g[2],
-                    f[2],
-                    g[2] / f[2],
-                    (2 * m * k * n) as f64 / f[2] / 1e3
+                    "| {m} | {k} x {n} | {g:.1} | {f:.1} | {:.2}x | {:.0} |",
+                    g / f,
+                    (2 * m * k * n) as f64 / f / 1e3
                 );
             }
         }

@@ -7,6 +7,7 @@
 //!
 //! Layering, bottom up (each module uses only those above it in this list; no module
 //! imports one that imports it back):
+//! - `uninit` (private): vectors written once, whole, allocated without a zero fill;
 //! - [`config`]: Hugging Face `config.json` plus the `liger` section, validated;
 //! - [`files`]: a model folder's file names and the safetensors check;
 //! - [`layers`]: RMSNorm, RoPE, SwiGLU, linear projections (dense, quantized, with LoRA),
@@ -52,6 +53,7 @@ pub mod state;
 pub mod testing;
 pub mod text;
 pub mod threads;
+mod uninit;
 pub mod weights;
 
 pub use config::{Architecture, LayerKind, LigerConfig, ModelConfig, Variant};

@@ -213,30 +213,11 @@ enum NewRows {
     F16(Vec<MaybeUninit<f16>>),
 }
 
-/// `n` uninitialized values.
-fn uninit<T>(n: usize) -> Vec<MaybeUninit<T>> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: `MaybeUninit` needs no initialization, and the capacity is `n`.
-    unsafe { v.set_len(n) };
-    v
-}
-
-/// `v` as the values it holds.
-///
-/// # Safety
-/// Every element of `v` must have been written.
-unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: `MaybeUninit<T>` has `T`'s size and alignment; the caller vouches for the
-    // contents; the allocation moves over whole (pointer, length, capacity).
-    Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity())
-}
-
 impl NewRows {
     fn uninit(dtype: RowsDtype, n: usize) -> Self {
         match dtype {
-            RowsDtype::F32 => Self::F32(uninit(n)),
-            RowsDtype::F16 => Self::F16(uninit(n)),
+            RowsDtype::F32 => Self::F32(crate::uninit::vec(n)),
+            RowsDtype::F16 => Self::F16(crate::uninit::vec(n)),
         }
     }
 
@@ -254,8 +235,8 @@ impl NewRows {
     unsafe fn into_tensor(self, shape: (usize, usize, usize)) -> Result<Tensor> {
         let device = candle_core::Device::Cpu;
         Ok(match self {
-            Self::F32(x) => Tensor::from_vec(assume_init(x), shape, &device)?,
-            Self::F16(x) => Tensor::from_vec(assume_init(x), shape, &device)?,
+            Self::F32(x) => Tensor::from_vec(crate::uninit::assume_init(x), shape, &device)?,
+            Self::F16(x) => Tensor::from_vec(crate::uninit::assume_init(x), shape, &device)?,
         })
     }
 }

@@ -76,9 +76,7 @@ impl Exps {
         let wl = geo.w + t;
         // Each row is written once below (exponentials up to the query, zeros after), so
         // the buffer (megabytes per piece) is not zero-filled first.
-        let mut e: Vec<MaybeUninit<f32>> = Vec::with_capacity(s.len());
-        // SAFETY: `MaybeUninit` needs no initialization.
-        unsafe { e.set_len(s.len()) };
+        let mut e = crate::uninit::vec::<f32>(s.len());
         let share = 1.0 / g as f32;
         let mass = e
             .par_chunks_mut(l)
@@ -125,11 +123,8 @@ impl Exps {
             return Ok(None);
         };
         // SAFETY: with every row's sum usable, every row was written whole (`fold` stops
-        // writing only after a `None`); `MaybeUninit<f32>` and `f32` share their layout.
-        let e = unsafe {
-            let mut e = std::mem::ManuallyDrop::new(e);
-            Vec::from_raw_parts(e.as_mut_ptr().cast::<f32>(), e.len(), e.capacity())
-        };
+        // writing only after a `None`).
+        let e = unsafe { crate::uninit::assume_init(e) };
         Ok(Some(Self {
             geo,
             e,

@@ -80,30 +80,17 @@ pub fn applies_to_input(x: &Tensor) -> bool {
 
 /// `x: [m, k]` by a dense f32 `w: [n, k]` -> `[m, n]`.
 pub fn matmul(x: &Tensor, w: &Tensor) -> crate::Result<Tensor> {
-    let w = w.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return Err(crate::Error::Invalid("gemm: an f32 CPU weight".into()));
-    };
-    let (n, _) = layout.shape().dims2()?;
-    with_input(x, n, Weight::F32(&data[a..b]))
+    one(matmul_many(x, &[Source::Dense(w)])?)
 }
 
 /// `x: [m, k]` by a Q8_0 `w: [n, k]` on the CPU -> `[m, n]`: the dequantized weight's
 /// product, decoded a panel at a time.
 pub fn matmul_q8_0(x: &Tensor, w: &QTensor) -> crate::Result<Tensor> {
-    let (n, k) = w.shape().dims2()?;
-    if w.dtype() != GgmlDType::Q8_0 || k % BLOCK != 0 || !w.device().is_cpu() {
-        return Err(crate::Error::Invalid(format!(
-            "gemm: a {:?} weight {:?}",
-            w.dtype(),
-            w.shape()
-        )));
-    }
-    let bytes = w.data()?;
-    with_input(x, n, Weight::Q8_0(&bytes))
+    one(matmul_many(x, &[Source::Q8_0(w)])?)
+}
+
+fn one(mut ys: Vec<Tensor>) -> crate::Result<Tensor> {
+    Ok(ys.pop().expect("one product per weight"))
 }
 
 /// A weight [`matmul_many`] reads: dense f32 `[n, k]` or Q8_0 blocks, on the CPU.
@@ -140,31 +127,30 @@ pub fn matmul_many(x: &Tensor, ws: &[Source<'_>]) -> crate::Result<Vec<Tensor>> 
     let mut held = Vec::with_capacity(ws.len());
     let mut dims = Vec::with_capacity(ws.len());
     for (w, d) in ws.iter().zip(&dense) {
-        let ((n, wk), fits) = match (w, d) {
-            (Source::Q8_0(q), _) => (
-                q.shape().dims2()?,
-                q.dtype() == GgmlDType::Q8_0 && k % BLOCK == 0 && q.device().is_cpu(),
-            ),
-            (Source::Dense(_), Some(d)) => {
-                (d.dims2()?, d.dtype() == DType::F32 && d.device().is_cpu())
+        let (h, (n, wk), fits) = match (w, d) {
+            (Source::Q8_0(q), _) => {
+                let fits = q.dtype() == GgmlDType::Q8_0 && k % BLOCK == 0 && q.device().is_cpu();
+                (Held::Q8_0(q.data()?), q.shape().dims2()?, fits)
             }
-            (Source::Dense(_), None) => unreachable!("dense weights were made contiguous"),
-        };
-        if wk != k || !fits || n == 0 {
-            return Err(crate::Error::Invalid(format!(
-                "gemm: [{m}, {k}] by a weight of shape [{n}, {wk}]"
-            )));
-        }
-        dims.push(n);
-        held.push(match (w, d) {
-            (Source::Q8_0(q), _) => Held::Q8_0(q.data()?),
             (Source::Dense(_), Some(d)) => {
                 let (g, l) = d.storage_and_layout();
                 let (a, b) = l.contiguous_offsets().expect("made contiguous above");
-                Held::Dense(g, a, b)
+                let fits = d.dtype() == DType::F32 && d.device().is_cpu();
+                (Held::Dense(g, a, b), d.dims2()?, fits)
             }
             (Source::Dense(_), None) => unreachable!("dense weights were made contiguous"),
-        });
+        };
+        if wk != k || !fits {
+            let what = match w {
+                Source::Q8_0(q) => format!("{:?}", q.dtype()),
+                Source::Dense(t) => format!("{:?}", t.dtype()),
+            };
+            return Err(crate::Error::Invalid(format!(
+                "gemm: [{m}, {k}] by a {what} weight of shape [{n}, {wk}]"
+            )));
+        }
+        dims.push(n);
+        held.push(h);
     }
     let weights: Vec<Weight<'_>> = held
         .iter()
@@ -187,6 +173,7 @@ pub fn matmul_many(x: &Tensor, ws: &[Source<'_>]) -> crate::Result<Vec<Tensor>> 
             .iter()
             .zip(&dims)
             .zip(outs.iter_mut())
+            .filter(|((_, &n), _)| n > 0)
             .map(|((&w, &n), out)| Job {
                 w,
                 n,
@@ -197,7 +184,8 @@ pub fn matmul_many(x: &Tensor, ws: &[Source<'_>]) -> crate::Result<Vec<Tensor>> 
         // each output has room for `m * n` values and is its own allocation.
         unsafe { gemm_jobs(&xd[x0..x1], (m, k), &jobs) };
         for (out, &n) in outs.iter_mut().zip(&dims) {
-            // SAFETY: `gemm_jobs` wrote all `m * n` values of every output.
+            // SAFETY: `gemm_jobs` wrote all `m * n` values of every output (none when `n`
+            // is 0).
             unsafe { out.set_len(m * n) };
         }
     } else {
@@ -209,19 +197,6 @@ pub fn matmul_many(x: &Tensor, ws: &[Source<'_>]) -> crate::Result<Vec<Tensor>> 
         .zip(&dims)
         .map(|(y, &n)| Ok(Tensor::from_vec(y, (m, n), x.device())?))
         .collect()
-}
-
-fn with_input(x: &Tensor, n: usize, w: Weight<'_>) -> crate::Result<Tensor> {
-    let (m, k) = x.dims2()?;
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return Err(crate::Error::Invalid("gemm: f32 CPU inputs".into()));
-    };
-    let y = gemm(&data[a..b], (m, k), w, n)?;
-    Ok(Tensor::from_vec(y, (m, n), x.device())?)
 }
 
 /// `x W^T` for `x: [m, k]` and `W: [n, k]`, row-major in and out.
@@ -731,14 +706,21 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Whether this CPU lacks the kernel (the test then says so and passes).
+    fn skipped() -> bool {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+        }
+        !available()
+    }
+
     fn reference(x: &Tensor, w: &Tensor) -> Tensor {
         x.matmul(&w.t().unwrap()).unwrap()
     }
 
     #[test]
     fn matches_matmul_on_ragged_shapes() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if skipped() {
             return;
         }
         let dev = Device::Cpu;
@@ -761,8 +743,7 @@ mod tests {
 
     #[test]
     fn q8_0_matches_the_dequantized_product() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if skipped() {
             return;
         }
         let dev = Device::Cpu;
@@ -779,8 +760,7 @@ mod tests {
 
     #[test]
     fn packing_matches_its_reference() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if skipped() {
             return;
         }
         let dev = Device::Cpu;
@@ -821,8 +801,7 @@ mod tests {
 
     #[test]
     fn batched_matches_matmul_for_both_layouts() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if skipped() {
             return;
         }
         let dev = Device::Cpu;
@@ -848,8 +827,7 @@ mod tests {
 
     #[test]
     fn many_weights_at_once_match_one_at_a_time() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if skipped() {
             return;
         }
         let dev = Device::Cpu;
