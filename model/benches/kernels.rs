@@ -1,5 +1,6 @@
-//! Kernel micro-benchmark: the small-batch matvec fast path against candle's gemm on
-//! SmolLM2-135M's projection shapes, interleaved in one run so machine noise hits both alike.
+//! Kernel micro-benchmark on SmolLM2-135M's projection shapes, the kernels interleaved in
+//! one run so machine noise hits both alike: the small-batch AVX2 matvec against candle's
+//! gemm, and (on AVX-512 CPUs) the packed-weight kernel against what ran before it.
 //!
 //! ```text
 //! cargo bench -p liger-model --bench kernels
@@ -8,7 +9,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use liger_model::layers::{gemm, matvec};
+use liger_model::layers::{gemm, matvec, Packed};
 
 fn time(f: impl Fn() -> Tensor, reps: usize) -> f64 {
     let t = Instant::now();
@@ -33,7 +34,7 @@ fn medians(a: impl Fn() -> Tensor, b: impl Fn() -> Tensor, reps: usize) -> (f64,
 fn main() -> candle_core::Result<()> {
     let threads = liger_model::threads::init(None);
     println!("threads: {threads}");
-    // `--gemm` runs only the prefill kernel's table.
+    // `--gemm` runs only the packed kernel's table.
     let gemm_only = std::env::args().any(|a| a == "--gemm");
     println!("| rows | k x n | gemm µs | matvec µs | speed-up |");
     println!("|---:|---|---:|---:|---:|");
@@ -62,21 +63,32 @@ fn main() -> candle_core::Result<()> {
     }
     if gemm::available() {
         println!();
-        // Below `gemm::MIN_ROWS` the decode kernel (`matvec`) is what runs, so that is the
-        // baseline there.
-        println!("| rows | k x n | candle gemm (matvec below 33 rows) µs | AVX-512 gemm µs | speed-up | GFLOP/s |");
+        // What ran before weights were packed is the baseline: the AVX2 decode kernel
+        // (`matvec`) up to its 32 rows, candle's gemm beyond.
+        println!("| rows | k x n | AVX2 matvec (candle gemm above 32 rows) µs | packed AVX-512 µs | speed-up | GFLOP/s |");
         println!("|---:|---|---:|---:|---:|---:|");
-        for (k, n) in [(576, 576), (576, 192), (576, 1536), (1536, 576)] {
+        for (k, n) in [
+            (576, 576),
+            (576, 192),
+            (576, 1536),
+            (1536, 576),
+            (576, 49152),
+        ] {
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-            for m in [8, 16, 32, 64, 128, 512] {
+            let packed = Packed::from_tensor(&w).expect("an f32 CPU weight");
+            for m in [1, 8, 16, 32, 64, 128, 512] {
+                if n > 10_000 && m > 32 {
+                    continue;
+                }
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
                 let wt = w.t()?;
                 let reps = (2_000_000_000 / (m * k * n)).clamp(5, 2000);
-                let baseline = || match m < gemm::MIN_ROWS {
+                let baseline = || match m <= matvec::MAX_ROWS && m >= matvec::MIN_ROWS {
                     true => matvec::matvec(&x, &w).unwrap(),
                     false => x.matmul(&wt).unwrap(),
                 };
-                let (g, f) = medians(baseline, || gemm_any_rows(&x, &w), reps);
+                let fast = || gemm::matmul_packed(&x, &[&packed]).unwrap().pop().unwrap();
+                let (g, f) = medians(baseline, fast, reps);
                 println!(
                     "| {m} | {k} x {n} | {g:.1} | {f:.1} | {:.2}x | {:.0} |",
                     g / f,
@@ -86,20 +98,4 @@ fn main() -> candle_core::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The AVX-512 kernel on any number of rows (the library routes only `gemm::MIN_ROWS` and
-/// up to it).
-fn gemm_any_rows(x: &Tensor, w: &Tensor) -> Tensor {
-    use candle_core::{CpuStorage, Storage};
-    let (m, k) = x.dims2().unwrap();
-    let n = w.dim(0).unwrap();
-    let (xs, _) = x.storage_and_layout();
-    let (ws, _) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xs)), Storage::Cpu(CpuStorage::F32(ws))) = (&*xs, &*ws)
-    else {
-        unreachable!("f32 CPU tensors")
-    };
-    let y = gemm::gemm(xs, (m, k), gemm::Weight::F32(ws), n).unwrap();
-    Tensor::from_vec(y, (m, n), &Device::Cpu).unwrap()
 }

@@ -6,7 +6,9 @@
 //! so a batch-1 token of a 30-layer model pays some 300 thread wake-ups on top of reading
 //! the weights. Here the step's threads (rayon's, woken once per token by `broadcast`) live
 //! for the whole token: per layer they split every projection by output rows (the weights
-//! are read once, straight from the tensors' storage), split the token mixing by (sequence,
+//! are read once: on AVX-512 CPUs from their packed panels, `layers::Packed`, through the
+//! same kernel as prefill, otherwise straight from the tensors' storage through the AVX2
+//! decode kernels), split the token mixing by (sequence,
 //! KV head), and meet at a spinning barrier between the five phases that depend on each
 //! other:
 //!
@@ -19,8 +21,8 @@
 //! barrier.) The general path stays the reference: with `RuntimeOptions::fast_decode` off
 //! it runs instead, and `tests/fused_decode.rs` holds the two equal, logits and states.
 //!
-//! Not covered (those steps take the general path): GSA layers, quantized or half-precision
-//! weights, unmerged adapters, gradients, other devices, and prefill.
+//! Not covered (those steps take the general path): GSA layers, weights other than f32 and
+//! Q8_0, unmerged adapters, gradients, other devices, and prefill.
 
 mod attend;
 mod mixing;
@@ -43,7 +45,7 @@ use rows::{Rows, RowsMut};
 use sync::{PanicGuard, Shared, SpinBarrier};
 
 use crate::layers::Linear;
-use crate::layers::{matvec, matvec_q8};
+use crate::layers::{gemm, matvec, matvec_q8, Packed};
 use crate::state::LayerState;
 use crate::state::SeqStep;
 use crate::Result;
@@ -54,6 +56,9 @@ pub const MAX_BATCH: usize = matvec::MAX_ROWS;
 /// Weight rows per inner block of a projection: the block's outputs for the whole batch stay
 /// in L1 (`48 x 32` floats at most) and it is a multiple of the kernel's 3-row tile.
 const BAND: usize = 48;
+
+/// Output columns per band of a packed weight: two of the AVX-512 kernel's panels.
+const PACKED_BAND: usize = 2 * gemm::NR;
 
 /// One decoder layer as the fused step reads it.
 pub(crate) struct LayerRefs<'m> {
@@ -86,6 +91,8 @@ struct Inputs {
     halves: Vec<Tensor>,
     /// Q8_0 weights (their bytes are borrowed the same way).
     blocks: Vec<Arc<QTensor>>,
+    /// Weights packed for the AVX-512 kernel (`Linear::packed`).
+    packs: Vec<Arc<Packed>>,
 }
 
 /// Where cache rows are in [`Inputs`]: among the f32 tensors or the f16 ones.
@@ -133,9 +140,19 @@ impl Inputs {
         Some(self.tensors.len() - 1)
     }
 
-    /// A dense f32 or a Q8_0 projection (`None` for other formats or an unmerged adapter).
+    /// A dense f32 or a Q8_0 projection (`None` for other formats or an unmerged adapter):
+    /// its packed panels where the CPU has AVX-512, its tensor's data otherwise.
     fn add_linear(&mut self, lin: &Linear) -> Option<Proj> {
+        let packed = lin
+            .packed()
+            .filter(|_| lin.plain_f32().is_some() || lin.plain_q8_0().is_some());
         let ((n, k), w, b) = match (lin.plain_f32(), lin.plain_q8_0()) {
+            (Some((_, b)), _) | (None, Some((_, b))) if packed.is_some() => {
+                let p = packed.expect("checked by the guard").clone();
+                let dims = p.dims();
+                self.packs.push(p);
+                (dims, Weight::Packed(self.packs.len() - 1), b)
+            }
             (Some((w, b)), _) => (w.dims2().ok()?, Weight::Dense(self.add(w)?), b),
             (None, Some((q, b))) => {
                 let dims = q.shape().dims2().ok()?;
@@ -168,12 +185,25 @@ struct Proj {
     k: usize,
 }
 
-/// Where a projection's weight is: dense f32 (index into the tensors) or Q8_0 blocks
-/// (index into the block tensors).
+/// Where a projection's weight is: dense f32 (index into the tensors), Q8_0 blocks (index
+/// into the block tensors) or packed panels (index into the packed weights).
 #[derive(Clone, Copy)]
 enum Weight {
     Dense(usize),
     Q8_0(usize),
+    /// Index into the packed weights.
+    Packed(usize),
+}
+
+impl Proj {
+    /// Output columns per claimed band: whole panels of the AVX-512 kernel for a packed
+    /// weight, [`BAND`] rows otherwise.
+    fn band(&self) -> usize {
+        match self.w {
+            Weight::Packed(_) => PACKED_BAND,
+            Weight::Dense(_) | Weight::Q8_0(_) => BAND,
+        }
+    }
 }
 
 struct LayerIx {
@@ -727,6 +757,14 @@ struct NewState<'a> {
     salience: Shared<'a>,
 }
 
+/// A projection phase's input: the rows `[nb, k]`, and packed for the AVX-512 kernel
+/// (`gemm::pack_input`; empty when no projection of the phase has packed panels).
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    rows: &'a [f32],
+    packed: &'a [f32],
+}
+
 /// What a projection does with its output rows.
 #[derive(Clone, Copy)]
 enum Epilogue<'a> {
@@ -743,6 +781,8 @@ impl Step<'_> {
         let (nb, hidden) = (self.nb, plan.hidden);
         let mut xn = vec![0f32; nb * hidden];
         let mut bands = (Vec::new(), Vec::new());
+        // A phase's input packed for the AVX-512 kernel, by each thread for itself.
+        let mut packed_in = Vec::new();
         let mut scratch = Scratch::default();
         // Work is claimed, not assigned: a thread that falls behind (a busy core, a
         // descheduled vCPU) takes fewer bands instead of holding everyone at the barrier.
@@ -760,42 +800,48 @@ impl Step<'_> {
                 .zip(&self.qkv)
                 .map(|(p, out)| (*p, Epilogue::Store(out)))
                 .collect();
-            self.project(&qkv, &xn, claim(), &mut bands.0);
+            self.project(&qkv, &xn, claim(), (&mut bands.0, &mut packed_in));
             self.barrier.wait();
             self.mix_layer(li, claim(), &mut scratch);
             self.barrier.wait();
             let mixed = unsafe { self.mixed.read() };
             let o = [(layer.o, Epilogue::Accumulate(&self.x))];
-            self.project(&o, mixed, claim(), &mut bands.0);
+            self.project(&o, mixed, claim(), (&mut bands.0, &mut packed_in));
             self.barrier.wait();
             let x = unsafe { self.x.read() };
             mixing::rms_norm(x, self.slices[layer.post_norm], self.eps, &mut xn);
-            self.gate_up(layer, &xn, claim(), (&mut bands.0, &mut bands.1));
+            self.gate_up(
+                layer,
+                &xn,
+                claim(),
+                (&mut bands.0, &mut bands.1, &mut packed_in),
+            );
             self.barrier.wait();
             let act = unsafe { self.act.read() };
             let down = [(layer.down, Epilogue::Accumulate(&self.x))];
-            self.project(&down, act, claim(), &mut bands.0);
+            self.project(&down, act, claim(), (&mut bands.0, &mut packed_in));
             self.barrier.wait();
         }
         let x = unsafe { self.x.read() };
         mixing::rms_norm(x, self.slices[plan.norm], self.eps, &mut xn);
         let head = [(plan.lm_head, Epilogue::Store(&self.logits))];
-        self.project(&head, &xn, claim(), &mut bands.0);
+        self.project(&head, &xn, claim(), (&mut bands.0, &mut packed_in));
     }
 
     /// `input [nb, k] @ W^T (+ b)` for each projection of `projs` (all reading `input`),
-    /// written per its epilogue into an `[nb, n]` buffer: bands of [`BAND`] rows, claimed
-    /// one at a time from `next` until none is left.
+    /// written per its epilogue into an `[nb, n]` buffer: bands of [`Proj::band`] columns,
+    /// claimed one at a time from `next` until none is left.
     fn project(
         &self,
         projs: &[(Proj, Epilogue)],
         input: &[f32],
         next: &AtomicUsize,
-        band: &mut Vec<f32>,
+        (band, packed_in): (&mut Vec<f32>, &mut Vec<f32>),
     ) {
         let nb = self.nb;
-        band.resize(BAND * nb, 0.0);
-        let per_proj: Vec<usize> = projs.iter().map(|(p, _)| p.n.div_ceil(BAND)).collect();
+        band.resize(BAND.max(PACKED_BAND) * nb, 0.0);
+        let input = self.input(input, projs.iter().map(|(p, _)| p), packed_in);
+        let per_proj: Vec<usize> = projs.iter().map(|(p, _)| p.n.div_ceil(p.band())).collect();
         loop {
             let mut claimed = next.fetch_add(1, Ordering::Relaxed);
             let Some(pi) = per_proj.iter().position(|&count| {
@@ -809,8 +855,8 @@ impl Step<'_> {
             };
             let (p, epilogue) = projs[pi];
             let bias = p.b.map(|b| self.slices[b]);
-            let sub = claimed * BAND..((claimed + 1) * BAND).min(p.n);
-            self.product(p, input, sub.clone(), band);
+            let sub = claimed * p.band()..((claimed + 1) * p.band()).min(p.n);
+            let at = self.product(p, input, sub.clone(), band);
             let (out, add) = match epilogue {
                 Epilogue::Store(o) => (o, false),
                 Epilogue::Accumulate(o) => (o, true),
@@ -818,7 +864,7 @@ impl Step<'_> {
             for i in 0..nb {
                 let dst = unsafe { out.part(i * p.n + sub.start..i * p.n + sub.end) };
                 for (jj, y) in dst.iter_mut().enumerate() {
-                    let mut val = band[jj * nb + i];
+                    let mut val = band[at(jj, i)];
                     if let Some(b) = bias {
                         val += b[sub.start + jj];
                     }
@@ -828,12 +874,50 @@ impl Step<'_> {
         }
     }
 
-    /// `input @ W[rows]^T` transposed into `band` (`[rows, nb]`), whatever the weight's format.
-    fn product(&self, p: Proj, input: &[f32], rows: std::ops::Range<usize>, band: &mut [f32]) {
-        match p.w {
-            Weight::Dense(i) => matvec::block(input, (self.nb, p.k), self.slices[i], rows, band),
-            Weight::Q8_0(i) => matvec_q8::block(input, (self.nb, p.k), self.blocks[i], rows, band),
+    /// A phase's input `[nb, k]` for its projections: as it is, and packed into `buf` for
+    /// the AVX-512 kernel when one of them has packed panels.
+    fn input<'i>(
+        &self,
+        rows: &'i [f32],
+        mut projs: impl Iterator<Item = &'i Proj>,
+        buf: &'i mut Vec<f32>,
+    ) -> Input<'i> {
+        let mut packed: &[f32] = &[];
+        if let Some(p) = projs.find(|p| matches!(p.w, Weight::Packed(_))) {
+            gemm::pack_input(rows, (self.nb, p.k), buf);
+            packed = buf;
         }
+        Input { rows, packed }
+    }
+
+    /// `input @ W[cols]^T` into `band`, whatever the weight's format; returns where the
+    /// value of column `cols.start + jj` for sequence `i` is: `[cols, nb]` for the AVX2
+    /// kernels, `[nb, PACKED_BAND]` for packed panels.
+    fn product(
+        &self,
+        p: Proj,
+        input: Input,
+        cols: std::ops::Range<usize>,
+        band: &mut [f32],
+    ) -> impl Fn(usize, usize) -> usize {
+        let nb = self.nb;
+        let (col, seq) = match p.w {
+            Weight::Dense(i) => {
+                matvec::block(input.rows, (nb, p.k), self.slices[i], cols, band);
+                (nb, 1)
+            }
+            Weight::Q8_0(i) => {
+                matvec_q8::block(input.rows, (nb, p.k), self.blocks[i], cols, band);
+                (nb, 1)
+            }
+            Weight::Packed(i) => {
+                let panels = cols.start / gemm::NR..cols.end.div_ceil(gemm::NR);
+                let w = &self.plan.inputs.packs[i];
+                gemm::band(input.packed, nb, w, panels, band, PACKED_BAND);
+                (1, PACKED_BAND)
+            }
+        };
+        move |jj, i| jj * col + i * seq
     }
 
     /// `silu(x G^T) * (x U^T)` into `act`, in bands claimed from `next`.
@@ -842,28 +926,30 @@ impl Step<'_> {
         layer: &LayerIx,
         xn: &[f32],
         next: &AtomicUsize,
-        bands: (&mut Vec<f32>, &mut Vec<f32>),
+        (band_g, band_u, packed_in): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
     ) {
         let nb = self.nb;
         let (g, u) = (layer.gate, layer.up);
         let (gb, ub) = (g.b.map(|b| self.slices[b]), u.b.map(|b| self.slices[b]));
-        let (band_g, band_u) = bands;
-        band_g.resize(BAND * nb, 0.0);
-        band_u.resize(BAND * nb, 0.0);
+        band_g.resize(BAND.max(PACKED_BAND) * nb, 0.0);
+        band_u.resize(BAND.max(PACKED_BAND) * nb, 0.0);
+        let input = self.input(xn, [&g, &u].into_iter(), packed_in);
+        // Both take the same columns: whole panels when either is packed.
+        let width = g.band().max(u.band());
         loop {
             let claimed = next.fetch_add(1, Ordering::Relaxed);
-            if claimed * BAND >= g.n {
+            if claimed * width >= g.n {
                 return;
             }
-            let sub = claimed * BAND..((claimed + 1) * BAND).min(g.n);
-            self.product(g, xn, sub.clone(), band_g);
-            self.product(u, xn, sub.clone(), band_u);
+            let sub = claimed * width..((claimed + 1) * width).min(g.n);
+            let at_g = self.product(g, input, sub.clone(), band_g);
+            let at_u = self.product(u, input, sub.clone(), band_u);
             for i in 0..nb {
                 let dst = unsafe { self.act.part(i * g.n + sub.start..i * g.n + sub.end) };
                 for (jj, y) in dst.iter_mut().enumerate() {
                     let j = sub.start + jj;
-                    let gv = band_g[jj * nb + i] + gb.map_or(0.0, |b| b[j]);
-                    let uv = band_u[jj * nb + i] + ub.map_or(0.0, |b| b[j]);
+                    let gv = band_g[at_g(jj, i)] + gb.map_or(0.0, |b| b[j]);
+                    let uv = band_u[at_u(jj, i)] + ub.map_or(0.0, |b| b[j]);
                     *y = gv / (1.0 + (-gv).exp()) * uv;
                 }
             }

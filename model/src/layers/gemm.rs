@@ -1,27 +1,31 @@
-//! `x W^T` for prompt chunks (many rows) on CPUs with AVX-512: the prefill projections.
+//! `x W^T` on CPUs with AVX-512: every product with a weight (prefill chunks and decode
+//! steps alike, weights packed once: [`super::packed`]) and attention's products of many
+//! rows (packed per call).
 //!
 //! candle's `gemm` crate runs its AVX2 kernels on stable Rust (its AVX-512 ones need the
 //! `nightly` feature), so on an AVX-512 CPU with two 512-bit FMA units it reaches about half
 //! the cores' peak. This is the classic GotoBLAS/BLIS shape written for 16 lanes:
 //!
-//! - the weight `[n, k]` is read in panels of [`NR`] = 32 output columns and [`KC`] = 256
-//!   inputs, packed k-major per call (a 32 KB panel stays in L1 while every input row runs
-//!   past it), so nothing is packed at load and a Q8_0 weight is decoded panel by panel
-//!   instead of into a whole dense copy per chunk;
+//! - the right operand `[n, k]` is read in panels of [`NR`] = 32 output columns and
+//!   [`KC`] = 256 inputs, k-major (a 32 KB panel stays in L1 while every input row runs
+//!   past it); a Q8_0 weight is decoded a panel block at a time, never into a whole dense
+//!   copy;
 //! - a micro-tile of [`MR`] = 14 input rows x 32 columns keeps its 28 accumulators in
-//!   registers: per input, two panel loads and 14 broadcasts feed 28 FMAs;
+//!   registers: per input, two panel loads and 14 broadcasts feed 28 FMAs; a tile of fewer
+//!   rows (a decode step of a few sequences) runs a kernel of its own size;
 //! - k-blocks run in sequence and the panels of a block are split over rayon's threads, so
 //!   the `[m, KC]` slice of the input each thread reads stays in its L2.
 //!
-//! The product is the same sum as the reference in a different order (k-blocks, lanes),
-//! so it agrees with candle's matmul to float rounding, which `tests` holds it to for f32
-//! and Q8_0 weights and for shapes that are not multiples of the tiles.
+//! Each value is one FMA chain per k-block, the blocks added in order: the same for every
+//! number of rows, so a row's product does not depend on the rows beside it. It is the
+//! reference's sum in another order, so it agrees with candle's matmul to float rounding,
+//! which `tests` holds it to for f32 and Q8_0 weights and for shapes that are not multiples
+//! of the tiles.
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::matvec_q8::{BLOCK, BLOCK_BYTES};
+use super::packed::Packed;
 
 /// Input rows per micro-tile.
 pub const MR: usize = 14;
@@ -30,18 +34,25 @@ pub const NR: usize = 32;
 /// Inputs per k-block (a multiple of Q8_0's block of 32).
 pub const KC: usize = 256;
 
-/// Inputs with more rows than the decode kernels' (`matvec::MAX_ROWS`) take this path.
+/// Products of activations by activations (attention's) take this path from this many
+/// rows; fewer go to candle's matmul. Weights take it for any number of rows, packed
+/// ([`Packed`]).
 pub const MIN_ROWS: usize = super::matvec::MAX_ROWS + 1;
 
-/// A weight `[n, k]`, row-major, as the kernel reads it.
+/// A matrix `[n, k]` packed per call (attention's keys and values), as the kernel reads it.
 #[derive(Clone, Copy)]
 pub enum Weight<'a> {
     F32(&'a [f32]),
     /// `W^T` stored instead, `[k, n]` row-major, with its `n`: the right operand of an
     /// ordinary product `x B` (attention's probabilities times values).
     F32T(&'a [f32], usize),
-    /// GGML Q8_0 blocks: each row is `k / 32` blocks of an f16 scale and 32 signed bytes.
-    Q8_0(&'a [u8]),
+}
+
+/// Where a product's panels come from: packed per call, or packed once.
+#[derive(Clone, Copy)]
+enum Panels<'a> {
+    Pack(Weight<'a>),
+    Packed(&'a Packed),
 }
 
 /// Whether this CPU can run the kernel.
@@ -56,132 +67,51 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether `x @ w^T` for a dense weight `w` takes this path (neither carrying a gradient).
-pub fn applies(x: &Tensor, w: &Tensor) -> bool {
-    applies_to_input(x) && applies_weight(w)
-}
-
-/// Whether a dense weight can be read by this path: f32, contiguous, on the CPU, no
-/// gradient.
-pub fn applies_weight(w: &Tensor) -> bool {
-    w.dtype() == DType::F32 && w.is_contiguous() && w.device().is_cpu() && !w.track_op()
-}
-
-/// Whether an input `x` (any weight) takes this path: f32 rows on the CPU, enough of them,
-/// and no gradient to carry (the kernel has no backward pass).
+/// Whether an input `x` can be multiplied by packed weights: f32 rows on the CPU of an
+/// AVX-512 machine, and no gradient to carry (the kernel has no backward pass).
 pub fn applies_to_input(x: &Tensor) -> bool {
-    x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && x.rank() == 2
-        && x.dim(0).is_ok_and(|m| m >= MIN_ROWS)
-        && !x.track_op()
-        && available()
+    x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2 && !x.track_op() && available()
 }
 
-/// `x: [m, k]` by a dense f32 `w: [n, k]` -> `[m, n]`.
-pub fn matmul(x: &Tensor, w: &Tensor) -> crate::Result<Tensor> {
-    one(matmul_many(x, &[Source::Dense(w)])?)
-}
-
-/// `x: [m, k]` by a Q8_0 `w: [n, k]` on the CPU -> `[m, n]`: the dequantized weight's
-/// product, decoded a panel at a time.
-pub fn matmul_q8_0(x: &Tensor, w: &QTensor) -> crate::Result<Tensor> {
-    one(matmul_many(x, &[Source::Q8_0(w)])?)
-}
-
-fn one(mut ys: Vec<Tensor>) -> crate::Result<Tensor> {
-    Ok(ys.pop().expect("one product per weight"))
-}
-
-/// A weight [`matmul_many`] reads: dense f32 `[n, k]` or Q8_0 blocks, on the CPU.
-#[derive(Clone, Copy)]
-pub enum Source<'a> {
-    Dense(&'a Tensor),
-    Q8_0(&'a QTensor),
-}
-
-/// `x W^T` for several weights sharing the input `x: [m, k]` (q, k and v; gate and up) in
-/// one call: one packing of `x`, and all weights' panels split over the threads together.
-/// The same products as [`matmul`] / [`matmul_q8_0`] one by one, value for value.
-pub fn matmul_many(x: &Tensor, ws: &[Source<'_>]) -> crate::Result<Vec<Tensor>> {
+/// `x W^T` for every packed weight `W: [n, k]` of `ws`, all reading `x: [m, k]` (q, k and
+/// v; gate and up) in one call: one packing of `x`, and all weights' panels split over the
+/// threads together. Each product is the same, value for value, as that weight's alone
+/// and as [`band`]'s.
+pub fn matmul_packed(x: &Tensor, ws: &[&Packed]) -> crate::Result<Vec<Tensor>> {
     let (m, k) = x.dims2()?;
+    if let Some(w) = ws.iter().find(|w| w.dims().1 != k) {
+        return Err(crate::Error::Invalid(format!(
+            "gemm: [{m}, {k}] by a packed weight of shape {:?}",
+            w.dims()
+        )));
+    }
+    if !applies_to_input(x) {
+        return Err(crate::Error::Invalid(
+            "gemm: f32 CPU inputs without gradients, on an AVX-512 CPU".into(),
+        ));
+    }
     let x = x.contiguous()?;
     let (xs, xl) = x.storage_and_layout();
     let (Storage::Cpu(CpuStorage::F32(xd)), Some((x0, x1))) = (&*xs, xl.contiguous_offsets())
     else {
         return Err(crate::Error::Invalid("gemm: f32 CPU inputs".into()));
     };
-    // Hold every weight's storage (or block bytes) for the call, then borrow from them.
-    // (`G`: candle's storage guard.)
-    enum Held<'a, G> {
-        Dense(G, usize, usize),
-        Q8_0(std::borrow::Cow<'a, [u8]>),
-    }
-    let dense: Vec<Option<Tensor>> = ws
-        .iter()
-        .map(|w| match w {
-            Source::Dense(t) => t.contiguous().map(Some),
-            Source::Q8_0(_) => Ok(None),
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let mut held = Vec::with_capacity(ws.len());
-    let mut dims = Vec::with_capacity(ws.len());
-    for (w, d) in ws.iter().zip(&dense) {
-        let (h, (n, wk), fits) = match (w, d) {
-            (Source::Q8_0(q), _) => {
-                let fits = q.dtype() == GgmlDType::Q8_0 && k % BLOCK == 0 && q.device().is_cpu();
-                (Held::Q8_0(q.data()?), q.shape().dims2()?, fits)
-            }
-            (Source::Dense(_), Some(d)) => {
-                let (g, l) = d.storage_and_layout();
-                let (a, b) = l.contiguous_offsets().expect("made contiguous above");
-                let fits = d.dtype() == DType::F32 && d.device().is_cpu();
-                (Held::Dense(g, a, b), d.dims2()?, fits)
-            }
-            (Source::Dense(_), None) => unreachable!("dense weights were made contiguous"),
-        };
-        if wk != k || !fits {
-            let what = match w {
-                Source::Q8_0(q) => format!("{:?}", q.dtype()),
-                Source::Dense(t) => format!("{:?}", t.dtype()),
-            };
-            return Err(crate::Error::Invalid(format!(
-                "gemm: [{m}, {k}] by a {what} weight of shape [{n}, {wk}]"
-            )));
-        }
-        dims.push(n);
-        held.push(h);
-    }
-    let weights: Vec<Weight<'_>> = held
-        .iter()
-        .map(|h| match h {
-            Held::Dense(g, a, b) => match &**g {
-                Storage::Cpu(CpuStorage::F32(v)) => Ok(Weight::F32(&v[*a..*b])),
-                _ => Err(crate::Error::Invalid("gemm: an f32 CPU weight".into())),
-            },
-            Held::Q8_0(bytes) => Ok(Weight::Q8_0(bytes)),
-        })
-        .collect::<crate::Result<_>>()?;
-    if !available() {
-        return Err(crate::Error::Invalid(
-            "gemm: this CPU has no AVX-512".into(),
-        ));
-    }
+    let dims: Vec<usize> = ws.iter().map(|w| w.dims().0).collect();
     let mut outs: Vec<Vec<f32>> = dims.iter().map(|&n| Vec::with_capacity(m * n)).collect();
     if m > 0 && k > 0 {
-        let jobs: Vec<Job<'_>> = weights
+        let jobs: Vec<Job<'_>> = ws
             .iter()
             .zip(&dims)
             .zip(outs.iter_mut())
             .filter(|((_, &n), _)| n > 0)
             .map(|((&w, &n), out)| Job {
-                w,
+                w: Panels::Packed(w),
                 n,
                 out: SharedOut(out.as_mut_ptr()),
             })
             .collect();
-        // SAFETY: AVX-512F is available; every weight was checked to hold `n` rows of `k`;
-        // each output has room for `m * n` values and is its own allocation.
+        // SAFETY: AVX-512F is available; every weight holds `n` rows of `k`; each output
+        // has room for `m * n` values and is its own allocation.
         unsafe { gemm_jobs(&xd[x0..x1], (m, k), &jobs) };
         for (out, &n) in outs.iter_mut().zip(&dims) {
             // SAFETY: `gemm_jobs` wrote all `m * n` values of every output (none when `n`
@@ -199,35 +129,67 @@ pub fn matmul_many(x: &Tensor, ws: &[Source<'_>]) -> crate::Result<Vec<Tensor>> 
         .collect()
 }
 
-/// `x W^T` for `x: [m, k]` and `W: [n, k]`, row-major in and out.
-pub fn gemm(x: &[f32], (m, k): (usize, usize), w: Weight<'_>, n: usize) -> crate::Result<Vec<f32>> {
-    let fits = match w {
-        Weight::F32(w) => w.len() >= n * k,
-        Weight::F32T(w, wn) => wn == n && w.len() >= n * k,
-        Weight::Q8_0(w) => k % BLOCK == 0 && w.len() >= n * (k / BLOCK) * BLOCK_BYTES,
-    };
-    if !fits || x.len() < m * k {
-        return Err(crate::Error::Invalid(format!(
-            "gemm: [{m}, {k}] by a weight of {n} rows that does not fit"
-        )));
+/// `x: [m, k]` (row-major) packed for [`band`]: tiles of [`MR`] rows, k-major.
+pub(crate) fn pack_input(x: &[f32], (m, k): (usize, usize), dst: &mut Vec<f32>) {
+    let tiles = m.div_ceil(MR);
+    dst.resize(tiles * MR * k, 0.0);
+    for (t, d) in dst.chunks_exact_mut(MR * k).enumerate() {
+        pack_rows(x, (m, k), t * MR, d);
     }
-    if !available() {
-        return Err(crate::Error::Invalid(
-            "gemm: this CPU has no AVX-512".into(),
-        ));
+}
+
+/// `out[i * ldo + j - NR * panels.start] = x[i] . W[j]` for the columns of `w`'s panels
+/// `panels`, every row of `a` (`m` rows packed by [`pack_input`]), on the calling thread:
+/// a band of a decode step's projection. The same values as [`matmul_packed`].
+pub(crate) fn band(
+    a: &[f32],
+    m: usize,
+    w: &Packed,
+    panels: std::ops::Range<usize>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let (n, k) = w.dims();
+    let tiles = m.div_ceil(MR);
+    let cols_end = n.min(panels.end * NR);
+    assert!(
+        available()
+            && a.len() >= tiles * MR * k
+            && panels.end <= w.panels()
+            && cols_end - panels.start * NR <= ldo
+            && (m == 0 || out.len() >= (m - 1) * ldo + cols_end - panels.start * NR)
+    );
+    let mut panel = scratch::take_panel();
+    for p in panels.clone() {
+        let j0 = p * NR;
+        let cols = NR.min(n - j0);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let b = w.block(p, k0, kc, &mut panel);
+            for t in 0..tiles {
+                let i0 = t * MR;
+                let tile = Tile {
+                    rows: MR.min(m - i0),
+                    cols,
+                    first: k0 == 0,
+                };
+                // SAFETY: AVX-512F is available and the sizes were asserted above: the
+                // tile reads `kc` inputs of its packed rows and the block, and writes rows
+                // `i0..i0 + rows`, columns `j0 - NR * panels.start` onwards of `out`.
+                unsafe {
+                    avx512::tile(
+                        a[t * MR * k + k0 * MR..].as_ptr(),
+                        b,
+                        kc,
+                        out.as_mut_ptr().add(i0 * ldo + j0 - panels.start * NR),
+                        ldo,
+                        tile,
+                    )
+                }
+            }
+        }
     }
-    if m == 0 || n == 0 || k == 0 {
-        return Ok(vec![0f32; m * n]);
-    }
-    // Every value is written by the first k-block (tiles cover all rows, panels all
-    // columns), so the output starts uninitialized: no zero fill, and a buffer of this size
-    // freed earlier can be reused.
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: `y` has room for `m * n` values.
-    unsafe { gemm_to(x, (m, k), w, n, y.as_mut_ptr()) };
-    // SAFETY: `gemm_to` wrote all `m * n` values.
-    unsafe { y.set_len(m * n) };
-    Ok(y)
+    scratch::give_panel(panel);
 }
 
 /// `a.matmul(b)` for `a: [batch, m, k]` and `b: [batch, k, n]` (attention's scores and
@@ -290,7 +252,7 @@ fn try_batched(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
 /// must fit (checked by the callers) and AVX-512F must be available.
 unsafe fn gemm_to(x: &[f32], mk: (usize, usize), w: Weight<'_>, n: usize, out: *mut f32) {
     let job = Job {
-        w,
+        w: Panels::Pack(w),
         n,
         out: SharedOut(out),
     };
@@ -299,7 +261,7 @@ unsafe fn gemm_to(x: &[f32], mk: (usize, usize), w: Weight<'_>, n: usize, out: *
 
 /// One weight of a [`gemm_jobs`] call and where its `[m, n]` product goes.
 struct Job<'a> {
-    w: Weight<'a>,
+    w: Panels<'a>,
     n: usize,
     out: SharedOut,
 }
@@ -339,7 +301,13 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
             let mut panel = scratch::take_panel();
             let j0 = (p - first[i]) * NR;
             let cols = NR.min(n - j0);
-            panel.pack(*w, k, j0..j0 + cols, k0, kc);
+            let b = match w {
+                Panels::Pack(w) => {
+                    panel.pack(*w, k, j0..j0 + cols, k0, kc);
+                    panel.as_ptr()
+                }
+                Panels::Packed(w) => w.block(p - first[i], k0, kc, &mut panel),
+            };
             for (t, a) in packed[..tiles * MR * k].chunks_exact(MR * k).enumerate() {
                 let i0 = t * MR;
                 let tile = Tile {
@@ -352,16 +320,7 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
                 // `m x n` values and the tile writes rows `i0..i0 + rows`, columns
                 // `j0..j0 + cols`, which no other task of this k-block writes (tasks own
                 // whole panels); later k-blocks read only what the first one wrote.
-                unsafe {
-                    avx512::tile(
-                        a[k0 * MR..].as_ptr(),
-                        panel.as_ptr(),
-                        kc,
-                        out.at(i0 * n + j0),
-                        *n,
-                        tile,
-                    )
-                }
+                unsafe { avx512::tile(a[k0 * MR..].as_ptr(), b, kc, out.at(i0 * n + j0), *n, tile) }
             }
             scratch::give_panel(panel);
         });
@@ -457,21 +416,21 @@ struct Tile {
 /// One 64-byte line of a packed panel.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([f32; 16]);
+pub(super) struct Line(pub [f32; 16]);
 
 /// A packed panel: `KC` x `NR` weights, k-major, columns past the weight's end zero.
-struct Panel(Vec<Line>);
+pub(super) struct Panel(Vec<Line>);
 
 impl Panel {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Panel(vec![Line([0.0; 16]); KC * NR / 16])
     }
 
-    fn as_ptr(&self) -> *const f32 {
+    pub(super) fn as_ptr(&self) -> *const f32 {
         self.0.as_ptr().cast()
     }
 
-    fn values(&mut self) -> &mut [f32] {
+    pub(super) fn values(&mut self) -> &mut [f32] {
         // SAFETY: `Line` is 16 plain f32s, so the buffer is `KC * NR` f32s.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), KC * NR) }
     }
@@ -521,11 +480,6 @@ fn weight_at(w: Weight<'_>, k: usize, j: usize, kk: usize) -> f32 {
     match w {
         Weight::F32(w) => w[j * k + kk],
         Weight::F32T(w, n) => w[kk * n + j],
-        Weight::Q8_0(w) => {
-            let block = &w[(j * k + kk) / BLOCK * BLOCK_BYTES..][..BLOCK_BYTES];
-            let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-            d * block[2 + kk % BLOCK] as i8 as f32
-        }
     }
 }
 
@@ -533,11 +487,13 @@ fn weight_at(w: Weight<'_>, k: usize, j: usize, kk: usize) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Tile, Weight, BLOCK, BLOCK_BYTES, MR, NR};
+    use super::{Tile, Weight, MR, NR};
 
     /// `C[rows, cols] (+)= A[rows, 0..kc] . P[0..kc, cols]` for `A` packed `MR` values per
     /// input (see `pack_rows`), a packed panel `P` (64-byte aligned, `NR` per input) and
-    /// `C` rows `ldc` apart.
+    /// `C` rows `ldc` apart: the kernel for the tile's number of rows, so a short tile (a
+    /// decode step's few sequences) does only its own rows' work. Every row's values are
+    /// the same whichever kernel computes them: one FMA chain per value over the k-block.
     ///
     /// # Safety
     /// AVX-512F must be available; `a` must hold `kc * MR` values, `p` `kc * NR`, and `c`
@@ -551,13 +507,42 @@ mod avx512 {
         ldc: usize,
         tile: Tile,
     ) {
-        let mut lo = [_mm512_setzero_ps(); MR];
-        let mut hi = [_mm512_setzero_ps(); MR];
+        match tile.rows {
+            14 => rows::<14>(a, p, kc, c, ldc, tile),
+            13 => rows::<13>(a, p, kc, c, ldc, tile),
+            12 => rows::<12>(a, p, kc, c, ldc, tile),
+            11 => rows::<11>(a, p, kc, c, ldc, tile),
+            10 => rows::<10>(a, p, kc, c, ldc, tile),
+            9 => rows::<9>(a, p, kc, c, ldc, tile),
+            8 => rows::<8>(a, p, kc, c, ldc, tile),
+            7 => rows::<7>(a, p, kc, c, ldc, tile),
+            6 => rows::<6>(a, p, kc, c, ldc, tile),
+            5 => rows::<5>(a, p, kc, c, ldc, tile),
+            4 => rows::<4>(a, p, kc, c, ldc, tile),
+            3 => rows::<3>(a, p, kc, c, ldc, tile),
+            2 => rows::<2>(a, p, kc, c, ldc, tile),
+            1 => rows::<1>(a, p, kc, c, ldc, tile),
+            r => unreachable!("tiles have 1 to {MR} rows, not {r}"),
+        }
+    }
+
+    /// [`tile`] for `R` rows.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows<const R: usize>(
+        a: *const f32,
+        p: *const f32,
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        tile: Tile,
+    ) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
         for kk in 0..kc {
             let b0 = _mm512_load_ps(p.add(kk * NR));
             let b1 = _mm512_load_ps(p.add(kk * NR + 16));
             let ak = a.add(kk * MR);
-            for r in 0..MR {
+            for r in 0..R {
                 let av = _mm512_set1_ps(*ak.add(r));
                 lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
                 hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
@@ -565,7 +550,7 @@ mod avx512 {
         }
         let m0 = lane_mask(tile.cols.min(16));
         let m1 = lane_mask(tile.cols.saturating_sub(16));
-        for r in 0..tile.rows {
+        for r in 0..R {
             let cr = c.add(r * ldc);
             let (mut v0, mut v1) = (lo[r], hi[r]);
             if !tile.first {
@@ -653,14 +638,6 @@ mod avx512 {
         match w {
             Weight::F32(w) => _mm512_maskz_loadu_ps(lane_mask(n), w.as_ptr().add(j * k + kk)),
             Weight::F32T(..) => unreachable!("packed by straight copies"),
-            Weight::Q8_0(w) => {
-                // `kk` is a multiple of 16 and `k` of 32, so the 16 values lie in one block.
-                let block = w.as_ptr().add((j * k + kk) / BLOCK * BLOCK_BYTES);
-                let d = half::f16::from_le_bytes([*block, *block.add(1)]).to_f32();
-                let q = _mm_loadu_si128(block.add(2 + kk % BLOCK).cast());
-                let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-                _mm512_maskz_mul_ps(lane_mask(n), v, _mm512_set1_ps(d))
-            }
         }
     }
 
@@ -704,6 +681,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
     /// Whether this CPU lacks the kernel (the test then says so and passes).
@@ -718,23 +696,31 @@ mod tests {
         x.matmul(&w.t().unwrap()).unwrap()
     }
 
+    fn packed_product(x: &Tensor, w: &Packed) -> Tensor {
+        matmul_packed(x, &[w]).unwrap().pop().unwrap()
+    }
+
     #[test]
     fn matches_matmul_on_ragged_shapes() {
         if skipped() {
             return;
         }
         let dev = Device::Cpu;
-        // Rows, inputs and outputs that are and are not multiples of MR, KC and NR.
+        // Rows, inputs and outputs that are and are not multiples of MR, KC and NR; single
+        // rows and short tiles (decode steps) as well as many.
         for (m, k, n) in [
             (33, 64, 32),
             (47, 300, 45),
             (64, 576, 192),
             (100, 520, 70),
             (14, 256, 33),
+            (1, 576, 100),
+            (5, 37, 3),
+            (17, 600, 64),
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let got = matmul(&x, &w).unwrap();
+            let got = packed_product(&x, &Packed::from_tensor(&w).unwrap());
             let want = reference(&x, &w);
             let d = crate::testing::max_abs_diff(&got, &want);
             assert!(d < 1e-4 * (k as f32).sqrt(), "[{m}, {k}] x [{n}, {k}]: {d}");
@@ -747,14 +733,56 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        for (m, k, n) in [(40, 64, 50), (70, 544, 96)] {
+        for (m, k, n) in [(40, 64, 50), (70, 544, 96), (1, 288, 40), (9, 64, 7)] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-            let got = matmul_q8_0(&x, &q).unwrap();
+            let got = packed_product(&x, &Packed::from_q8_0(&q).unwrap());
             let want = reference(&x, &q.dequantize(&dev).unwrap());
             let d = crate::testing::max_abs_diff(&got, &want);
             assert!(d < 1e-4 * (k as f32).sqrt(), "[{m}, {k}] x [{n}, {k}]: {d}");
+        }
+    }
+
+    /// A row's product is the same bits whatever rows share the call (a decode step of one
+    /// sequence or of 32, a prompt chunk), and a decode step's bands give the same bits.
+    #[test]
+    fn a_rows_product_does_not_depend_on_the_rows_beside_it() {
+        if skipped() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let (k, n) = (608, 70);
+        let x = Tensor::randn(0f32, 1.0, (40, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        for w in [
+            Packed::from_tensor(&w).unwrap(),
+            Packed::from_q8_0(&q).unwrap(),
+        ] {
+            let all = packed_product(&x, &w).to_vec2::<f32>().unwrap();
+            for (start, m) in [(0, 1), (3, 1), (5, 13), (2, 14), (7, 15), (1, 33)] {
+                let part = packed_product(&x.narrow(0, start, m).unwrap(), &w)
+                    .to_vec2::<f32>()
+                    .unwrap();
+                assert_eq!(&part[..], &all[start..start + m], "rows {start}..+{m}");
+                // The same rows through bands of one and two panels.
+                let xs = x.narrow(0, start, m).unwrap().flatten_all().unwrap();
+                let xs = xs.to_vec1::<f32>().unwrap();
+                let mut a = Vec::new();
+                pack_input(&xs, (m, k), &mut a);
+                let ldo = 2 * NR;
+                let mut out = vec![f32::NAN; m * ldo];
+                for p0 in (0..w.panels()).step_by(2) {
+                    let panels = p0..(p0 + 2).min(w.panels());
+                    band(&a, m, &w, panels, &mut out, ldo);
+                    for i in 0..m {
+                        for j in p0 * NR..((p0 + 2) * NR).min(n) {
+                            assert_eq!(out[i * ldo + j - p0 * NR], part[i][j], "band [{i}, {j}]");
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -775,16 +803,10 @@ mod tests {
         }
         for (n, k) in [(45, 64), (32, 288), (7, 544)] {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
             let dense = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let bytes = q.data().unwrap();
             let t = w.t().unwrap().contiguous().unwrap();
             let transposed = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for weight in [
-                Weight::F32(&dense),
-                Weight::Q8_0(&bytes),
-                Weight::F32T(&transposed, n),
-            ] {
+            for weight in [Weight::F32(&dense), Weight::F32T(&transposed, n)] {
                 for j0 in (0..n).step_by(NR) {
                     for k0 in (0..k).step_by(KC) {
                         let (cols, kc) = (j0..NR.min(n - j0) + j0, KC.min(k - k0));
@@ -840,28 +862,19 @@ mod tests {
             GgmlDType::Q8_0,
         )
         .unwrap();
-        let all = matmul_many(
-            &x,
-            &[Source::Dense(&w1), Source::Q8_0(&q), Source::Dense(&w2)],
-        )
-        .unwrap();
-        let one = [
-            matmul(&x, &w1).unwrap(),
-            matmul_q8_0(&x, &q).unwrap(),
-            matmul(&x, &w2).unwrap(),
+        let ws = [
+            Packed::from_tensor(&w1).unwrap(),
+            Packed::from_q8_0(&q).unwrap(),
+            Packed::from_tensor(&w2).unwrap(),
         ];
-        for (a, b) in all.iter().zip(&one) {
-            assert_eq!(crate::testing::max_abs_diff(a, b), 0.0);
+        let all = matmul_packed(&x, &[&ws[0], &ws[1], &ws[2]]).unwrap();
+        for (a, w) in all.iter().zip(&ws) {
+            assert_eq!(crate::testing::max_abs_diff(a, &packed_product(&x, w)), 0.0);
         }
-        // A weight of another input size is refused.
-        let bad = Tensor::randn(0f32, 1.0, (5, k + 1), &dev).unwrap();
-        assert!(matmul_many(&x, &[Source::Dense(&w1), Source::Dense(&bad)]).is_err());
-    }
-
-    #[test]
-    fn refuses_what_does_not_fit() {
-        let w = vec![0f32; 10];
-        assert!(gemm(&[0.0; 40], (4, 10), Weight::F32(&w), 2).is_err());
-        assert!(gemm(&[0.0; 10], (4, 10), Weight::F32(&w), 1).is_err());
+        // A weight of another input size is refused, and so is an input with a gradient.
+        let bad = Packed::from_tensor(&Tensor::zeros((5, k + 1), DType::F32, &dev).unwrap());
+        assert!(matmul_packed(&x, &[&ws[0], &bad.unwrap()]).is_err());
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        assert!(matmul_packed(var.as_tensor(), &[&ws[0]]).is_err());
     }
 }

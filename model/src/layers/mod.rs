@@ -7,6 +7,7 @@ pub mod matvec;
 pub(crate) mod matvec_q8;
 mod mlp;
 mod norm;
+mod packed;
 mod quantized;
 pub(crate) mod rope;
 pub mod vexp;
@@ -14,6 +15,7 @@ pub mod vexp;
 pub use linear::{format_name, parse_format, Dims, Linear, LoraAdapter, Quantization};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
+pub use packed::Packed;
 pub use quantized::{QuantizedTensors, WeightSource};
 pub use rope::Rope;
 
