@@ -34,6 +34,10 @@ pub const NR: usize = 32;
 /// Inputs per k-block (a multiple of Q8_0's block of 32).
 pub const KC: usize = 256;
 
+/// Inputs of up to this many rows run [`gemm_jobs`] panel by panel (every k-block of a panel
+/// in one task): their whole input stays in L2 however many k-blocks there are.
+const PANEL_MAJOR_ROWS: usize = 64;
+
 /// Products of activations by activations (attention's) take this path from this many
 /// rows; fewer go to candle's matmul. Weights take it for any number of rows, packed
 /// ([`Packed`]).
@@ -281,8 +285,10 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
     let mut packed = scratch::take_rows(tiles * MR * k);
     packed[..tiles * MR * k]
         .par_chunks_mut(MR * k)
+        .with_min_len(4)
         .enumerate()
         .for_each(|(t, dst)| pack_rows(x, (m, k), t * MR, dst));
+    let a = &packed[..tiles * MR * k];
     // Panel `p` of the whole call: job `i`, its panel `p - first[i]`.
     let first: Vec<usize> = jobs
         .iter()
@@ -293,37 +299,63 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
         })
         .collect();
     let panels: usize = jobs.iter().map(|j| j.n.div_ceil(NR)).sum();
-    for k0 in (0..k).step_by(KC) {
+    // Panel `p`'s k-block `k0`, every tile.
+    let run = |p: usize, k0: usize, panel: &mut Panel| {
+        let i = first.partition_point(|&f| f <= p) - 1;
+        let Job { w, n, out } = &jobs[i];
         let kc = KC.min(k - k0);
-        (0..panels).into_par_iter().for_each(|p| {
-            let i = first.partition_point(|&f| f <= p) - 1;
-            let Job { w, n, out } = &jobs[i];
-            let mut panel = scratch::take_panel();
-            let j0 = (p - first[i]) * NR;
-            let cols = NR.min(n - j0);
-            let b = match w {
-                Panels::Pack(w) => {
-                    panel.pack(*w, k, j0..j0 + cols, k0, kc);
-                    panel.as_ptr()
-                }
-                Panels::Packed(w) => w.block(p - first[i], k0, kc, &mut panel),
+        let j0 = (p - first[i]) * NR;
+        let cols = NR.min(n - j0);
+        let b = match w {
+            Panels::Pack(w) => {
+                panel.pack(*w, k, j0..j0 + cols, k0, kc);
+                panel.as_ptr()
+            }
+            Panels::Packed(w) => w.block(p - first[i], k0, kc, panel),
+        };
+        for (t, a) in a.chunks_exact(MR * k).enumerate() {
+            let i0 = t * MR;
+            let tile = Tile {
+                rows: MR.min(m - i0),
+                cols,
+                first: k0 == 0,
             };
-            for (t, a) in packed[..tiles * MR * k].chunks_exact(MR * k).enumerate() {
-                let i0 = t * MR;
-                let tile = Tile {
-                    rows: MR.min(m - i0),
-                    cols,
-                    first: k0 == 0,
-                };
-                // SAFETY: AVX-512F is available (the caller's contract); `a` holds `k * MR`
-                // values and the kernel reads `kc * MR` from `k0 * MR`; `out` has room for
-                // `m x n` values and the tile writes rows `i0..i0 + rows`, columns
-                // `j0..j0 + cols`, which no other task of this k-block writes (tasks own
-                // whole panels); later k-blocks read only what the first one wrote.
-                unsafe { avx512::tile(a[k0 * MR..].as_ptr(), b, kc, out.at(i0 * n + j0), *n, tile) }
+            // SAFETY: AVX-512F is available (the caller's contract); `a` holds `k * MR`
+            // values and the kernel reads `kc * MR` from `k0 * MR`; `out` has room for
+            // `m x n` values and the tile writes rows `i0..i0 + rows`, columns
+            // `j0..j0 + cols`, which no other task writes (tasks own whole panels); later
+            // k-blocks read only what the earlier ones wrote.
+            unsafe {
+                avx512::tile(
+                    a[k0 * MR..].as_ptr(),
+                    b,
+                    kc,
+                    out.at(i0 * n + j0),
+                    *n,
+                    tile,
+                )
+            }
+        }
+    };
+    if m <= PANEL_MAJOR_ROWS {
+        // Few rows (decode steps): a task takes whole panels through every k-block, one
+        // fork-join for the call instead of one per k-block. The same sums in the same
+        // order as below.
+        (0..panels).into_par_iter().with_min_len(2).for_each(|p| {
+            let mut panel = scratch::take_panel();
+            for k0 in (0..k).step_by(KC) {
+                run(p, k0, &mut panel);
             }
             scratch::give_panel(panel);
         });
+    } else {
+        for k0 in (0..k).step_by(KC) {
+            (0..panels).into_par_iter().for_each(|p| {
+                let mut panel = scratch::take_panel();
+                run(p, k0, &mut panel);
+                scratch::give_panel(panel);
+            });
+        }
     }
     scratch::give_rows(packed);
 }
