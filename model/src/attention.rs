@@ -579,7 +579,13 @@ impl Attention {
                     window: places,
                     g: q.dim(0)? / k_new.dim(0)?,
                 };
-                let scores = attention_scores((&q, &keys), capped.as_ref())?.contiguous()?;
+                // A query's scores past its own token are never read (`Exps`).
+                let causal = gemm::Causal::Output {
+                    offset: geo.n + geo.w,
+                    period: geo.t,
+                };
+                let scores =
+                    attention_scores((&q, &keys), capped.as_ref(), Some(causal))?.contiguous()?;
                 Exps::new(&scores, geo)?
             }
             false => None,
@@ -608,7 +614,13 @@ impl Attention {
         let out = match p {
             Some(p) => {
                 let (h, t, d) = q.dims3()?;
-                let o = gemm::batched(&p, &crate::layers::to_f32(&values)?)?; // [hkv, g*t, d]
+                // A query's probabilities past its own token are 0: skipped.
+                let causal = gemm::Causal::Input {
+                    offset: p.dim(2)? - t,
+                    period: t,
+                };
+                let values = crate::layers::to_f32(&values)?;
+                let o = gemm::batched_causal(&p, &values, Some(causal))?; // [hkv, g*t, d]
                 o.reshape((h, t, d))?.transpose(0, 1)?
             }
             None => {
@@ -858,7 +870,7 @@ pub fn attention_with(
     let (hkv, l, _) = k.dims3()?;
     let g = h / hkv;
     let v = v.to_dtype(DType::F32)?;
-    let scores = attention_scores((q, k), capped)?;
+    let scores = attention_scores((q, k), capped, None)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
@@ -872,10 +884,13 @@ pub fn attention_with(
     Ok(o.reshape((h, t, d))?.transpose(0, 1)?)
 }
 
-/// The scaled scores of [`attention_with`], `[hkv, g, t, L]` in f32, before any mask.
+/// The scaled scores of [`attention_with`], `[hkv, g, t, L]` in f32, before any mask; with
+/// `causal`, only the columns it says each query needs (0 after them, see
+/// [`gemm::Causal`]), the capped columns among them.
 pub fn attention_scores(
     (q, k): (&Tensor, &Tensor),
     capped: Option<&CappedScoring>,
+    causal: Option<gemm::Causal>,
 ) -> Result<Tensor> {
     let (h, t, d) = q.dims3()?;
     let (hkv, l, _) = k.dims3()?;
@@ -883,7 +898,7 @@ pub fn attention_scores(
     let scale = 1.0 / (d as f64).sqrt();
     let q = (q.to_dtype(DType::F32)? * scale)?.reshape((hkv, g * t, d))?;
     let k = crate::layers::to_f32(k)?;
-    let mut scores = gemm::batched(&q, &k.t()?)?.reshape((hkv, g, t, l))?;
+    let mut scores = gemm::batched_causal(&q, &k.t()?, causal)?.reshape((hkv, g, t, l))?;
     if let Some(c) = capped {
         let n = c.k.dim(1)?;
         let qc = (c.q.to_dtype(DType::F32)? * scale)?.reshape((hkv, g * t, d))?;

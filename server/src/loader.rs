@@ -43,6 +43,15 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
         .load(&device, dtype, &options)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
     log_adaptations(&stored, settings);
+    // Packed now, not by the first request (a few hundred ms for SmolLM2-135M at f32).
+    let (packed, bytes) = model.pack_weights();
+    if packed > 0 {
+        info!(
+            weights = packed,
+            mib = bytes >> 20,
+            "weights packed for the AVX-512 kernel (a copy beside the loaded weights)"
+        );
+    }
     let cfg = model.config().clone();
     let max_model_len = resolve_max_model_len(settings.max_model_len, &cfg)?;
     let text = stored.text().context("loading the tokenizer")?;

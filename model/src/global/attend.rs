@@ -150,7 +150,9 @@ impl Exps {
             .enumerate()
             .map_init(Vec::new, |kept, (row, e)| {
                 let (kvh, i) = (row / (g * t), row % t);
-                let (lo, _) = geo.band(i);
+                let (lo, hi) = geo.band(i);
+                // Past the query's own column the row is already 0 (`new`).
+                let e = &mut e[..=hi];
                 // Before the band, only the cache entries the query sees stay.
                 kept.clear();
                 kept.extend(

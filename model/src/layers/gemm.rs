@@ -112,6 +112,7 @@ pub fn matmul_packed(x: &Tensor, ws: &[&Packed]) -> crate::Result<Vec<Tensor>> {
                 w: Panels::Packed(w),
                 n,
                 out: SharedOut(out.as_mut_ptr()),
+                causal: None,
             })
             .collect();
         // SAFETY: AVX-512F is available; every weight holds `n` rows of `k`; each output
@@ -201,13 +202,51 @@ pub(crate) fn band(
 /// has enough rows, no gradient flows and `b` is either contiguous or the transpose of a
 /// contiguous `[batch, n, k]` (`keys.t()`); candle's matmul otherwise.
 pub fn batched(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    match try_batched(a, b)? {
+    batched_causal(a, b, None)
+}
+
+/// Rows that need only their leading part of a product: row `r` of each batch entry needs
+/// `needs(r) = min(all, offset + r % period + 1)` of its columns (`Output`) or of its
+/// inputs (`Input`): a prefill piece's queries, `period` of them per query head, each
+/// seeing the candidates up to its own token and none after (the causal upper triangle).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Causal {
+    /// Output columns past a row's need are never read: they are left 0 (scores).
+    Output { offset: usize, period: usize },
+    /// Inputs past a row's need multiply zeros: they are skipped (probabilities times
+    /// values, where a query's probabilities past its own token are 0).
+    Input { offset: usize, period: usize },
+}
+
+impl Causal {
+    /// The most any of rows `rows` needs, of `all`.
+    fn needs(self, rows: std::ops::Range<usize>, all: usize) -> usize {
+        let (Causal::Output { offset, period } | Causal::Input { offset, period }) = self;
+        rows.map(|r| offset + r % period + 1)
+            .max()
+            .unwrap_or(0)
+            .min(all)
+    }
+}
+
+/// [`batched`] computing only what `causal` says each row needs (the same values there, 0
+/// past it for `Output`); `None`: everything, as `batched`.
+pub fn batched_causal(
+    a: &Tensor,
+    b: &Tensor,
+    causal: Option<Causal>,
+) -> candle_core::Result<Tensor> {
+    match try_batched(a, b, causal)? {
         Some(y) => Ok(y),
         None => a.matmul(b),
     }
 }
 
-fn try_batched(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+fn try_batched(
+    a: &Tensor,
+    b: &Tensor,
+    causal: Option<Causal>,
+) -> candle_core::Result<Option<Tensor>> {
     let (Ok((batch, m, k)), Ok((batch_b, k_b, n))) = (a.dims3(), b.dims3()) else {
         return Ok(None);
     };
@@ -244,23 +283,19 @@ fn try_batched(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
         } else {
             Weight::F32T(wd, n)
         };
-        // SAFETY: `y` has room for `batch * m * n` values; entry `i` writes its own `m * n`.
-        unsafe { gemm_to(x, (m, k), w, n, y.as_mut_ptr().add(i * m * n)) };
+        let job = Job {
+            w: Panels::Pack(w),
+            n,
+            out: SharedOut(y.as_mut_ptr().wrapping_add(i * m * n)),
+            causal,
+        };
+        // SAFETY: AVX-512F is available; `w` holds `n` rows of `k`; `y` has room for
+        // `batch * m * n` values and entry `i` writes its own `m * n`.
+        unsafe { gemm_jobs(x, (m, k), &[job]) };
     }
     // SAFETY: every entry wrote its `m * n` values.
     unsafe { y.set_len(batch * m * n) };
     Ok(Some(Tensor::from_vec(y, (batch, m, n), a.device())?))
-}
-
-/// [`gemm`] into `out`, which must have room for `m * n` values (all written); the sizes
-/// must fit (checked by the callers) and AVX-512F must be available.
-unsafe fn gemm_to(x: &[f32], mk: (usize, usize), w: Weight<'_>, n: usize, out: *mut f32) {
-    let job = Job {
-        w: Panels::Pack(w),
-        n,
-        out: SharedOut(out),
-    };
-    gemm_jobs(x, mk, &[job]);
 }
 
 /// One weight of a [`gemm_jobs`] call and where its `[m, n]` product goes.
@@ -268,6 +303,8 @@ struct Job<'a> {
     w: Panels<'a>,
     n: usize,
     out: SharedOut,
+    /// What each row needs, when not everything.
+    causal: Option<Causal>,
 }
 
 /// `x W^T` for every job's weight (all `[n, k]` with the same `k`), the input packed once
@@ -302,39 +339,54 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
     // Panel `p`'s k-block `k0`, every tile.
     let run = |p: usize, k0: usize, panel: &mut Panel| {
         let i = first.partition_point(|&f| f <= p) - 1;
-        let Job { w, n, out } = &jobs[i];
+        let Job { w, n, out, causal } = &jobs[i];
         let kc = KC.min(k - k0);
         let j0 = (p - first[i]) * NR;
         let cols = NR.min(n - j0);
-        let b = match w {
-            Panels::Pack(w) => {
-                panel.pack(*w, k, j0..j0 + cols, k0, kc);
-                panel.as_ptr()
-            }
-            Panels::Packed(w) => w.block(p - first[i], k0, kc, panel),
-        };
+        let mut block = None;
         for (t, a) in a.chunks_exact(MR * k).enumerate() {
             let i0 = t * MR;
+            let rows = MR.min(m - i0);
             let tile = Tile {
-                rows: MR.min(m - i0),
+                rows,
                 cols,
                 first: k0 == 0,
             };
+            let mut kc = kc;
+            match causal {
+                Some(c @ Causal::Output { .. }) if c.needs(i0..i0 + rows, *n) <= j0 => {
+                    if tile.first {
+                        for r in i0..i0 + rows {
+                            // SAFETY: row `r`'s columns `j0..j0 + cols` are this task's.
+                            unsafe { std::ptr::write_bytes(out.at(r * n + j0), 0, cols) };
+                        }
+                    }
+                    continue;
+                }
+                Some(c @ Causal::Input { .. }) => {
+                    // Inputs past the tile's need multiply zeros: adding them changes no
+                    // value, so skipping them gives the same bits.
+                    let needs = c.needs(i0..i0 + rows, k);
+                    if needs <= k0 && !tile.first {
+                        continue;
+                    }
+                    kc = kc.min(needs.saturating_sub(k0)).max(1);
+                }
+                _ => {}
+            }
+            let b = *block.get_or_insert_with(|| match w {
+                Panels::Pack(w) => {
+                    panel.pack(*w, k, j0..j0 + cols, k0, KC.min(k - k0));
+                    panel.as_ptr()
+                }
+                Panels::Packed(w) => w.block(p - first[i], k0, KC.min(k - k0), panel),
+            });
             // SAFETY: AVX-512F is available (the caller's contract); `a` holds `k * MR`
             // values and the kernel reads `kc * MR` from `k0 * MR`; `out` has room for
             // `m x n` values and the tile writes rows `i0..i0 + rows`, columns
             // `j0..j0 + cols`, which no other task writes (tasks own whole panels); later
             // k-blocks read only what the earlier ones wrote.
-            unsafe {
-                avx512::tile(
-                    a[k0 * MR..].as_ptr(),
-                    b,
-                    kc,
-                    out.at(i0 * n + j0),
-                    *n,
-                    tile,
-                )
-            }
+            unsafe { avx512::tile(a[k0 * MR..].as_ptr(), b, kc, out.at(i0 * n + j0), *n, tile) }
         }
     };
     if m <= PANEL_MAJOR_ROWS {
@@ -864,7 +916,9 @@ mod tests {
             let rows = Tensor::randn(0f32, 1.0, (batch, n, k), &dev).unwrap();
             let plain = rows.t().unwrap().contiguous().unwrap();
             for b in [rows.t().unwrap(), plain] {
-                let got = try_batched(&a, &b).unwrap().expect("the kernel applies");
+                let got = try_batched(&a, &b, None)
+                    .unwrap()
+                    .expect("the kernel applies");
                 let d = crate::testing::max_abs_diff(&got, &a.matmul(&b).unwrap());
                 assert!(
                     d < 1e-4 * (k as f32).sqrt(),
@@ -875,8 +929,57 @@ mod tests {
         // Too few rows: candle's matmul.
         let a = Tensor::randn(0f32, 1.0, (2, 8, 16), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (2, 16, 4), &dev).unwrap();
-        assert!(try_batched(&a, &b).unwrap().is_none());
+        assert!(try_batched(&a, &b, None).unwrap().is_none());
         assert_eq!(batched(&a, &b).unwrap().dims(), &[2, 8, 4]);
+    }
+
+    /// Causal products: scores only up to each query's own column (0 after), and values
+    /// weighted by probabilities that are 0 past it, the same bits as the whole product.
+    #[test]
+    fn causal_products_compute_what_each_row_needs() {
+        if skipped() {
+            return;
+        }
+        let dev = Device::Cpu;
+        // Two query heads of 45 queries each, 30 earlier candidates, head dim 64.
+        let (batch, period, heads, offset, d) = (2, 45, 2, 30, 64);
+        let (m, l) = (heads * period, offset + period);
+        let q = Tensor::randn(0f32, 1.0, (batch, m, d), &dev).unwrap();
+        let keys = Tensor::randn(0f32, 1.0, (batch, l, d), &dev).unwrap();
+        let needs = |r: usize| offset + r % period + 1;
+        let full = batched(&q, &keys.t().unwrap())
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let causal = Causal::Output { offset, period };
+        let part = batched_causal(&q, &keys.t().unwrap(), Some(causal)).unwrap();
+        let part = part.to_vec3::<f32>().unwrap();
+        for b in 0..batch {
+            for r in 0..m {
+                assert_eq!(&part[b][r][..needs(r)], &full[b][r][..needs(r)], "row {r}");
+                // Whole tiles past every row's need are 0; the rest of a tile is computed.
+                assert!(part[b][r][needs(r)..].iter().all(|x| x.is_finite()));
+            }
+        }
+        // The first tile's rows (0..14) need at most 44 columns: the third panel is 0.
+        let skipped = needs(MR - 1).div_ceil(NR) * NR;
+        assert!(skipped < l && part[0][0][skipped..].iter().all(|&x| x == 0.0));
+        // Probabilities past each row's need are 0.
+        let mut p = Tensor::rand(0f32, 1.0, (batch, m, l), &dev)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        for rows in p.iter_mut() {
+            for (r, row) in rows.iter_mut().enumerate() {
+                row[needs(r)..].fill(0.0);
+            }
+        }
+        let p = Tensor::new(p, &dev).unwrap();
+        let values = Tensor::randn(0f32, 1.0, (batch, l, d), &dev).unwrap();
+        let full = batched(&p, &values).unwrap();
+        let causal = Causal::Input { offset, period };
+        let part = batched_causal(&p, &values, Some(causal)).unwrap();
+        assert_eq!(crate::testing::max_abs_diff(&full, &part), 0.0);
     }
 
     #[test]

@@ -140,6 +140,14 @@ impl Packed {
         (self.n, self.k)
     }
 
+    /// Bytes the packed copy holds.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(lines) => std::mem::size_of_val(lines.as_slice()),
+            Data::Q8_0 { q, d } => q.len() + std::mem::size_of_val(d.as_slice()),
+        }
+    }
+
     /// Panels of [`NR`] columns.
     pub fn panels(&self) -> usize {
         self.n.div_ceil(NR)

@@ -506,6 +506,25 @@ impl Model {
         (spans, positions)
     }
 
+    /// Packs every projection's weight and the LM head for the AVX-512 kernel now
+    /// (`Linear::packed`) rather than at its first product, so that a server's first request
+    /// does not wait for it. Returns how many were packed and their bytes: none without
+    /// AVX-512, on other devices, or for weights in other formats.
+    pub fn pack_weights(&self) -> (usize, usize) {
+        let mut all: Vec<&Linear> = vec![&self.lm_head];
+        for l in &self.layers {
+            all.extend(
+                ["q_proj", "k_proj", "v_proj", "o_proj"]
+                    .iter()
+                    .filter_map(|name| l.attn.projection(name)),
+            );
+            all.extend(l.mlp.projections());
+        }
+        all.iter()
+            .filter_map(|l| l.packed())
+            .fold((0, 0), |(n, bytes), p| (n + 1, bytes + p.bytes()))
+    }
+
     /// The model as the fused decode step reads it; `None` when a layer's mixer is not
     /// covered there.
     fn decode_refs(&self) -> Result<Option<decode::ModelRefs<'_>>> {
