@@ -83,7 +83,7 @@ fn main() -> candle_core::Result<()> {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
                 let wt = w.t()?;
                 let reps = (2_000_000_000 / (m * k * n)).clamp(5, 2000);
-                let baseline = || match m <= matvec::MAX_ROWS && m >= matvec::MIN_ROWS {
+                let baseline = || match (matvec::MIN_ROWS..=matvec::MAX_ROWS).contains(&m) {
                     true => matvec::matvec(&x, &w).unwrap(),
                     false => x.matmul(&wt).unwrap(),
                 };

@@ -143,15 +143,11 @@ impl Inputs {
     /// A dense f32 or a Q8_0 projection (`None` for other formats or an unmerged adapter):
     /// its packed panels where the CPU has AVX-512, its tensor's data otherwise.
     fn add_linear(&mut self, lin: &Linear) -> Option<Proj> {
-        let packed = lin
-            .packed()
-            .filter(|_| lin.plain_f32().is_some() || lin.plain_q8_0().is_some());
         let ((n, k), w, b) = match (lin.plain_f32(), lin.plain_q8_0()) {
-            (Some((_, b)), _) | (None, Some((_, b))) if packed.is_some() => {
-                let p = packed.expect("checked by the guard").clone();
-                let dims = p.dims();
-                self.packs.push(p);
-                (dims, Weight::Packed(self.packs.len() - 1), b)
+            (Some((_, b)), _) | (None, Some((_, b))) if lin.packed().is_some() => {
+                let p = lin.packed()?.clone();
+                self.packs.push(p.clone());
+                (p.dims(), Weight::Packed(self.packs.len() - 1), b)
             }
             (Some((w, b)), _) => (w.dims2().ok()?, Weight::Dense(self.add(w)?), b),
             (None, Some((q, b))) => {

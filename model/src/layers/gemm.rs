@@ -25,14 +25,11 @@
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::packed::Packed;
+use super::packed::{Packed, Panel};
 
 /// Input rows per micro-tile.
 pub const MR: usize = 14;
-/// Output columns per panel: two 16-lane registers.
-pub const NR: usize = 32;
-/// Inputs per k-block (a multiple of Q8_0's block of 32).
-pub const KC: usize = 256;
+pub use super::packed::{available, KC, NR};
 
 /// Inputs of up to this many rows run [`gemm_jobs`] panel by panel (every k-block of a panel
 /// in one task): their whole input stays in L2 however many k-blocks there are.
@@ -57,18 +54,6 @@ pub enum Weight<'a> {
 enum Panels<'a> {
     Pack(Weight<'a>),
     Packed(&'a Packed),
-}
-
-/// Whether this CPU can run the kernel.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Whether an input `x` can be multiplied by packed weights: f32 rows on the CPU of an
@@ -497,28 +482,8 @@ struct Tile {
     first: bool,
 }
 
-/// One 64-byte line of a packed panel.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-pub(super) struct Line(pub [f32; 16]);
-
-/// A packed panel: `KC` x `NR` weights, k-major, columns past the weight's end zero.
-pub(super) struct Panel(Vec<Line>);
-
+/// Per-call packing of a panel (attention's products).
 impl Panel {
-    pub(super) fn new() -> Self {
-        Panel(vec![Line([0.0; 16]); KC * NR / 16])
-    }
-
-    pub(super) fn as_ptr(&self) -> *const f32 {
-        self.0.as_ptr().cast()
-    }
-
-    pub(super) fn values(&mut self) -> &mut [f32] {
-        // SAFETY: `Line` is 16 plain f32s, so the buffer is `KC * NR` f32s.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), KC * NR) }
-    }
-
     /// Packs `W[cols, k0..k0 + kc]`: `panel[kk * NR + c] = W[cols.start + c, k0 + kk]`,
     /// zero for columns past `cols`.
     fn pack(

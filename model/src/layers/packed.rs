@@ -27,8 +27,48 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
-use super::gemm::{Line, Panel, NR};
 use super::matvec_q8::{BLOCK, BLOCK_BYTES};
+
+/// Output columns per panel: two 16-lane registers.
+pub const NR: usize = 32;
+/// Inputs per k-block (a multiple of Q8_0's block of 32).
+pub const KC: usize = 256;
+
+/// Whether this CPU can run the kernel.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One 64-byte line of a panel.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct Line(pub [f32; 16]);
+
+/// A panel block as the kernel reads it: `KC` x `NR` values, k-major, 64-byte aligned
+/// (scratch for one packed per call, or decoded from Q8_0).
+pub(super) struct Panel(Vec<Line>);
+
+impl Panel {
+    pub(super) fn new() -> Self {
+        Panel(vec![Line([0.0; 16]); KC * NR / 16])
+    }
+
+    pub(super) fn as_ptr(&self) -> *const f32 {
+        self.0.as_ptr().cast()
+    }
+
+    pub(super) fn values(&mut self) -> &mut [f32] {
+        // SAFETY: `Line` is 16 plain f32s, so the buffer is `KC * NR` f32s.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), KC * NR) }
+    }
+}
 
 /// A weight `[n, k]` in the kernel's panels.
 pub struct Packed {
@@ -74,7 +114,7 @@ impl Packed {
     /// Q8_0 blocks `[n, k]` on the CPU; `None` for other formats or devices.
     pub fn from_q8_0(w: &QTensor) -> Option<Self> {
         let (n, k) = w.shape().dims2().ok()?;
-        if w.dtype() != GgmlDType::Q8_0 || !w.device().is_cpu() || k % BLOCK != 0 {
+        if w.dtype() != GgmlDType::Q8_0 || !w.device().is_cpu() || !k.is_multiple_of(BLOCK) {
             return None;
         }
         Some(Self::from_q8_0_bytes(&w.data().ok()?, (n, k)))
@@ -110,7 +150,7 @@ impl Packed {
     /// an f16 scale and 32 signed bytes.
     pub fn from_q8_0_bytes(w: &[u8], (n, k): (usize, usize)) -> Self {
         let row_bytes = k / BLOCK * BLOCK_BYTES;
-        assert!(k % BLOCK == 0 && w.len() >= n * row_bytes);
+        assert!(k.is_multiple_of(BLOCK) && w.len() >= n * row_bytes);
         let panels = n.div_ceil(NR);
         let mut q = vec![0i8; panels * k * NR];
         let mut d = vec![0f32; panels * k / BLOCK * NR];
@@ -157,7 +197,7 @@ impl Packed {
     /// k-major, 64-byte aligned): in place for f32, decoded into `scratch` for Q8_0.
     pub(super) fn block(&self, p: usize, k0: usize, kc: usize, scratch: &mut Panel) -> *const f32 {
         let k = self.k;
-        assert!(p < self.panels() && k0 + kc <= k && kc <= super::gemm::KC);
+        assert!(p < self.panels() && k0 + kc <= k && kc <= KC);
         match &self.data {
             Data::F32(lines) => {
                 // SAFETY: in bounds (asserted above); `(p * k + k0) * NR` is a multiple of
@@ -169,7 +209,7 @@ impl Packed {
                 let d = &d[p * (k / BLOCK) * NR..][..k / BLOCK * NR];
                 let out = scratch.values();
                 #[cfg(target_arch = "x86_64")]
-                if super::gemm::available() {
+                if available() {
                     // SAFETY: AVX-512F is available; `q` holds `kc` inputs of NR, `d` every
                     // block of the panel, `out` KC * NR values.
                     unsafe { avx512::decode(q, d, k0, out) };
@@ -206,7 +246,7 @@ mod avx512 {
     /// every block they lie in, `out` as many values as `q`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn decode(q: &[i8], d: &[f32], k0: usize, out: &mut [f32]) {
-        assert!(out.len() >= q.len() && q.len() % NR == 0);
+        assert!(out.len() >= q.len() && q.len().is_multiple_of(NR));
         for kk in 0..q.len() / NR {
             let s = d.as_ptr().add((k0 + kk) / BLOCK * NR);
             assert!((k0 + kk) / BLOCK * NR + NR <= d.len());
@@ -223,7 +263,6 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::gemm::KC;
     use candle_core::Device;
 
     /// `W[j, kk]` of a packed weight, read back from its panels.
@@ -274,7 +313,7 @@ mod tests {
             let (mut a, mut b) = (vec![-1f32; kc * NR], vec![-1f32; kc * NR]);
             decode_reference(q, d, k0, &mut a);
             #[cfg(target_arch = "x86_64")]
-            if crate::layers::gemm::available() {
+            if available() {
                 // SAFETY: AVX-512F is available; the sizes are those `block` passes.
                 unsafe { avx512::decode(q, d, k0, &mut b) };
                 assert_eq!(a, b);
