@@ -167,7 +167,7 @@ pub(crate) fn band(
                 // tile reads `kc` inputs of its packed rows and the block, and writes rows
                 // `i0..i0 + rows`, columns `j0 - NR * panels.start` onwards of `out`.
                 unsafe {
-                    avx512::tile(
+                    run_tile(
                         a[t * MR * k + k0 * MR..].as_ptr(),
                         b,
                         kc,
@@ -371,7 +371,7 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
             // `m x n` values and the tile writes rows `i0..i0 + rows`, columns
             // `j0..j0 + cols`, which no other task writes (tasks own whole panels); later
             // k-blocks read only what the earlier ones wrote.
-            unsafe { avx512::tile(a[k0 * MR..].as_ptr(), b, kc, out.at(i0 * n + j0), *n, tile) }
+            unsafe { run_tile(a[k0 * MR..].as_ptr(), b, kc, out.at(i0 * n + j0), *n, tile) }
         }
     };
     if m <= PANEL_MAJOR_ROWS {
@@ -395,6 +395,24 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
         }
     }
     scratch::give_rows(packed);
+}
+
+/// [`avx512::tile`] where it exists: the callers run it only after [`available`] said so,
+/// which it never does off x86_64.
+///
+/// # Safety
+/// As `avx512::tile`.
+unsafe fn run_tile(a: *const f32, p: *const f32, kc: usize, c: *mut f32, ldc: usize, t: Tile) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract.
+    unsafe {
+        avx512::tile(a, p, kc, c, ldc, t)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, p, kc, c, ldc, t);
+        unreachable!("the AVX-512 kernel runs only where `available()` says it can");
+    }
 }
 
 /// Buffers kept per thread between calls: a prefill calls the kernel seven times per
