@@ -11,6 +11,15 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use liger_model::layers::{gemm, matvec, Packed};
 
+/// SmolLM2-135M's projections as `(k, n)`: q and o, k and v, gate and up, down, the LM head.
+const SHAPES: [(usize, usize); 5] = [
+    (576, 576),
+    (576, 192),
+    (576, 1536),
+    (1536, 576),
+    (576, 49152),
+];
+
 fn time(f: impl Fn() -> Tensor, reps: usize) -> f64 {
     let t = Instant::now();
     for _ in 0..reps {
@@ -38,16 +47,7 @@ fn main() -> candle_core::Result<()> {
     let gemm_only = std::env::args().any(|a| a == "--gemm");
     println!("| rows | k x n | gemm µs | matvec µs | speed-up |");
     println!("|---:|---|---:|---:|---:|");
-    for (k, n) in [
-        (576, 576),
-        (576, 192),
-        (576, 1536),
-        (1536, 576),
-        (576, 49152),
-    ]
-    .into_iter()
-    .filter(|_| !gemm_only)
-    {
+    for (k, n) in SHAPES.into_iter().filter(|_| !gemm_only) {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         for m in [1, 4, 8, 16, 32, 64, 96] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
@@ -67,13 +67,7 @@ fn main() -> candle_core::Result<()> {
         // (`matvec`) up to its 32 rows, candle's gemm beyond.
         println!("| rows | k x n | AVX2 matvec (candle gemm above 32 rows) µs | packed AVX-512 µs | speed-up | GFLOP/s |");
         println!("|---:|---|---:|---:|---:|---:|");
-        for (k, n) in [
-            (576, 576),
-            (576, 192),
-            (576, 1536),
-            (1536, 576),
-            (576, 49152),
-        ] {
+        for (k, n) in SHAPES {
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
             let packed = Packed::from_tensor(&w).expect("an f32 CPU weight");
             for m in [1, 8, 16, 32, 64, 128, 512] {

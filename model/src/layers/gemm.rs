@@ -151,32 +151,19 @@ pub(crate) fn band(
     );
     let mut panel = scratch::take_panel();
     for p in panels.clone() {
-        let j0 = p * NR;
-        let cols = NR.min(n - j0);
         for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            let b = w.block(p, k0, kc, &mut panel);
-            for t in 0..tiles {
-                let i0 = t * MR;
-                let tile = Tile {
-                    rows: MR.min(m - i0),
-                    cols,
-                    first: k0 == 0,
-                };
-                // SAFETY: AVX-512F is available and the sizes were asserted above: the
-                // tile reads `kc` inputs of its packed rows and the block, and writes rows
-                // `i0..i0 + rows`, columns `j0 - NR * panels.start` onwards of `out`.
-                unsafe {
-                    run_tile(
-                        a[t * MR * k + k0 * MR..].as_ptr(),
-                        b,
-                        kc,
-                        out.as_mut_ptr().add(i0 * ldo + j0 - panels.start * NR),
-                        ldo,
-                        tile,
-                    )
-                }
-            }
+            let block = Block {
+                w: Panels::Packed(w),
+                p,
+                n,
+                k0,
+                out: out.as_mut_ptr().wrapping_add((p - panels.start) * NR),
+                ldo,
+                causal: None,
+            };
+            // SAFETY: AVX-512F is available and the sizes were asserted above: the block
+            // reads `a`'s packed rows and writes rows `0..m` of its panel's columns.
+            unsafe { run_block(a, (m, k), block, &mut panel) };
         }
     }
     scratch::give_panel(panel);
@@ -325,54 +312,20 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
     let run = |p: usize, k0: usize, panel: &mut Panel| {
         let i = first.partition_point(|&f| f <= p) - 1;
         let Job { w, n, out, causal } = &jobs[i];
-        let kc = KC.min(k - k0);
         let j0 = (p - first[i]) * NR;
-        let cols = NR.min(n - j0);
-        let mut block = None;
-        for (t, a) in a.chunks_exact(MR * k).enumerate() {
-            let i0 = t * MR;
-            let rows = MR.min(m - i0);
-            let tile = Tile {
-                rows,
-                cols,
-                first: k0 == 0,
-            };
-            let mut kc = kc;
-            match causal {
-                Some(c @ Causal::Output { .. }) if c.needs(i0..i0 + rows, *n) <= j0 => {
-                    if tile.first {
-                        for r in i0..i0 + rows {
-                            // SAFETY: row `r`'s columns `j0..j0 + cols` are this task's.
-                            unsafe { std::ptr::write_bytes(out.at(r * n + j0), 0, cols) };
-                        }
-                    }
-                    continue;
-                }
-                Some(c @ Causal::Input { .. }) => {
-                    // Inputs past the tile's need multiply zeros: adding them changes no
-                    // value, so skipping them gives the same bits.
-                    let needs = c.needs(i0..i0 + rows, k);
-                    if needs <= k0 && !tile.first {
-                        continue;
-                    }
-                    kc = kc.min(needs.saturating_sub(k0)).max(1);
-                }
-                _ => {}
-            }
-            let b = *block.get_or_insert_with(|| match w {
-                Panels::Pack(w) => {
-                    panel.pack(*w, k, j0..j0 + cols, k0, KC.min(k - k0));
-                    panel.as_ptr()
-                }
-                Panels::Packed(w) => w.block(p - first[i], k0, KC.min(k - k0), panel),
-            });
-            // SAFETY: AVX-512F is available (the caller's contract); `a` holds `k * MR`
-            // values and the kernel reads `kc * MR` from `k0 * MR`; `out` has room for
-            // `m x n` values and the tile writes rows `i0..i0 + rows`, columns
-            // `j0..j0 + cols`, which no other task writes (tasks own whole panels); later
-            // k-blocks read only what the earlier ones wrote.
-            unsafe { run_tile(a[k0 * MR..].as_ptr(), b, kc, out.at(i0 * n + j0), *n, tile) }
-        }
+        let block = Block {
+            w: *w,
+            p: p - first[i],
+            n: *n,
+            k0,
+            out: out.at(j0),
+            ldo: *n,
+            causal: *causal,
+        };
+        // SAFETY: AVX-512F is available (the caller's contract); `a` holds the packed
+        // input; `out` has room for `m x n` values, and this task owns panel `p`'s columns
+        // (tasks own whole panels); later k-blocks read only what the earlier ones wrote.
+        unsafe { run_block(a, (m, k), block, panel) }
     };
     if m <= PANEL_MAJOR_ROWS {
         // Few rows (decode steps): a task takes whole panels through every k-block, one
@@ -395,6 +348,93 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
         }
     }
     scratch::give_rows(packed);
+}
+
+/// One panel's k-block of a product: what [`run_block`] reads and where it writes.
+struct Block<'a> {
+    w: Panels<'a>,
+    /// The panel, of `w`'s.
+    p: usize,
+    /// `w`'s columns.
+    n: usize,
+    k0: usize,
+    /// Row 0's value of the panel's first column; rows are `ldo` apart.
+    out: *mut f32,
+    ldo: usize,
+    causal: Option<Causal>,
+}
+
+/// Every tile of the packed input `a` (`m` rows of `k`) through one panel's k-block: the
+/// one loop of [`gemm_jobs`] and [`band`], so both sum each value in the same order.
+///
+/// # Safety
+/// AVX-512F must be available; `a` must hold `m.div_ceil(MR)` packed tiles of `k` inputs;
+/// `b.out` must have room for `m` rows (`b.ldo` apart) of the panel's columns, which no
+/// one else writes meanwhile, and for a later k-block hold what the earlier ones wrote.
+unsafe fn run_block(a: &[f32], (m, k): (usize, usize), b: Block<'_>, panel: &mut Panel) {
+    let Block {
+        w,
+        p,
+        n,
+        k0,
+        out,
+        ldo,
+        causal,
+    } = b;
+    let (j0, kc_all) = (p * NR, KC.min(k - k0));
+    let cols = NR.min(n - j0);
+    let mut block = None;
+    for (t, a) in a.chunks_exact(MR * k).enumerate().take(m.div_ceil(MR)) {
+        let i0 = t * MR;
+        let rows = MR.min(m - i0);
+        let tile = Tile {
+            rows,
+            cols,
+            first: k0 == 0,
+        };
+        let mut kc = kc_all;
+        match causal {
+            Some(c @ Causal::Output { .. }) if c.needs(i0..i0 + rows, n) <= j0 => {
+                if tile.first {
+                    for r in i0..i0 + rows {
+                        // SAFETY: row `r`'s `cols` values are this block's (the contract).
+                        unsafe { std::ptr::write_bytes(out.wrapping_add(r * ldo), 0, cols) };
+                    }
+                }
+                continue;
+            }
+            Some(c @ Causal::Input { .. }) => {
+                // Inputs past the tile's need multiply zeros: adding them changes no value,
+                // so skipping them gives the same bits.
+                let needs = c.needs(i0..i0 + rows, k);
+                if needs <= k0 && !tile.first {
+                    continue;
+                }
+                kc = kc.min(needs.saturating_sub(k0)).max(1);
+            }
+            _ => {}
+        }
+        let bp = *block.get_or_insert_with(|| match w {
+            Panels::Pack(w) => {
+                panel.pack(w, k, j0..j0 + cols, k0, kc_all);
+                panel.as_ptr()
+            }
+            Panels::Packed(w) => w.block(p, k0, kc_all, panel),
+        });
+        // SAFETY: the contract: `a` holds `k * MR` values per tile and the kernel reads
+        // `kc * MR` from `k0 * MR`; the tile writes rows `i0..i0 + rows` of the block's
+        // columns.
+        unsafe {
+            run_tile(
+                a[k0 * MR..].as_ptr(),
+                bp,
+                kc,
+                out.wrapping_add(i0 * ldo),
+                ldo,
+                tile,
+            )
+        }
+    }
 }
 
 /// [`avx512::tile`] where it exists: the callers run it only after [`available`] said so,

@@ -387,10 +387,9 @@ impl Linear {
         let Some(packed) = packed else {
             return Ok(None);
         };
+        // Packed weights exist only on AVX-512 CPUs, and `xf` is f32 rows on the CPU without
+        // a gradient: what `matmul_packed` takes.
         let xf = x.to_dtype(DType::F32)?;
-        if !super::gemm::applies_to_input(&xf) {
-            return Ok(None);
-        }
         let ys = super::gemm::matmul_packed(&xf, &packed).map_err(candle_core::Error::wrap)?;
         layers
             .iter()

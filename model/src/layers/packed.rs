@@ -51,6 +51,12 @@ pub fn available() -> bool {
 #[repr(C, align(64))]
 pub(super) struct Line(pub [f32; 16]);
 
+/// `lines` as the f32s they are.
+fn floats(lines: &mut [Line]) -> &mut [f32] {
+    // SAFETY: `Line` is 16 plain f32s, with no padding.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * 16) }
+}
+
 /// A panel block as the kernel reads it: `KC` x `NR` values, k-major, 64-byte aligned
 /// (scratch for one packed per call, or decoded from Q8_0).
 pub(super) struct Panel(Vec<Line>);
@@ -65,8 +71,7 @@ impl Panel {
     }
 
     pub(super) fn values(&mut self) -> &mut [f32] {
-        // SAFETY: `Line` is 16 plain f32s, so the buffer is `KC * NR` f32s.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), KC * NR) }
+        floats(&mut self.0)
     }
 }
 
@@ -125,10 +130,7 @@ impl Packed {
         assert!(w.len() >= n * k, "a weight of {n} rows of {k}");
         let panels = n.div_ceil(NR);
         let mut lines = vec![Line([0.0; 16]); panels * k * NR / 16];
-        // SAFETY: `Line` is 16 plain f32s.
-        let values: &mut [f32] =
-            unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), panels * k * NR) };
-        values
+        floats(&mut lines)
             .par_chunks_mut((k * NR).max(1))
             .enumerate()
             .for_each(|(p, dst)| {

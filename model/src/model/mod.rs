@@ -513,12 +513,7 @@ impl Model {
     pub fn pack_weights(&self) -> (usize, usize) {
         let mut all: Vec<&Linear> = vec![&self.lm_head];
         for l in &self.layers {
-            all.extend(
-                ["q_proj", "k_proj", "v_proj", "o_proj"]
-                    .iter()
-                    .filter_map(|name| l.attn.projection(name)),
-            );
-            all.extend(l.mlp.projections());
+            all.extend(lora::TARGETS.iter().filter_map(|(t, _)| l.projection(t)));
         }
         all.iter()
             .filter_map(|l| l.packed())
