@@ -579,14 +579,20 @@ impl Attention {
                     window: places,
                     g: q.dim(0)? / k_new.dim(0)?,
                 };
-                // A query's scores past its own token are never read (`Exps`).
-                let causal = gemm::Causal::Output {
-                    offset: geo.n + geo.w,
-                    period: geo.t,
-                };
-                let scores =
-                    attention_scores((&q, &keys), capped.as_ref(), Some(causal))?.contiguous()?;
-                Exps::new(&scores, geo)?
+                match capped {
+                    None if gemm::available() => Exps::score(&q, &keys, geo)?,
+                    // Capped columns are scored apart: the piece's scores whole.
+                    _ => {
+                        // A query's scores past its own token are never read (`Exps`).
+                        let causal = gemm::Causal::Output {
+                            offset: geo.n + geo.w,
+                            period: geo.t,
+                        };
+                        let scores = attention_scores((&q, &keys), capped.as_ref(), Some(causal))?
+                            .contiguous()?;
+                        Exps::new(&scores, geo)?
+                    }
+                }
             }
             false => None,
         };
@@ -607,22 +613,12 @@ impl Attention {
             start: span.position,
             end: span.position + span.len,
         };
-        let p = match exps {
-            Some(exps) => exps.probabilities(&plan)?,
+        let attended = match exps {
+            Some(exps) => exps.attend(&plan, &values)?, // [hkv, g*t, d]
             None => None,
         };
-        let out = match p {
-            Some(p) => {
-                let (h, t, d) = q.dims3()?;
-                // A query's probabilities past its own token are 0: skipped.
-                let causal = gemm::Causal::Input {
-                    offset: p.dim(2)? - t,
-                    period: t,
-                };
-                let values = crate::layers::to_f32(&values)?;
-                let o = gemm::batched_causal(&p, &values, Some(causal))?; // [hkv, g*t, d]
-                o.reshape((h, t, d))?.transpose(0, 1)?
-            }
+        let out = match attended {
+            Some(o) => o.reshape(q.dims3()?)?.transpose(0, 1)?,
             None => {
                 let mask = if plan.all_visible() {
                     None

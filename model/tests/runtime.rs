@@ -600,8 +600,14 @@ fn global_cache_pieces_are_prefill_chunks() {
 fn host_prefill_attention_equals_the_candle_path() {
     // Layers with a global cache read prefill pieces with the host kernel unless told not
     // to; the candle path is its reference. Caps the pieces cross, f16 rows, pieces that
-    // start mid-window, recall and attention places, a recurrent read-out.
+    // start mid-window, recall and attention places, a recurrent read-out; without a cap,
+    // the pieces' scores are multiplied out block by block.
     let settings = [
+        LigerConfig {
+            global_cache: 6,
+            sinks: 1,
+            ..window_both(4)
+        },
         LigerConfig {
             max_distance: Some(6),
             ..window_both(3)
@@ -636,9 +642,12 @@ fn host_prefill_attention_equals_the_candle_path() {
                 m
             };
             let (host, candle) = (with(true), with(false));
-            let toks = tokens(40 + case as u64, LEN);
-            let d = max_diff(&full_forward(&host, &toks), &full_forward(&candle, &toks));
-            assert!(d < 1e-4, "case {case}, pieces of {block}: {d}");
+            // Long enough for pieces of several blocks of queries (`global::QUERY_BLOCK`).
+            let long = tokens(40 + case as u64, 130);
+            let d = max_diff(&full_forward(&host, &long), &full_forward(&candle, &long));
+            // (f16 rows over 130 tokens: ~1e-4 apart, before the blocked passes as after.)
+            assert!(d < 2e-4, "case {case}, pieces of {block}: {d}");
+            let toks = &long[..LEN];
             // Then decode: the caches the two prefills left must agree too.
             let (mut sh, mut sc) = (host.new_state().unwrap(), candle.new_state().unwrap());
             host.forward(&toks[..20], &mut sh, Logits::Last).unwrap();

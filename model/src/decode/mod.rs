@@ -909,7 +909,7 @@ impl Step<'_> {
             Weight::Packed(i) => {
                 let panels = cols.start / gemm::NR..cols.end.div_ceil(gemm::NR);
                 let w = &self.plan.inputs.packs[i];
-                gemm::band(input.packed, nb, w, panels, band, PACKED_BAND);
+                gemm::band(input.packed, nb, w, panels, (band, PACKED_BAND), None);
                 (1, PACKED_BAND)
             }
         };

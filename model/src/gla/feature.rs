@@ -96,9 +96,9 @@ pub fn host_maps(
     let hkv = k.dim(1)?;
     let g = h / hkv;
     let dev = q.device().clone();
-    let owned = super::fused::contiguous([q, k, v])?;
+    let owned = crate::layers::host::contiguous([q, k, v])?;
     let guards = owned.each_ref().map(|t| t.storage_and_layout());
-    let [q, k, v] = super::fused::f32_slices(&guards)?;
+    let [q, k, v] = crate::layers::host::f32_slices(&guards)?;
     let inv_c = (1.0 / fm.gate_normalizer) as f32;
     // k', gate and v as [hkv, t, d], one row per item.
     let mut kf = vec![0f32; hkv * t * d];

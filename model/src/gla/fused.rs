@@ -7,9 +7,10 @@
 //! group's query outputs while it is in cache. Held equal to the reference by
 //! `tests::fused_step_matches_the_reference`.
 
-use candle_core::{CpuStorage, Storage, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
+use crate::layers::host::{contiguous, f32_slices};
 use crate::Result;
 
 /// Whether [`step`] can run these inputs: CPU, f32, no gradient to track.
@@ -65,38 +66,6 @@ pub fn step(
         Tensor::from_vec(out, (b, hkv, g, dv), dev)?,
         Tensor::from_vec(new_state, (b, hkv, dk, dv), dev)?,
     ))
-}
-
-/// `tensors`, each made contiguous (a copy only where one is not), to lock and read with
-/// [`f32_slices`]: `let guards = owned.each_ref().map(|t| t.storage_and_layout());`.
-pub(super) fn contiguous<const N: usize>(tensors: [&Tensor; N]) -> Result<[Tensor; N]> {
-    let owned = tensors
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(owned.try_into().expect("one tensor per input"))
-}
-
-/// [`f32_slice`] of every locked tensor.
-pub(super) fn f32_slices<'a, G: std::ops::Deref<Target = Storage>, const N: usize>(
-    guards: &'a [(G, &candle_core::Layout); N],
-) -> Result<[&'a [f32]; N]> {
-    let slices = guards.iter().map(f32_slice).collect::<Result<Vec<_>>>()?;
-    Ok(slices.try_into().expect("one slice per guard"))
-}
-
-/// The values of a contiguous CPU f32 tensor, borrowed from its storage.
-fn f32_slice<'a, G: std::ops::Deref<Target = Storage>>(
-    (storage, layout): &'a (G, &candle_core::Layout),
-) -> Result<&'a [f32]> {
-    let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
-        (&**storage, layout.contiguous_offsets())
-    else {
-        return Err(crate::Error::State(
-            "GLA on the host: expected contiguous f32 on the CPU".into(),
-        ));
-    };
-    Ok(&data[start..end])
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::fused::{contiguous, f32_slices};
 use super::GlaInputs;
+use crate::layers::host::{contiguous, f32_slices};
 use crate::layers::vexp;
 use crate::Result;
 

@@ -130,14 +130,16 @@ pub(crate) fn pack_input(x: &[f32], (m, k): (usize, usize), dst: &mut Vec<f32>) 
 
 /// `out[i * ldo + j - NR * panels.start] = x[i] . W[j]` for the columns of `w`'s panels
 /// `panels`, every row of `a` (`m` rows packed by [`pack_input`]), on the calling thread:
-/// a band of a decode step's projection. The same values as [`matmul_packed`].
+/// a band of a decode step's projection, or a block of a prefill piece's attention
+/// (`causal`, as in [`batched_causal`]). The same values as [`matmul_packed`] and
+/// [`batched_causal`].
 pub(crate) fn band(
     a: &[f32],
     m: usize,
     w: &Packed,
     panels: std::ops::Range<usize>,
-    out: &mut [f32],
-    ldo: usize,
+    (out, ldo): (&mut [f32], usize),
+    causal: Option<Causal>,
 ) {
     let (n, k) = w.dims();
     let tiles = m.div_ceil(MR);
@@ -159,7 +161,7 @@ pub(crate) fn band(
                 k0,
                 out: out.as_mut_ptr().wrapping_add((p - panels.start) * NR),
                 ldo,
-                causal: None,
+                causal,
             };
             // SAFETY: AVX-512F is available and the sizes were asserted above: the block
             // reads `a`'s packed rows and writes rows `0..m` of its panel's columns.
@@ -882,7 +884,7 @@ mod tests {
                 let mut out = vec![f32::NAN; m * ldo];
                 for p0 in (0..w.panels()).step_by(2) {
                     let panels = p0..(p0 + 2).min(w.panels());
-                    band(&a, m, &w, panels, &mut out, ldo);
+                    band(&a, m, &w, panels, (&mut out, ldo), None);
                     for i in 0..m {
                         for j in p0 * NR..((p0 + 2) * NR).min(n) {
                             assert_eq!(out[i * ldo + j - p0 * NR], part[i][j], "band [{i}, {j}]");

@@ -2,6 +2,7 @@
 //! weight names, never by copied layer code.
 
 pub mod gemm;
+pub(crate) mod host;
 mod linear;
 pub mod matvec;
 pub(crate) mod matvec_q8;

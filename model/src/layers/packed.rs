@@ -148,6 +148,27 @@ impl Packed {
         }
     }
 
+    /// `w^T`: `[k, n]` row-major (attention's values, the right operand of `p v`).
+    pub fn from_f32_t(wt: &[f32], (n, k): (usize, usize)) -> Self {
+        assert!(wt.len() >= n * k, "a weight of {n} rows of {k}, transposed");
+        let panels = n.div_ceil(NR);
+        let mut lines = vec![Line([0.0; 16]); panels * k * NR / 16];
+        floats(&mut lines)
+            .par_chunks_mut((k * NR).max(1))
+            .enumerate()
+            .for_each(|(p, dst)| {
+                let cols = NR.min(n - p * NR);
+                for (kk, d) in dst.chunks_exact_mut(NR).enumerate() {
+                    d[..cols].copy_from_slice(&wt[kk * n + p * NR..][..cols]);
+                }
+            });
+        Self {
+            n,
+            k,
+            data: Data::F32(lines),
+        }
+    }
+
     /// `w`: GGML Q8_0 bytes of `[n, k]` (`k` a multiple of 32): per row `k / 32` blocks of
     /// an f16 scale and 32 signed bytes.
     pub fn from_q8_0_bytes(w: &[u8], (n, k): (usize, usize)) -> Self {
@@ -286,9 +307,22 @@ mod tests {
             let deq = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
             let pf = Packed::from_tensor(&w).unwrap();
             let pq = Packed::from_q8_0(&q).unwrap();
+            let wt = w
+                .t()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let pt = Packed::from_f32_t(&wt, (n, k));
             for j in 0..n {
                 for kk in 0..k {
                     assert_eq!(read_back(&pf, j, kk), dense[j][kk], "f32 [{j}, {kk}]");
+                    assert_eq!(
+                        read_back(&pt, j, kk),
+                        dense[j][kk],
+                        "f32 from W^T [{j}, {kk}]"
+                    );
                     assert_eq!(read_back(&pq, j, kk), deq[j][kk], "q8_0 [{j}, {kk}]");
                 }
             }
@@ -296,6 +330,7 @@ mod tests {
             if n % NR != 0 {
                 assert_eq!(read_back(&pf, n, 0), 0.0);
                 assert_eq!(read_back(&pq, n, k - 1), 0.0);
+                assert_eq!(read_back(&pt, n, k - 1), 0.0);
             }
         }
     }
