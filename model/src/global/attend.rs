@@ -24,8 +24,6 @@
 //! `tests/runtime.rs` holds this path and the reference to each other through whole models;
 //! `tests` here hold the blocked passes to the whole-piece ones.
 
-use std::mem::MaybeUninit;
-
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -186,51 +184,52 @@ impl Exps {
         let (l, wl) = (geo.columns(), geo.w + geo.t);
         let share = 1.0 / geo.g as f32;
         let blocks = geo.blocks(hkv);
-        // Each row is written once below (exponentials up to the query, zeros after), so
-        // the buffer (megabytes per piece) is not zero-filled first.
-        let mut e = crate::uninit::vec::<f32>(hkv * geo.g * geo.t * l);
+        // Each row is written whole below (exponentials up to the query, zeros after).
+        let mut e = scratch::take(&scratch::EXPS, hkv * geo.g * geo.t * l);
         let masses: Vec<Option<(usize, Vec<f32>)>> = blocks
             .par_iter()
             .zip(split_rows(&mut e, &blocks, l))
-            .map_init(
-                || (Vec::new(), Vec::new()),
-                |(packed, product), (b, e)| {
-                    let s = match scores {
-                        Scores::Given(all) => &all[b.row0 * l..(b.row0 + b.m) * l],
-                        Scores::Product { q, d, keys } => {
-                            gemm::pack_input(&q[b.row0 * d..(b.row0 + b.m) * d], (b.m, d), packed);
-                            product.resize(b.m * l, 0.0);
-                            let needs = (geo.n + geo.w + b.i0 + b.m).min(l);
-                            gemm::band(
-                                packed,
-                                b.m,
-                                &keys[b.kvh],
-                                0..needs.div_ceil(NR),
-                                (&mut product[..], l),
-                                Some(geo.causal(b, true)),
-                            );
-                            &product[..b.m * l]
-                        }
-                    };
-                    let mut mass = vec![0f32; wl];
-                    for (r, (s, e)) in s.chunks_exact(l).zip(e.chunks_exact_mut(l)).enumerate() {
-                        if !exp_row(&geo, b.i0 + r, (s, e), &mut mass, share) {
-                            return None;
-                        }
+            .map(|(b, e)| {
+                let mut packed = scratch::take(&scratch::ROWS, 0);
+                let mut product = scratch::take(&scratch::BLOCK, 0);
+                let s = match scores {
+                    Scores::Given(all) => &all[b.row0 * l..(b.row0 + b.m) * l],
+                    Scores::Product { q, d, keys } => {
+                        gemm::pack_input(&q[b.row0 * d..(b.row0 + b.m) * d], (b.m, d), &mut packed);
+                        product.resize(b.m * l, 0.0);
+                        let needs = (geo.n + geo.w + b.i0 + b.m).min(l);
+                        gemm::band(
+                            &packed,
+                            b.m,
+                            &keys[b.kvh],
+                            0..needs.div_ceil(NR),
+                            (&mut product[..], l),
+                            Some(geo.causal(b, true)),
+                        );
+                        &product[..b.m * l]
                     }
-                    Some((b.kvh, mass))
-                },
-            )
+                };
+                let mut mass = vec![0f32; wl];
+                let ok = s
+                    .chunks_exact(l)
+                    .zip(e.chunks_exact_mut(l))
+                    .enumerate()
+                    .all(|(r, (s, e))| exp_row(&geo, b.i0 + r, (s, e), &mut mass, share));
+                scratch::give(&scratch::ROWS, packed);
+                scratch::give(&scratch::BLOCK, product);
+                ok.then_some((b.kvh, mass))
+            })
             .collect();
         // Summed in block order: the same sums whatever the threads did.
         let mut mass = vec![vec![0f32; wl]; hkv];
         for m in masses {
-            // A row's sum underflowed: later rows may be unwritten; `e` is dropped as is.
-            let (kvh, m) = m?;
+            let Some((kvh, m)) = m else {
+                // A row's sum underflowed.
+                scratch::give(&scratch::EXPS, e);
+                return None;
+            };
             mass[kvh].iter_mut().zip(&m).for_each(|(x, y)| *x += y);
         }
-        // SAFETY: with every block's rows usable, every row was written whole (`exp_row`).
-        let e = unsafe { crate::uninit::assume_init(e) };
         Some(Self { geo, e, mass })
     }
 
@@ -296,22 +295,23 @@ impl Exps {
             .par_iter()
             .zip(split_rows(&mut self.e, &blocks, l))
             .zip(split_rows(&mut out, &blocks, d))
-            .map_init(
-                || (Vec::new(), Vec::new()),
-                |(kept, packed), ((b, e), out)| {
-                    for (r, e) in e.chunks_exact_mut(l).enumerate() {
-                        if !normalize_row(&geo, (plan, b.kvh), b.i0 + r, e, kept) {
-                            return false;
-                        }
-                    }
+            .map_init(Vec::new, |kept, ((b, e), out)| {
+                let ok = e
+                    .chunks_exact_mut(l)
+                    .enumerate()
+                    .all(|(r, e)| normalize_row(&geo, (plan, b.kvh), b.i0 + r, e, kept));
+                if ok {
                     let w = &values[b.kvh];
-                    gemm::pack_input(e, (b.m, l), packed);
+                    let mut packed = scratch::take(&scratch::ROWS, 0);
+                    gemm::pack_input(e, (b.m, l), &mut packed);
                     let causal = Some(geo.causal(b, false));
-                    gemm::band(packed, b.m, w, 0..w.panels(), (out, d), causal);
-                    true
-                },
-            )
+                    gemm::band(&packed, b.m, w, 0..w.panels(), (out, d), causal);
+                    scratch::give(&scratch::ROWS, packed);
+                }
+                ok
+            })
             .all(|ok| ok);
+        scratch::give(&scratch::EXPS, std::mem::take(&mut self.e));
         if !ok {
             return Ok(None);
         }
@@ -329,18 +329,15 @@ impl Exps {
 fn exp_row(
     geo: &Geometry,
     i: usize,
-    (s, e): (&[f32], &mut [MaybeUninit<f32>]),
+    (s, e): (&[f32], &mut [f32]),
     mass: &mut [f32],
     share: f32,
 ) -> bool {
     let (lo, hi) = geo.band(i);
     let past = &s[..=hi];
-    vexp::exp_shifted_uninit(past, vexp::max(past), &mut e[..=hi]);
-    for x in &mut e[hi + 1..] {
-        x.write(0.0);
-    }
-    // SAFETY: the row was just written whole.
-    let band: &[f32] = unsafe { &*(&e[lo..=hi] as *const [MaybeUninit<f32>] as *const [f32]) };
+    vexp::exp_shifted(past, vexp::max(past), &mut e[..=hi]);
+    e[hi + 1..].fill(0.0);
+    let band = &e[lo..=hi];
     let z = vexp::sum(band);
     if !usable(z) {
         return false;
@@ -384,6 +381,40 @@ fn normalize_row(
     let inv = 1.0 / z;
     e.iter_mut().for_each(|x| *x *= inv);
     true
+}
+
+/// Buffers kept per thread between pieces. A piece's exponentials are megabytes, and a
+/// fresh allocation that size is fresh pages, each faulted in and zeroed on first touch:
+/// measured, that was most of the exponentials' time in a 512-token prefill. A buffer is
+/// taken out while in use, so a nested use on the same thread allocates its own.
+mod scratch {
+    use std::cell::Cell;
+    use std::thread::LocalKey;
+
+    pub type Pool = LocalKey<Cell<Vec<f32>>>;
+
+    thread_local! {
+        /// A piece's exponentials.
+        pub static EXPS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+        /// A block's packed rows.
+        pub static ROWS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+        /// A block's scores.
+        pub static BLOCK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// A buffer of `len` values from `pool`, whatever they hold (callers overwrite them).
+    pub fn take(pool: &'static Pool, len: usize) -> Vec<f32> {
+        let mut v = pool.take();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        v.truncate(len);
+        v
+    }
+
+    pub fn give(pool: &'static Pool, v: Vec<f32>) {
+        pool.set(v);
+    }
 }
 
 /// Whether a sum of exponentials can be divided by (not underflowed, not NaN).

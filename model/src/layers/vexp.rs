@@ -317,7 +317,12 @@ fn exp1(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let y = p * r2 + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `2^n` built in the exponent bits. `n` is a whole number in [-126, 128] here, so
+    // adding 1.5 * 2^23 leaves `n + 127` in the low mantissa bits, shifted up into the
+    // exponent: the bits `(n as i32 + 127) << 23` gives, without the saturating float to
+    // int cast (NaN and range checks per element), which the compiler cannot vectorize:
+    // with it, this function ran one lane at a time (~2.2 ns per element).
+    let scale = f32::from_bits((n + (127.0 + 12_582_912.0)).to_bits() << 23);
     if low {
         0.0
     } else {
@@ -348,6 +353,17 @@ mod tests {
         exp_shifted(&[3.0, -1e30, f32::NEG_INFINITY], 3.0, &mut out[..3]);
         assert_eq!(out[0], 1.0);
         assert_eq!((out[1], out[2]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn powers_of_two_match_the_integer_cast() {
+        // `exp1`'s `2^n` without a float to int cast: the same bits for every `n` it meets.
+        for n in -126..=128 {
+            let f = n as f32;
+            let cast = ((f as i32 + 127) as u32) << 23;
+            let built = (f + (127.0 + 12_582_912.0)).to_bits() << 23;
+            assert_eq!(cast, built, "2^{n}");
+        }
     }
 
     #[test]
