@@ -162,6 +162,7 @@ pub(crate) fn band(
                 out: out.as_mut_ptr().wrapping_add((p - panels.start) * NR),
                 ldo,
                 causal,
+                next: next_block((p, k0), k, panels.clone()),
             };
             // SAFETY: AVX-512F is available and the sizes were asserted above: the block
             // reads `a`'s packed rows and writes rows `0..m` of its panel's columns.
@@ -314,15 +315,23 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
     let run = |p: usize, k0: usize, panel: &mut Panel| {
         let i = first.partition_point(|&f| f <= p) - 1;
         let Job { w, n, out, causal } = &jobs[i];
-        let j0 = (p - first[i]) * NR;
+        let (own, j0) = (p - first[i], (p - first[i]) * NR);
+        let mine = n.div_ceil(NR);
         let block = Block {
             w: *w,
-            p: p - first[i],
+            p: own,
             n: *n,
             k0,
             out: out.at(j0),
             ldo: *n,
             causal: *causal,
+            // Panel-major calls go through the panel's k-blocks; the others through one
+            // k-block of the panels in order.
+            next: if m <= PANEL_MAJOR_ROWS {
+                next_block((own, k0), k, 0..mine)
+            } else {
+                (own + 1 < mine).then_some((own + 1, k0))
+            },
         };
         // SAFETY: AVX-512F is available (the caller's contract); `a` holds the packed
         // input; `out` has room for `m x n` values, and this task owns panel `p`'s columns
@@ -352,6 +361,20 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
     scratch::give_rows(packed);
 }
 
+/// The block after `(p, k0)` when a thread goes through panels `panels` one whole panel
+/// at a time (every k-block of `k`).
+fn next_block(
+    (p, k0): (usize, usize),
+    k: usize,
+    panels: std::ops::Range<usize>,
+) -> Option<(usize, usize)> {
+    if k0 + KC < k {
+        Some((p, k0 + KC))
+    } else {
+        (p + 1 < panels.end).then_some((p + 1, 0))
+    }
+}
+
 /// One panel's k-block of a product: what [`run_block`] reads and where it writes.
 struct Block<'a> {
     w: Panels<'a>,
@@ -364,6 +387,9 @@ struct Block<'a> {
     out: *mut f32,
     ldo: usize,
     causal: Option<Causal>,
+    /// The block (panel, k-block start) this thread likely runs next: with packed
+    /// weights, its lines are fetched while this one runs.
+    next: Option<(usize, usize)>,
 }
 
 /// Every tile of the packed input `a` (`m` rows of `k`) through one panel's k-block: the
@@ -382,11 +408,22 @@ unsafe fn run_block(a: &[f32], (m, k): (usize, usize), b: Block<'_>, panel: &mut
         out,
         ldo,
         causal,
+        next,
     } = b;
     let (j0, kc_all) = (p * NR, KC.min(k - k0));
     let cols = NR.min(n - j0);
     let mut block = None;
-    for (t, a) in a.chunks_exact(MR * k).enumerate().take(m.div_ceil(MR)) {
+    let tiles = m.div_ceil(MR);
+    // The next block's bytes, a share after each tile: a weight too large for the caches
+    // streams from memory, and its blocks lie apart (a panel's k-blocks `k * NR` apart),
+    // where the hardware's prefetcher, which follows one page, does not look.
+    let ahead: &[u8] = match (w, next) {
+        (Panels::Packed(w), Some((np, nk0))) => w.block_bytes(np, nk0),
+        _ => &[],
+    };
+    let per_tile = ahead.len().div_ceil(64).div_ceil(tiles) * 64;
+    for (t, a) in a.chunks_exact(MR * k).enumerate().take(tiles) {
+        prefetch(ahead.get(t * per_tile..).unwrap_or(&[]), per_tile);
         let i0 = t * MR;
         let rows = MR.min(m - i0);
         let tile = Tile {
@@ -437,6 +474,21 @@ unsafe fn run_block(a: &[f32], (m, k): (usize, usize), b: Block<'_>, panel: &mut
             )
         }
     }
+}
+
+/// Asks for the first `len` bytes of `bytes` to be brought into the caches (a hint).
+fn prefetch(bytes: &[u8], len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes[..len.min(bytes.len())].chunks(64) {
+        // SAFETY: a prefetch reads nothing and cannot fault; the address is in bounds.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, len);
 }
 
 /// [`avx512::tile`] where it exists: the callers run it only after [`available`] said so,

@@ -216,6 +216,33 @@ impl Packed {
         self.n.div_ceil(NR)
     }
 
+    /// The bytes panel `p`'s k-block from `k0` is read from (to prefetch): f32 lines, or
+    /// Q8_0's signed bytes (their scales are a panel's few lines, read every block).
+    pub(super) fn block_bytes(&self, p: usize, k0: usize) -> &[u8] {
+        let kc = KC.min(self.k.saturating_sub(k0));
+        if p >= self.panels() || kc == 0 {
+            return &[];
+        }
+        let at = (p * self.k + k0) * NR;
+        match &self.data {
+            Data::F32(lines) => {
+                // SAFETY: plain f32s viewed as their bytes.
+                let all: &[u8] = unsafe {
+                    std::slice::from_raw_parts(
+                        lines.as_ptr().cast(),
+                        std::mem::size_of_val(&lines[..]),
+                    )
+                };
+                &all[at * 4..(at + kc * NR) * 4]
+            }
+            Data::Q8_0 { q, .. } => {
+                // SAFETY: i8s viewed as bytes.
+                let all: &[u8] = unsafe { std::slice::from_raw_parts(q.as_ptr().cast(), q.len()) };
+                &all[at..at + kc * NR]
+            }
+        }
+    }
+
     /// Panel `p`'s inputs `k0..k0 + kc` as the kernel reads them (`kc * NR` values,
     /// k-major, 64-byte aligned): in place for f32, decoded into `scratch` for Q8_0.
     pub(super) fn block(&self, p: usize, k0: usize, kc: usize, scratch: &mut Panel) -> *const f32 {
@@ -333,6 +360,31 @@ mod tests {
                 assert_eq!(read_back(&pt, n, k - 1), 0.0);
             }
         }
+    }
+
+    #[test]
+    fn block_bytes_are_the_blocks_the_kernel_reads() {
+        let w = Tensor::randn(0f32, 1.0, (40, 544), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let (pf, pq) = (
+            Packed::from_tensor(&w).unwrap(),
+            Packed::from_q8_0(&q).unwrap(),
+        );
+        for p in 0..pf.panels() {
+            for k0 in (0..544).step_by(KC) {
+                let kc = KC.min(544 - k0);
+                let mut panel = Panel::new();
+                let at = pf.block(p, k0, kc, &mut panel);
+                // SAFETY: the block holds `kc * NR` values.
+                let values = unsafe { std::slice::from_raw_parts(at, kc * NR) };
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+                assert_eq!(pf.block_bytes(p, k0), &bytes[..]);
+                assert_eq!(pq.block_bytes(p, k0).len(), kc * NR);
+            }
+        }
+        // Past the last panel or input: nothing.
+        assert!(pf.block_bytes(pf.panels(), 0).is_empty());
+        assert!(pq.block_bytes(0, 544).is_empty());
     }
 
     #[test]
