@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{KvDtype, LayerKind, ModelConfig};
 use crate::global::{DistanceCap, GlobalCache, Parts};
+use crate::layers::convert;
 use crate::{Error, Result};
 
 /// What every state of one model must look like.
@@ -237,8 +238,8 @@ impl KvCache {
         let (k_all, v_all) = match &self.kv {
             None => (k.clone(), v.clone()),
             Some((ck, cv)) => (
-                Tensor::cat(&[&ck.to_dtype(dtype)?, k], 1)?,
-                Tensor::cat(&[&cv.to_dtype(dtype)?, v], 1)?,
+                Tensor::cat(&[&convert(ck, dtype)?, k], 1)?,
+                Tensor::cat(&[&convert(cv, dtype)?, v], 1)?,
             ),
         };
         let len = k_all.dim(1)?;
@@ -574,7 +575,7 @@ fn check(t: &Tensor, dims: &[usize], dtype: DType, layer: usize) -> Result<()> {
 /// Rows as a cache stores them: in `dtype` (rounded once, here), or as they come.
 pub(crate) fn stored_as(rows: Tensor, dtype: Option<DType>) -> Result<Tensor> {
     Ok(match dtype {
-        Some(d) => rows.to_dtype(d)?,
+        Some(d) => convert(&rows, d)?,
         None => rows,
     })
 }

@@ -87,7 +87,7 @@ impl Gather<'_> {
             .iter()
             .map(|t| match t.dtype() == self.dtype {
                 true => t.contiguous(),
-                false => t.to_dtype(self.dtype)?.contiguous(),
+                false => crate::layers::convert(t, self.dtype),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let guards: Vec<_> = converted.iter().map(|t| t.storage_and_layout()).collect();

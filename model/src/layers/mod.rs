@@ -35,25 +35,48 @@ pub const PROJECTIONS: [(&str, &str); 7] = [
 /// `t` in f32. f16 rows on the CPU (the caches' `--kv-dtype f16`) are widened eight at a
 /// time with F16C where the CPU has it (`half`'s slice conversion), where candle's
 /// `to_dtype` converts one element at a time: a prefill piece widens its candidate keys and
-/// values on every layer (~0.25 ms for 690 rows of 3 x 64 that way). Anything else, and
-/// anything a gradient flows through, goes through `to_dtype`.
+/// values on every layer (~0.25 ms for 690 rows of 3 x 64 that way). See [`convert`].
 pub(crate) fn to_f32(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    convert(t, candle_core::DType::F32)
+}
+
+/// `t` in `dtype`: between f16 and f32 on the CPU through `half`'s slice conversions (F16C
+/// where the CPU has it, eight values at a time); anything else, and anything a gradient
+/// flows through, through candle's `to_dtype` (the same values, one at a time).
+pub(crate) fn convert(
+    t: &candle_core::Tensor,
+    dtype: candle_core::DType,
+) -> candle_core::Result<candle_core::Tensor> {
     use candle_core::{CpuStorage, DType, Storage, Tensor};
     use half::slice::HalfFloatSliceExt;
-    if t.dtype() != DType::F16 || !t.device().is_cpu() || t.track_op() {
-        return t.to_dtype(DType::F32);
+    let pair = (t.dtype(), dtype);
+    if !matches!(pair, (DType::F16, DType::F32) | (DType::F32, DType::F16))
+        || !t.device().is_cpu()
+        || t.track_op()
+    {
+        return t.to_dtype(dtype);
     }
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F16(data)), Some((a, b))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
+    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
         drop(storage);
-        return t.to_dtype(DType::F32);
+        return t.to_dtype(dtype);
     };
-    let mut out = vec![0f32; b - a];
-    data[a..b].convert_to_f32_slice(&mut out);
-    Tensor::from_vec(out, t.shape(), t.device())
+    let out = match cpu {
+        CpuStorage::F16(data) => {
+            let mut out = vec![0f32; b - a];
+            data[a..b].convert_to_f32_slice(&mut out);
+            Tensor::from_vec(out, t.shape(), t.device())
+        }
+        CpuStorage::F32(data) => {
+            let mut out = vec![half::f16::ZERO; b - a];
+            out.convert_from_f32_slice(&data[a..b]);
+            Tensor::from_vec(out, t.shape(), t.device())
+        }
+        _ => unreachable!("checked: f16 or f32"),
+    };
+    drop(storage);
+    out
 }
 
 #[cfg(test)]
@@ -79,6 +102,41 @@ mod tests {
                 );
                 assert_eq!(a, b);
             }
+        }
+    }
+
+    #[test]
+    fn narrowing_to_f16_rounds_like_candle() {
+        let x = Tensor::randn(0f32, 3.0, (3, 37, 8), &Device::Cpu).unwrap();
+        // Values that round at ties, overflow, underflow to subnormals and zero.
+        let edges = Tensor::new(
+            &[
+                1.0f32 + 1.0 / 2048.0,
+                65520.0,
+                1e6,
+                -1e6,
+                1e-6,
+                1e-9,
+                -0.0,
+                f32::INFINITY,
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for t in [x.clone(), x.transpose(1, 2).unwrap(), edges] {
+            let ours = super::convert(&t, DType::F16).unwrap();
+            let candle = t.to_dtype(DType::F16).unwrap();
+            assert_eq!(ours.dtype(), DType::F16);
+            let bits = |t: &Tensor| -> Vec<u16> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::f16>()
+                    .unwrap()
+                    .iter()
+                    .map(|h| h.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&ours), bits(&candle));
         }
     }
 }
