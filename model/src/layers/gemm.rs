@@ -31,9 +31,9 @@ use super::packed::{Packed, Panel};
 pub const MR: usize = 14;
 pub use super::packed::{available, KC, NR};
 
-/// Inputs of up to this many rows run [`gemm_jobs`] panel by panel (every k-block of a panel
-/// in one task): their whole input stays in L2 however many k-blocks there are.
-const PANEL_MAJOR_ROWS: usize = 64;
+/// Inputs of up to this many rows (decode steps) hand out their panels at least two at a
+/// time in [`gemm_jobs`].
+const FEW_ROWS: usize = 64;
 
 /// Products of activations by activations (attention's) take this path from this many
 /// rows; fewer go to candle's matmul. Weights take it for any number of rows, packed
@@ -325,39 +325,29 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
             out: out.at(j0),
             ldo: *n,
             causal: *causal,
-            // Panel-major calls go through the panel's k-blocks; the others through one
-            // k-block of the panels in order.
-            next: if m <= PANEL_MAJOR_ROWS {
-                next_block((own, k0), k, 0..mine)
-            } else {
-                (own + 1 < mine).then_some((own + 1, k0))
-            },
+            next: next_block((own, k0), k, 0..mine),
         };
         // SAFETY: AVX-512F is available (the caller's contract); `a` holds the packed
         // input; `out` has room for `m x n` values, and this task owns panel `p`'s columns
         // (tasks own whole panels); later k-blocks read only what the earlier ones wrote.
         unsafe { run_block(a, (m, k), block, panel) }
     };
-    if m <= PANEL_MAJOR_ROWS {
-        // Few rows (decode steps): a task takes whole panels through every k-block, one
-        // fork-join for the call instead of one per k-block. The same sums in the same
-        // order as below.
-        (0..panels).into_par_iter().with_min_len(2).for_each(|p| {
+    // A task takes whole panels through every k-block: one fork-join per call, and a
+    // panel's outputs stay in cache from one k-block to the next. (Measured against one
+    // fork-join per k-block over all panels, which prompt chunks took before: 1.15-1.4x
+    // at 128 rows, 1.0-1.16x at 512, a prefill 1.06-1.08x.) Few-row calls (decode steps)
+    // hand out panels at least two at a time: one is little work.
+    let min_len = if m <= FEW_ROWS { 2 } else { 1 };
+    (0..panels)
+        .into_par_iter()
+        .with_min_len(min_len)
+        .for_each(|p| {
             let mut panel = scratch::take_panel();
             for k0 in (0..k).step_by(KC) {
                 run(p, k0, &mut panel);
             }
             scratch::give_panel(panel);
         });
-    } else {
-        for k0 in (0..k).step_by(KC) {
-            (0..panels).into_par_iter().for_each(|p| {
-                let mut panel = scratch::take_panel();
-                run(p, k0, &mut panel);
-                scratch::give_panel(panel);
-            });
-        }
-    }
     scratch::give_rows(packed);
 }
 
