@@ -228,17 +228,7 @@ fn recurrent_step(
     }
 }
 
-/// `x / sqrt(mean(x^2) + eps) * w` for each `w.len()`-wide row of `x` (candle's `rms_norm`).
-pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let n = w.len();
-    for (row, o) in x.chunks(n).zip(out.chunks_mut(n)) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, &v), &wi) in o.iter_mut().zip(row).zip(w) {
-            *o = v * inv * wi;
-        }
-    }
-}
+pub(crate) use crate::layers::rms_norm_rows as rms_norm;
 
 #[cfg(test)]
 mod tests {

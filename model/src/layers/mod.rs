@@ -15,6 +15,7 @@ pub mod vexp;
 
 pub use linear::{format_name, parse_format, Dims, Linear, LoraAdapter, Quantization};
 pub use mlp::Mlp;
+pub(crate) use norm::rms_norm_rows;
 pub use norm::RmsNorm;
 pub use packed::Packed;
 pub use quantized::{QuantizedTensors, WeightSource};
