@@ -24,7 +24,7 @@
 //! `tests/runtime.rs` holds this path and the reference to each other through whole models;
 //! `tests` here hold the blocked passes to the whole-piece ones.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::Plan;
@@ -115,11 +115,12 @@ fn split_rows<'a, T>(mut v: &'a mut [T], blocks: &[Block], width: usize) -> Vec<
 enum Scores<'a> {
     /// Computed already, `[hkv, g, t, columns]`.
     Given(&'a [f32]),
-    /// Multiplied out block by block: the scaled queries `[hkv, g * t, d]` times each KV
-    /// head's keys (packed `[columns, d]`).
+    /// Multiplied out block by block: the queries `[hkv, g * t, d]`, times `scale`, times
+    /// each KV head's keys (packed `[columns, d]`).
     Product {
         q: &'a [f32],
         d: usize,
+        scale: f32,
         keys: &'a [Packed],
     },
 }
@@ -162,9 +163,11 @@ impl Exps {
         if !gemm::available() || !q.device().is_cpu() || q.track_op() || keys.track_op() {
             return Ok(None);
         }
-        // Scaled as `attention_scores` scales them, so the products are the same bits.
-        let scale = 1.0 / (d as f64).sqrt();
-        let q = (q.to_dtype(DType::F32)? * scale)?;
+        // Scaled as `attention_scores` scales them (candle's `affine`: `v * scale + 0`), so
+        // the products are the same bits; here once the rows are packed, in each block's
+        // task, rather than in a pass of its own on one thread.
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let q = crate::layers::to_f32(q)?;
         let keys = crate::layers::to_f32(keys)?;
         let owned = host::contiguous([&q, &keys])?;
         let guards = owned.each_ref().map(|t| t.storage_and_layout());
@@ -176,7 +179,12 @@ impl Exps {
         Ok(Self::exponentiate(
             geo,
             hkv,
-            Scores::Product { q, d, keys: &keys },
+            Scores::Product {
+                q,
+                d,
+                scale,
+                keys: &keys,
+            },
         ))
     }
 
@@ -194,8 +202,10 @@ impl Exps {
                 let mut product = scratch::take(&scratch::BLOCK, 0);
                 let s = match scores {
                     Scores::Given(all) => &all[b.row0 * l..(b.row0 + b.m) * l],
-                    Scores::Product { q, d, keys } => {
+                    Scores::Product { q, d, scale, keys } => {
                         gemm::pack_input(&q[b.row0 * d..(b.row0 + b.m) * d], (b.m, d), &mut packed);
+                        // Padding rows stay 0.
+                        packed.iter_mut().for_each(|v| *v = *v * scale + 0.0);
                         product.resize(b.m * l, 0.0);
                         let needs = (geo.n + geo.w + b.i0 + b.m).min(l);
                         gemm::band(
