@@ -405,8 +405,8 @@ unsafe fn run_block(a: &[f32], (m, k): (usize, usize), b: Block<'_>, panel: &mut
     let mut block = None;
     let tiles = m.div_ceil(MR);
     // The next block's bytes, a share after each tile: a weight too large for the caches
-    // streams from memory, and its blocks lie apart (a panel's k-blocks `k * NR` apart),
-    // where the hardware's prefetcher, which follows one page, does not look.
+    // streams from memory, and the hardware's prefetcher stops at every 4 KiB page, where
+    // a block of f32 panels spans eight.
     let ahead: &[u8] = match (w, next) {
         (Panels::Packed(w), Some((np, nk0))) => w.block_bytes(np, nk0),
         _ => &[],
