@@ -393,10 +393,11 @@ fn normalize_row(
     true
 }
 
-/// Buffers kept per thread between pieces. A piece's exponentials are megabytes, and a
-/// fresh allocation that size is fresh pages, each faulted in and zeroed on first touch:
-/// measured, that was most of the exponentials' time in a 512-token prefill. A buffer is
-/// taken out while in use, so a nested use on the same thread allocates its own.
+/// Buffers kept per thread between pieces: a piece's exponentials are megabytes, and a
+/// fresh allocation that size may be fresh pages, each faulted in and zeroed on first
+/// touch. (Measured in a 512-token prefill: within noise either way, since `exp` ran one
+/// lane at a time then; kept because it costs nothing.) A buffer is taken out while in
+/// use, so a nested use on the same thread allocates its own.
 mod scratch {
     use std::cell::Cell;
     use std::thread::LocalKey;
