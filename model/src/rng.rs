@@ -24,6 +24,11 @@ impl SplitMix {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
     }
 
+    /// `n` draws of `scale * normal()`, in order.
+    pub fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| scale * self.normal()).collect()
+    }
+
     pub fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
         (0..n)
             .map(|_| (self.next_u64() % vocab as u64) as u32)

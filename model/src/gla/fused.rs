@@ -15,9 +15,7 @@ use crate::Result;
 
 /// Whether [`step`] can run these inputs: CPU, f32, no gradient to track.
 pub fn applies(tensors: &[&Tensor]) -> bool {
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op())
+    crate::layers::host::applies(tensors)
 }
 
 /// Shapes as in [`super::step`]: `q: [b, hkv, g, dk]`, `k`, `gate`: `[b, hkv, dk]`,
@@ -76,7 +74,7 @@ mod tests {
 
     fn randn(rng: &mut SplitMix, shape: &[usize], scale: f32) -> Tensor {
         let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| scale * rng.normal()).collect();
+        let v = rng.normals(n, scale);
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 

@@ -441,7 +441,7 @@ mod tests {
 
     fn randn(rng: &mut SplitMix, shape: &[usize], scale: f32) -> Tensor {
         let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| scale * rng.normal()).collect();
+        let v = rng.normals(n, scale);
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 

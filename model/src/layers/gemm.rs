@@ -225,13 +225,11 @@ fn try_batched(
     let (Ok((batch, m, k)), Ok((batch_b, k_b, n))) = (a.dims3(), b.dims3()) else {
         return Ok(None);
     };
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
     if batch != batch_b
         || k != k_b
         || m < MIN_ROWS
         || n * k == 0
-        || !cpu_f32(a)
-        || !cpu_f32(b)
+        || !super::host::applies(&[a, b])
         || !available()
     {
         return Ok(None);

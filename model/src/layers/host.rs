@@ -7,6 +7,14 @@ use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 use crate::Result;
 
+/// Whether every tensor can be read on the host: f32 on the CPU, and no gradient to carry
+/// (the host kernels have no backward pass).
+pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op())
+}
+
 /// `tensors`, each made contiguous (a copy only where one is not), to lock and read with
 /// [`f32_slices`].
 pub(crate) fn contiguous<const N: usize>(tensors: [&Tensor; N]) -> Result<[Tensor; N]> {

@@ -124,7 +124,7 @@ mod tests {
         // Seeded: the bound is relative, and the largest products are near 50.
         let mut rng = crate::rng::SplitMix(19);
         let mut draw = |scale: f32| -> Tensor {
-            let v: Vec<f32> = (0..37 * 1000).map(|_| scale * rng.normal()).collect();
+            let v = rng.normals(37 * 1000, scale);
             Tensor::from_vec(v, (37, 1000), &Device::Cpu).unwrap()
         };
         let (g, u) = (draw(3.0), draw(1.0));

@@ -23,10 +23,7 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let host = [x, &self.weight]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-        if host {
+        if super::host::applies(&[x, &self.weight]) {
             return self.forward_host(x);
         }
         // The fused kernel accumulates in f32 whatever the input dtype. It has no backward

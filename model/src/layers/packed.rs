@@ -128,40 +128,35 @@ impl Packed {
     /// `w`: `[n, k]` row-major.
     pub fn from_f32(w: &[f32], (n, k): (usize, usize)) -> Self {
         assert!(w.len() >= n * k, "a weight of {n} rows of {k}");
-        let panels = n.div_ceil(NR);
-        let mut lines = vec![Line([0.0; 16]); panels * k * NR / 16];
-        floats(&mut lines)
-            .par_chunks_mut((k * NR).max(1))
-            .enumerate()
-            .for_each(|(p, dst)| {
-                for c in 0..NR.min(n - p * NR) {
-                    let row = &w[(p * NR + c) * k..][..k];
-                    for (kk, &x) in row.iter().enumerate() {
-                        dst[kk * NR + c] = x;
-                    }
+        Self::f32_panels((n, k), |p, cols, dst| {
+            for c in 0..cols {
+                let row = &w[(p * NR + c) * k..][..k];
+                for (kk, &x) in row.iter().enumerate() {
+                    dst[kk * NR + c] = x;
                 }
-            });
-        Self {
-            n,
-            k,
-            data: Data::F32(lines),
-        }
+            }
+        })
     }
 
     /// `w^T`: `[k, n]` row-major (attention's values, the right operand of `p v`).
     pub fn from_f32_t(wt: &[f32], (n, k): (usize, usize)) -> Self {
         assert!(wt.len() >= n * k, "a weight of {n} rows of {k}, transposed");
+        Self::f32_panels((n, k), |p, cols, dst| {
+            for (kk, d) in dst.chunks_exact_mut(NR).enumerate() {
+                d[..cols].copy_from_slice(&wt[kk * n + p * NR..][..cols]);
+            }
+        })
+    }
+
+    /// f32 panels of an `[n, k]` weight, each filled by `fill(panel, its columns, values)`
+    /// (`k * NR` values, k-major, zero past the columns), the panels in parallel.
+    fn f32_panels((n, k): (usize, usize), fill: impl Fn(usize, usize, &mut [f32]) + Sync) -> Self {
         let panels = n.div_ceil(NR);
         let mut lines = vec![Line([0.0; 16]); panels * k * NR / 16];
         floats(&mut lines)
             .par_chunks_mut((k * NR).max(1))
             .enumerate()
-            .for_each(|(p, dst)| {
-                let cols = NR.min(n - p * NR);
-                for (kk, d) in dst.chunks_exact_mut(NR).enumerate() {
-                    d[..cols].copy_from_slice(&wt[kk * n + p * NR..][..cols]);
-                }
-            });
+            .for_each(|(p, dst)| fill(p, NR.min(n - p * NR), dst));
         Self {
             n,
             k,

@@ -48,10 +48,7 @@ impl Rope {
     /// on one thread with the heads innermost (~0.3 ms of each layer of a 512-token
     /// prefill). The same arithmetic per element, so the same bits (tested).
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let host = [x, cos, sin]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-        if host {
+        if super::host::applies(&[x, cos, sin]) {
             let owned = super::host::contiguous([x, cos, sin])?;
             let guards = owned.each_ref().map(|t| t.storage_and_layout());
             let [xs, c, s] = super::host::f32_slices(&guards)?;
