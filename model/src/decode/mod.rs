@@ -838,21 +838,29 @@ impl Step<'_> {
         band.resize(BAND.max(PACKED_BAND) * nb, 0.0);
         let input = self.input(input, projs.iter().map(|(p, _)| p), packed_in);
         let per_proj: Vec<usize> = projs.iter().map(|(p, _)| p.n.div_ceil(p.band())).collect();
-        loop {
-            let mut claimed = next.fetch_add(1, Ordering::Relaxed);
-            let Some(pi) = per_proj.iter().position(|&count| {
+        // Which projection a claim falls in, and its columns.
+        let locate = |mut claimed: usize| {
+            let pi = per_proj.iter().position(|&count| {
                 let here = claimed < count;
                 if !here {
                     claimed -= count;
                 }
                 here
-            }) else {
-                return;
-            };
+            })?;
+            let p = projs[pi].0;
+            Some((pi, claimed * p.band()..((claimed + 1) * p.band()).min(p.n)))
+        };
+        // Each band is claimed one ahead, so its first weights are fetched while the
+        // band before it runs.
+        let mut upcoming = locate(next.fetch_add(1, Ordering::Relaxed));
+        while let Some((pi, sub)) = upcoming {
+            upcoming = locate(next.fetch_add(1, Ordering::Relaxed));
+            let then = upcoming.as_ref().map_or(&[][..], |(pj, cols)| {
+                self.first_bytes(projs[*pj].0, cols.start)
+            });
             let (p, epilogue) = projs[pi];
             let bias = p.b.map(|b| self.slices[b]);
-            let sub = claimed * p.band()..((claimed + 1) * p.band()).min(p.n);
-            let at = self.product(p, input, sub.clone(), band);
+            let at = self.product(p, input, sub.clone(), (band, then));
             let (out, add) = match epilogue {
                 Epilogue::Store(o) => (o, false),
                 Epilogue::Accumulate(o) => (o, true),
@@ -886,15 +894,25 @@ impl Step<'_> {
         Input { rows, packed }
     }
 
-    /// `input @ W[cols]^T` into `band`, whatever the weight's format; returns where the
-    /// value of column `cols.start + jj` for sequence `i` is: `[cols, nb]` for the AVX2
-    /// kernels, `[nb, PACKED_BAND]` for packed panels.
+    /// The first weight bytes a band from column `col` of `p` reads (packed panels only:
+    /// the other formats are read in row order, which the hardware prefetches).
+    fn first_bytes(&self, p: Proj, col: usize) -> &[u8] {
+        match p.w {
+            Weight::Packed(i) => self.plan.inputs.packs[i].block_bytes(col / gemm::NR, 0),
+            Weight::Dense(_) | Weight::Q8_0(_) => &[],
+        }
+    }
+
+    /// `input @ W[cols]^T` into `band`, whatever the weight's format, fetching `then`
+    /// (what the thread reads next) meanwhile; returns where the value of column
+    /// `cols.start + jj` for sequence `i` is: `[cols, nb]` for the AVX2 kernels,
+    /// `[nb, PACKED_BAND]` for packed panels.
     fn product(
         &self,
         p: Proj,
         input: Input,
         cols: std::ops::Range<usize>,
-        band: &mut [f32],
+        (band, then): (&mut [f32], &[u8]),
     ) -> impl Fn(usize, usize) -> usize {
         let nb = self.nb;
         let (col, seq) = match p.w {
@@ -909,7 +927,7 @@ impl Step<'_> {
             Weight::Packed(i) => {
                 let panels = cols.start / gemm::NR..cols.end.div_ceil(gemm::NR);
                 let w = &self.plan.inputs.packs[i];
-                gemm::band(input.packed, nb, w, panels, (band, PACKED_BAND), None);
+                gemm::band(input.packed, nb, w, panels, (band, PACKED_BAND), None, then);
                 (1, PACKED_BAND)
             }
         };
@@ -932,14 +950,20 @@ impl Step<'_> {
         let input = self.input(xn, [&g, &u].into_iter(), packed_in);
         // Both take the same columns: whole panels when either is packed.
         let width = g.band().max(u.band());
-        loop {
-            let claimed = next.fetch_add(1, Ordering::Relaxed);
-            if claimed * width >= g.n {
-                return;
-            }
-            let sub = claimed * width..((claimed + 1) * width).min(g.n);
-            let at_g = self.product(g, input, sub.clone(), band_g);
-            let at_u = self.product(u, input, sub.clone(), band_u);
+        let locate = |claimed: usize| {
+            (claimed * width < g.n).then(|| claimed * width..((claimed + 1) * width).min(g.n))
+        };
+        // Claimed one ahead, as in `project`: the gate's band fetches the up band's first
+        // weights, which fetches the next gate band's.
+        let mut upcoming = locate(next.fetch_add(1, Ordering::Relaxed));
+        while let Some(sub) = upcoming {
+            upcoming = locate(next.fetch_add(1, Ordering::Relaxed));
+            let then = upcoming
+                .as_ref()
+                .map_or(&[][..], |c| self.first_bytes(g, c.start));
+            let up_first = self.first_bytes(u, sub.start);
+            let at_g = self.product(g, input, sub.clone(), (band_g, up_first));
+            let at_u = self.product(u, input, sub.clone(), (band_u, then));
             for i in 0..nb {
                 let dst = unsafe { self.act.part(i * g.n + sub.start..i * g.n + sub.end) };
                 for (jj, y) in dst.iter_mut().enumerate() {

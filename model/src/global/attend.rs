@@ -215,6 +215,7 @@ impl Exps {
                             0..needs.div_ceil(NR),
                             (&mut product[..], l),
                             Some(geo.causal(b, true)),
+                            &[],
                         );
                         &product[..b.m * l]
                     }
@@ -315,7 +316,7 @@ impl Exps {
                     let mut packed = scratch::take(&scratch::ROWS, 0);
                     gemm::pack_input(e, (b.m, l), &mut packed);
                     let causal = Some(geo.causal(b, false));
-                    gemm::band(&packed, b.m, w, 0..w.panels(), (out, d), causal);
+                    gemm::band(&packed, b.m, w, 0..w.panels(), (out, d), causal, &[]);
                     scratch::give(&scratch::ROWS, packed);
                 }
                 ok

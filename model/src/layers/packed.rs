@@ -213,7 +213,7 @@ impl Packed {
 
     /// The bytes panel `p`'s k-block from `k0` is read from (to prefetch): f32 lines, or
     /// Q8_0's signed bytes (their scales are a panel's few lines, read every block).
-    pub(super) fn block_bytes(&self, p: usize, k0: usize) -> &[u8] {
+    pub(crate) fn block_bytes(&self, p: usize, k0: usize) -> &[u8] {
         let kc = KC.min(self.k.saturating_sub(k0));
         if p >= self.panels() || kc == 0 {
             return &[];
