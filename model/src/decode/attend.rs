@@ -6,8 +6,12 @@
 //! reorder). With a global cache of hundreds of rows in f16 that was a third of a decode
 //! step's mixing time, so where the CPU has AVX2, FMA and F16C, [`attend`] reads each row
 //! once for all the group's heads, widening f16 rows eight lanes at a time in registers,
-//! and takes the softmax in eight lanes too ([`crate::layers::vexp`]).
-//! The two sum in different orders; `tests` hold them to each other.
+//! and takes the softmax in eight lanes too ([`crate::layers::vexp`]). With AVX-512 the
+//! same in sixteen lanes, scoring four rows at a time (their sums reduced together) and
+//! summing values 64 columns at a time (each row read once, `4 g` independent sums): the
+//! AVX2 kernel's sums were one chain per head and eight columns, bound by the FMA latency,
+//! and its one reduction per score by the shuffle port.
+//! They sum in different orders; `tests` hold every kernel the CPU has to the reference.
 
 use half::f16;
 
@@ -37,33 +41,87 @@ pub(crate) struct Attend<'a> {
 /// the window-only softmax the general path computes. `probs` and `wide` are scratch.
 pub(crate) fn attend(
     a: &Attend,
+    scratch: (&mut Vec<f32>, &mut [Vec<f32>; 4]),
+    out: (&mut [f32], Option<&mut [f32]>),
+) {
+    attend_with(Kernel::best(a), a, scratch, out);
+}
+
+/// Which code computes a group's attention: the reference always exists; the vector
+/// kernels where the CPU and the group's shape allow.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    /// 16 lanes, each row read once for all heads; scores of four rows reduced together.
+    Avx512,
+    /// 8 lanes, each row read once for all heads.
+    Avx2,
+    Reference,
+}
+
+impl Kernel {
+    /// The fastest kernel that takes `a` on this CPU.
+    fn best(a: &Attend) -> Self {
+        Self::available(a)
+            .into_iter()
+            .next()
+            .unwrap_or(Self::Reference)
+    }
+
+    /// Every kernel that takes `a` on this CPU, fastest first (the reference last).
+    fn available(a: &Attend) -> Vec<Self> {
+        let mut all = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let g = a.queries.0.len() / a.d;
+            let features = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c");
+            if features
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && a.d.is_multiple_of(16)
+                && (1..=avx512::MAX_GROUP).contains(&g)
+            {
+                all.push(Self::Avx512);
+            }
+            if features && a.d.is_multiple_of(8) && (1..=MAX_GROUP).contains(&g) {
+                all.push(Self::Avx2);
+            }
+        }
+        all.push(Self::Reference);
+        all
+    }
+}
+
+fn attend_with(
+    kernel: Kernel,
+    a: &Attend,
     (probs, wide): (&mut Vec<f32>, &mut [Vec<f32>; 4]),
     (out, mass): (&mut [f32], Option<&mut [f32]>),
 ) {
     #[cfg(target_arch = "x86_64")]
-    {
+    if kernel != Kernel::Reference {
         let g = a.queries.0.len() / a.d;
-        if a.d.is_multiple_of(8)
-            && (1..=MAX_GROUP).contains(&g)
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            let len: usize = a.keys.iter().map(|k| k.len() / a.d).sum();
-            let p = sized(probs, g * len);
-            // SAFETY: the features were just detected; the kernel checks its bounds.
-            unsafe { avx2::scores(a, p) };
-            for head in p.chunks_mut(len) {
-                vexp::softmax(head);
-            }
-            if let Some(m) = mass {
-                window_share(p, (g, len), a.keys[0].len() / a.d, m);
-            }
-            // SAFETY: as above.
-            unsafe { avx2::weighted_sum(a, p, out) };
-            return;
+        let len: usize = a.keys.iter().map(|k| k.len() / a.d).sum();
+        let p = sized(probs, g * len);
+        // SAFETY (both kernels, each call): `Kernel::available` detected the features and
+        // checked the shapes; the kernels check their bounds.
+        match kernel {
+            Kernel::Avx512 => unsafe { avx512::scores(a, p) },
+            _ => unsafe { avx2::scores(a, p) },
         }
+        for head in p.chunks_mut(len) {
+            vexp::softmax(head);
+        }
+        if let Some(m) = mass {
+            window_share(p, (g, len), a.keys[0].len() / a.d, m);
+        }
+        match kernel {
+            Kernel::Avx512 => unsafe { avx512::weighted_sum(a, p, out) },
+            _ => unsafe { avx2::weighted_sum(a, p, out) },
+        }
+        return;
     }
+    let _ = kernel;
     let [wgk, wgv, wck, wcv] = wide;
     let keys = [
         a.keys[0].widened(wgk),
@@ -279,6 +337,249 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{f16, Attend, Rows};
+
+    /// Most query heads per KV head this kernel takes: a block of four rows keeps
+    /// `4 * MAX_GROUP` score accumulators and, summing values, `4 * MAX_GROUP` output
+    /// accumulators in registers.
+    pub const MAX_GROUP: usize = 4;
+
+    /// Sixteen lanes of a row, widened to f32.
+    trait Lanes: Copy {
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+    }
+
+    impl Lanes for f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+    }
+
+    /// The sums of four vectors' lanes, `[Σa, Σb, Σc, Σd]`: eight shuffles for the four,
+    /// where reducing each alone takes four (the shuffle port, not the FMAs, bounded the
+    /// scores).
+    #[inline(always)]
+    unsafe fn sum4([a, b, c, d]: [__m512; 4]) -> __m128 {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then the same for c, d.
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        // Per lane: [a, b, c, d], each a quarter of its sum.
+        let s = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(ab, cd),
+            _mm512_shuffle_ps::<0xEE>(ab, cd),
+        );
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
+        let s = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
+        _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
+    }
+
+    /// As `super::avx2::scores`, sixteen lanes at a time (`d` a multiple of 16).
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn scores(a: &Attend, p: &mut [f32]) {
+        let g = a.queries.0.len() / a.d;
+        match g {
+            1 => scores_g::<1>(a, p),
+            2 => scores_g::<2>(a, p),
+            3 => scores_g::<3>(a, p),
+            4 => scores_g::<4>(a, p),
+            _ => unreachable!("groups of 1 to {MAX_GROUP} heads, not {g}"),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn scores_g<const G: usize>(a: &Attend, p: &mut [f32]) {
+        let d = a.d;
+        let (q, far) = a.queries;
+        assert!(q.len() == G * d && d.is_multiple_of(16));
+        let len = p.len() / G;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let mut at = 0;
+        for (b, keys) in a.keys.iter().enumerate() {
+            let far = match far {
+                Some((q_cap, rows_far)) if b == 0 => Some((q_cap, rows_far)),
+                _ => None,
+            };
+            let n = keys.len() / d;
+            assert!(at + n <= len && p.len() >= G * len);
+            if let Some((q_cap, rows_far)) = far {
+                assert!(q_cap.len() == G * d && rows_far.len() >= n);
+            }
+            match *keys {
+                Rows::F32(k) => block_scores::<f32, G>(k, (q, far), (d, len, scale), at, p),
+                Rows::F16(k) => block_scores::<f16, G>(k, (q, far), (d, len, scale), at, p),
+            }
+            at += n;
+        }
+    }
+
+    /// The scores of one block's rows (bounds asserted by the caller): four rows at a
+    /// time, each loaded once for the `G` heads; the last few, and any four with a row
+    /// past the distance cap, one at a time.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn block_scores<T: Lanes, const G: usize>(
+        keys: &[T],
+        (q, far): (&[f32], super::FarQueries),
+        (d, len, scale): (usize, usize, f32),
+        at: usize,
+        p: &mut [f32],
+    ) {
+        let n = keys.len() / d;
+        let (kp, qp, pp) = (keys.as_ptr(), q.as_ptr(), p.as_mut_ptr());
+        let is_far = |j: usize| far.is_some_and(|(_, rows_far)| rows_far[j]);
+        let mut j = 0;
+        while j + 4 <= n {
+            if (j..j + 4).any(is_far) {
+                for r in j..j + 4 {
+                    let row = (q, far, is_far(r));
+                    row_scores::<T, G>(kp.add(r * d), row, (d, len, scale), at + r, pp);
+                }
+                j += 4;
+                continue;
+            }
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            for c in (0..d).step_by(16) {
+                let k = [0, 1, 2, 3].map(|r| T::load16(kp.add((j + r) * d + c)));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let qv = _mm512_loadu_ps(qp.add(h * d + c));
+                    for (a, k) in acc.iter_mut().zip(&k) {
+                        *a = _mm512_fmadd_ps(qv, *k, *a);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                let s = _mm_mul_ps(sum4(*acc), _mm_set1_ps(scale));
+                _mm_storeu_ps(pp.add(h * len + at + j), s);
+            }
+            j += 4;
+        }
+        for r in j..n {
+            let row = (q, far, is_far(r));
+            row_scores::<T, G>(kp.add(r * d), row, (d, len, scale), at + r, pp);
+        }
+    }
+
+    /// One row's scores, `p[h * len + col]`; by the cap-rotated queries when `far_row`.
+    #[inline(always)]
+    unsafe fn row_scores<T: Lanes, const G: usize>(
+        key: *const T,
+        (q, far, far_row): (&[f32], super::FarQueries, bool),
+        (d, len, scale): (usize, usize, f32),
+        col: usize,
+        p: *mut f32,
+    ) {
+        let query = match far {
+            Some((q_cap, _)) if far_row => q_cap.as_ptr(),
+            _ => q.as_ptr(),
+        };
+        let mut acc = [_mm512_setzero_ps(); G];
+        for c in (0..d).step_by(16) {
+            let k = T::load16(key.add(c));
+            for (h, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_loadu_ps(query.add(h * d + c)), k, *a);
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            *p.add(h * len + col) = scale * _mm512_reduce_add_ps(*a);
+        }
+    }
+
+    /// `out[h] = sum_j p[h, j] v_j` (`out: [g, d]`): 64 columns at a time (16 where `d`
+    /// is not a multiple of 64), so each value row is read once per 64 columns and the
+    /// `4 * G` sums are independent chains.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn weighted_sum(a: &Attend, p: &[f32], out: &mut [f32]) {
+        let g = out.len() / a.d;
+        match g {
+            1 => weighted_sum_g::<1>(a, p, out),
+            2 => weighted_sum_g::<2>(a, p, out),
+            3 => weighted_sum_g::<3>(a, p, out),
+            4 => weighted_sum_g::<4>(a, p, out),
+            _ => unreachable!("groups of 1 to {MAX_GROUP} heads, not {g}"),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn weighted_sum_g<const G: usize>(a: &Attend, p: &[f32], out: &mut [f32]) {
+        let d = a.d;
+        assert!(out.len() == G * d && d.is_multiple_of(16));
+        let len = p.len() / G;
+        let mut c0 = 0;
+        while c0 < d {
+            if c0 + 64 <= d {
+                columns::<G, 4>(a, (p, len), c0, out);
+                c0 += 64;
+            } else {
+                columns::<G, 1>(a, (p, len), c0, out);
+                c0 += 16;
+            }
+        }
+    }
+
+    /// Columns `c0..c0 + 16 * C` of every head's output, over every block of rows.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn columns<const G: usize, const C: usize>(
+        a: &Attend,
+        (p, len): (&[f32], usize),
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        let d = a.d;
+        let mut acc = [[_mm512_setzero_ps(); C]; G];
+        let mut at = 0;
+        for values in &a.values {
+            let n = values.len() / d;
+            assert!(at + n <= len && p.len() >= G * len && c0 + 16 * C <= d);
+            match *values {
+                Rows::F32(v) => block_sum::<f32, G, C>(v, (d, len, c0), at, p, &mut acc),
+                Rows::F16(v) => block_sum::<f16, G, C>(v, (d, len, c0), at, p, &mut acc),
+            }
+            at += n;
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (c, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(h * d + c0 + 16 * c), *a);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn block_sum<T: Lanes, const G: usize, const C: usize>(
+        values: &[T],
+        (d, len, c0): (usize, usize, usize),
+        at: usize,
+        p: &[f32],
+        acc: &mut [[__m512; C]; G],
+    ) {
+        let n = values.len() / d;
+        let (vp, pp) = (values.as_ptr(), p.as_ptr().add(at));
+        for j in 0..n {
+            let row = vp.add(j * d + c0);
+            let mut v = [_mm512_setzero_ps(); C];
+            for (c, v) in v.iter_mut().enumerate() {
+                *v = T::load16(row.add(16 * c));
+            }
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*pp.add(h * len + j));
+                for (a, v) in acc.iter_mut().zip(&v) {
+                    *a = _mm512_fmadd_ps(w, *v, *a);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn the_vector_kernel_matches_the_reference() {
+    fn every_kernel_matches_the_reference() {
         let mut rng = SplitMix(5);
         for (g, d, n_global, n_cached, halves, far) in [
             (3, 64, 40, 23, true, true),
@@ -306,6 +607,10 @@ mod tests {
             (4, 16, 9, 7, false, false),
             (8, 32, 3, 11, true, true),
             (5, 24, 2, 3, true, false),
+            // Fours of rows and their tails; far rows inside fours; 16-column steps.
+            (4, 64, 37, 18, true, true),
+            (2, 80, 9, 6, false, true),
+            (3, 128, 8, 4, true, false),
         ] {
             let q = normal(g * d, &mut rng);
             let q_cap = normal(g * d, &mut rng);
@@ -329,14 +634,6 @@ mod tests {
                 ],
                 d,
             };
-            let window = n_cached + 1;
-            let (mut out, mut mass) = (vec![0f32; g * d], vec![0f32; window]);
-            let mut scratch = (Vec::new(), Default::default());
-            attend(
-                &a,
-                (&mut scratch.0, &mut scratch.1),
-                (&mut out, Some(&mut mass)),
-            );
             // The reference on the same rows widened (f16 -> f32 is exact).
             let wide = |r: Rows| match r {
                 Rows::F32(x) => x.to_vec(),
@@ -344,6 +641,7 @@ mod tests {
             };
             let keys = a.keys.map(wide);
             let values = a.values.map(wide);
+            let window = n_cached + 1;
             let (mut want, mut want_mass) = (vec![0f32; g * d], vec![0f32; window]);
             attend_reference(
                 a.queries,
@@ -357,8 +655,21 @@ mod tests {
                     .zip(y)
                     .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()))
             };
-            assert!(close(&out, &want), "g {g} d {d}: {out:?} vs {want:?}");
-            assert!(close(&mass, &want_mass), "g {g} d {d}");
+            let kernels = Kernel::available(&a);
+            assert_eq!(kernels.last(), Some(&Kernel::Reference));
+            for kernel in kernels {
+                let (mut out, mut mass) = (vec![0f32; g * d], vec![0f32; window]);
+                let mut scratch = (Vec::new(), Default::default());
+                attend_with(
+                    kernel,
+                    &a,
+                    (&mut scratch.0, &mut scratch.1),
+                    (&mut out, Some(&mut mass)),
+                );
+                let at = format!("{kernel:?}, g {g} d {d}");
+                assert!(close(&out, &want), "{at}: {out:?} vs {want:?}");
+                assert!(close(&mass, &want_mass), "{at}");
+            }
         }
     }
 }
