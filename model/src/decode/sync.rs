@@ -9,6 +9,7 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 
 /// A buffer shared by the step's threads. Between two barriers each part of it is either
 /// read by any number of threads or written by exactly one: the phase structure of
@@ -56,20 +57,30 @@ impl<'a, T: Copy> Shared<'a, T> {
     }
 }
 
-/// A reusable barrier for a fixed number of threads that spins (then yields) instead of
-/// sleeping: the phases it separates last microseconds, far less than a futex wake-up.
+/// A reusable barrier for a fixed number of threads that spins, then sleeps: the phases it
+/// separates last microseconds, far less than a futex wake-up, so a thread spins first; but
+/// when the thread it waits for was descheduled (on a small machine, the HTTP server's or
+/// a client's threads take its core now and then), spinning keeps this core busy while the
+/// thread waits for one. Asleep, this core goes idle and the scheduler moves the waiting
+/// thread onto it (measured in liger-serve with one stream: decode steps of ~36 ms among
+/// 27 ms ones, a few per request, when it yielded instead of sleeping).
 ///
-/// If a thread panics while others wait, they would spin forever; [`PanicGuard`] marks the
-/// barrier poisoned so they panic too and the scope unwinds instead of hanging.
+/// If a thread panics while others wait, they would wait forever; [`PanicGuard`] marks the
+/// barrier poisoned (and wakes the sleepers) so they panic too and the scope unwinds
+/// instead of hanging.
 pub(crate) struct SpinBarrier {
     threads: usize,
     arrived: AtomicUsize,
     generation: AtomicUsize,
     poisoned: AtomicBool,
+    /// Threads asleep in `wait`, or about to be: the last to arrive wakes them.
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
 }
 
-/// Spins before falling back to `yield_now`: enough to cover a phase on a busy core without
-/// burning a whole time slice when the other thread was descheduled.
+/// Spins before sleeping: enough to cover the end of a phase on a busy core (a band or a
+/// mixing unit, ~0.2 ms), no more.
 const SPINS: u32 = 1 << 12;
 
 impl SpinBarrier {
@@ -79,6 +90,9 @@ impl SpinBarrier {
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
         }
     }
 
@@ -94,21 +108,48 @@ impl SpinBarrier {
             // Last to arrive: reset for the next round, then release the others. Nobody
             // touches `arrived` again until they have seen the new generation.
             self.arrived.store(0, Ordering::Relaxed);
-            self.generation.fetch_add(1, Ordering::Release);
+            // SeqCst here and on `sleepers` in both places: either this sees a sleeper's
+            // count, or the sleeper sees the new generation before it sleeps.
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            if self.sleepers.load(Ordering::SeqCst) > 0 {
+                self.wake_all();
+            }
             return;
         }
-        let mut spins = 0u32;
-        while self.generation.load(Ordering::Acquire) == generation {
-            if self.poisoned.load(Ordering::Relaxed) {
-                panic!("another thread of the decode step panicked");
+        for _ in 0..SPINS {
+            if self.generation.load(Ordering::Acquire) != generation {
+                return;
             }
-            if spins < SPINS {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::yield_now();
-            }
+            self.check_poison();
+            std::hint::spin_loop();
         }
+        let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        while self.generation.load(Ordering::SeqCst) == generation
+            && !self.poisoned.load(Ordering::SeqCst)
+        {
+            guard = self
+                .wake
+                .wait(guard)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        drop(guard);
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.check_poison();
+        }
+    }
+
+    fn check_poison(&self) {
+        if self.poisoned.load(Ordering::Relaxed) {
+            panic!("another thread of the decode step panicked");
+        }
+    }
+
+    /// Wakes every sleeper (under the lock, so none is between its check and its sleep).
+    fn wake_all(&self) {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.wake.notify_all();
     }
 }
 
@@ -118,7 +159,8 @@ pub(crate) struct PanicGuard<'a>(pub &'a SpinBarrier);
 impl Drop for PanicGuard<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.poisoned.store(true, Ordering::Relaxed);
+            self.0.poisoned.store(true, Ordering::SeqCst);
+            self.0.wake_all();
         }
     }
 }
@@ -161,6 +203,55 @@ mod tests {
                 let b = &barrier;
                 s.spawn(move || {
                     let _guard = PanicGuard(b);
+                    panic!("boom");
+                });
+                let _guard = PanicGuard(b);
+                b.wait();
+            })
+        });
+        assert!(result.is_err());
+    }
+
+    #[test]
+    fn a_late_thread_finds_the_others_asleep_and_wakes_them() {
+        // One thread arrives milliseconds late each round, long past the spinning: the
+        // others sleep, and must wake to see its write.
+        let threads = 3;
+        let mut slots = vec![0f32; threads];
+        let shared = Shared::new(&mut slots);
+        let barrier = SpinBarrier::new(threads);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (shared, barrier) = (&shared, &barrier);
+                s.spawn(move || {
+                    for round in 1..6 {
+                        if t == 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                        // SAFETY: slot t is this thread's alone in the write phase.
+                        unsafe { shared.part(t..t + 1)[0] = round as f32 };
+                        barrier.wait();
+                        // SAFETY: nobody writes until the next barrier.
+                        let seen = unsafe { shared.read() }.to_vec();
+                        assert!(seen.iter().all(|&v| v == round as f32), "{seen:?}");
+                        barrier.wait();
+                    }
+                });
+            }
+        });
+        assert_eq!(barrier.sleepers.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_sleeping_thread_is_woken_by_a_panic() {
+        let barrier = SpinBarrier::new(2);
+        let result = std::panic::catch_unwind(|| {
+            std::thread::scope(|s| {
+                let b = &barrier;
+                s.spawn(move || {
+                    let _guard = PanicGuard(b);
+                    // Long enough for the other thread to be asleep.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                     panic!("boom");
                 });
                 let _guard = PanicGuard(b);
