@@ -243,6 +243,13 @@ impl Linear {
             .as_ref()
     }
 
+    /// The packed weight when the layer is that product alone (no bias, no adapter): what
+    /// a fused consumer of the product (`gemm::gate_up_silu`) may multiply by itself.
+    pub(crate) fn packed_alone(&self) -> Option<&Packed> {
+        let alone = self.bias.is_none() && self.lora.is_none();
+        alone.then(|| self.packed()).flatten().map(|p| p.as_ref())
+    }
+
     /// The GGML format of a quantized layer.
     pub fn quantization(&self) -> Option<GgmlDType> {
         self.quant.as_ref().map(|q| q.format)

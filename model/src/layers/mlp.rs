@@ -53,8 +53,28 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// `silu(gate(x)) * up(x)` in one kernel, without the two products (`gemm::gate_up_silu`,
+    /// the same values): where both weights are packed and alone and `x` is f32 rows the
+    /// kernel takes.
+    fn fused_gate_up(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (Some(g), Some(u)) = (self.gate.packed_alone(), self.up.packed_alone()) else {
+            return Ok(None);
+        };
+        if x.dtype() != DType::F32 || !super::gemm::applies_to_input(x) {
+            return Ok(None);
+        }
+        super::gemm::gate_up_silu(x, (g, u))
+            .map(Some)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(act) = self.fused_gate_up(x)? {
+            return self.down.forward(&act);
+        }
         let [g, u]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], x)?
             .try_into()
             .expect("two projections");
