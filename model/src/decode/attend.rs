@@ -136,6 +136,22 @@ fn attend_with(
     attend_reference(a.queries, keys, values, (a.d, probs), (out, mass));
 }
 
+/// The three blocks of rows (global cache, window cache, the token) with each block's
+/// first column among all rows, and the far queries with the block they score (the global
+/// rows): how every vector kernel walks a group's keys and values.
+#[cfg(target_arch = "x86_64")]
+fn blocks<'a>(
+    rows: &'a [Rows<'a>; 3],
+    far: FarQueries<'a>,
+    d: usize,
+) -> impl Iterator<Item = (Rows<'a>, FarQueries<'a>, usize)> + 'a {
+    rows.iter().enumerate().scan(0, move |at, (b, &r)| {
+        let first = *at;
+        *at += r.len() / d;
+        Some((r, far.filter(|_| b == 0), first))
+    })
+}
+
 /// The token's own row is always f32 (computed this step).
 fn widened_own(r: Rows<'_>) -> &[f32] {
     match r {
@@ -244,19 +260,12 @@ mod avx2 {
         assert!(g <= MAX_GROUP && d.is_multiple_of(8));
         let len = p.len() / g;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let mut at = 0;
-        for (b, keys) in a.keys.iter().enumerate() {
-            let far = match far {
-                Some((q_cap, rows_far)) if b == 0 => Some((q_cap, rows_far)),
-                _ => None,
-            };
-            let n = keys.len() / d;
-            assert!(at + n <= len);
-            match *keys {
+        for (keys, far, at) in super::blocks(&a.keys, far, d) {
+            assert!(at + keys.len() / d <= len);
+            match keys {
                 Rows::F32(k) => block_scores(k, (q, far), (d, g, len, scale), at, p),
                 Rows::F16(k) => block_scores(k, (q, far), (d, g, len, scale), at, p),
             }
-            at += n;
         }
     }
 
@@ -301,15 +310,12 @@ mod avx2 {
         let len = p.len() / g;
         for c in (0..d).step_by(8) {
             let mut acc = [_mm256_setzero_ps(); MAX_GROUP];
-            let mut at = 0;
-            for values in &a.values {
-                let n = values.len() / d;
-                assert!(at + n <= len);
-                match *values {
+            for (values, _, at) in super::blocks(&a.values, None, d) {
+                assert!(at + values.len() / d <= len);
+                match values {
                     Rows::F32(v) => block_sum(v, (d, g, len, c), at, p, &mut acc),
                     Rows::F16(v) => block_sum(v, (d, g, len, c), at, p, &mut acc),
                 }
-                at += n;
             }
             for (h, a) in acc.iter().enumerate().take(g) {
                 _mm256_storeu_ps(out.as_mut_ptr().add(h * d + c), *a);
@@ -405,22 +411,16 @@ mod avx512 {
         assert!(q.len() == G * d && d.is_multiple_of(16));
         let len = p.len() / G;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let mut at = 0;
-        for (b, keys) in a.keys.iter().enumerate() {
-            let far = match far {
-                Some((q_cap, rows_far)) if b == 0 => Some((q_cap, rows_far)),
-                _ => None,
-            };
+        for (keys, far, at) in super::blocks(&a.keys, far, d) {
             let n = keys.len() / d;
             assert!(at + n <= len && p.len() >= G * len);
             if let Some((q_cap, rows_far)) = far {
                 assert!(q_cap.len() == G * d && rows_far.len() >= n);
             }
-            match *keys {
+            match keys {
                 Rows::F32(k) => block_scores::<f32, G>(k, (q, far), (d, len, scale), at, p),
                 Rows::F16(k) => block_scores::<f16, G>(k, (q, far), (d, len, scale), at, p),
             }
-            at += n;
         }
     }
 
@@ -537,15 +537,12 @@ mod avx512 {
     ) {
         let d = a.d;
         let mut acc = [[_mm512_setzero_ps(); C]; G];
-        let mut at = 0;
-        for values in &a.values {
-            let n = values.len() / d;
-            assert!(at + n <= len && p.len() >= G * len && c0 + 16 * C <= d);
-            match *values {
+        for (values, _, at) in super::blocks(&a.values, None, d) {
+            assert!(at + values.len() / d <= len && p.len() >= G * len && c0 + 16 * C <= d);
+            match values {
                 Rows::F32(v) => block_sum::<f32, G, C>(v, (d, len, c0), at, p, &mut acc),
                 Rows::F16(v) => block_sum::<f16, G, C>(v, (d, len, c0), at, p, &mut acc),
             }
-            at += n;
         }
         for (h, acc) in acc.iter().enumerate() {
             for (c, a) in acc.iter().enumerate() {

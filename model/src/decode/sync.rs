@@ -168,12 +168,12 @@ impl Drop for PanicGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    #[test]
-    fn barrier_orders_phases() {
-        // Each round, every thread writes its own slot, then (after the barrier) checks
-        // that it sees every other thread's write of that round.
-        let threads = 4;
+    /// `threads` threads run `rounds` rounds: each writes its own slot, then (after the
+    /// barrier) checks that it sees every other thread's write of that round. Thread 0
+    /// first sleeps `late` each round. Returns the barrier, to inspect.
+    fn rounds(threads: usize, rounds: usize, late: Duration) -> SpinBarrier {
         let mut slots = vec![0f32; threads];
         let shared = Shared::new(&mut slots);
         let barrier = SpinBarrier::new(threads);
@@ -181,52 +181,9 @@ mod tests {
             for t in 0..threads {
                 let (shared, barrier) = (&shared, &barrier);
                 s.spawn(move || {
-                    for round in 1..200 {
-                        // SAFETY: slot t is this thread's alone in the write phase.
-                        unsafe { shared.part(t..t + 1)[0] = round as f32 };
-                        barrier.wait();
-                        // SAFETY: nobody writes until the next barrier.
-                        let seen = unsafe { shared.read() }.to_vec();
-                        assert!(seen.iter().all(|&v| v == round as f32), "{seen:?}");
-                        barrier.wait();
-                    }
-                });
-            }
-        });
-    }
-
-    #[test]
-    fn a_panicking_thread_does_not_hang_the_others() {
-        let barrier = SpinBarrier::new(2);
-        let result = std::panic::catch_unwind(|| {
-            std::thread::scope(|s| {
-                let b = &barrier;
-                s.spawn(move || {
-                    let _guard = PanicGuard(b);
-                    panic!("boom");
-                });
-                let _guard = PanicGuard(b);
-                b.wait();
-            })
-        });
-        assert!(result.is_err());
-    }
-
-    #[test]
-    fn a_late_thread_finds_the_others_asleep_and_wakes_them() {
-        // One thread arrives milliseconds late each round, long past the spinning: the
-        // others sleep, and must wake to see its write.
-        let threads = 3;
-        let mut slots = vec![0f32; threads];
-        let shared = Shared::new(&mut slots);
-        let barrier = SpinBarrier::new(threads);
-        std::thread::scope(|s| {
-            for t in 0..threads {
-                let (shared, barrier) = (&shared, &barrier);
-                s.spawn(move || {
-                    for round in 1..6 {
+                    for round in 1..=rounds {
                         if t == 0 {
-                            std::thread::sleep(std::time::Duration::from_millis(5));
+                            std::thread::sleep(late);
                         }
                         // SAFETY: slot t is this thread's alone in the write phase.
                         unsafe { shared.part(t..t + 1)[0] = round as f32 };
@@ -239,25 +196,49 @@ mod tests {
                 });
             }
         });
-        assert_eq!(barrier.sleepers.load(Ordering::SeqCst), 0);
+        barrier
     }
 
-    #[test]
-    fn a_sleeping_thread_is_woken_by_a_panic() {
+    /// Whether a thread waiting at a two-thread barrier unwinds when the other panics
+    /// `after` a delay, instead of hanging.
+    fn panics_through(after: Duration) -> bool {
         let barrier = SpinBarrier::new(2);
         let result = std::panic::catch_unwind(|| {
             std::thread::scope(|s| {
                 let b = &barrier;
                 s.spawn(move || {
                     let _guard = PanicGuard(b);
-                    // Long enough for the other thread to be asleep.
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(after);
                     panic!("boom");
                 });
                 let _guard = PanicGuard(b);
                 b.wait();
             })
         });
-        assert!(result.is_err());
+        result.is_err()
+    }
+
+    #[test]
+    fn barrier_orders_phases() {
+        rounds(4, 199, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_panicking_thread_does_not_hang_the_others() {
+        assert!(panics_through(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_late_thread_finds_the_others_asleep_and_wakes_them() {
+        // Thread 0 arrives milliseconds late each round, long past the spinning: the
+        // others sleep, and must wake to see its write.
+        let barrier = rounds(3, 5, Duration::from_millis(5));
+        assert_eq!(barrier.sleepers.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_sleeping_thread_is_woken_by_a_panic() {
+        // Long enough for the waiting thread to be asleep.
+        assert!(panics_through(Duration::from_millis(20)));
     }
 }

@@ -62,6 +62,24 @@ pub fn applies_to_input(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2 && !x.track_op() && available()
 }
 
+/// `f` on `x`'s values (`[m, k]` row-major) when the kernel takes `x`
+/// ([`applies_to_input`]), an error otherwise: the input side of [`matmul_packed`] and
+/// [`gate_up_silu`].
+fn with_input<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> crate::Result<R>) -> crate::Result<R> {
+    if !applies_to_input(x) {
+        return Err(crate::Error::Invalid(
+            "gemm: f32 CPU inputs without gradients, on an AVX-512 CPU".into(),
+        ));
+    }
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(xd)), Some((x0, x1))) = (&*xs, xl.contiguous_offsets())
+    else {
+        return Err(crate::Error::Invalid("gemm: f32 CPU inputs".into()));
+    };
+    f(&xd[x0..x1])
+}
+
 /// `x W^T` for every packed weight `W: [n, k]` of `ws`, all reading `x: [m, k]` (q, k and
 /// v; gate and up) in one call: one packing of `x`, and all weights' panels split over the
 /// threads together. Each product is the same, value for value, as that weight's alone
@@ -74,45 +92,37 @@ pub fn matmul_packed(x: &Tensor, ws: &[&Packed]) -> crate::Result<Vec<Tensor>> {
             w.dims()
         )));
     }
-    if !applies_to_input(x) {
-        return Err(crate::Error::Invalid(
-            "gemm: f32 CPU inputs without gradients, on an AVX-512 CPU".into(),
-        ));
-    }
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xd)), Some((x0, x1))) = (&*xs, xl.contiguous_offsets())
-    else {
-        return Err(crate::Error::Invalid("gemm: f32 CPU inputs".into()));
-    };
     let dims: Vec<usize> = ws.iter().map(|w| w.dims().0).collect();
-    let mut outs: Vec<Vec<f32>> = dims.iter().map(|&n| Vec::with_capacity(m * n)).collect();
-    if m > 0 && k > 0 {
-        let jobs: Vec<Job<'_>> = ws
-            .iter()
-            .zip(&dims)
-            .zip(outs.iter_mut())
-            .filter(|((_, &n), _)| n > 0)
-            .map(|((&w, &n), out)| Job {
-                w: Panels::Packed(w),
-                n,
-                out: SharedOut(out.as_mut_ptr()),
-                causal: None,
-            })
-            .collect();
-        // SAFETY: AVX-512F is available; every weight holds `n` rows of `k`; each output
-        // has room for `m * n` values and is its own allocation.
-        unsafe { gemm_jobs(&xd[x0..x1], (m, k), &jobs) };
-        for (out, &n) in outs.iter_mut().zip(&dims) {
-            // SAFETY: `gemm_jobs` wrote all `m * n` values of every output (none when `n`
-            // is 0).
-            unsafe { out.set_len(m * n) };
+    let outs = with_input(x, |xd| {
+        let mut outs: Vec<Vec<f32>> = dims.iter().map(|&n| Vec::with_capacity(m * n)).collect();
+        if m > 0 && k > 0 {
+            let jobs: Vec<Job<'_>> = ws
+                .iter()
+                .zip(&dims)
+                .zip(outs.iter_mut())
+                .filter(|((_, &n), _)| n > 0)
+                .map(|((&w, &n), out)| Job {
+                    w: Panels::Packed(w),
+                    n,
+                    out: SharedOut(out.as_mut_ptr()),
+                    causal: None,
+                })
+                .collect();
+            // SAFETY: AVX-512F is available; every weight holds `n` rows of `k`; each output
+            // has room for `m * n` values and is its own allocation.
+            unsafe { gemm_jobs(xd, (m, k), &jobs) };
+            for (out, &n) in outs.iter_mut().zip(&dims) {
+                // SAFETY: `gemm_jobs` wrote all `m * n` values of every output (none when `n`
+                // is 0).
+                unsafe { out.set_len(m * n) };
+            }
+        } else {
+            for (out, &n) in outs.iter_mut().zip(&dims) {
+                out.resize(m * n, 0.0);
+            }
         }
-    } else {
-        for (out, &n) in outs.iter_mut().zip(&dims) {
-            out.resize(m * n, 0.0);
-        }
-    }
+        Ok(outs)
+    })?;
     outs.into_iter()
         .zip(&dims)
         .map(|(y, &n)| Ok(Tensor::from_vec(y, (m, n), x.device())?))
@@ -381,66 +391,59 @@ pub fn gate_up_silu(x: &Tensor, (gate, up): (&Packed, &Packed)) -> crate::Result
             up.dims()
         )));
     }
-    if !applies_to_input(x) {
-        return Err(crate::Error::Invalid(
-            "gemm: f32 CPU inputs without gradients, on an AVX-512 CPU".into(),
-        ));
-    }
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xd)), Some((x0, x1))) = (&*xs, xl.contiguous_offsets())
-    else {
-        return Err(crate::Error::Invalid("gemm: f32 CPU inputs".into()));
-    };
-    let mut act: Vec<f32> = Vec::with_capacity(m * n);
-    if m * n * k > 0 {
-        let packed = pack_all(&xd[x0..x1], (m, k));
-        let a = &packed[..m.div_ceil(MR) * MR * k];
-        let out = SharedOut(act.as_mut_ptr());
-        let panels = n.div_ceil(NR);
-        (0..panels).into_par_iter().for_each(|p| {
-            let mut panel = scratch::take_panel();
-            let mut tiles = scratch::take_tiles(2 * m * NR);
-            let (g, u) = tiles[..2 * m * NR].split_at_mut(m * NR);
-            let cols = NR.min(n - p * NR);
-            // After the gate panel's last block, the up panel's first; after that, the
-            // next gate panel's (most often this thread's next).
-            let then = [up.block_bytes(p, 0), gate.block_bytes(p + 1, 0)];
-            for ((w, buf), then) in [(gate, &mut *g), (up, &mut *u)].into_iter().zip(then) {
-                for k0 in (0..k).step_by(KC) {
-                    let next = match next_block((p, k0), k, p..p + 1) {
-                        Some((np, nk0)) => w.block_bytes(np, nk0),
-                        None => then,
-                    };
-                    let block = Block {
-                        w: Panels::Packed(w),
-                        p,
-                        n,
-                        k0,
-                        out: buf.as_mut_ptr(),
-                        ldo: NR,
-                        causal: None,
-                        next,
-                    };
-                    // SAFETY: AVX-512F is available (`applies_to_input`); `a` holds the
-                    // packed input; `buf` holds `m` rows of `NR` values, this task's own.
-                    unsafe { run_block(a, (m, k), block, &mut panel) };
+    let act = with_input(x, |xd| {
+        let mut act: Vec<f32> = Vec::with_capacity(m * n);
+        if m * n * k > 0 {
+            let packed = pack_all(xd, (m, k));
+            let a = &packed[..m.div_ceil(MR) * MR * k];
+            let out = SharedOut(act.as_mut_ptr());
+            let panels = n.div_ceil(NR);
+            (0..panels).into_par_iter().for_each(|p| {
+                let mut panel = scratch::take_panel();
+                let mut tiles = scratch::take_tiles(2 * m * NR);
+                let (g, u) = tiles[..2 * m * NR].split_at_mut(m * NR);
+                let cols = NR.min(n - p * NR);
+                // After the gate panel's last block, the up panel's first; after that, the
+                // next gate panel's (most often this thread's next).
+                let then = [up.block_bytes(p, 0), gate.block_bytes(p + 1, 0)];
+                for ((w, buf), then) in [(gate, &mut *g), (up, &mut *u)].into_iter().zip(then) {
+                    for k0 in (0..k).step_by(KC) {
+                        let next = match next_block((p, k0), k, p..p + 1) {
+                            Some((np, nk0)) => w.block_bytes(np, nk0),
+                            None => then,
+                        };
+                        let block = Block {
+                            w: Panels::Packed(w),
+                            p,
+                            n,
+                            k0,
+                            out: buf.as_mut_ptr(),
+                            ldo: NR,
+                            causal: None,
+                            next,
+                        };
+                        // SAFETY: AVX-512F is available (`applies_to_input`); `a` holds the
+                        // packed input; `buf` holds `m` rows of `NR` values, this task's own.
+                        unsafe { run_block(a, (m, k), block, &mut panel) };
+                    }
                 }
-            }
-            for r in 0..m {
-                // SAFETY: this task alone writes columns `p * NR..p * NR + cols` of
-                // `act`, which has room for `m * n` values.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(r * n + p * NR), cols) };
-                let at = r * NR..r * NR + cols;
-                super::vexp::silu_mul(&g[at.clone()], &u[at], dst);
-            }
-            scratch::give_tiles(tiles);
-            scratch::give_panel(panel);
-        });
-        scratch::give_rows(packed);
-        // SAFETY: the panels cover every column of every row.
-        unsafe { act.set_len(m * n) };
-    }
+                for r in 0..m {
+                    // SAFETY: this task alone writes columns `p * NR..p * NR + cols` of
+                    // `act`, which has room for `m * n` values.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(out.at(r * n + p * NR), cols) };
+                    let at = r * NR..r * NR + cols;
+                    super::vexp::silu_mul(&g[at.clone()], &u[at], dst);
+                }
+                scratch::give_tiles(tiles);
+                scratch::give_panel(panel);
+            });
+            scratch::give_rows(packed);
+            // SAFETY: the panels cover every column of every row.
+            unsafe { act.set_len(m * n) };
+        }
+        Ok(act)
+    })?;
     Ok(Tensor::from_vec(act, (m, n), x.device())?)
 }
 
