@@ -8,6 +8,13 @@ whole run, prompt reading included; "decode tokens/s" adds up the streams' own d
 
     python benches/http_load.py --base-url http://127.0.0.1:8080/v1 --model NAME \
         --concurrency 1,8,32 --prompt-tokens 256,4096 --max-tokens 64 [--json out.json]
+    python benches/http_load.py --server liger-serve http://127.0.0.1:8080/v1 liger \
+        --server llama-server http://127.0.0.1:8081/v1 smollm2 [same options]
+
+With several `--server`s, the servers take turns level by level (each level's prompts are
+the same for every server, and the server that goes first moves on each level), so that a
+machine whose speed drifts over minutes slows them alike instead of whichever ran last;
+`--json` then holds every server's rows.
 
 Prompts are slices of English text (data/pydoc-train.txt) sized to about the asked token
 count with the server's own tokenizer count read back from `usage`; every request of a run
@@ -109,6 +116,17 @@ async def run_level(client, model, concurrency, chars, max_tokens, rounds, base_
     }
 
 
+def report(row):
+    print(
+        f"{row['label']}: prompt ~{row['prompt_tokens']} x {row['concurrency']} streams: "
+        f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
+        f"p99 {row['ttft_p99_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms "
+        f"p99 {row['itl_p99_ms']:.1f} ms",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 async def calibrate(client, model, want_tokens):
     """Characters per token of this corpus under the server's tokenizer."""
     sample = prompt_at(0, 4000)
@@ -119,9 +137,16 @@ async def calibrate(client, model, want_tokens):
 
 async def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base-url", required=True)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--base-url")
+    ap.add_argument("--model")
     ap.add_argument("--label", default="server")
+    ap.add_argument(
+        "--server",
+        nargs=3,
+        action="append",
+        metavar=("LABEL", "BASE_URL", "MODEL"),
+        help="a server to load (repeatable; they take turns level by level)",
+    )
     ap.add_argument("--api-key", default="none")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--prompt-tokens", default="256,4096")
@@ -129,25 +154,35 @@ async def main():
     ap.add_argument("--rounds", type=int, default=1, help="requests per client per level")
     ap.add_argument("--json")
     a = ap.parse_args()
-    client = AsyncOpenAI(base_url=a.base_url, api_key=a.api_key, timeout=3600, max_retries=0)
+    servers = list(a.server or [])
+    if a.base_url or a.model:
+        if not (a.base_url and a.model):
+            ap.error("--base-url and --model go together")
+        servers.insert(0, (a.label, a.base_url, a.model))
+    if not servers:
+        ap.error("name a server: --base-url and --model, or --server")
+    clients = [
+        (label, AsyncOpenAI(base_url=url, api_key=a.api_key, timeout=3600, max_retries=0), model)
+        for label, url, model in servers
+    ]
     rows = []
     index = 0
+    turn = 0
     for ptoks in [int(x) for x in a.prompt_tokens.split(",")]:
-        chars = await calibrate(client, a.model, ptoks)
+        # Every server reads the same prompts, sized with the first one's tokenizer; the
+        # others read the calibration prompt too, so none starts a level cold.
+        chars = [await calibrate(client, model, ptoks) for _, client, model in clients][0]
         for c in [int(x) for x in a.concurrency.split(",")]:
-            row = await run_level(client, a.model, c, chars, a.max_tokens, a.rounds, index)
+            order = clients[turn % len(clients) :] + clients[: turn % len(clients)]
+            turn += 1
+            for label, client, model in order:
+                row = await run_level(client, model, c, chars, a.max_tokens, a.rounds, index)
+                row["label"] = label
+                row["target_prompt_tokens"] = ptoks
+                rows.append(row)
+                report(row)
             index += 1000
-            row["label"] = a.label
-            row["target_prompt_tokens"] = ptoks
-            rows.append(row)
-            print(
-                f"{a.label}: prompt ~{row['prompt_tokens']} x {c} streams: "
-                f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
-                f"p99 {row['ttft_p99_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms "
-                f"p99 {row['itl_p99_ms']:.1f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
+    rows.sort(key=lambda r: [s[0] for s in servers].index(r["label"]))
     print(
         "| server | prompt tokens | streams | tokens/s (wall) | decode tokens/s | TTFT p50 | "
         "TTFT p99 | ITL p50 | ITL p99 |"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # HTTP load benchmark: liger-serve on the recovered SmolLM2-135M-Liger (scripts/demo.sh
 # --prepare-only), and, when LLAMA_SERVER names a llama.cpp `llama-server` binary, the same
-# load against it serving the original GGUF, so the table shows both side by side.
+# load against it serving the original GGUF, so the table shows both side by side (the two
+# run at once and take turns level by level).
 #
 #   scripts/bench-http.sh [--concurrency 1,8,32] [--prompt-tokens 256,4096] [--max-tokens 64]
 #
@@ -9,7 +10,7 @@
 #   PRECISION      weights for both servers: f32 (default) or q8_0. liger-serve gets
 #                  --dtype f32 [--quantize q8_0]; llama-server gets the fixture's GGUF
 #                  requantized to F32 or Q8_0 by the llama-quantize beside it
-#   BENCH_OUT      folder for the JSON and logs (default target/bench-http)
+#   BENCH_OUT      folder for results.json, results.md and the logs (default target/bench-http)
 #   SKIP_LIGER     set to 1 to run only llama-server
 # Not part of CI: it takes minutes (32 streams x 4K-token prompts on a 2-core CPU).
 set -euo pipefail
@@ -39,18 +40,19 @@ case "$precision" in
   q8_0) quantize=(--quantize q8_0) ; gguf_type=Q8_0 ;;
   *) echo "PRECISION must be f32 or q8_0, not $precision" >&2; exit 2 ;;
 esac
-pid=
-trap '[[ -n "$pid" ]] && kill "$pid" 2>/dev/null || true' EXIT  # whichever server runs
+# Both servers run at once and take turns level by level (benches/http_load.py): a machine
+# whose speed drifts over minutes then slows both alike. An idle server takes no CPU.
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+servers=()
 if [[ "${SKIP_LIGER:-0}" != 1 ]]; then
   port="$(free_port)"
   target/release/liger-serve --model "$model_dir" --served-model-name liger --port "$port" \
     --dtype f32 "${quantize[@]}" --max-running 32 --max-waiting 256 --max-model-len 8192 \
     >"$out/liger-serve.log" 2>&1 &
-  pid=$!
-  wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/liger-serve.log"
-  "$venv/bin/python" benches/http_load.py --base-url "http://127.0.0.1:$port/v1" --model liger \
-    --label liger-serve --json "$out/liger.json" "${args[@]}" | tee "$out/liger.md"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  pids+=($!)
+  wait_healthy "http://127.0.0.1:$port/health" "$!" "$out/liger-serve.log"
+  servers+=(--server liger-serve "http://127.0.0.1:$port/v1" liger)
 fi
 
 if [[ -n "${LLAMA_SERVER:-}" ]]; then
@@ -64,8 +66,10 @@ if [[ -n "${LLAMA_SERVER:-}" ]]; then
   # crash (SIGSEGV) on the project's VM; f32 weights are never repacked.
   "$LLAMA_SERVER" -m "$gguf" --port "$port" -np 32 -c $((32 * 8192)) --cont-batching \
     --no-repack >"$out/llama-server.log" 2>&1 &
-  pid=$!
-  wait_healthy "http://127.0.0.1:$port/health" "$pid" "$out/llama-server.log"
-  "$venv/bin/python" benches/http_load.py --base-url "http://127.0.0.1:$port/v1" --model smollm2 \
-    --label llama-server --json "$out/llama.json" "${args[@]}" | tee "$out/llama.md"
+  pids+=($!)
+  wait_healthy "http://127.0.0.1:$port/health" "$!" "$out/llama-server.log"
+  servers+=(--server llama-server "http://127.0.0.1:$port/v1" smollm2)
 fi
+[[ ${#servers[@]} -gt 0 ]] || { echo "nothing to run: SKIP_LIGER=1 and no LLAMA_SERVER" >&2; exit 2; }
+"$venv/bin/python" benches/http_load.py "${servers[@]}" --json "$out/results.json" "${args[@]}" \
+  | tee "$out/results.md"

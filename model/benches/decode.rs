@@ -7,6 +7,7 @@
 //!     [--dtype f32|f16|bf16] [--quantize q8_0|q4k] [--json PATH]
 //!     [--variants gla,hgrn2,gsa,gla-h8,window] [--batches 1,8,32] [--transformer-up-to N]
 //!     [--device cpu|cuda] [--general] [--prefill 512,4096 [--reps 5] [--prefill-batches 1,8]]
+//!     [--mixed 0,8,32 [--mixed-chunks 64,128,256] [--reps 5]]
 //! ```
 //!
 //! `--prefill N,...` measures prefill instead of decode: every model (the Transformer and the
@@ -16,6 +17,15 @@
 //! ratio to the first variant's. `--prefill-batches B,...` also reads `B` different prompts
 //! of each length together (every step advances each by a chunk of `512 / B` tokens, at
 //! least 32, as one batch through `forward_batch`), tokens/s then counting all `B` prompts.
+//!
+//! `--mixed D,...` measures a server's mixed step for the first variant: `D` sequences
+//! decode (forks at the smallest context) while one prompt is read a chunk further, in ONE
+//! `forward_batch`, as liger-serve's steps are while prompts arrive. For each chunk length
+//! of `--mixed-chunks` it times the mixed step, the decodes alone and the chunk alone (each
+//! from the same states every repetition, taking turns), for a first chunk (a fresh state)
+//! and a continuation (after 256 prompt tokens, so the chunk pushes tokens out of the window
+//! into the global cache's choice). `prompt ms/token` is what the chunk adds to the decodes:
+//! (mixed - decodes alone) / chunk; `alone ms/token` is the chunk alone's.
 //!
 //! `--chunk-size N` sets the chunked recurrent form's chunk (`RuntimeOptions::chunk_size`).
 //!
@@ -69,6 +79,8 @@ struct Args {
     prefill_batches: Vec<usize>,
     chunk_size: Option<usize>,
     reps: usize,
+    mixed: Vec<usize>,
+    mixed_chunks: Vec<usize>,
 }
 
 fn parse_args() -> Args {
@@ -87,6 +99,8 @@ fn parse_args() -> Args {
         prefill_batches: vec![1],
         chunk_size: None,
         reps: 5,
+        mixed: Vec::new(),
+        mixed_chunks: vec![64, 128, 256],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -158,6 +172,8 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--chunk-size" => a.chunk_size = Some(val().parse().expect("chunk size")),
+            "--mixed" => a.mixed = list(&val(), "decode count"),
+            "--mixed-chunks" => a.mixed_chunks = list(&val(), "chunk length"),
             "--reps" => a.reps = val().parse().expect("repetitions"),
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
@@ -165,6 +181,12 @@ fn parse_args() -> Args {
     }
     a.contexts.sort_unstable();
     a
+}
+
+fn list(v: &str, what: &str) -> Vec<usize> {
+    v.split(',')
+        .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{what}: {s}")))
+        .collect()
 }
 
 /// Builds a variant's `liger` section for a model of the given layer count.
@@ -373,6 +395,71 @@ fn run_prefill(models: &[(&'static str, Model)], args: &Args) -> liger_model::Re
     Ok(())
 }
 
+/// Mixed steps (see the header): decodes beside a prompt chunk, against each alone.
+fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
+    let ctx = args.contexts[0];
+    let context: Vec<u32> = (0..ctx).map(|i| token(m, i)).collect();
+    let mut base = m.new_state()?;
+    m.prefill(&context, &mut base, 512)?;
+    let most = args.mixed_chunks.iter().copied().max().unwrap_or(0);
+    let prompt: Vec<u32> = (0..256 + most).map(|i| token(m, 7 * i + 11)).collect();
+    let fresh = m.new_state()?;
+    let mut read = m.new_state()?;
+    m.prefill(&prompt[..256], &mut read, 512)?;
+    println!("\n{name}: mixed steps, decodes at context {ctx} beside one prompt chunk (median ms)");
+    println!("| decodes | chunk | at | mixed | decodes alone | chunk alone | prompt ms/token | alone ms/token |");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|");
+    let toks: Vec<[u32; 1]> = (0..args.mixed.iter().copied().max().unwrap_or(0))
+        .map(|j| [token(m, ctx + j)])
+        .collect();
+    for &d in &args.mixed {
+        for &c in &args.mixed_chunks {
+            for (at, start, from) in [("first", 0, &fresh), ("continued", 256, &read)] {
+                let chunk = &prompt[start..start + c];
+                // 0: mixed, 1: decodes alone, 2: chunk alone.
+                let mut times = [Vec::new(), Vec::new(), Vec::new()];
+                for rep in 0..args.reps.max(1) {
+                    for k in 0..3 {
+                        let kind = (rep + k) % 3;
+                        if kind == 1 && d == 0 {
+                            continue;
+                        }
+                        let mut states: Vec<_> = (0..d).map(|_| base.clone()).collect();
+                        let mut prompt_state = from.clone();
+                        let mut steps: Vec<SeqStep> = Vec::new();
+                        if kind != 2 {
+                            steps.extend(
+                                states
+                                    .iter_mut()
+                                    .zip(&toks)
+                                    .map(|(state, t)| SeqStep { tokens: t, state }),
+                            );
+                        }
+                        if kind != 1 {
+                            steps.push(SeqStep {
+                                tokens: chunk,
+                                state: &mut prompt_state,
+                            });
+                        }
+                        let t = Instant::now();
+                        m.forward_batch(&mut steps, Logits::Last)?;
+                        m.device().synchronize()?;
+                        times[kind].push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                let [mixed, decodes, alone] =
+                    times.map(|t| if t.is_empty() { 0.0 } else { median(t) });
+                println!(
+                    "| {d} | {c} | {at} | {mixed:.1} | {decodes:.1} | {alone:.1} | {:.2} | {:.2} |",
+                    (mixed - decodes) / c as f64,
+                    alone / c as f64
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Milliseconds to read `b` different `n`-token prompts from fresh states, together: one
 /// prompt in 512-token chunks, several in chunks of `512 / b` (at least 32) per step.
 fn prefill_batch(m: &Model, n: usize, b: usize) -> liger_model::Result<f64> {
@@ -453,6 +540,18 @@ fn main() -> liger_model::Result<()> {
             models.push((name, quantized(m)?));
         }
         return run_prefill(&models, &args);
+    }
+    if !args.mixed.is_empty() {
+        drop(transformer);
+        let name = args.variants[0];
+        let (_, make) = VARIANTS.iter().find(|(n, _)| *n == name).expect("parsed");
+        let m = quantized(model_from_tensors(
+            cfg.with_liger(make(cfg.num_layers))?,
+            &tensors,
+            args.dtype,
+            &args.device,
+        )?)?;
+        return run_mixed(name, &m, &args);
     }
     let mut batch_rows = Vec::new();
     run("transformer", &transformer, &args, &mut rows)?;
