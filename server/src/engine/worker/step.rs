@@ -92,9 +92,22 @@ impl Worker {
             _ => (n, p),
         });
         self.budget.observe(inputs.len() - chunks, prompt, took);
+        // Tokens of chunks that continue a prompt (they attend to a full window, and pass
+        // tokens on to the global cache): dearer than a prompt's first chunk.
+        let continued: usize = self
+            .running
+            .iter()
+            .zip(&parts)
+            .map(|(g, part)| match (part, &g.phase) {
+                (Part::Prefill(len), Phase::Prefill { done, .. }) if *done > 0 => *len,
+                _ => 0,
+            })
+            .sum();
         tracing::debug!(
             decodes = inputs.len() - chunks,
             prompt,
+            chunks,
+            continued,
             took_ms = took.as_secs_f64() * 1e3,
             "step"
         );
