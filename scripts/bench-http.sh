@@ -43,7 +43,8 @@ esac
 # Both servers run at once and take turns level by level (benches/http_load.py): a machine
 # whose speed drifts over minutes then slows both alike. An idle server takes no CPU.
 pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+stop_servers() { local p; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap stop_servers EXIT
 servers=()
 if [[ "${SKIP_LIGER:-0}" != 1 ]]; then
   port="$(free_port)"
