@@ -404,9 +404,8 @@ impl Attention {
         // A weight of 1 (the default model's window) is skipped: `x * 1.0` is `x`, and on
         // the host it was a single-threaded pass over the layer's whole output (~15% of the
         // prefill's serial time between parallel ops).
-        let scaled = |x: Tensor, w: f64| -> Result<Tensor> {
-            Ok(if w == 1.0 { x } else { (x * w)? })
-        };
+        let scaled =
+            |x: Tensor, w: f64| -> Result<Tensor> { Ok(if w == 1.0 { x } else { (x * w)? }) };
         let window_out = scaled(window_out, hy.window_weight)?;
         Ok(match recurrent_out {
             None => window_out,

@@ -254,6 +254,28 @@ fn batched_step_equals_one_at_a_time() {
     }
 }
 
+/// `forward_batch` moves the general path onto rayon's pool when called from outside it
+/// (`Model::on_pool`); called from a pool thread it runs where it is. Same logits, same
+/// states, to the bit.
+#[test]
+fn forward_is_the_same_on_and_off_the_pool() {
+    for family in ALL_FAMILIES {
+        for (name, m) in variants(family) {
+            let history = tokens(2, 9);
+            let chunk = tokens(3, 17);
+            let mut outside = state_after(&m, &history).unwrap();
+            let mut inside = state_after(&m, &history).unwrap();
+            let a = m.forward(&chunk, &mut outside, Logits::All).unwrap();
+            let b = rayon::scope(|_| m.forward(&chunk, &mut inside, Logits::All).unwrap());
+            assert_eq!(max_diff(&a, &b), 0.0, "{family:?}/{name}");
+            let next = tokens(4, 1);
+            let la = m.forward(&next, &mut outside, Logits::Last).unwrap();
+            let lb = m.forward(&next, &mut inside, Logits::Last).unwrap();
+            assert_eq!(max_diff(&la, &lb), 0.0, "{family:?}/{name} continuation");
+        }
+    }
+}
+
 #[test]
 fn last_logits_are_the_last_row_of_all() {
     let m = TinyCheckpoint::new(Family::Llama, 1)
