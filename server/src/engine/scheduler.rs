@@ -4,8 +4,9 @@
 //! step's token budget with prefill chunks: requests resumed from the state cache first
 //! (their rest of prompt is short, so one chunk gives them their first token), then the
 //! others oldest first, no chunk beside another shorter than [`MIN_SIDE_CHUNK`] unless it
-//! finishes its prompt ([`plan_prefill`]). Decodes come first because they are what streaming clients are
-//! waiting on; a long prompt is split across steps so it cannot stall them.
+//! finishes its prompt ([`plan_prefill`]). Decodes come first because they are what
+//! streaming clients are waiting on; a long prompt is split across steps so it cannot stall
+//! them.
 //!
 //! The budget: with nobody decoding, a step takes `max_batch_tokens` of prompt (reading
 //! prompts in large chunks is fastest). While sequences decode, every step delays each of
@@ -38,7 +39,7 @@ pub struct Prefilling {
 /// [`MIN_SIDE_CHUNK`] tokens; a shorter piece waits for a later step (and a later request
 /// that the rest finishes goes instead). Every chunk costs a fixed part whatever its length
 /// (its own attention pass over the window, the global cache's bookkeeping, a row of the LM
-/// head: measured ~25-40 ms beside another chunk, `cargo bench --bench decode -- --mixed`),
+/// head: measured ~35-45 ms beside another chunk, `cargo bench --bench decode -- --mixed`),
 /// and a piece cut off the front of a prompt turns the rest of it into continuation chunks,
 /// which attend to a full window and cost ~25% more a token than a prompt's first chunk.
 pub fn plan_prefill(budget: usize, decodes: usize, groups: &[Prefilling]) -> Vec<usize> {
