@@ -106,12 +106,7 @@ fn parse_args() -> Args {
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
-            "--contexts" => {
-                a.contexts = val()
-                    .split(',')
-                    .map(|s| s.trim().parse().expect("context"))
-                    .collect()
-            }
+            "--contexts" => a.contexts = list(&val(), "context"),
             "--variants" => {
                 a.variants = val()
                     .split(',')
@@ -124,12 +119,7 @@ fn parse_args() -> Args {
                     })
                     .collect()
             }
-            "--batches" => {
-                a.batches = val()
-                    .split(',')
-                    .map(|s| s.trim().parse().expect("batch size"))
-                    .collect()
-            }
+            "--batches" => a.batches = list(&val(), "batch size"),
             "--transformer-up-to" => a.transformer_up_to = val().parse().expect("context"),
             "--steps" => a.steps = val().parse().expect("steps"),
             "--dtype" => {
@@ -158,16 +148,10 @@ fn parse_args() -> Args {
                 }
             }
             "--general" => a.general = true,
-            "--prefill" => {
-                a.prefill = val()
-                    .split(',')
-                    .map(|s| s.trim().parse().expect("prompt length"))
-                    .collect()
-            }
+            "--prefill" => a.prefill = list(&val(), "prompt length"),
             "--prefill-batches" => {
-                a.prefill_batches = val()
-                    .split(',')
-                    .map(|s| s.trim().parse().expect("batch size"))
+                a.prefill_batches = list(&val(), "batch size")
+                    .into_iter()
                     .filter(|&b| b > 0)
                     .collect()
             }
@@ -183,6 +167,7 @@ fn parse_args() -> Args {
     a
 }
 
+/// A comma-separated list of counts (`what` names them in the panic on a bad one).
 fn list(v: &str, what: &str) -> Vec<usize> {
     v.split(',')
         .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{what}: {s}")))
@@ -401,11 +386,13 @@ fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
     let context: Vec<u32> = (0..ctx).map(|i| token(m, i)).collect();
     let mut base = m.new_state()?;
     m.prefill(&context, &mut base, 512)?;
+    // A continued chunk starts after this much of its prompt: past the default window.
+    const READ: usize = 256;
     let most = args.mixed_chunks.iter().copied().max().unwrap_or(0);
-    let prompt: Vec<u32> = (0..256 + most).map(|i| token(m, 7 * i + 11)).collect();
+    let prompt: Vec<u32> = (0..READ + most).map(|i| token(m, 7 * i + 11)).collect();
     let fresh = m.new_state()?;
     let mut read = m.new_state()?;
-    m.prefill(&prompt[..256], &mut read, 512)?;
+    m.prefill(&prompt[..READ], &mut read, 512)?;
     println!("\n{name}: mixed steps, decodes at context {ctx} beside one prompt chunk (median ms)");
     println!("| decodes | chunk | at | mixed | decodes alone | chunk alone | prompt ms/token | alone ms/token |");
     println!("|---:|---:|---|---:|---:|---:|---:|---:|");
@@ -414,7 +401,7 @@ fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
         .collect();
     for &d in &args.mixed {
         for &c in &args.mixed_chunks {
-            for (at, start, from) in [("first", 0, &fresh), ("continued", 256, &read)] {
+            for (at, start, from) in [("first", 0, &fresh), ("continued", READ, &read)] {
                 let chunk = &prompt[start..start + c];
                 // 0: mixed, 1: decodes alone, 2: chunk alone.
                 let mut times = [Vec::new(), Vec::new(), Vec::new()];
@@ -521,6 +508,16 @@ fn main() -> liger_model::Result<()> {
         })?;
         Ok(m)
     };
+    // A `--variants` name's Liger conversion of the fixture, quantized and set up as asked.
+    let variant = |name: &str| -> liger_model::Result<Model> {
+        let (_, make) = VARIANTS.iter().find(|(n, _)| *n == name).expect("parsed");
+        quantized(model_from_tensors(
+            cfg.with_liger(make(cfg.num_layers))?,
+            &tensors,
+            args.dtype,
+            &args.device,
+        )?)
+    };
     let transformer = quantized(model_from_tensors(
         cfg.clone(),
         &tensors,
@@ -530,41 +527,21 @@ fn main() -> liger_model::Result<()> {
     if !args.prefill.is_empty() {
         let mut models = vec![("transformer", transformer)];
         for &name in &args.variants {
-            let (_, make) = VARIANTS.iter().find(|(n, _)| *n == name).expect("parsed");
-            let m = model_from_tensors(
-                cfg.with_liger(make(cfg.num_layers))?,
-                &tensors,
-                args.dtype,
-                &args.device,
-            )?;
-            models.push((name, quantized(m)?));
+            models.push((name, variant(name)?));
         }
         return run_prefill(&models, &args);
     }
     if !args.mixed.is_empty() {
         drop(transformer);
         let name = args.variants[0];
-        let (_, make) = VARIANTS.iter().find(|(n, _)| *n == name).expect("parsed");
-        let m = quantized(model_from_tensors(
-            cfg.with_liger(make(cfg.num_layers))?,
-            &tensors,
-            args.dtype,
-            &args.device,
-        )?)?;
-        return run_mixed(name, &m, &args);
+        return run_mixed(name, &variant(name)?, &args);
     }
     let mut batch_rows = Vec::new();
     run("transformer", &transformer, &args, &mut rows)?;
     run_batches("transformer", &transformer, &args, &mut batch_rows)?;
     drop(transformer);
     for &name in &args.variants {
-        let (_, make) = VARIANTS.iter().find(|(n, _)| *n == name).expect("parsed");
-        let m = quantized(model_from_tensors(
-            cfg.with_liger(make(cfg.num_layers))?,
-            &tensors,
-            args.dtype,
-            &args.device,
-        )?)?;
+        let m = variant(name)?;
         run(name, &m, &args, &mut rows)?;
         run_batches(name, &m, &args, &mut batch_rows)?;
     }
