@@ -86,23 +86,20 @@ impl Worker {
             })
         };
         let took = started.elapsed();
-        // One input per decoding choice and one per prefill chunk.
-        let (chunks, prompt) = parts.iter().fold((0, 0), |(n, p), part| match part {
-            Part::Prefill(len) => (n + 1, p + len),
-            _ => (n, p),
-        });
+        // One input per decoding choice and one per prefill chunk. `continued`: tokens of
+        // chunks that continue a prompt (they attend to a full window, and pass tokens on to
+        // the global cache), dearer than a prompt's first chunk.
+        let (mut chunks, mut prompt, mut continued) = (0, 0, 0);
+        for (g, part) in self.running.iter().zip(&parts) {
+            if let (Part::Prefill(len), Phase::Prefill { done, .. }) = (part, &g.phase) {
+                chunks += 1;
+                prompt += len;
+                if *done > 0 {
+                    continued += len;
+                }
+            }
+        }
         self.budget.observe(inputs.len() - chunks, prompt, took);
-        // Tokens of chunks that continue a prompt (they attend to a full window, and pass
-        // tokens on to the global cache): dearer than a prompt's first chunk.
-        let continued: usize = self
-            .running
-            .iter()
-            .zip(&parts)
-            .map(|(g, part)| match (part, &g.phase) {
-                (Part::Prefill(len), Phase::Prefill { done, .. }) if *done > 0 => *len,
-                _ => 0,
-            })
-            .sum();
         tracing::debug!(
             decodes = inputs.len() - chunks,
             prompt,
