@@ -16,6 +16,9 @@ the same for every server, and the server that goes first moves on each level), 
 machine whose speed drifts over minutes slows them alike instead of whichever ran last;
 `--json` then holds every server's rows.
 
+Every level runs at least `--min-requests` requests (8): a stream runs several in a row when
+there are fewer streams, so that one stream's TTFT p50 and ITL p99 are not one request's.
+
 Prompts are slices of English text (data/pydoc-train.txt) sized to about the asked token
 count with the server's own tokenizer count read back from `usage`; every request of a run
 starts at a different offset. Needs the `openai` package.
@@ -152,6 +155,14 @@ async def main():
     ap.add_argument("--prompt-tokens", default="256,4096")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1, help="requests per client per level")
+    ap.add_argument(
+        "--min-requests",
+        type=int,
+        default=8,
+        help="at least this many requests per level (low concurrencies run more rounds): one "
+        "stream's single request gives one TTFT and 63 intervals, whose p99 is their "
+        "second-largest",
+    )
     ap.add_argument("--json")
     a = ap.parse_args()
     servers = list(a.server or [])
@@ -175,8 +186,9 @@ async def main():
         for c in [int(x) for x in a.concurrency.split(",")]:
             order = clients[turn % len(clients) :] + clients[: turn % len(clients)]
             turn += 1
+            rounds = max(a.rounds, -(-a.min_requests // c))
             for label, client, model in order:
-                row = await run_level(client, model, c, chars, a.max_tokens, a.rounds, index)
+                row = await run_level(client, model, c, chars, a.max_tokens, rounds, index)
                 row["label"] = label
                 row["target_prompt_tokens"] = ptoks
                 rows.append(row)
