@@ -96,10 +96,14 @@ impl SpinBarrier {
         }
     }
 
-    /// Returns once all threads have called `wait` for this generation. Everything a thread
+    /// Returns once all threads have called `wait_doing` for this generation. Everything a thread
     /// wrote before its call is visible to every thread after theirs (acquire/release on
     /// `generation`, and the `AcqRel` counter orders the arrivals).
-    pub fn wait(&self) {
+    ///
+    /// Calls `idle` while this thread waits for the others (not when it
+    /// is the last to arrive) until it returns `false`: short pieces of work that are
+    /// useful now and harmless if cut off, such as prefetching what the next phase reads.
+    pub fn wait_doing(&self, mut idle: impl FnMut() -> bool) {
         if self.threads == 1 {
             return;
         }
@@ -116,12 +120,16 @@ impl SpinBarrier {
             }
             return;
         }
+        let mut busy = true;
         for _ in 0..SPINS {
             if self.generation.load(Ordering::Acquire) != generation {
                 return;
             }
             self.check_poison();
-            std::hint::spin_loop();
+            busy = busy && idle();
+            if !busy {
+                std::hint::spin_loop();
+            }
         }
         let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         self.sleepers.fetch_add(1, Ordering::SeqCst);
@@ -187,11 +195,11 @@ mod tests {
                         }
                         // SAFETY: slot t is this thread's alone in the write phase.
                         unsafe { shared.part(t..t + 1)[0] = round as f32 };
-                        barrier.wait();
+                        barrier.wait_doing(|| false);
                         // SAFETY: nobody writes until the next barrier.
                         let seen = unsafe { shared.read() }.to_vec();
                         assert!(seen.iter().all(|&v| v == round as f32), "{seen:?}");
-                        barrier.wait();
+                        barrier.wait_doing(|| false);
                     }
                 });
             }
@@ -212,10 +220,30 @@ mod tests {
                     panic!("boom");
                 });
                 let _guard = PanicGuard(b);
-                b.wait();
+                b.wait_doing(|| false);
             })
         });
         result.is_err()
+    }
+
+    #[test]
+    fn only_a_waiting_thread_does_idle_work_and_stops_when_told() {
+        let barrier = SpinBarrier::new(2);
+        let calls = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                let (barrier, calls) = (&barrier, &calls);
+                s.spawn(move || {
+                    if t == 0 {
+                        // Last to arrive: it has nobody to wait for.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    barrier.wait_doing(|| calls[t].fetch_add(1, Ordering::Relaxed) + 1 < 10);
+                });
+            }
+        });
+        assert_eq!(calls[0].load(Ordering::Relaxed), 0);
+        assert_eq!(calls[1].load(Ordering::Relaxed), 10);
     }
 
     #[test]

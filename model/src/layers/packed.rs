@@ -211,6 +211,21 @@ impl Packed {
         self.n.div_ceil(NR)
     }
 
+    /// Every panel's bytes in order (to prefetch: a band of panels is a piece of it), f32
+    /// lines or Q8_0's signed bytes.
+    pub(crate) fn all_bytes(&self) -> &[u8] {
+        match &self.data {
+            // SAFETY: plain f32s viewed as their bytes.
+            Data::F32(lines) => unsafe {
+                std::slice::from_raw_parts(lines.as_ptr().cast(), std::mem::size_of_val(&lines[..]))
+            },
+            // SAFETY: i8s viewed as bytes.
+            Data::Q8_0 { q, .. } => unsafe {
+                std::slice::from_raw_parts(q.as_ptr().cast(), q.len())
+            },
+        }
+    }
+
     /// The bytes panel `p`'s k-block from `k0` is read from (to prefetch): f32 lines, or
     /// Q8_0's signed bytes (their scales are a panel's few lines, read every block).
     pub(crate) fn block_bytes(&self, p: usize, k0: usize) -> &[u8] {
