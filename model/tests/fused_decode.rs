@@ -7,8 +7,13 @@
 //! it does not cover (GSA, half precision) must go to the general path; batches over 32
 //! take several fused steps.
 //!
+//! The SmolLM2 fixture, in the default structure, runs last: its real shapes make every
+//! projection many bands (the tiny models' are one band each).
+//!
 //! One test function: the fused-step counter is process-wide, and tests of one binary run
 //! in parallel.
+
+mod common;
 
 use std::collections::HashMap;
 
@@ -20,7 +25,7 @@ use liger_model::testing::{
     fused_decode_steps, max_abs, max_abs_diff, model_from_tensors, state_after, step_batch, Family,
     SplitMix, TinyCheckpoint, ALL_FAMILIES,
 };
-use liger_model::{Model, RuntimeOptions, SequenceState};
+use liger_model::{Model, ModelConfig, RuntimeOptions, SequenceState};
 
 fn liger(window: usize) -> LigerConfig {
     LigerConfig {
@@ -435,5 +440,66 @@ fn fused_decode_equals_the_general_path() {
             before,
             "{family:?}: f16 must not fuse"
         );
+    }
+    fixture_shapes(&mut rng);
+}
+
+/// The SmolLM2 fixture's real shapes, as the default structure the server runs (a 240-token
+/// window, 384 cache places in f16): every projection is many bands of the packed kernel
+/// (the tiny models' are one band each), so this is where the bands' split between threads
+/// and the waiting threads' prefetch run; histories short and past the window.
+fn fixture_shapes(rng: &mut SplitMix) {
+    let import = common::import_fixture();
+    let cfg = ModelConfig::from_json(import.config.clone()).unwrap();
+    let tensors: HashMap<String, Tensor> = import.tensors.iter().cloned().collect();
+    let structure = LigerConfig {
+        window: 240,
+        window_weight: 1.0,
+        recurrent_weight: 0.0,
+        global_cache: 384,
+        sinks: 4,
+        attention_places: 320,
+        max_distance: Some(4096),
+        kv_dtype: Some(KvDtype::F16),
+        ..Default::default()
+    };
+    let vocab = cfg.vocab_size;
+    let base = model_from_tensors(
+        cfg.with_liger(structure).unwrap(),
+        &tensors,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (fused, reference) = (with_fused(&base, true), with_fused(&base, false));
+    let histories: Vec<Vec<u32>> = [20, 300].iter().map(|&n| rng.tokens(n, vocab)).collect();
+    let states: Vec<SequenceState> = histories
+        .iter()
+        .map(|h| state_after(&reference, h).unwrap())
+        .collect();
+    // Thirty layers of real weights carry the two paths' float noise (their sums run in
+    // different orders) further than the tiny models do: logits are held to 1e-3 of their
+    // largest, and the state to what the logits read from it.
+    for (what, from) in [("fixture batch", 0), ("fixture alone", 1)] {
+        let (mut sf, mut sr) = (states[from..].to_vec(), states[from..].to_vec());
+        for step in 0..3 {
+            let toks: Vec<Vec<u32>> = sf.iter().map(|_| rng.tokens(1, vocab)).collect();
+            let before = fused_decode_steps();
+            let out_f = step_batch(&fused, &mut sf, &toks).unwrap();
+            assert_eq!(
+                fused_decode_steps() - before,
+                1,
+                "{what} step {step}: fused"
+            );
+            let out_r = step_batch(&reference, &mut sr, &toks).unwrap();
+            for (i, (a, b)) in out_f.iter().zip(&out_r).enumerate() {
+                let d = max_abs_diff(a, b);
+                assert!(
+                    d <= 1e-3 * max_abs(b),
+                    "{what} step {step} seq {i}: logits differ by {d} (largest {})",
+                    max_abs(b)
+                );
+            }
+        }
     }
 }
