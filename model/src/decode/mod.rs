@@ -20,8 +20,9 @@
 //! (Each thread computes the RMSNorm of the whole residual itself: cheaper than another
 //! barrier.) A thread that reaches a barrier before the others prefetches the first weights
 //! of the next projection phase while it waits (`Step::ahead`): at batch 1 the step reads
-//! weights from memory, and a wait is memory bandwidth left unused. The general path stays the reference: with `RuntimeOptions::fast_decode` off
-//! it runs instead, and `tests/fused_decode.rs` holds the two equal, logits and states.
+//! weights from memory, and a wait is memory bandwidth left unused. The general path stays
+//! the reference: with `RuntimeOptions::fast_decode` off it runs instead, and
+//! `tests/fused_decode.rs` holds the two equal, logits and states.
 //!
 //! Not covered (those steps take the general path): GSA layers, weights other than f32 and
 //! Q8_0, unmerged adapters, gradients, other devices, and prefill.
@@ -916,20 +917,16 @@ impl Step<'_> {
                 .map(|(p, out)| (*p, Epilogue::Store(out)))
                 .collect();
             self.project(&qkv, &xn, claim(), (&mut bands.0, &mut packed_in));
-            let mut o_ahead = self.ahead(&[layer.o]);
-            let mut gu_ahead = self.ahead(&[layer.gate, layer.up]);
-            let mut down_ahead = self.ahead(&[layer.down]);
-            let mut next_ahead = match plan.layers.get(li + 1) {
-                Some(next) => self.ahead(&next.qkv),
-                None => self.ahead(&[plan.lm_head]),
-            };
-            self.barrier.wait_doing(|| o_ahead.step());
+            // The o projection's prefetch goes on from the first barrier to the second.
+            let mut o_ahead = self.prefetching(std::slice::from_ref(&layer.o));
+            self.barrier.wait_doing(&mut o_ahead);
             self.mix_layer(li, claim(), &mut scratch);
-            self.barrier.wait_doing(|| o_ahead.step());
+            self.barrier.wait_doing(&mut o_ahead);
             let mixed = unsafe { self.mixed.read() };
             let o = [(layer.o, Epilogue::Accumulate(&self.x))];
             self.project(&o, mixed, claim(), (&mut bands.0, &mut packed_in));
-            self.barrier.wait_doing(|| gu_ahead.step());
+            self.barrier
+                .wait_doing(self.prefetching(&[layer.gate, layer.up]));
             let x = unsafe { self.x.read() };
             mixing::rms_norm(x, self.slices[layer.post_norm], self.eps, &mut xn);
             self.gate_up(
@@ -938,11 +935,16 @@ impl Step<'_> {
                 claim(),
                 (&mut bands.0, &mut bands.1, &mut packed_in),
             );
-            self.barrier.wait_doing(|| down_ahead.step());
+            self.barrier
+                .wait_doing(self.prefetching(std::slice::from_ref(&layer.down)));
             let act = unsafe { self.act.read() };
             let down = [(layer.down, Epilogue::Accumulate(&self.x))];
             self.project(&down, act, claim(), (&mut bands.0, &mut packed_in));
-            self.barrier.wait_doing(|| next_ahead.step());
+            let next = match plan.layers.get(li + 1) {
+                Some(next) => &next.qkv[..],
+                None => std::slice::from_ref(&plan.lm_head),
+            };
+            self.barrier.wait_doing(self.prefetching(next));
         }
         let x = unsafe { self.x.read() };
         mixing::rms_norm(x, self.slices[plan.norm], self.eps, &mut xn);
@@ -1020,10 +1022,19 @@ impl Step<'_> {
         Input { rows, packed }
     }
 
+    /// A barrier's idle work (`SpinBarrier::wait_doing`): the prefetch of `projs`' first
+    /// weights, planned on the first call, so only by a thread that waits (the last to
+    /// arrive never does).
+    fn prefetching<'s>(&'s self, projs: &'s [Proj]) -> impl FnMut() -> bool + 's {
+        let mut ahead = None;
+        move || ahead.get_or_insert_with(|| self.ahead(projs)).step()
+    }
+
     /// What a thread waiting for the others at a barrier fetches for the projections of
-    /// the next phase: their first weights, in the order bands are claimed (one band of
-    /// each projection in turn, as `gate_up` claims; `project` claims a whole projection's
-    /// bands before the next's, but [`AHEAD_BYTES`] ends within the first).
+    /// the next phase: their first weights, one band of each projection in turn (as
+    /// `gate_up` claims them; `project` claims a whole projection's bands before the next's,
+    /// so with Q8_0's smaller weights the first bands of k and v come in before the rest of
+    /// q's: all of them read in the phase).
     fn ahead(&self, projs: &[Proj]) -> Ahead<'_> {
         let width = projs.iter().map(|p| p.band()).max().unwrap_or(1);
         let weights: Vec<(&[u8], usize)> = projs

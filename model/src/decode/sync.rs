@@ -96,13 +96,13 @@ impl SpinBarrier {
         }
     }
 
-    /// Returns once all threads have called `wait_doing` for this generation. Everything a thread
-    /// wrote before its call is visible to every thread after theirs (acquire/release on
-    /// `generation`, and the `AcqRel` counter orders the arrivals).
+    /// Returns once all threads have called `wait_doing` for this generation. Everything a
+    /// thread wrote before its call is visible to every thread after theirs (acquire/release
+    /// on `generation`, and the `AcqRel` counter orders the arrivals).
     ///
-    /// Calls `idle` while this thread waits for the others (not when it
-    /// is the last to arrive) until it returns `false`: short pieces of work that are
-    /// useful now and harmless if cut off, such as prefetching what the next phase reads.
+    /// Calls `idle` while this thread waits for the others (not when it is the last to
+    /// arrive) until it returns `false`: short pieces of work that are useful now and
+    /// harmless if cut off, such as prefetching what the next phase reads.
     pub fn wait_doing(&self, mut idle: impl FnMut() -> bool) {
         if self.threads == 1 {
             return;

@@ -233,24 +233,13 @@ impl Packed {
         if p >= self.panels() || kc == 0 {
             return &[];
         }
+        // Values to bytes: 4 per f32, 1 per Q8_0 quant.
+        let size = match &self.data {
+            Data::F32(_) => 4,
+            Data::Q8_0 { .. } => 1,
+        };
         let at = (p * self.k + k0) * NR;
-        match &self.data {
-            Data::F32(lines) => {
-                // SAFETY: plain f32s viewed as their bytes.
-                let all: &[u8] = unsafe {
-                    std::slice::from_raw_parts(
-                        lines.as_ptr().cast(),
-                        std::mem::size_of_val(&lines[..]),
-                    )
-                };
-                &all[at * 4..(at + kc * NR) * 4]
-            }
-            Data::Q8_0 { q, .. } => {
-                // SAFETY: i8s viewed as bytes.
-                let all: &[u8] = unsafe { std::slice::from_raw_parts(q.as_ptr().cast(), q.len()) };
-                &all[at..at + kc * NR]
-            }
-        }
+        &self.all_bytes()[at * size..(at + kc * NR) * size]
     }
 
     /// Panel `p`'s inputs `k0..k0 + kc` as the kernel reads them (`kc * NR` values,
