@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 
-from openai import AsyncOpenAI
+from openai import APIConnectionError, AsyncOpenAI
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEXT = (ROOT / "data" / "pydoc-train.txt").read_text()
@@ -55,20 +55,33 @@ def prompt_at(index, chars):
     return s
 
 
+# A connection the server closed between two requests (llama-server's HTTP library ends a
+# keep-alive connection after a few requests) fails the next request before the server has
+# read it: that request is sent again, timed from the new attempt. Any other error, or one
+# that repeats, ends the run.
+STALE_CONNECTION_RETRIES = 2
+
+
 async def one_request(client, model, prompt, max_tokens):
-    t0 = time.perf_counter()
+    for attempt in range(STALE_CONNECTION_RETRIES + 1):
+        t0 = time.perf_counter()
+        try:
+            stream = await client.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            break
+        except APIConnectionError as e:
+            if attempt == STALE_CONNECTION_RETRIES or "disconnected" not in repr(e.__cause__):
+                raise
     first = None
     stamps = []
     usage = None
-    stream = await client.completions.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.choices and chunk.choices[0].text:
@@ -82,7 +95,14 @@ async def one_request(client, model, prompt, max_tokens):
     ptoks = usage.prompt_tokens if usage else None
     # This stream's decode rate: tokens after the first over the time they took.
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
-    return {"ttft": first, "itl": itl, "tokens": tokens, "prompt_tokens": ptoks, "rate": rate}
+    return {
+        "ttft": first,
+        "itl": itl,
+        "tokens": tokens,
+        "prompt_tokens": ptoks,
+        "rate": rate,
+        "resent": attempt,
+    }
 
 
 async def run_level(client, model, concurrency, chars, max_tokens, rounds, base_index):
@@ -116,6 +136,7 @@ async def run_level(client, model, concurrency, chars, max_tokens, rounds, base_
         "ttft_p99_ms": percentile(ttft, 99) * 1e3,
         "itl_p50_ms": percentile(itl, 50) * 1e3,
         "itl_p99_ms": percentile(itl, 99) * 1e3,
+        "resent": sum(r["resent"] for r in results),
     }
 
 
