@@ -5,12 +5,15 @@
 //! window cache of at most `window` post-RoPE keys and values. A softmax layer keeps a KV
 //! cache that grows with the context (or is bounded by the original model's sliding window).
 //!
-//! Tensors in a state are never written in place: each step replaces them. Cloning a state
-//! is therefore cheap (reference counts) and the clone is independent, which is what
-//! forking for `n > 1` and snapshotting for the conversation cache need.
+//! Tensors in a state are never written in place, with one guarded exception: a cache's
+//! spare rows past its last one (`KvCache::push`, the fused decode step's append), which no
+//! view of the cache covers and which only a cache that holds its buffer alone may write.
+//! Cloning a state is therefore cheap (reference counts) and the clone is independent, which
+//! is what forking for `n > 1` and snapshotting for the conversation cache need.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -192,10 +195,34 @@ impl std::ops::AddAssign for StateBytes {
 /// `capacity` tokens when bounded (a sliding window).
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// The rows (views into `room`'s buffers when it is set).
     kv: Option<(Tensor, Tensor)>,
     capacity: Option<usize>,
     /// What the rows are stored in; `None`: as they come.
     stored: Option<DType>,
+    /// Buffers with spare rows after `kv`'s, which [`push`](Self::push) fills in place.
+    room: Option<Room>,
+}
+
+/// Keys and values `[hkv, rows, d]` (contiguous) holding a cache's rows from `start` on,
+/// then spare rows. Decoding a token appended a row by copying the whole window into a new
+/// tensor: at 32 sequences that copy, and the page faults of its fresh memory, were ~10% of
+/// a step. Writing the token's row into a spare row instead copies the window once per
+/// `spare_rows` tokens.
+#[derive(Debug, Clone)]
+struct Room {
+    k: Tensor,
+    v: Tensor,
+    start: usize,
+    /// Cloned with the cache: a buffer is written in place only by the one cache holding
+    /// it (a forked or snapshotted state shares it, and the first to push copies).
+    holder: Arc<()>,
+}
+
+/// Spare rows a cache gets when [`KvCache::push`] copies its `rows` into a new buffer: a
+/// quarter more (a 240-row window then copies once per 60 tokens).
+fn spare_rows(rows: usize) -> usize {
+    (rows / 4).max(16)
 }
 
 impl KvCache {
@@ -204,6 +231,7 @@ impl KvCache {
             kv: None,
             capacity,
             stored: None,
+            room: None,
         }
     }
 
@@ -258,13 +286,86 @@ impl KvCache {
         } else {
             Some((store(&k_all)?, store(&v_all)?))
         };
+        self.room = None;
         Ok((k_all, v_all))
+    }
+
+    /// Appends one token's key and value (`[hkv, 1, d]`, in the stored dtype) and drops the
+    /// oldest row past capacity: what [`extend`](Self::extend) does with one token, but
+    /// into a spare row of the cache's buffer when it has one and holds the buffer alone;
+    /// otherwise into a new buffer with spare rows.
+    pub(crate) fn push(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let len = self.len();
+        let keep = self.capacity.map_or(len + 1, |c| (len + 1).min(c));
+        if keep == 0 {
+            (self.kv, self.room) = (None, None);
+            return Ok(());
+        }
+        let drop = len + 1 - keep;
+        if let Some(room) = &mut self.room {
+            let at = room.start + len;
+            if Arc::strong_count(&room.holder) == 1
+                && at < room.k.dim(1)?
+                && room.k.dtype() == k.dtype()
+            {
+                // No view covers row `at` (every view ends at or before this cache's last
+                // row), and no other cache holds this buffer.
+                room.k.slice_set(k, 1, at)?;
+                room.v.slice_set(v, 1, at)?;
+                room.start += drop;
+                self.kv = Some((
+                    room.k.narrow(1, room.start, keep)?,
+                    room.v.narrow(1, room.start, keep)?,
+                ));
+                return Ok(());
+            }
+        }
+        let fresh = |old: Option<&Tensor>, new: &Tensor| -> Result<Tensor> {
+            let (hkv, _, d) = new.dims3()?;
+            let spare = Tensor::zeros((hkv, spare_rows(keep), d), new.dtype(), new.device())?;
+            let mut parts = Vec::with_capacity(3);
+            if let Some(old) = old {
+                parts.push(convert(&old.narrow(1, drop, len - drop)?, new.dtype())?);
+            }
+            parts.extend([new.clone(), spare]);
+            Ok(Tensor::cat(&parts, 1)?)
+        };
+        let old = self.kv.as_ref();
+        let room = Room {
+            k: fresh(old.map(|kv| &kv.0), k)?,
+            v: fresh(old.map(|kv| &kv.1), v)?,
+            start: 0,
+            holder: Arc::new(()),
+        };
+        self.kv = Some((room.k.narrow(1, 0, keep)?, room.v.narrow(1, 0, keep)?));
+        self.room = Some(room);
+        Ok(())
+    }
+
+    /// The rows' buffers (`[hkv, rows, d]`, contiguous when the cache has room to push
+    /// into), where the rows start in them, and how many there are.
+    pub(crate) fn buffers(&self) -> Option<(&Tensor, &Tensor, usize, usize)> {
+        match (&self.kv, &self.room) {
+            (None, _) => None,
+            (Some((k, _)), Some(room)) => Some((&room.k, &room.v, room.start, k.dim(1).ok()?)),
+            (Some((k, v)), None) => Some((k, v, 0, k.dim(1).ok()?)),
+        }
+    }
+
+    /// A clone without the right to push in place (see [`SequenceState::backup`]).
+    fn backup(&self) -> Self {
+        Self {
+            room: None,
+            ..self.clone()
+        }
     }
 
     fn detach(&mut self) {
         if let Some((k, v)) = &mut self.kv {
             (*k, *v) = (k.detach(), v.detach());
         }
+        // Detached views no longer share the buffer: the next push copies.
+        self.room = None;
     }
 
     /// The cached keys and values, `[hkv, len, d]` each (none while empty).
@@ -275,9 +376,11 @@ impl KvCache {
     /// Replaces the cache's contents by keys and values computed elsewhere (the fused
     /// decode step, which does [`extend`](Self::extend)'s append-and-trim itself).
     pub(crate) fn set_parts(&mut self, kv: Option<(Tensor, Tensor)>) {
-        self.kv = kv;
+        (self.kv, self.room) = (kv, None);
     }
 
+    /// Bytes of the rows, what [`StateSpec`] predicts. A buffer's spare rows are not
+    /// counted: at most a quarter of the rows more, or 16 (`spare_rows`), per cache.
     fn bytes(&self) -> usize {
         self.kv
             .as_ref()
@@ -317,6 +420,33 @@ impl SequenceState {
 
     pub fn layers(&self) -> &[LayerState] {
         &self.layers
+    }
+
+    /// A clone to restore if a step fails: it shares every tensor, but unlike a clone
+    /// (a fork) it does not hold its caches' buffers, so the state itself still appends
+    /// in place (`KvCache::push`). What a step appends lies past every row the backup
+    /// sees, so restoring it after a failed step gives back the state as it was.
+    pub(crate) fn backup(&self) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Softmax(c) => LayerState::Softmax(c.backup()),
+                LayerState::Liger {
+                    window,
+                    recurrent,
+                    global,
+                } => LayerState::Liger {
+                    window: window.backup(),
+                    recurrent: recurrent.clone(),
+                    global: global.clone(),
+                },
+            })
+            .collect();
+        Self {
+            layers,
+            position: self.position,
+        }
     }
 
     /// Cuts the state off from the autograd graph that computed it (truncated
@@ -401,8 +531,9 @@ impl SequenceState {
                 }
             };
             if let Some((k, v)) = &cache.kv {
-                tensors.push((format!("layers.{i}.k"), k.clone()));
-                tensors.push((format!("layers.{i}.v"), v.clone()));
+                // Views into a buffer with spare rows are strided: written compact.
+                tensors.push((format!("layers.{i}.k"), k.contiguous()?));
+                tensors.push((format!("layers.{i}.v"), v.contiguous()?));
             }
         }
         // One metadata key, so the header (and thus the blob) is byte-for-byte deterministic:
@@ -699,6 +830,110 @@ mod tests {
             .model_config()
             .unwrap();
         StateSpec::new(&cfg, DType::F32, &Device::Cpu)
+    }
+
+    /// Token `t`'s key and value rows `[2, 1, 3]`, distinct per token.
+    fn token_rows(t: usize, dtype: DType) -> (Tensor, Tensor) {
+        let k: Vec<f32> = (0..6).map(|i| (t * 10 + i) as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        let rows = |x: Vec<f32>| Tensor::from_vec(x, (2, 1, 3), &Device::Cpu)?.to_dtype(dtype);
+        (rows(k).unwrap(), rows(v).unwrap())
+    }
+
+    /// Rows `[hkv][len][d]`.
+    type Rows3 = Vec<Vec<Vec<f32>>>;
+
+    fn contents(c: &KvCache) -> Option<(Rows3, Rows3)> {
+        let f = |x: &Tensor| x.to_dtype(DType::F32)?.to_vec3::<f32>();
+        c.parts().map(|(k, v)| (f(k).unwrap(), f(v).unwrap()))
+    }
+
+    #[test]
+    fn push_appends_as_extend_does_in_place_or_not() {
+        for capacity in [Some(5), Some(1), Some(0), None] {
+            for dtype in [DType::F32, DType::F16] {
+                let (mut pushed, mut extended) = (
+                    KvCache::new(capacity).stored_as(dtype),
+                    KvCache::new(capacity).stored_as(dtype),
+                );
+                // Forty tokens: past the first buffer's spare rows, so pushes copy into
+                // new buffers and write in place in turn.
+                let mut buffers = Vec::new();
+                for t in 0..40 {
+                    let (k, v) = token_rows(t, dtype);
+                    pushed.push(&k, &v).unwrap();
+                    extended.extend(&k, &v).unwrap();
+                    assert_eq!(
+                        contents(&pushed),
+                        contents(&extended),
+                        "{capacity:?} {dtype:?} token {t}"
+                    );
+                    if let Some(room) = &pushed.room {
+                        // Weak: counts no holder, and keeps each pointer distinct.
+                        let buffer = Arc::downgrade(&room.holder);
+                        if !buffers.iter().any(|b| std::sync::Weak::ptr_eq(b, &buffer)) {
+                            buffers.push(buffer);
+                        }
+                    }
+                }
+                // Most pushes wrote in place: a new buffer once per 16 tokens or more.
+                if capacity != Some(0) {
+                    assert!(
+                        buffers.len() <= 3,
+                        "{capacity:?}: {} buffers",
+                        buffers.len()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_fork_or_backup_never_sees_the_other_side_push() {
+        let mut a = KvCache::new(Some(8)).stored_as(DType::F16);
+        for t in 0..3 {
+            let (k, v) = token_rows(t, DType::F16);
+            a.push(&k, &v).unwrap();
+        }
+        let before = contents(&a);
+        // A backup keeps its rows while the cache writes its spare rows in place.
+        let backup = a.backup();
+        let (k, v) = token_rows(100, DType::F16);
+        a.push(&k, &v).unwrap();
+        assert_eq!(contents(&backup), before);
+        assert_ne!(contents(&a), before);
+        // A fork and the cache share the buffer: each push goes to its own rows.
+        let mut fork = backup.clone();
+        let mut b = a.clone();
+        let (k1, v1) = token_rows(7, DType::F16);
+        let (k2, v2) = token_rows(8, DType::F16);
+        a.push(&k1, &v1).unwrap();
+        b.push(&k2, &v2).unwrap();
+        fork.push(&k2, &v2).unwrap();
+        let last = |c: &KvCache| contents(c).unwrap().0[0].last().unwrap()[0];
+        assert_eq!((last(&a), last(&b), last(&fork)), (70.0, 80.0, 80.0));
+        assert_eq!(contents(&backup), before);
+        assert_eq!(contents(&a).unwrap().0[0].len(), 5);
+        // The bytes of the rows alone, as a state's size is predicted.
+        assert_eq!(a.bytes(), 2 * (2 * 5 * 3) * 2);
+        // A state written out and read back holds the same rows (views into a buffer
+        // with spare rows are written compact).
+        let state = SequenceState {
+            layers: vec![LayerState::Softmax(a.clone())],
+            position: 5,
+        };
+        let spec = StateSpec {
+            layers: vec![LayerKind::Softmax { window: Some(8) }],
+            num_kv_heads: 2,
+            head_dim: 3,
+            cache_dtype: DType::F16,
+            ..spec()
+        };
+        let back = SequenceState::from_bytes(&spec, &state.to_bytes().unwrap()).unwrap();
+        match &back.layers[0] {
+            LayerState::Softmax(c) => assert_eq!(contents(c), contents(&a)),
+            LayerState::Liger { .. } => panic!("a softmax layer"),
+        }
     }
 
     #[test]

@@ -30,8 +30,8 @@ pub(crate) struct GroupIn<'a> {
     pub cap_rope: Option<(&'a [f32], &'a [f32])>,
 }
 
-/// Where the group's results go: `out` (`[g, d]`), the new cache rows (the last
-/// `new_k.len() / d` of cache-then-token) and, for Liger layers, the recurrent memory.
+/// Where the group's results go: `out` (`[g, d]`), the token's cache rows (key post-RoPE,
+/// value; empty when the cache keeps no rows) and, for Liger layers, the recurrent memory.
 pub(crate) struct GroupOut<'a> {
     pub out: &'a mut [f32],
     pub new_k: RowsMut<'a>,
@@ -106,8 +106,8 @@ pub(crate) fn mix_group(
         (&mut scratch.probs, &mut scratch.wide),
         (&mut *y.out, attention_scores.then_some(mass)),
     );
-    keep_last(x.cached_k, k_rot, y.new_k);
-    keep_last(x.cached_v, x.v, y.new_v);
+    write_row(k_rot, y.new_k);
+    write_row(x.v, y.new_v);
     if let Mix::Liger {
         recurrent,
         window_weight,
@@ -143,31 +143,13 @@ pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     }
 }
 
-/// The last `dst.len()` values of `cached` followed by `new`, in `dst`'s dtype (cached
-/// rows are copied as stored; only the new row is rounded when `dst` is f16).
-fn keep_last(cached: Rows, new: &[f32], dst: RowsMut) {
-    let total = cached.len() + new.len();
-    let skip = total - dst.len();
-    let from_cache = cached.len().saturating_sub(skip);
-    let new = &new[skip.saturating_sub(cached.len())..];
-    match (cached, dst) {
-        (Rows::F32(c), RowsMut::F32(d)) => {
-            write_copy(&mut d[..from_cache], &c[c.len() - from_cache..]);
-            write_copy(&mut d[from_cache..], new);
-        }
-        (Rows::F16(c), RowsMut::F16(d)) => {
-            write_copy(&mut d[..from_cache], &c[c.len() - from_cache..]);
-            write_converted(&mut d[from_cache..], new, to_f16);
-        }
-        (Rows::F32(c), RowsMut::F16(d)) => {
-            write_converted(&mut d[..from_cache], &c[c.len() - from_cache..], to_f16);
-            write_converted(&mut d[from_cache..], new, to_f16);
-        }
-        (Rows::F16(c), RowsMut::F32(d)) => {
-            let to_f32 = |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d);
-            write_converted(&mut d[..from_cache], &c[c.len() - from_cache..], to_f32);
-            write_copy(&mut d[from_cache..], new);
-        }
+/// The token's row `new` in `dst`'s dtype (rounded when `dst` is f16); `dst` is as long,
+/// or empty when the cache keeps no rows.
+fn write_row(new: &[f32], dst: RowsMut) {
+    match dst {
+        RowsMut::F32([]) | RowsMut::F16([]) => {}
+        RowsMut::F32(d) => write_copy(d, new),
+        RowsMut::F16(d) => write_converted(d, new, to_f16),
     }
 }
 
@@ -236,19 +218,14 @@ mod tests {
     use half::f16;
 
     #[test]
-    fn keep_last_trims_the_oldest_rows() {
+    fn write_row_writes_the_token_as_stored() {
         use std::mem::MaybeUninit;
         // Destinations start uninitialized, as the step allocates them; every slot of one
         // must be written.
-        fn run<T: Copy>(
-            cached: Rows,
-            new: &[f32],
-            n: usize,
-            wrap: fn(&mut [MaybeUninit<T>]) -> RowsMut<'_>,
-        ) -> Vec<T> {
-            let mut dst = vec![MaybeUninit::<T>::uninit(); n];
-            keep_last(cached, new, wrap(&mut dst));
-            // SAFETY: `keep_last` writes all of `dst`.
+        fn run<T: Copy>(new: &[f32], wrap: fn(&mut [MaybeUninit<T>]) -> RowsMut<'_>) -> Vec<T> {
+            let mut dst = vec![MaybeUninit::<T>::uninit(); new.len()];
+            write_row(new, wrap(&mut dst));
+            // SAFETY: `write_row` writes all of `dst`.
             dst.into_iter()
                 .map(|x| unsafe { x.assume_init() })
                 .collect()
@@ -259,30 +236,12 @@ mod tests {
         fn f16s(d: &mut [MaybeUninit<f16>]) -> RowsMut<'_> {
             RowsMut::F16(d)
         }
-        let cached = [1.0, 2.0, 3.0];
-        assert_eq!(run(Rows::F32(&cached), &[4.0], 2, f32s), [3.0, 4.0]);
-        assert_eq!(
-            run(Rows::F32(&cached), &[4.0], 4, f32s),
-            [1.0, 2.0, 3.0, 4.0]
-        );
-        assert_eq!(run(Rows::EMPTY, &[4.0], 1, f32s), [4.0]);
-        // Stored in f16: the cached rows are copied, the new one rounded.
-        let halves = cached.map(f16::from_f32);
-        assert_eq!(
-            run(Rows::F16(&halves), &[4.1], 3, f16s),
-            [2.0, 3.0, 4.1].map(f16::from_f32)
-        );
-        assert_eq!(run(Rows::F16(&halves), &[4.0], 2, f32s), [3.0, 4.0]);
-        // Longer than one conversion block, across dtypes both ways.
-        let long: Vec<f32> = (0..150).map(|i| i as f32 * 0.5).collect();
+        // Longer than one conversion block.
+        let long: Vec<f32> = (0..150).map(|i| i as f32 * 0.3).collect();
+        assert_eq!(run(&long, f32s), long);
         let long16: Vec<f16> = long.iter().map(|&x| f16::from_f32(x)).collect();
-        assert_eq!(
-            run(Rows::F32(&long[..149]), &long[149..], 150, f16s),
-            long16
-        );
-        assert_eq!(
-            run(Rows::F16(&long16[..149]), &long[149..], 150, f32s),
-            long
-        );
+        assert_eq!(run(&long, f16s), long16);
+        // A cache that keeps no rows: nothing to write.
+        write_row(&[1.0], RowsMut::F32(&mut []));
     }
 }

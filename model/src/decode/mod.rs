@@ -224,7 +224,7 @@ struct LayerIx {
 /// One sequence's state in one layer: its cache (indices of keys and values, rows), how
 /// many rows the cache keeps, and its recurrent memory when the layer has one.
 struct SeqLayerIx {
-    cached: Option<(RowsIx, RowsIx, usize)>,
+    cached: Option<Cached>,
     keep: usize,
     /// What the cache stores its rows in.
     stored: RowsDtype,
@@ -238,10 +238,27 @@ struct SeqLayerIx {
     scores: usize,
 }
 
-/// New cache rows, in the dtype the cache stores them in. Allocated uninitialized: the
-/// buffer is cut into one part per KV head (`Step::group`), each written whole by that
-/// group's `keep_last`, so zero-filling it first (serially, before the threads start) was
-/// pure cost: ~4% of a batch-8 step's samples (docs/results/decode-batch8-profile.md).
+impl SeqLayerIx {
+    /// Rows per KV head the token adds to the cache: 1, or 0 for a cache of capacity 0.
+    fn token_rows(&self) -> usize {
+        usize::from(self.keep > 0)
+    }
+}
+
+/// A cache's rows in the step's inputs: its key and value buffers (`[hkv, room, d]`), and
+/// where in them the `len` rows start.
+#[derive(Clone, Copy)]
+struct Cached {
+    k: RowsIx,
+    v: RowsIx,
+    start: usize,
+    len: usize,
+    room: usize,
+}
+
+/// The token's cache rows (`[hkv, 1, d]`), in the dtype the cache stores them in; the
+/// state's `KvCache::push` appends them. Allocated uninitialized: the buffer is cut into
+/// one part per KV head (`Step::group`), each written whole by that group's `write_row`.
 enum NewRows {
     F32(Vec<MaybeUninit<f32>>),
     F16(Vec<MaybeUninit<f16>>),
@@ -509,18 +526,24 @@ impl Plan {
                     }
                     _ => return None,
                 };
-                let cached = match cache.parts() {
+                let cached = match cache.buffers() {
                     None => None,
-                    Some((k, v)) => {
-                        let (kh, len, kd) = k.dims3().ok()?;
-                        if (kh, kd) != (hkv, d) || v.dims() != k.dims() {
+                    Some((k, v, start, len)) => {
+                        let (kh, room, kd) = k.dims3().ok()?;
+                        if (kh, kd) != (hkv, d) || v.dims() != k.dims() || start + len > room {
                             return None;
                         }
-                        Some((inputs.add_rows(k)?, inputs.add_rows(v)?, len))
+                        Some(Cached {
+                            k: inputs.add_rows(k)?,
+                            v: inputs.add_rows(v)?,
+                            start,
+                            len,
+                            room,
+                        })
                     }
                 };
                 let stored = RowsDtype::of(cache.stored_dtype().unwrap_or(DType::F32))?;
-                let total = cached.map_or(0, |c| c.2) + 1;
+                let total = cached.map_or(0, |c| c.len) + 1;
                 let (attention, recall) = layer.mix.scoring();
                 let scores = if attention { total } else { 0 } + usize::from(recall);
                 per_seq.push(SeqLayerIx {
@@ -582,8 +605,8 @@ impl Plan {
                 per_seq
                     .iter()
                     .map(|s| SeqLayerOut {
-                        new_k: NewRows::uninit(s.stored, hkv * s.keep * d),
-                        new_v: NewRows::uninit(s.stored, hkv * s.keep * d),
+                        new_k: NewRows::uninit(s.stored, hkv * s.token_rows() * d),
+                        new_v: NewRows::uninit(s.stored, hkv * s.token_rows() * d),
                         memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
                         salience: vec![0f32; hkv * s.scores],
                     })
@@ -696,27 +719,31 @@ impl Plan {
         layer: &mut LayerState,
         out: SeqLayerOut,
     ) -> Result<()> {
-        let keep = self.states[li][si].keep;
-        let kv = if keep == 0 {
+        let kv = if self.states[li][si].token_rows() == 0 {
             None
         } else {
-            let shape = (hkv, keep, d);
+            let shape = (hkv, 1, d);
             // SAFETY: `run` returned, so every group of every layer and sequence ran its
-            // `keep_last` over its whole part (a panicking worker would have ended the
+            // `write_row` over its whole part (a panicking worker would have ended the
             // step before this).
             unsafe { Some((out.new_k.into_tensor(shape)?, out.new_v.into_tensor(shape)?)) }
         };
+        let push = |cache: &mut crate::state::KvCache, kv: Option<(Tensor, Tensor)>| match kv {
+            Some((k, v)) => cache.push(&k, &v),
+            None => {
+                cache.set_parts(None);
+                Ok(())
+            }
+        };
         match layer {
-            LayerState::Softmax(cache) => cache.set_parts(kv),
+            LayerState::Softmax(cache) => push(cache, kv)?,
             LayerState::Liger {
                 window,
                 recurrent,
                 global,
             } => {
                 if global.is_enabled() {
-                    // The token's row is the last of the new window.
-                    let (nk, nv) = kv.as_ref().expect("a window keeps the new token");
-                    let new = (nk.narrow(1, keep - 1, 1)?, nv.narrow(1, keep - 1, 1)?);
+                    let new = kv.clone().expect("a window keeps the new token");
                     let n = self.states[li][si].scores;
                     let (attention_scores, recall_scores) = self.layers[li].mix.scoring();
                     let per_head: Vec<&[f32]> = match n {
@@ -737,7 +764,7 @@ impl Plan {
                         (mass, recall),
                     )?;
                 }
-                window.set_parts(kv);
+                push(window, kv)?;
                 if let Some(memory) = out.memory {
                     *recurrent = Tensor::from_vec(memory, (1, hkv, d, d), &Device::Cpu)?;
                 }
@@ -1165,7 +1192,15 @@ impl Step<'_> {
                 }
             };
             let (cached_k, cached_v) = match state.cached {
-                Some((ki, vi, len)) => (rows_of(ki, len), rows_of(vi, len)),
+                Some(c) => {
+                    // Head `kvh`'s rows of the buffer's `room` per head, from `start`.
+                    let range = (kvh * c.room + c.start) * d..(kvh * c.room + c.start + c.len) * d;
+                    let rows = |ix| match ix {
+                        RowsIx::F32(i) => Rows::F32(&self.slices[i][range.clone()]),
+                        RowsIx::F16(i) => Rows::F16(&self.halves[i][range.clone()]),
+                    };
+                    (rows(c.k), rows(c.v))
+                }
                 None => (Rows::EMPTY, Rows::EMPTY),
             };
             let (global_k, global_v) = match state.global {
@@ -1200,7 +1235,7 @@ impl Step<'_> {
                 memory,
                 salience,
             } = &self.new_state[li][s];
-            let rows = state.keep * d;
+            let rows = state.token_rows() * d;
             let out = GroupOut {
                 out: unsafe {
                     self.mixed

@@ -46,15 +46,6 @@ pub(crate) enum RowsMut<'a> {
     F16(&'a mut [MaybeUninit<f16>]),
 }
 
-impl RowsMut<'_> {
-    pub(in crate::decode) fn len(&self) -> usize {
-        match self {
-            RowsMut::F32(x) => x.len(),
-            RowsMut::F16(x) => x.len(),
-        }
-    }
-}
-
 /// Writes `src` into the start of `dst` (which must be as long).
 pub(in crate::decode) fn write_copy<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
     assert_eq!(dst.len(), src.len());

@@ -243,8 +243,9 @@ impl Model {
     /// On error every state is left as it was before the call (a failed step never leaves a
     /// half-advanced state behind).
     pub fn forward_batch(&self, seqs: &mut [SeqStep<'_>], logits: Logits) -> Result<Vec<Tensor>> {
-        // Cloning a state only bumps reference counts (tensors are replaced, never mutated).
-        let backup: Vec<SequenceState> = seqs.iter().map(|s| s.state.clone()).collect();
+        // A backup only bumps reference counts (tensors are replaced, never mutated, but
+        // for the caches' spare rows, which the backup does not see).
+        let backup: Vec<SequenceState> = seqs.iter().map(|s| s.state.backup()).collect();
         let out = self.forward_batch_inner(seqs, logits);
         if out.is_err() {
             for (s, b) in seqs.iter_mut().zip(backup) {
