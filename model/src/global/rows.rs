@@ -82,21 +82,27 @@ impl Gather<'_> {
         if self.sources.iter().any(|t| !t.device().is_cpu()) {
             return Ok(None);
         }
+        // Rows are read where they are: a window cache's rows are a view into a buffer
+        // with spare rows (`KvCache::push`), each head's rows contiguous, the heads apart;
+        // copying the window to make it contiguous cost as much as the rest of the store.
         let converted = self
             .sources
             .iter()
-            .map(|t| match t.dtype() == self.dtype {
-                true => t.contiguous(),
-                false => crate::layers::convert(t, self.dtype),
+            .map(|t| match (t.dtype() == self.dtype, rows_apart(t)) {
+                (true, Some(_)) => Ok((*t).clone()),
+                (true, None) => t.contiguous(),
+                (false, _) => crate::layers::convert(t, self.dtype),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let guards: Vec<_> = converted.iter().map(|t| t.storage_and_layout()).collect();
-        let mut slices: Vec<&[T]> = Vec::with_capacity(guards.len());
-        for (storage, layout) in &guards {
-            match (&**storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(cpu), Some((a, b))) => {
-                    slices.push(&T::cpu_storage_as_slice(cpu)?[a..b])
-                }
+        // Each source's data from its first row, and the distance between its heads.
+        let mut slices: Vec<(&[T], usize)> = Vec::with_capacity(guards.len());
+        for ((storage, layout), t) in guards.iter().zip(&converted) {
+            match (&**storage, rows_apart(t)) {
+                (Storage::Cpu(ref cpu), Some(head_stride)) => slices.push((
+                    &T::cpu_storage_as_slice(cpu)?[layout.start_offset()..],
+                    head_stride,
+                )),
                 _ => return Ok(None),
             }
         }
@@ -111,8 +117,9 @@ impl Gather<'_> {
         for (h, places) in self.kept_after.iter().enumerate() {
             for (i, &c) in places.iter().enumerate() {
                 let (s, j) = locate(&lens, c);
-                let at = (h * lens[s] + j) * d;
-                let row = &slices[s][at..at + d];
+                let (data, head_stride) = slices[s];
+                let at = h * head_stride + j * d;
+                let row = &data[at..at + d];
                 match unrotate.map_or(0, |u| u.back[h * n + i]) {
                     0 => out.extend_from_slice(row),
                     p => {
@@ -127,6 +134,16 @@ impl Gather<'_> {
             }
         }
         Ok(Some(Tensor::from_vec(out, (hkv, n, d), &Device::Cpu)?))
+    }
+}
+
+/// The distance between the heads of `t` (`[hkv, len, d]`) when each head's rows are
+/// contiguous (a contiguous tensor, or a window of rows of one); `None` otherwise.
+fn rows_apart(t: &Tensor) -> Option<usize> {
+    let (_, len, d) = t.dims3().ok()?;
+    match *t.stride() {
+        [h, r, 1] if r == d || len <= 1 => Some(h),
+        _ => None,
     }
 }
 
@@ -176,10 +193,13 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            // Kept rows already in the stored dtype, window rows in it too, new rows in
-            // f32 (a prefill chunk's).
+            // Kept rows already in the stored dtype, window rows in it too (a view into a
+            // buffer with spare rows, as `KvCache::push` keeps them), new rows in f32 (a
+            // prefill chunk's).
             let kept = random((hkv, 5, d), &mut rng).to_dtype(dtype).unwrap();
-            let window = random((hkv, 4, d), &mut rng).to_dtype(dtype).unwrap();
+            let buffer = random((hkv, 10, d), &mut rng).to_dtype(dtype).unwrap();
+            let window = buffer.narrow(1, 3, 4).unwrap();
+            assert!(!window.is_contiguous() && rows_apart(&window) == Some(10 * d));
             let new = random((hkv, 3, d), &mut rng);
             let sources = [&kept, &window, &new];
             // Moves, replacements, appends, differently in every head.
