@@ -10,11 +10,13 @@ use clap::{Parser, ValueEnum};
 use liger_model::layers::Quantization;
 use serde::Deserialize;
 
-/// `--step-target-ms` when unset. 300 since prompts read ~1.2x faster (2026-12-06): 8 streams
-/// x 256-token prompts, two runs each, ITL p99 335 / 328 ms against 460 / 365 ms at 400 (f32)
-/// and 297 / 300 against 317 / 359 (Q8_0), for ~5% of throughput (`server/README.md`,
-/// Scheduling). Before that, 400 rather than 500 once decode steps took the AVX-512 kernel.
-const DEFAULT_STEP_TARGET_MS: u64 = 300;
+/// `--step-target-ms` when unset. 200 on the AMD EPYC Zen 5 VM (2026-12-06), where
+/// llama-server's 8-stream ITL p99 is 140-245 ms: 8 and 32 streams x 256-token prompts, f32,
+/// 300 / 200 / 150 alternating, two runs each, ITL p99 at 8 streams 243 / 206 ms at 300,
+/// 208 / 166 at 200, 143 / 151 at 150, throughput the same within the runs' spread
+/// (`server/README.md`, Scheduling). Before: 300 on the Intel VM once prompts read ~1.2x
+/// faster, 400 once decode steps took the AVX-512 kernel, 500 at first.
+const DEFAULT_STEP_TARGET_MS: u64 = 200;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,7 +91,7 @@ pub struct Args {
     pub max_batch_tokens: Option<usize>,
     /// While sequences decode, cut each step's prompt chunk so the step takes about this
     /// long (every step delays each decoding stream's next token by its duration); 0 turns
-    /// the cut off (every step reads up to --max-batch-tokens) [default: 300].
+    /// the cut off (every step reads up to --max-batch-tokens) [default: 200].
     #[arg(long, env = "LIGER_STEP_TARGET_MS", value_name = "MS")]
     pub step_target_ms: Option<u64>,
     /// On SIGTERM or Ctrl-C, requests in flight may finish for this many seconds; then the
@@ -283,7 +285,7 @@ mod tests {
         assert_eq!(s.max_running, 4, "file fills the gap");
         assert_eq!(s.dtype, DTypeArg::F16);
         assert_eq!(s.max_waiting, 64, "default");
-        assert_eq!(s.step_target, Some(std::time::Duration::from_millis(300)));
+        assert_eq!(s.step_target, Some(std::time::Duration::from_millis(200)));
         let off = Settings::resolve(args(&["--model", "m", "--step-target-ms", "0"])).unwrap();
         assert_eq!(off.step_target, None, "0 turns the cut off");
         assert_eq!(s.shutdown_grace, std::time::Duration::from_secs(20));
