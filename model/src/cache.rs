@@ -9,8 +9,9 @@
 //!
 //! Memory: entries are evicted least-recently-used first when their bytes exceed the budget.
 //! A hit hands out a clone of the snapshot, and states are copy-on-write (tensors are
-//! replaced, never mutated), so evicting an entry never disturbs a request that resumed from
-//! it: the request's clone keeps the tensors alive until it moves past them.
+//! replaced, never mutated, but for a cache's spare rows, which a cache writes only while it
+//! holds its buffer alone: `state.rs`), so evicting an entry never disturbs a request that
+//! resumed from it: the request's clone keeps the tensors alive until it moves past them.
 //!
 //! Persistence: with a directory, every snapshot is also written to disk (checked by model
 //! fingerprint and a checksum), and a new cache over the same directory indexes those files,

@@ -343,7 +343,8 @@ pub(crate) fn step(
     // Read locks on every tensor the step reads, held until the threads are done. A storage
     // may be locked more than once (forked states share tensors; a tied head is the
     // embedding): harmless, since nothing writes weights or states in place while a step
-    // runs (states are replaced, never mutated).
+    // runs (states are replaced, never mutated; the caches' in-place appends come after,
+    // in `store`, once these locks are dropped).
     let guards: Vec<_> = plan
         .inputs
         .tensors

@@ -316,7 +316,8 @@ impl Worker {
         let first = slots.next().expect("n >= 1");
         let mut forks = Vec::with_capacity(g.request.n.get());
         for mut s in slots {
-            // Cheap: states are reference-counted and never mutated in place.
+            // Cheap: states are reference-counted and copy-on-write (a fork shares its
+            // caches' buffers, so neither appends into them in place).
             s.state = first.state.clone();
             forks.push(s);
         }
