@@ -129,10 +129,31 @@ pub fn matmul_packed(x: &Tensor, ws: &[&Packed]) -> crate::Result<Vec<Tensor>> {
         .collect()
 }
 
-/// `x: [m, k]` (row-major) packed for [`band`]: tiles of [`MR`] rows, k-major.
+/// Values per input in a packed tile of an `m`-row input: [`MR`], or 1 for a single row,
+/// which is its own packed tile (k-major with one value per input is the row itself). A
+/// batch-1 decode step packed its one row into tiles of 14 and the kernel read one value
+/// in every 56 bytes of them: 86 KB per panel for a 1,536-wide input, more than L1 holds.
+pub(crate) fn tile_stride(m: usize) -> usize {
+    if m == 1 {
+        1
+    } else {
+        MR
+    }
+}
+
+/// Values an `[m, k]` input takes packed: whole tiles of [`tile_stride`] values per input.
+pub(crate) fn packed_len(m: usize, k: usize) -> usize {
+    m.div_ceil(MR) * tile_stride(m) * k
+}
+
+/// `x: [m, k]` (row-major) packed for [`band`]: tiles of [`MR`] rows, k-major (a single
+/// row as it is, [`tile_stride`]).
 pub(crate) fn pack_input(x: &[f32], (m, k): (usize, usize), dst: &mut Vec<f32>) {
-    let tiles = m.div_ceil(MR);
-    dst.resize(tiles * MR * k, 0.0);
+    dst.resize(packed_len(m, k), 0.0);
+    if m == 1 {
+        dst.copy_from_slice(&x[..k]);
+        return;
+    }
     for (t, d) in dst.chunks_exact_mut(MR * k).enumerate() {
         pack_rows(x, (m, k), t * MR, d);
     }
@@ -158,7 +179,7 @@ pub(crate) fn band(
     let cols_end = n.min(panels.end * NR);
     assert!(
         available()
-            && a.len() >= tiles * MR * k
+            && a.len() >= packed_len(m, k)
             && panels.end <= w.panels()
             && cols_end - panels.start * NR <= ldo
             && (m == 0 || out.len() >= (m - 1) * ldo + cols_end - panels.start * NR)
@@ -307,7 +328,7 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
     // The input, packed once: tile by tile, k-major, `MR` rows per input (rows past `m`
     // zero), so the kernel's broadcasts read one stream instead of 14 rows.
     let packed = pack_all(x, (m, k));
-    let a = &packed[..m.div_ceil(MR) * MR * k];
+    let a = &packed[..packed_len(m, k)];
     // Panel `p` of the whole call: job `i`, its panel `p - first[i]`.
     let first: Vec<usize> = jobs
         .iter()
@@ -366,7 +387,11 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
 /// rows. In this thread's scratch buffer: give it back (`scratch::give_rows`) when done.
 fn pack_all(x: &[f32], (m, k): (usize, usize)) -> Vec<f32> {
     let tiles = m.div_ceil(MR);
-    let mut packed = scratch::take_rows(tiles * MR * k);
+    let mut packed = scratch::take_rows(packed_len(m, k));
+    if m == 1 {
+        packed[..k].copy_from_slice(&x[..k]);
+        return packed;
+    }
     packed[..tiles * MR * k]
         .par_chunks_mut(MR * k)
         .with_min_len(4)
@@ -395,7 +420,7 @@ pub fn gate_up_silu(x: &Tensor, (gate, up): (&Packed, &Packed)) -> crate::Result
         let mut act: Vec<f32> = Vec::with_capacity(m * n);
         if m * n * k > 0 {
             let packed = pack_all(xd, (m, k));
-            let a = &packed[..m.div_ceil(MR) * MR * k];
+            let a = &packed[..packed_len(m, k)];
             let out = SharedOut(act.as_mut_ptr());
             let panels = n.div_ceil(NR);
             (0..panels).into_par_iter().for_each(|p| {
@@ -500,19 +525,21 @@ unsafe fn run_block(a: &[f32], (m, k): (usize, usize), b: Block<'_>, panel: &mut
     let cols = NR.min(n - j0);
     let mut block = None;
     let tiles = m.div_ceil(MR);
+    let lda = tile_stride(m);
     // The next block's bytes, a share to each tile, which asks for them a few lines per
     // input as it runs: a weight too large for the caches streams from memory, and the
     // hardware's prefetcher stops at every 4 KiB page, where a block of f32 panels spans
     // eight.
     let ahead = next;
     let per_tile = ahead.len().div_ceil(64).div_ceil(tiles) * 64;
-    for (t, a) in a.chunks_exact(MR * k).enumerate().take(tiles) {
+    for (t, a) in a.chunks_exact(lda * k).enumerate().take(tiles) {
         let share = ahead.get(t * per_tile..).unwrap_or(&[]);
         let i0 = t * MR;
         let rows = MR.min(m - i0);
         let tile = Tile {
             rows,
             cols,
+            lda,
             first: k0 == 0,
             ahead: &share[..per_tile.min(share.len())],
         };
@@ -545,12 +572,12 @@ unsafe fn run_block(a: &[f32], (m, k): (usize, usize), b: Block<'_>, panel: &mut
             }
             Panels::Packed(w) => w.block(p, k0, kc_all, panel),
         });
-        // SAFETY: the contract: `a` holds `k * MR` values per tile and the kernel reads
-        // `kc * MR` from `k0 * MR`; the tile writes rows `i0..i0 + rows` of the block's
+        // SAFETY: the contract: `a` holds `k * lda` values per tile and the kernel reads
+        // `kc * lda` from `k0 * lda`; the tile writes rows `i0..i0 + rows` of the block's
         // columns.
         unsafe {
             run_tile(
-                a[k0 * MR..].as_ptr(),
+                a[k0 * lda..].as_ptr(),
                 bp,
                 kc,
                 out.wrapping_add(i0 * ldo),
@@ -675,6 +702,8 @@ impl SharedOut {
 struct Tile<'a> {
     rows: usize,
     cols: usize,
+    /// Values per input in the packed rows ([`tile_stride`]).
+    lda: usize,
     first: bool,
     /// Bytes to prefetch while the tile runs (the next block's share): spread over its
     /// inputs and brought into L2, not L1. Asked for all before the tile (the first way
@@ -747,8 +776,8 @@ mod avx512 {
     /// the same whichever kernel computes them: one FMA chain per value over the k-block.
     ///
     /// # Safety
-    /// AVX-512F must be available; `a` must hold `kc * MR` values, `p` `kc * NR`, and `c`
-    /// `tile.rows` rows of `tile.cols` values.
+    /// AVX-512F must be available; `a` must hold `kc * tile.lda` values (`tile.lda` at least
+    /// `tile.rows`), `p` `kc * NR`, and `c` `tile.rows` rows of `tile.cols` values.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile(
         a: *const f32,
@@ -798,7 +827,7 @@ mod avx512 {
             }
             let b0 = _mm512_load_ps(p.add(kk * NR));
             let b1 = _mm512_load_ps(p.add(kk * NR + 16));
-            let ak = a.add(kk * MR);
+            let ak = a.add(kk * tile.lda);
             for r in 0..R {
                 let av = _mm512_set1_ps(*ak.add(r));
                 lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
