@@ -175,7 +175,6 @@ pub(crate) fn band(
     then: &[u8],
 ) {
     let (n, k) = w.dims();
-    let tiles = m.div_ceil(MR);
     let cols_end = n.min(panels.end * NR);
     assert!(
         available()
