@@ -373,10 +373,10 @@ impl KvCache {
         self.kv.as_ref().map(|(k, v)| (k, v))
     }
 
-    /// Replaces the cache's contents by keys and values computed elsewhere (the fused
-    /// decode step, which does [`extend`](Self::extend)'s append-and-trim itself).
-    pub(crate) fn set_parts(&mut self, kv: Option<(Tensor, Tensor)>) {
-        (self.kv, self.room) = (kv, None);
+    /// Empties the cache (the fused decode step on a cache of capacity 0, where the token
+    /// adds no row to [`push`](Self::push)).
+    pub(crate) fn clear(&mut self) {
+        (self.kv, self.room) = (None, None);
     }
 
     /// Bytes of the rows, what [`StateSpec`] predicts. A buffer's spare rows are not

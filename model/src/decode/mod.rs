@@ -732,7 +732,7 @@ impl Plan {
         let push = |cache: &mut crate::state::KvCache, kv: Option<(Tensor, Tensor)>| match kv {
             Some((k, v)) => cache.push(&k, &v),
             None => {
-                cache.set_parts(None);
+                cache.clear();
                 Ok(())
             }
         };
@@ -1184,28 +1184,24 @@ impl Step<'_> {
             }
             let (s, kvh) = (unit / hkv, unit % hkv);
             let state = &self.plan.states[li][s];
-            // Head `kvh`'s rows of `n` per head.
-            let rows_of = |ix: RowsIx, n: usize| {
-                let range = kvh * n * d..(kvh + 1) * n * d;
+            // Head `kvh`'s `len` rows from row `start`, of `room` rows per head.
+            let rows_of = |ix: RowsIx, room: usize, (start, len): (usize, usize)| {
+                let at = (kvh * room + start) * d;
+                let range = at..at + len * d;
                 match ix {
                     RowsIx::F32(i) => Rows::F32(&self.slices[i][range]),
                     RowsIx::F16(i) => Rows::F16(&self.halves[i][range]),
                 }
             };
             let (cached_k, cached_v) = match state.cached {
-                Some(c) => {
-                    // Head `kvh`'s rows of the buffer's `room` per head, from `start`.
-                    let range = (kvh * c.room + c.start) * d..(kvh * c.room + c.start + c.len) * d;
-                    let rows = |ix| match ix {
-                        RowsIx::F32(i) => Rows::F32(&self.slices[i][range.clone()]),
-                        RowsIx::F16(i) => Rows::F16(&self.halves[i][range.clone()]),
-                    };
-                    (rows(c.k), rows(c.v))
-                }
+                Some(c) => (
+                    rows_of(c.k, c.room, (c.start, c.len)),
+                    rows_of(c.v, c.room, (c.start, c.len)),
+                ),
                 None => (Rows::EMPTY, Rows::EMPTY),
             };
             let (global_k, global_v) = match state.global {
-                Some((ki, vi, n)) => (rows_of(ki, n), rows_of(vi, n)),
+                Some((ki, vi, n)) => (rows_of(ki, n, (0, n)), rows_of(vi, n, (0, n))),
                 None => (Rows::EMPTY, Rows::EMPTY),
             };
             let (cos, sin) = &self.rope[s];
