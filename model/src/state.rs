@@ -422,11 +422,14 @@ impl SequenceState {
         &self.layers
     }
 
-    /// A clone to restore if a step fails: it shares every tensor, but unlike a clone
-    /// (a fork) it does not hold its caches' buffers, so the state itself still appends
-    /// in place (`KvCache::push`). What a step appends lies past every row the backup
-    /// sees, so restoring it after a failed step gives back the state as it was.
-    pub(crate) fn backup(&self) -> Self {
+    /// A clone to restore if a step fails, or if its tokens turn out unwanted (a rejected
+    /// speculative draft): it shares every tensor, but unlike a clone (a fork) it does not
+    /// hold its caches' buffers, so the state itself still appends in place
+    /// (`KvCache::push`). What a step appends lies past every row the backup sees, so
+    /// restoring it gives back the state as it was. Take it right before the step, and
+    /// drop it or restore it right after: a second step on the state may append over rows
+    /// that a restored backup would then write again.
+    pub fn backup(&self) -> Self {
         let layers = self
             .layers
             .iter()

@@ -160,6 +160,7 @@ fn main() {
                 budget_bytes: budget,
                 dir: None,
             },
+            speculative: Default::default(),
         };
         let engine = common::engine(&model, &codec, options);
         let run = rt.block_on(conversation(&engine, &codec, turns, max_tokens));

@@ -147,6 +147,7 @@ fn main() {
         logprobs: None,
         prompt_logprobs: None,
         guide: constrained.then(|| grammars.compile(&schema).expect("schema compiles")),
+        speculative: Default::default(),
     };
     println!("| streams | decode tok/s, free | with a JSON schema | ratio |");
     println!("|---:|---:|---:|---:|");

@@ -88,6 +88,7 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
             budget_bytes: settings.state_cache_bytes,
             dir: settings.state_cache_dir.clone(),
         },
+        speculative: settings.speculative,
     };
     let limits = Limits {
         max_model_len,

@@ -89,6 +89,9 @@ pub struct Metrics {
     /// Prompt tokens run through the model (a prompt shared by `n` choices counts once).
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
+    /// Speculative decoding: tokens drafted, and those the model agreed with.
+    pub draft_tokens: AtomicU64,
+    pub accepted_draft_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub step_failures: AtomicU64,
     /// Requests dropped because their client went away.
@@ -121,6 +124,8 @@ impl Default for Metrics {
             pool_capacity: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
+            draft_tokens: AtomicU64::new(0),
+            accepted_draft_tokens: AtomicU64::new(0),
             steps: AtomicU64::new(0),
             step_failures: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
@@ -175,7 +180,7 @@ impl Metrics {
             "liger_engine_step_seconds",
             "Duration of one batched engine step.",
         );
-        let series: [(&str, &str, &str, &AtomicU64); 17] = [
+        let series: [(&str, &str, &str, &AtomicU64); 19] = [
             (
                 "liger_running_sequences",
                 "gauge",
@@ -217,6 +222,18 @@ impl Metrics {
                 "counter",
                 "Tokens generated.",
                 &self.generation_tokens,
+            ),
+            (
+                "liger_spec_decode_draft_tokens_total",
+                "counter",
+                "Tokens drafted for speculative decoding.",
+                &self.draft_tokens,
+            ),
+            (
+                "liger_spec_decode_accepted_tokens_total",
+                "counter",
+                "Drafted tokens the model agreed with.",
+                &self.accepted_draft_tokens,
             ),
             (
                 "liger_engine_steps_total",

@@ -10,6 +10,8 @@ use clap::{Parser, ValueEnum};
 use liger_model::layers::Quantization;
 use serde::Deserialize;
 
+use crate::engine::SpeculativeOptions;
+
 /// `--step-target-ms` when unset. 200 on the AMD EPYC Zen 5 VM (2026-12-06), where
 /// llama-server's 8-stream ITL p99 is 140-245 ms: 8 and 32 streams x 256-token prompts, f32,
 /// 300 / 200 / 150 alternating, two runs each, ITL p99 at 8 streams 243 / 206 ms at 300,
@@ -17,6 +19,9 @@ use serde::Deserialize;
 /// (`server/README.md`, Scheduling). Before: 300 on the Intel VM once prompts read ~1.2x
 /// faster, 400 once decode steps took the AVX-512 kernel, 500 at first.
 const DEFAULT_STEP_TARGET_MS: u64 = 200;
+
+/// `--speculative-tokens` when unset.
+const DEFAULT_SPECULATIVE_TOKENS: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -115,6 +120,20 @@ pub struct Args {
     /// same model) resumes conversations [default: memory only].
     #[arg(long, env = "LIGER_STATE_CACHE_DIR", value_name = "DIR")]
     pub state_cache_dir: Option<PathBuf>,
+    /// Speculative decoding: tokens drafted per step from earlier text (n-gram prompt
+    /// lookup), checked in one step; the output is the same as without. 0 turns it off
+    /// [default: 4].
+    #[arg(long, env = "LIGER_SPECULATIVE_TOKENS", value_name = "N")]
+    pub speculative_tokens: Option<usize>,
+    /// Longest suffix of the text looked up for a draft [default: 3].
+    #[arg(long, env = "LIGER_SPECULATIVE_NGRAM_MAX", value_name = "N")]
+    pub speculative_ngram_max: Option<usize>,
+    /// Shortest suffix looked up [default: 2].
+    #[arg(long, env = "LIGER_SPECULATIVE_NGRAM_MIN", value_name = "N")]
+    pub speculative_ngram_min: Option<usize>,
+    /// Draft only while at most this many sequences decode [default: 1].
+    #[arg(long, env = "LIGER_SPECULATIVE_MAX_STREAMS", value_name = "N")]
+    pub speculative_max_streams: Option<usize>,
 }
 
 impl Args {
@@ -141,6 +160,12 @@ impl Args {
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             state_cache_mb: self.state_cache_mb.or(file.state_cache_mb),
             state_cache_dir: self.state_cache_dir.or(file.state_cache_dir),
+            speculative_tokens: self.speculative_tokens.or(file.speculative_tokens),
+            speculative_ngram_max: self.speculative_ngram_max.or(file.speculative_ngram_max),
+            speculative_ngram_min: self.speculative_ngram_min.or(file.speculative_ngram_min),
+            speculative_max_streams: self
+                .speculative_max_streams
+                .or(file.speculative_max_streams),
         }
     }
 
@@ -176,6 +201,7 @@ pub struct Settings {
     /// 0: no state cache.
     pub state_cache_bytes: usize,
     pub state_cache_dir: Option<PathBuf>,
+    pub speculative: SpeculativeOptions,
 }
 
 impl Settings {
@@ -221,6 +247,17 @@ impl Settings {
         let Some(state_cache_bytes) = state_cache_mb.checked_mul(1 << 20) else {
             bail!("--state-cache-mb {state_cache_mb} is too large");
         };
+        let ngram_max = positive("speculative-ngram-max", a.speculative_ngram_max, 3)?;
+        let ngram_min = positive("speculative-ngram-min", a.speculative_ngram_min, 2)?;
+        if ngram_min > ngram_max {
+            bail!("--speculative-ngram-min ({ngram_min}) is above --speculative-ngram-max ({ngram_max})");
+        }
+        let speculative = SpeculativeOptions {
+            tokens: a.speculative_tokens.unwrap_or(DEFAULT_SPECULATIVE_TOKENS),
+            ngram_max,
+            ngram_min,
+            max_streams: positive("speculative-max-streams", a.speculative_max_streams, 1)?,
+        };
         if state_cache_bytes == 0 && a.state_cache_dir.is_some() {
             bail!("--state-cache-dir needs the state cache on (--state-cache-mb above 0)");
         }
@@ -247,6 +284,7 @@ impl Settings {
             max_body_bytes,
             state_cache_bytes,
             state_cache_dir: a.state_cache_dir,
+            speculative,
         })
     }
 }
@@ -291,6 +329,17 @@ mod tests {
         assert_eq!(s.shutdown_grace, std::time::Duration::from_secs(20));
         assert_eq!(s.served_model_name, "org/m");
         assert_eq!(s.host, "127.0.0.1");
+        assert_eq!(
+            s.speculative,
+            SpeculativeOptions {
+                tokens: 4,
+                ngram_max: 3,
+                ngram_min: 2,
+                max_streams: 1
+            }
+        );
+        let off = Settings::resolve(args(&["--model", "m", "--speculative-tokens", "0"])).unwrap();
+        assert!(!off.speculative.enabled());
     }
 
     #[test]
@@ -311,6 +360,16 @@ mod tests {
         assert!(e.contains("--model"), "{e}");
         let e = Settings::resolve(args(&["--model", "m", "--max-running", "0"])).unwrap_err();
         assert!(e.to_string().contains("max-running"));
+        let e = Settings::resolve(args(&[
+            "--model",
+            "m",
+            "--speculative-ngram-min",
+            "4",
+            "--speculative-ngram-max",
+            "3",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("--speculative-ngram-min (4)"), "{e}");
         assert!(
             toml::from_str::<Args>("modle = \"x\"").is_err(),
             "typos in the file are caught"

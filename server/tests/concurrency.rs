@@ -236,6 +236,7 @@ fn tiny_engine(max_running: usize, max_model_len: usize) -> (LocalEngine, Arc<Me
         step_target: None,
         max_model_len,
         state_cache: Default::default(),
+        speculative: Default::default(),
     };
     let engine = LocalEngine::start(model, codec, options, metrics.clone()).unwrap();
     (engine, metrics)

@@ -213,6 +213,7 @@ fn engine(cache: StateCacheOptions) -> (LocalEngine, Arc<Metrics>, usize, tempfi
         step_target: None,
         max_model_len: 256,
         state_cache: cache,
+        speculative: Default::default(),
     };
     let e = LocalEngine::start(model, codec, options, metrics.clone()).unwrap();
     (e, metrics, one_state, dir)

@@ -11,6 +11,7 @@ mod params;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod speculate;
 mod worker;
 
 use tokio::sync::mpsc;
@@ -20,6 +21,7 @@ use crate::text::grammar::Guide;
 pub use local::LocalEngine;
 pub use options::{EngineOptions, StateCacheOptions};
 pub use params::{ChoiceCount, OutOfRange, SamplingParams};
+pub use speculate::SpeculativeOptions;
 
 /// One prompt to continue `n` times.
 #[derive(Debug, Clone)]

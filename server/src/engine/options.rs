@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use liger_model::cache::StateCache;
 use liger_model::Model;
 
+use super::speculate::SpeculativeOptions;
+
 /// Engine limits, from the server settings.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -20,6 +22,8 @@ pub struct EngineOptions {
     /// Prompt plus generated tokens per sequence.
     pub max_model_len: usize,
     pub state_cache: StateCacheOptions,
+    /// N-gram drafts for lone streams ([`super::speculate`]).
+    pub speculative: SpeculativeOptions,
 }
 
 /// The conversation state cache (see [`liger_model::cache`]).

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use liger_model::Slot;
+use liger_model::{SequenceState, Slot};
 
 use tracing::warn;
 
@@ -59,6 +59,17 @@ pub struct Choice {
     pub generated: usize,
     /// Every token generated so far (the last one not yet fed to the model).
     pub tokens: Vec<u32>,
+    /// How many of `tokens` the state has read: all but the last, or fewer after a
+    /// speculative step gave back a rejected draft ([`super::speculate`]). The next step
+    /// feeds `tokens[fed..]`.
+    pub fed: usize,
+    /// This step's drafted tokens, fed after `tokens[fed..]`.
+    pub drafts: Vec<u32>,
+    /// The state before this step, while it carries drafts.
+    pub backup: Option<SequenceState>,
+    /// Steps left without drafts, and how many the next wholly rejected draft skips.
+    pub draft_pause: u32,
+    draft_backoff: u32,
     sampler: Sampler,
     history: History,
     detok: IncrementalDecoder,
@@ -81,12 +92,49 @@ impl Choice {
             next: 0,
             generated: 0,
             tokens: Vec::new(),
+            fed: 0,
+            drafts: Vec::new(),
+            backup: None,
+            draft_pause: 0,
+            draft_backoff: 0,
             sampler: Sampler::new(shared.sampling.seed(), index),
             history: History::default(),
             detok: IncrementalDecoder::new(prompt),
             stops: StopMatcher::new(shared.stop.clone()),
             guide,
         }
+    }
+
+    /// The tokens this step feeds: the unread generated ones, then the drafts.
+    pub fn step_input(&self) -> Vec<u32> {
+        [&self.tokens[self.fed..], self.drafts.as_slice()].concat()
+    }
+
+    /// After a step that confirmed `accepted` of its drafts: the state keeps what it read
+    /// when all were (or there were none), and is given its backup back otherwise;
+    /// `before` is how many tokens there were when the step started.
+    ///
+    /// A step whose drafts all miss costs more than a plain one (its rows, and the token
+    /// fed again next step), so such a step pauses drafting for 1, 2, 4 ... 16 steps, until
+    /// a draft is confirmed again: text that does not repeat itself is decoded almost as
+    /// without drafts.
+    pub fn settle(&mut self, before: usize, accepted: usize) {
+        let rejected = accepted < self.drafts.len();
+        if !self.drafts.is_empty() {
+            self.draft_backoff = if accepted == 0 {
+                (self.draft_backoff * 2).clamp(1, 16)
+            } else {
+                0
+            };
+            self.draft_pause = self.draft_backoff;
+        }
+        let backup = self.backup.take();
+        if rejected {
+            self.slot.state = backup.expect("a step with drafts keeps a backup");
+        } else {
+            self.fed = before + self.drafts.len();
+        }
+        self.drafts.clear();
     }
 
     /// Samples the next token from `logits` (this choice's last row) and returns the events

@@ -14,18 +14,20 @@ use super::{snapshot, Part, Phase, Worker};
 use crate::engine::sampling::token_logprob;
 use crate::engine::scheduler::{plan_prefill, Prefilling};
 use crate::engine::sequence::Choice;
+use crate::engine::speculate::draft;
 use crate::engine::{EngineError, Event, FinishReason};
 
 impl Worker {
     /// Plans, runs and applies one batched forward pass.
     pub(super) fn step(&mut self) {
         let parts = self.plan();
+        // Drafts need every row's logits, which a prompt chunk would pay for in full.
+        let mut all_logits = self.draft(&parts);
         let mut inputs: Vec<Vec<u32>> = Vec::new();
-        let mut all_logits = false;
         for (g, part) in self.running.iter().zip(&parts) {
             match (part, &g.phase) {
                 (Part::Decode, Phase::Decode { choices }) => {
-                    inputs.extend(choices.iter().map(|c| vec![c.next]))
+                    inputs.extend(choices.iter().map(|c| c.step_input()))
                 }
                 (Part::Prefill(len), Phase::Prefill { done, .. }) => {
                     inputs.push(g.request.prompt[*done..done + len].to_vec());
@@ -89,6 +91,9 @@ impl Worker {
         // One input per decoding choice and one per prefill chunk. `continued`: tokens of
         // chunks that continue a prompt (they attend to a full window, and pass tokens on to
         // the global cache), dearer than a prompt's first chunk.
+        // Rows beyond one per decoding choice (drafts, tokens fed again after a rejected
+        // draft) cost what prompt tokens do.
+        let decode_rows: usize = inputs.iter().map(Vec::len).sum::<usize>();
         let (mut chunks, mut prompt, mut continued) = (0, 0, 0);
         for (g, part) in self.running.iter().zip(&parts) {
             if let (Part::Prefill(len), Phase::Prefill { done, .. }) = (part, &g.phase) {
@@ -99,9 +104,12 @@ impl Worker {
                 }
             }
         }
-        self.budget.observe(inputs.len() - chunks, prompt, took);
+        let decodes = inputs.len() - chunks;
+        let extra = decode_rows - prompt - decodes;
+        self.budget.observe(decodes, prompt + extra, took);
         tracing::debug!(
-            decodes = inputs.len() - chunks,
+            decodes,
+            extra,
             prompt,
             chunks,
             continued,
@@ -158,6 +166,55 @@ impl Worker {
             .collect()
     }
 
+    /// Drafts tokens for this step's decoding choices ([`crate::engine::speculate`]) and
+    /// backs up their states. Returns whether any choice drafted.
+    fn draft(&mut self, parts: &[Part]) -> bool {
+        let opts = self.options.speculative;
+        let decodes: usize = self
+            .running
+            .iter()
+            .zip(parts)
+            .map(|(g, part)| match (part, &g.phase) {
+                (Part::Decode, Phase::Decode { choices }) => choices.len(),
+                _ => 0,
+            })
+            .sum();
+        let prefilling = parts.iter().any(|p| matches!(p, Part::Prefill(_)));
+        if !opts.enabled() || prefilling || decodes > opts.max_streams {
+            return false;
+        }
+        let mut any = false;
+        for g in &mut self.running {
+            let Phase::Decode { choices } = &mut g.phase else {
+                continue;
+            };
+            let shared = &g.shared;
+            for c in choices.iter_mut() {
+                // A grammar's next mask is computed for one token; tokens read again after
+                // a rejected draft are fed before new drafts are taken.
+                let unread = c.tokens.len() - 1 - c.fed;
+                if c.guide.is_some() || unread >= opts.tokens {
+                    continue;
+                }
+                if c.draft_pause > 0 {
+                    c.draft_pause -= 1;
+                    continue;
+                }
+                // The step yields at most one token past its drafts.
+                let left = shared
+                    .max_tokens
+                    .min(shared.max_model_len.saturating_sub(shared.prompt_len))
+                    .saturating_sub(c.generated + 1);
+                c.drafts = draft(&g.request.prompt, &c.tokens, &opts, left);
+                if !c.drafts.is_empty() {
+                    c.backup = Some(c.slot.state.backup());
+                    any = true;
+                }
+            }
+        }
+        any
+    }
+
     fn apply(&mut self, parts: &[Part], outputs: Vec<Tensor>) {
         let mut outputs = outputs.into_iter();
         let mut finished = Vec::new();
@@ -192,41 +249,76 @@ impl Worker {
         gi: usize,
         outputs: &mut impl Iterator<Item = Tensor>,
     ) -> Result<bool, String> {
-        let n = match &self.running[gi].phase {
-            Phase::Decode { choices } => choices.len(),
-            Phase::Prefill { .. } => unreachable!("planned as decode"),
+        let Phase::Decode { choices } = &self.running[gi].phase else {
+            unreachable!("planned as decode")
         };
-        let rows: Vec<Vec<f32>> = (0..n)
-            .map(|_| last_row(&outputs.next().expect("one output per entry")))
+        // Each choice's rows from its newest token's on: one, or one per draft more.
+        let rows: Vec<Vec<Vec<f32>>> = choices
+            .iter()
+            .map(|c| {
+                let out = outputs.next().expect("one output per entry");
+                if c.drafts.is_empty() {
+                    return last_row(&out).map(|r| vec![r]);
+                }
+                let newest = c.tokens.len() - 1 - c.fed;
+                out.narrow(0, newest, c.drafts.len() + 1)
+                    .and_then(|t| t.to_vec2::<f32>())
+                    .map_err(|e| e.to_string())
+            })
             .collect::<Result<_, _>>()?;
         let g = &mut self.running[gi];
         let Phase::Decode { choices } = &mut g.phase else {
             unreachable!("checked above")
         };
         let now = Instant::now();
+        // One observation a step: a step's accepted drafts reach the client together.
         self.metrics
             .inter_token_latency
             .observe(now - g.last_token_at);
         g.last_token_at = now;
         let mut done = Vec::new();
-        for (k, (c, row)) in choices.iter_mut().zip(rows).enumerate() {
-            let (events, reason) = c.advance(row, &g.shared, &self.codec);
-            g.completion_tokens += 1;
-            self.metrics
-                .generation_tokens
-                .fetch_add(1, Ordering::Relaxed);
-            for e in events {
-                g.gone |= g.events.send(e).is_err();
+        for (k, (c, rows)) in choices.iter_mut().zip(rows).enumerate() {
+            let before = c.tokens.len();
+            let (mut accepted, mut finished) = (0, false);
+            // Row i predicts the token after draft i: sampled as plain decoding would, it
+            // confirms draft i + 1 or replaces it and ends the step's tokens.
+            for row in rows {
+                let (events, reason) = c.advance(row, &g.shared, &self.codec);
+                g.completion_tokens += 1;
+                self.metrics
+                    .generation_tokens
+                    .fetch_add(1, Ordering::Relaxed);
+                for e in events {
+                    g.gone |= g.events.send(e).is_err();
+                }
+                if reason.is_some() {
+                    finished = true;
+                    break;
+                }
+                if c.drafts.get(accepted) != Some(&c.next) {
+                    break;
+                }
+                accepted += 1;
             }
-            if reason.is_some() {
+            if !c.drafts.is_empty() {
+                self.metrics
+                    .draft_tokens
+                    .fetch_add(c.drafts.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .accepted_draft_tokens
+                    .fetch_add(accepted as u64, Ordering::Relaxed);
+            }
+            c.settle(before, accepted);
+            if finished {
                 done.push(k);
             }
         }
         for k in done.into_iter().rev() {
             let c = choices.remove(k);
-            // The state has read the prompt and every generated token but the last (which
-            // was sampled, not fed): the prefix the next turn of a conversation repeats.
-            let fed = &c.tokens[..c.tokens.len() - 1];
+            // The state has read the prompt and the generated tokens up to `fed` (all but
+            // the last, which was sampled, not fed, unless a draft was rejected): the prefix
+            // the next turn of a conversation repeats.
+            let fed = &c.tokens[..c.fed];
             if !fed.is_empty() {
                 let key = [g.request.prompt.as_slice(), fed].concat();
                 snapshot(&mut self.cache, &key, &c.slot.state);
