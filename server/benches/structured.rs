@@ -130,6 +130,7 @@ fn main() {
                 budget_bytes: 0,
                 dir: None,
             },
+            speculative: Default::default(),
         },
     );
     let request = |i: usize, constrained: bool| GenerationRequest {
@@ -147,7 +148,6 @@ fn main() {
         logprobs: None,
         prompt_logprobs: None,
         guide: constrained.then(|| grammars.compile(&schema).expect("schema compiles")),
-        speculative: Default::default(),
     };
     println!("| streams | decode tok/s, free | with a JSON schema | ratio |");
     println!("|---:|---:|---:|---:|");

@@ -109,13 +109,9 @@ mod tests {
                 continue;
             }
             let tail = &history[history.len() - n..];
-            let found = history
-                .windows(n)
-                .enumerate()
-                .take(history.len() - n)
-                .filter(|(_, w)| *w == tail)
-                .map(|(i, _)| i)
-                .last();
+            let found = (0..history.len() - n)
+                .filter(|&i| &history[i..i + n] == tail)
+                .max();
             if let Some(i) = found {
                 let end = (i + n + o.tokens.min(limit)).min(history.len());
                 return history[i + n..end].to_vec();
