@@ -12,6 +12,8 @@
 #                  requantized to F32 or Q8_0 by the llama-quantize beside it
 #   BENCH_OUT      folder for results.json, results.md and the logs (default target/bench-http)
 #   SKIP_LIGER     set to 1 to run only llama-server
+#   LIGER_ARGS     more liger-serve flags, split at spaces (e.g. "--speculative-tokens 0")
+#   LLAMA_ARGS     more llama-server flags (e.g. "--spec-type ngram-simple")
 # Not part of CI: it takes minutes (32 streams x 4K-token prompts on a 2-core CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +44,8 @@ case "$precision" in
 esac
 # Both servers run at once and take turns level by level (benches/http_load.py): a machine
 # whose speed drifts over minutes then slows both alike. An idle server takes no CPU.
+read -ra liger_args <<<"${LIGER_ARGS:-}"
+read -ra llama_args <<<"${LLAMA_ARGS:-}"
 pids=()
 stop_servers() { local p; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap stop_servers EXIT
@@ -50,7 +54,7 @@ if [[ "${SKIP_LIGER:-0}" != 1 ]]; then
   port="$(free_port)"
   target/release/liger-serve --model "$model_dir" --served-model-name liger --port "$port" \
     --dtype f32 "${quantize[@]}" --max-running 32 --max-waiting 256 --max-model-len 8192 \
-    >"$out/liger-serve.log" 2>&1 &
+    "${liger_args[@]}" >"$out/liger-serve.log" 2>&1 &
   pids+=($!)
   wait_healthy "http://127.0.0.1:$port/health" "$!" "$out/liger-serve.log"
   servers+=(--server liger-serve "http://127.0.0.1:$port/v1" liger)
@@ -66,7 +70,7 @@ if [[ -n "${LLAMA_SERVER:-}" ]]; then
   # --no-repack: on AMX CPUs llama.cpp repacks Q8_0 weights for its AMX kernels, which
   # crash (SIGSEGV) on the project's VM; f32 weights are never repacked.
   "$LLAMA_SERVER" -m "$gguf" --port "$port" -np 32 -c $((32 * 8192)) --cont-batching \
-    --no-repack >"$out/llama-server.log" 2>&1 &
+    --no-repack "${llama_args[@]}" >"$out/llama-server.log" 2>&1 &
   pids+=($!)
   wait_healthy "http://127.0.0.1:$port/health" "$!" "$out/llama-server.log"
   servers+=(--server llama-server "http://127.0.0.1:$port/v1" smollm2)
