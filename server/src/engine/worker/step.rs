@@ -91,9 +91,7 @@ impl Worker {
         // One input per decoding choice and one per prefill chunk. `continued`: tokens of
         // chunks that continue a prompt (they attend to a full window, and pass tokens on to
         // the global cache), dearer than a prompt's first chunk.
-        // Rows beyond one per decoding choice (drafts, tokens fed again after a rejected
-        // draft) cost what prompt tokens do.
-        let decode_rows: usize = inputs.iter().map(Vec::len).sum::<usize>();
+        let rows: usize = inputs.iter().map(Vec::len).sum::<usize>();
         let (mut chunks, mut prompt, mut continued) = (0, 0, 0);
         for (g, part) in self.running.iter().zip(&parts) {
             if let (Part::Prefill(len), Phase::Prefill { done, .. }) = (part, &g.phase) {
@@ -105,8 +103,14 @@ impl Worker {
             }
         }
         let decodes = inputs.len() - chunks;
-        let extra = decode_rows - prompt - decodes;
-        self.budget.observe(decodes, prompt + extra, took);
+        // Rows beyond one per decoding choice: drafts, and tokens fed again after a
+        // rejected draft. Beside a prompt chunk they cost what its tokens do. A step of
+        // drafts alone takes the general path, whose fixed cost the fit would charge to
+        // prompt tokens and so cut the next chunks; and no prompt waits while one drafts.
+        let extra = rows - prompt - decodes;
+        if extra == 0 || chunks > 0 {
+            self.budget.observe(decodes, prompt + extra, took);
+        }
         tracing::debug!(
             decodes,
             extra,
