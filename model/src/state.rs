@@ -892,6 +892,70 @@ mod tests {
     }
 
     #[test]
+    fn extend_keeps_the_last_rows_stored_as_asked_and_returns_them_all() {
+        // The obvious version: every row so far, widened, the last `capacity` stored.
+        let mut rng = 0x9e37_79b9_u32;
+        let mut value = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 17;
+            rng ^= rng << 5;
+            (rng % 2000) as f32 / 7.0 - 140.0
+        };
+        for capacity in [Some(6), Some(1), Some(0), None] {
+            for stored in [DType::F32, DType::F16] {
+                let mut cache = KvCache::new(capacity).stored_as(stored);
+                let mut all: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 2];
+                // Chunks shorter than, as long as and longer than the capacity, and pushes
+                // between them (which leave the cache a strided view of a buffer).
+                for (step, t) in [3, 1, 6, 9, 2, 1, 1, 4, 13, 1].into_iter().enumerate() {
+                    let rows: Vec<f32> = (0..2 * t * 3).map(|_| value()).collect();
+                    let k = Tensor::from_vec(rows.clone(), (2, t, 3), &Device::Cpu).unwrap();
+                    let v = k.neg().unwrap();
+                    // The stored values: rounded to the stored dtype once.
+                    let rounded = k.to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
+                    for (h, head) in rounded.to_vec3::<f32>().unwrap().into_iter().enumerate() {
+                        all[h].extend(head);
+                    }
+                    let before = contents(&cache);
+                    if t == 1 && step % 2 == 1 {
+                        cache
+                            .push(&k.to_dtype(stored).unwrap(), &v.to_dtype(stored).unwrap())
+                            .unwrap();
+                    } else {
+                        let (k_all, v_all) = cache.extend(&k, &v).unwrap();
+                        // Returned: the rows the cache held, widened, then the new ones.
+                        let mut want = before.map_or(vec![Vec::new(); 2], |(k, _)| k);
+                        for (h, head) in k.to_vec3::<f32>().unwrap().into_iter().enumerate() {
+                            want[h].extend(head);
+                        }
+                        assert_eq!(k_all.to_vec3::<f32>().unwrap(), want);
+                        assert_eq!(v_all.neg().unwrap().to_vec3::<f32>().unwrap(), want);
+                    }
+                    let keep = capacity.map_or(all[0].len(), |c| all[0].len().min(c));
+                    let want: Vec<Vec<Vec<f32>>> = all
+                        .iter()
+                        .map(|head| head[head.len() - keep..].to_vec())
+                        .collect();
+                    let got = contents(&cache);
+                    if keep == 0 {
+                        assert!(got.is_none(), "{capacity:?} {stored:?} step {step}");
+                        continue;
+                    }
+                    let (k, v) = got.unwrap();
+                    assert_eq!(k, want, "{capacity:?} {stored:?} step {step}");
+                    let negated: Vec<Vec<Vec<f32>>> = v
+                        .iter()
+                        .map(|h| h.iter().map(|r| r.iter().map(|x| -x).collect()).collect())
+                        .collect();
+                    assert_eq!(negated, want, "{capacity:?} {stored:?} step {step}");
+                    let (ck, _) = cache.parts().unwrap();
+                    assert_eq!(ck.dtype(), stored);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_fork_or_backup_never_sees_the_other_side_push() {
         let mut a = KvCache::new(Some(8)).stored_as(DType::F16);
         for t in 0..3 {
