@@ -20,8 +20,9 @@ use crate::engine::SpeculativeOptions;
 /// faster, 400 once decode steps took the AVX-512 kernel, 500 at first.
 const DEFAULT_STEP_TARGET_MS: u64 = 200;
 
-/// `--speculative-tokens` when unset.
+/// `--speculative-tokens` when unset, and the most it may be.
 const DEFAULT_SPECULATIVE_TOKENS: usize = 4;
+const MAX_SPECULATIVE_TOKENS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -252,8 +253,14 @@ impl Settings {
         if ngram_min > ngram_max {
             bail!("--speculative-ngram-min ({ngram_min}) is above --speculative-ngram-max ({ngram_max})");
         }
+        let tokens = a.speculative_tokens.unwrap_or(DEFAULT_SPECULATIVE_TOKENS);
+        if tokens > MAX_SPECULATIVE_TOKENS {
+            // A step carries up to 2k + 1 rows of logits per stream (49K floats each for
+            // SmolLM2); past a few dozen drafts almost none are taken anyway.
+            bail!("--speculative-tokens {tokens} is above the most a step drafts ({MAX_SPECULATIVE_TOKENS})");
+        }
         let speculative = SpeculativeOptions {
-            tokens: a.speculative_tokens.unwrap_or(DEFAULT_SPECULATIVE_TOKENS),
+            tokens,
             ngram_max,
             ngram_min,
             max_streams: positive("speculative-max-streams", a.speculative_max_streams, 1)?,
@@ -370,6 +377,9 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("--speculative-ngram-min (4)"), "{e}");
+        let e =
+            Settings::resolve(args(&["--model", "m", "--speculative-tokens", "65"])).unwrap_err();
+        assert!(e.to_string().contains("--speculative-tokens 65"), "{e}");
         assert!(
             toml::from_str::<Args>("modle = \"x\"").is_err(),
             "typos in the file are caught"
