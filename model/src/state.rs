@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{KvDtype, LayerKind, ModelConfig};
 use crate::global::{DistanceCap, GlobalCache, Parts};
-use crate::layers::convert;
+use crate::layers::{convert, join_rows};
 use crate::{Error, Result};
 
 /// What every state of one model must look like.
@@ -263,15 +263,35 @@ impl KvCache {
     /// may need (the old cache followed by the new keys), then trims itself to capacity.
     pub fn extend(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let dtype = k.dtype();
+        let cached = self.len();
+        // In one pass each where the rows allow (`join_rows`), else through candle's ops.
+        let joined = |old: &Tensor, new: &Tensor, skip: usize, to: DType| -> Result<Tensor> {
+            Ok(match join_rows(old, new, skip, to)? {
+                Some(t) => t,
+                None => {
+                    let all = Tensor::cat(&[&convert(old, new.dtype())?, new], 1)?;
+                    let len = all.dim(1)?;
+                    convert(&all.narrow(1, skip, len - skip)?.contiguous()?, to)?
+                }
+            })
+        };
         let (k_all, v_all) = match &self.kv {
             None => (k.clone(), v.clone()),
-            Some((ck, cv)) => (
-                Tensor::cat(&[&convert(ck, dtype)?, k], 1)?,
-                Tensor::cat(&[&convert(cv, dtype)?, v], 1)?,
-            ),
+            Some((ck, cv)) => (joined(ck, k, 0, dtype)?, joined(cv, v, 0, dtype)?),
         };
         let len = k_all.dim(1)?;
         let keep = self.capacity.map_or(len, |c| len.min(c));
+        // An f16 window: its kept rows straight from the stored ones, without narrowing
+        // the widened rows and rounding them back (the same values: a stored row widens
+        // and rounds back to itself).
+        if let (Some((ck, cv)), Some(stored)) = (&self.kv, self.stored) {
+            if keep > 0 && stored != dtype && cached > 0 {
+                let drop = len - keep;
+                self.kv = Some((joined(ck, k, drop, stored)?, joined(cv, v, drop, stored)?));
+                self.room = None;
+                return Ok((k_all, v_all));
+            }
+        }
         let store = |x: &Tensor| -> Result<Tensor> {
             // Copy so the dropped prefix is freed rather than kept alive by a view.
             let x = if keep == len {

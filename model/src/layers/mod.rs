@@ -80,9 +80,149 @@ pub(crate) fn convert(
     out
 }
 
+/// `[old[:, skip..], new]` along dim 1 in `dtype`, for caches' rows (`[heads, rows, d]`):
+/// what `cat([convert(old), new]).narrow(..)` then `convert` give, written in one pass on the
+/// CPU, reading `old` where it lies (a cache is often a view into a buffer with spare rows)
+/// instead of making it contiguous, widening it, concatenating and narrowing it back. The
+/// rows dropped are `old`'s first `skip`, then `new`'s first `skip - old rows`. `None`
+/// (nothing done) unless both are f16 or f32 CPU tensors without gradients, `new` f32,
+/// `dtype` f16 or f32 and each of `old`'s heads a contiguous run of rows.
+pub(crate) fn join_rows(
+    old: &candle_core::Tensor,
+    new: &candle_core::Tensor,
+    skip: usize,
+    dtype: candle_core::DType,
+) -> candle_core::Result<Option<candle_core::Tensor>> {
+    use candle_core::{CpuStorage, DType, Storage, Tensor};
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+    let wanted = |t: &Tensor| t.device().is_cpu() && !t.track_op();
+    if !wanted(old)
+        || !wanted(new)
+        || new.dtype() != DType::F32
+        || !matches!(old.dtype(), DType::F16 | DType::F32)
+        || !matches!(dtype, DType::F16 | DType::F32)
+    {
+        return Ok(None);
+    }
+    let (h, c, d) = old.dims3()?;
+    let (nh, t, nd) = new.dims3()?;
+    let stride = old.stride();
+    if (nh, nd) != (h, d) || (c > 1 && stride[1] != d) || (d > 1 && stride[2] != 1) {
+        return Ok(None);
+    }
+    let new = new.contiguous()?;
+    let (old_skip, new_skip) = (skip.min(c), skip.saturating_sub(c).min(t));
+    let rows = (c - old_skip) + (t - new_skip);
+    if rows == 0 {
+        return Ok(Some(Tensor::zeros((h, 0, d), dtype, new.device())?));
+    }
+    let (os, ol) = old.storage_and_layout();
+    let (ns, nl) = new.storage_and_layout();
+    let (Storage::Cpu(o), Storage::Cpu(CpuStorage::F32(n))) = (&*os, &*ns) else {
+        return Ok(None);
+    };
+    let n = &n[nl.start_offset()..];
+    // Head `hh`'s kept rows of `old`, as an offset into its storage.
+    let old_at = |hh: usize| ol.start_offset() + hh * stride[0] + old_skip * d;
+    let old_len = (c - old_skip) * d;
+    let new_head = |hh: usize| &n[(hh * t + new_skip) * d..(hh + 1) * t * d];
+    let out = match (o, dtype) {
+        (CpuStorage::F16(src), DType::F32) => {
+            let mut out = vec![0f32; h * rows * d];
+            for (hh, dst) in out.chunks_mut(rows * d).enumerate() {
+                let (a, b) = dst.split_at_mut(old_len);
+                src[old_at(hh)..old_at(hh) + old_len].convert_to_f32_slice(a);
+                b.copy_from_slice(new_head(hh));
+            }
+            Tensor::from_vec(out, (h, rows, d), new.device())?
+        }
+        (CpuStorage::F32(src), DType::F32) => {
+            let mut out = Vec::with_capacity(h * rows * d);
+            for hh in 0..h {
+                out.extend_from_slice(&src[old_at(hh)..old_at(hh) + old_len]);
+                out.extend_from_slice(new_head(hh));
+            }
+            Tensor::from_vec(out, (h, rows, d), new.device())?
+        }
+        (CpuStorage::F16(src), DType::F16) => {
+            let mut out = vec![f16::ZERO; h * rows * d];
+            for (hh, dst) in out.chunks_mut(rows * d).enumerate() {
+                let (a, b) = dst.split_at_mut(old_len);
+                a.copy_from_slice(&src[old_at(hh)..old_at(hh) + old_len]);
+                b.convert_from_f32_slice(new_head(hh));
+            }
+            Tensor::from_vec(out, (h, rows, d), new.device())?
+        }
+        (CpuStorage::F32(src), DType::F16) => {
+            let mut out = vec![f16::ZERO; h * rows * d];
+            for (hh, dst) in out.chunks_mut(rows * d).enumerate() {
+                let (a, b) = dst.split_at_mut(old_len);
+                a.convert_from_f32_slice(&src[old_at(hh)..old_at(hh) + old_len]);
+                b.convert_from_f32_slice(new_head(hh));
+            }
+            Tensor::from_vec(out, (h, rows, d), new.device())?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn join_rows_is_cat_narrow_convert() {
+        let buffer = Tensor::randn(0f32, 2.0, (3, 12, 8), &Device::Cpu).unwrap();
+        let new = Tensor::randn(0f32, 2.0, (3, 4, 8), &Device::Cpu).unwrap();
+        for old_dtype in [DType::F16, DType::F32] {
+            let buffer = buffer.to_dtype(old_dtype).unwrap();
+            // Whole, and a view into spare rows (rows 2..9 of 12), as caches are.
+            for old in [buffer.clone(), buffer.narrow(1, 2, 7).unwrap()] {
+                let c = old.dim(1).unwrap();
+                for dtype in [DType::F16, DType::F32] {
+                    for skip in [0, 1, c - 1, c, c + 2, c + 4] {
+                        let all =
+                            Tensor::cat(&[&old.to_dtype(DType::F32).unwrap(), &new], 1).unwrap();
+                        let want = all
+                            .narrow(1, skip, c + 4 - skip)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap();
+                        let got = super::join_rows(&old, &new, skip, dtype)
+                            .unwrap()
+                            .expect("f16/f32 rows on the CPU");
+                        assert_eq!(got.dtype(), dtype);
+                        assert_eq!(
+                            got.dims(),
+                            want.dims(),
+                            "{old_dtype:?} {dtype:?} skip {skip}"
+                        );
+                        let f = |t: &Tensor| {
+                            t.to_dtype(DType::F32)
+                                .unwrap()
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap()
+                        };
+                        assert_eq!(f(&got), f(&want), "{old_dtype:?} {dtype:?} skip {skip}");
+                    }
+                }
+            }
+        }
+        // Not for it: bf16, or a view whose rows are not contiguous.
+        let bf = buffer.to_dtype(DType::BF16).unwrap();
+        assert!(super::join_rows(&bf, &new, 0, DType::F32)
+            .unwrap()
+            .is_none());
+        let strided = buffer.transpose(1, 2).unwrap();
+        let new_t = Tensor::randn(0f32, 1.0, (3, 2, 12), &Device::Cpu).unwrap();
+        assert!(super::join_rows(&strided, &new_t, 0, DType::F32)
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn to_f32_widens_like_candle() {
