@@ -173,7 +173,7 @@ impl Metrics {
         self.inter_token_latency.render(
             &mut out,
             "liger_inter_token_latency_seconds",
-            "Time between consecutive tokens of one sequence.",
+            "Time between a request's decode steps (one per step: the tokens a speculative step accepts arrive together).",
         );
         self.step_duration.render(
             &mut out,
