@@ -57,7 +57,7 @@ pub struct Choice {
     /// The token to feed at the next step.
     pub next: u32,
     pub generated: usize,
-    /// Every token generated so far (the last one not yet fed to the model).
+    /// Every token generated so far; the state has read `tokens[..fed]`.
     pub tokens: Vec<u32>,
     /// How many of `tokens` the state has read: all but the last, or fewer after a
     /// speculative step gave back a rejected draft ([`super::speculate`]). The next step
