@@ -127,45 +127,65 @@ pub(crate) fn join_rows(
     let old_at = |hh: usize| ol.start_offset() + hh * stride[0] + old_skip * d;
     let old_len = (c - old_skip) * d;
     let new_head = |hh: usize| &n[(hh * t + new_skip) * d..(hh + 1) * t * d];
+    let old_rows = |hh: usize| old_at(hh)..old_at(hh) + old_len;
+    let lens = (h, rows * d, old_len);
+    let shape = (h, rows, d);
     let out = match (o, dtype) {
-        (CpuStorage::F16(src), DType::F32) => {
-            let mut out = vec![0f32; h * rows * d];
-            for (hh, dst) in out.chunks_mut(rows * d).enumerate() {
-                let (a, b) = dst.split_at_mut(old_len);
-                src[old_at(hh)..old_at(hh) + old_len].convert_to_f32_slice(a);
-                b.copy_from_slice(new_head(hh));
-            }
-            Tensor::from_vec(out, (h, rows, d), new.device())?
-        }
-        (CpuStorage::F32(src), DType::F32) => {
-            let mut out = Vec::with_capacity(h * rows * d);
-            for hh in 0..h {
-                out.extend_from_slice(&src[old_at(hh)..old_at(hh) + old_len]);
-                out.extend_from_slice(new_head(hh));
-            }
-            Tensor::from_vec(out, (h, rows, d), new.device())?
-        }
-        (CpuStorage::F16(src), DType::F16) => {
-            let mut out = vec![f16::ZERO; h * rows * d];
-            for (hh, dst) in out.chunks_mut(rows * d).enumerate() {
-                let (a, b) = dst.split_at_mut(old_len);
-                a.copy_from_slice(&src[old_at(hh)..old_at(hh) + old_len]);
-                b.convert_from_f32_slice(new_head(hh));
-            }
-            Tensor::from_vec(out, (h, rows, d), new.device())?
-        }
-        (CpuStorage::F32(src), DType::F16) => {
-            let mut out = vec![f16::ZERO; h * rows * d];
-            for (hh, dst) in out.chunks_mut(rows * d).enumerate() {
-                let (a, b) = dst.split_at_mut(old_len);
-                a.convert_from_f32_slice(&src[old_at(hh)..old_at(hh) + old_len]);
-                b.convert_from_f32_slice(new_head(hh));
-            }
-            Tensor::from_vec(out, (h, rows, d), new.device())?
-        }
+        (CpuStorage::F16(src), DType::F32) => Tensor::from_vec(
+            join_heads(
+                lens,
+                |hh, a: &mut [f32]| src[old_rows(hh)].convert_to_f32_slice(a),
+                |hh, b: &mut [f32]| b.copy_from_slice(new_head(hh)),
+            ),
+            shape,
+            new.device(),
+        )?,
+        (CpuStorage::F32(src), DType::F32) => Tensor::from_vec(
+            join_heads(
+                lens,
+                |hh, a: &mut [f32]| a.copy_from_slice(&src[old_rows(hh)]),
+                |hh, b: &mut [f32]| b.copy_from_slice(new_head(hh)),
+            ),
+            shape,
+            new.device(),
+        )?,
+        (CpuStorage::F16(src), DType::F16) => Tensor::from_vec(
+            join_heads(
+                lens,
+                |hh, a: &mut [f16]| a.copy_from_slice(&src[old_rows(hh)]),
+                |hh, b: &mut [f16]| b.convert_from_f32_slice(new_head(hh)),
+            ),
+            shape,
+            new.device(),
+        )?,
+        (CpuStorage::F32(src), DType::F16) => Tensor::from_vec(
+            join_heads(
+                lens,
+                |hh, a: &mut [f16]| a.convert_from_f32_slice(&src[old_rows(hh)]),
+                |hh, b: &mut [f16]| b.convert_from_f32_slice(new_head(hh)),
+            ),
+            shape,
+            new.device(),
+        )?,
         _ => return Ok(None),
     };
     Ok(Some(out))
+}
+
+/// `heads` runs of `per_head` values, each `old_len` written by `of_old` then the rest by
+/// `of_new` (given the head): [`join_rows`]' layout for every pair of dtypes.
+fn join_heads<T: Copy + Default>(
+    (heads, per_head, old_len): (usize, usize, usize),
+    of_old: impl Fn(usize, &mut [T]),
+    of_new: impl Fn(usize, &mut [T]),
+) -> Vec<T> {
+    let mut out = vec![T::default(); heads * per_head];
+    for (hh, dst) in out.chunks_mut(per_head).enumerate() {
+        let (a, b) = dst.split_at_mut(old_len);
+        of_old(hh, a);
+        of_new(hh, b);
+    }
+    out
 }
 
 #[cfg(test)]
