@@ -122,8 +122,8 @@ pub struct Args {
     #[arg(long, env = "LIGER_STATE_CACHE_DIR", value_name = "DIR")]
     pub state_cache_dir: Option<PathBuf>,
     /// Speculative decoding: tokens drafted per step from earlier text (n-gram prompt
-    /// lookup), checked in one step; the output is the same as without. 0 turns it off
-    /// [default: 4].
+    /// lookup), checked in one step; the output is the same as without, up to rounding. 0
+    /// turns it off [default: 4].
     #[arg(long, env = "LIGER_SPECULATIVE_TOKENS", value_name = "N")]
     pub speculative_tokens: Option<usize>,
     /// Longest suffix of the text looked up for a draft [default: 3].
