@@ -59,4 +59,4 @@ pub mod weights;
 pub use config::{Architecture, LayerKind, LigerConfig, ModelConfig, Variant};
 pub use error::{Error, Result};
 pub use model::{Logits, Model, RuntimeOptions};
-pub use state::{SeqStep, SequenceState, Slot, StateBytes, StatePool, StateSpec};
+pub use state::{Backup, SeqStep, SequenceState, Slot, StateBytes, StatePool, StateSpec};

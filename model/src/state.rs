@@ -429,6 +429,25 @@ pub struct SequenceState {
     pub(crate) position: usize,
 }
 
+/// A state as it was before a step ([`SequenceState::backup`]), to restore in its place.
+/// Not a state itself: until restored, the rows it sees may have been written over.
+#[derive(Debug)]
+pub struct Backup(SequenceState);
+
+impl Backup {
+    /// The state as it was when the backup was taken, to take the place of the state it
+    /// was taken from (which must go: the rows its step wrote over are written back).
+    pub fn restore(self) -> Result<SequenceState> {
+        let Backup(mut state) = self;
+        for l in &mut state.layers {
+            if let LayerState::Liger { global, .. } = l {
+                global.restore()?;
+            }
+        }
+        Ok(state)
+    }
+}
+
 const STATE_FORMAT: &str = "liger-sequence-state";
 /// 2: global caches keep their entries' positions (the distance cap).
 const STATE_VERSION: &str = "2";
@@ -442,17 +461,18 @@ impl SequenceState {
         &self.layers
     }
 
-    /// A clone to restore if a step fails, or if its tokens turn out unwanted (a rejected
-    /// speculative draft): it shares every tensor, but unlike a clone (a fork) it does not
-    /// hold its caches' buffers, so the state itself still appends in place
-    /// (`KvCache::push`). What a step appends lies past every row the backup sees, so
-    /// restoring it gives back the state as it was. Take it right before the step, and
-    /// drop it or restore it right after: a second step on the state may append over rows
-    /// that a restored backup would then write again.
-    pub fn backup(&self) -> Self {
+    /// A copy to restore if a step fails, or if its tokens turn out unwanted (a rejected
+    /// speculative draft). It shares every tensor, but unlike a clone (a fork) it takes no
+    /// right to write the caches' buffers in place: the state keeps it. What a step
+    /// appends to a window lies past every row the backup sees (`KvCache::push`), and
+    /// the kept rows a step writes over in a global cache are first saved for the backup,
+    /// so [`Backup::restore`] gives back the state as it was. Take it right before the
+    /// step, and drop it or restore it right after: a second step on the state may append
+    /// over rows that a restored backup would then write again.
+    pub fn backup(&mut self) -> Backup {
         let layers = self
             .layers
-            .iter()
+            .iter_mut()
             .map(|l| match l {
                 LayerState::Softmax(c) => LayerState::Softmax(c.backup()),
                 LayerState::Liger {
@@ -462,14 +482,14 @@ impl SequenceState {
                 } => LayerState::Liger {
                     window: window.backup(),
                     recurrent: recurrent.clone(),
-                    global: global.clone(),
+                    global: global.backup(),
                 },
             })
             .collect();
-        Self {
+        Backup(Self {
             layers,
             position: self.position,
-        }
+        })
     }
 
     /// Cuts the state off from the autograd graph that computed it (truncated
@@ -530,8 +550,10 @@ impl SequenceState {
                 } => {
                     tensors.push((format!("layers.{i}.recurrent"), recurrent.clone()));
                     if let Some((k, v, s)) = global.kept() {
-                        tensors.push((format!("layers.{i}.global.k"), k.clone()));
-                        tensors.push((format!("layers.{i}.global.v"), v.clone()));
+                        // Views into buffers with spare places are strided: written
+                        // compact.
+                        tensors.push((format!("layers.{i}.global.k"), k.contiguous()?));
+                        tensors.push((format!("layers.{i}.global.v"), v.contiguous()?));
                         tensors.push((format!("layers.{i}.global.scores"), s.clone()));
                         let p = global.positions();
                         let flat: Vec<u32> = p.iter().flatten().copied().collect();

@@ -229,8 +229,8 @@ struct SeqLayerIx {
     /// What the cache stores its rows in.
     stored: RowsDtype,
     memory: Option<usize>,
-    /// The global cache's keys and values (indices, rows per head), when it has entries.
-    global: Option<(RowsIx, RowsIx, usize)>,
+    /// The global cache's keys and values, when it has entries.
+    global: Option<GlobalRows>,
     /// Which global rows are past the distance cap, `[hkv * rows]` (empty: none).
     global_far: Vec<bool>,
     /// Values per KV head the layer measures for the global cache (`Mix::scoring`):
@@ -243,6 +243,16 @@ impl SeqLayerIx {
     fn token_rows(&self) -> usize {
         usize::from(self.keep > 0)
     }
+}
+
+/// A global cache's kept rows in the step's inputs: its key and value buffers
+/// (`[hkv, room, d]`), whose first `n` rows per head are kept entries.
+#[derive(Clone, Copy)]
+struct GlobalRows {
+    k: RowsIx,
+    v: RowsIx,
+    n: usize,
+    room: usize,
 }
 
 /// A cache's rows in the step's inputs: its key and value buffers (`[hkv, room, d]`), and
@@ -511,12 +521,13 @@ impl Plan {
                         if recall_scores && memory.is_none() {
                             return None;
                         }
-                        if let Some((k, v, _)) = g.kept() {
-                            let (kh, n, kd) = k.dims3().ok()?;
-                            if (kh, kd) != (hkv, d) || v.dims() != k.dims() {
+                        if let Some((k, v, n)) = g.buffers() {
+                            let (kh, room, kd) = k.dims3().ok()?;
+                            if (kh, kd) != (hkv, d) || v.dims() != k.dims() || n > room {
                                 return None;
                             }
-                            global = Some((inputs.add_rows(k)?, inputs.add_rows(v)?, n));
+                            let (k, v) = (inputs.add_rows(k)?, inputs.add_rows(v)?);
+                            global = Some(GlobalRows { k, v, n, room });
                             if max_distance.is_some() {
                                 // Stored un-rotated exactly when this query scores them at
                                 // the cap.
@@ -1201,12 +1212,15 @@ impl Step<'_> {
                 None => (Rows::EMPTY, Rows::EMPTY),
             };
             let (global_k, global_v) = match state.global {
-                Some((ki, vi, n)) => (rows_of(ki, n, (0, n)), rows_of(vi, n, (0, n))),
+                Some(g) => (
+                    rows_of(g.k, g.room, (0, g.n)),
+                    rows_of(g.v, g.room, (0, g.n)),
+                ),
                 None => (Rows::EMPTY, Rows::EMPTY),
             };
             let (cos, sin) = &self.rope[s];
             let global_far = match (state.global, state.global_far.is_empty()) {
-                (Some((_, _, n)), false) => &state.global_far[kvh * n..(kvh + 1) * n],
+                (Some(GlobalRows { n, .. }), false) => &state.global_far[kvh * n..(kvh + 1) * n],
                 _ => &[][..],
             };
             let input = GroupIn {

@@ -40,7 +40,7 @@
 //! the prefix was cut into prefill chunks or decode steps: [`Plan`] replays the admissions
 //! token by token for a chunk, and a decode step is a chunk of one.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -50,7 +50,7 @@ mod rows;
 use crate::layers::convert;
 use crate::Result;
 pub(crate) use attend::{Exps, Geometry};
-use rows::{Gather, Unrotate};
+use rows::{Changes, Gather, Unrotate};
 
 /// The global cache's distance cap ([`crate::config::LigerConfig::max_distance`]), with the
 /// rotary frequencies its keys were rotated by.
@@ -87,8 +87,12 @@ pub struct GlobalCache {
     /// recall.
     attention: usize,
     /// The kept entries' keys `[hkv, n, d]` (post-RoPE) and values `[hkv, n, d]`. `n` is
-    /// the same for every head.
+    /// the same for every head. Views into `room`'s buffers when it is set.
     kept_kv: Option<(Tensor, Tensor)>,
+    /// Buffers with a row per place, which changes are written into in place ([`Room`]).
+    room: Option<Box<Room>>,
+    /// A backup's way back ([`backup`](Self::backup)).
+    undo: Option<Box<Undo>>,
     /// The kept entries' scores in their place's kind, `[hkv, n]` (f32).
     scores: Option<Tensor>,
     /// The kept entries' positions in the sequence, `[hkv][n]` (the distance cap scores
@@ -108,6 +112,37 @@ pub struct GlobalCache {
     cap: Option<DistanceCap>,
     /// What kept keys and values are stored in; `None`: as they come.
     stored: Option<DType>,
+}
+
+/// Keys and values `[hkv, capacity, d]` (contiguous, on the CPU) whose first `n` rows per
+/// head are the kept entries. A decode step changes a place or two per head (the token
+/// that left the window takes a place, and the entry it pushed out of the first pool may
+/// take another); rebuilding every kept row into new tensors for that copied the whole
+/// cache, allocated it fresh and freed the old one: at 32 sequences and ~300 tokens of
+/// context, two thirds of the state update after a decode step (the copies and the
+/// allocator), itself a fifth of the step. With a room only the changed places are written.
+#[derive(Debug, Clone)]
+struct Room {
+    k: Tensor,
+    v: Tensor,
+    /// Cloned with the cache: a buffer is written in place only by the one cache holding
+    /// it (a forked or snapshotted state shares it, and the first to change copies), since
+    /// every kept row is seen by the views of whoever shares it.
+    holder: Arc<()>,
+    /// Journals of this cache's live backups: a change first saves there the rows it is
+    /// about to write over.
+    journals: Vec<Weak<Journal>>,
+}
+
+/// Rows a backup saw, saved before changes wrote over them, oldest first: keys, values.
+type Journal = Mutex<Vec<(Changes, Changes)>>;
+
+/// What a backup needs to get its rows back: its journal and the buffers it was kept for.
+#[derive(Debug, Clone)]
+struct Undo {
+    journal: Arc<Journal>,
+    k: Tensor,
+    v: Tensor,
 }
 
 /// A token's scores: (recall, attention), the first pool's then the second's. With one
@@ -138,6 +173,8 @@ impl GlobalCache {
             sinks,
             attention,
             kept_kv: None,
+            room: None,
+            undo: None,
             scores: None,
             positions: Vec::new(),
             kept_attention: None,
@@ -226,6 +263,53 @@ impl GlobalCache {
         }
     }
 
+    /// The kept keys' and values' buffers (`[hkv, rows, d]`, contiguous), and how many
+    /// rows of each head are kept entries (the rest are spare places).
+    pub(crate) fn buffers(&self) -> Option<(&Tensor, &Tensor, usize)> {
+        let n = self.len();
+        match (&self.kept_kv, &self.room) {
+            (None, _) => None,
+            (Some(_), Some(room)) => Some((&room.k, &room.v, n)),
+            (Some((k, v)), None) => Some((k, v, n)),
+        }
+    }
+
+    /// A copy to restore if the step about to run must be undone (see
+    /// [`SequenceState::backup`](crate::SequenceState::backup)). It shares every tensor
+    /// but not the right to write the kept rows in place: that stays with this cache,
+    /// which from now on saves the rows it writes over into the backup's journal, so that
+    /// [`restore`](Self::restore) can put them back.
+    pub(crate) fn backup(&mut self) -> Self {
+        let mut backup = Self {
+            room: None,
+            ..self.clone()
+        };
+        if let Some(room) = &mut self.room {
+            let journal = Arc::new(Journal::default());
+            room.journals.retain(|j| j.strong_count() > 0);
+            room.journals.push(Arc::downgrade(&journal));
+            backup.undo = Some(Box::new(Undo {
+                journal,
+                k: room.k.clone(),
+                v: room.v.clone(),
+            }));
+        }
+        backup
+    }
+
+    /// A backup made whole again, to take the place of the cache it was taken from (which
+    /// must go: the rows its changes wrote are written back over).
+    pub(crate) fn restore(&mut self) -> Result<()> {
+        if let Some(undo) = self.undo.take() {
+            let saved = std::mem::take(&mut *undo.journal.lock().expect("a journal lock"));
+            for (k, v) in saved.iter().rev() {
+                k.write(&undo.k)?;
+                v.write(&undo.v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The kept entries' positions, `[hkv][n]` (empty while nothing is kept).
     pub fn positions(&self) -> &[Vec<u32>] {
         &self.positions
@@ -252,6 +336,7 @@ impl GlobalCache {
             Some((k, v, s)) => (Some((k, v)), Some(s)),
             None => (None, None),
         };
+        (self.room, self.undo) = (None, None);
         self.positions = parts.positions;
         self.kept_attention = parts.kept_attention;
         self.window_scores = parts.window_scores;
@@ -264,12 +349,19 @@ impl GlobalCache {
         if let Some((k, v)) = &mut self.kept_kv {
             (*k, *v) = (k.detach(), v.detach());
         }
+        // Detached views no longer share the buffers: the next change copies.
+        self.room = None;
     }
 
-    /// Bytes held (keys, values, positions and scores).
+    /// Bytes held (keys and values with their spare places, positions and scores).
     pub fn bytes(&self) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        self.kept().map_or(0, |(k, v, s)| b(k) + b(v) + b(s))
+        // A room is held whole, its spare places too.
+        let rows = match (&self.room, self.kept()) {
+            (Some(room), Some(_)) => b(&room.k) + b(&room.v),
+            (_, kept) => kept.map_or(0, |(k, v, _)| b(k) + b(v)),
+        };
+        rows + self.scores.as_ref().map_or(0, b)
             + self.positions.iter().map(Vec::len).sum::<usize>() * std::mem::size_of::<u32>()
             + [
                 &self.kept_attention,
@@ -562,8 +654,7 @@ impl GlobalCache {
         unchanged: bool,
         back: Option<&[i64]>,
     ) -> Result<()> {
-        let old = self.kept_kv.take();
-        let dtype = match (self.stored, &old, rows.first()) {
+        let dtype = match (self.stored, &self.kept_kv, rows.first()) {
             (Some(d), _, _) => d,
             (None, _, Some((k, _))) => k.dtype(),
             (None, Some((k, _)), None) => k.dtype(),
@@ -577,19 +668,6 @@ impl GlobalCache {
         } else {
             (&plan.kept_after, rows)
         };
-        let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) = old
-            .iter()
-            .map(|(k, v)| (k, v))
-            .chain(rows.iter().copied())
-            .unzip();
-        let gather = |sources: &[&Tensor], unrotate| {
-            Gather {
-                sources,
-                kept_after,
-                dtype,
-            }
-            .run(unrotate)
-        };
         let unrotate = match (&self.cap, back) {
             (Some(cap), Some(back)) => Some(Unrotate {
                 back,
@@ -597,12 +675,69 @@ impl GlobalCache {
             }),
             _ => None,
         };
-        let k = gather(&ks, unrotate.as_ref())?;
-        let v = match (&old, unchanged) {
-            (Some((_, v)), true) => v.clone(),
-            _ => gather(&vs, None)?,
+        let old = self.kept_kv.take();
+        let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) = old
+            .iter()
+            .map(|(k, v)| (k, v))
+            .chain(rows.iter().copied())
+            .unzip();
+        let gather = |sources, kept_after| Gather {
+            sources,
+            kept_after,
+            dtype,
         };
-        self.kept_kv = Some((k, v));
+        let n = kept_after.first().map_or(0, Vec::len);
+        let on_cpu = ks.iter().chain(&vs).all(|t| t.device().is_cpu());
+        // In place, where the room is this cache's alone and takes these rows.
+        if let Some(room) = self
+            .room
+            .as_mut()
+            .filter(|r| on_cpu && Arc::strong_count(&r.holder) == 1 && r.k.dtype() == dtype)
+        {
+            let old_n = old.as_ref().map_or(Ok(0), |(k, _)| k.dim(1))?;
+            // Values move with their keys but are never rotated: with the places
+            // unchanged, only keys are written.
+            let k = gather(&ks, kept_after).changes(unrotate.as_ref(), &room.k, old_n)?;
+            let v = if unchanged {
+                k.as_ref().map(|k| Changes {
+                    places: Vec::new(),
+                    ..k.clone()
+                })
+            } else {
+                gather(&vs, kept_after).changes(None, &room.v, old_n)?
+            };
+            if let (Some(k), Some(v)) = (k, v) {
+                room.journals.retain(|j| j.strong_count() > 0);
+                for journal in room.journals.iter().filter_map(Weak::upgrade) {
+                    let saved = (k.current(&room.k)?, v.current(&room.v)?);
+                    journal.lock().expect("a journal lock").push(saved);
+                }
+                k.write(&room.k)?;
+                v.write(&room.v)?;
+                self.kept_kv = Some((room.k.narrow(1, 0, n)?, room.v.narrow(1, 0, n)?));
+                return Ok(());
+            }
+        }
+        // A copy: on the CPU into a new room (a place per row of the capacity), so that the
+        // next changes can be written in place.
+        let rows_per_head = if on_cpu { self.capacity.max(n) } else { n };
+        let k = gather(&ks, kept_after).run_padded(unrotate.as_ref(), rows_per_head)?;
+        let v = match (&old, unchanged) {
+            (Some((_, v)), true) if !on_cpu => v.clone(),
+            _ => gather(&vs, kept_after).run_padded(None, rows_per_head)?,
+        };
+        if on_cpu {
+            self.kept_kv = Some((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?));
+            self.room = Some(Box::new(Room {
+                k,
+                v,
+                holder: Arc::new(()),
+                journals: Vec::new(),
+            }));
+        } else {
+            self.kept_kv = Some((k, v));
+            self.room = None;
+        }
         Ok(())
     }
 }
@@ -1162,5 +1297,95 @@ mod tests {
             g.span_scores(5, (2, 1), None, None).unwrap(),
             [[(0.0, 0.0)], [(0.0, 0.0)]]
         );
+    }
+    #[test]
+    fn changes_in_place_equal_copies_and_spare_forks_and_backups() {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SplitMix(5);
+        let (hkv, d, window) = (2, 4, 3);
+        let mut random = |shape: (usize, usize, usize)| {
+            let x: Vec<f32> = (0..shape.0 * shape.1 * shape.2)
+                .map(|_| rng.uniform() * 2.0 - 1.0)
+                .collect();
+            Tensor::from_vec(x, shape, &dev).unwrap()
+        };
+        let mut uniform = crate::rng::SplitMix(6);
+        let mut draws = |n: usize| -> PerHead {
+            (0..hkv)
+                .map(|_| (0..n).map(|_| uniform.uniform()).collect())
+                .collect()
+        };
+        type Rows = Option<(Vec<f32>, Vec<f32>)>;
+        let kept_rows = |g: &GlobalCache| -> Rows {
+            let f32s = |t: &Tensor| -> Vec<f32> {
+                let t = t.to_dtype(DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            g.kept().map(|(k, v, _)| (f32s(k), f32s(v)))
+        };
+        // Recall places only, both kinds, attention places only.
+        for (capacity, sinks, attention) in [(4, 1, 0), (5, 1, 2), (3, 0, 3)] {
+            let mut fast = GlobalCache::new(capacity, sinks, attention).stored_as(DType::F16);
+            let mut slow = fast.clone();
+            let mut fork = None;
+            let mut backup = None;
+            let mut rows: Vec<(Tensor, Tensor)> = Vec::new();
+            let mut in_place = 0;
+            let mut position = 0;
+            let mut restored = false;
+            while position < 40 {
+                let (k, v) = (random((hkv, 1, d)), random((hkv, 1, d)));
+                let w0 = rows.len().saturating_sub(window);
+                let before = (w0 < rows.len()).then(|| {
+                    let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) =
+                        rows[w0..].iter().map(|(k, v)| (k, v)).unzip();
+                    (Tensor::cat(&ks, 1).unwrap(), Tensor::cat(&vs, 1).unwrap())
+                });
+                let mass = (attention > 0).then(|| draws(rows.len() - w0 + 1));
+                let recall = (capacity > sinks + attention).then(|| draws(1));
+                // The reference copies every kept row on every change, as before rooms.
+                slow.room = None;
+                let holder = fast.room.as_ref().map(|r| Arc::as_ptr(&r.holder));
+                for g in [&mut fast, &mut slow] {
+                    let before = before.as_ref().map(|(k, v)| (k, v));
+                    let scores = (mass.clone(), recall.clone());
+                    g.decode_step(position, window, before, (&k, &v), scores)
+                        .unwrap();
+                }
+                let kept_room = fast.room.as_ref().map(|r| Arc::as_ptr(&r.holder));
+                in_place += usize::from(holder.is_some() && holder == kept_room);
+                let what = format!("{capacity} places, {attention} by attention, token {position}");
+                assert_eq!(kept_rows(&fast), kept_rows(&slow), "{what}");
+                assert_eq!(fast.positions(), slow.positions(), "{what}");
+                rows.push((k, v));
+                position += 1;
+                if position == 15 {
+                    // A fork shares the room: neither may write the other's rows.
+                    fork = Some((fast.clone(), kept_rows(&fast)));
+                }
+                if position == 25 && !restored {
+                    // A backup does not stop the cache writing in place; restored, it is
+                    // the cache as it was, and the tokens are read again from there.
+                    backup = Some((fast.backup(), slow.clone(), kept_rows(&fast)));
+                }
+                if position == 29 && !restored {
+                    let (mut b, s, at_backup) = backup.take().unwrap();
+                    b.restore().unwrap();
+                    assert_eq!(kept_rows(&b), at_backup, "{capacity} places: restored");
+                    (fast, slow, restored) = (b, s, true);
+                    rows.truncate(25);
+                    position = 25;
+                }
+            }
+            let (fork, at_fork) = fork.unwrap();
+            assert_eq!(
+                kept_rows(&fork),
+                at_fork,
+                "{capacity} places: the fork's rows"
+            );
+            // Most steps kept their room: all but those before the first copy, the one
+            // after the fork, and the one after the restore.
+            assert!(in_place >= 30, "{in_place} steps in place");
+        }
     }
 }

@@ -10,7 +10,7 @@
 //! copies each kept row once, straight from the sources' storage, and rotates only the rows
 //! that pass. `tests` hold the two equal.
 
-use candle_core::{DType, Device, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 
 use crate::layers::rope::rotate_rows;
@@ -34,20 +34,6 @@ pub(super) struct Unrotate<'a> {
 }
 
 impl Gather<'_> {
-    /// The kept rows `[hkv, n, d]`, on the host when every source is on the CPU.
-    pub fn run(&self, unrotate: Option<&Unrotate>) -> Result<Tensor> {
-        let host = match self.dtype {
-            DType::F32 => self.host::<f32>(unrotate)?,
-            DType::F16 => self.host::<f16>(unrotate)?,
-            DType::BF16 => self.host::<bf16>(unrotate)?,
-            _ => None,
-        };
-        match host {
-            Some(t) => Ok(t),
-            None => self.reference(unrotate),
-        }
-    }
-
     /// Candle ops on any device: convert, concatenate, gather; keys are rotated in f32,
     /// whatever they are stored in (so rounded once more at most).
     pub fn reference(&self, unrotate: Option<&Unrotate>) -> Result<Tensor> {
@@ -75,12 +61,124 @@ impl Gather<'_> {
             .reshape((hkv, n, d))?)
     }
 
-    /// One copy per kept row from the sources' storage (those in another dtype converted
-    /// first: only ever the new rows of a prefill chunk); `None` when a source is not on
-    /// the CPU.
-    fn host<T: WithDType>(&self, unrotate: Option<&Unrotate>) -> Result<Option<Tensor>> {
-        if self.sources.iter().any(|t| !t.device().is_cpu()) {
+    /// The kept rows `[hkv, rows, d]` (`rows >= n`; the rows past `n` zero: a cache's room
+    /// to change in place), on the host when every source is on the CPU.
+    pub fn run_padded(&self, unrotate: Option<&Unrotate>, rows: usize) -> Result<Tensor> {
+        let host = match self.dtype {
+            DType::F32 => self.host::<f32>(unrotate, rows)?,
+            DType::F16 => self.host::<f16>(unrotate, rows)?,
+            DType::BF16 => self.host::<bf16>(unrotate, rows)?,
+            _ => None,
+        };
+        if let Some(t) = host {
+            return Ok(t);
+        }
+        let kept = self.reference(unrotate)?;
+        let (hkv, n, d) = kept.dims3()?;
+        if rows == n {
+            return Ok(kept);
+        }
+        let spare = Tensor::zeros((hkv, rows - n, d), self.dtype, kept.device())?;
+        Ok(Tensor::cat(&[&kept, &spare], 1)?)
+    }
+
+    /// The rows [`write`](Changes::write) puts into `room` (`[hkv, rows, d]`, contiguous on
+    /// the CPU, in `self.dtype`; its first `old` rows per head are the kept entries
+    /// before): those of the places whose row changes (a new candidate, an entry moved
+    /// from another place, a key rotated back, a place past `old`), read now, before any is
+    /// written (an entry may move to a place whose entry moves on). The other places hold
+    /// their rows already. `None` where the host path does not apply (a source off the CPU,
+    /// a dtype it does not take, a room that does not fit).
+    pub fn changes(
+        &self,
+        unrotate: Option<&Unrotate>,
+        room: &Tensor,
+        old: usize,
+    ) -> Result<Option<Changes>> {
+        match self.dtype {
+            DType::F32 => self.changes_as::<f32>(unrotate, room, old),
+            DType::F16 => self.changes_as::<f16>(unrotate, room, old),
+            DType::BF16 => self.changes_as::<bf16>(unrotate, room, old),
+            _ => Ok(None),
+        }
+    }
+
+    fn changes_as<T: HostRow>(
+        &self,
+        unrotate: Option<&Unrotate>,
+        room: &Tensor,
+        old: usize,
+    ) -> Result<Option<Changes>> {
+        let (hkv, room_rows, d) = room.dims3()?;
+        let n = self.kept_after.first().map_or(0, Vec::len);
+        if !room.device().is_cpu()
+            || room.dtype() != self.dtype
+            || !room.is_contiguous()
+            || self.kept_after.len() != hkv
+            || n > room_rows
+        {
             return Ok(None);
+        }
+        let back = |h: usize, i: usize| unrotate.map_or(0, |u| u.back[h * n + i]);
+        let changed = |h: usize, i: usize, c: usize| c != i || i >= old || back(h, i) != 0;
+        let (mut places, mut rows) = (Vec::new(), Vec::<T>::new());
+        let read = self.each_row::<T>(unrotate, changed, |h, i, row| {
+            places.push(h * room_rows + i);
+            rows.extend_from_slice(row);
+        })?;
+        Ok(read.then(|| Changes {
+            places,
+            rows: T::into_rows(rows),
+            d,
+        }))
+    }
+
+    /// [`run_padded`](Self::run_padded) on the host: one copy per kept row from the
+    /// sources' storage; `None` when a source is not on the CPU.
+    fn host<T: WithDType>(
+        &self,
+        unrotate: Option<&Unrotate>,
+        rows: usize,
+    ) -> Result<Option<Tensor>> {
+        let hkv = self.kept_after.len();
+        let n = self.kept_after.first().map_or(0, Vec::len);
+        let Some(d) = self.sources.first().map(|t| t.dim(2)).transpose()? else {
+            return Ok(None);
+        };
+        let mut out: Vec<T> = Vec::with_capacity(hkv * rows * d);
+        let pad = (rows - n) * d;
+        let read = self.each_row::<T>(
+            unrotate,
+            |_, _, _| true,
+            |_, i, row| {
+                out.extend_from_slice(row);
+                if i + 1 == n {
+                    out.extend(std::iter::repeat_n(T::zero(), pad));
+                }
+            },
+        )?;
+        if !read {
+            return Ok(None);
+        }
+        if n == 0 {
+            out.resize(hkv * rows * d, T::zero());
+        }
+        Ok(Some(Tensor::from_vec(out, (hkv, rows, d), &Device::Cpu)?))
+    }
+
+    /// Calls `each(h, i, row)` for every place `i` of every head `h` whose candidate `c`
+    /// `pick(h, i, c)` selects, in place order, with its row read where it lies in the
+    /// sources' storage (those in another dtype converted first: only ever the new rows of
+    /// a prefill chunk), rotated back where `unrotate` says; `false` when a source is not
+    /// on the CPU.
+    fn each_row<T: WithDType>(
+        &self,
+        unrotate: Option<&Unrotate>,
+        pick: impl Fn(usize, usize, usize) -> bool,
+        mut each: impl FnMut(usize, usize, &[T]),
+    ) -> Result<bool> {
+        if self.sources.iter().any(|t| !t.device().is_cpu()) {
+            return Ok(false);
         }
         // Rows are read where they are: a window cache's rows are a view into a buffer
         // with spare rows (`KvCache::push`), each head's rows contiguous, the heads apart;
@@ -103,37 +201,149 @@ impl Gather<'_> {
                     &T::cpu_storage_as_slice(cpu)?[layout.start_offset()..],
                     head_stride,
                 )),
-                _ => return Ok(None),
+                _ => return Ok(false),
             }
         }
-        let (hkv, _, d) = converted[0].dims3()?;
+        let Some(first) = converted.first() else {
+            return Ok(true);
+        };
+        let (_, _, d) = first.dims3()?;
         let lens = converted
             .iter()
             .map(|t| t.dim(1))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let n = self.kept_after.first().map_or(0, Vec::len);
-        let mut out: Vec<T> = Vec::with_capacity(hkv * n * d);
         let mut row32 = vec![0f32; d];
+        let mut rotated: Vec<T> = Vec::with_capacity(d);
         for (h, places) in self.kept_after.iter().enumerate() {
             for (i, &c) in places.iter().enumerate() {
+                if !pick(h, i, c) {
+                    continue;
+                }
                 let (s, j) = locate(&lens, c);
                 let (data, head_stride) = slices[s];
                 let at = h * head_stride + j * d;
                 let row = &data[at..at + d];
                 match unrotate.map_or(0, |u| u.back[h * n + i]) {
-                    0 => out.extend_from_slice(row),
+                    0 => each(h, i, row),
                     p => {
                         for (x, &y) in row32.iter_mut().zip(row) {
                             *x = y.to_f64() as f32;
                         }
                         let inv_freq = unrotate.map_or(&[][..], |u| u.inv_freq);
                         rotate_row(&mut row32, p, inv_freq);
-                        out.extend(row32.iter().map(|&x| T::from_f64(x as f64)));
+                        rotated.clear();
+                        rotated.extend(row32.iter().map(|&x| T::from_f64(x as f64)));
+                        each(h, i, &rotated);
                     }
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(out, (hkv, n, d), &Device::Cpu)?))
+        Ok(true)
+    }
+}
+
+/// Rows to write over some rows of a buffer: row `places[i]` of a contiguous `[rows, d]`
+/// buffer gets `rows[i * d..][..d]`.
+#[derive(Debug, Clone)]
+pub(super) struct Changes {
+    pub places: Vec<usize>,
+    pub rows: HostRows,
+    pub d: usize,
+}
+
+/// Rows in a buffer's dtype.
+#[derive(Debug, Clone)]
+pub(super) enum HostRows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.places.is_empty()
+    }
+
+    /// The rows `buffer` holds now at these places (what writing them over it undoes).
+    pub fn current(&self, buffer: &Tensor) -> Result<Changes> {
+        fn pick<T: Copy>(data: &[T], c: &Changes, start: usize) -> Vec<T> {
+            c.places
+                .iter()
+                .flat_map(|&p| data[start + p * c.d..][..c.d].iter().copied())
+                .collect()
+        }
+        let (storage, layout) = buffer.storage_and_layout();
+        let (start, d) = (layout.start_offset(), self.d);
+        let rows = match &*storage {
+            Storage::Cpu(CpuStorage::F32(x)) => HostRows::F32(pick(x, self, start)),
+            Storage::Cpu(CpuStorage::F16(x)) => HostRows::F16(pick(x, self, start)),
+            Storage::Cpu(CpuStorage::BF16(x)) => HostRows::BF16(pick(x, self, start)),
+            _ => {
+                return Err(crate::Error::State(
+                    "global cache rows: not a CPU f32, f16 or bf16 buffer".into(),
+                ))
+            }
+        };
+        Ok(Changes {
+            places: self.places.clone(),
+            rows,
+            d,
+        })
+    }
+
+    /// Writes the rows into `buffer` (contiguous, on the CPU, in the rows' dtype), in
+    /// place: no view of the buffer may be read meanwhile by anyone who must not see them.
+    pub fn write(&self, buffer: &Tensor) -> Result<()> {
+        if !self.is_empty() {
+            buffer.inplace_op1(self)?;
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp1 for Changes {
+    fn name(&self) -> &'static str {
+        "global-cache-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        fn put<T: Copy>(data: &mut [T], rows: &[T], c: &Changes, start: usize) {
+            for (&place, row) in c.places.iter().zip(rows.chunks_exact(c.d)) {
+                data[start + place * c.d..][..c.d].copy_from_slice(row);
+            }
+        }
+        let start = layout.start_offset();
+        match (storage, &self.rows) {
+            (CpuStorage::F32(data), HostRows::F32(rows)) => put(data, rows, self, start),
+            (CpuStorage::F16(data), HostRows::F16(rows)) => put(data, rows, self, start),
+            (CpuStorage::BF16(data), HostRows::BF16(rows)) => put(data, rows, self, start),
+            _ => candle_core::bail!("{}: rows in another dtype than the buffer", self.name()),
+        }
+        Ok(())
+    }
+}
+
+/// Row types the host path reads into [`HostRows`].
+trait HostRow: WithDType {
+    fn into_rows(rows: Vec<Self>) -> HostRows;
+}
+
+impl HostRow for f32 {
+    fn into_rows(rows: Vec<Self>) -> HostRows {
+        HostRows::F32(rows)
+    }
+}
+
+impl HostRow for f16 {
+    fn into_rows(rows: Vec<Self>) -> HostRows {
+        HostRows::F16(rows)
+    }
+}
+
+impl HostRow for bf16 {
+    fn into_rows(rows: Vec<Self>) -> HostRows {
+        HostRows::BF16(rows)
     }
 }
 
@@ -224,9 +434,9 @@ mod tests {
             };
             for unrotate in [None, Some(&u)] {
                 let fast = match dtype {
-                    DType::F32 => g.host::<f32>(unrotate),
-                    DType::F16 => g.host::<f16>(unrotate),
-                    _ => g.host::<bf16>(unrotate),
+                    DType::F32 => g.host::<f32>(unrotate, 7),
+                    DType::F16 => g.host::<f16>(unrotate, 7),
+                    _ => g.host::<bf16>(unrotate, 7),
                 };
                 let fast = fast.unwrap().expect("the host path takes CPU tensors");
                 let slow = g.reference(unrotate).unwrap();
@@ -240,6 +450,72 @@ mod tests {
                         .unwrap()
                 };
                 assert_eq!(f32s(&fast), f32s(&slow), "{dtype:?}");
+            }
+        }
+    }
+    #[test]
+    fn changed_places_written_in_place_equal_a_fresh_gather_and_undo() {
+        let mut rng = SplitMix(29);
+        let (hkv, d, room_rows, old) = (3, 8, 10, 5);
+        let inv_freq = [1.0f32, 0.1, 0.01, 0.001];
+        let rows = |t: &Tensor, n: usize| -> Vec<f32> {
+            let t = t.narrow(1, 0, n).unwrap().to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for case in 0..4 {
+                // The kept rows are the first `old` rows of each head of a room with spare
+                // rows; the window is a view into another buffer; new rows come in f32.
+                let room = random((hkv, room_rows, d), &mut rng)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let buffer = random((hkv, 10, d), &mut rng).to_dtype(dtype).unwrap();
+                let window = buffer.narrow(1, 2, 4).unwrap();
+                let new = random((hkv, 3, d), &mut rng);
+                // Places kept, swapped (read before their place is written), replaced by
+                // window rows or new ones, and appended; differently in every head.
+                let kept_after: Vec<Vec<usize>> = (0..hkv)
+                    .map(|h| {
+                        let mut row: Vec<usize> = (0..old).collect();
+                        row.swap(h % old, (h + 2 + case) % old);
+                        row[(h + case) % old] = old + (h + case) % 7;
+                        row.extend([old + 4 + h % 3, (case + h) % old].iter().take(case % 3));
+                        row
+                    })
+                    .collect();
+                let n = kept_after[0].len();
+                let back: Vec<i64> = (0..hkv * n)
+                    .map(|i| {
+                        if (i + case) % 4 == 0 {
+                            -(300 + i as i64)
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                let u = Unrotate {
+                    back: &back,
+                    inv_freq: &inv_freq,
+                };
+                for unrotate in [None, Some(&u)] {
+                    let room = room.copy().unwrap();
+                    let before = rows(&room, room_rows);
+                    let kept = room.narrow(1, 0, old).unwrap();
+                    let sources = [&kept, &window, &new];
+                    let g = Gather {
+                        sources: &sources,
+                        kept_after: &kept_after,
+                        dtype,
+                    };
+                    let fresh = g.run_padded(unrotate, room_rows).unwrap();
+                    let changes = g.changes(unrotate, &room, old).unwrap().unwrap();
+                    let saved = changes.current(&room).unwrap();
+                    changes.write(&room).unwrap();
+                    let what = format!("{dtype:?} case {case}");
+                    assert_eq!(rows(&room, n), rows(&fresh, n), "{what}");
+                    saved.write(&room).unwrap();
+                    assert_eq!(rows(&room, room_rows), before, "{what}: undone");
+                }
             }
         }
     }

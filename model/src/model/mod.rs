@@ -16,7 +16,7 @@ use crate::config::ModelConfig;
 use crate::decode;
 use crate::layers::{Dims, Linear, Mlp, RmsNorm, Rope, WeightSource};
 use crate::lora;
-use crate::state::{LayerState, SeqStep, SequenceState, StateSpec};
+use crate::state::{Backup, LayerState, SeqStep, SequenceState, StateSpec};
 use crate::{Error, Result};
 
 mod adapters;
@@ -244,12 +244,13 @@ impl Model {
     /// half-advanced state behind).
     pub fn forward_batch(&self, seqs: &mut [SeqStep<'_>], logits: Logits) -> Result<Vec<Tensor>> {
         // A backup only bumps reference counts (tensors are replaced, never mutated, but
-        // for the caches' spare rows, which the backup does not see).
-        let backup: Vec<SequenceState> = seqs.iter().map(|s| s.state.backup()).collect();
+        // for the caches' spare rows, which the backup does not see, and the global caches'
+        // kept rows, which are saved for it when a change writes over them).
+        let backup: Vec<Backup> = seqs.iter_mut().map(|s| s.state.backup()).collect();
         let out = self.forward_batch_inner(seqs, logits);
         if out.is_err() {
             for (s, b) in seqs.iter_mut().zip(backup) {
-                *s.state = b;
+                *s.state = b.restore()?;
             }
         }
         out

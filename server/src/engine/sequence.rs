@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use liger_model::{SequenceState, Slot};
+use liger_model::{Backup, Slot};
 
 use tracing::warn;
 
@@ -66,7 +66,7 @@ pub struct Choice {
     /// This step's drafted tokens, fed after `tokens[fed..]`.
     pub drafts: Vec<u32>,
     /// The state before this step, while it carries drafts.
-    pub backup: Option<SequenceState>,
+    pub backup: Option<Backup>,
     /// Steps left without drafts, and how many the next wholly rejected draft skips.
     pub draft_pause: u32,
     draft_backoff: u32,
@@ -118,7 +118,7 @@ impl Choice {
     /// fed again next step), so such a step pauses drafting for 1, 2, 4 ... 16 steps, until
     /// a draft is confirmed again: text that does not repeat itself is decoded almost as
     /// without drafts.
-    pub fn settle(&mut self, before: usize, accepted: usize) {
+    pub fn settle(&mut self, before: usize, accepted: usize) -> liger_model::Result<()> {
         let rejected = accepted < self.drafts.len();
         if !self.drafts.is_empty() {
             self.draft_backoff = if accepted == 0 {
@@ -129,12 +129,15 @@ impl Choice {
             self.draft_pause = self.draft_backoff;
         }
         let backup = self.backup.take();
+        let drafted = std::mem::take(&mut self.drafts).len();
         if rejected {
-            self.slot.state = backup.expect("a step with drafts keeps a backup");
+            self.slot.state = backup
+                .expect("a step with drafts keeps a backup")
+                .restore()?;
         } else {
-            self.fed = before + self.drafts.len();
+            self.fed = before + drafted;
         }
-        self.drafts.clear();
+        Ok(())
     }
 
     /// Samples the next token from `logits` (this choice's last row) and returns the events

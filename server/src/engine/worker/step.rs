@@ -312,7 +312,7 @@ impl Worker {
                     .accepted_draft_tokens
                     .fetch_add(accepted as u64, Ordering::Relaxed);
             }
-            c.settle(before, accepted);
+            c.settle(before, accepted).map_err(|e| e.to_string())?;
             if finished {
                 done.push(k);
             }
