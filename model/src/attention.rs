@@ -639,12 +639,7 @@ impl Attention {
             }
         };
         let window_scores = global.window_scores_after(&scores, window.len())?;
-        global.apply(
-            &plan,
-            &[(&k_all, &v_all)],
-            (window_scores, positions),
-            q.device(),
-        )?;
+        global.apply(&plan, &[(&k_all, &v_all)], (window_scores, positions))?;
         Ok(out)
     }
 }

@@ -549,12 +549,12 @@ impl SequenceState {
                     global,
                 } => {
                     tensors.push((format!("layers.{i}.recurrent"), recurrent.clone()));
-                    if let Some((k, v, s)) = global.kept() {
+                    if let (Some((k, v)), Some(s)) = (global.kept(), global.kept_scores()?) {
                         // Views into buffers with spare places are strided: written
                         // compact.
                         tensors.push((format!("layers.{i}.global.k"), k.contiguous()?));
                         tensors.push((format!("layers.{i}.global.v"), v.contiguous()?));
-                        tensors.push((format!("layers.{i}.global.scores"), s.clone()));
+                        tensors.push((format!("layers.{i}.global.scores"), s));
                         let p = global.positions();
                         let flat: Vec<u32> = p.iter().flatten().copied().collect();
                         let shape = (p.len(), flat.len() / p.len().max(1));
@@ -563,14 +563,14 @@ impl SequenceState {
                             Tensor::from_vec(flat, shape, &Device::Cpu)?,
                         ));
                     }
-                    if let Some(a) = global.kept_attention() {
-                        tensors.push((format!("layers.{i}.global.attention"), a.clone()));
+                    if let Some(a) = global.kept_attention()? {
+                        tensors.push((format!("layers.{i}.global.attention"), a));
                     }
-                    if let Some(s) = global.window_scores() {
-                        tensors.push((format!("layers.{i}.window_scores"), s.clone()));
+                    if let Some(s) = global.window_scores()? {
+                        tensors.push((format!("layers.{i}.window_scores"), s));
                     }
-                    if let Some(a) = global.window_attention() {
-                        tensors.push((format!("layers.{i}.window_attention"), a.clone()));
+                    if let Some(a) = global.window_attention()? {
+                        tensors.push((format!("layers.{i}.window_attention"), a));
                     }
                     window
                 }
@@ -733,8 +733,7 @@ fn restore_global(
         window_scores: scores("window_scores", in_window, true)?,
         window_attention: scores("window_attention", in_window, two)?,
     };
-    global.set_parts(kept, parts);
-    Ok(())
+    global.set_parts(kept, parts)
 }
 
 fn check(t: &Tensor, dims: &[usize], dtype: DType, layer: usize) -> Result<()> {

@@ -235,9 +235,9 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
                 if let (Some(x), Some(y)) = (gx.kept(), gy.kept()) {
                     close(x.0, y.0, &format!("layer {l} global keys"));
                     close(x.1, y.1, &format!("layer {l} global values"));
-                    scores_close(x.2, y.2, "global saliences");
                 }
                 for (x, y, part) in [
+                    (gx.kept_scores(), gy.kept_scores(), "global saliences"),
                     (
                         gx.kept_attention(),
                         gy.kept_attention(),
@@ -250,8 +250,9 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
                         "window attention sums",
                     ),
                 ] {
+                    let (x, y) = (x.unwrap(), y.unwrap());
                     assert_eq!(x.is_some(), y.is_some(), "{what}: layer {l} {part}");
-                    if let (Some(x), Some(y)) = (x, y) {
+                    if let (Some(x), Some(y)) = (&x, &y) {
                         scores_close(x, y, part);
                     }
                 }

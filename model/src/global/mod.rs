@@ -93,20 +93,21 @@ pub struct GlobalCache {
     room: Option<Box<Room>>,
     /// A backup's way back ([`backup`](Self::backup)).
     undo: Option<Box<Undo>>,
-    /// The kept entries' scores in their place's kind, `[hkv, n]` (f32).
-    scores: Option<Tensor>,
+    /// The kept entries' scores, `[hkv][n]`: each its own place's kind first (the first
+    /// pool's, or attention in an attention place), then, with both kinds of places, its
+    /// attention score (a recall place's entry pushed out moves on to the attention
+    /// places by it), else its own again. Plain host data: a decode step reads and
+    /// writes a few of them per layer, and as tensors each step converted them to
+    /// vectors and back (allocations a tenth of the step's state update).
+    kept_scores: Vec<Vec<Scores>>,
     /// The kept entries' positions in the sequence, `[hkv][n]` (the distance cap scores
     /// an entry by how far back it is).
     positions: Vec<Vec<u32>>,
-    /// With both recall and attention places: the kept entries' attention scores `[hkv, n]`
-    /// (a recall place's entry pushed out moves on to the attention places by it).
-    kept_attention: Option<Tensor>,
-    /// Scores of the window cache's rows, `[hkv, len]`, oldest first: the recall scores
-    /// when there are recall places, else the running attention sums. They compete for a
-    /// place when they leave the window.
-    window_scores: Option<Tensor>,
-    /// With both kinds of places: the window rows' running attention sums, `[hkv, len]`.
-    window_attention: Option<Tensor>,
+    /// Scores of the window cache's rows, `[hkv][len]`, oldest first: the recall scores
+    /// when there are recall places, else the running attention sums; then, with both
+    /// kinds of places, the running attention sums, else the first again. They compete
+    /// for a place when they leave the window.
+    window_scores: Vec<Vec<Scores>>,
     /// With a distance cap, the entries more than its distance before the next token are
     /// stored un-rotated.
     cap: Option<DistanceCap>,
@@ -175,11 +176,9 @@ impl GlobalCache {
             kept_kv: None,
             room: None,
             undo: None,
-            scores: None,
+            kept_scores: Vec::new(),
             positions: Vec::new(),
-            kept_attention: None,
-            window_scores: None,
-            window_attention: None,
+            window_scores: Vec::new(),
             cap: None,
             stored: None,
         }
@@ -255,12 +254,9 @@ impl GlobalCache {
         self.len() == 0
     }
 
-    /// Kept keys, values and scores (none while empty).
-    pub fn kept(&self) -> Option<(&Tensor, &Tensor, &Tensor)> {
-        match (&self.kept_kv, &self.scores) {
-            (Some((k, v)), Some(s)) => Some((k, v, s)),
-            _ => None,
-        }
+    /// Kept keys and values (none while empty).
+    pub fn kept(&self) -> Option<(&Tensor, &Tensor)> {
+        self.kept_kv.as_ref().map(|(k, v)| (k, v))
     }
 
     /// The kept keys' and values' buffers (`[hkv, rows, d]`, contiguous), and how many
@@ -315,32 +311,61 @@ impl GlobalCache {
         &self.positions
     }
 
-    /// The kept entries' attention scores, with both kinds of places.
-    pub fn kept_attention(&self) -> Option<&Tensor> {
-        self.kept_attention.as_ref()
+    /// The kept entries' scores in their place's kind, `[hkv, n]` (none while nothing is
+    /// kept).
+    pub fn kept_scores(&self) -> Result<Option<Tensor>> {
+        self.kept_kv
+            .as_ref()
+            .map(|_| channel(&self.kept_scores, |s| s.0))
+            .transpose()
     }
 
-    /// Scores of the window cache's rows (none while the window is empty).
-    pub fn window_scores(&self) -> Option<&Tensor> {
-        self.window_scores.as_ref()
+    /// The kept entries' attention scores `[hkv, n]`, with both kinds of places.
+    pub fn kept_attention(&self) -> Result<Option<Tensor>> {
+        match self.kept_kv {
+            Some(_) if self.two_kinds() => Ok(Some(channel(&self.kept_scores, |s| s.1)?)),
+            _ => Ok(None),
+        }
     }
 
-    /// The window rows' running attention sums, with both kinds of places.
-    pub fn window_attention(&self) -> Option<&Tensor> {
-        self.window_attention.as_ref()
+    /// Scores of the window cache's rows `[hkv, len]` (none while the window is empty).
+    pub fn window_scores(&self) -> Result<Option<Tensor>> {
+        match self.window_scores.first() {
+            Some(row) if !row.is_empty() => Ok(Some(channel(&self.window_scores, |s| s.0)?)),
+            _ => Ok(None),
+        }
     }
 
-    /// Restores parts written by the getters above (state deserialization checks shapes).
-    pub(crate) fn set_parts(&mut self, kept: Option<(Tensor, Tensor, Tensor)>, parts: Parts) {
-        (self.kept_kv, self.scores) = match kept {
+    /// The window rows' running attention sums `[hkv, len]`, with both kinds of places.
+    pub fn window_attention(&self) -> Result<Option<Tensor>> {
+        match self.window_scores.first() {
+            Some(row) if !row.is_empty() && self.two_kinds() => {
+                Ok(Some(channel(&self.window_scores, |s| s.1)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Restores what the getters above give (state deserialization checks shapes):
+    /// the kept keys, values and scores, and the other parts.
+    pub(crate) fn set_parts(
+        &mut self,
+        kept: Option<(Tensor, Tensor, Tensor)>,
+        parts: Parts,
+    ) -> Result<()> {
+        let (kept_kv, scores) = match kept {
             Some((k, v, s)) => (Some((k, v)), Some(s)),
             None => (None, None),
         };
+        self.kept_scores = pairs(scores.as_ref(), parts.kept_attention.as_ref())?;
+        self.window_scores = pairs(
+            parts.window_scores.as_ref(),
+            parts.window_attention.as_ref(),
+        )?;
+        self.kept_kv = kept_kv;
         (self.room, self.undo) = (None, None);
         self.positions = parts.positions;
-        self.kept_attention = parts.kept_attention;
-        self.window_scores = parts.window_scores;
-        self.window_attention = parts.window_attention;
+        Ok(())
     }
 
     /// Cuts the kept keys and values off from the autograd graph (see
@@ -359,19 +384,18 @@ impl GlobalCache {
         // A room is held whole, its spare places too.
         let rows = match (&self.room, self.kept()) {
             (Some(room), Some(_)) => b(&room.k) + b(&room.v),
-            (_, kept) => kept.map_or(0, |(k, v, _)| b(k) + b(v)),
+            (_, kept) => kept.map_or(0, |(k, v)| b(k) + b(v)),
         };
-        rows + self.scores.as_ref().map_or(0, b)
+        // Scores as the state blob holds them: one f32 each, two with both kinds.
+        let per_score = std::mem::size_of::<f32>() * if self.two_kinds() { 2 } else { 1 };
+        let scores: usize = self
+            .kept_scores
+            .iter()
+            .chain(&self.window_scores)
+            .map(Vec::len)
+            .sum();
+        rows + scores * per_score
             + self.positions.iter().map(Vec::len).sum::<usize>() * std::mem::size_of::<u32>()
-            + [
-                &self.kept_attention,
-                &self.window_scores,
-                &self.window_attention,
-            ]
-            .into_iter()
-            .flatten()
-            .map(b)
-            .sum::<usize>()
     }
 
     /// The scores of a span of `t` new tokens from `position` in `hkv` heads, `[hkv][t]`,
@@ -392,25 +416,23 @@ impl GlobalCache {
         let new_mass: Option<Vec<Vec<f32>>> = match mass {
             Some(mass) if self.scores_attention() => {
                 let two = self.two_kinds();
-                let sums = if two {
-                    &mut self.window_attention
-                } else {
-                    &mut self.window_scores
-                };
-                let cached = sums.as_ref().map_or(Ok(0), |s| s.dim(1))?;
+                let cached = self.window_scores.first().map_or(0, Vec::len);
                 if mass.iter().any(|m| m.len() != cached + t) {
                     return Err(crate::Error::State(
                         "attention scores do not cover the window".into(),
                     ));
                 }
-                if let Some(old) = sums.as_ref() {
-                    let new: Vec<Vec<f32>> = old
-                        .to_vec2::<f32>()?
-                        .into_iter()
-                        .zip(&mass)
-                        .map(|(o, m)| o.iter().zip(m).map(|(a, b)| a + b).collect())
-                        .collect();
-                    *sums = Some(Tensor::new(new, old.device())?);
+                // The running sums: the second score with both kinds, else the first
+                // (and the second its copy).
+                for (row, m) in self.window_scores.iter_mut().zip(&mass) {
+                    for (s, &a) in row.iter_mut().zip(m) {
+                        if two {
+                            s.1 += a;
+                        } else {
+                            s.0 += a;
+                            s.1 = s.0;
+                        }
+                    }
                 }
                 Some(mass.into_iter().map(|m| m[cached..].to_vec()).collect())
             }
@@ -438,11 +460,6 @@ impl GlobalCache {
             .collect())
     }
 
-    /// The window rows' scores as pairs, `[hkv][len]`.
-    fn window_pairs(&self) -> Result<Vec<Vec<Scores>>> {
-        pairs(self.window_scores.as_ref(), self.window_attention.as_ref())
-    }
-
     /// The scores of the window rows kept after a span: the last `keep` of the cached rows'
     /// followed by the span's (`scores`, `[hkv][t]`).
     pub fn window_scores_after(
@@ -450,13 +467,12 @@ impl GlobalCache {
         scores: &[Vec<Scores>],
         keep: usize,
     ) -> Result<Vec<Vec<Scores>>> {
-        let mut old = self.window_pairs()?;
-        old.resize(scores.len(), Vec::new());
-        Ok(old
-            .into_iter()
-            .zip(scores)
-            .map(|(old, new)| {
-                let all = [old, new.clone()].concat();
+        Ok(scores
+            .iter()
+            .enumerate()
+            .map(|(h, new)| {
+                let old = self.window_scores.get(h).map_or(&[][..], Vec::as_slice);
+                let all = [old, new].concat();
                 all[all.len() - keep..].to_vec()
             })
             .collect())
@@ -480,14 +496,13 @@ impl GlobalCache {
         let plan = self.plan(window, window_len, &scores)?;
         let keep = (window_len + 1).min(window);
         let window_scores = self.window_scores_after(&scores, keep)?;
-        let device = k.device().clone();
         let rows: Vec<(&Tensor, &Tensor)> = window_before.into_iter().chain([(k, v)]).collect();
         let span = SpanPositions {
             first_row: position - window_len,
             start: position,
             end: position + 1,
         };
-        self.apply(&plan, &rows, (window_scores, span), &device)
+        self.apply(&plan, &rows, (window_scores, span))
     }
 
     /// The keys and values a plan's columns index: the kept rows, then `rows` in order (the
@@ -504,22 +519,21 @@ impl GlobalCache {
     pub fn plan(&self, window: usize, window_len: usize, scores: &[Vec<Scores>]) -> Result<Plan> {
         let hkv = scores.len();
         let t = scores.first().map_or(0, Vec::len);
-        let mut kept_scores = pairs(self.scores.as_ref(), self.kept_attention.as_ref())?;
-        kept_scores.resize(hkv, Vec::new());
-        let mut window_scores = self.window_pairs()?;
-        window_scores.resize(hkv, Vec::new());
+        fn row(rows: &[Vec<Scores>], h: usize) -> &[Scores] {
+            rows.get(h).map_or(&[][..], Vec::as_slice)
+        }
         let mut plan = Plan {
             visible: Vec::with_capacity(hkv),
             kept_after: Vec::with_capacity(hkv),
             kept_scores: Vec::with_capacity(hkv),
         };
-        for h in 0..hkv {
+        for (h, new) in scores.iter().enumerate() {
             let head = HeadPlan {
                 capacity: self.capacity,
                 first_pool: self.first_pool(),
                 window,
-                kept: &kept_scores[h],
-                stream: [&window_scores[h][..window_len], &scores[h][..]].concat(),
+                kept: row(&self.kept_scores, h),
+                stream: [&row(&self.window_scores, h)[..window_len], new].concat(),
                 new_tokens: t,
             }
             .run();
@@ -540,7 +554,6 @@ impl GlobalCache {
         plan: &Plan,
         rows: &[(&Tensor, &Tensor)],
         (window_scores_after, span): (Vec<Vec<Scores>>, SpanPositions),
-        device: &Device,
     ) -> Result<()> {
         let first_row = span.first_row;
         let before = self.len();
@@ -556,17 +569,21 @@ impl GlobalCache {
         let two = self.two_kinds();
         let hkv = plan.kept_after.len();
         if !unchanged {
-            // Each entry's score in its place's kind.
-            let own: Vec<f32> = plan
+            // Each entry's score in its place's kind, then its attention score with both
+            // kinds (see `kept_scores`).
+            self.kept_scores = plan
                 .kept_scores
                 .iter()
-                .flat_map(|row| {
+                .map(|row| {
                     row.iter()
                         .enumerate()
-                        .map(|(i, s)| if i < first_pool { s.0 } else { s.1 })
+                        .map(|(i, s)| {
+                            let own = if i < first_pool { s.0 } else { s.1 };
+                            (own, if two { s.1 } else { own })
+                        })
+                        .collect()
                 })
                 .collect();
-            self.scores = Some(Tensor::from_vec(own, (hkv, n), device)?);
             let mut old = std::mem::take(&mut self.positions);
             old.resize(hkv, Vec::new());
             was_raw.resize(hkv, Vec::new());
@@ -589,28 +606,19 @@ impl GlobalCache {
                         .collect()
                 })
                 .collect();
-            self.kept_attention = if two {
-                let a: Vec<f32> = plan.kept_scores.iter().flatten().map(|s| s.1).collect();
-                Some(Tensor::from_vec(a, (hkv, n), device)?)
-            } else {
-                None
-            };
         }
         let back = self.passing(&was_raw, span.end);
         if !unchanged || back.is_some() {
             self.rebuild(plan, rows, unchanged, back.as_deref())?;
         }
-        let hkv = window_scores_after.len();
-        let len = window_scores_after.first().map_or(0, Vec::len);
-        let channel = |f: fn(&Scores) -> f32| -> Result<Option<Tensor>> {
-            if len == 0 {
-                return Ok(None);
-            }
-            let x: Vec<f32> = window_scores_after.iter().flatten().map(f).collect();
-            Ok(Some(Tensor::from_vec(x, (hkv, len), device)?))
-        };
-        self.window_scores = channel(|s| s.0)?;
-        self.window_attention = if two { channel(|s| s.1)? } else { None };
+        self.window_scores = window_scores_after
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|s| (s.0, if two { s.1 } else { s.0 }))
+                    .collect()
+            })
+            .collect();
         Ok(())
     }
 
@@ -750,6 +758,13 @@ pub(crate) struct Parts {
     pub kept_attention: Option<Tensor>,
     pub window_scores: Option<Tensor>,
     pub window_attention: Option<Tensor>,
+}
+
+/// One score of every pair, `[hkv, len]` (f32, on the CPU).
+fn channel(rows: &[Vec<Scores>], f: fn(&Scores) -> f32) -> Result<Tensor> {
+    let len = rows.first().map_or(0, Vec::len);
+    let x: Vec<f32> = rows.iter().flatten().map(f).collect();
+    Ok(Tensor::from_vec(x, (rows.len(), len), &Device::Cpu)?)
 }
 
 /// Score pairs from one score tensor `[hkv, n]` and, with two kinds, the attention scores:
@@ -1105,7 +1120,6 @@ mod tests {
                         end: read,
                     },
                 ),
-                &dev,
             )
             .unwrap();
         }
@@ -1233,8 +1247,7 @@ mod tests {
                     start,
                     end: start + t,
                 };
-                g.apply(&plan, &[(&c, &c)], (vec![ws], span), &Device::Cpu)
-                    .unwrap();
+                g.apply(&plan, &[(&c, &c)], (vec![ws], span)).unwrap();
                 let positions: Vec<u32> = kept_tokens.iter().map(|&p| p as u32).collect();
                 assert_eq!(g.positions().concat(), positions, "case {case}");
                 start += t;
@@ -1270,8 +1283,7 @@ mod tests {
         assert_eq!(s, [[(f32::INFINITY, f32::INFINITY), (2.0, 2.0)]]);
         // Both kinds: (recall, attention); the cached window rows' attention adds up.
         let mut g = GlobalCache::new(4, 1, 1);
-        g.window_scores = Some(Tensor::new(&[[0.7f32]], &dev).unwrap());
-        g.window_attention = Some(Tensor::new(&[[0.5f32]], &dev).unwrap());
+        g.window_scores = vec![vec![(0.7, 0.5)]];
         let s = g
             .span_scores(
                 3,
@@ -1281,10 +1293,14 @@ mod tests {
             )
             .unwrap();
         assert_eq!(s, [[(1.5, 0.75)]]);
-        let w = g.window_attention().unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(w, [[0.75]]);
+        let w = g.window_attention().unwrap().unwrap().to_vec2::<f32>();
+        assert_eq!(w.unwrap(), [[0.75]]);
         assert_eq!(
-            g.window_scores().unwrap().to_vec2::<f32>().unwrap(),
+            g.window_scores()
+                .unwrap()
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
             [[0.7]]
         );
         // A mass that does not cover the window is refused.
@@ -1321,7 +1337,7 @@ mod tests {
                 let t = t.to_dtype(DType::F32).unwrap();
                 t.flatten_all().unwrap().to_vec1().unwrap()
             };
-            g.kept().map(|(k, v, _)| (f32s(k), f32s(v)))
+            g.kept().map(|(k, v)| (f32s(k), f32s(v)))
         };
         // Recall places only, both kinds, attention places only.
         for (capacity, sinks, attention) in [(4, 1, 0), (5, 1, 2), (3, 0, 3)] {
