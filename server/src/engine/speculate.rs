@@ -12,8 +12,9 @@
 //! draft.
 //!
 //! A recurrent state cannot drop the tokens it has read. The engine keeps a backup of the
-//! state from before the step (reference counts, see `SequenceState::backup`); when a draft
-//! is rejected it goes back to it, and the tokens that were right but are now unread are
+//! state from before the step (reference counts, and the global-cache rows the step writes
+//! over: see `SequenceState::backup`); when a draft is rejected it goes back to it
+//! (`Backup::restore`), and the tokens that were right but are now unread are
 //! fed again at the front of the next step, which reads its rows anyway. A step without
 //! drafts feeds them all, so a sequence lags its output by at most `2k + 1` tokens.
 
