@@ -22,7 +22,8 @@
 //! decode (forks at the smallest context) while one prompt is read a chunk further, in ONE
 //! `forward_batch`, as liger-serve's steps are while prompts arrive. For each chunk length
 //! of `--mixed-chunks` it times the mixed step, the decodes alone and the chunk alone (each
-//! from the same states every repetition, taking turns), for a first chunk (a fresh state)
+//! from the same states every repetition, taking turns: the chunk's state is backed up and
+//! restored, as a speculative step's is), for a first chunk (a fresh state)
 //! and a continuation (after 256 prompt tokens, so the chunk pushes tokens out of the window
 //! into the global cache's choice). `prompt ms/token` is what the chunk adds to the decodes:
 //! (mixed - decodes alone) / chunk; `alone ms/token` is the chunk alone's.
@@ -390,7 +391,7 @@ fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
     const READ: usize = 256;
     let most = args.mixed_chunks.iter().copied().max().unwrap_or(0);
     let prompt: Vec<u32> = (0..READ + most).map(|i| token(m, 7 * i + 11)).collect();
-    let fresh = m.new_state()?;
+    let mut fresh = m.new_state()?;
     let mut read = m.new_state()?;
     m.prefill(&prompt[..READ], &mut read, 512)?;
     println!("\n{name}: mixed steps, decodes at context {ctx} beside one prompt chunk (median ms)");
@@ -401,7 +402,8 @@ fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
         .collect();
     for &d in &args.mixed {
         for &c in &args.mixed_chunks {
-            for (at, start, from) in [("first", 0, &fresh), ("continued", READ, &read)] {
+            for (at, start) in [("first", 0), ("continued", READ)] {
+                let from = if start == 0 { &mut fresh } else { &mut read };
                 let chunk = &prompt[start..start + c];
                 // 0: mixed, 1: decodes alone, 2: chunk alone.
                 let mut times = [Vec::new(), Vec::new(), Vec::new()];
@@ -412,7 +414,10 @@ fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
                             continue;
                         }
                         let mut states: Vec<_> = (0..d).map(|_| base.clone()).collect();
-                        let mut prompt_state = from.clone();
+                        // The chunk's state is backed up and restored, as liger-serve's
+                        // speculation does with a step of drafts (a clone would share the
+                        // global caches' rooms, and the step would copy them).
+                        let backup = from.backup();
                         let mut steps: Vec<SeqStep> = Vec::new();
                         if kind != 2 {
                             steps.extend(
@@ -425,13 +430,15 @@ fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
                         if kind != 1 {
                             steps.push(SeqStep {
                                 tokens: chunk,
-                                state: &mut prompt_state,
+                                state: &mut *from,
                             });
                         }
                         let t = Instant::now();
                         m.forward_batch(&mut steps, Logits::Last)?;
                         m.device().synchronize()?;
                         times[kind].push(t.elapsed().as_secs_f64() * 1e3);
+                        drop(steps);
+                        backup.restore(from)?;
                     }
                 }
                 let [mixed, decodes, alone] =

@@ -435,16 +435,25 @@ pub struct SequenceState {
 pub struct Backup(SequenceState);
 
 impl Backup {
-    /// The state as it was when the backup was taken, to take the place of the state it
-    /// was taken from (which must go: the rows its step wrote over are written back).
-    pub fn restore(self) -> Result<SequenceState> {
+    /// Puts the state as it was when the backup was taken in the place of `live`, the state
+    /// it was taken from: the rows its step wrote over are written back, and the buffers
+    /// `live` may still write in place pass to the restored state.
+    pub fn restore(self, live: &mut SequenceState) -> Result<()> {
         let Backup(mut state) = self;
-        for l in &mut state.layers {
-            if let LayerState::Liger { global, .. } = l {
-                global.restore()?;
+        for (l, now) in state.layers.iter_mut().zip(&mut live.layers) {
+            if let (
+                LayerState::Liger { global, .. },
+                LayerState::Liger {
+                    global: live_global,
+                    ..
+                },
+            ) = (l, now)
+            {
+                global.restore(live_global)?;
             }
         }
-        Ok(state)
+        *live = state;
+        Ok(())
     }
 }
 

@@ -28,9 +28,31 @@ fn logprobs_of(choice: &Value) -> Vec<f64> {
 
 /// A lone stream drafts; the other server never does.
 fn pair() -> (TestServer, TestServer) {
-    let spec = server(|a| a.speculative_ngram_min = Some(1));
-    let plain = server(|a| a.speculative_tokens = Some(0));
+    pair_for(write_model)
+}
+
+fn pair_for(write: fn(&std::path::Path)) -> (TestServer, TestServer) {
+    let spec = server_for(write, |a| a.speculative_ngram_min = Some(1));
+    let plain = server_for(write, |a| a.speculative_tokens = Some(0));
     (spec, plain)
+}
+
+/// The tiny model with a global cache as the default structure has one: both kinds of
+/// places, a distance cap, rows stored in f16. A rejected draft then gives back kept rows
+/// that its step wrote over in place (`Backup::restore`).
+fn write_model_with_global(dir: &std::path::Path) {
+    write_model_with(
+        dir,
+        &liger_model::LigerConfig {
+            window: 4,
+            global_cache: 4,
+            sinks: 1,
+            attention_places: 1,
+            max_distance: Some(12),
+            kv_dtype: Some(liger_model::config::KvDtype::F16),
+            ..Default::default()
+        },
+    );
 }
 
 async fn complete(s: &TestServer, body: Value) -> Value {
@@ -49,6 +71,16 @@ const PROMPTS: [&str; 3] = [
 #[tokio::test]
 async fn drafts_change_the_speed_not_the_tokens() {
     let (spec, plain) = pair();
+    same_tokens(&spec, &plain).await;
+}
+
+#[tokio::test]
+async fn drafts_change_the_speed_not_the_tokens_with_a_global_cache() {
+    let (spec, plain) = pair_for(write_model_with_global);
+    same_tokens(&spec, &plain).await;
+}
+
+async fn same_tokens(spec: &TestServer, plain: &TestServer) {
     for prompt in PROMPTS {
         for sampling in [
             json!({"temperature": 0}),
@@ -59,8 +91,8 @@ async fn drafts_change_the_speed_not_the_tokens() {
             body.as_object_mut()
                 .unwrap()
                 .extend(sampling.as_object().unwrap().clone());
-            let a = complete(&spec, body.clone()).await;
-            let b = complete(&plain, body).await;
+            let a = complete(spec, body.clone()).await;
+            let b = complete(plain, body).await;
             let (a, b) = (&a["choices"][0], &b["choices"][0]);
             assert_eq!(ids_of(a), ids_of(b), "{prompt:?} {sampling}");
             assert_eq!(ids_of(a).len(), 48);

@@ -138,12 +138,14 @@ struct Room {
 /// Rows a backup saw, saved before changes wrote over them, oldest first: keys, values.
 type Journal = Mutex<Vec<(Changes, Changes)>>;
 
-/// What a backup needs to get its rows back: its journal and the buffers it was kept for.
+/// What a backup needs to get its rows back: its journal, the buffers it was kept for, and
+/// which room they were (to take it over from the cache it replaces, if that still has it).
 #[derive(Debug, Clone)]
 struct Undo {
     journal: Arc<Journal>,
     k: Tensor,
     v: Tensor,
+    room: Weak<()>,
 }
 
 /// A token's scores: (recall, attention), the first pool's then the second's. With one
@@ -288,19 +290,28 @@ impl GlobalCache {
                 journal,
                 k: room.k.clone(),
                 v: room.v.clone(),
+                room: Arc::downgrade(&room.holder),
             }));
         }
         backup
     }
 
-    /// A backup made whole again, to take the place of the cache it was taken from (which
-    /// must go: the rows its changes wrote are written back over).
-    pub(crate) fn restore(&mut self) -> Result<()> {
+    /// A backup made whole again, to take the place of `live`, the cache it was taken from
+    /// (which must go: the rows its changes wrote are written back over). Where `live`
+    /// still writes the same room, the backup takes it over, so the next change is written
+    /// in place rather than copied (after every rejected speculative draft).
+    pub(crate) fn restore(&mut self, live: &mut GlobalCache) -> Result<()> {
         if let Some(undo) = self.undo.take() {
             let saved = std::mem::take(&mut *undo.journal.lock().expect("a journal lock"));
             for (k, v) in saved.iter().rev() {
                 k.write(&undo.k)?;
                 v.write(&undo.v)?;
+            }
+            let same = |r: &Room| std::ptr::eq(Arc::as_ptr(&r.holder), undo.room.as_ptr());
+            if live.room.as_deref().is_some_and(same) {
+                // The kept rows are the room's first rows again (those past them are spare
+                // places to this cache), and the room's buffers are the ones its views read.
+                self.room = live.room.take();
             }
         }
         Ok(())
@@ -1397,7 +1408,8 @@ mod tests {
                 }
                 if position == 29 && !restored {
                     let (mut b, s, at_backup) = backup.take().unwrap();
-                    b.restore().unwrap();
+                    b.restore(&mut fast).unwrap();
+                    assert!(b.room.is_some(), "a restored backup takes the room over");
                     assert_eq!(kept_rows(&b), at_backup, "{capacity} places: restored");
                     (fast, slow, restored) = (b, s, true);
                     rows.truncate(25);

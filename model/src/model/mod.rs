@@ -250,7 +250,7 @@ impl Model {
         let out = self.forward_batch_inner(seqs, logits);
         if out.is_err() {
             for (s, b) in seqs.iter_mut().zip(backup) {
-                *s.state = b.restore()?;
+                b.restore(s.state)?;
             }
         }
         out

@@ -131,9 +131,8 @@ impl Choice {
         let backup = self.backup.take();
         let drafted = std::mem::take(&mut self.drafts).len();
         if rejected {
-            self.slot.state = backup
-                .expect("a step with drafts keeps a backup")
-                .restore()?;
+            let backup = backup.expect("a step with drafts keeps a backup");
+            backup.restore(&mut self.slot.state)?;
         } else {
             self.fed = before + drafted;
         }
