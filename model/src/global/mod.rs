@@ -720,10 +720,7 @@ impl GlobalCache {
             // unchanged, only keys are written.
             let k = gather(&ks, kept_after).changes(unrotate.as_ref(), &room.k, old_n)?;
             let v = if unchanged {
-                k.as_ref().map(|k| Changes {
-                    places: Vec::new(),
-                    ..k.clone()
-                })
+                k.as_ref().map(|k| Changes::none(k.d))
             } else {
                 gather(&vs, kept_after).changes(None, &room.v, old_n)?
             };

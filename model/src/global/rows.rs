@@ -103,7 +103,7 @@ impl Gather<'_> {
         }
     }
 
-    fn changes_as<T: HostRow>(
+    fn changes_as<T: WithDType>(
         &self,
         unrotate: Option<&Unrotate>,
         room: &Tensor,
@@ -128,7 +128,7 @@ impl Gather<'_> {
         })?;
         Ok(read.then(|| Changes {
             places,
-            rows: T::into_rows(rows),
+            rows: T::to_cpu_storage_owned(rows),
             d,
         }))
     }
@@ -141,29 +141,19 @@ impl Gather<'_> {
         rows: usize,
     ) -> Result<Option<Tensor>> {
         let hkv = self.kept_after.len();
-        let n = self.kept_after.first().map_or(0, Vec::len);
         let Some(d) = self.sources.first().map(|t| t.dim(2)).transpose()? else {
             return Ok(None);
         };
-        let mut out: Vec<T> = Vec::with_capacity(hkv * rows * d);
-        let pad = (rows - n) * d;
+        // Place `i` of head `h` is row `h * rows + i`; the spare places stay zero.
+        let mut out = vec![T::zero(); hkv * rows * d];
         let read = self.each_row::<T>(
             unrotate,
             |_, _, _| true,
-            |_, i, row| {
-                out.extend_from_slice(row);
-                if i + 1 == n {
-                    out.extend(std::iter::repeat_n(T::zero(), pad));
-                }
-            },
+            |h, i, row| out[(h * rows + i) * d..][..d].copy_from_slice(row),
         )?;
-        if !read {
-            return Ok(None);
-        }
-        if n == 0 {
-            out.resize(hkv * rows * d, T::zero());
-        }
-        Ok(Some(Tensor::from_vec(out, (hkv, rows, d), &Device::Cpu)?))
+        Ok(read
+            .then(|| Tensor::from_vec(out, (hkv, rows, d), &Device::Cpu))
+            .transpose()?)
     }
 
     /// Calls `each(h, i, row)` for every place `i` of every head `h` whose candidate `c`
@@ -244,41 +234,44 @@ impl Gather<'_> {
 }
 
 /// Rows to write over some rows of a buffer: row `places[i]` of a contiguous `[rows, d]`
-/// buffer gets `rows[i * d..][..d]`.
+/// buffer gets `rows[i * d..][..d]` (in the buffer's dtype).
 #[derive(Debug, Clone)]
 pub(super) struct Changes {
     pub places: Vec<usize>,
-    pub rows: HostRows,
+    pub rows: CpuStorage,
     pub d: usize,
 }
 
-/// Rows in a buffer's dtype.
-#[derive(Debug, Clone)]
-pub(super) enum HostRows {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
-}
-
 impl Changes {
+    /// No rows to write.
+    pub fn none(d: usize) -> Self {
+        Changes {
+            places: Vec::new(),
+            rows: CpuStorage::F32(Vec::new()),
+            d,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.places.is_empty()
     }
 
     /// The rows `buffer` holds now at these places (what writing them over it undoes).
     pub fn current(&self, buffer: &Tensor) -> Result<Changes> {
-        fn pick<T: Copy>(data: &[T], c: &Changes, start: usize) -> Vec<T> {
-            c.places
-                .iter()
-                .flat_map(|&p| data[start + p * c.d..][..c.d].iter().copied())
-                .collect()
+        fn pick<T: WithDType>(data: &[T], c: &Changes, start: usize) -> CpuStorage {
+            T::to_cpu_storage_owned(
+                c.places
+                    .iter()
+                    .flat_map(|&p| data[start + p * c.d..][..c.d].iter().copied())
+                    .collect(),
+            )
         }
         let (storage, layout) = buffer.storage_and_layout();
         let (start, d) = (layout.start_offset(), self.d);
         let rows = match &*storage {
-            Storage::Cpu(CpuStorage::F32(x)) => HostRows::F32(pick(x, self, start)),
-            Storage::Cpu(CpuStorage::F16(x)) => HostRows::F16(pick(x, self, start)),
-            Storage::Cpu(CpuStorage::BF16(x)) => HostRows::BF16(pick(x, self, start)),
+            Storage::Cpu(CpuStorage::F32(x)) => pick(x, self, start),
+            Storage::Cpu(CpuStorage::F16(x)) => pick(x, self, start),
+            Storage::Cpu(CpuStorage::BF16(x)) => pick(x, self, start),
             _ => {
                 return Err(crate::Error::State(
                     "global cache rows: not a CPU f32, f16 or bf16 buffer".into(),
@@ -315,35 +308,12 @@ impl InplaceOp1 for Changes {
         }
         let start = layout.start_offset();
         match (storage, &self.rows) {
-            (CpuStorage::F32(data), HostRows::F32(rows)) => put(data, rows, self, start),
-            (CpuStorage::F16(data), HostRows::F16(rows)) => put(data, rows, self, start),
-            (CpuStorage::BF16(data), HostRows::BF16(rows)) => put(data, rows, self, start),
+            (CpuStorage::F32(data), CpuStorage::F32(rows)) => put(data, rows, self, start),
+            (CpuStorage::F16(data), CpuStorage::F16(rows)) => put(data, rows, self, start),
+            (CpuStorage::BF16(data), CpuStorage::BF16(rows)) => put(data, rows, self, start),
             _ => candle_core::bail!("{}: rows in another dtype than the buffer", self.name()),
         }
         Ok(())
-    }
-}
-
-/// Row types the host path reads into [`HostRows`].
-trait HostRow: WithDType {
-    fn into_rows(rows: Vec<Self>) -> HostRows;
-}
-
-impl HostRow for f32 {
-    fn into_rows(rows: Vec<Self>) -> HostRows {
-        HostRows::F32(rows)
-    }
-}
-
-impl HostRow for f16 {
-    fn into_rows(rows: Vec<Self>) -> HostRows {
-        HostRows::F16(rows)
-    }
-}
-
-impl HostRow for bf16 {
-    fn into_rows(rows: Vec<Self>) -> HostRows {
-        HostRows::BF16(rows)
     }
 }
 
