@@ -128,64 +128,51 @@ pub(crate) fn join_rows(
     let old_len = (c - old_skip) * d;
     let new_head = |hh: usize| &n[(hh * t + new_skip) * d..(hh + 1) * t * d];
     let old_rows = |hh: usize| old_at(hh)..old_at(hh) + old_len;
-    let lens = (h, rows * d, old_len);
-    let shape = (h, rows, d);
+    // The output's shape, each head's values from `old`, the device.
+    let layout = ((h, rows, d), old_len, new.device());
     let out = match (o, dtype) {
-        (CpuStorage::F16(src), DType::F32) => Tensor::from_vec(
-            join_heads(
-                lens,
-                |hh, a: &mut [f32]| src[old_rows(hh)].convert_to_f32_slice(a),
-                |hh, b: &mut [f32]| b.copy_from_slice(new_head(hh)),
-            ),
-            shape,
-            new.device(),
+        (CpuStorage::F16(src), DType::F32) => join_heads(
+            layout,
+            |hh, a: &mut [f32]| src[old_rows(hh)].convert_to_f32_slice(a),
+            |hh, b: &mut [f32]| b.copy_from_slice(new_head(hh)),
         )?,
-        (CpuStorage::F32(src), DType::F32) => Tensor::from_vec(
-            join_heads(
-                lens,
-                |hh, a: &mut [f32]| a.copy_from_slice(&src[old_rows(hh)]),
-                |hh, b: &mut [f32]| b.copy_from_slice(new_head(hh)),
-            ),
-            shape,
-            new.device(),
+        (CpuStorage::F32(src), DType::F32) => join_heads(
+            layout,
+            |hh, a: &mut [f32]| a.copy_from_slice(&src[old_rows(hh)]),
+            |hh, b: &mut [f32]| b.copy_from_slice(new_head(hh)),
         )?,
-        (CpuStorage::F16(src), DType::F16) => Tensor::from_vec(
-            join_heads(
-                lens,
-                |hh, a: &mut [f16]| a.copy_from_slice(&src[old_rows(hh)]),
-                |hh, b: &mut [f16]| b.convert_from_f32_slice(new_head(hh)),
-            ),
-            shape,
-            new.device(),
+        (CpuStorage::F16(src), DType::F16) => join_heads(
+            layout,
+            |hh, a: &mut [f16]| a.copy_from_slice(&src[old_rows(hh)]),
+            |hh, b: &mut [f16]| b.convert_from_f32_slice(new_head(hh)),
         )?,
-        (CpuStorage::F32(src), DType::F16) => Tensor::from_vec(
-            join_heads(
-                lens,
-                |hh, a: &mut [f16]| a.convert_from_f32_slice(&src[old_rows(hh)]),
-                |hh, b: &mut [f16]| b.convert_from_f32_slice(new_head(hh)),
-            ),
-            shape,
-            new.device(),
+        (CpuStorage::F32(src), DType::F16) => join_heads(
+            layout,
+            |hh, a: &mut [f16]| a.convert_from_f32_slice(&src[old_rows(hh)]),
+            |hh, b: &mut [f16]| b.convert_from_f32_slice(new_head(hh)),
         )?,
         _ => return Ok(None),
     };
     Ok(Some(out))
 }
 
-/// `heads` runs of `per_head` values, each `old_len` written by `of_old` then the rest by
-/// `of_new` (given the head): [`join_rows`]' layout for every pair of dtypes.
-fn join_heads<T: Copy + Default>(
-    (heads, per_head, old_len): (usize, usize, usize),
+/// A `shape` (`[heads, rows, d]`) tensor on `device` whose every head has its first
+/// `old_len` values written by `of_old` and the rest by `of_new` (given the head):
+/// [`join_rows`]' layout for every pair of dtypes.
+fn join_heads<T: candle_core::WithDType>(
+    (shape, old_len, device): ((usize, usize, usize), usize, &candle_core::Device),
     of_old: impl Fn(usize, &mut [T]),
     of_new: impl Fn(usize, &mut [T]),
-) -> Vec<T> {
-    let mut out = vec![T::default(); heads * per_head];
+) -> candle_core::Result<candle_core::Tensor> {
+    let (heads, rows, d) = shape;
+    let per_head = rows * d;
+    let mut out = vec![T::zero(); heads * per_head];
     for (hh, dst) in out.chunks_mut(per_head).enumerate() {
         let (a, b) = dst.split_at_mut(old_len);
         of_old(hh, a);
         of_new(hh, b);
     }
-    out
+    candle_core::Tensor::from_vec(out, shape, device)
 }
 
 #[cfg(test)]
