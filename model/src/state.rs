@@ -310,22 +310,28 @@ impl KvCache {
         Ok((k_all, v_all))
     }
 
-    /// Appends one token's key and value (`[hkv, 1, d]`, in the stored dtype) and drops the
-    /// oldest row past capacity: what [`extend`](Self::extend) does with one token, but
-    /// into a spare row of the cache's buffer when it has one and holds the buffer alone;
-    /// otherwise into a new buffer with spare rows.
+    /// Appends a few tokens' keys and values (`[hkv, t, d]`, in the stored dtype) and drops
+    /// the oldest rows past capacity: what [`extend`](Self::extend) does with them, but
+    /// into spare rows of the cache's buffer when it has them and holds the buffer alone;
+    /// otherwise into a new buffer with spare rows. A span longer than the cache keeps
+    /// goes to `extend`.
     pub(crate) fn push(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let len = self.len();
-        let keep = self.capacity.map_or(len + 1, |c| (len + 1).min(c));
+        let t = k.dim(1)?;
+        let keep = self.capacity.map_or(len + t, |c| (len + t).min(c));
         if keep == 0 {
             (self.kv, self.room) = (None, None);
             return Ok(());
         }
-        let drop = len + 1 - keep;
+        if t > keep {
+            self.extend(k, v)?;
+            return Ok(());
+        }
+        let drop = len + t - keep;
         if let Some(room) = &mut self.room {
             let at = room.start + len;
             if Arc::strong_count(&room.holder) == 1
-                && at < room.k.dim(1)?
+                && at + t <= room.k.dim(1)?
                 && room.k.dtype() == k.dtype()
             {
                 // No view covers row `at` (every view ends at or before this cache's last

@@ -1,8 +1,10 @@
 //! The fused CPU decode step against the general path, its reference: for every family and
 //! every mixer it covers, a batch of decode steps gives the same logits and leaves the same
 //! states (window caches trimmed alike, recurrent memories equal), for one sequence (the
-//! single-row kernel) and for many, across window boundaries, and beside a prompt chunk in
-//! the same batch (the one-token steps fused, the chunk on the general path). Q8_0 weights run on their
+//! single-row kernel) and for many, across window boundaries, with spans of a few tokens
+//! per sequence (speculative drafts: rows leave the window and take global-cache places
+//! during the span), and beside a prompt chunk in the same batch (the short steps fused,
+//! the chunk on the general path). Q8_0 weights run on their
 //! blocks with f32 inputs, so they equal the dense model of the dequantized weights. Steps
 //! it does not cover (GSA, half precision) must go to the general path; batches over 32
 //! take several fused steps.
@@ -23,7 +25,7 @@ use liger_model::layers::Quantization;
 use liger_model::state::LayerState;
 use liger_model::testing::{
     fused_decode_steps, max_abs, max_abs_diff, model_from_tensors, state_after, step_batch, Family,
-    SplitMix, TinyCheckpoint, ALL_FAMILIES,
+    SplitMix, TinyCheckpoint, ALL_FAMILIES, FUSED_LIMITS,
 };
 use liger_model::{Model, ModelConfig, RuntimeOptions, SequenceState};
 
@@ -34,11 +36,22 @@ fn liger(window: usize) -> LigerConfig {
     }
 }
 
-/// (name, settings, whether the fused step covers it)
-fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
+/// Which steps the fused step takes.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Covered {
+    /// Every decode step, and every span of a few tokens.
+    Yes,
+    /// Every decode step, and the spans during which no kept token passes the distance
+    /// cap (those take the general path).
+    BeforeCap,
+    No,
+}
+
+/// (name, settings, which steps the fused step covers)
+fn settings() -> Vec<(&'static str, Option<LigerConfig>, Covered)> {
     vec![
-        ("transformer", None, true),
-        ("gla", Some(liger(4)), true),
+        ("transformer", None, Covered::Yes),
+        ("gla", Some(liger(4)), Covered::Yes),
         (
             "hgrn2",
             Some(LigerConfig {
@@ -46,7 +59,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 gate_normalizer: 1.0,
                 ..liger(5)
             }),
-            true,
+            Covered::Yes,
         ),
         (
             "window-only",
@@ -55,7 +68,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 recurrent_weight: 0.0,
                 ..liger(3)
             }),
-            true,
+            Covered::Yes,
         ),
         (
             "gla+full1",
@@ -63,7 +76,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 full_attention_layers: vec![1],
                 ..liger(3)
             }),
-            true,
+            Covered::Yes,
         ),
         (
             "gla+global",
@@ -72,7 +85,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 sinks: 1,
                 ..liger(3)
             }),
-            true,
+            Covered::Yes,
         ),
         (
             "window+sinks",
@@ -83,7 +96,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 sinks: 2,
                 ..liger(3)
             }),
-            true,
+            Covered::Yes,
         ),
         (
             // Window-only output; the memory is kept only to choose the cache (LoLA's rule).
@@ -95,7 +108,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 sinks: 1,
                 ..liger(3)
             }),
-            true,
+            Covered::Yes,
         ),
         (
             // Places by attention while in the window: no memory at all.
@@ -108,7 +121,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 attention_places: 2,
                 ..liger(3)
             }),
-            true,
+            Covered::Yes,
         ),
         (
             // Both kinds of places beside the GLA read-out.
@@ -119,7 +132,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 attention_places: 1,
                 ..liger(3)
             }),
-            true,
+            Covered::Yes,
         ),
         (
             // Both kinds of places, kept tokens past a distance cap of 6 (re-rotated keys).
@@ -131,7 +144,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 max_distance: Some(6),
                 ..liger(3)
             }),
-            true,
+            Covered::BeforeCap,
         ),
         (
             // The same, its window and kept rows stored in f16 (copied as stored, the new
@@ -145,7 +158,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 kv_dtype: Some(KvDtype::F16),
                 ..liger(3)
             }),
-            true,
+            Covered::BeforeCap,
         ),
         (
             // Rows stored in bf16: the general path.
@@ -156,7 +169,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 kv_dtype: Some(KvDtype::Bf16),
                 ..liger(3)
             }),
-            false,
+            Covered::No,
         ),
         (
             "gsa",
@@ -165,7 +178,7 @@ fn settings() -> Vec<(&'static str, Option<LigerConfig>, bool)> {
                 slots: Some(4),
                 ..liger(4)
             }),
-            false,
+            Covered::No,
         ),
     ]
 }
@@ -272,24 +285,20 @@ fn assert_states_equal(a: &SequenceState, b: &SequenceState, what: &str) {
     }
 }
 
-/// Steps `histories.len()` sequences three times with both models, then once more with a
-/// three-token prompt chunk for the first sequence beside one-token steps of the others
-/// (a server step while a prompt is read: the one-token steps fuse, the chunk does not);
-/// checks equality and whether the fused path ran (`covered`: in the decode steps,
-/// `mixed`: in the mixed one).
-fn check(fused: &Model, reference: &Model, histories: &[Vec<u32>], covered: bool, what: &str) {
-    let mixed = covered && histories.len() > 1;
-    let counts = (u64::from(covered), u64::from(mixed));
-    check_steps(fused, reference, histories, counts, what);
-}
-
-fn check_steps(
+/// Steps `histories.len()` sequences with both models: three one-token steps, then spans of
+/// one to three tokens (drafts being checked), one of them with a prompt chunk for the first
+/// sequence beside the others' spans (a server step while a prompt is read: the spans fuse,
+/// the chunk does not). Checks equality, and that the fused path ran where it covers the
+/// model (`covered`), in as many fused steps as the tokens need. Returns how many fused
+/// steps with spans in them ran, and how many the tokens needed.
+fn check(
     fused: &Model,
     reference: &Model,
     histories: &[Vec<u32>],
-    (covered, mixed): (u64, u64),
+    covered: Covered,
     what: &str,
-) {
+) -> (u64, u64) {
+    let mut spans_fused = (0, 0);
     let mut rng = SplitMix(histories.len() as u64);
     // Both start from the reference's states: prompts are read by the general path anyway,
     // (on a Q8_0 model, with the same kernel as the fused step or the dense product).
@@ -301,17 +310,46 @@ fn check_steps(
         .iter()
         .map(|h| state_after(reference, h).unwrap())
         .collect();
-    for step in 0..4 {
-        let mut toks: Vec<Vec<u32>> = histories.iter().map(|_| rng.tokens(1, 61)).collect();
-        let mut expected = covered;
-        if step == 3 {
-            toks[0] = rng.tokens(3, 61);
-            expected = mixed;
+    let (most, short) = FUSED_LIMITS;
+    for step in 0..8 {
+        let mut toks: Vec<Vec<u32>> = (0..histories.len())
+            .map(|i| {
+                let len = if step < 3 { 1 } else { 1 + (i + step) % 3 };
+                rng.tokens(len, 61)
+            })
+            .collect();
+        if step == 6 {
+            toks[0] = rng.tokens(short + 1, 61);
+        }
+        // Fused steps the batch takes: its short steps, packed in order up to `most` tokens.
+        let mut expected = 0;
+        let mut room = 0;
+        for t in toks.iter().map(Vec::len).filter(|&l| l <= short) {
+            if t > room {
+                expected += 1;
+                room = most;
+            }
+            room -= t;
+        }
+        if covered == Covered::No {
+            expected = 0;
         }
         let before = fused_decode_steps();
         let out_f = step_batch(fused, &mut sf, &toks).unwrap();
         let ran = fused_decode_steps() - before;
-        assert_eq!(ran, expected, "{what} step {step}: fused steps taken");
+        let spans = toks.iter().any(|t| t.len() > 1);
+        if covered == Covered::BeforeCap && spans {
+            assert!(ran <= expected, "{what} step {step}: fused steps taken");
+        } else {
+            assert_eq!(
+                ran, expected,
+                "{what} step {step}: fused steps taken ({toks:?})"
+            );
+        }
+        if spans {
+            spans_fused.0 += ran;
+            spans_fused.1 += expected;
+        }
         let before = fused_decode_steps();
         let out_r = step_batch(reference, &mut sr, &toks).unwrap();
         assert_eq!(
@@ -331,6 +369,7 @@ fn check_steps(
             assert_states_equal(a, b, &format!("{what} step {step} seq {i}"));
         }
     }
+    spans_fused
 }
 
 /// A Q8_0 Liger model (untied, so its LM head is quantized and named) and the dense model
@@ -373,16 +412,30 @@ fn fused_decode_equals_the_general_path() {
             let base = tc.model(DType::F32).unwrap();
             let (fused, reference) = (with_fused(&base, true), with_fused(&base, false));
             let what = format!("{family:?}/{name}");
-            check(
+            let mut spans: Vec<(u64, u64)> = vec![check(
                 &fused,
                 &reference,
                 &histories,
                 covered,
                 &format!("{what} batch"),
-            );
+            )];
             for h in [&histories[0], &histories[4]] {
                 let one = std::slice::from_ref(h);
-                check(&fused, &reference, one, covered, &format!("{what} alone"));
+                spans.push(check(
+                    &fused,
+                    &reference,
+                    one,
+                    covered,
+                    &format!("{what} alone"),
+                ));
+            }
+            // Where a kept token passing the cap sends a span to the general path, the
+            // others still fuse.
+            let (ran, needed) = spans.iter().fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+            match covered {
+                Covered::Yes => assert!(ran == needed && ran > 0, "{what}: spans fused"),
+                Covered::BeforeCap => assert!(0 < ran && ran < needed, "{what}: {ran} of {needed}"),
+                Covered::No => assert_eq!(ran, 0, "{what}"),
             }
         }
         // Called from inside a rayon pool, the step brings threads of its own.
@@ -402,31 +455,30 @@ fn fused_decode_equals_the_general_path() {
                 &fused,
                 &reference,
                 &histories,
-                true,
+                Covered::Yes,
                 &format!("{family:?} in a pool"),
             );
         });
         let (q8, dequantized) = q8_0_and_dequantized(family);
         let what = format!("{family:?} q8_0");
-        check(&q8, &dequantized, &histories, true, &what);
+        check(&q8, &dequantized, &histories, Covered::Yes, &what);
         check(
             &q8,
             &dequantized,
             &histories[3..4],
-            true,
+            Covered::Yes,
             &format!("{what} alone"),
         );
-        // Beyond the fused step's batch limit, and in half precision: the general path.
-        // Beyond the fused step's batch limit: two fused steps (32 + 1); with a prompt
-        // chunk beside them, the other 32 fit one.
+        // Beyond the fused step's batch limit: several fused steps (32 tokens at most each).
         let many: Vec<Vec<u32>> = (0..33).map(|i| rng.tokens(i % 7, 61)).collect();
-        check_steps(
+        check(
             &fused,
             &reference,
             &many,
-            (2, 1),
+            Covered::Yes,
             &format!("{family:?} 33 sequences"),
         );
+        // Half precision: the general path.
         let half = TinyCheckpoint::new(family, 11)
             .unwrap()
             .with_liger(&liger(4))

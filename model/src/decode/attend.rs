@@ -29,10 +29,18 @@ const MAX_GROUP: usize = 8;
 pub(crate) struct Attend<'a> {
     /// The group's rotated queries `[g, d]`, and those rotated by the cap alone.
     pub queries: (&'a [f32], FarQueries<'a>),
-    /// Key and value rows in three blocks: global cache, window cache, the token.
+    /// Key and value rows in three blocks: global cache, window cache, the token (with the
+    /// tokens of its span before it, in a step that reads several).
     pub keys: [Rows<'a>; 3],
     pub values: [Rows<'a>; 3],
     pub d: usize,
+    /// Which of the first rows (in block order) the queries do not see: in a span, kept
+    /// entries an earlier token pushed out, and window rows that have left the window
+    /// without a place. Empty: all are seen.
+    pub hidden: &'a [bool],
+    /// The first window row: rows before it are the global cache's (kept entries, and
+    /// window rows that left the window for a place), outside the window's mass.
+    pub window_from: usize,
 }
 
 /// Softmax attention over the rows, scaled by `1/sqrt(d)`; writes `out: [g, d]` and, when
@@ -110,10 +118,11 @@ fn attend_with(
             _ => unsafe { avx2::scores(a, p) },
         }
         for head in p.chunks_mut(len) {
+            hide(head, a.hidden);
             vexp::softmax(head);
         }
         if let Some(m) = mass {
-            window_share(p, (g, len), a.keys[0].len() / a.d, m);
+            window_share(p, (g, len), a.window_from, m);
         }
         match kernel {
             Kernel::Avx512 => unsafe { avx512::weighted_sum(a, p, out) },
@@ -133,7 +142,30 @@ fn attend_with(
         a.values[1].widened(wcv),
         widened_own(a.values[2]),
     ];
-    attend_reference(a.queries, keys, values, (a.d, probs), (out, mass));
+    let rows = WideRows {
+        keys,
+        values,
+        hidden: a.hidden,
+        window_from: a.window_from,
+    };
+    attend_reference(a.queries, rows, (a.d, probs), (out, mass));
+}
+
+/// What the reference reads: [`Attend`]'s rows widened to f32.
+pub(crate) struct WideRows<'a> {
+    pub keys: [&'a [f32]; 3],
+    pub values: [&'a [f32]; 3],
+    pub hidden: &'a [bool],
+    pub window_from: usize,
+}
+
+/// Scores of hidden rows to `-inf` (a softmax weight of 0).
+fn hide(scores: &mut [f32], hidden: &[bool]) {
+    for (x, &h) in scores.iter_mut().zip(hidden) {
+        if h {
+            *x = f32::NEG_INFINITY;
+        }
+    }
 }
 
 /// The three blocks of rows (global cache, window cache, the token) with each block's
@@ -162,7 +194,7 @@ fn widened_own(r: Rows<'_>) -> &[f32] {
 
 /// Adds each window row's share of its query's window-only softmax mass, averaged over the
 /// `g` queries, into `mass` (zeroed first); `p` is `[g, len]`, the first `n_global`
-/// columns the global rows'.
+/// columns the global cache's.
 fn window_share(p: &[f32], (g, len): (usize, usize), n_global: usize, mass: &mut [f32]) {
     mass.fill(0.0);
     for head in p.chunks(len) {
@@ -177,14 +209,18 @@ fn window_share(p: &[f32], (g, len): (usize, usize), n_global: usize, mass: &mut
 /// The reference: head by head, row by row, on f32 rows.
 pub(crate) fn attend_reference(
     (q_rot, far): (&[f32], FarQueries),
-    keys: [&[f32]; 3],
-    values: [&[f32]; 3],
+    rows: WideRows,
     (d, probs): (usize, &mut Vec<f32>),
     (out, mut mass): (&mut [f32], Option<&mut [f32]>),
 ) {
+    let WideRows {
+        keys,
+        values,
+        hidden,
+        window_from: n_global,
+    } = rows;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let len: usize = keys.iter().map(|k| k.len() / d).sum();
-    let n_global = keys[0].len() / d;
     let g = q_rot.len() / d;
     if let Some(m) = mass.as_deref_mut() {
         m.fill(0.0);
@@ -199,7 +235,11 @@ pub(crate) fn attend_reference(
                 Some((qc, rows_far)) if rows_far.get(j) == Some(&true) => qc,
                 _ => qh,
             };
-            *pj = scale * dot(q, key);
+            *pj = if hidden.get(j) == Some(&true) {
+                f32::NEG_INFINITY
+            } else {
+                scale * dot(q, key)
+            };
         }
         softmax(p);
         if let Some(m) = mass.as_deref_mut() {
@@ -617,55 +657,76 @@ mod tests {
             let (own_k, own_v) = (normal(d, &mut rng), normal(d, &mut rng));
             let to_half = |x: &[f32]| x.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
             let [gk16, gv16, ck16, cv16] = [&gk, &gv, &ck, &cv].map(|x| to_half(x));
-            let a = Attend {
-                queries: (&q, far.then_some((&q_cap[..], &rows_far[..]))),
-                keys: [
-                    rows(halves, &gk, &gk16),
-                    rows(halves, &ck, &ck16),
-                    Rows::F32(&own_k),
-                ],
-                values: [
-                    rows(halves, &gv, &gv16),
-                    rows(halves, &cv, &cv16),
-                    Rows::F32(&own_v),
-                ],
-                d,
-            };
-            // The reference on the same rows widened (f16 -> f32 is exact).
-            let wide = |r: Rows| match r {
-                Rows::F32(x) => x.to_vec(),
-                Rows::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
-            };
-            let keys = a.keys.map(wide);
-            let values = a.values.map(wide);
-            let window = n_cached + 1;
-            let (mut want, mut want_mass) = (vec![0f32; g * d], vec![0f32; window]);
-            attend_reference(
-                a.queries,
-                [&keys[0], &keys[1], &keys[2]],
-                [&values[0], &values[1], &values[2]],
-                (d, &mut Vec::new()),
-                (&mut want, Some(&mut want_mass)),
-            );
-            let close = |x: &[f32], y: &[f32]| {
-                x.iter()
-                    .zip(y)
-                    .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()))
-            };
-            let kernels = Kernel::available(&a);
-            assert_eq!(kernels.last(), Some(&Kernel::Reference));
-            for kernel in kernels {
-                let (mut out, mut mass) = (vec![0f32; g * d], vec![0f32; window]);
-                let mut scratch = (Vec::new(), Default::default());
-                attend_with(
-                    kernel,
-                    &a,
-                    (&mut scratch.0, &mut scratch.1),
-                    (&mut out, Some(&mut mass)),
+            // As a span's later token sees them: some kept entries pushed out, the oldest
+            // cached rows out of the window (one of them kept, so seen, but outside the
+            // window's mass).
+            let left = n_cached.min(3);
+            let hidden: Vec<bool> = (0..n_global + left)
+                .map(|j| {
+                    if j < n_global {
+                        j % 4 == 2
+                    } else {
+                        j != n_global + 1
+                    }
+                })
+                .collect();
+            for (hidden, window_from) in [(&[][..], n_global), (&hidden[..], n_global + left)] {
+                let a = Attend {
+                    queries: (&q, far.then_some((&q_cap[..], &rows_far[..]))),
+                    keys: [
+                        rows(halves, &gk, &gk16),
+                        rows(halves, &ck, &ck16),
+                        Rows::F32(&own_k),
+                    ],
+                    values: [
+                        rows(halves, &gv, &gv16),
+                        rows(halves, &cv, &cv16),
+                        Rows::F32(&own_v),
+                    ],
+                    d,
+                    hidden,
+                    window_from,
+                };
+                // The reference on the same rows widened (f16 -> f32 is exact).
+                let wide = |r: Rows| match r {
+                    Rows::F32(x) => x.to_vec(),
+                    Rows::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+                };
+                let keys = a.keys.map(wide);
+                let values = a.values.map(wide);
+                let window = n_global + n_cached + 1 - window_from;
+                let (mut want, mut want_mass) = (vec![0f32; g * d], vec![0f32; window]);
+                attend_reference(
+                    a.queries,
+                    WideRows {
+                        keys: [&keys[0], &keys[1], &keys[2]],
+                        values: [&values[0], &values[1], &values[2]],
+                        hidden,
+                        window_from,
+                    },
+                    (d, &mut Vec::new()),
+                    (&mut want, Some(&mut want_mass)),
                 );
-                let at = format!("{kernel:?}, g {g} d {d}");
-                assert!(close(&out, &want), "{at}: {out:?} vs {want:?}");
-                assert!(close(&mass, &want_mass), "{at}");
+                let close = |x: &[f32], y: &[f32]| {
+                    x.iter()
+                        .zip(y)
+                        .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()))
+                };
+                let kernels = Kernel::available(&a);
+                assert_eq!(kernels.last(), Some(&Kernel::Reference));
+                for kernel in kernels {
+                    let (mut out, mut mass) = (vec![0f32; g * d], vec![0f32; window]);
+                    let mut scratch = (Vec::new(), Default::default());
+                    attend_with(
+                        kernel,
+                        &a,
+                        (&mut scratch.0, &mut scratch.1),
+                        (&mut out, Some(&mut mass)),
+                    );
+                    let at = format!("{kernel:?}, g {g} d {d}");
+                    assert!(close(&out, &want), "{at}: {out:?} vs {want:?}");
+                    assert!(close(&mass, &want_mass), "{at}");
+                }
             }
         }
     }

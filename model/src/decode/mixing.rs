@@ -28,6 +28,15 @@ pub(crate) struct GroupIn<'a> {
     pub sin: &'a [f32],
     /// The RoPE table of the distance cap, when some global row is past it.
     pub cap_rope: Option<(&'a [f32], &'a [f32])>,
+    /// In a span of several tokens: the rotated keys and the values of the span's tokens
+    /// before this one (`[i, d]` each; empty for the first or only one).
+    pub earlier: (&'a [f32], &'a [f32]),
+    /// Cached rows that have left the window before this token (the first ones): seen
+    /// only where they hold a place in the global cache.
+    pub left: usize,
+    /// Which global rows, then which of the `left` rows, the token does not see (empty:
+    /// all global rows are seen, and no row has left).
+    pub hidden: &'a [bool],
 }
 
 /// Where the group's results go: `out` (`[g, d]`), the token's cache rows (key post-RoPE,
@@ -37,8 +46,9 @@ pub(crate) struct GroupOut<'a> {
     pub new_k: RowsMut<'a>,
     pub new_v: RowsMut<'a>,
     /// What the global cache's choice needs: the attention shares of the window rows
-    /// (cache, then the token) when it gives places by attention, then the token's recall
-    /// score when it gives places by recall; empty otherwise.
+    /// (cache rows that have not left, the span's earlier tokens, the token) when it gives
+    /// places by attention, then the token's recall score when it gives places by recall;
+    /// empty otherwise.
     pub salience: &'a mut [f32],
 }
 
@@ -62,6 +72,15 @@ pub(crate) struct Scratch {
     read: Vec<f32>,
     /// Cached rows widened to f32 (global keys and values, then the window's).
     wide: [Vec<f32>; 4],
+    /// A span's rows up to the token: rotated keys, values.
+    own: [Vec<f32>; 2],
+}
+
+impl Scratch {
+    /// The rotated key of the token [`mix_group`] mixed last.
+    pub(crate) fn last_key(&self) -> &[f32] {
+        &self.k_rot
+    }
 }
 
 /// Mixes one group. `memory` is needed exactly when `mix` keeps a recurrent memory.
@@ -92,16 +111,31 @@ pub(crate) fn mix_group(
         _ => None,
     };
     let (attention_scores, recall_scores) = mix.scoring();
-    let rows = (x.cached_k.len() + k_rot.len()) / d;
+    // The token's own rows: itself, after the span's earlier tokens.
+    let (own_k, own_v): (&[f32], &[f32]) = if x.earlier.0.is_empty() {
+        (k_rot, x.v)
+    } else {
+        let [ok, ov] = &mut scratch.own;
+        ok.clear();
+        ok.extend_from_slice(x.earlier.0);
+        ok.extend_from_slice(k_rot);
+        ov.clear();
+        ov.extend_from_slice(x.earlier.1);
+        ov.extend_from_slice(x.v);
+        (ok, ov)
+    };
+    let rows = (x.cached_k.len() + own_k.len()) / d - x.left;
     let (mass, recall) = y
         .salience
         .split_at_mut(if attention_scores { rows } else { 0 });
     attend(
         &Attend {
             queries: (q_rot, far),
-            keys: [x.global_k, x.cached_k, Rows::F32(k_rot)],
-            values: [x.global_v, x.cached_v, Rows::F32(x.v)],
+            keys: [x.global_k, x.cached_k, Rows::F32(own_k)],
+            values: [x.global_v, x.cached_v, Rows::F32(own_v)],
             d,
+            hidden: x.hidden,
+            window_from: x.global_k.len() / d + x.left,
         },
         (&mut scratch.probs, &mut scratch.wide),
         (&mut *y.out, attention_scores.then_some(mass)),

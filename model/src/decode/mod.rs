@@ -1,4 +1,5 @@
-//! The fused decode step: one token for each of up to [`MAX_BATCH`] sequences through the
+//! The fused decode step: a token, or a short span of tokens (a speculative draft to
+//! check), for each of a batch of sequences, up to [`MAX_BATCH`] tokens in all, through the
 //! whole model on plain f32 slices (CPU).
 //!
 //! The general path runs a decode token as ~60 candle ops per layer. Each allocates its
@@ -24,8 +25,16 @@
 //! the reference: with `RuntimeOptions::fast_decode` off it runs instead, and
 //! `tests/fused_decode.rs` holds the two equal, logits and states.
 //!
+//! A span's tokens are rows of the projections like any others; its token mixing runs them
+//! in order within their (sequence, KV head) unit, each seeing the span's earlier tokens.
+//! Rows leave the window as a span goes on and compete for the global cache's places: a
+//! unit replays those admissions query by query (`global::Admissions`, what the cache's
+//! own `plan` replays when the step is stored), so each token sees the entries the plan
+//! says it sees, as a mask over the kept and cached rows already in the step's inputs.
+//!
 //! Not covered (those steps take the general path): GSA layers, weights other than f32 and
-//! Q8_0, unmerged adapters, gradients, other devices, and prefill.
+//! Q8_0, unmerged adapters, gradients, other devices, spans longer than a window, spans
+//! during which a kept entry passes the distance cap, and prefill.
 
 mod attend;
 mod mixing;
@@ -45,17 +54,23 @@ use rayon::prelude::*;
 use crate::mix::Mix;
 use half::f16;
 use mixing::{GroupIn, GroupOut, Memory, Scratch};
-use rows::{Rows, RowsMut};
+use rows::{sized, Rows, RowsMut};
 use sync::{PanicGuard, Shared, SpinBarrier};
 
+use crate::global::GlobalCache;
 use crate::layers::Linear;
 use crate::layers::{gemm, matvec, matvec_q8, Packed};
 use crate::state::LayerState;
 use crate::state::SeqStep;
-use crate::Result;
+use crate::{Logits, Result};
 
-/// Most sequences one fused step takes; larger batches are compute-bound and go to gemm.
+/// Most tokens one fused step takes; larger batches are compute-bound and go to gemm.
 pub const MAX_BATCH: usize = matvec::MAX_ROWS;
+
+/// Most tokens of a sequence the fused step takes: a decode token and its speculative
+/// draft. Longer spans are prompt chunks, read on the general path (`Model::split_decodes`
+/// gives a batch's short steps to the fused step and its chunks to the general path).
+pub const SHORT_SPAN: usize = 8;
 
 /// Weight rows per inner block of a projection: the block's outputs for the whole batch stay
 /// in L1 (`48 x 32` floats at most) and it is a multiple of the kernel's 3-row tile.
@@ -225,6 +240,8 @@ struct LayerIx {
 /// many rows the cache keeps, and its recurrent memory when the layer has one.
 struct SeqLayerIx {
     cached: Option<Cached>,
+    /// Rows a query sees through its window besides its own: the cache's capacity.
+    window: usize,
     keep: usize,
     /// What the cache stores its rows in.
     stored: RowsDtype,
@@ -233,16 +250,32 @@ struct SeqLayerIx {
     global: Option<GlobalRows>,
     /// Which global rows are past the distance cap, `[hkv * rows]` (empty: none).
     global_far: Vec<bool>,
-    /// Values per KV head the layer measures for the global cache (`Mix::scoring`):
-    /// attention shares of the window rows, then the recall score (`GroupOut::salience`).
+    /// Values per KV head the layer measures for the global cache (`Mix::scoring`): the
+    /// span's attention shares of the window rows (cached, then its own), then its tokens'
+    /// recall scores.
     scores: usize,
+    /// Whether the layer measures attention shares, and recall scores.
+    scoring: (bool, bool),
 }
 
 impl SeqLayerIx {
-    /// Rows per KV head the token adds to the cache: 1, or 0 for a cache of capacity 0.
+    /// Rows per KV head a token adds to the cache: 1, or 0 for a cache of capacity 0.
     fn token_rows(&self) -> usize {
         usize::from(self.keep > 0)
     }
+
+    fn cached_len(&self) -> usize {
+        self.cached.map_or(0, |c| c.len)
+    }
+}
+
+/// A sequence's tokens in the step: rows `first..first + len` of the projections, from
+/// position `position`.
+#[derive(Clone, Copy)]
+struct Span {
+    first: usize,
+    len: usize,
+    position: usize,
 }
 
 /// A global cache's kept rows in the step's inputs: its key and value buffers
@@ -319,12 +352,12 @@ impl SharedRows<'_> {
     }
 }
 
-/// What one new token produced in one layer of one sequence.
+/// What a sequence's tokens produced in one layer.
 struct SeqLayerOut {
     new_k: NewRows,
     new_v: NewRows,
     memory: Option<Vec<f32>>,
-    /// `[hkv, scores]`, when measured.
+    /// `[hkv, scores]`, when measured (`SeqLayerIx::scores`).
     salience: Vec<f32>,
 }
 
@@ -335,16 +368,18 @@ pub(crate) fn steps_taken() -> u64 {
     STEPS_TAKEN.load(Ordering::Relaxed)
 }
 
-/// Runs one decode token for every sequence of `seqs` (each `tokens.len() == 1`) when the
-/// model and states allow it. `positions[i]` is sequence `i`'s position. Returns `None`,
-/// touching nothing, when the step must take the general path. Does not advance positions.
+/// Runs every sequence's tokens (a decode token, or a short span) when the model and
+/// states allow it, with logits per sequence as `logits` asks (`Model::forward_batch`).
+/// Returns `None`, touching nothing, when the step must take the general path. Advances
+/// nothing but the states' contents: the caller moves their positions on.
 pub(crate) fn step(
     refs: &ModelRefs,
     seqs: &mut [SeqStep<'_>],
-    positions: &[u32],
+    logits: Logits,
 ) -> Result<Option<Vec<Tensor>>> {
-    let nb = seqs.len();
-    if nb == 0 || nb > MAX_BATCH || seqs.iter().any(|s| s.tokens.len() != 1) {
+    let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    let short = |s: &SeqStep| (1..=SHORT_SPAN).contains(&s.tokens.len());
+    if seqs.is_empty() || rows > MAX_BATCH || !seqs.iter().all(short) {
         return Ok(None);
     }
     let Some(plan) = Plan::new(refs, seqs) else {
@@ -386,13 +421,13 @@ pub(crate) fn step(
         .map(|q| q.data())
         .collect::<candle_core::Result<_>>()?;
     let bytes: Vec<&[u8]> = bytes.iter().map(|b| b.as_ref()).collect();
-    let (logits, outs) = plan.run(refs, (&slices, &halves, &bytes), seqs, positions);
+    let (all_logits, outs) = plan.run(refs, (&slices, &halves, &bytes), seqs);
     drop(slices);
     drop(halves);
     drop(guards);
     drop(half_guards);
     let (_, hkv, d) = refs.heads;
-    let out = plan.store((hkv, d), seqs, logits, outs)?;
+    let out = plan.store((hkv, d), seqs, (all_logits, logits), outs)?;
     STEPS_TAKEN.fetch_add(1, Ordering::Relaxed);
     Ok(Some(out))
 }
@@ -426,6 +461,10 @@ struct Plan {
     layers: Vec<LayerIx>,
     /// `[layer][seq]`
     states: Vec<Vec<SeqLayerIx>>,
+    /// Per sequence.
+    spans: Vec<Span>,
+    /// Tokens in all: the projections' rows.
+    rows: usize,
     /// The RoPE table of the global caches' distance cap (`Mix::Liger::max_distance`).
     cap_rope: Option<(Vec<f32>, Vec<f32>)>,
     hidden: usize,
@@ -485,10 +524,21 @@ impl Plan {
             }
             _ => None,
         });
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut rows = 0;
+        for s in seqs {
+            spans.push(Span {
+                first: rows,
+                len: s.tokens.len(),
+                position: s.state.position,
+            });
+            rows += s.tokens.len();
+        }
         let mut states = Vec::with_capacity(layers.len());
         for (li, layer) in layers.iter().enumerate() {
             let mut per_seq = Vec::with_capacity(seqs.len());
-            for s in seqs {
+            for (s, span) in seqs.iter().zip(&spans) {
+                let t = span.len;
                 let mut global = None;
                 let mut global_far = Vec::new();
                 let (cache, memory) = match (&s.state.layers.get(li)?, layer.mix) {
@@ -531,8 +581,18 @@ impl Plan {
                             if max_distance.is_some() {
                                 // Stored un-rotated exactly when this query scores them at
                                 // the cap.
-                                global_far = g.raw_entries(s.state.position).concat();
+                                global_far = g.raw_entries(span.position).concat();
+                                // A span's later queries score them alike (none passes
+                                // the cap during the span).
+                                if t > 1
+                                    && g.raw_entries(span.position + t - 1).concat() != global_far
+                                {
+                                    return None;
+                                }
                             }
+                        }
+                        if t > 1 && has_global && !span_fits_global(g, window, t, hkv) {
+                            return None;
                         }
                         (window, memory)
                     }
@@ -555,17 +615,25 @@ impl Plan {
                     }
                 };
                 let stored = RowsDtype::of(cache.stored_dtype().unwrap_or(DType::F32))?;
-                let total = cached.map_or(0, |c| c.len) + 1;
-                let (attention, recall) = layer.mix.scoring();
-                let scores = if attention { total } else { 0 } + usize::from(recall);
+                let window = cache.capacity().unwrap_or(usize::MAX);
+                // A span's tokens all stay in the window to its end (its rows are pushed
+                // together, and its queries see all of its earlier tokens).
+                if t > window.max(1) {
+                    return None;
+                }
+                let total = cached.map_or(0, |c| c.len) + t;
+                let scoring = layer.mix.scoring();
+                let scores = if scoring.0 { total } else { 0 } + if scoring.1 { t } else { 0 };
                 per_seq.push(SeqLayerIx {
                     cached,
-                    keep: cache.capacity().map_or(total, |c| total.min(c)),
+                    window,
+                    keep: total.min(window),
                     stored,
                     memory,
                     global,
                     global_far,
                     scores,
+                    scoring,
                 });
             }
             states.push(per_seq);
@@ -577,32 +645,37 @@ impl Plan {
             lm_head,
             layers,
             states,
+            spans,
+            rows,
             cap_rope,
             hidden,
             intermediate,
         })
     }
 
-    /// Runs the step on the locked `slices`. Returns the logits `[seqs, vocab]` and, per
+    /// Runs the step on the locked `slices`. Returns the logits `[tokens, vocab]` and, per
     /// layer and sequence, the new state parts.
     fn run(
         &self,
         refs: &ModelRefs,
         (slices, halves, blocks): Locked,
         seqs: &[SeqStep<'_>],
-        positions: &[u32],
     ) -> (Vec<f32>, Vec<Vec<SeqLayerOut>>) {
-        let nb = seqs.len();
+        let nb = self.rows;
         let (h, hkv, d) = refs.heads;
         let mut x = vec![0f32; nb * self.hidden];
         let table = slices[self.embed];
-        for (row, s) in x.chunks_mut(self.hidden).zip(seqs) {
-            let t = s.tokens[0] as usize;
+        let tokens = seqs.iter().flat_map(|s| s.tokens);
+        for (row, &t) in x.chunks_mut(self.hidden).zip(tokens) {
+            let t = t as usize;
             row.copy_from_slice(&table[t * self.hidden..(t + 1) * self.hidden]);
         }
-        let rope: Vec<(Vec<f32>, Vec<f32>)> = positions
+        // Per row: each token's position.
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = self
+            .spans
             .iter()
-            .map(|&p| {
+            .flat_map(|s| s.position..s.position + s.len)
+            .map(|p| {
                 let angles = refs.inv_freq.iter().map(|f| p as f32 * f);
                 (
                     angles.clone().map(f32::cos).collect(),
@@ -616,11 +689,15 @@ impl Plan {
             .map(|per_seq| {
                 per_seq
                     .iter()
-                    .map(|s| SeqLayerOut {
-                        new_k: NewRows::uninit(s.stored, hkv * s.token_rows() * d),
-                        new_v: NewRows::uninit(s.stored, hkv * s.token_rows() * d),
-                        memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
-                        salience: vec![0f32; hkv * s.scores],
+                    .zip(&self.spans)
+                    .map(|(s, span)| {
+                        let rows = hkv * span.len * s.token_rows() * d;
+                        SeqLayerOut {
+                            new_k: NewRows::uninit(s.stored, rows),
+                            new_v: NewRows::uninit(s.stored, rows),
+                            memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
+                            salience: vec![0f32; hkv * s.scores],
+                        }
                     })
                     .collect()
             })
@@ -649,11 +726,28 @@ impl Plan {
                     .collect()
             })
             .collect();
+        // The global caches whose admissions a span's tokens replay (`mix_layer`).
+        let globals: Vec<Vec<Option<&GlobalCache>>> = (0..self.layers.len())
+            .map(|li| {
+                seqs.iter()
+                    .zip(&self.spans)
+                    .map(|(s, span)| match s.state.layers.get(li) {
+                        Some(LayerState::Liger { global, .. })
+                            if span.len > 1 && global.is_enabled() =>
+                        {
+                            Some(global)
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .collect();
         let step = Step {
             plan: self,
             slices,
             halves,
             blocks,
+            globals,
             nb,
             heads: refs.heads,
             eps: refs.eps,
@@ -692,12 +786,13 @@ impl Plan {
         (logits, outs)
     }
 
-    /// Writes the new state parts into the sequences' states and splits the logits.
+    /// Writes the new state parts into the sequences' states and splits the logits: all of
+    /// a sequence's rows, or its last, as `which` asks.
     fn store(
         &self,
         (hkv, d): (usize, usize),
         seqs: &mut [SeqStep<'_>],
-        logits: Vec<f32>,
+        (logits, which): (Vec<f32>, Logits),
         outs: Vec<Vec<SeqLayerOut>>,
     ) -> Result<Vec<Tensor>> {
         let device = candle_core::Device::Cpu;
@@ -718,8 +813,16 @@ impl Plan {
         jobs.into_par_iter().try_for_each(|(li, si, layer, out)| {
             self.store_one((li, si), (hkv, d), positions[si], layer, out)
         })?;
-        let logits = Tensor::from_vec(logits, (nb, self.lm_head.n), &device)?;
-        (0..nb).map(|i| Ok(logits.narrow(0, i, 1)?)).collect()
+        let logits = Tensor::from_vec(logits, (self.rows, self.lm_head.n), &device)?;
+        self.spans
+            .iter()
+            .map(|s| {
+                Ok(match which {
+                    Logits::All => logits.narrow(0, s.first, s.len)?,
+                    Logits::Last => logits.narrow(0, s.first + s.len - 1, 1)?,
+                })
+            })
+            .collect()
     }
 
     /// Writes layer `li`'s new state parts into sequence `si`'s `layer`.
@@ -734,7 +837,7 @@ impl Plan {
         let kv = if self.states[li][si].token_rows() == 0 {
             None
         } else {
-            let shape = (hkv, 1, d);
+            let shape = (hkv, self.spans[si].len, d);
             // SAFETY: `run` returned, so every group of every layer and sequence ran its
             // `write_row` over its whole part (a panicking worker would have ended the
             // step before this).
@@ -762,7 +865,8 @@ impl Plan {
                         0 => vec![&[][..]; hkv],
                         n => out.salience.chunks(n).collect(),
                     };
-                    let recall_at = n - usize::from(recall_scores);
+                    let t = self.spans[si].len;
+                    let recall_at = n - if recall_scores { t } else { 0 };
                     let mass = attention_scores
                         .then(|| per_head.iter().map(|h| h[..recall_at].to_vec()).collect());
                     let recall = recall_scores
@@ -884,10 +988,13 @@ struct Step<'a> {
     slices: &'a [&'a [f32]],
     halves: &'a [&'a [f16]],
     blocks: &'a [&'a [u8]],
+    /// `[layer][seq]`: the global cache of a sequence with a span of several tokens.
+    globals: Vec<Vec<Option<&'a GlobalCache>>>,
+    /// Tokens (rows) in all.
     nb: usize,
     heads: (usize, usize, usize),
     eps: f32,
-    /// cos and sin per sequence.
+    /// cos and sin per row.
     rope: &'a [(Vec<f32>, Vec<f32>)],
     /// The residual stream `[nb, hidden]`.
     x: Shared<'a>,
@@ -938,7 +1045,7 @@ impl Step<'_> {
         let mut bands = (Vec::new(), Vec::new());
         // A phase's input packed for the AVX-512 kernel, by each thread for itself.
         let mut packed_in = Vec::new();
-        let mut scratch = Scratch::default();
+        let mut scratch = (Scratch::default(), SpanScratch::default());
         // Work is claimed, not assigned: a thread that falls behind (a busy core, a
         // descheduled vCPU) takes fewer bands instead of holding everyone at the barrier.
         let mut phase = self.counters.iter();
@@ -1183,50 +1290,119 @@ impl Step<'_> {
     }
 
     /// Layer `li`'s token mixing, (sequence, KV head) units claimed from `next`.
-    fn mix_layer(&self, li: usize, next: &AtomicUsize, scratch: &mut Scratch) {
+    fn mix_layer(&self, li: usize, next: &AtomicUsize, scratch: &mut (Scratch, SpanScratch)) {
+        let hkv = self.heads.1;
+        let units = self.plan.spans.len() * hkv;
+        loop {
+            let unit = next.fetch_add(1, Ordering::Relaxed);
+            if unit >= units {
+                return;
+            }
+            self.mix_unit(li, (unit / hkv, unit % hkv), scratch);
+        }
+    }
+
+    /// Sequence `s`'s tokens in KV head `kvh`'s group of layer `li`, in order.
+    fn mix_unit(
+        &self,
+        li: usize,
+        (s, kvh): (usize, usize),
+        (scratch, span_scratch): &mut (Scratch, SpanScratch),
+    ) {
         let (h, hkv, d) = self.heads;
         let g = h / hkv;
         let layer = &self.plan.layers[li];
+        let state = &self.plan.states[li][s];
+        let span = self.plan.spans[s];
+        let t = span.len;
         let (q, k, v) = unsafe { (self.qkv[0].read(), self.qkv[1].read(), self.qkv[2].read()) };
-        loop {
-            let unit = next.fetch_add(1, Ordering::Relaxed);
-            if unit >= self.nb * hkv {
-                return;
+        // Head `kvh`'s `len` rows from row `start`, of `room` rows per head.
+        let rows_of = |ix: RowsIx, room: usize, (start, len): (usize, usize)| {
+            let at = (kvh * room + start) * d;
+            let range = at..at + len * d;
+            match ix {
+                RowsIx::F32(i) => Rows::F32(&self.slices[i][range]),
+                RowsIx::F16(i) => Rows::F16(&self.halves[i][range]),
             }
-            let (s, kvh) = (unit / hkv, unit % hkv);
-            let state = &self.plan.states[li][s];
-            // Head `kvh`'s `len` rows from row `start`, of `room` rows per head.
-            let rows_of = |ix: RowsIx, room: usize, (start, len): (usize, usize)| {
-                let at = (kvh * room + start) * d;
-                let range = at..at + len * d;
-                match ix {
-                    RowsIx::F32(i) => Rows::F32(&self.slices[i][range]),
-                    RowsIx::F16(i) => Rows::F16(&self.halves[i][range]),
+        };
+        let w = state.cached_len();
+        let (global_k, global_v, n) = match state.global {
+            Some(g) => (
+                rows_of(g.k, g.room, (0, g.n)),
+                rows_of(g.v, g.room, (0, g.n)),
+                g.n,
+            ),
+            None => (Rows::EMPTY, Rows::EMPTY, 0),
+        };
+        let global_far = match (state.global, state.global_far.is_empty()) {
+            (Some(GlobalRows { n, .. }), false) => &state.global_far[kvh * n..(kvh + 1) * n],
+            _ => &[][..],
+        };
+        // A span's admissions to the global cache, replayed as its queries go.
+        let global = self.globals[li][s];
+        let mut admissions = global.map(|c| c.admissions(kvh, state.window, (w, t)));
+        if let Some(a) = &admissions {
+            debug_assert_eq!(a.kept_before(), n, "a score per kept entry");
+        }
+        let NewState {
+            k: new_k,
+            v: new_v,
+            memory,
+            salience,
+        } = &self.new_state[li][s];
+        let token_rows = state.token_rows() * d;
+        let salience = if state.scores > 0 {
+            let n = state.scores;
+            unsafe { salience.part(kvh * n..(kvh + 1) * n) }
+        } else {
+            &mut []
+        };
+        let (attention, recall) = state.scoring;
+        // The span's attention shares of the window rows (cached, then its own), summed
+        // over its queries in order, and its recall scores.
+        let sp = span_scratch;
+        sized(&mut sp.mass, if attention { w + t } else { 0 }).fill(0.0);
+        sized(&mut sp.recall, if recall { t } else { 0 });
+        sp.earlier.0.clear();
+        sp.earlier.1.clear();
+        let mut memory_out = state
+            .memory
+            .map(|_| unsafe { memory.part(kvh * d * d..(kvh + 1) * d * d) });
+        for i in 0..t {
+            let row = span.first + i;
+            // Cached rows that have left the window before this token.
+            let left = (i + w).saturating_sub(state.window);
+            let (cached_from, left_seen) = match &mut admissions {
+                Some(a) => {
+                    let mass = &sp.mass;
+                    let cache = global.expect("admissions come from a global cache");
+                    // (No shares without attention places: the scores stay as they are.)
+                    let share = |j: usize| mass.get(j).copied().unwrap_or(0.0);
+                    a.advance(i, |j| cache.window_row_scores(kvh, j, share(j)));
+                    sp.hidden.clear();
+                    sp.hidden.extend((0..n + left).map(|c| !a.keeps(c, i)));
+                    (0, left)
                 }
+                // Without a global cache, rows that left are not seen at all.
+                None => (left, 0),
+            };
+            let hidden: &[bool] = if sp.hidden.contains(&true) && admissions.is_some() {
+                &sp.hidden
+            } else {
+                &[]
             };
             let (cached_k, cached_v) = match state.cached {
                 Some(c) => (
-                    rows_of(c.k, c.room, (c.start, c.len)),
-                    rows_of(c.v, c.room, (c.start, c.len)),
+                    rows_of(c.k, c.room, (c.start + cached_from, c.len - cached_from)),
+                    rows_of(c.v, c.room, (c.start + cached_from, c.len - cached_from)),
                 ),
                 None => (Rows::EMPTY, Rows::EMPTY),
             };
-            let (global_k, global_v) = match state.global {
-                Some(g) => (
-                    rows_of(g.k, g.room, (0, g.n)),
-                    rows_of(g.v, g.room, (0, g.n)),
-                ),
-                None => (Rows::EMPTY, Rows::EMPTY),
-            };
-            let (cos, sin) = &self.rope[s];
-            let global_far = match (state.global, state.global_far.is_empty()) {
-                (Some(GlobalRows { n, .. }), false) => &state.global_far[kvh * n..(kvh + 1) * n],
-                _ => &[][..],
-            };
+            let (cos, sin) = &self.rope[row];
             let input = GroupIn {
-                q: &q[s * h * d + kvh * g * d..][..g * d],
-                k: &k[s * hkv * d + kvh * d..][..d],
-                v: &v[s * hkv * d + kvh * d..][..d],
+                q: &q[row * h * d + kvh * g * d..][..g * d],
+                k: &k[row * hkv * d + kvh * d..][..d],
+                v: &v[row * hkv * d + kvh * d..][..d],
                 cached_k,
                 cached_v,
                 global_k,
@@ -1239,35 +1415,93 @@ impl Step<'_> {
                     .cap_rope
                     .as_ref()
                     .map(|(c, s)| (c.as_slice(), s.as_slice())),
+                earlier: (&sp.earlier.0, &sp.earlier.1),
+                left: left_seen,
+                hidden,
             };
-            let NewState {
-                k: new_k,
-                v: new_v,
-                memory,
-                salience,
-            } = &self.new_state[li][s];
-            let rows = state.token_rows() * d;
+            // This token's window shares: cached rows from `left`, the span's tokens to it.
+            let shares = if attention { w - left + i + 1 } else { 0 };
+            let token_out = sized(&mut sp.token, shares + usize::from(recall));
+            let at = (kvh * t + i) * token_rows;
             let out = GroupOut {
                 out: unsafe {
                     self.mixed
-                        .part(s * h * d + kvh * g * d..s * h * d + (kvh + 1) * g * d)
+                        .part(row * h * d + kvh * g * d..row * h * d + (kvh + 1) * g * d)
                 },
-                new_k: unsafe { new_k.part(kvh * rows..(kvh + 1) * rows) },
-                new_v: unsafe { new_v.part(kvh * rows..(kvh + 1) * rows) },
-                salience: if state.scores > 0 {
-                    let n = state.scores;
-                    unsafe { salience.part(kvh * n..(kvh + 1) * n) }
-                } else {
-                    &mut []
-                },
+                new_k: unsafe { new_k.part(at..at + token_rows) },
+                new_v: unsafe { new_v.part(at..at + token_rows) },
+                salience: token_out,
             };
-            let memory = state.memory.map(|mi| Memory {
-                old: &self.slices[mi][kvh * d * d..(kvh + 1) * d * d],
-                new: unsafe { memory.part(kvh * d * d..(kvh + 1) * d * d) },
-            });
-            mixing::mix_group(layer.mix, d, (input, out), memory, scratch);
+            // The memory before this token: the state's, or the span's previous token's.
+            let mem = match (&mut memory_out, state.memory) {
+                (Some(last), Some(mi)) => {
+                    let [before, after] = &mut sp.memory;
+                    let old: &[f32] = if i == 0 {
+                        &self.slices[mi][kvh * d * d..(kvh + 1) * d * d]
+                    } else {
+                        before
+                    };
+                    let new: &mut [f32] = if i + 1 == t {
+                        last
+                    } else {
+                        sized(after, d * d)
+                    };
+                    Some(Memory { old, new })
+                }
+                _ => None,
+            };
+            mixing::mix_group(layer.mix, d, (input, out), mem, scratch);
+            if state.memory.is_some() && i + 1 < t {
+                sp.memory.swap(0, 1);
+            }
+            let token_out = &sp.token;
+            if attention {
+                for (m, &x) in sp.mass[left..].iter_mut().zip(&token_out[..shares]) {
+                    *m += x;
+                }
+            }
+            if recall {
+                sp.recall[i] = token_out[shares];
+            }
+            if i + 1 < t {
+                sp.earlier.0.extend_from_slice(scratch.last_key());
+                sp.earlier
+                    .1
+                    .extend_from_slice(&v[row * hkv * d + kvh * d..][..d]);
+            }
         }
+        let (mass_out, recall_out) = salience.split_at_mut(sp.mass.len());
+        mass_out.copy_from_slice(&sp.mass);
+        recall_out.copy_from_slice(&sp.recall);
     }
+}
+
+/// Per-thread working memory of a span's tokens in a unit (`Step::mix_unit`).
+#[derive(Default)]
+struct SpanScratch {
+    mass: Vec<f32>,
+    recall: Vec<f32>,
+    /// The span's rotated keys and values so far.
+    earlier: (Vec<f32>, Vec<f32>),
+    hidden: Vec<bool>,
+    /// One token's window shares and recall score.
+    token: Vec<f32>,
+    /// The memory between a span's tokens: before the token, after it.
+    memory: [Vec<f32>; 2],
+}
+
+/// Whether a span of `t` tokens can replay its global cache's admissions in the fused step:
+/// the cache has a score for each window row, and no row that takes a place during the
+/// span is past the distance cap for the span's queries.
+fn span_fits_global(g: &GlobalCache, window: &crate::state::KvCache, t: usize, hkv: usize) -> bool {
+    let w = window.len();
+    let scored = w == 0 || (0..hkv).all(|h| g.window_scores_of(h).len() == w);
+    let within_cap = match (g.distance_cap(), window.capacity()) {
+        (None, _) => true,
+        (Some(cap), Some(c)) => c + t <= cap.max,
+        (Some(_), None) => false,
+    };
+    scored && within_cap
 }
 
 #[cfg(test)]

@@ -439,12 +439,7 @@ impl GlobalCache {
                 // (and the second its copy).
                 for (row, m) in self.window_scores.iter_mut().zip(&mass) {
                     for (s, &a) in row.iter_mut().zip(m) {
-                        if two {
-                            s.1 += a;
-                        } else {
-                            s.0 += a;
-                            s.1 = s.0;
-                        }
+                        *s = with_mass(*s, a, two);
                     }
                 }
                 Some(mass.into_iter().map(|m| m[cached..].to_vec()).collect())
@@ -491,11 +486,11 @@ impl GlobalCache {
             .collect())
     }
 
-    /// One decode token's update, as the fused decode step needs it: the token (position
-    /// `position`, post-RoPE key and value `[hkv, 1, d]`) was read after `window_before`
-    /// (the window cache before it, if any); the window keeps `window` rows, so the oldest
-    /// cached row may leave and compete for a place. `mass` and `recall` as in
-    /// [`span_scores`](Self::span_scores) for a span of one.
+    /// A short span's update, as the fused decode step needs it: its `t` tokens (from
+    /// position `position`, post-RoPE keys and values `[hkv, t, d]`) were read after
+    /// `window_before` (the window cache before them, if any); the window keeps `window`
+    /// rows, so the oldest cached rows may leave and compete for places. `mass` and
+    /// `recall` as in [`span_scores`](Self::span_scores).
     pub(crate) fn decode_step(
         &mut self,
         position: usize,
@@ -504,16 +499,17 @@ impl GlobalCache {
         (k, v): (&Tensor, &Tensor),
         (mass, recall): (Option<PerHead>, Option<PerHead>),
     ) -> Result<()> {
-        let scores = self.span_scores(position, (k.dim(0)?, 1), mass, recall)?;
+        let (hkv, t, _) = k.dims3()?;
+        let scores = self.span_scores(position, (hkv, t), mass, recall)?;
         let window_len = window_before.map_or(Ok(0), |(k, _)| k.dim(1))?;
         let plan = self.plan(window, window_len, &scores)?;
-        let keep = (window_len + 1).min(window);
+        let keep = (window_len + t).min(window);
         let window_scores = self.window_scores_after(&scores, keep)?;
         let rows: Vec<(&Tensor, &Tensor)> = window_before.into_iter().chain([(k, v)]).collect();
         let span = SpanPositions {
             first_row: position - window_len,
             start: position,
-            end: position + 1,
+            end: position + t,
         };
         self.apply(&plan, &rows, (window_scores, span))
     }
@@ -541,15 +537,12 @@ impl GlobalCache {
             kept_scores: Vec::with_capacity(hkv),
         };
         for (h, new) in scores.iter().enumerate() {
-            let head = HeadPlan {
-                capacity: self.capacity,
-                first_pool: self.first_pool(),
-                window,
-                kept: row(&self.kept_scores, h),
-                stream: [&row(&self.window_scores, h)[..window_len], new].concat(),
-                new_tokens: t,
+            let stream = [&row(&self.window_scores, h)[..window_len], new].concat();
+            let mut head = self.admissions(h, window, (window_len, t));
+            for i in 0..=t {
+                head.advance(i, |j| stream[j]);
             }
-            .run();
+            let head = head.finish();
             plan.visible.push(head.0);
             plan.kept_after.push(head.1);
             plan.kept_scores.push(head.2);
@@ -934,94 +927,176 @@ pub(crate) fn salience(v: &[f32], r: &[f32]) -> f32 {
     (1.0 - dot / (vv * rr).sqrt()) as f32
 }
 
-/// One head's admissions over a span, on plain data.
-struct HeadPlan<'a> {
+/// One head's admissions over a span, on plain data, query by query: before query `i`
+/// ([`advance`](Self::advance)), every row that has left the window by then competes for
+/// a place. [`GlobalCache::plan`] replays a whole span with it; the fused decode step
+/// steps it along a short span's queries, so that each sees the entries the plan will
+/// say it sees (the scores a row competes with are final once it has left: only queries
+/// that see it in their window add to them).
+pub(crate) struct Admissions {
     capacity: usize,
     /// Places of the first pool (sinks and recall places), compared by the first score;
     /// the rest are attention places, compared by the second.
-    first_pool: usize,
+    first: usize,
     window: usize,
-    /// Scores of the entries kept before the span (candidates `0..n`).
-    kept: &'a [Scores],
-    /// Scores of the cached window rows then the new tokens (candidates `n..`).
-    stream: Vec<Scores>,
-    new_tokens: usize,
+    /// Entries kept before the span (candidates `0..n`), cached window rows (`n..n + w`),
+    /// new tokens (`t`).
+    n: usize,
+    w: usize,
+    t: usize,
+    /// Places: (candidate, scores).
+    places: Vec<(usize, Scores)>,
+    /// Each candidate's membership, `[since, until)` in query indices (`usize::MAX`:
+    /// never / not yet).
+    since: Vec<usize>,
+    until: Vec<usize>,
+    /// Stream index (window rows, then new tokens) of the next row to leave the window.
+    next_leave: usize,
 }
 
-impl HeadPlan<'_> {
-    /// Returns (what each query sees, kept candidates after, their scores).
-    fn run(self) -> (Visibility, Vec<usize>, Vec<Scores>) {
-        let n = self.kept.len();
-        let t = self.new_tokens;
-        let w = self.stream.len() - t; // cached window rows
+impl GlobalCache {
+    /// Head `h`'s admissions over a span of `t` tokens after `w` cached window rows, for a
+    /// window of `window` keys.
+    pub(crate) fn admissions(&self, h: usize, window: usize, (w, t): (usize, usize)) -> Admissions {
+        let kept = self.kept_scores.get(h).map_or(&[][..], Vec::as_slice);
+        Admissions::new((self.capacity, self.first_pool()), window, kept, (w, t))
+    }
+
+    /// Head `h`'s window row `j`'s scores once the span's queries have given it `mass`
+    /// (the sum of their attention shares), as [`span_scores`](Self::span_scores) makes
+    /// them: a row competes with these when it leaves.
+    pub(crate) fn window_row_scores(&self, h: usize, j: usize, mass: f32) -> Scores {
+        let s = self.window_scores[h][j];
+        if self.scores_attention() {
+            with_mass(s, mass, self.two_kinds())
+        } else {
+            s
+        }
+    }
+
+    /// Head `h`'s pre-span window scores, `[w]`.
+    pub(crate) fn window_scores_of(&self, h: usize) -> &[Scores] {
+        self.window_scores.get(h).map_or(&[][..], Vec::as_slice)
+    }
+}
+
+/// A window row's scores after `a` more attention: the running sum is the second score
+/// with both kinds, else the first (and the second its copy).
+fn with_mass(s: Scores, a: f32, two: bool) -> Scores {
+    if two {
+        (s.0, s.1 + a)
+    } else {
+        (s.0 + a, s.0 + a)
+    }
+}
+
+impl Admissions {
+    /// `capacity` places, the first `first` of them the first pool, holding `kept`.
+    fn new(
+        (capacity, first): (usize, usize),
+        window: usize,
+        kept: &[Scores],
+        (w, t): (usize, usize),
+    ) -> Self {
+        let n = kept.len();
         let total = n + w + t;
-        let first = self.first_pool.min(self.capacity);
-        // Places: (candidate, scores); membership of each candidate as [since, until)
-        // in query indices.
-        let mut places: Vec<(usize, Scores)> = self.kept.iter().copied().enumerate().collect();
         let mut since = vec![usize::MAX; total];
-        let mut until = vec![usize::MAX; total];
-        for s in since.iter_mut().take(n) {
-            *s = 0;
-        }
-        let mut next_leave = 0; // stream index of the next row to leave the window
-                                // Query i (the span's i-th token) sees stream rows i + w - window ..= i + w; rows
-                                // before that have left. After the span, rows before t + w - window have left.
-        for i in 0..=t {
-            let first_in_window = (i + w).saturating_sub(self.window);
-            while next_leave < first_in_window {
-                let c = n + next_leave;
-                let entry = (c, self.stream[next_leave]);
-                next_leave += 1;
-                // The first pool, by the first score.
-                let offered = if places.len() < first {
-                    places.push(entry);
-                    since[c] = i;
-                    continue;
-                } else {
-                    match lowest(&places[..first], |s| s.0) {
-                        Some(p) if entry.1 .0 > places[p].1 .0 => {
-                            since[c] = i;
-                            std::mem::replace(&mut places[p], entry)
-                        }
-                        _ => entry,
-                    }
-                };
-                // What it turned away or pushed out: the attention places, by the second.
-                let taken = if places.len() < self.capacity {
-                    places.push(offered);
-                    true
-                } else {
-                    match lowest(&places[first..], |s| s.1) {
-                        Some(p) if offered.1 .1 > places[first + p].1 .1 => {
-                            let out = std::mem::replace(&mut places[first + p], offered);
-                            until[out.0] = i;
-                            true
-                        }
-                        _ => false,
-                    }
-                };
-                if taken {
-                    if since[offered.0] == usize::MAX {
-                        since[offered.0] = i;
-                    }
-                } else if since[offered.0] != usize::MAX {
-                    until[offered.0] = i; // pushed out of the first pool and gone
-                }
-            }
-        }
-        let members = (0..total)
-            .filter(|&c| since[c] != usize::MAX)
-            .map(|c| (c, since[c], until[c]))
-            .collect();
-        let visible = Visibility {
+        since[..n].fill(0);
+        Self {
+            capacity,
+            first: first.min(capacity),
+            window,
             n,
             w,
             t,
+            places: kept.iter().copied().enumerate().collect(),
+            since,
+            until: vec![usize::MAX; total],
+            next_leave: 0,
+        }
+    }
+
+    /// Stream rows that leave the window before query `i` (query `t`: after the span).
+    pub(crate) fn leaving(&self, i: usize) -> std::ops::Range<usize> {
+        // Query i (the span's i-th token) sees stream rows i + w - window ..= i + w; rows
+        // before that have left.
+        let first_in_window = (i + self.w).saturating_sub(self.window);
+        self.next_leave..first_in_window.max(self.next_leave)
+    }
+
+    /// Lets every row leave that leaves before query `i`, each competing for a place with
+    /// its scores (`stream(j)` for stream row `j`). Queries are advanced in order.
+    pub(crate) fn advance(&mut self, i: usize, stream: impl Fn(usize) -> Scores) {
+        let first = self.first;
+        for j in self.leaving(i) {
+            let c = self.n + j;
+            let entry = (c, stream(j));
+            self.next_leave = j + 1;
+            let (since, until) = (&mut self.since, &mut self.until);
+            let places = &mut self.places;
+            // The first pool, by the first score.
+            let offered = if places.len() < first {
+                places.push(entry);
+                since[c] = i;
+                continue;
+            } else {
+                match lowest(&places[..first], |s| s.0) {
+                    Some(p) if entry.1 .0 > places[p].1 .0 => {
+                        since[c] = i;
+                        std::mem::replace(&mut places[p], entry)
+                    }
+                    _ => entry,
+                }
+            };
+            // What it turned away or pushed out: the attention places, by the second.
+            let taken = if places.len() < self.capacity {
+                places.push(offered);
+                true
+            } else {
+                match lowest(&places[first..], |s| s.1) {
+                    Some(p) if offered.1 .1 > places[first + p].1 .1 => {
+                        let out = std::mem::replace(&mut places[first + p], offered);
+                        until[out.0] = i;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if taken {
+                if since[offered.0] == usize::MAX {
+                    since[offered.0] = i;
+                }
+            } else if since[offered.0] != usize::MAX {
+                until[offered.0] = i; // pushed out of the first pool and gone
+            }
+        }
+    }
+
+    /// Whether query `i` sees candidate `c` as a kept entry (not through its window).
+    pub(crate) fn keeps(&self, c: usize, i: usize) -> bool {
+        self.since[c] <= i && i < self.until[c]
+    }
+
+    /// Entries kept before the span.
+    pub(crate) fn kept_before(&self) -> usize {
+        self.n
+    }
+
+    /// Returns (what each query sees, kept candidates after, their scores).
+    fn finish(self) -> (Visibility, Vec<usize>, Vec<Scores>) {
+        let total = self.n + self.w + self.t;
+        let members = (0..total)
+            .filter(|&c| self.since[c] != usize::MAX)
+            .map(|c| (c, self.since[c], self.until[c]))
+            .collect();
+        let visible = Visibility {
+            n: self.n,
+            w: self.w,
+            t: self.t,
             window: self.window,
             members,
         };
-        let (kept_after, kept_scores) = places.into_iter().unzip();
+        let (kept_after, kept_scores) = self.places.into_iter().unzip();
         (visible, kept_after, kept_scores)
     }
 }
@@ -1045,17 +1120,24 @@ mod tests {
         scores.iter().map(|&s| (s, s)).collect()
     }
 
-    fn run(capacity: usize, window: usize, kept: &[f32], stream: &[f32], t: usize) -> String {
-        let kept = same(kept);
-        let (vis, after, _) = HeadPlan {
-            capacity,
-            first_pool: 0,
-            window,
-            kept: &kept,
-            stream: same(stream),
-            new_tokens: t,
+    /// A whole span's admissions, as `GlobalCache::plan` replays them.
+    fn replay(
+        (capacity, first): (usize, usize),
+        window: usize,
+        kept: &[Scores],
+        stream: &[Scores],
+        t: usize,
+    ) -> (Visibility, Vec<usize>, Vec<Scores>) {
+        let w = stream.len() - t;
+        let mut a = Admissions::new((capacity, first), window, kept, (w, t));
+        for i in 0..=t {
+            a.advance(i, |j| stream[j]);
         }
-        .run();
+        a.finish()
+    }
+
+    fn run(capacity: usize, window: usize, kept: &[f32], stream: &[f32], t: usize) -> String {
+        let (vis, after, _) = replay((capacity, 0), window, &same(kept), &same(stream), t);
         let rows: Vec<String> = (0..t)
             .map(|i| vis.row(i))
             .map(|r| r.iter().map(|&v| if v { '1' } else { '.' }).collect())
@@ -1080,15 +1162,7 @@ mod tests {
         // token 0 (1, 9) takes the recall place; token 1 (5, 0) pushes it out, and it
         // moves on to the attention place with its 9; token 2 (0, 3) loses both.
         let stream = vec![(1.0, 9.0), (5.0, 0.0), (0.0, 3.0), (0.0, 0.0)];
-        let (_, after, scores) = HeadPlan {
-            capacity: 2,
-            first_pool: 1,
-            window: 1,
-            kept: &[],
-            stream,
-            new_tokens: 4,
-        }
-        .run();
+        let (_, after, scores) = replay((2, 1), 1, &[], &stream, 4);
         assert_eq!(after, [1, 0]);
         assert_eq!(scores, [(5.0, 0.0), (1.0, 9.0)]);
     }

@@ -263,13 +263,13 @@ impl Model {
         let (spans, positions) = self.spans_of(seqs)?;
         if self.options.fast_decode && !self.options.differentiable && self.device.is_cpu() {
             if let Some(refs) = self.decode_refs()? {
-                if let Some(out) = decode::step(&refs, seqs, &positions)? {
+                if let Some(out) = decode::step(&refs, seqs, logits)? {
                     for s in seqs.iter_mut() {
-                        s.state.position += 1;
+                        s.state.position += s.tokens.len();
                     }
                     return Ok(out);
                 }
-                if let Some(out) = self.split_decodes(&refs, seqs, &positions, logits)? {
+                if let Some(out) = self.split_decodes(&refs, seqs, logits)? {
                     return Ok(out);
                 }
             }
@@ -318,32 +318,28 @@ impl Model {
         }
     }
 
-    /// A batch the fused decode step does not take whole: one that mixes one-token steps
-    /// with prompt chunks (a server step while prompts are read), or has more one-token
-    /// steps than one fused step holds. The one-token steps take fused steps, up to
-    /// [`decode::MAX_BATCH`] at a time, and the rest the general path, instead of all taking
-    /// the general path, where each one-token sequence is a piece of its own through every
-    /// layer's attention (measured in liger-serve: nine decodes beside a 32-token chunk took
-    /// ~500 ms as one general batch, where a fused step of nine takes ~65 ms). `None`,
-    /// touching nothing, when there is nothing to split or the fused step does not apply.
-    /// Outputs in batch order.
+    /// A batch the fused decode step does not take whole: one that mixes decode steps
+    /// (a token, or a short speculative span) with prompt chunks (a server step while
+    /// prompts are read), or has more tokens than one fused step holds. The decode steps
+    /// take fused steps, up to [`decode::MAX_BATCH`] tokens at a time, and the rest the
+    /// general path, instead of all taking the general path, where each one-token sequence
+    /// is a piece of its own through every layer's attention (measured in liger-serve: nine
+    /// decodes beside a 32-token chunk took ~500 ms as one general batch, where a fused
+    /// step of nine takes ~65 ms). `None`, touching nothing, when there is nothing to split
+    /// or the fused step does not apply. Outputs in batch order.
     fn split_decodes(
         &self,
         refs: &decode::ModelRefs,
         seqs: &mut [SeqStep<'_>],
-        positions: &[u32],
         logits: Logits,
     ) -> Result<Option<Vec<Tensor>>> {
-        let one: Vec<bool> = seqs.iter().map(|s| s.tokens.len() == 1).collect();
-        if !one.contains(&true) || (one.iter().all(|&o| o) && seqs.len() <= decode::MAX_BATCH) {
+        let one: Vec<bool> = seqs
+            .iter()
+            .map(|s| s.tokens.len() <= decode::SHORT_SPAN)
+            .collect();
+        let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if !one.contains(&true) || (one.iter().all(|&o| o) && rows <= decode::MAX_BATCH) {
             return Ok(None);
-        }
-        // `positions` has one entry per token: a sequence's own is at its token offset.
-        let mut first = Vec::with_capacity(seqs.len());
-        let mut at = 0;
-        for s in seqs.iter() {
-            first.push(positions[at]);
-            at += s.tokens.len();
         }
         let mut groups: Vec<(Vec<usize>, Vec<SeqStep<'_>>)> = Vec::new();
         let mut rest: (Vec<usize>, Vec<SeqStep<'_>>) = (Vec::new(), Vec::new());
@@ -357,8 +353,12 @@ impl Model {
                 rest.1.push(part);
                 continue;
             }
+            let fits = |g: &[SeqStep<'_>]| {
+                g.iter().map(|s| s.tokens.len()).sum::<usize>() + part.tokens.len()
+                    <= decode::MAX_BATCH
+            };
             match groups.last_mut() {
-                Some((idx, g)) if g.len() < decode::MAX_BATCH => {
+                Some((idx, g)) if fits(g) => {
                     idx.push(i);
                     g.push(part);
                 }
@@ -367,8 +367,7 @@ impl Model {
         }
         let mut outs: Vec<Option<Tensor>> = vec![None; one.len()];
         for (k, (idx, mut group)) in groups.into_iter().enumerate() {
-            let pos: Vec<u32> = idx.iter().map(|&i| first[i]).collect();
-            let Some(stepped) = decode::step(refs, &mut group, &pos)? else {
+            let Some(stepped) = decode::step(refs, &mut group, logits)? else {
                 if k == 0 {
                     // Not fusable; nothing was touched yet.
                     return Ok(None);
@@ -380,7 +379,7 @@ impl Model {
                 continue;
             };
             for s in group.iter_mut() {
-                s.state.position += 1;
+                s.state.position += s.tokens.len();
             }
             for (&i, o) in idx.iter().zip(stepped) {
                 outs[i] = Some(o);
