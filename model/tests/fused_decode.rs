@@ -535,8 +535,11 @@ fn fixture_shapes(rng: &mut SplitMix) {
     // largest, and the state to what the logits read from it.
     for (what, from) in [("fixture batch", 0), ("fixture alone", 1)] {
         let (mut sf, mut sr) = (states[from..].to_vec(), states[from..].to_vec());
-        for step in 0..3 {
-            let toks: Vec<Vec<u32>> = sf.iter().map(|_| rng.tokens(1, vocab)).collect();
+        // Three decode steps, then two of spans (drafts checked: at 300 tokens, rows leave
+        // the window during the span and compete for places).
+        for step in 0..5 {
+            let len = if step < 3 { 1 } else { 5 };
+            let toks: Vec<Vec<u32>> = sf.iter().map(|_| rng.tokens(len, vocab)).collect();
             let before = fused_decode_steps();
             let out_f = step_batch(&fused, &mut sf, &toks).unwrap();
             assert_eq!(
