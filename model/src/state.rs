@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -217,6 +217,9 @@ struct Room {
     /// Cloned with the cache: a buffer is written in place only by the one cache holding
     /// it (a forked or snapshotted state shares it, and the first to push copies).
     holder: Arc<()>,
+    /// A backup's view of the buffer of the cache it was taken from (that cache's holder):
+    /// read, never written, unless the backup takes the buffer over when restored.
+    backup_of: Option<Weak<()>>,
 }
 
 /// Spare rows a cache gets when [`KvCache::push`] copies its `rows` into a new buffer: a
@@ -330,7 +333,8 @@ impl KvCache {
         let drop = len + t - keep;
         if let Some(room) = &mut self.room {
             let at = room.start + len;
-            if Arc::strong_count(&room.holder) == 1
+            if room.backup_of.is_none()
+                && Arc::strong_count(&room.holder) == 1
                 && at + t <= room.k.dim(1)?
                 && room.k.dtype() == k.dtype()
             {
@@ -362,6 +366,7 @@ impl KvCache {
             v: fresh(old.map(|kv| &kv.1), v)?,
             start: 0,
             holder: Arc::new(()),
+            backup_of: None,
         };
         self.kv = Some((room.k.narrow(1, 0, keep)?, room.v.narrow(1, 0, keep)?));
         self.room = Some(room);
@@ -378,11 +383,37 @@ impl KvCache {
         }
     }
 
-    /// A clone without the right to push in place (see [`SequenceState::backup`]).
+    /// A clone without the right to push in place (see [`SequenceState::backup`]). It
+    /// still reads its rows from the buffer where they lie (the fused decode step reads
+    /// whole buffers): what this cache appends lies past them.
     fn backup(&self) -> Self {
+        let room = self.room.as_ref().map(|r| Room {
+            k: r.k.clone(),
+            v: r.v.clone(),
+            start: r.start,
+            holder: Arc::new(()),
+            backup_of: Some(Arc::downgrade(&r.holder)),
+        });
         Self {
-            room: None,
+            room,
             ..self.clone()
+        }
+    }
+
+    /// A backup made whole again in place of `live`, the cache it was taken from: where
+    /// `live` alone still holds the buffer, the backup takes it over, and appends in place
+    /// again (over the rows `live` appended, which go with it).
+    fn restore(&mut self, live: &mut KvCache) {
+        let Some(room) = &mut self.room else { return };
+        let Some(origin) = &room.backup_of else {
+            return;
+        };
+        if let Some(theirs) = live.room.take() {
+            let same = std::ptr::eq(Arc::as_ptr(&theirs.holder), origin.as_ptr());
+            if same && Arc::strong_count(&theirs.holder) == 1 && theirs.backup_of.is_none() {
+                room.holder = theirs.holder;
+                room.backup_of = None;
+            }
         }
     }
 
@@ -447,15 +478,22 @@ impl Backup {
     pub fn restore(self, live: &mut SequenceState) -> Result<()> {
         let Backup(mut state) = self;
         for (l, now) in state.layers.iter_mut().zip(&mut live.layers) {
-            if let (
-                LayerState::Liger { global, .. },
-                LayerState::Liger {
-                    global: live_global,
-                    ..
-                },
-            ) = (l, now)
-            {
-                global.restore(live_global)?;
+            match (l, now) {
+                (LayerState::Softmax(cache), LayerState::Softmax(live_cache)) => {
+                    cache.restore(live_cache)
+                }
+                (
+                    LayerState::Liger { window, global, .. },
+                    LayerState::Liger {
+                        window: live_window,
+                        global: live_global,
+                        ..
+                    },
+                ) => {
+                    window.restore(live_window);
+                    global.restore(live_global)?;
+                }
+                _ => {}
             }
         }
         *live = state;
@@ -899,6 +937,83 @@ mod tests {
         (rows(k).unwrap(), rows(v).unwrap())
     }
 
+    /// Tokens `first..first + len`'s rows, `[2, len, 3]`.
+    fn span_rows(first: usize, len: usize, dtype: DType) -> (Tensor, Tensor) {
+        let rows: Vec<(Tensor, Tensor)> =
+            (first..first + len).map(|t| token_rows(t, dtype)).collect();
+        let (k, v): (Vec<Tensor>, Vec<Tensor>) = rows.into_iter().unzip();
+        (Tensor::cat(&k, 1).unwrap(), Tensor::cat(&v, 1).unwrap())
+    }
+
+    #[test]
+    fn a_backup_reads_its_rows_in_place_and_a_restored_one_appends_as_extend_does() {
+        for dtype in [DType::F32, DType::F16] {
+            let mut live = KvCache::new(Some(6)).stored_as(dtype);
+            let mut reference = KvCache::new(Some(6)).stored_as(dtype);
+            for t in 0..4 {
+                let (k, v) = token_rows(t, dtype);
+                live.push(&k, &v).unwrap();
+                reference.extend(&k, &v).unwrap();
+            }
+            // A step that is undone: its rows go past the backup's.
+            let mut backup = live.backup();
+            let (k, v) = span_rows(10, 3, dtype);
+            live.push(&k, &v).unwrap();
+            assert_eq!(contents(&backup), contents(&reference), "{dtype:?}");
+            let (buffer, start, len) = {
+                let (k, _, start, len) = backup.buffers().unwrap();
+                (k.clone(), start, len)
+            };
+            let rows = buffer.narrow(1, start, len).unwrap();
+            assert_eq!(
+                rows.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap(),
+                contents(&reference).unwrap().0,
+                "{dtype:?}: the buffer a backup hands out holds its rows"
+            );
+            // A backup never writes the buffer; once restored (its cache holds the buffer
+            // alone) it takes it over and appends in place.
+            backup.restore(&mut live);
+            let holder = backup.room.as_ref().map(|r| Arc::as_ptr(&r.holder));
+            for t in 20..24 {
+                let (k, v) = span_rows(t * 2, 2, dtype);
+                backup.push(&k, &v).unwrap();
+                reference.extend(&k, &v).unwrap();
+                assert_eq!(contents(&backup), contents(&reference), "{dtype:?} {t}");
+            }
+            assert_eq!(
+                backup.room.as_ref().map(|r| Arc::as_ptr(&r.holder)),
+                holder,
+                "{dtype:?}: appended in place"
+            );
+            // A state snapshotted after the step shares the buffer: the restored backup
+            // does not take it over, and its next push leaves the snapshot's rows alone.
+            let (mut live, mut reference) = (
+                KvCache::new(Some(6)).stored_as(dtype),
+                KvCache::new(Some(6)).stored_as(dtype),
+            );
+            for t in 40..43 {
+                let (k, v) = token_rows(t, dtype);
+                live.push(&k, &v).unwrap();
+                reference.extend(&k, &v).unwrap();
+            }
+            let mut backup = live.backup();
+            let (k, v) = token_rows(50, dtype);
+            live.push(&k, &v).unwrap();
+            let snapshot = live.clone();
+            let seen = contents(&snapshot);
+            backup.restore(&mut live);
+            let (k, v) = token_rows(51, dtype);
+            backup.push(&k, &v).unwrap();
+            reference.extend(&k, &v).unwrap();
+            assert_eq!(contents(&backup), contents(&reference), "{dtype:?}");
+            assert_eq!(
+                contents(&snapshot),
+                seen,
+                "{dtype:?}: the snapshot keeps its rows"
+            );
+        }
+    }
+
     /// Rows `[hkv][len][d]`.
     type Rows3 = Vec<Vec<Vec<f32>>>;
 
@@ -915,11 +1030,12 @@ mod tests {
                     KvCache::new(capacity).stored_as(dtype),
                     KvCache::new(capacity).stored_as(dtype),
                 );
-                // Forty tokens: past the first buffer's spare rows, so pushes copy into
-                // new buffers and write in place in turn.
+                // Forty pushes of one to three tokens (a span checked at once): past the
+                // first buffer's spare rows, so pushes copy into new buffers and write in
+                // place in turn.
                 let mut buffers = Vec::new();
                 for t in 0..40 {
-                    let (k, v) = token_rows(t, dtype);
+                    let (k, v) = span_rows(3 * t, 1 + t % 3, dtype);
                     pushed.push(&k, &v).unwrap();
                     extended.extend(&k, &v).unwrap();
                     assert_eq!(
@@ -935,10 +1051,11 @@ mod tests {
                         }
                     }
                 }
-                // Most pushes wrote in place: a new buffer once per 16 tokens or more.
-                if capacity != Some(0) {
+                // Most pushes wrote in place: a new buffer once per 16 tokens or more (where
+                // the spans fit the cache; longer ones are extended).
+                if capacity.is_none_or(|c| c >= 3) {
                     assert!(
-                        buffers.len() <= 3,
+                        buffers.len() <= 6,
                         "{capacity:?}: {} buffers",
                         buffers.len()
                     );
