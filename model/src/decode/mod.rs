@@ -356,7 +356,7 @@ impl SharedRows<'_> {
 struct SeqLayerOut {
     new_k: NewRows,
     new_v: NewRows,
-    memory: Option<Vec<f32>>,
+    memory: Option<Vec<MaybeUninit<f32>>>,
     /// `[hkv, scores]`, when measured (`SeqLayerIx::scores`).
     salience: Vec<f32>,
 }
@@ -695,7 +695,7 @@ impl Plan {
                         SeqLayerOut {
                             new_k: NewRows::uninit(s.stored, rows),
                             new_v: NewRows::uninit(s.stored, rows),
-                            memory: s.memory.map(|_| vec![0f32; hkv * d * d]),
+                            memory: s.memory.map(|_| crate::uninit::vec(hkv * d * d)),
                             salience: vec![0f32; hkv * s.scores],
                         }
                     })
@@ -882,6 +882,8 @@ impl Plan {
                 }
                 push(window, kv)?;
                 if let Some(memory) = out.memory {
+                    // SAFETY: as for the rows above: every group wrote its head's memory.
+                    let memory = unsafe { crate::uninit::assume_init(memory) };
                     *recurrent = Tensor::from_vec(memory, (1, hkv, d, d), &Device::Cpu)?;
                 }
             }
@@ -1015,7 +1017,7 @@ struct Step<'a> {
 struct NewState<'a> {
     k: SharedRows<'a>,
     v: SharedRows<'a>,
-    memory: Shared<'a>,
+    memory: Shared<'a, MaybeUninit<f32>>,
     salience: Shared<'a>,
 }
 
@@ -1441,10 +1443,12 @@ impl Step<'_> {
                     } else {
                         before
                     };
-                    let new: &mut [f32] = if i + 1 == t {
+                    let new: &mut [MaybeUninit<f32>] = if i + 1 == t {
                         last
                     } else {
-                        sized(after, d * d)
+                        let buf = sized(after, d * d);
+                        // SAFETY: only written through (`Memory::new`), with plain floats.
+                        unsafe { &mut *(buf as *mut [f32] as *mut [MaybeUninit<f32>]) }
                     };
                     Some(Memory { old, new })
                 }
