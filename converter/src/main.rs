@@ -849,27 +849,7 @@ fn report(msg: &str) {
     eprintln!("error: {one_line}");
 }
 
-/// Keeps freed tensor buffers in the process instead of handing them back to the kernel.
-///
-/// Training allocates and frees buffers of megabytes at every op; glibc serves those with
-/// fresh `mmap`s (or trims the heap after them), and the kernel zeroes every new page: that
-/// was a third of the CPU time of a distillation step on SmolLM2-135M. A fixed mmap
-/// threshold at glibc's maximum (32 MiB) and no trimming make the heap reuse the memory.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
-
 fn main() -> ExitCode {
-    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         // --help, --version, and the help shown when no command is given.
