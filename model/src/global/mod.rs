@@ -502,7 +502,8 @@ impl GlobalCache {
         let (hkv, t, _) = k.dims3()?;
         let scores = self.span_scores(position, (hkv, t), mass, recall)?;
         let window_len = window_before.map_or(Ok(0), |(k, _)| k.dim(1))?;
-        let plan = self.plan(window, window_len, &scores)?;
+        // The fused step replayed what its queries saw; only the places after are needed.
+        let plan = self.plan_tracked(window, window_len, &scores, false)?;
         let keep = (window_len + t).min(window);
         let window_scores = self.window_scores_after(&scores, keep)?;
         let rows: Vec<(&Tensor, &Tensor)> = window_before.into_iter().chain([(k, v)]).collect();
@@ -526,6 +527,19 @@ impl GlobalCache {
     /// a window of `window` keys: replays, token by token, every token leaving the window
     /// (`scores`: the new tokens', `[hkv][t]`, from [`span_scores`](Self::span_scores)).
     pub fn plan(&self, window: usize, window_len: usize, scores: &[Vec<Scores>]) -> Result<Plan> {
+        self.plan_tracked(window, window_len, scores, true)
+    }
+
+    /// [`plan`](Self::plan), with what each query sees (`tracked`) or only the places after
+    /// the span (a plan whose visibility nobody reads: `visible_row` and `mask` then
+    /// show the queries' windows alone).
+    fn plan_tracked(
+        &self,
+        window: usize,
+        window_len: usize,
+        scores: &[Vec<Scores>],
+        tracked: bool,
+    ) -> Result<Plan> {
         let hkv = scores.len();
         let t = scores.first().map_or(0, Vec::len);
         fn row(rows: &[Vec<Scores>], h: usize) -> &[Scores] {
@@ -538,7 +552,15 @@ impl GlobalCache {
         };
         for (h, new) in scores.iter().enumerate() {
             let stream = [&row(&self.window_scores, h)[..window_len], new].concat();
-            let mut head = self.admissions(h, window, (window_len, t));
+            let kept = row(&self.kept_scores, h);
+            let first = self.first_pool();
+            let mut head = Admissions::new(
+                (self.capacity, first),
+                window,
+                kept,
+                (window_len, t),
+                tracked,
+            );
             for i in 0..=t {
                 head.advance(i, |j| stream[j]);
             }
@@ -575,56 +597,59 @@ impl GlobalCache {
         let two = self.two_kinds();
         let hkv = plan.kept_after.len();
         if !unchanged {
-            // Each entry's score in its place's kind, then its attention score with both
-            // kinds (see `kept_scores`).
-            self.kept_scores = plan
-                .kept_scores
-                .iter()
-                .map(|row| {
-                    row.iter()
-                        .enumerate()
-                        .map(|(i, s)| {
-                            let own = if i < first_pool { s.0 } else { s.1 };
-                            (own, if two { s.1 } else { own })
-                        })
-                        .collect()
-                })
-                .collect();
-            let mut old = std::mem::take(&mut self.positions);
-            old.resize(hkv, Vec::new());
+            // Only the places whose entry changes are written (a decode step changes a
+            // place or two of hundreds): an entry that stays keeps its position, its
+            // rotation and its scores (stored as below already).
+            self.kept_scores.resize(hkv, Vec::new());
+            self.positions.resize(hkv, Vec::new());
+            let raw = !was_raw.is_empty();
             was_raw.resize(hkv, Vec::new());
-            was_raw = plan
-                .kept_after
-                .iter()
-                .zip(&was_raw)
-                .map(|(row, raw)| row.iter().map(|&c| raw.get(c) == Some(&true)).collect())
-                .collect();
-            self.positions = plan
-                .kept_after
-                .iter()
-                .zip(&old)
-                .map(|(row, old)| {
-                    row.iter()
-                        .map(|&c| match old.get(c) {
+            for (h, (row, scores)) in plan.kept_after.iter().zip(&plan.kept_scores).enumerate() {
+                // Read every changed place's entry before any is written: an entry may move
+                // to a place whose entry moves on.
+                let old = &self.positions[h];
+                let changed: Vec<(usize, u32, bool)> = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, &c)| c != i || i >= before)
+                    .map(|(i, &c)| {
+                        let position = match old.get(c) {
                             Some(&p) => p,
                             None => (first_row + c - old.len()) as u32,
-                        })
-                        .collect()
-                })
-                .collect();
+                        };
+                        (i, position, was_raw[h].get(c) == Some(&true))
+                    })
+                    .collect();
+                let n = row.len();
+                self.kept_scores[h].resize(n, (0.0, 0.0));
+                self.positions[h].resize(n, 0);
+                if raw {
+                    was_raw[h].resize(n, false);
+                }
+                for (i, position, is_raw) in changed {
+                    // Each entry's score in its place's kind, then its attention score
+                    // with both kinds (see `kept_scores`).
+                    let s = scores[i];
+                    let own = if i < first_pool { s.0 } else { s.1 };
+                    self.kept_scores[h][i] = (own, if two { s.1 } else { own });
+                    self.positions[h][i] = position;
+                    if raw {
+                        was_raw[h][i] = is_raw;
+                    }
+                }
+            }
         }
         let back = self.passing(&was_raw, span.end);
         if !unchanged || back.is_some() {
             self.rebuild(plan, rows, unchanged, back.as_deref())?;
         }
-        self.window_scores = window_scores_after
-            .into_iter()
-            .map(|row| {
-                row.into_iter()
-                    .map(|s| (s.0, if two { s.1 } else { s.0 }))
-                    .collect()
-            })
-            .collect();
+        let mut window_scores = window_scores_after;
+        if !two {
+            for s in window_scores.iter_mut().flatten() {
+                s.1 = s.0;
+            }
+        }
+        self.window_scores = window_scores;
         Ok(())
     }
 
@@ -947,9 +972,11 @@ pub(crate) struct Admissions {
     /// Places: (candidate, scores).
     places: Vec<(usize, Scores)>,
     /// Each candidate's membership, `[since, until)` in query indices (`usize::MAX`:
-    /// never / not yet).
+    /// never / not yet); empty when not tracked (a decode step's plan needs only the
+    /// places after it: its one query sees what was kept before it).
     since: Vec<usize>,
     until: Vec<usize>,
+    tracked: bool,
     /// Stream index (window rows, then new tokens) of the next row to leave the window.
     next_leave: usize,
 }
@@ -959,7 +986,13 @@ impl GlobalCache {
     /// window of `window` keys.
     pub(crate) fn admissions(&self, h: usize, window: usize, (w, t): (usize, usize)) -> Admissions {
         let kept = self.kept_scores.get(h).map_or(&[][..], Vec::as_slice);
-        Admissions::new((self.capacity, self.first_pool()), window, kept, (w, t))
+        Admissions::new(
+            (self.capacity, self.first_pool()),
+            window,
+            kept,
+            (w, t),
+            true,
+        )
     }
 
     /// Head `h`'s window row `j`'s scores once the span's queries have given it `mass`
@@ -997,11 +1030,12 @@ impl Admissions {
         window: usize,
         kept: &[Scores],
         (w, t): (usize, usize),
+        tracked: bool,
     ) -> Self {
         let n = kept.len();
-        let total = n + w + t;
+        let total = if tracked { n + w + t } else { 0 };
         let mut since = vec![usize::MAX; total];
-        since[..n].fill(0);
+        since[..n.min(total)].fill(0);
         Self {
             capacity,
             first: first.min(capacity),
@@ -1012,6 +1046,7 @@ impl Admissions {
             places: kept.iter().copied().enumerate().collect(),
             since,
             until: vec![usize::MAX; total],
+            tracked,
             next_leave: 0,
         }
     }
@@ -1032,17 +1067,23 @@ impl Admissions {
             let c = self.n + j;
             let entry = (c, stream(j));
             self.next_leave = j + 1;
+            let tracked = self.tracked;
             let (since, until) = (&mut self.since, &mut self.until);
+            let mark = |at: &mut Vec<usize>, c: usize, i: usize| {
+                if tracked {
+                    at[c] = i;
+                }
+            };
             let places = &mut self.places;
             // The first pool, by the first score.
             let offered = if places.len() < first {
                 places.push(entry);
-                since[c] = i;
+                mark(since, c, i);
                 continue;
             } else {
                 match lowest(&places[..first], |s| s.0) {
                     Some(p) if entry.1 .0 > places[p].1 .0 => {
-                        since[c] = i;
+                        mark(since, c, i);
                         std::mem::replace(&mut places[p], entry)
                     }
                     _ => entry,
@@ -1056,12 +1097,15 @@ impl Admissions {
                 match lowest(&places[first..], |s| s.1) {
                     Some(p) if offered.1 .1 > places[first + p].1 .1 => {
                         let out = std::mem::replace(&mut places[first + p], offered);
-                        until[out.0] = i;
+                        mark(until, out.0, i);
                         true
                     }
                     _ => false,
                 }
             };
+            if !tracked {
+                continue;
+            }
             if taken {
                 if since[offered.0] == usize::MAX {
                     since[offered.0] = i;
@@ -1074,6 +1118,7 @@ impl Admissions {
 
     /// Whether query `i` sees candidate `c` as a kept entry (not through its window).
     pub(crate) fn keeps(&self, c: usize, i: usize) -> bool {
+        debug_assert!(self.tracked, "membership is tracked");
         self.since[c] <= i && i < self.until[c]
     }
 
@@ -1084,7 +1129,7 @@ impl Admissions {
 
     /// Returns (what each query sees, kept candidates after, their scores).
     fn finish(self) -> (Visibility, Vec<usize>, Vec<Scores>) {
-        let total = self.n + self.w + self.t;
+        let total = self.since.len();
         let members = (0..total)
             .filter(|&c| self.since[c] != usize::MAX)
             .map(|c| (c, self.since[c], self.until[c]))
@@ -1129,7 +1174,7 @@ mod tests {
         t: usize,
     ) -> (Visibility, Vec<usize>, Vec<Scores>) {
         let w = stream.len() - t;
-        let mut a = Admissions::new((capacity, first), window, kept, (w, t));
+        let mut a = Admissions::new((capacity, first), window, kept, (w, t), true);
         for i in 0..=t {
             a.advance(i, |j| stream[j]);
         }
