@@ -68,9 +68,11 @@ use crate::{Logits, Result};
 pub const MAX_BATCH: usize = matvec::MAX_ROWS;
 
 /// Most tokens of a sequence the fused step takes: a decode token and its speculative
-/// draft. Longer spans are prompt chunks, read on the general path (`Model::split_decodes`
-/// gives a batch's short steps to the fused step and its chunks to the general path).
-pub const SHORT_SPAN: usize = 8;
+/// draft, after the tokens a rejected draft left unread (`2k + 1` for `k` drafted tokens: 9
+/// at the server's default 4). Longer spans are prompt chunks, read on the general path
+/// (`Model::split_decodes` gives a batch's short steps to the fused step and its chunks to
+/// the general path).
+pub const SHORT_SPAN: usize = 16;
 
 /// Weight rows per inner block of a projection: the block's outputs for the whole batch stay
 /// in L1 (`48 x 32` floats at most) and it is a multiple of the kernel's 3-row tile.
