@@ -58,5 +58,5 @@ pub mod weights;
 
 pub use config::{Architecture, LayerKind, LigerConfig, ModelConfig, Variant};
 pub use error::{Error, Result};
-pub use model::{Logits, Model, RuntimeOptions};
+pub use model::{Logits, Model, RuntimeOptions, FUSED_SPAN_TOKENS, FUSED_STEP_TOKENS};
 pub use state::{Backup, SeqStep, SequenceState, Slot, StateBytes, StatePool, StateSpec};

@@ -25,9 +25,10 @@ use liger_model::layers::Quantization;
 use liger_model::state::LayerState;
 use liger_model::testing::{
     fused_decode_steps, max_abs, max_abs_diff, model_from_tensors, state_after, step_batch, Family,
-    SplitMix, TinyCheckpoint, ALL_FAMILIES, FUSED_LIMITS,
+    SplitMix, TinyCheckpoint, ALL_FAMILIES,
 };
 use liger_model::{Model, ModelConfig, RuntimeOptions, SequenceState};
+use liger_model::{FUSED_SPAN_TOKENS, FUSED_STEP_TOKENS};
 
 fn liger(window: usize) -> LigerConfig {
     LigerConfig {
@@ -310,7 +311,7 @@ fn check(
         .iter()
         .map(|h| state_after(reference, h).unwrap())
         .collect();
-    let (most, short) = FUSED_LIMITS;
+    let (most, short) = (FUSED_STEP_TOKENS, FUSED_SPAN_TOKENS);
     for step in 0..8 {
         let mut toks: Vec<Vec<u32>> = (0..histories.len())
             .map(|i| {

@@ -55,6 +55,10 @@ fn write_model_with_global(dir: &std::path::Path) {
     );
 }
 
+async fn drafts(app: &axum::Router) -> f64 {
+    metric(app, "liger_spec_decode_draft_tokens_total").await
+}
+
 async fn complete(s: &TestServer, body: Value) -> Value {
     let (status, resp) = post_json(&s.app, "/v1/completions", body).await;
     assert_eq!(status, 200, "{resp}");
@@ -163,17 +167,23 @@ async fn drafts_respect_limits_stops_and_streams() {
         .filter_map(|c| c["choices"].get(0)?["text"].as_str().map(String::from))
         .collect();
     assert_eq!(streamed, text);
-    // `n` choices decode side by side: above the stream limit, none drafts, and each
-    // still matches its plain twin.
+    // `n` choices decode side by side: both draft (within the stream limit), and each
+    // still matches its plain twin; above the limit, none drafts.
     let body = json!({"prompt": prompt, "max_tokens": 20, "n": 2, "temperature": 0.8,
         "seed": 5, "ignore_eos": true});
-    let before = metric(&spec.app, "liger_spec_decode_draft_tokens_total").await;
+    let before = drafts(&spec.app).await;
     let a = complete(&spec, body.clone()).await;
-    let b = complete(&plain, body).await;
+    let b = complete(&plain, body.clone()).await;
     assert_eq!(a["choices"], b["choices"]);
+    assert!(drafts(&spec.app).await > before, "two streams draft");
+    let one = server_for(write_model, |a| {
+        a.speculative_ngram_min = Some(1);
+        a.speculative_max_streams = Some(1);
+    });
+    assert_eq!(complete(&one, body).await["choices"], b["choices"]);
     assert_eq!(
-        metric(&spec.app, "liger_spec_decode_draft_tokens_total").await,
-        before,
+        drafts(&one.app).await,
+        0.0,
         "two streams are more than --speculative-max-streams 1"
     );
 }

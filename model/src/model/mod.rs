@@ -60,6 +60,14 @@ impl Default for RuntimeOptions {
     }
 }
 
+/// Most tokens one fused CPU decode step takes (decodes and short spans, `decode` module):
+/// a batch with more takes several, each reading every weight again.
+pub const FUSED_STEP_TOKENS: usize = decode::MAX_BATCH;
+
+/// Most tokens of one sequence a fused CPU decode step takes (a decode token and its
+/// speculative draft); longer spans are read on the general path.
+pub const FUSED_SPAN_TOKENS: usize = decode::SHORT_SPAN;
+
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {

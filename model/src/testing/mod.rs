@@ -54,10 +54,6 @@ pub fn fused_decode_steps() -> u64 {
     crate::decode::steps_taken()
 }
 
-/// Most tokens one fused step takes, and most tokens of a sequence a batch with prompt
-/// chunks in it gives the fused step (longer ones are read on the general path).
-pub const FUSED_LIMITS: (usize, usize) = (crate::decode::MAX_BATCH, crate::decode::SHORT_SPAN);
-
 /// A fresh state of `m` that has read `history` (nothing, when empty).
 pub fn state_after(m: &Model, history: &[u32]) -> Result<SequenceState> {
     let mut s = m.new_state()?;

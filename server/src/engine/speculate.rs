@@ -27,8 +27,9 @@ pub struct SpeculativeOptions {
     pub ngram_max: usize,
     pub ngram_min: usize,
     /// Steps with more decoding sequences than this (or with a prompt chunk) do not draft:
-    /// with several streams the step shares its weight reads among them already, and the
-    /// extra rows would cost compute that the other streams wait for.
+    /// with many streams the step shares its weight reads among them already, and the
+    /// extra rows would cost compute that the other streams wait for. (Within the limit,
+    /// drafts also share what one fused decode step takes: see the worker's `draft`.)
     pub max_streams: usize,
 }
 

@@ -187,6 +187,22 @@ impl Worker {
         if !opts.enabled() || prefilling || decodes > opts.max_streams {
             return false;
         }
+        // Drafts share what one fused decode step takes after the tokens every choice feeds
+        // anyway: a step past it is several fused steps, each reading every weight again.
+        let (fed, drafting) = self
+            .running
+            .iter()
+            .filter_map(|g| match &g.phase {
+                Phase::Decode { choices } => Some(choices),
+                Phase::Prefill { .. } => None,
+            })
+            .flatten()
+            .fold((0, 0), |(fed, drafting), c| {
+                let unread = c.tokens.len() - 1 - c.fed;
+                let drafts = c.guide.is_none() && unread < opts.tokens && c.draft_pause == 0;
+                (fed + 1 + unread, drafting + usize::from(drafts))
+            });
+        let share = liger_model::FUSED_STEP_TOKENS.saturating_sub(fed) / drafting.max(1);
         let mut any = false;
         for g in &mut self.running {
             let Phase::Decode { choices } = &mut g.phase else {
@@ -208,7 +224,8 @@ impl Worker {
                 let left = shared
                     .max_tokens
                     .min(shared.max_model_len.saturating_sub(shared.prompt_len))
-                    .saturating_sub(c.generated + 1);
+                    .saturating_sub(c.generated + 1)
+                    .min(share);
                 c.drafts = draft(&g.request.prompt, &c.tokens, &opts, left);
                 if !c.drafts.is_empty() {
                     c.backup = Some(c.slot.state.backup());
