@@ -104,9 +104,10 @@ impl Worker {
         }
         let decodes = inputs.len() - chunks;
         // Rows beyond one per decoding choice: drafts, and tokens fed again after a
-        // rejected draft. Beside a prompt chunk they cost what its tokens do. A step of
-        // drafts alone takes the general path, whose fixed cost the fit would charge to
-        // prompt tokens and so cut the next chunks; and no prompt waits while one drafts.
+        // rejected draft. A step of drafts alone is a fused decode step whose extra rows cost
+        // a fraction of a prompt token's: counted as prompt tokens, they would teach the fit
+        // that prompt tokens are cheap and overfill the next chunks; and no prompt waits
+        // while one drafts. Beside a prompt chunk (tokens fed again) they are counted with it.
         let extra = rows - prompt - decodes;
         if extra == 0 || chunks > 0 {
             self.budget.observe(decodes, prompt + extra, took);
