@@ -370,6 +370,12 @@ pub(crate) fn steps_taken() -> u64 {
     STEPS_TAKEN.load(Ordering::Relaxed)
 }
 
+/// Whether the fused step takes a sequence's `tokens` (a decode token, or a span of at most
+/// [`SHORT_SPAN`]).
+pub(crate) fn is_short(tokens: &[u32]) -> bool {
+    (1..=SHORT_SPAN).contains(&tokens.len())
+}
+
 /// Runs every sequence's tokens (a decode token, or a short span) when the model and
 /// states allow it, with logits per sequence as `logits` asks (`Model::forward_batch`).
 /// Returns `None`, touching nothing, when the step must take the general path. Advances
@@ -380,8 +386,7 @@ pub(crate) fn step(
     logits: Logits,
 ) -> Result<Option<Vec<Tensor>>> {
     let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-    let short = |s: &SeqStep| (1..=SHORT_SPAN).contains(&s.tokens.len());
-    if seqs.is_empty() || rows > MAX_BATCH || !seqs.iter().all(short) {
+    if seqs.is_empty() || rows > MAX_BATCH || !seqs.iter().all(|s| is_short(s.tokens)) {
         return Ok(None);
     }
     let Some(plan) = Plan::new(refs, seqs) else {
@@ -801,11 +806,9 @@ impl Plan {
         // Each (layer, sequence) pair's update is its own: the global cache's choice alone
         // is ~35 us of candle ops per pair, a quarter of a 32-sequence step when it ran on
         // one thread while the others waited.
-        let positions: Vec<usize> = seqs.iter().map(|s| s.state.position).collect();
-        let nb = seqs.len();
         let mut per_seq_layers: Vec<_> =
             seqs.iter_mut().map(|s| s.state.layers.iter_mut()).collect();
-        let mut jobs = Vec::with_capacity(outs.len() * nb);
+        let mut jobs = Vec::with_capacity(outs.len() * self.spans.len());
         for (li, per_seq) in outs.into_iter().enumerate() {
             for ((si, out), layers) in per_seq.into_iter().enumerate().zip(&mut per_seq_layers) {
                 let layer = layers.next().expect("a state per layer");
@@ -813,7 +816,7 @@ impl Plan {
             }
         }
         jobs.into_par_iter().try_for_each(|(li, si, layer, out)| {
-            self.store_one((li, si), (hkv, d), positions[si], layer, out)
+            self.store_one((li, si), (hkv, d), self.spans[si].position, layer, out)
         })?;
         let logits = Tensor::from_vec(logits, (self.rows, self.lm_head.n), &device)?;
         self.spans
@@ -1344,7 +1347,7 @@ impl Step<'_> {
         };
         // A span's admissions to the global cache, replayed as its queries go.
         let global = self.globals[li][s];
-        let mut admissions = global.map(|c| c.admissions(kvh, state.window, (w, t)));
+        let mut admissions = global.map(|c| c.admissions(kvh, state.window, (w, t), true));
         if let Some(a) = &admissions {
             debug_assert_eq!(a.kept_before(), n, "a score per kept entry");
         }
@@ -1376,7 +1379,7 @@ impl Step<'_> {
             let row = span.first + i;
             // Cached rows that have left the window before this token.
             let left = (i + w).saturating_sub(state.window);
-            let (cached_from, left_seen) = match &mut admissions {
+            let (cached_from, left_seen, hidden): (usize, usize, &[bool]) = match &mut admissions {
                 Some(a) => {
                     let mass = &sp.mass;
                     let cache = global.expect("admissions come from a global cache");
@@ -1385,15 +1388,15 @@ impl Step<'_> {
                     a.advance(i, |j| cache.window_row_scores(kvh, j, share(j)));
                     sp.hidden.clear();
                     sp.hidden.extend((0..n + left).map(|c| !a.keeps(c, i)));
-                    (0, left)
+                    let hidden = if sp.hidden.contains(&true) {
+                        &sp.hidden[..]
+                    } else {
+                        &[]
+                    };
+                    (0, left, hidden)
                 }
                 // Without a global cache, rows that left are not seen at all.
-                None => (left, 0),
-            };
-            let hidden: &[bool] = if sp.hidden.contains(&true) && admissions.is_some() {
-                &sp.hidden
-            } else {
-                &[]
+                None => (left, 0, &[]),
             };
             let (cached_k, cached_v) = match state.cached {
                 Some(c) => (

@@ -542,25 +542,14 @@ impl GlobalCache {
     ) -> Result<Plan> {
         let hkv = scores.len();
         let t = scores.first().map_or(0, Vec::len);
-        fn row(rows: &[Vec<Scores>], h: usize) -> &[Scores] {
-            rows.get(h).map_or(&[][..], Vec::as_slice)
-        }
         let mut plan = Plan {
             visible: Vec::with_capacity(hkv),
             kept_after: Vec::with_capacity(hkv),
             kept_scores: Vec::with_capacity(hkv),
         };
         for (h, new) in scores.iter().enumerate() {
-            let stream = [&row(&self.window_scores, h)[..window_len], new].concat();
-            let kept = row(&self.kept_scores, h);
-            let first = self.first_pool();
-            let mut head = Admissions::new(
-                (self.capacity, first),
-                window,
-                kept,
-                (window_len, t),
-                tracked,
-            );
+            let stream = [&self.window_scores_of(h)[..window_len], new].concat();
+            let mut head = self.admissions(h, window, (window_len, t), tracked);
             for i in 0..=t {
                 head.advance(i, |j| stream[j]);
             }
@@ -983,15 +972,21 @@ pub(crate) struct Admissions {
 
 impl GlobalCache {
     /// Head `h`'s admissions over a span of `t` tokens after `w` cached window rows, for a
-    /// window of `window` keys.
-    pub(crate) fn admissions(&self, h: usize, window: usize, (w, t): (usize, usize)) -> Admissions {
+    /// window of `window` keys; `tracked`: with what each query sees.
+    pub(crate) fn admissions(
+        &self,
+        h: usize,
+        window: usize,
+        (w, t): (usize, usize),
+        tracked: bool,
+    ) -> Admissions {
         let kept = self.kept_scores.get(h).map_or(&[][..], Vec::as_slice);
         Admissions::new(
             (self.capacity, self.first_pool()),
             window,
             kept,
             (w, t),
-            true,
+            tracked,
         )
     }
 
@@ -1052,7 +1047,7 @@ impl Admissions {
     }
 
     /// Stream rows that leave the window before query `i` (query `t`: after the span).
-    pub(crate) fn leaving(&self, i: usize) -> std::ops::Range<usize> {
+    fn leaving(&self, i: usize) -> std::ops::Range<usize> {
         // Query i (the span's i-th token) sees stream rows i + w - window ..= i + w; rows
         // before that have left.
         let first_in_window = (i + self.w).saturating_sub(self.window);

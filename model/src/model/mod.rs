@@ -341,12 +341,9 @@ impl Model {
         seqs: &mut [SeqStep<'_>],
         logits: Logits,
     ) -> Result<Option<Vec<Tensor>>> {
-        let one: Vec<bool> = seqs
-            .iter()
-            .map(|s| s.tokens.len() <= decode::SHORT_SPAN)
-            .collect();
+        let short: Vec<bool> = seqs.iter().map(|s| decode::is_short(s.tokens)).collect();
         let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        if !one.contains(&true) || (one.iter().all(|&o| o) && rows <= decode::MAX_BATCH) {
+        if !short.contains(&true) || (short.iter().all(|&o| o) && rows <= decode::MAX_BATCH) {
             return Ok(None);
         }
         let mut groups: Vec<(Vec<usize>, Vec<SeqStep<'_>>)> = Vec::new();
@@ -356,7 +353,7 @@ impl Model {
                 tokens: s.tokens,
                 state: &mut *s.state,
             };
-            if !one[i] {
+            if !short[i] {
                 rest.0.push(i);
                 rest.1.push(part);
                 continue;
@@ -373,7 +370,7 @@ impl Model {
                 _ => groups.push((vec![i], vec![part])),
             }
         }
-        let mut outs: Vec<Option<Tensor>> = vec![None; one.len()];
+        let mut outs: Vec<Option<Tensor>> = vec![None; short.len()];
         for (k, (idx, mut group)) in groups.into_iter().enumerate() {
             let Some(stepped) = decode::step(refs, &mut group, logits)? else {
                 if k == 0 {

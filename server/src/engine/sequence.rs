@@ -105,6 +105,19 @@ impl Choice {
         }
     }
 
+    /// Generated tokens the state has not read, besides the newest: those a rejected draft
+    /// gave back, fed again at the front of the next step.
+    pub fn unread(&self) -> usize {
+        self.tokens.len() - 1 - self.fed
+    }
+
+    /// Whether this choice drafts nothing whatever its pause: a grammar's next mask is
+    /// computed for one token, and tokens read again after a rejected draft are fed before
+    /// new drafts are taken (`tokens` drafted tokens at most).
+    pub fn cannot_draft(&self, tokens: usize) -> bool {
+        self.guide.is_some() || self.unread() >= tokens
+    }
+
     /// The tokens this step feeds: the unread generated ones, then the drafts.
     pub fn step_input(&self) -> Vec<u32> {
         [&self.tokens[self.fed..], self.drafts.as_slice()].concat()

@@ -199,9 +199,8 @@ impl Worker {
             })
             .flatten()
             .fold((0, 0), |(fed, drafting), c| {
-                let unread = c.tokens.len() - 1 - c.fed;
-                let drafts = c.guide.is_none() && unread < opts.tokens && c.draft_pause == 0;
-                (fed + 1 + unread, drafting + usize::from(drafts))
+                let drafts = !c.cannot_draft(opts.tokens) && c.draft_pause == 0;
+                (fed + 1 + c.unread(), drafting + usize::from(drafts))
             });
         let share = liger_model::FUSED_STEP_TOKENS.saturating_sub(fed) / drafting.max(1);
         let mut any = false;
@@ -211,10 +210,7 @@ impl Worker {
             };
             let shared = &g.shared;
             for c in choices.iter_mut() {
-                // A grammar's next mask is computed for one token; tokens read again after
-                // a rejected draft are fed before new drafts are taken.
-                let unread = c.tokens.len() - 1 - c.fed;
-                if c.guide.is_some() || unread >= opts.tokens {
+                if c.cannot_draft(opts.tokens) {
                     continue;
                 }
                 if c.draft_pause > 0 {
@@ -282,8 +278,7 @@ impl Worker {
                 if c.drafts.is_empty() {
                     return last_row(&out).map(|r| vec![r]);
                 }
-                let newest = c.tokens.len() - 1 - c.fed;
-                out.narrow(0, newest, c.drafts.len() + 1)
+                out.narrow(0, c.unread(), c.drafts.len() + 1)
                     .and_then(|t| t.to_vec2::<f32>())
                     .map_err(|e| e.to_string())
             })
