@@ -139,7 +139,8 @@ pub struct Args {
     /// Shortest suffix looked up [default: 2].
     #[arg(long, env = "LIGER_SPECULATIVE_NGRAM_MIN", value_name = "N")]
     pub speculative_ngram_min: Option<usize>,
-    /// Draft only while at most this many sequences decode [default: 1].
+    /// Draft only while at most this many sequences decode (and no prompt is being read)
+    /// [default: 8].
     #[arg(long, env = "LIGER_SPECULATIVE_MAX_STREAMS", value_name = "N")]
     pub speculative_max_streams: Option<usize>,
 }
@@ -358,6 +359,39 @@ mod tests {
         );
         let off = Settings::resolve(args(&["--model", "m", "--speculative-tokens", "0"])).unwrap();
         assert!(!off.speculative.enabled());
+    }
+
+    /// Every number a flag's help gives as its default is what an unset flag resolves to
+    /// (the help is hand-written; `--speculative-max-streams` once said 1 after its default
+    /// became 8).
+    #[test]
+    fn every_stated_number_default_is_the_default() {
+        use clap::{CommandFactory, FromArgMatches};
+        // Without environment variables: another test sets one while this one runs.
+        let parse = |flags: &[&str]| -> Settings {
+            let cmd = Args::command().mut_args(|a| a.env(None::<&str>));
+            let matches = cmd
+                .try_get_matches_from(["liger-serve", "--model", "m"].iter().chain(flags))
+                .unwrap();
+            Settings::resolve(Args::from_arg_matches(&matches).unwrap()).unwrap()
+        };
+        let unset = format!("{:?}", parse(&[]));
+        let mut checked = Vec::new();
+        for arg in Args::command().get_arguments() {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let Some(rest) = help.split("[default: ").nth(1) else {
+                continue;
+            };
+            let value = rest.split([']', ',', ';', ' ']).next().unwrap_or_default();
+            if value.parse::<f64>().is_err() {
+                continue;
+            }
+            let flag = format!("--{}", arg.get_long().expect("flags are long"));
+            let stated = format!("{:?}", parse(&[&flag, value]));
+            assert_eq!(stated, unset, "{flag}'s help says [default: {value}]");
+            checked.push(flag);
+        }
+        assert!(checked.len() >= 8, "too few defaults found: {checked:?}");
     }
 
     #[test]
