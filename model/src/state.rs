@@ -517,9 +517,10 @@ impl SequenceState {
     /// A copy to restore if a step fails, or if its tokens turn out unwanted (a rejected
     /// speculative draft). It shares every tensor, but unlike a clone (a fork) it takes no
     /// right to write the caches' buffers in place: the state keeps it. What a step
-    /// appends to a window lies past every row the backup sees (`KvCache::push`), and
-    /// the kept rows a step writes over in a global cache are first saved for the backup,
-    /// so [`Backup::restore`] gives back the state as it was. Take it right before the
+    /// appends to a window lies past every row the backup sees (`KvCache::push`), the
+    /// kept rows a step writes over in a global cache are first saved for the backup, and
+    /// the global caches log what undoes each change to their scores and positions, so
+    /// [`Backup::restore`] gives back the state as it was. Take it right before the
     /// step, and drop it or restore it right after: a second step on the state may append
     /// over rows that a restored backup would then write again.
     pub fn backup(&mut self) -> Backup {

@@ -46,6 +46,7 @@ use candle_core::{DType, Device, Tensor};
 
 mod attend;
 mod rows;
+mod undo;
 
 use crate::layers::convert;
 use crate::Result;
@@ -108,6 +109,9 @@ pub struct GlobalCache {
     /// kinds of places, the running attention sums, else the first again. They compete
     /// for a place when they leave the window.
     window_scores: Vec<Vec<Scores>>,
+    /// The logs of live backups, which each change to the three above is first recorded
+    /// in (see [`undo`]).
+    logs: undo::Logs,
     /// With a distance cap, the entries more than its distance before the next token are
     /// stored un-rotated.
     cap: Option<DistanceCap>,
@@ -138,10 +142,18 @@ struct Room {
 /// Rows a backup saw, saved before changes wrote over them, oldest first: keys, values.
 type Journal = Mutex<Vec<(Changes, Changes)>>;
 
-/// What a backup needs to get its rows back: its journal, the buffers it was kept for, and
-/// which room they were (to take it over from the cache it replaces, if that still has it).
+/// What a backup needs to get back what it saw: the log of its host data's changes, and,
+/// with a room, the rows' way back.
 #[derive(Debug, Clone)]
 struct Undo {
+    host: Arc<undo::Log>,
+    rows: Option<RowsUndo>,
+}
+
+/// A backup's way back to its rows: its journal, the buffers it was kept for, and which
+/// room they were (to take it over from the cache it replaces, if that still has it).
+#[derive(Debug, Clone)]
+struct RowsUndo {
     journal: Arc<Journal>,
     k: Tensor,
     v: Tensor,
@@ -181,6 +193,7 @@ impl GlobalCache {
             kept_scores: Vec::new(),
             positions: Vec::new(),
             window_scores: Vec::new(),
+            logs: undo::Logs::default(),
             cap: None,
             stored: None,
         }
@@ -276,24 +289,37 @@ impl GlobalCache {
     /// [`SequenceState::backup`](crate::SequenceState::backup)). It shares every tensor
     /// but not the right to write the kept rows in place: that stays with this cache,
     /// which from now on saves the rows it writes over into the backup's journal, so that
-    /// [`restore`](Self::restore) can put them back.
+    /// [`restore`](Self::restore) can put them back. It holds no scores or positions: this
+    /// cache logs how to undo each change it makes to them (see [`undo`]).
     pub(crate) fn backup(&mut self) -> Self {
-        let mut backup = Self {
-            room: None,
-            ..self.clone()
-        };
-        if let Some(room) = &mut self.room {
+        let rows = self.room.as_mut().map(|room| {
             let journal = Arc::new(Journal::default());
             room.journals.retain(|j| j.strong_count() > 0);
             room.journals.push(Arc::downgrade(&journal));
-            backup.undo = Some(Box::new(Undo {
+            RowsUndo {
                 journal,
                 k: room.k.clone(),
                 v: room.v.clone(),
                 room: Arc::downgrade(&room.holder),
-            }));
+            }
+        });
+        Self {
+            capacity: self.capacity,
+            sinks: self.sinks,
+            attention: self.attention,
+            kept_kv: self.kept_kv.clone(),
+            room: None,
+            undo: Some(Box::new(Undo {
+                host: self.logs.open(),
+                rows,
+            })),
+            kept_scores: Vec::new(),
+            positions: Vec::new(),
+            window_scores: Vec::new(),
+            logs: undo::Logs::default(),
+            cap: self.cap.clone(),
+            stored: self.stored,
         }
-        backup
     }
 
     /// A backup made whole again, to take the place of `live`, the cache it was taken from
@@ -301,19 +327,37 @@ impl GlobalCache {
     /// still writes the same room, the backup takes it over, so the next change is written
     /// in place rather than copied (after every rejected speculative draft).
     pub(crate) fn restore(&mut self, live: &mut GlobalCache) -> Result<()> {
-        if let Some(undo) = self.undo.take() {
-            let saved = std::mem::take(&mut *undo.journal.lock().expect("a journal lock"));
+        let Some(undo) = self.undo.take() else {
+            return Ok(());
+        };
+        if let Some(rows) = undo.rows {
+            let saved = std::mem::take(&mut *rows.journal.lock().expect("a journal lock"));
             for (k, v) in saved.iter().rev() {
-                k.write(&undo.k)?;
-                v.write(&undo.v)?;
+                k.write(&rows.k)?;
+                v.write(&rows.v)?;
             }
-            let same = |r: &Room| std::ptr::eq(Arc::as_ptr(&r.holder), undo.room.as_ptr());
+            let same = |r: &Room| std::ptr::eq(Arc::as_ptr(&r.holder), rows.room.as_ptr());
             if live.room.as_deref().is_some_and(same) {
                 // The kept rows are the room's first rows again (those past them are spare
                 // places to this cache), and the room's buffers are the ones its views read.
                 self.room = live.room.take();
             }
         }
+        // The live cache's data with its changes undone; it goes on logging for the
+        // backups taken before this one.
+        let log = std::mem::take(&mut *undo.host.lock().expect("a log lock"));
+        self.kept_scores = std::mem::take(&mut live.kept_scores);
+        self.positions = std::mem::take(&mut live.positions);
+        self.window_scores = std::mem::take(&mut live.window_scores);
+        undo::replay(
+            log,
+            undo::Host {
+                kept_scores: &mut self.kept_scores,
+                positions: &mut self.positions,
+                window_scores: &mut self.window_scores,
+            },
+        );
+        self.logs = std::mem::take(&mut live.logs);
         Ok(())
     }
 
@@ -368,14 +412,19 @@ impl GlobalCache {
             Some((k, v, s)) => (Some((k, v)), Some(s)),
             None => (None, None),
         };
-        self.kept_scores = pairs(scores.as_ref(), parts.kept_attention.as_ref())?;
-        self.window_scores = pairs(
+        let kept_scores = pairs(scores.as_ref(), parts.kept_attention.as_ref())?;
+        let window_scores = pairs(
             parts.window_scores.as_ref(),
             parts.window_attention.as_ref(),
         )?;
+        let old_kept = std::mem::replace(&mut self.kept_scores, kept_scores);
+        let old_positions = std::mem::replace(&mut self.positions, parts.positions);
+        self.logs
+            .record(undo::Change::Kept(old_kept, old_positions));
+        let old_window = std::mem::replace(&mut self.window_scores, window_scores);
+        self.logs.record(undo::Change::Window(old_window));
         self.kept_kv = kept_kv;
         (self.room, self.undo) = (None, None);
-        self.positions = parts.positions;
         Ok(())
     }
 
@@ -437,6 +486,10 @@ impl GlobalCache {
                 }
                 // The running sums: the second score with both kinds, else the first
                 // (and the second its copy).
+                if self.logs.window_unsaved() {
+                    self.logs
+                        .record(undo::Change::Window(self.window_scores.clone()));
+                }
                 for (row, m) in self.window_scores.iter_mut().zip(&mass) {
                     for (s, &a) in row.iter_mut().zip(m) {
                         *s = with_mass(*s, a, two);
@@ -586,6 +639,12 @@ impl GlobalCache {
         let two = self.two_kinds();
         let hkv = plan.kept_after.len();
         if !unchanged {
+            // What undoes the writes below, for a live backup: the entries written over
+            // or dropped, saved head by head before they are.
+            let mut undo = self
+                .logs
+                .active()
+                .then(|| undo::Change::entries(&self.kept_scores, &self.positions));
             // Only the places whose entry changes are written (a decode step changes a
             // place or two of hundreds): an entry that stays keeps its position, its
             // rotation and its scores (stored as below already).
@@ -610,6 +669,11 @@ impl GlobalCache {
                     })
                     .collect();
                 let n = row.len();
+                if let Some(undo) = &mut undo {
+                    let had = self.kept_scores[h].len().max(self.positions[h].len());
+                    let places = changed.iter().map(|&(i, ..)| i).chain(n..had);
+                    undo.save(h, places, (&self.kept_scores[h], &self.positions[h]));
+                }
                 self.kept_scores[h].resize(n, (0.0, 0.0));
                 self.positions[h].resize(n, 0);
                 if raw {
@@ -627,6 +691,9 @@ impl GlobalCache {
                     }
                 }
             }
+            if let Some(undo) = undo {
+                self.logs.record(undo);
+            }
         }
         let back = self.passing(&was_raw, span.end);
         if !unchanged || back.is_some() {
@@ -638,7 +705,8 @@ impl GlobalCache {
                 s.1 = s.0;
             }
         }
-        self.window_scores = window_scores;
+        let old = std::mem::replace(&mut self.window_scores, window_scores);
+        self.logs.record(undo::Change::Window(old));
         Ok(())
     }
 
@@ -1456,6 +1524,18 @@ mod tests {
                 .collect()
         };
         type Rows = Option<(Vec<f32>, Vec<f32>)>;
+        // Everything but the rows: what a backup now gets back through its log.
+        let host = |g: &GlobalCache| {
+            let bits = |rows: &[Vec<Scores>]| -> Vec<Vec<(u32, u32)>> {
+                let pair = |s: &Scores| (s.0.to_bits(), s.1.to_bits());
+                rows.iter().map(|r| r.iter().map(pair).collect()).collect()
+            };
+            (
+                bits(&g.kept_scores),
+                g.positions.clone(),
+                bits(&g.window_scores),
+            )
+        };
         let kept_rows = |g: &GlobalCache| -> Rows {
             let f32s = |t: &Tensor| -> Vec<f32> {
                 let t = t.to_dtype(DType::F32).unwrap();
@@ -1473,7 +1553,7 @@ mod tests {
             let mut rows: Vec<(Tensor, Tensor)> = Vec::new();
             let mut in_place = 0;
             let mut position = 0;
-            let mut restored = false;
+            let (mut restored, mut failed) = (false, false);
             while position < 40 {
                 let (k, v) = (random((hkv, 1, d)), random((hkv, 1, d)));
                 let w0 = rows.len().saturating_sub(window);
@@ -1487,6 +1567,10 @@ mod tests {
                 // The reference copies every kept row on every change, as before rooms.
                 slow.room = None;
                 let holder = fast.room.as_ref().map(|r| Arc::as_ptr(&r.holder));
+                // While the outer backup below lives, each step also runs under a backup
+                // of its own, as `forward_batch`'s: dropped after the step, and at token
+                // 27 restored (a failed step) while the outer one keeps logging.
+                let inner = (backup.is_some() && !restored).then(|| (fast.backup(), slow.clone()));
                 for g in [&mut fast, &mut slow] {
                     let before = before.as_ref().map(|(k, v)| (k, v));
                     let scores = (mass.clone(), recall.clone());
@@ -1497,7 +1581,14 @@ mod tests {
                 in_place += usize::from(holder.is_some() && holder == kept_room);
                 let what = format!("{capacity} places, {attention} by attention, token {position}");
                 assert_eq!(kept_rows(&fast), kept_rows(&slow), "{what}");
-                assert_eq!(fast.positions(), slow.positions(), "{what}");
+                assert_eq!(host(&fast), host(&slow), "{what}");
+                if let Some((mut b, s)) = inner.filter(|_| position == 27 && !failed) {
+                    b.restore(&mut fast).unwrap();
+                    (fast, slow, failed) = (b, s, true);
+                    assert_eq!(kept_rows(&fast), kept_rows(&slow), "{what}: undone");
+                    assert_eq!(host(&fast), host(&slow), "{what}: undone");
+                    continue;
+                }
                 rows.push((k, v));
                 position += 1;
                 if position == 15 {
@@ -1522,6 +1613,7 @@ mod tests {
                     b.restore(&mut fast).unwrap();
                     assert!(b.room.is_some(), "a restored backup takes the room over");
                     assert_eq!(kept_rows(&b), at_backup, "{capacity} places: restored");
+                    assert_eq!(host(&b), host(&s), "{capacity} places: restored");
                     (fast, slow, restored) = (b, s, true);
                     rows.truncate(25);
                     position = 25;

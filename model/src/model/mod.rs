@@ -253,7 +253,8 @@ impl Model {
     pub fn forward_batch(&self, seqs: &mut [SeqStep<'_>], logits: Logits) -> Result<Vec<Tensor>> {
         // A backup only bumps reference counts (tensors are replaced, never mutated, but
         // for the caches' spare rows, which the backup does not see, and the global caches'
-        // kept rows, which are saved for it when a change writes over them).
+        // kept rows, which are saved for it when a change writes over them; the global
+        // caches' scores and positions log what undoes each change instead of being copied).
         let backup: Vec<Backup> = seqs.iter_mut().map(|s| s.state.backup()).collect();
         let out = self.forward_batch_inner(seqs, logits);
         if out.is_err() {
