@@ -373,37 +373,6 @@ impl KvCache {
         Ok(())
     }
 
-    /// Makes the next [`push`](Self::push) append in place: unless the cache has spare rows
-    /// it holds alone, its rows move into a new buffer with spare rows (what that push
-    /// would do). See [`SequenceState::reserve`].
-    pub(crate) fn reserve(&mut self) -> Result<()> {
-        let Some((k, v)) = &self.kv else {
-            return Ok(());
-        };
-        let len = k.dim(1)?;
-        if let Some(room) = &self.room {
-            let own = room.backup_of.is_none() && Arc::strong_count(&room.holder) == 1;
-            if own && room.start + len < room.k.dim(1)? {
-                return Ok(());
-            }
-        }
-        let spare = |x: &Tensor| -> Result<Tensor> {
-            let (hkv, _, d) = x.dims3()?;
-            let zeros = Tensor::zeros((hkv, spare_rows(len), d), x.dtype(), x.device())?;
-            Ok(Tensor::cat(&[x, &zeros], 1)?)
-        };
-        let room = Room {
-            k: spare(k)?,
-            v: spare(v)?,
-            start: 0,
-            holder: Arc::new(()),
-            backup_of: None,
-        };
-        self.kv = Some((room.k.narrow(1, 0, len)?, room.v.narrow(1, 0, len)?));
-        self.room = Some(room);
-        Ok(())
-    }
-
     /// The rows' buffers (`[hkv, rows, d]`, contiguous when the cache has room to push
     /// into), where the rows start in them, and how many there are.
     pub(crate) fn buffers(&self) -> Option<(&Tensor, &Tensor, usize, usize)> {
@@ -575,26 +544,6 @@ impl SequenceState {
             layers,
             position: self.position,
         })
-    }
-
-    /// Gives every cache of the state buffers of its own with spare rows, so that the next
-    /// steps append and admit in place. A prompt's last chunk leaves its window without
-    /// spare rows, and a snapshot of the state (the server's state cache) shares its
-    /// buffers: the first decode step then copied every cache into new buffers, a few
-    /// milliseconds on one stream's first gap (and again after a first rejected draft).
-    /// Called when the prompt is read, the copy counts in the time to the first token
-    /// instead. The values are unchanged.
-    pub fn reserve(&mut self) -> Result<()> {
-        for l in &mut self.layers {
-            match l {
-                LayerState::Softmax(c) => c.reserve()?,
-                LayerState::Liger { window, global, .. } => {
-                    window.reserve()?;
-                    global.reserve()?;
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Cuts the state off from the autograd graph that computed it (truncated
@@ -1178,32 +1127,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn a_reserved_cache_appends_in_place_and_leaves_its_snapshot_alone() {
-        // A prompt's rows as `extend` leaves them (no spare rows), and a snapshot sharing them.
-        let mut live = KvCache::new(Some(4)).stored_as(DType::F16);
-        let (k, v) = span_rows(0, 3, DType::F32);
-        live.extend(&k, &v).unwrap();
-        let snapshot = live.clone();
-        let at_snapshot = contents(&snapshot);
-        let mut plain = live.clone();
-        live.reserve().unwrap();
-        assert_eq!(contents(&live), at_snapshot, "the values are unchanged");
-        let buffer = |c: &KvCache| c.room.as_ref().map(|r| Arc::as_ptr(&r.holder));
-        let reserved = buffer(&live);
-        for t in 3..6 {
-            let (k, v) = token_rows(t, DType::F16);
-            live.push(&k, &v).unwrap();
-            plain.push(&k, &v).unwrap();
-            assert_eq!(buffer(&live), reserved, "token {t}: appended in place");
-            assert_eq!(contents(&live), contents(&plain), "token {t}");
-        }
-        assert_eq!(contents(&snapshot), at_snapshot);
-        // Reserving again keeps the room it holds alone.
-        live.reserve().unwrap();
-        assert_eq!(buffer(&live), reserved);
     }
 
     #[test]

@@ -274,43 +274,6 @@ impl GlobalCache {
         self.kept_kv.as_ref().map(|(k, v)| (k, v))
     }
 
-    /// Makes the next change write in place: unless the cache has a room it holds alone,
-    /// the kept rows move into a new one (a place per row of the capacity, as a change
-    /// that copies makes). On the CPU only, where rooms are.
-    pub(crate) fn reserve(&mut self) -> Result<()> {
-        let Some((k, v)) = &self.kept_kv else {
-            return Ok(());
-        };
-        if !k.device().is_cpu()
-            || self
-                .room
-                .as_ref()
-                .is_some_and(|r| Arc::strong_count(&r.holder) == 1)
-        {
-            return Ok(());
-        }
-        let n = k.dim(1)?;
-        let rows = self.capacity.max(n);
-        let padded = |x: &Tensor| -> Result<Tensor> {
-            let (hkv, _, d) = x.dims3()?;
-            if rows == n {
-                // A copy: the buffer may be shared.
-                return Ok(x.copy()?);
-            }
-            let zeros = Tensor::zeros((hkv, rows - n, d), x.dtype(), x.device())?;
-            Ok(Tensor::cat(&[x, &zeros], 1)?)
-        };
-        let (k, v) = (padded(k)?, padded(v)?);
-        self.kept_kv = Some((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?));
-        self.room = Some(Box::new(Room {
-            k,
-            v,
-            holder: Arc::new(()),
-            journals: Vec::new(),
-        }));
-        Ok(())
-    }
-
     /// The kept keys' and values' buffers (`[hkv, rows, d]`, contiguous), and how many
     /// rows of each head are kept entries (the rest are spare places).
     pub(crate) fn buffers(&self) -> Option<(&Tensor, &Tensor, usize)> {
@@ -1543,59 +1506,6 @@ mod tests {
             [[(0.0, 0.0)], [(0.0, 0.0)]]
         );
     }
-    #[test]
-    fn a_reserved_cache_changes_in_place_and_leaves_its_snapshot_alone() {
-        let (hkv, d, window) = (2, 4, 2);
-        let mut rng = crate::rng::SplitMix(9);
-        let mut rows: Vec<(Tensor, Tensor)> = Vec::new();
-        let mut live = GlobalCache::new(4, 1, 0).stored_as(DType::F16);
-        let mut step = |caches: &mut [&mut GlobalCache], rows: &mut Vec<(Tensor, Tensor)>| {
-            let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform()).collect() };
-            let position = rows.len();
-            let shape = (hkv, 1, d);
-            let k = Tensor::from_vec(draw(hkv * d), shape, &Device::Cpu).unwrap();
-            let v = Tensor::from_vec(draw(hkv * d), shape, &Device::Cpu).unwrap();
-            let recall: PerHead = (0..hkv).map(|_| draw(1)).collect();
-            let w0 = position.saturating_sub(window);
-            let before = (w0 < position).then(|| {
-                let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) =
-                    rows[w0..].iter().map(|(k, v)| (k, v)).unzip();
-                (Tensor::cat(&ks, 1).unwrap(), Tensor::cat(&vs, 1).unwrap())
-            });
-            for g in caches.iter_mut() {
-                let before = before.as_ref().map(|(k, v)| (k, v));
-                let scores = (None, Some(recall.clone()));
-                g.decode_step(position, window, before, (&k, &v), scores)
-                    .unwrap();
-            }
-            rows.push((k, v));
-        };
-        for _ in 0..5 {
-            step(&mut [&mut live], &mut rows);
-        }
-        let kept = |g: &GlobalCache| {
-            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
-            g.kept().map(|(k, v)| (f(k), f(v)))
-        };
-        // A snapshot shares the room, so a change would copy; reserved, the cache copies
-        // now and changes in place after.
-        let snapshot = live.clone();
-        let at_snapshot = kept(&snapshot);
-        let mut plain = live.clone();
-        live.reserve().unwrap();
-        assert_eq!(kept(&live), at_snapshot, "the values are unchanged");
-        let room = |g: &GlobalCache| g.room.as_ref().map(|r| Arc::as_ptr(&r.holder));
-        let reserved = room(&live);
-        assert!(reserved.is_some() && reserved != room(&snapshot));
-        for _ in 0..6 {
-            step(&mut [&mut live, &mut plain], &mut rows);
-            assert_eq!(room(&live), reserved, "changed in place");
-            assert_eq!(kept(&live), kept(&plain));
-            assert_eq!(live.positions(), plain.positions());
-        }
-        assert_eq!(kept(&snapshot), at_snapshot);
-    }
-
     #[test]
     fn changes_in_place_equal_copies_and_spare_forks_and_backups() {
         let dev = Device::Cpu;

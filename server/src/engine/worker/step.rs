@@ -442,14 +442,6 @@ impl Worker {
             };
             choices.push(Choice::new(i, slot, &g.request.prompt, &g.shared, own));
         }
-        if g.request.max_tokens > 1 {
-            // Buffers of each choice's own before its first token goes out, so that the
-            // copy counts in the time to it rather than in the gap to the next one (see
-            // `SequenceState::reserve`).
-            for c in &mut choices {
-                c.slot.state.reserve().map_err(|e| e.to_string())?;
-            }
-        }
         let now = Instant::now();
         self.metrics.time_to_first_token.observe(now - g.submitted);
         g.first_token_at = Some(now);
