@@ -7,9 +7,10 @@
 //! now holds none of them: while it lives, the cache logs, before each change, what undoes
 //! it, and [`replay`] runs the log backwards over the vectors the live cache ends with. A
 //! decode step changes an entry or two per head and replaces the window's scores (copied
-//! into the log the first time; what later replaces them need not be kept). Taking the 32 backups now costs 0.4-0.5
-//! ms; dropping them after the step still costs 2.7-3.4 ms (2.6-4.1 before): what the
-//! step replaced is freed there, old recurrent memories and rows' journals included.
+//! into the log the first time; what later replaces them need not be kept). Taking the 32
+//! backups now costs 0.4-0.5 ms; dropping them after the step still costs 2.5-3.5 ms
+//! (2.6-4.1 before): what the step replaced is freed there, old recurrent memories and
+//! rows' journals included.
 
 use std::sync::{Arc, Mutex, Weak};
 
