@@ -644,7 +644,7 @@ impl GlobalCache {
             let mut undo = self
                 .logs
                 .active()
-                .then(|| undo::Change::entries(&self.kept_scores, &self.positions));
+                .then(|| undo::Entries::new(&self.kept_scores, &self.positions));
             // Only the places whose entry changes are written (a decode step changes a
             // place or two of hundreds): an entry that stays keeps its position, its
             // rotation and its scores (stored as below already).
@@ -692,7 +692,7 @@ impl GlobalCache {
                 }
             }
             if let Some(undo) = undo {
-                self.logs.record(undo);
+                self.logs.record(undo::Change::Entries(undo));
             }
         }
         let back = self.passing(&was_raw, span.end);

@@ -19,24 +19,28 @@ use super::Scores;
 /// What undoes one change.
 #[derive(Debug, Clone)]
 pub(super) enum Change {
-    /// Before an admission rewrote some entries: how many heads and entries per head
-    /// there were, and the entries it wrote over or dropped (head, place, value).
-    Entries {
-        score_lens: Vec<usize>,
-        position_lens: Vec<usize>,
-        scores: Vec<(usize, usize, Scores)>,
-        positions: Vec<(usize, usize, u32)>,
-    },
+    /// Entries an admission wrote over or dropped.
+    Entries(Entries),
     /// The window rows' scores before they were changed or replaced.
     Window(Vec<Vec<Scores>>),
     /// The kept entries' scores and positions before they were replaced whole.
     Kept(Vec<Vec<Scores>>, Vec<Vec<u32>>),
 }
 
-impl Change {
-    /// An [`Entries`](Change::Entries) change with nothing saved yet: the heads' lengths.
-    pub fn entries(scores: &[Vec<Scores>], positions: &[Vec<u32>]) -> Self {
-        Change::Entries {
+/// Before an admission rewrote some entries: how many heads and entries per head there
+/// were, and the entries it wrote over or dropped (head, place, value).
+#[derive(Debug, Clone)]
+pub(super) struct Entries {
+    score_lens: Vec<usize>,
+    position_lens: Vec<usize>,
+    scores: Vec<(usize, usize, Scores)>,
+    positions: Vec<(usize, usize, u32)>,
+}
+
+impl Entries {
+    /// Nothing saved yet: the heads' lengths.
+    pub fn new(scores: &[Vec<Scores>], positions: &[Vec<u32>]) -> Self {
+        Self {
             score_lens: scores.iter().map(Vec::len).collect(),
             position_lens: positions.iter().map(Vec::len).collect(),
             scores: Vec::new(),
@@ -45,35 +49,29 @@ impl Change {
     }
 
     /// Saves head `h`'s entries at `places` (those it has) before they are written over
-    /// or dropped. Only for an [`Entries`](Change::Entries) change.
+    /// or dropped.
     pub fn save(
         &mut self,
         h: usize,
         places: impl Iterator<Item = usize>,
         (row_scores, row_positions): (&[Scores], &[u32]),
     ) {
-        let Change::Entries {
-            scores, positions, ..
-        } = self
-        else {
-            unreachable!("entries are saved into an entries change")
-        };
         for i in places {
             if let Some(&s) = row_scores.get(i) {
-                scores.push((h, i, s));
+                self.scores.push((h, i, s));
             }
             if let Some(&p) = row_positions.get(i) {
-                positions.push((h, i, p));
+                self.positions.push((h, i, p));
             }
         }
     }
 }
 
 /// A backup's log of the changes since it was taken, oldest first.
-pub(super) type Log = Mutex<Changes>;
+pub(super) type Log = Mutex<History>;
 
 #[derive(Debug, Default)]
-pub(super) struct Changes {
+pub(super) struct History {
     changes: Vec<Change>,
     /// Whether the window's scores are saved already: replayed backwards, the first
     /// [`Change::Window`] sets them last, so later ones need not be kept (a decode step
@@ -81,7 +79,7 @@ pub(super) struct Changes {
     window_saved: bool,
 }
 
-impl Changes {
+impl History {
     fn push(&mut self, change: Change) {
         if matches!(change, Change::Window(_)) {
             if self.window_saved {
@@ -114,26 +112,28 @@ impl Logs {
         log
     }
 
+    /// The live backups' logs (those of dropped backups are let go).
+    fn live(&mut self) -> impl Iterator<Item = Arc<Log>> + '_ {
+        self.0.retain(|l| l.strong_count() > 0);
+        self.0.iter().filter_map(Weak::upgrade)
+    }
+
     /// Whether a backup is alive to log for (so a change that must copy to be undone
     /// copies only then).
     pub fn active(&mut self) -> bool {
-        self.0.retain(|l| l.strong_count() > 0);
-        !self.0.is_empty()
+        self.live().next().is_some()
     }
 
     /// Whether some live backup has not saved the window's scores yet (so that saving
     /// them means copying them).
     pub fn window_unsaved(&mut self) -> bool {
-        self.0.retain(|l| l.strong_count() > 0);
-        self.0
-            .iter()
-            .filter_map(Weak::upgrade)
+        self.live()
             .any(|l| !l.lock().expect("a log lock").window_saved)
     }
 
     /// Records `change` in every live backup's log (dropped when there is none).
     pub fn record(&mut self, change: Change) {
-        let mut logs = self.0.iter().filter_map(Weak::upgrade).peekable();
+        let mut logs = self.live().peekable();
         let mut change = Some(change);
         while let Some(log) = logs.next() {
             let mut log = log.lock().expect("a log lock");
@@ -153,19 +153,14 @@ pub(super) struct Host<'a> {
 }
 
 /// Undoes `log`'s changes, newest first, over `host` (the data they were made to).
-pub(super) fn replay(log: Changes, host: Host<'_>) {
+pub(super) fn replay(log: History, host: Host<'_>) {
     for change in log.changes.into_iter().rev() {
         match change {
             Change::Window(w) => *host.window_scores = w,
             Change::Kept(s, p) => (*host.kept_scores, *host.positions) = (s, p),
-            Change::Entries {
-                score_lens,
-                position_lens,
-                scores,
-                positions,
-            } => {
-                undo_entries(host.kept_scores, &score_lens, scores, (0.0, 0.0));
-                undo_entries(host.positions, &position_lens, positions, 0);
+            Change::Entries(e) => {
+                undo_entries(host.kept_scores, &e.score_lens, e.scores, (0.0, 0.0));
+                undo_entries(host.positions, &e.position_lens, e.positions, 0);
             }
         }
     }
@@ -209,9 +204,9 @@ mod tests {
         let mut logs = Logs::default();
         let log = logs.open();
         // An admission that writes place 0 over, drops place 1 and adds a second head.
-        let mut change = Change::entries(&scores, &positions);
-        change.save(0, [0, 1].into_iter(), (&scores[0], &positions[0]));
-        logs.record(change);
+        let mut entries = Entries::new(&scores, &positions);
+        entries.save(0, [0, 1].into_iter(), (&scores[0], &positions[0]));
+        logs.record(Change::Entries(entries));
         scores[0] = vec![(9.0, 9.0)];
         positions[0] = vec![3];
         scores.push(vec![(4.0, 4.0)]);
