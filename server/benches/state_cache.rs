@@ -155,6 +155,7 @@ fn main() {
             max_waiting: 4,
             max_batch_tokens: 512,
             step_target: None,
+            start_wait: None,
             max_model_len: 32768,
             state_cache: StateCacheOptions {
                 budget_bytes: budget,

@@ -125,6 +125,7 @@ fn main() {
             max_waiting: max,
             max_batch_tokens: 512,
             step_target: None,
+            start_wait: None,
             max_model_len: 4096,
             state_cache: StateCacheOptions {
                 budget_bytes: 0,

@@ -83,6 +83,7 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
         max_waiting: settings.max_waiting,
         max_batch_tokens: settings.max_batch_tokens,
         step_target: settings.step_target,
+        start_wait: settings.start_wait,
         max_model_len,
         state_cache: StateCacheOptions {
             budget_bytes: settings.state_cache_bytes,

@@ -93,6 +93,9 @@ pub struct Metrics {
     pub draft_tokens: AtomicU64,
     pub accepted_draft_tokens: AtomicU64,
     pub steps: AtomicU64,
+    /// Steps that ran decodes beside prompt chunks (each such step delays the decoding
+    /// streams by a chunk's time).
+    pub mixed_steps: AtomicU64,
     pub step_failures: AtomicU64,
     /// Requests dropped because their client went away.
     pub cancelled: AtomicU64,
@@ -127,6 +130,7 @@ impl Default for Metrics {
             draft_tokens: AtomicU64::new(0),
             accepted_draft_tokens: AtomicU64::new(0),
             steps: AtomicU64::new(0),
+            mixed_steps: AtomicU64::new(0),
             step_failures: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             state_cache_hits: AtomicU64::new(0),
@@ -180,7 +184,7 @@ impl Metrics {
             "liger_engine_step_seconds",
             "Duration of one batched engine step.",
         );
-        let series: [(&str, &str, &str, &AtomicU64); 19] = [
+        let series: [(&str, &str, &str, &AtomicU64); 20] = [
             (
                 "liger_running_sequences",
                 "gauge",
@@ -240,6 +244,12 @@ impl Metrics {
                 "counter",
                 "Batched engine steps run.",
                 &self.steps,
+            ),
+            (
+                "liger_engine_mixed_steps_total",
+                "counter",
+                "Engine steps that ran decodes beside prompt chunks.",
+                &self.mixed_steps,
             ),
             (
                 "liger_engine_step_failures_total",

@@ -20,6 +20,14 @@ use crate::engine::SpeculativeOptions;
 /// faster, 400 once decode steps took the AVX-512 kernel, 500 at first.
 const DEFAULT_STEP_TARGET_MS: u64 = 200;
 
+/// `--start-wait-ms` when unset. On the Zen 5 VM (f32, 2026-12-07) a wave of 8 x 256-token
+/// prompts is read in ~1.4 s: its streams then start together, ITL p99 ~75 ms against
+/// ~200 ms when each starts on its own, TTFT p50 1.43 s against 1.09 s (llama-server's 1.8
+/// s). A wave of 32 (~5.4 s) starts stream by stream: waiting for it made TTFT p50 5.6 s
+/// against 3.3 s (llama-server's 5.9 s), for the same tokens/s within noise
+/// (`server/README.md`, Scheduling).
+const DEFAULT_START_WAIT_MS: u64 = 2000;
+
 /// `--speculative-tokens` when unset, and the most it may be.
 const DEFAULT_SPECULATIVE_TOKENS: usize = 4;
 const MAX_SPECULATIVE_TOKENS: usize = 64;
@@ -107,6 +115,12 @@ pub struct Args {
     /// the cut off (every step reads up to --max-batch-tokens) [default: 200].
     #[arg(long, env = "LIGER_STEP_TARGET_MS", value_name = "MS")]
     pub step_target_ms: Option<u64>,
+    /// While no sequence decodes, a request whose prompt is read waits for the prompts
+    /// being read alongside it, so that they are read in full steps and the streams start
+    /// together, if they will all be read within this long; 0: every stream starts as soon
+    /// as its prompt is read [default: 2000].
+    #[arg(long, env = "LIGER_START_WAIT_MS", value_name = "MS")]
+    pub start_wait_ms: Option<u64>,
     /// On SIGTERM or Ctrl-C, requests in flight may finish for this many seconds; then the
     /// rest fail with 503 `shutting_down` and the server exits [default: 20, below
     /// Kubernetes' 30 s termination grace period].
@@ -163,6 +177,7 @@ impl Args {
             max_waiting: self.max_waiting.or(file.max_waiting),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
             step_target_ms: self.step_target_ms.or(file.step_target_ms),
+            start_wait_ms: self.start_wait_ms.or(file.start_wait_ms),
             shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
             max_model_len: self.max_model_len.or(file.max_model_len),
             api_key: self.api_key.or(file.api_key),
@@ -202,6 +217,8 @@ pub struct Settings {
     pub max_batch_tokens: usize,
     /// `None`: steps are not cut to a latency target.
     pub step_target: Option<std::time::Duration>,
+    /// `None`: streams start as soon as their prompts are read.
+    pub start_wait: Option<std::time::Duration>,
     /// How long a shutdown waits for requests in flight before failing them.
     pub shutdown_grace: std::time::Duration,
     pub max_model_len: Option<usize>,
@@ -294,6 +311,10 @@ impl Settings {
             max_waiting,
             max_batch_tokens,
             step_target: match a.step_target_ms.unwrap_or(DEFAULT_STEP_TARGET_MS) {
+                0 => None,
+                ms => Some(std::time::Duration::from_millis(ms)),
+            },
+            start_wait: match a.start_wait_ms.unwrap_or(DEFAULT_START_WAIT_MS) {
                 0 => None,
                 ms => Some(std::time::Duration::from_millis(ms)),
             },

@@ -224,21 +224,31 @@ async fn a_full_queue_answers_429() {
 /// The real engine on the tiny test model, with `max_running` slots and a context of
 /// `max_model_len`.
 fn tiny_engine(max_running: usize, max_model_len: usize) -> (LocalEngine, Arc<Metrics>) {
+    tiny_engine_with(|o| {
+        o.max_running = max_running;
+        o.max_model_len = max_model_len;
+    })
+}
+
+/// [`tiny_engine`] with options of the caller's choosing (from 4 slots, a 256-token context).
+fn tiny_engine_with(options: impl FnOnce(&mut EngineOptions)) -> (LocalEngine, Arc<Metrics>) {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path());
     let model = liger_model::checkpoint::load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let codec = Arc::new(Codec::load(dir.path(), &[IM_END]).unwrap());
     let metrics = Arc::new(Metrics::default());
-    let options = EngineOptions {
-        max_running,
+    let mut o = EngineOptions {
+        max_running: 4,
         max_waiting: 8,
         max_batch_tokens: 64,
         step_target: None,
-        max_model_len,
+        start_wait: None,
+        max_model_len: 256,
         state_cache: Default::default(),
         speculative: Default::default(),
     };
-    let engine = LocalEngine::start(model, codec, options, metrics.clone()).unwrap();
+    options(&mut o);
+    let engine = LocalEngine::start(model, codec, o, metrics.clone()).unwrap();
     (engine, metrics)
 }
 
@@ -322,4 +332,38 @@ async fn after_the_grace_period_requests_in_flight_and_queued_fail_cleanly() {
     let api = ApiError::from(EngineError::ShuttingDown);
     assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(api.body()["error"]["code"], "shutting_down");
+}
+
+#[tokio::test]
+async fn streams_whose_prompts_are_read_together_start_together() {
+    // Two short prompts read in the first step, and a long one read 16 tokens a step
+    // after them.
+    let (engine, metrics) = tiny_engine_with(|o| {
+        o.max_batch_tokens = 16;
+        o.max_model_len = 2048;
+        o.start_wait = Some(std::time::Duration::from_secs(600));
+    });
+    let long: Vec<u32> = (0..1500).map(|k| 5 + (k % 40) as u32).collect();
+    let mut streams = Vec::new();
+    for p in [vec![5, 6, 7], vec![8, 9, 10], long] {
+        streams.push(engine.submit(generation(p, 4)).unwrap());
+    }
+    for s in &mut streams {
+        let mut tokens = 0;
+        while let Some(e) = s.recv().await {
+            match e {
+                Event::Token { .. } => tokens += 1,
+                Event::Finished { .. } => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(tokens, 4);
+    }
+    // The short ones waited for the long prompt: no step decoded beside a prompt chunk
+    // (starting at once, they decode beside its chunks; with `start_wait: None` this
+    // test fails).
+    let mixed = metrics
+        .mixed_steps
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(mixed, 0);
 }

@@ -211,6 +211,7 @@ fn engine(cache: StateCacheOptions) -> (LocalEngine, Arc<Metrics>, usize, tempfi
         max_waiting: 16,
         max_batch_tokens: 16,
         step_target: None,
+        start_wait: None,
         max_model_len: 256,
         state_cache: cache,
         speculative: Default::default(),

@@ -19,6 +19,9 @@ pub struct EngineOptions {
     pub max_batch_tokens: usize,
     /// While sequences decode, steps are cut to about this long ([`super::scheduler`]).
     pub step_target: Option<std::time::Duration>,
+    /// While nothing decodes, how long streams whose prompts are read may wait for the
+    /// rest of their wave ([`super::scheduler::keep_waiting`]); `None`: they never wait.
+    pub start_wait: Option<std::time::Duration>,
     /// Prompt plus generated tokens per sequence.
     pub max_model_len: usize,
     pub state_cache: StateCacheOptions,

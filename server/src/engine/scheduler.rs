@@ -15,6 +15,10 @@
 //! decode-only step and a prompt token cost ([`StepBudget`]; vLLM's chunked prefill sizes
 //! its steps the same way, by a token budget that decodes fill first).
 //!
+//! While nothing decodes, a request whose prompt is read waits for the prompts being read
+//! alongside it when they will all be in soon ([`keep_waiting`]), so that the wave's
+//! prompts are read in full steps and its streams start together.
+//!
 //! Admission takes whole requests (all of a request's `n` slots at once: forking after the
 //! prompt must never wait for a slot): warm requests first (a cached prefix leaves them at
 //! most one step of prompt, and they give their slots back soon), then the others first-in
@@ -65,6 +69,36 @@ pub fn plan_prefill(budget: usize, decodes: usize, groups: &[Prefilling]) -> Vec
 /// The shortest chunk that shares a step with another and does not finish its prompt
 /// (see [`plan_prefill`]).
 pub const MIN_SIDE_CHUNK: usize = 64;
+
+/// Groups whose prompts are read, waiting to start decoding together (see
+/// [`keep_waiting`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// Some sequence is decoding (every step is then cut to the step target anyway).
+    pub decoding: bool,
+    /// Prompt tokens the groups still reading theirs have left.
+    pub reading: usize,
+    /// How long the longest-waiting ready group has waited.
+    pub waited: Duration,
+}
+
+/// Whether groups whose prompts are read wait (their first tokens not yet sampled) for
+/// the prompts read alongside theirs, so that the streams start together.
+///
+/// Why: while nothing decodes, a step reads a full `max_batch_tokens` of prompt and
+/// nobody waits on its duration. The first stream to start turns every later step of
+/// the wave into a decode pass for a handful of streams plus a prompt chunk cut to the
+/// step target, until the last prompt is read; and streams that start together decode
+/// as one full batch. So they wait, while nothing decodes, as long as every prompt being
+/// read will be in within `max_wait` of the first ready group's wait (`estimate`: how long
+/// the tokens left take, [`StepBudget::prompt_time`]; unknown before the first step).
+/// A wave that will not be in by then starts at once: a long wait buys little.
+pub fn keep_waiting(ready: Ready, max_wait: Option<Duration>, estimate: Option<Duration>) -> bool {
+    let Some(max_wait) = max_wait else {
+        return false;
+    };
+    !ready.decoding && ready.reading > 0 && ready.waited + estimate.unwrap_or_default() <= max_wait
+}
 
 /// A queued request, as admission sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +170,15 @@ impl StepBudget {
             .saturating_sub(decodes)
             .max(MIN_PREFILL_CHUNK);
         decodes + prefill.clamp(MIN_PREFILL_CHUNK, most)
+    }
+
+    /// How long reading `tokens` prompt tokens takes with nobody decoding, in steps of up
+    /// to `max_tokens`; `None` until a step with prompt tokens was measured.
+    pub fn prompt_time(&self, tokens: usize) -> Option<Duration> {
+        let cost = self.cost.fit()?;
+        let steps = tokens.div_ceil(self.max_tokens.max(1));
+        let secs = steps as f64 * cost.base.max(0.0) + tokens as f64 * cost.per_prompt_token;
+        Some(Duration::from_secs_f64(secs.max(0.0)))
     }
 
     /// Learns from a finished step of `decodes` decode tokens and `prompt` prompt tokens.
@@ -452,6 +495,43 @@ mod tests {
         assert!(after < before / 2, "{before} -> {after}");
         // (200 - 4 x 32) / 8 = 9 prompt tokens: below the minimum chunk.
         assert_eq!(after, 2 + MIN_PREFILL_CHUNK);
+    }
+
+    #[test]
+    fn ready_streams_wait_for_their_wave_while_nothing_decodes() {
+        let ms = Duration::from_millis;
+        let ready = |decoding, reading, waited| Ready {
+            decoding,
+            reading,
+            waited: ms(waited),
+        };
+        let max = Some(ms(1000));
+        // The wave will be in within the wait: keep waiting.
+        assert!(keep_waiting(ready(false, 300, 100), max, Some(ms(600))));
+        assert!(keep_waiting(ready(false, 300, 400), max, Some(ms(600))));
+        // Not before it ends: start now (a long wait buys little).
+        assert!(!keep_waiting(ready(false, 300, 401), max, Some(ms(600))));
+        assert!(!keep_waiting(ready(false, 5000, 0), max, Some(ms(1001))));
+        // Nothing measured yet: the wait alone bounds it.
+        assert!(keep_waiting(ready(false, 5000, 999), max, None));
+        assert!(!keep_waiting(ready(false, 5000, 1001), max, None));
+        // Every prompt is in, or streams decode already (steps are cut anyway), or the
+        // wait is off: start now.
+        assert!(!keep_waiting(ready(false, 0, 0), max, Some(ms(0))));
+        assert!(!keep_waiting(ready(true, 300, 0), max, Some(ms(1))));
+        assert!(!keep_waiting(ready(false, 300, 0), None, Some(ms(1))));
+    }
+
+    #[test]
+    fn prompt_time_counts_the_steps_a_wave_takes() {
+        let mut b = StepBudget::new(512, Some(Duration::from_millis(200)));
+        assert_eq!(b.prompt_time(100), None, "nothing measured yet");
+        // 20 ms a step and 2 ms a prompt token (6 ms a decode).
+        feed(&mut b, &[(0, 512), (2, 100), (4, 0), (1, 300), (0, 50)]);
+        let ms = |tokens| b.prompt_time(tokens).unwrap().as_secs_f64() * 1e3;
+        assert!((ms(100) - 220.0).abs() < 1.0, "{}", ms(100));
+        // Three steps.
+        assert!((ms(1100) - 2260.0).abs() < 3.0, "{}", ms(1100));
     }
 
     #[test]

@@ -35,8 +35,13 @@ use crate::metrics::Metrics;
 use crate::text::Codec;
 
 enum Phase {
-    /// `slots[0]` consumes the prompt; the others are reserved for the forks.
-    Prefill { slots: Vec<Slot>, done: usize },
+    /// `slots[0]` consumes the prompt; the others are reserved for the forks. `ready`:
+    /// the prompt is read and its last logits wait for the group's start.
+    Prefill {
+        slots: Vec<Slot>,
+        done: usize,
+        ready: Option<(Vec<f32>, Instant)>,
+    },
     /// Unfinished choices (finished ones have given their slot back).
     Decode { choices: Vec<Choice> },
 }
@@ -245,6 +250,7 @@ impl Worker {
                 phase: Phase::Prefill {
                     slots,
                     done: cached,
+                    ready: None,
                 },
                 snapshot_at,
                 warm,

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::{snapshot, Part, Phase, Worker};
 use crate::engine::sampling::token_logprob;
-use crate::engine::scheduler::{plan_prefill, Prefilling};
+use crate::engine::scheduler::{keep_waiting, plan_prefill, Prefilling, Ready};
 use crate::engine::sequence::Choice;
 use crate::engine::speculate::draft;
 use crate::engine::{EngineError, Event, FinishReason};
@@ -20,6 +20,7 @@ use crate::engine::{EngineError, Event, FinishReason};
 impl Worker {
     /// Plans, runs and applies one batched forward pass.
     pub(super) fn step(&mut self) {
+        self.start_ready();
         let parts = self.plan();
         // Drafts need every row's logits, which a prompt chunk would pay for in full.
         let mut all_logits = self.draft(&parts);
@@ -122,6 +123,9 @@ impl Worker {
             "step"
         );
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
+        if chunks > 0 && decodes > 0 {
+            self.metrics.mixed_steps.fetch_add(1, Ordering::Relaxed);
+        }
         self.metrics.step_duration.observe(took);
         match result {
             Ok(outputs) => self.apply(&parts, outputs),
@@ -142,11 +146,13 @@ impl Worker {
             .running
             .iter()
             .filter_map(|g| match &g.phase {
-                Phase::Prefill { done, .. } => Some(Prefilling {
+                Phase::Prefill {
+                    done, ready: None, ..
+                } => Some(Prefilling {
                     remaining: g.request.prompt.len() - done,
                     warm: g.warm,
                 }),
-                Phase::Decode { .. } => None,
+                _ => None,
             })
             .collect();
         let budget = self.budget.tokens(decodes);
@@ -155,7 +161,7 @@ impl Worker {
             .iter()
             .map(|g| match &g.phase {
                 Phase::Decode { choices } if !choices.is_empty() => Part::Decode,
-                Phase::Decode { .. } => Part::Idle,
+                Phase::Decode { .. } | Phase::Prefill { ready: Some(_), .. } => Part::Idle,
                 Phase::Prefill { done, .. } => {
                     let mut len = chunks.next().unwrap_or(0);
                     // End a chunk where a snapshot is due, so the state is there to take.
@@ -387,7 +393,67 @@ impl Worker {
             return Ok(false);
         }
         let logits = last_row(&out)?;
-        self.start_decoding(gi, logits)
+        if self.options.start_wait.is_none() {
+            return self.start_decoding(gi, logits);
+        }
+        // Started by `start_ready`, with the prompts read alongside it.
+        let Phase::Prefill { ready, .. } = &mut g.phase else {
+            unreachable!("checked above")
+        };
+        *ready = Some((logits, Instant::now()));
+        Ok(false)
+    }
+
+    /// Starts the groups whose prompts are read, unless they wait for the rest of their
+    /// wave ([`keep_waiting`]).
+    fn start_ready(&mut self) {
+        let mut oldest: Option<Instant> = None;
+        let (mut decoding, mut reading) = (false, 0);
+        for g in &self.running {
+            match &g.phase {
+                Phase::Decode { choices } => decoding |= !choices.is_empty(),
+                Phase::Prefill {
+                    ready: None, done, ..
+                } => reading += g.request.prompt.len() - done,
+                Phase::Prefill {
+                    ready: Some((_, at)),
+                    ..
+                } => oldest = Some(oldest.map_or(*at, |o| o.min(*at))),
+            }
+        }
+        let Some(oldest) = oldest else { return };
+        let ready = Ready {
+            decoding,
+            reading,
+            waited: oldest.elapsed(),
+        };
+        let estimate = self.budget.prompt_time(reading);
+        if keep_waiting(ready, self.options.start_wait, estimate) {
+            return;
+        }
+        let mut finished = Vec::new();
+        for gi in 0..self.running.len() {
+            let Phase::Prefill { ready, .. } = &mut self.running[gi].phase else {
+                continue;
+            };
+            let Some((logits, _)) = ready.take() else {
+                continue;
+            };
+            match self.start_decoding(gi, logits) {
+                Ok(true) => finished.push(gi),
+                Ok(false) => {}
+                Err(msg) => {
+                    let g = &self.running[gi];
+                    warn!(id = %g.request.id, error = %msg, "reading logits failed");
+                    let _ = g.events.send(Event::Failed(EngineError::Model(msg)));
+                    finished.push(gi);
+                }
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let g = self.running.remove(i);
+            self.release_group(g);
+        }
     }
 
     /// The prompt is in: fork its state into every choice and sample their first tokens.
