@@ -134,6 +134,9 @@ struct Room {
     /// it (a forked or snapshotted state shares it, and the first to change copies), since
     /// every kept row is seen by the views of whoever shares it.
     holder: Arc<()>,
+    /// Never written in place (a restored backup's buffers, which caches other than the
+    /// one it replaces may still read: see [`GlobalCache::restore`]).
+    read_only: bool,
     /// Journals of this cache's live backups: a change first saves there the rows it is
     /// about to write over.
     journals: Vec<Weak<Journal>>,
@@ -341,6 +344,21 @@ impl GlobalCache {
                 // The kept rows are the room's first rows again (those past them are spare
                 // places to this cache), and the room's buffers are the ones its views read.
                 self.room = live.room.take();
+            } else {
+                // `live` had copied its rows into a room of its own (the one it had was
+                // shared: a snapshot's, a fork's). The kept rows still lie in the buffers
+                // this backup was kept for, which the fused decode step reads whole (their
+                // views alone are strided: without the buffers the next step took the
+                // general path, 235 ms for 8 streams against ~30). Read only: others may
+                // read them (the snapshot), and older backups' journals are not kept
+                // here, so the next change copies, as it would have.
+                self.room = Some(Box::new(Room {
+                    k: rows.k,
+                    v: rows.v,
+                    holder: Arc::new(()),
+                    read_only: true,
+                    journals: Vec::new(),
+                }));
             }
         }
         // The live cache's data with its changes undone; it goes on logging for the
@@ -785,11 +803,9 @@ impl GlobalCache {
         let n = kept_after.first().map_or(0, Vec::len);
         let on_cpu = ks.iter().chain(&vs).all(|t| t.device().is_cpu());
         // In place, where the room is this cache's alone and takes these rows.
-        if let Some(room) = self
-            .room
-            .as_mut()
-            .filter(|r| on_cpu && Arc::strong_count(&r.holder) == 1 && r.k.dtype() == dtype)
-        {
+        if let Some(room) = self.room.as_mut().filter(|r| {
+            on_cpu && !r.read_only && Arc::strong_count(&r.holder) == 1 && r.k.dtype() == dtype
+        }) {
             let old_n = old.as_ref().map_or(Ok(0), |(k, _)| k.dim(1))?;
             // Values move with their keys but are never rotated: with the places
             // unchanged, only keys are written.
@@ -825,6 +841,7 @@ impl GlobalCache {
                 k,
                 v,
                 holder: Arc::new(()),
+                read_only: false,
                 journals: Vec::new(),
             }));
         } else {
@@ -1636,5 +1653,72 @@ mod tests {
             // fork.
             assert!(in_place >= 24, "{in_place} steps in place");
         }
+    }
+
+    #[test]
+    fn a_backup_restored_over_a_copied_room_reads_its_buffers_and_leaves_them_alone() {
+        // A state's first decode step after its prompt copies the kept rows (the room is
+        // shared with the prompt's snapshot); a draft rejected in that step restores the
+        // backup, which must still read whole buffers (the fused step needs them) without
+        // writing the snapshot's rows.
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SplitMix(9);
+        let (hkv, d, window) = (2, 4, 3);
+        let mut token = || {
+            let mut t = || {
+                let x: Vec<f32> = (0..hkv * d).map(|_| rng.uniform() * 2.0 - 1.0).collect();
+                Tensor::from_vec(x, (hkv, 1, d), &dev).unwrap()
+            };
+            (t(), t())
+        };
+        let f32s = |t: &Tensor| -> Vec<f32> {
+            let t = t.to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let kept = |g: &GlobalCache| g.kept().map(|(k, v)| (f32s(k), f32s(v)));
+        let mut g = GlobalCache::new(6, 1, 0).stored_as(DType::F16);
+        let mut rows: Vec<(Tensor, Tensor)> = Vec::new();
+        let mut step = |g: &mut GlobalCache, rows: &mut Vec<(Tensor, Tensor)>, position: usize| {
+            let (k, v) = token();
+            let w0 = rows.len().saturating_sub(window);
+            let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) =
+                rows[w0..].iter().map(|(k, v)| (k, v)).unzip();
+            let before = (!ks.is_empty())
+                .then(|| (Tensor::cat(&ks, 1).unwrap(), Tensor::cat(&vs, 1).unwrap()));
+            let recall: PerHead = (0..hkv)
+                .map(|h| vec![0.1 * (position + h) as f32])
+                .collect();
+            let before = before.as_ref().map(|(k, v)| (k, v));
+            g.decode_step(position, window, before, (&k, &v), (None, Some(recall)))
+                .unwrap();
+            rows.push((k, v));
+        };
+        for position in 0..8 {
+            step(&mut g, &mut rows, position);
+        }
+        assert!(g.room.is_some());
+        let snapshot = g.clone();
+        let at_snapshot = kept(&snapshot);
+        let mut backup = g.backup();
+        step(&mut g, &mut rows, 8);
+        let holder = |g: &GlobalCache| Arc::as_ptr(&g.room.as_ref().unwrap().holder);
+        assert_ne!(holder(&g), holder(&snapshot), "the shared room was copied");
+        backup.restore(&mut g).unwrap();
+        rows.pop();
+        assert_eq!(kept(&backup), at_snapshot);
+        let (k, v, n) = backup.buffers().unwrap();
+        assert!(
+            k.is_contiguous() && v.is_contiguous(),
+            "whole buffers, not strided views"
+        );
+        assert_eq!(n, backup.len());
+        for position in 8..12 {
+            step(&mut backup, &mut rows, position);
+        }
+        assert_eq!(
+            kept(&snapshot),
+            at_snapshot,
+            "the snapshot's rows are left alone"
+        );
     }
 }
