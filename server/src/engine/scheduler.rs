@@ -172,13 +172,14 @@ impl StepBudget {
         decodes + prefill.clamp(MIN_PREFILL_CHUNK, most)
     }
 
-    /// How long reading `tokens` prompt tokens takes with nobody decoding, in steps of up
-    /// to `max_tokens`; `None` until a step with prompt tokens was measured.
+    /// About how long reading `tokens` prompt tokens takes: at the recent steps' mean time
+    /// per prompt token (their decodes' share included, so on the high side); `None` until
+    /// a step with prompt tokens was measured. Not the fit's per-token cost: fitted to
+    /// chunks of similar lengths, its slope may be far off for a whole wave of prompts
+    /// (two prefill steps of 271 and 289 tokens, 140 and 213 ms, make it 4 ms a token).
     pub fn prompt_time(&self, tokens: usize) -> Option<Duration> {
-        let cost = self.cost.fit()?;
-        let steps = tokens.div_ceil(self.max_tokens.max(1));
-        let secs = steps as f64 * cost.base.max(0.0) + tokens as f64 * cost.per_prompt_token;
-        Some(Duration::from_secs_f64(secs.max(0.0)))
+        let (secs, prompt) = self.cost.prompt_steps_total;
+        (prompt > 0.0).then(|| Duration::from_secs_f64(tokens as f64 * secs / prompt))
     }
 
     /// Learns from a finished step of `decodes` decode tokens and `prompt` prompt tokens.
@@ -206,6 +207,8 @@ struct StepCost {
     xy: [f64; 3],
     /// Weighted count of steps that read prompt tokens.
     prompt_steps: f64,
+    /// Weighted sums of those steps' seconds and prompt tokens.
+    prompt_steps_total: (f64, f64),
 }
 
 /// Weight kept by every older step at each new one: about the last ten steps count.
@@ -236,6 +239,10 @@ impl StepCost {
             self.xy[i] = FORGET * self.xy[i] + x[i] * secs;
         }
         self.prompt_steps = FORGET * self.prompt_steps + f64::from(u8::from(prompt > 0));
+        if prompt > 0 {
+            let (s, p) = self.prompt_steps_total;
+            self.prompt_steps_total = (FORGET * s + secs, FORGET * p + prompt as f64);
+        }
     }
 
     /// The least-squares coefficients; `None` until a step with prompt tokens was seen.
@@ -523,15 +530,27 @@ mod tests {
     }
 
     #[test]
-    fn prompt_time_counts_the_steps_a_wave_takes() {
+    fn prompt_time_goes_by_the_mean_cost_of_a_prompt_token() {
         let mut b = StepBudget::new(512, Some(Duration::from_millis(200)));
         assert_eq!(b.prompt_time(100), None, "nothing measured yet");
-        // 20 ms a step and 2 ms a prompt token (6 ms a decode).
-        feed(&mut b, &[(0, 512), (2, 100), (4, 0), (1, 300), (0, 50)]);
-        let ms = |tokens| b.prompt_time(tokens).unwrap().as_secs_f64() * 1e3;
-        assert!((ms(100) - 220.0).abs() < 1.0, "{}", ms(100));
-        // Three steps.
-        assert!((ms(1100) - 2260.0).abs() < 3.0, "{}", ms(1100));
+        feed(&mut b, &[(4, 0)]);
+        assert_eq!(b.prompt_time(100), None, "no prompt token measured yet");
+        // Two steps of 20 ms + 2 ms a token, the second weighing 1 and the first 0.9.
+        feed(&mut b, &[(0, 100), (0, 300)]);
+        let ms = |b: &StepBudget, tokens| b.prompt_time(tokens).unwrap().as_secs_f64() * 1e3;
+        let per_token = (0.9 * 220.0 + 620.0) / (0.9 * 100.0 + 300.0);
+        assert!(
+            (ms(&b, 1000) - 1000.0 * per_token).abs() < 0.1,
+            "{}",
+            ms(&b, 1000)
+        );
+        // Close in size, far apart in time: a fitted slope would say 4 ms a token and put
+        // 2,000 tokens at 8 s; the mean says ~0.6 ms.
+        let mut b = StepBudget::new(512, Some(Duration::from_millis(200)));
+        b.observe(0, 271, Duration::from_millis(140));
+        b.observe(0, 289, Duration::from_millis(213));
+        let got = ms(&b, 2000);
+        assert!((1200.0..1400.0).contains(&got), "{got}");
     }
 
     #[test]
