@@ -57,3 +57,34 @@ pub fn tune_allocator() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn tune_allocator() {}
+
+/// Touches `bytes` of heap on rayon's threads (split among them) and frees it, so that the
+/// allocator, which keeps freed memory ([`tune_allocator`]), hands those pages out again
+/// already mapped.
+///
+/// Why: a decode step that starts many sequences copies their caches into new buffers,
+/// and memory the process never had costs a page fault per 4 KiB, ~6 us each on the VMs
+/// this was measured on: the first step after a wave of 8 prompts took 23,000 faults and
+/// 136 ms of its 167 (a step takes ~30). Servers call this once at start-up for the
+/// states they may hold (llama.cpp allocates and clears its KV cache at start-up too).
+pub fn prefault_heap(bytes: usize) {
+    // Blocks the size of a few cache buffers, well under the mmap threshold, so they come
+    // from (and go back to) each thread's own heap.
+    const BLOCK: usize = 1 << 20;
+    const PAGE: usize = 4096;
+    let per_thread = bytes / rayon::current_num_threads().max(1);
+    rayon::broadcast(|_| {
+        let mut blocks = Vec::with_capacity(per_thread.div_ceil(BLOCK));
+        let mut left = per_thread;
+        while left > 0 {
+            let n = left.min(BLOCK);
+            let mut block = vec![0u8; n];
+            // `vec!` of zeros may map pages without touching them: write one per page.
+            for i in (0..n).step_by(PAGE) {
+                block[i] = 1;
+            }
+            blocks.push(std::hint::black_box(block));
+            left -= n;
+        }
+    });
+}

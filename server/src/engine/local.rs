@@ -27,6 +27,9 @@ pub struct LocalEngine {
     metrics: Arc<Metrics>,
 }
 
+/// The most heap [`LocalEngine::start`] touches in advance for sequence states.
+const PREFAULT_MOST: usize = 1 << 30;
+
 impl LocalEngine {
     /// Starts the engine thread, which takes ownership of `model`.
     pub fn start(
@@ -38,6 +41,14 @@ impl LocalEngine {
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let pool = StatePool::new(model.state_spec().clone(), options.max_running);
+        if model.device().is_cpu() {
+            // The states' buffers, in memory the process already has (see `prefault_heap`):
+            // a Liger state's size does not depend on its length; a Transformer's KV
+            // caches are counted at 4K tokens.
+            let state = model.state_spec().bytes_at(4096);
+            let bytes = state.saturating_mul(options.max_running).min(PREFAULT_MOST);
+            liger_model::threads::prefault_heap(bytes);
+        }
         let cache = options.state_cache.build(&model)?;
         metrics
             .pool_capacity
