@@ -41,7 +41,9 @@ pub struct Prefilling {
 ///
 /// A chunk after the step's first one must finish its prompt or be at least
 /// [`MIN_SIDE_CHUNK`] tokens; a shorter piece waits for a later step (and a later request
-/// that the rest finishes goes instead). Every chunk costs a fixed part whatever its length
+/// that the rest finishes goes instead). With nothing decoding, it must finish its prompt:
+/// nobody waits on the step, and a prompt read whole in the next step costs less than a
+/// piece now and a continuation then. Every chunk costs a fixed part whatever its length
 /// (its own attention pass over the window, the global cache's bookkeeping, a row of the LM
 /// head: measured ~35-45 ms beside another chunk, `cargo bench --bench decode -- --mixed`),
 /// and a piece cut off the front of a prompt turns the rest of it into continuation chunks,
@@ -53,9 +55,14 @@ pub fn plan_prefill(budget: usize, decodes: usize, groups: &[Prefilling]) -> Vec
         .filter(|&i| groups[i].warm)
         .chain((0..groups.len()).filter(|&i| !groups[i].warm));
     let mut first = true;
+    let min_side = if decodes == 0 {
+        usize::MAX
+    } else {
+        MIN_SIDE_CHUNK
+    };
     for i in order {
         let take = groups[i].remaining.min(left);
-        let piece = take < groups[i].remaining && take < MIN_SIDE_CHUNK;
+        let piece = take < groups[i].remaining && take < min_side;
         if take == 0 || (piece && !first) {
             continue;
         }
@@ -349,28 +356,51 @@ mod tests {
     #[test]
     fn a_short_piece_only_leads_a_step() {
         let side = MIN_SIDE_CHUNK;
-        // Beside another chunk, a piece shorter than the minimum waits...
+        // Beside another chunk (and a decode), a piece shorter than the minimum waits...
         assert_eq!(
-            plan_prefill(100 + side - 1, 0, &[cold(100), cold(1000)]),
+            plan_prefill(1 + 100 + side - 1, 1, &[cold(100), cold(1000)]),
             vec![100, 0]
         );
         // ...one of the minimum goes...
         assert_eq!(
-            plan_prefill(100 + side, 0, &[cold(100), cold(1000)]),
+            plan_prefill(1 + 100 + side, 1, &[cold(100), cold(1000)]),
             vec![100, side]
         );
         // ...and a piece that finishes its prompt goes whatever its length.
         assert_eq!(
-            plan_prefill(100 + side, 0, &[cold(100), cold(1000), cold(5)]),
+            plan_prefill(1 + 100 + side, 1, &[cold(100), cold(1000), cold(5)]),
             vec![100, side, 0]
         );
         assert_eq!(
-            plan_prefill(110, 0, &[cold(100), cold(1000), cold(5)]),
+            plan_prefill(1 + 110, 1, &[cold(100), cold(1000), cold(5)]),
             vec![100, 0, 5]
         );
         // The step's first chunk is never held back: a small budget still moves prompts.
         assert_eq!(plan_prefill(10, 2, &[cold(1000)]), vec![8]);
         assert_eq!(plan_prefill(10, 2, &[warm(1000), cold(3)]), vec![8, 0]);
+    }
+
+    #[test]
+    fn with_nothing_decoding_prompts_are_not_split_to_fill_a_step() {
+        // Eight 284-token prompts and a 512-token budget: one whole prompt a step, not a
+        // prompt and a 228-token piece of the next.
+        let wave = [cold(284); 8];
+        assert_eq!(
+            plan_prefill(512, 0, &wave),
+            [vec![284], vec![0; 7]].concat()
+        );
+        // Prompts that fit whole still share a step, and a later one that fits goes.
+        assert_eq!(
+            plan_prefill(512, 0, &[cold(200), cold(350), cold(250)]),
+            vec![200, 0, 250]
+        );
+        // The step's first chunk is still cut to the budget.
+        assert_eq!(plan_prefill(512, 0, &[cold(2000), cold(5)]), vec![512, 0]);
+        // With streams decoding, a long enough piece fills the step as before.
+        assert_eq!(
+            plan_prefill(513, 1, &wave),
+            [vec![284, 228], vec![0; 6]].concat()
+        );
     }
 
     #[test]
