@@ -21,10 +21,10 @@ use crate::engine::SpeculativeOptions;
 const DEFAULT_STEP_TARGET_MS: u64 = 200;
 
 /// `--start-wait-ms` when unset. On the Zen 5 VM (f32, 2026-12-07) a wave of 8 x 256-token
-/// prompts is read in ~1.4 s: its streams then start together, ITL p99 ~75 ms against
-/// ~200 ms when each starts on its own, TTFT p50 1.43 s against 1.09 s (llama-server's 1.8
-/// s). A wave of 32 (~5.4 s) starts stream by stream: waiting for it made TTFT p50 5.6 s
-/// against 3.3 s (llama-server's 5.9 s), for the same tokens/s within noise
+/// prompts is read in ~1.4 s: its streams then start together, ~8% more tokens/s, ITL p99
+/// ~40-50 ms against ~200 ms when each starts on its own, TTFT p50 ~1.4-1.6 s against
+/// ~1.2 s (llama-server's ~1.8-2.3 s). A wave of 32 (~5.4 s) starts stream by stream:
+/// waiting for it made TTFT p50 ~5.5 s against ~3.7-4.7 s, next to llama-server's ~5.9 s
 /// (`server/README.md`, Scheduling).
 const DEFAULT_START_WAIT_MS: u64 = 2000;
 
