@@ -310,14 +310,8 @@ impl Settings {
             max_running,
             max_waiting,
             max_batch_tokens,
-            step_target: match a.step_target_ms.unwrap_or(DEFAULT_STEP_TARGET_MS) {
-                0 => None,
-                ms => Some(std::time::Duration::from_millis(ms)),
-            },
-            start_wait: match a.start_wait_ms.unwrap_or(DEFAULT_START_WAIT_MS) {
-                0 => None,
-                ms => Some(std::time::Duration::from_millis(ms)),
-            },
+            step_target: millis_or_off(a.step_target_ms.unwrap_or(DEFAULT_STEP_TARGET_MS)),
+            start_wait: millis_or_off(a.start_wait_ms.unwrap_or(DEFAULT_START_WAIT_MS)),
             shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace_secs.unwrap_or(20)),
             max_model_len: a.max_model_len,
             api_key: a.api_key.filter(|k| !k.is_empty()),
@@ -327,6 +321,11 @@ impl Settings {
             speculative,
         })
     }
+}
+
+/// `ms` milliseconds; 0 turns the setting off.
+fn millis_or_off(ms: u64) -> Option<std::time::Duration> {
+    (ms > 0).then(|| std::time::Duration::from_millis(ms))
 }
 
 /// A folder's own name (paths make poor model names), else the hub id as given.

@@ -11,8 +11,8 @@ use candle_core::{DType, Device};
 use common::*;
 use futures::StreamExt;
 use liger_server::engine::{
-    ChoiceCount, Engine, EngineError, EngineOptions, Event, GenerationRequest, LocalEngine,
-    SamplingParams,
+    ChoiceCount, Engine, EngineError, EngineOptions, Event, EventReceiver, GenerationRequest,
+    LocalEngine, SamplingParams,
 };
 use liger_server::error::ApiError;
 use liger_server::metrics::Metrics;
@@ -252,6 +252,19 @@ fn tiny_engine_with(options: impl FnOnce(&mut EngineOptions)) -> (LocalEngine, A
     (engine, metrics)
 }
 
+/// Tokens a one-choice request's events carry before it finishes (anything else fails).
+async fn tokens_until_finished(events: &mut EventReceiver) -> usize {
+    let mut tokens = 0;
+    while let Some(e) = events.recv().await {
+        match e {
+            Event::Token { .. } => tokens += 1,
+            Event::Finished { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    tokens
+}
+
 /// `max_tokens` seeded samples of `prompt`, past end-of-sequence tokens.
 fn generation(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
     GenerationRequest {
@@ -282,15 +295,7 @@ async fn a_failing_step_fails_its_requests_and_the_engine_keeps_serving() {
     }
     assert!(bad.recv().await.is_none(), "nothing after the failure");
     let mut good = engine.submit(generation(vec![5, 6, 7], 3)).unwrap();
-    let mut tokens = 0;
-    while let Some(e) = good.recv().await {
-        match e {
-            Event::Token { .. } => tokens += 1,
-            Event::Finished { .. } => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(tokens, 3);
+    assert_eq!(tokens_until_finished(&mut good).await, 3);
     assert_eq!(
         metrics
             .step_failures
@@ -349,15 +354,7 @@ async fn streams_whose_prompts_are_read_together_start_together() {
         streams.push(engine.submit(generation(p, 4)).unwrap());
     }
     for s in &mut streams {
-        let mut tokens = 0;
-        while let Some(e) = s.recv().await {
-            match e {
-                Event::Token { .. } => tokens += 1,
-                Event::Finished { .. } => break,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        assert_eq!(tokens, 4);
+        assert_eq!(tokens_until_finished(s).await, 4);
     }
     // The short ones waited for the long prompt: no step decoded beside a prompt chunk
     // (starting at once, they decode beside its chunks; with `start_wait: None` this

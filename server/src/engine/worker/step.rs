@@ -248,17 +248,29 @@ impl Worker {
                 Part::Decode => self.apply_decode(i, &mut outputs),
                 Part::Prefill(len) => self.apply_prefill(i, *len, &mut outputs),
             };
-            match outcome {
-                Ok(true) => finished.push(i),
-                Ok(false) => {}
-                Err(msg) => {
-                    let g = &self.running[i];
-                    warn!(id = %g.request.id, error = %msg, "reading logits failed");
-                    let _ = g.events.send(Event::Failed(EngineError::Model(msg)));
-                    finished.push(i);
-                }
+            if self.is_done(i, outcome) {
+                finished.push(i);
             }
         }
+        self.remove_groups(finished);
+    }
+
+    /// Whether group `gi` is done after an outcome of [`apply`](Self::apply)'s (a failure,
+    /// which is sent to its client, ends it too).
+    fn is_done(&self, gi: usize, outcome: Result<bool, String>) -> bool {
+        match outcome {
+            Ok(done) => done,
+            Err(msg) => {
+                let g = &self.running[gi];
+                warn!(id = %g.request.id, error = %msg, "reading logits failed");
+                let _ = g.events.send(Event::Failed(EngineError::Model(msg)));
+                true
+            }
+        }
+    }
+
+    /// Removes the groups at `finished` (ascending) and gives their slots back.
+    fn remove_groups(&mut self, finished: Vec<usize>) {
         // Remove from the back so earlier indices stay valid; `remove` keeps the order,
         // which is the prefill priority.
         for i in finished.into_iter().rev() {
@@ -439,21 +451,12 @@ impl Worker {
             let Some((logits, _)) = ready.take() else {
                 continue;
             };
-            match self.start_decoding(gi, logits) {
-                Ok(true) => finished.push(gi),
-                Ok(false) => {}
-                Err(msg) => {
-                    let g = &self.running[gi];
-                    warn!(id = %g.request.id, error = %msg, "reading logits failed");
-                    let _ = g.events.send(Event::Failed(EngineError::Model(msg)));
-                    finished.push(gi);
-                }
+            let outcome = self.start_decoding(gi, logits);
+            if self.is_done(gi, outcome) {
+                finished.push(gi);
             }
         }
-        for i in finished.into_iter().rev() {
-            let g = self.running.remove(i);
-            self.release_group(g);
-        }
+        self.remove_groups(finished);
     }
 
     /// The prompt is in: fork its state into every choice and sample their first tokens.
