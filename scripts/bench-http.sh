@@ -63,9 +63,7 @@ fi
 if [[ -n "${LLAMA_SERVER:-}" ]]; then
   # The fixture is Q4_1; liger-serve runs its dequantized weights, so llama.cpp gets the
   # same values in the same storage precision.
-  gguf="$out/smollm2-$gguf_type.gguf"
-  [[ -f "$gguf" ]] || "$(dirname "$LLAMA_SERVER")/llama-quantize" --allow-requantize \
-    "$(scripts/fetch-smollm2.sh)" "$gguf" "$gguf_type" >"$out/llama-quantize.log" 2>&1
+  gguf="$(scripts/requantize-smollm2.sh "$(dirname "$LLAMA_SERVER")/llama-quantize" "$gguf_type")"
   port="$(free_port)"
   # --no-repack: on AMX CPUs llama.cpp repacks Q8_0 weights for its AMX kernels, which
   # crash (SIGSEGV) on the project's VM; f32 weights are never repacked.

@@ -25,7 +25,6 @@ threads="${THREADS:-2}"
 out="${BENCH_OUT:-target/bench-prefill}"
 mkdir -p "$out"
 llama_bench="${LLAMA_BENCH:-$(scripts/build-llama-server.sh | tail -1)/llama-bench}"
-fixture="$(scripts/fetch-smollm2.sh)"
 cargo bench -p liger-model --bench decode --no-run >"$out/build.log" 2>&1
 bench="$(cargo bench -p liger-model --bench decode --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))/\1/p' | tail -1)"
 variant=window-w240-g384-a320-c4096-f16
@@ -38,9 +37,7 @@ for precision in ${precisions//,/ }; do
     *) echo "precision must be f32 or q8_0, not $precision" >&2; exit 2 ;;
   esac
   # The fixture is Q4_1; our import dequantizes it, so llama.cpp gets the same values.
-  gguf="$out/smollm2-$gguf_type.gguf"
-  [[ -f "$gguf" ]] || "$(dirname "$llama_bench")/llama-quantize" --allow-requantize \
-    "$fixture" "$gguf" "$gguf_type" >"$out/llama-quantize.log" 2>&1
+  gguf="$(scripts/requantize-smollm2.sh "$(dirname "$llama_bench")/llama-quantize" "$gguf_type")"
   for round in $(seq 1 "$rounds"); do
     # --repack 0: as in bench-http.sh (AMX repacking of Q8_0 crashes on the project's VM).
     "$llama_bench" -m "$gguf" -p "$tokens" -n 0 -t "$threads" -r 3 --repack 0 -o jsonl 2>/dev/null |
