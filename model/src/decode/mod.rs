@@ -879,17 +879,17 @@ impl Plan {
                     };
                     let t = self.spans[si].len;
                     let recall_at = n - if recall_scores { t } else { 0 };
-                    let mass = attention_scores
-                        .then(|| per_head.iter().map(|h| h[..recall_at].to_vec()).collect());
-                    let recall = recall_scores
-                        .then(|| per_head.iter().map(|h| h[recall_at..].to_vec()).collect());
+                    let mass: Option<Vec<&[f32]>> = attention_scores
+                        .then(|| per_head.iter().map(|h| &h[..recall_at]).collect());
+                    let recall: Option<Vec<&[f32]>> =
+                        recall_scores.then(|| per_head.iter().map(|h| &h[recall_at..]).collect());
                     let places = window.capacity().unwrap_or(usize::MAX);
                     global.decode_step(
                         position,
                         places,
                         window.parts(),
                         (&new.0, &new.1),
-                        (mass, recall),
+                        (mass.as_deref(), recall.as_deref()),
                     )?;
                 }
                 push(window, kv)?;

@@ -170,6 +170,10 @@ pub type Scores = (f32, f32);
 /// Values per KV head: `[hkv][len]`.
 pub type PerHead = Vec<Vec<f32>>;
 
+/// A span's attention mass and recall scores per head, borrowed (as
+/// [`GlobalCache::span_scores`] takes them owned); `None`: not scored.
+pub(crate) type SpanScoring<'a> = (Option<&'a [&'a [f32]]>, Option<&'a [&'a [f32]]>);
+
 /// Which candidate keys each new query sees, and what the cache keeps afterwards. The
 /// candidates of a span are laid out as `[kept (n) | window cache (w) | new tokens (t)]`.
 #[derive(Debug, Clone)]
@@ -220,16 +224,20 @@ impl GlobalCache {
     }
 
     /// Which kept entries are stored un-rotated while `next` is the next token's position
-    /// (those a query there scores at the cap), `[hkv][n]`; empty without a cap.
+    /// (those a query there scores at the cap), `[hkv][n]`; empty without a cap, or when
+    /// none is (every step until the context passes the cap: one scan, no allocation, for
+    /// each layer and sequence of a decode step).
     pub fn raw_entries(&self, next: usize) -> Vec<Vec<bool>> {
-        match &self.cap {
-            None => Vec::new(),
-            Some(cap) => self
-                .positions
-                .iter()
-                .map(|row| row.iter().map(|&p| cap.far(p, next)).collect())
-                .collect(),
+        let Some(cap) = &self.cap else {
+            return Vec::new();
+        };
+        if !self.positions.iter().flatten().any(|&p| cap.far(p, next)) {
+            return Vec::new();
         }
+        self.positions
+            .iter()
+            .map(|row| row.iter().map(|&p| cap.far(p, next)).collect())
+            .collect()
     }
 
     /// Places per KV head (0: no global cache).
@@ -493,7 +501,20 @@ impl GlobalCache {
         mass: Option<Vec<Vec<f32>>>,
         recall: Option<Vec<Vec<f32>>>,
     ) -> Result<Vec<Vec<Scores>>> {
-        let new_mass: Option<Vec<Vec<f32>>> = match mass {
+        let (mass, recall) = (per_head_slices(&mass), per_head_slices(&recall));
+        self.span_scores_of(position, (hkv, t), (mass.as_deref(), recall.as_deref()))
+    }
+
+    /// [`span_scores`](Self::span_scores) from borrowed rows (the fused decode step's
+    /// outputs, read where they lie instead of copied per head).
+    fn span_scores_of(
+        &mut self,
+        position: usize,
+        (hkv, t): (usize, usize),
+        (mass, recall): SpanScoring<'_>,
+    ) -> Result<Vec<Vec<Scores>>> {
+        // Each head's new tokens' attention mass (after the `cached` window rows').
+        let new_mass: Option<(&[&[f32]], usize)> = match mass {
             Some(mass) if self.scores_attention() => {
                 let two = self.two_kinds();
                 let cached = self.window_scores.first().map_or(0, Vec::len);
@@ -508,18 +529,18 @@ impl GlobalCache {
                     self.logs
                         .record(undo::Change::Window(self.window_scores.clone()));
                 }
-                for (row, m) in self.window_scores.iter_mut().zip(&mass) {
-                    for (s, &a) in row.iter_mut().zip(m) {
+                for (row, m) in self.window_scores.iter_mut().zip(mass) {
+                    for (s, &a) in row.iter_mut().zip(m.iter()) {
                         *s = with_mass(*s, a, two);
                     }
                 }
-                Some(mass.into_iter().map(|m| m[cached..].to_vec()).collect())
+                Some((mass, cached))
             }
             _ => None,
         };
-        let pick =
-            |x: &Option<Vec<Vec<f32>>>, h: usize, i: usize| x.as_ref().map_or(0.0, |x| x[h][i]);
+        let mass_of = |h: usize, i: usize| new_mass.map_or(0.0, |(m, cached)| m[h][cached + i]);
         let recall = recall.filter(|_| self.scores_recall());
+        let recall_of = |h: usize, i: usize| recall.map_or(0.0, |r| r[h][i]);
         Ok((0..hkv)
             .map(|h| {
                 (0..t)
@@ -527,7 +548,7 @@ impl GlobalCache {
                         if position + i < self.sinks {
                             return (f32::INFINITY, f32::INFINITY);
                         }
-                        let (a, r) = (pick(&new_mass, h, i), pick(&recall, h, i));
+                        let (a, r) = (mass_of(h, i), recall_of(h, i));
                         match (self.scores_recall(), self.scores_attention()) {
                             (true, true) => (r, a),
                             (false, true) => (a, a),
@@ -550,9 +571,14 @@ impl GlobalCache {
             .iter()
             .enumerate()
             .map(|(h, new)| {
-                let old = self.window_scores.get(h).map_or(&[][..], Vec::as_slice);
-                let all = [old, new].concat();
-                all[all.len() - keep..].to_vec()
+                let old = self.window_scores_of(h);
+                // The last `keep` of `old` followed by `new`, copied once.
+                let from_new = keep.min(new.len());
+                let from_old = keep - from_new;
+                let mut kept = Vec::with_capacity(keep);
+                kept.extend_from_slice(&old[old.len() - from_old..]);
+                kept.extend_from_slice(&new[new.len() - from_new..]);
+                kept
             })
             .collect())
     }
@@ -568,10 +594,10 @@ impl GlobalCache {
         window: usize,
         window_before: Option<(&Tensor, &Tensor)>,
         (k, v): (&Tensor, &Tensor),
-        (mass, recall): (Option<PerHead>, Option<PerHead>),
+        scoring: SpanScoring<'_>,
     ) -> Result<()> {
         let (hkv, t, _) = k.dims3()?;
-        let scores = self.span_scores(position, (hkv, t), mass, recall)?;
+        let scores = self.span_scores_of(position, (hkv, t), scoring)?;
         let window_len = window_before.map_or(Ok(0), |(k, _)| k.dim(1))?;
         // The fused step replayed what its queries saw; only the places after are needed.
         let plan = self.plan_tracked(window, window_len, &scores, false)?;
@@ -619,10 +645,17 @@ impl GlobalCache {
             kept_scores: Vec::with_capacity(hkv),
         };
         for (h, new) in scores.iter().enumerate() {
-            let stream = [&self.window_scores_of(h)[..window_len], new].concat();
+            // The window rows' scores, then the span's (read in place, not joined).
+            let cached = &self.window_scores_of(h)[..window_len];
+            let score = |j: usize| {
+                cached
+                    .get(j)
+                    .copied()
+                    .unwrap_or_else(|| new[j - window_len])
+            };
             let mut head = self.admissions(h, window, (window_len, t), tracked);
             for i in 0..=t {
-                head.advance(i, |j| stream[j]);
+                head.advance(i, score);
             }
             let head = head.finish();
             plan.visible.push(head.0);
@@ -850,6 +883,11 @@ impl GlobalCache {
         }
         Ok(())
     }
+}
+
+/// Each head's row, borrowed.
+fn per_head_slices(x: &Option<PerHead>) -> Option<Vec<&[f32]>> {
+    x.as_ref().map(|x| x.iter().map(Vec::as_slice).collect())
 }
 
 /// The score parts of a global cache besides the kept entries' own, for
@@ -1588,9 +1626,10 @@ mod tests {
                 // of its own, as `forward_batch`'s: dropped after the step, and at token
                 // 27 restored (a failed step) while the outer one keeps logging.
                 let inner = (backup.is_some() && !restored).then(|| (fast.backup(), slow.clone()));
+                let (mass, recall) = (per_head_slices(&mass), per_head_slices(&recall));
                 for g in [&mut fast, &mut slow] {
                     let before = before.as_ref().map(|(k, v)| (k, v));
-                    let scores = (mass.clone(), recall.clone());
+                    let scores = (mass.as_deref(), recall.as_deref());
                     g.decode_step(position, window, before, (&k, &v), scores)
                         .unwrap();
                 }
@@ -1688,8 +1727,9 @@ mod tests {
             let recall: PerHead = (0..hkv)
                 .map(|h| vec![0.1 * (position + h) as f32])
                 .collect();
+            let recall: Vec<&[f32]> = recall.iter().map(Vec::as_slice).collect();
             let before = before.as_ref().map(|(k, v)| (k, v));
-            g.decode_step(position, window, before, (&k, &v), (None, Some(recall)))
+            g.decode_step(position, window, before, (&k, &v), (None, Some(&recall)))
                 .unwrap();
             rows.push((k, v));
         };

@@ -203,8 +203,8 @@ impl Gather<'_> {
             .map(|t| t.dim(1))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let n = self.kept_after.first().map_or(0, Vec::len);
-        let mut row32 = vec![0f32; d];
-        let mut rotated: Vec<T> = Vec::with_capacity(d);
+        // Scratch for rows rotated back (allocated by the first: most steps have none).
+        let (mut row32, mut rotated) = (Vec::<f32>::new(), Vec::<T>::new());
         for (h, places) in self.kept_after.iter().enumerate() {
             for (i, &c) in places.iter().enumerate() {
                 if !pick(h, i, c) {
@@ -217,9 +217,8 @@ impl Gather<'_> {
                 match unrotate.map_or(0, |u| u.back[h * n + i]) {
                     0 => each(h, i, row),
                     p => {
-                        for (x, &y) in row32.iter_mut().zip(row) {
-                            *x = y.to_f64() as f32;
-                        }
+                        row32.clear();
+                        row32.extend(row.iter().map(|&y| y.to_f64() as f32));
                         let inv_freq = unrotate.map_or(&[][..], |u| u.inv_freq);
                         rotate_row(&mut row32, p, inv_freq);
                         rotated.clear();
@@ -259,12 +258,12 @@ impl Changes {
     /// The rows `buffer` holds now at these places (what writing them over it undoes).
     pub fn current(&self, buffer: &Tensor) -> Result<Changes> {
         fn pick<T: WithDType>(data: &[T], c: &Changes, start: usize) -> CpuStorage {
-            T::to_cpu_storage_owned(
-                c.places
-                    .iter()
-                    .flat_map(|&p| data[start + p * c.d..][..c.d].iter().copied())
-                    .collect(),
-            )
+            // Row by row: an iterator over elements cost ~1.7% of a 32-sequence decode step.
+            let mut rows = Vec::with_capacity(c.places.len() * c.d);
+            for &p in &c.places {
+                rows.extend_from_slice(&data[start + p * c.d..][..c.d]);
+            }
+            T::to_cpu_storage_owned(rows)
         }
         let (storage, layout) = buffer.storage_and_layout();
         let (start, d) = (layout.start_offset(), self.d);
