@@ -289,6 +289,15 @@ fn run_batches(
         // The first step copies every cache the forks share (the one a server pays when
         // a prompt's state starts decoding beside its cached snapshot).
         let first = times[0];
+        if std::env::var_os("HACK_TIMES").is_some() {
+            eprintln!(
+                "{:?}",
+                times
+                    .iter()
+                    .map(|t| (t * 10.0).round() / 10.0)
+                    .collect::<Vec<_>>()
+            );
+        }
         let ms = median(times);
         eprintln!(
             "{name:>11} batch {b:>3} at context {ctx}: {ms:7.2} ms/step, {:7.1} tok/s, first step {first:.2} ms",
@@ -337,6 +346,15 @@ fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         filled = state.position();
+        if std::env::var_os("HACK_TIMES").is_some() {
+            eprintln!(
+                "{:?}",
+                times
+                    .iter()
+                    .map(|t| (t * 10.0).round() / 10.0)
+                    .collect::<Vec<_>>()
+            );
+        }
         let ms = median(times);
         eprintln!(
             "{name:>11} context {ctx:>6}: {ms:7.2} ms/token ({:6.1} tok/s), state {:>10} bytes, prefill of {} tokens {prefill_s:.1}s",
