@@ -35,6 +35,8 @@
 //!
 //! `--device cuda` needs the `cuda` feature (`cargo bench -p liger-model --features cuda`).
 //!
+//! `--step-times` prints every decode step's time besides the median.
+//!
 //! `--transformer-up-to N` measures the Transformer baseline only at contexts up to N (its
 //! prefill is quadratic: 16K tokens take minutes on two cores).
 //!
@@ -80,6 +82,8 @@ struct Args {
     prefill_batches: Vec<usize>,
     chunk_size: Option<usize>,
     reps: usize,
+    /// Print every decode step's time, not only the median (`--step-times`).
+    step_times: bool,
     mixed: Vec<usize>,
     mixed_chunks: Vec<usize>,
 }
@@ -100,6 +104,7 @@ fn parse_args() -> Args {
         prefill_batches: vec![1],
         chunk_size: None,
         reps: 5,
+        step_times: false,
         mixed: Vec::new(),
         mixed_chunks: vec![64, 128, 256],
     };
@@ -160,12 +165,20 @@ fn parse_args() -> Args {
             "--mixed" => a.mixed = list(&val(), "decode count"),
             "--mixed-chunks" => a.mixed_chunks = list(&val(), "chunk length"),
             "--reps" => a.reps = val().parse().expect("repetitions"),
+            "--step-times" => a.step_times = true,
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
     }
     a.contexts.sort_unstable();
     a
+}
+
+/// Every step's time in ms (`--step-times`): what a median hides, such as a cache copied
+/// every few dozen tokens or a machine that stalls now and then.
+fn print_step_times(name: &str, times: &[f64]) {
+    let ms: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
+    eprintln!("{name} step times (ms): {}", ms.join(" "));
 }
 
 /// A comma-separated list of counts (`what` names them in the panic on a bad one).
@@ -289,14 +302,8 @@ fn run_batches(
         // The first step copies every cache the forks share (the one a server pays when
         // a prompt's state starts decoding beside its cached snapshot).
         let first = times[0];
-        if std::env::var_os("HACK_TIMES").is_some() {
-            eprintln!(
-                "{:?}",
-                times
-                    .iter()
-                    .map(|t| (t * 10.0).round() / 10.0)
-                    .collect::<Vec<_>>()
-            );
+        if args.step_times {
+            print_step_times(name, &times);
         }
         let ms = median(times);
         eprintln!(
@@ -346,14 +353,8 @@ fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         filled = state.position();
-        if std::env::var_os("HACK_TIMES").is_some() {
-            eprintln!(
-                "{:?}",
-                times
-                    .iter()
-                    .map(|t| (t * 10.0).round() / 10.0)
-                    .collect::<Vec<_>>()
-            );
+        if args.step_times {
+            print_step_times(name, &times);
         }
         let ms = median(times);
         eprintln!(
