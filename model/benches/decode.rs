@@ -37,6 +37,9 @@
 //!
 //! `--step-times` prints every decode step's time besides the median.
 //!
+//! `--span N` times one sequence checking `N` tokens in a step (a speculative draft's
+//! check, every token's logits) against one token, each step undone after.
+//!
 //! `--transformer-up-to N` measures the Transformer baseline only at contexts up to N (its
 //! prefill is quadratic: 16K tokens take minutes on two cores).
 //!
@@ -84,6 +87,8 @@ struct Args {
     reps: usize,
     /// Print every decode step's time, not only the median (`--step-times`).
     step_times: bool,
+    /// Spans of this many tokens checked in one step, as a speculative draft's (`--span`).
+    span: Option<usize>,
     mixed: Vec<usize>,
     mixed_chunks: Vec<usize>,
 }
@@ -105,6 +110,7 @@ fn parse_args() -> Args {
         chunk_size: None,
         reps: 5,
         step_times: false,
+        span: None,
         mixed: Vec::new(),
         mixed_chunks: vec![64, 128, 256],
     };
@@ -166,6 +172,7 @@ fn parse_args() -> Args {
             "--mixed-chunks" => a.mixed_chunks = list(&val(), "chunk length"),
             "--reps" => a.reps = val().parse().expect("repetitions"),
             "--step-times" => a.step_times = true,
+            "--span" => a.span = Some(val().parse().expect("span length")),
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -316,6 +323,40 @@ fn run_batches(
             ms_per_step: ms,
         });
     }
+    Ok(())
+}
+
+/// One sequence at the smallest context checking a span of `span` tokens per step (all
+/// their logits, as a speculative draft's check), against one token per step: each step
+/// runs under a backup that is then restored (a rejected draft), so the context stays put.
+fn run_span(name: &'static str, m: &Model, args: &Args, span: usize) -> liger_model::Result<()> {
+    let ctx = args.contexts[0];
+    let prompt: Vec<u32> = (0..ctx).map(|i| token(m, i)).collect();
+    let mut state = m.new_state()?;
+    m.prefill(&prompt, &mut state, 512)?;
+    let mut medians = Vec::new();
+    for len in [1, span] {
+        let tokens: Vec<u32> = (0..len).map(|j| token(m, ctx + j)).collect();
+        let mut times = Vec::with_capacity(args.steps);
+        for _ in 0..args.steps.max(4) {
+            let backup = state.backup();
+            let t = Instant::now();
+            m.forward(&tokens, &mut state, Logits::All)?;
+            m.device().synchronize()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            backup.restore(&mut state)?;
+        }
+        if args.step_times {
+            print_step_times(name, &times);
+        }
+        medians.push(median(times));
+    }
+    eprintln!(
+        "{name:>11} at context {ctx}: a step of 1 token {:.2} ms, of {span} tokens {:.2} ms ({:.2}x)",
+        medians[0],
+        medians[1],
+        medians[1] / medians[0]
+    );
     Ok(())
 }
 
@@ -573,6 +614,9 @@ fn main() -> liger_model::Result<()> {
         let m = variant(name)?;
         run(name, &m, &args, &mut rows)?;
         run_batches(name, &m, &args, &mut batch_rows)?;
+        if let Some(span) = args.span {
+            run_span(name, &m, &args, span)?;
+        }
     }
 
     let at = |model: &str, ctx: usize| {
