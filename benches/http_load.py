@@ -11,10 +11,11 @@ whole run, prompt reading included; "decode tokens/s" adds up the streams' own d
     python benches/http_load.py --server liger-serve http://127.0.0.1:8080/v1 liger \
         --server llama-server http://127.0.0.1:8081/v1 smollm2 [same options]
 
-With several `--server`s, the servers take turns level by level (each level's prompts are
-the same for every server, and the server that goes first moves on each level), so that a
-machine whose speed drifts over minutes slows them alike instead of whichever ran last;
-`--json` then holds every server's rows.
+With several `--server`s, the servers take turns round by round: a round is `concurrency`
+requests at once, a level as many rounds as make `--min-requests` (each round's prompts are
+the same for every server, and the server that goes first moves on each round), so that a
+machine whose speed drifts slows them alike instead of whichever ran last; `--json` then
+holds every server's rows. A level's wall time is the sum of its rounds'.
 
 Every level runs at least `--min-requests` requests (8): a stream runs several in a row when
 there are fewer streams, so that one stream's TTFT p50 and ITL p99 are not one request's.
@@ -105,19 +106,21 @@ async def one_request(client, model, prompt, max_tokens):
     }
 
 
-async def run_level(client, model, concurrency, chars, max_tokens, rounds, base_index):
-    results = []
-    counter = base_index
-
-    async def worker():
-        nonlocal counter
-        for _ in range(rounds):
-            counter += 1
-            results.append(await one_request(client, model, prompt_at(counter, chars), max_tokens))
-
+async def run_round(client, model, concurrency, chars, max_tokens, first_index):
+    """`concurrency` requests at once, prompts `first_index + 1` on: their results and the
+    round's wall time."""
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
+    results = await asyncio.gather(
+        *(
+            one_request(client, model, prompt_at(first_index + 1 + i, chars), max_tokens)
+            for i in range(concurrency)
+        )
+    )
+    return list(results), time.perf_counter() - t0
+
+
+def summarize(results, wall, concurrency):
+    """A level's row from its requests' results and its rounds' wall time."""
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     itl = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
@@ -169,13 +172,15 @@ async def main():
         nargs=3,
         action="append",
         metavar=("LABEL", "BASE_URL", "MODEL"),
-        help="a server to load (repeatable; they take turns level by level)",
+        help="a server to load (repeatable; they take turns round by round)",
     )
     ap.add_argument("--api-key", default="none")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--prompt-tokens", default="256,4096")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=1, help="requests per client per level")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="rounds per level (each: one request per client)"
+    )
     ap.add_argument(
         "--min-requests",
         type=int,
@@ -205,11 +210,23 @@ async def main():
         # others read the calibration prompt too, so none starts a level cold.
         chars = [await calibrate(client, model, ptoks) for _, client, model in clients][0]
         for c in [int(x) for x in a.concurrency.split(",")]:
-            order = clients[turn % len(clients) :] + clients[: turn % len(clients)]
-            turn += 1
             rounds = max(a.rounds, -(-a.min_requests // c))
-            for label, client, model in order:
-                row = await run_level(client, model, c, chars, a.max_tokens, rounds, index)
+            done = {label: ([], 0.0) for label, _, _ in clients}
+            # Servers take turns round by round, the first moving on each round: a level
+            # of one stream is 8 requests of ~0.7 s, and the machine's speed shifts within
+            # seconds (one server's lone-stream step measured 10.5-11 ms for some requests
+            # and 13-14 ms for the next ones), which, level by level, one server met and
+            # the other did not.
+            for r in range(rounds):
+                order = clients[turn % len(clients) :] + clients[: turn % len(clients)]
+                turn += 1
+                for label, client, model in order:
+                    results, wall = await run_round(
+                        client, model, c, chars, a.max_tokens, index + r * c
+                    )
+                    done[label] = (done[label][0] + results, done[label][1] + wall)
+            for label, _, _ in clients:
+                row = summarize(*done[label], c)
                 row["label"] = label
                 row["target_prompt_tokens"] = ptoks
                 rows.append(row)

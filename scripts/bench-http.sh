@@ -2,7 +2,7 @@
 # HTTP load benchmark: liger-serve on the recovered SmolLM2-135M-Liger (scripts/demo.sh
 # --prepare-only), and, when LLAMA_SERVER names a llama.cpp `llama-server` binary, the same
 # load against it serving the original GGUF, so the table shows both side by side (the two
-# run at once and take turns level by level).
+# run at once and take turns round by round).
 #
 #   scripts/bench-http.sh [--concurrency 1,8,32] [--prompt-tokens 256,4096] [--max-tokens 64]
 #
@@ -42,8 +42,8 @@ case "$precision" in
   q8_0) quantize=(--quantize q8_0) ; gguf_type=Q8_0 ;;
   *) echo "PRECISION must be f32 or q8_0, not $precision" >&2; exit 2 ;;
 esac
-# Both servers run at once and take turns level by level (benches/http_load.py): a machine
-# whose speed drifts over minutes then slows both alike. An idle server takes no CPU.
+# Both servers run at once and take turns round by round (benches/http_load.py): a machine
+# whose speed drifts then slows both alike. An idle server takes no CPU.
 read -ra liger_args <<<"${LIGER_ARGS:-}"
 read -ra llama_args <<<"${LLAMA_ARGS:-}"
 pids=()
