@@ -279,6 +279,14 @@ fn token(m: &Model, i: usize) -> u32 {
     ((i as u64 * 2654435761 % m.config().vocab_size as u64) as u32).max(3)
 }
 
+/// A state that has read the first `ctx` tokens of the deterministic stream.
+fn read_context(m: &Model, ctx: usize) -> liger_model::Result<liger_model::SequenceState> {
+    let prompt: Vec<u32> = (0..ctx).map(|i| token(m, i)).collect();
+    let mut state = m.new_state()?;
+    m.prefill(&prompt, &mut state, 512)?;
+    Ok(state)
+}
+
 /// Batched decode at the smallest context: `b` forks of one state step together.
 fn run_batches(
     name: &'static str,
@@ -287,9 +295,7 @@ fn run_batches(
     rows: &mut Vec<BatchRow>,
 ) -> liger_model::Result<()> {
     let ctx = args.contexts[0];
-    let prompt: Vec<u32> = (0..ctx).map(|i| token(m, i)).collect();
-    let mut base = m.new_state()?;
-    m.prefill(&prompt, &mut base, 512)?;
+    let base = read_context(m, ctx)?;
     for &b in &args.batches {
         let mut states: Vec<_> = (0..b).map(|_| base.clone()).collect();
         let toks: Vec<[u32; 1]> = (0..b).map(|j| [token(m, ctx + j)]).collect();
@@ -331,9 +337,7 @@ fn run_batches(
 /// runs under a backup that is then restored (a rejected draft), so the context stays put.
 fn run_span(name: &'static str, m: &Model, args: &Args, span: usize) -> liger_model::Result<()> {
     let ctx = args.contexts[0];
-    let prompt: Vec<u32> = (0..ctx).map(|i| token(m, i)).collect();
-    let mut state = m.new_state()?;
-    m.prefill(&prompt, &mut state, 512)?;
+    let mut state = read_context(m, ctx)?;
     let mut medians = Vec::new();
     for len in [1, span] {
         let tokens: Vec<u32> = (0..len).map(|j| token(m, ctx + j)).collect();
@@ -447,9 +451,7 @@ fn run_prefill(models: &[(&'static str, Model)], args: &Args) -> liger_model::Re
 /// Mixed steps (see the header): decodes beside a prompt chunk, against each alone.
 fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
     let ctx = args.contexts[0];
-    let context: Vec<u32> = (0..ctx).map(|i| token(m, i)).collect();
-    let mut base = m.new_state()?;
-    m.prefill(&context, &mut base, 512)?;
+    let base = read_context(m, ctx)?;
     // A continued chunk starts after this much of its prompt: past the default window.
     const READ: usize = 256;
     let most = args.mixed_chunks.iter().copied().max().unwrap_or(0);
