@@ -335,21 +335,29 @@ fn run_batches(
 /// One sequence at the smallest context checking a span of `span` tokens per step (all
 /// their logits, as a speculative draft's check), against one token per step: each step
 /// runs under a backup that is then restored (a rejected draft), so the context stays put.
+/// The two kinds of step alternate, so that this machine's shifts of speed (within
+/// seconds) reach both alike.
 fn run_span(name: &'static str, m: &Model, args: &Args, span: usize) -> liger_model::Result<()> {
     let ctx = args.contexts[0];
     let mut state = read_context(m, ctx)?;
-    let mut medians = Vec::new();
-    for len in [1, span] {
-        let tokens: Vec<u32> = (0..len).map(|j| token(m, ctx + j)).collect();
-        let mut times = Vec::with_capacity(args.steps);
-        for _ in 0..args.steps.max(4) {
+    let lens = [1, span];
+    let tokens: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&len| (0..len).map(|j| token(m, ctx + j)).collect())
+        .collect();
+    let mut times: [Vec<f64>; 2] = std::array::from_fn(|_| Vec::with_capacity(args.steps));
+    for _ in 0..args.steps.max(4) {
+        for (tokens, times) in tokens.iter().zip(&mut times) {
             let backup = state.backup();
             let t = Instant::now();
-            m.forward(&tokens, &mut state, Logits::All)?;
+            m.forward(tokens, &mut state, Logits::All)?;
             m.device().synchronize()?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
             backup.restore(&mut state)?;
         }
+    }
+    let mut medians = Vec::new();
+    for times in times {
         if args.step_times {
             print_step_times(name, &times);
         }

@@ -23,18 +23,57 @@ pub fn init(threads: Option<usize>) -> usize {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    if let Some(n) = std::env::var("RAYON_NUM_THREADS")
+    let n = match std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
         .filter(|&n| n > 0)
     {
-        return n;
-    }
-    let n = threads
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        Some(n) => n,
+        None => {
+            let n = threads
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            n
+        }
+    };
+    // Named, so that `top -H` and profiles tell them from the HTTP server's threads (a pool
+    // built on first use takes the name of the thread that first used it).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("liger-compute-{i}"))
+        .build_global();
     n
+}
+
+/// Lowers the priority of rayon's threads, the ones that compute, to `nice` (Linux; a
+/// no-op elsewhere and for 0). Returns how many threads took it.
+pub fn set_compute_nice(nice: i32) -> usize {
+    if nice == 0 {
+        return 0;
+    }
+    let taken = std::sync::atomic::AtomicUsize::new(0);
+    rayon::broadcast(|_| {
+        if lower_this_thread(nice) {
+            taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    taken.into_inner()
+}
+
+#[cfg(target_os = "linux")]
+fn lower_this_thread(nice: i32) -> bool {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id changes only
+    // this thread's nice value (on Linux a per-thread attribute).
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_this_thread(_nice: i32) -> bool {
+    false
 }
 
 /// Keeps freed buffers in the process instead of handing them back to the kernel.

@@ -22,6 +22,7 @@ pub mod text;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
@@ -48,6 +49,13 @@ pub async fn serve(settings: Settings, listener: TcpListener) -> anyhow::Result<
     // the grace period the engine fails what is left, so those connections end too.
     let (stopping, mut stop_seen) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
+        // Streamed tokens are small writes a step apart: without TCP_NODELAY, Nagle's
+        // algorithm holds one back until the client acknowledges the one before.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;

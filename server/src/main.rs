@@ -33,6 +33,12 @@ fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let settings = Settings::from_env_and_args()?;
+    let niced = liger_model::threads::set_compute_nice(settings.compute_nice);
+    tracing::debug!(
+        threads = niced,
+        nice = settings.compute_nice,
+        "model threads' priority"
+    );
     let listener = tokio::net::TcpListener::bind((settings.host.as_str(), settings.port))
         .await
         .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;

@@ -129,16 +129,14 @@ pub fn matmul_packed(x: &Tensor, ws: &[&Packed]) -> crate::Result<Vec<Tensor>> {
         .collect()
 }
 
-/// Values per input in a packed tile of an `m`-row input: [`MR`], or 1 for a single row,
-/// which is its own packed tile (k-major with one value per input is the row itself). A
-/// batch-1 decode step packed its one row into tiles of 14 and the kernel read one value
-/// in every 56 bytes of them: 86 KB per panel for a 1,536-wide input, more than L1 holds.
+/// Values per input in a packed tile of an `m`-row input: [`MR`], or `m` when fewer rows
+/// than that make one partial tile (a single row is then its own packed tile: k-major with
+/// one value per input is the row itself). Padded to 14, a batch-1 decode step's one row
+/// was read one value in every 56 bytes: 86 KB per panel for a 1,536-wide input, more than
+/// L1 holds; a speculative check's 2 to 9 rows, padded so, cost a one-token step 8% for
+/// their second row.
 pub(crate) fn tile_stride(m: usize) -> usize {
-    if m == 1 {
-        1
-    } else {
-        MR
-    }
+    m.min(MR)
 }
 
 /// Values an `[m, k]` input takes packed: whole tiles of [`tile_stride`] values per input.
@@ -146,16 +144,17 @@ pub(crate) fn packed_len(m: usize, k: usize) -> usize {
     m.div_ceil(MR) * tile_stride(m) * k
 }
 
-/// `x: [m, k]` (row-major) packed for [`band`]: tiles of [`MR`] rows, k-major (a single
-/// row as it is, [`tile_stride`]).
+/// `x: [m, k]` (row-major) packed for [`band`]: tiles of [`tile_stride`] rows, k-major (a
+/// single row as it is).
 pub(crate) fn pack_input(x: &[f32], (m, k): (usize, usize), dst: &mut Vec<f32>) {
     dst.resize(packed_len(m, k), 0.0);
     if m == 1 {
         dst.copy_from_slice(&x[..k]);
         return;
     }
-    for (t, d) in dst.chunks_exact_mut(MR * k).enumerate() {
-        pack_rows(x, (m, k), t * MR, d);
+    let lda = tile_stride(m);
+    for (t, d) in dst.chunks_exact_mut(lda * k).enumerate() {
+        pack_rows(x, (m, k), (t * MR, lda), d);
     }
 }
 
@@ -381,21 +380,22 @@ unsafe fn gemm_jobs(x: &[f32], (m, k): (usize, usize), jobs: &[Job<'_>]) {
     scratch::give_rows(packed);
 }
 
-/// `x: [m, k]` packed for the kernel by all threads: tile by tile, k-major, `MR` rows per
-/// input (rows past `m` zero), so the kernel's broadcasts read one stream instead of 14
-/// rows. In this thread's scratch buffer: give it back (`scratch::give_rows`) when done.
+/// `x: [m, k]` packed for the kernel by all threads: tile by tile, k-major,
+/// [`tile_stride`] rows per input (rows past `m` zero), so the kernel's broadcasts read one
+/// stream instead of 14 rows. In this thread's scratch buffer: give it back
+/// (`scratch::give_rows`) when done.
 fn pack_all(x: &[f32], (m, k): (usize, usize)) -> Vec<f32> {
-    let tiles = m.div_ceil(MR);
+    let (tiles, lda) = (m.div_ceil(MR), tile_stride(m));
     let mut packed = scratch::take_rows(packed_len(m, k));
     if m == 1 {
         packed[..k].copy_from_slice(&x[..k]);
         return packed;
     }
-    packed[..tiles * MR * k]
-        .par_chunks_mut(MR * k)
+    packed[..tiles * lda * k]
+        .par_chunks_mut(lda * k)
         .with_min_len(4)
         .enumerate()
-        .for_each(|(t, dst)| pack_rows(x, (m, k), t * MR, dst));
+        .for_each(|(t, dst)| pack_rows(x, (m, k), (t * MR, lda), dst));
     packed
 }
 
@@ -656,24 +656,29 @@ mod scratch {
     }
 }
 
-/// Packs rows `i0..i0 + MR` of `x: [m, k]` as `dst[kk * MR + r] = x[i0 + r, kk]`, zero
-/// for rows past `m`.
-fn pack_rows(x: &[f32], (m, k): (usize, usize), i0: usize, dst: &mut [f32]) {
-    assert!(dst.len() >= k * MR && x.len() >= m * k && i0 < m);
+/// Packs rows `i0..i0 + lda` of `x: [m, k]` as `dst[kk * lda + r] = x[i0 + r, kk]`, zero
+/// for rows past `m` (`lda`: the tile's stride, at most [`MR`]).
+fn pack_rows(x: &[f32], (m, k): (usize, usize), (i0, lda): (usize, usize), dst: &mut [f32]) {
+    assert!(dst.len() >= k * lda && x.len() >= m * k && i0 < m && (1..=MR).contains(&lda));
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: AVX-512F is available; the bounds were asserted above.
-        unsafe { avx512::pack_rows(x, (m, k), i0, dst) };
+        unsafe { avx512::pack_rows(x, (m, k), (i0, lda), dst) };
         return;
     }
-    pack_rows_reference(x, (m, k), i0, dst);
+    pack_rows_reference(x, (m, k), (i0, lda), dst);
 }
 
 /// [`pack_rows`], one value at a time: the reference the transposing version is held to.
-fn pack_rows_reference(x: &[f32], (m, k): (usize, usize), i0: usize, dst: &mut [f32]) {
-    for r in 0..MR {
+fn pack_rows_reference(
+    x: &[f32],
+    (m, k): (usize, usize),
+    (i0, lda): (usize, usize),
+    dst: &mut [f32],
+) {
+    for r in 0..lda {
         for kk in 0..k {
-            dst[kk * MR + r] = if i0 + r < m {
+            dst[kk * lda + r] = if i0 + r < m {
                 x[(i0 + r) * k + kk]
             } else {
                 0.0
@@ -855,11 +860,17 @@ mod avx512 {
     /// transpose.
     ///
     /// # Safety
-    /// AVX-512F must be available; `dst` must hold `k * MR` values and `x` `m * k`.
+    /// AVX-512F must be available; `dst` must hold `k * lda` values, `x` `m * k`, and
+    /// `lda <= MR`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn pack_rows(x: &[f32], (m, k): (usize, usize), i0: usize, dst: &mut [f32]) {
-        let rows = MR.min(m - i0);
-        let store = lane_mask(MR);
+    pub unsafe fn pack_rows(
+        x: &[f32],
+        (m, k): (usize, usize),
+        (i0, lda): (usize, usize),
+        dst: &mut [f32],
+    ) {
+        let rows = lda.min(m - i0);
+        let store = lane_mask(lda);
         for kb in (0..k).step_by(16) {
             let lanes = lane_mask(16.min(k - kb));
             let mut v = [_mm512_setzero_ps(); 16];
@@ -868,7 +879,7 @@ mod avx512 {
             }
             let t = transpose(v);
             for (kk, t) in t.iter().enumerate().take(16.min(k - kb)) {
-                _mm512_mask_storeu_ps(dst.as_mut_ptr().add((kb + kk) * MR), store, *t);
+                _mm512_mask_storeu_ps(dst.as_mut_ptr().add((kb + kk) * lda), store, *t);
             }
         }
     }
@@ -1126,13 +1137,20 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        for (m, k) in [(14, 16), (20, 37), (3, 300)] {
+        for (m, k) in [(14, 16), (20, 37), (3, 300), (5, 40), (9, 17)] {
             let x: Vec<f32> = (0..m * k).map(|i| i as f32).collect();
+            let lda = tile_stride(m);
             for i0 in (0..m).step_by(MR) {
                 let (mut a, mut b) = (vec![-1f32; k * MR], vec![-1f32; k * MR]);
-                pack_rows(&x, (m, k), i0, &mut a);
-                pack_rows_reference(&x, (m, k), i0, &mut b);
+                pack_rows(&x, (m, k), (i0, lda), &mut a);
+                pack_rows_reference(&x, (m, k), (i0, lda), &mut b);
                 assert_eq!(a, b, "rows of [{m}, {k}] from {i0}");
+                // Fewer rows than a tile's are packed at their own stride, nothing after.
+                assert_eq!(
+                    b[lda * (k - 1) + lda.min(m - i0) - 1],
+                    x[(i0 + lda.min(m - i0) - 1) * k + k - 1]
+                );
+                assert!(b[lda * k..].iter().all(|&v| v == -1.0));
             }
         }
         for (n, k) in [(45, 64), (32, 288), (7, 544)] {
