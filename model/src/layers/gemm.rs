@@ -564,6 +564,26 @@ unsafe fn run_block(a: &[f32], (m, k): (usize, usize), b: Block<'_>, panel: &mut
             }
             _ => {}
         }
+        if let (Panels::Packed(w), None, 1) = (w, causal, tiles) {
+            if let Some((q, d)) = w.q8_block(p, k0, kc) {
+                // One tile (a decode step's rows): the block is read once, so decoding it
+                // into the f32 panel only to read it back is a store and a load per weight
+                // more than decoding it in registers, as this kernel does (same values).
+                // SAFETY: as `run_tile` below; `q` holds the block's `kc` inputs and `d`
+                // the scales of every block of the panel.
+                unsafe {
+                    run_tile_q8(
+                        a[k0 * lda..].as_ptr(),
+                        (q, d, k0),
+                        kc,
+                        out.wrapping_add(i0 * ldo),
+                        ldo,
+                        tile,
+                    )
+                }
+                continue;
+            }
+        }
         let bp = *block.get_or_insert_with(|| match w {
             Panels::Pack(w) => {
                 panel.pack(w, k, j0..j0 + cols, k0, kc_all);
@@ -601,6 +621,30 @@ unsafe fn run_tile(a: *const f32, p: *const f32, kc: usize, c: *mut f32, ldc: us
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (a, p, kc, c, ldc, t);
+        unreachable!("the AVX-512 kernel runs only where `available()` says it can");
+    }
+}
+
+/// [`avx512::tile_q8`] where it exists (as [`run_tile`]).
+///
+/// # Safety
+/// As `avx512::tile_q8`.
+unsafe fn run_tile_q8(
+    a: *const f32,
+    q8: (&[i8], &[f32], usize),
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    t: Tile<'_>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract.
+    unsafe {
+        avx512::tile_q8(a, q8, kc, c, ldc, t)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, q8, kc, c, ldc, t);
         unreachable!("the AVX-512 kernel runs only where `available()` says it can");
     }
 }
@@ -772,6 +816,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Tile, Weight, MR, NR};
+    use crate::layers::matvec_q8::BLOCK;
 
     /// `C[rows, cols] (+)= A[rows, 0..kc] . P[0..kc, cols]` for `A` packed `MR` values per
     /// input (see `pack_rows`), a packed panel `P` (64-byte aligned, `NR` per input) and
@@ -838,6 +883,100 @@ mod avx512 {
                 hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
             }
         }
+        store(&lo, &hi, c, ldc, &tile);
+    }
+
+    /// [`tile`] for a Q8_0 panel block read as stored (`q`: `kc` inputs of `NR` signed
+    /// bytes; `d`: the panel's scales, `[k / 32][NR]`; `k0`: the block's first input): each
+    /// input's weights are decoded in registers to the `d * q` that `Packed::block` writes
+    /// into its f32 panel, and multiplied in as [`tile`] multiplies that panel's, so every
+    /// value is the same bits.
+    ///
+    /// # Safety
+    /// As [`tile`], with `q` holding `kc * NR` bytes, `kc` and `k0` multiples of 32, and `d`
+    /// the scales of inputs `k0..k0 + kc`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_q8(
+        a: *const f32,
+        (q, d, k0): (&[i8], &[f32], usize),
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        tile: Tile<'_>,
+    ) {
+        assert!(
+            q.len() >= kc * NR
+                && kc.is_multiple_of(BLOCK)
+                && k0.is_multiple_of(BLOCK)
+                && d.len() >= (k0 + kc) / BLOCK * NR
+        );
+        let q8 = (q, d, k0);
+        match tile.rows {
+            14 => rows_q8::<14>(a, q8, kc, c, ldc, tile),
+            13 => rows_q8::<13>(a, q8, kc, c, ldc, tile),
+            12 => rows_q8::<12>(a, q8, kc, c, ldc, tile),
+            11 => rows_q8::<11>(a, q8, kc, c, ldc, tile),
+            10 => rows_q8::<10>(a, q8, kc, c, ldc, tile),
+            9 => rows_q8::<9>(a, q8, kc, c, ldc, tile),
+            8 => rows_q8::<8>(a, q8, kc, c, ldc, tile),
+            7 => rows_q8::<7>(a, q8, kc, c, ldc, tile),
+            6 => rows_q8::<6>(a, q8, kc, c, ldc, tile),
+            5 => rows_q8::<5>(a, q8, kc, c, ldc, tile),
+            4 => rows_q8::<4>(a, q8, kc, c, ldc, tile),
+            3 => rows_q8::<3>(a, q8, kc, c, ldc, tile),
+            2 => rows_q8::<2>(a, q8, kc, c, ldc, tile),
+            1 => rows_q8::<1>(a, q8, kc, c, ldc, tile),
+            r => unreachable!("tiles have 1 to {MR} rows, not {r}"),
+        }
+    }
+
+    /// [`tile_q8`] for `R` rows.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_q8<const R: usize>(
+        a: *const f32,
+        (q, d, k0): (&[i8], &[f32], usize),
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        tile: Tile<'_>,
+    ) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        let mut lines = tile.ahead.chunks(64);
+        let per_k = lines.len().div_ceil(kc.max(1));
+        let (q, d) = (q.as_ptr(), d.as_ptr());
+        for b in 0..kc / BLOCK {
+            let s = d.add((k0 / BLOCK + b) * NR);
+            let (s0, s1) = (_mm512_loadu_ps(s), _mm512_loadu_ps(s.add(16)));
+            for kk in b * BLOCK..(b + 1) * BLOCK {
+                for line in lines.by_ref().take(per_k) {
+                    _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast());
+                }
+                let q0 = _mm_loadu_si128(q.add(kk * NR).cast());
+                let q1 = _mm_loadu_si128(q.add(kk * NR + 16).cast());
+                let b0 = _mm512_mul_ps(s0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
+                let b1 = _mm512_mul_ps(s1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
+                let ak = a.add(kk * tile.lda);
+                for r in 0..R {
+                    let av = _mm512_set1_ps(*ak.add(r));
+                    lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+                    hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+                }
+            }
+        }
+        store(&lo, &hi, c, ldc, &tile);
+    }
+
+    /// Writes (or adds to, past a panel's first k-block) a tile's accumulators to its rows
+    /// of `C`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store<const R: usize>(
+        lo: &[__m512; R],
+        hi: &[__m512; R],
+        c: *mut f32,
+        ldc: usize,
+        tile: &Tile<'_>,
+    ) {
         let m0 = lane_mask(tile.cols.min(16));
         let m1 = lane_mask(tile.cols.saturating_sub(16));
         for r in 0..R {

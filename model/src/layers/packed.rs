@@ -253,9 +253,8 @@ impl Packed {
                 // 16, so the pointer is at a line's start.
                 unsafe { lines.as_ptr().cast::<f32>().add((p * k + k0) * NR) }
             }
-            Data::Q8_0 { q, d } => {
-                let q = &q[(p * k + k0) * NR..][..kc * NR];
-                let d = &d[p * (k / BLOCK) * NR..][..k / BLOCK * NR];
+            Data::Q8_0 { .. } => {
+                let (q, d) = self.q8_block(p, k0, kc).expect("a Q8_0 weight");
                 let out = scratch.values();
                 #[cfg(target_arch = "x86_64")]
                 if available() {
@@ -268,6 +267,23 @@ impl Packed {
                 scratch.as_ptr()
             }
         }
+    }
+}
+
+impl Packed {
+    /// A Q8_0 weight's panel `p`, inputs `k0..k0 + kc`, as stored: `kc * NR` signed bytes
+    /// (k-major) and the scales of every block of the panel (`[k / 32][NR]`: input `kk`'s
+    /// are at `kk / 32 * NR`); `None` for an f32 weight.
+    pub(super) fn q8_block(&self, p: usize, k0: usize, kc: usize) -> Option<(&[i8], &[f32])> {
+        let Data::Q8_0 { q, d } = &self.data else {
+            return None;
+        };
+        let k = self.k;
+        assert!(p < self.panels() && k0 + kc <= k);
+        Some((
+            &q[(p * k + k0) * NR..][..kc * NR],
+            &d[p * (k / BLOCK) * NR..][..k / BLOCK * NR],
+        ))
     }
 }
 
