@@ -40,23 +40,23 @@ impl Sampler {
         }
     }
 
-    /// Picks a token. `logits` is consumed as scratch space. `banned` tokens (end of
-    /// sequence before `min_tokens`) cannot be picked.
+    /// Picks a token. `logits` is scratch space (its values are changed). `banned` tokens
+    /// (end of sequence before `min_tokens`) cannot be picked.
     pub fn sample(
         &mut self,
         params: &SamplingParams,
-        mut logits: Vec<f32>,
+        logits: &mut [f32],
         prompt_tokens: &HashSet<u32>,
         history: &History,
         banned: &[u32],
     ) -> u32 {
-        process(params, &mut logits, prompt_tokens, history, banned);
+        process(params, logits, prompt_tokens, history, banned);
         if params.temperature() == 0.0 {
-            return argmax(&logits);
+            return argmax(logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if !max.is_finite() {
-            return argmax(&logits);
+            return argmax(logits);
         }
         let inv_t = 1.0 / params.temperature();
         // Unnormalized probabilities relative to the most likely token (which gets 1).
@@ -95,7 +95,7 @@ impl Sampler {
                 return id;
             }
         }
-        cands.last().map_or_else(|| argmax(&logits), |c| c.0)
+        cands.last().map_or_else(|| argmax(logits), |c| c.0)
     }
 }
 
@@ -221,7 +221,7 @@ mod tests {
             .map(|_| {
                 s.sample(
                     p,
-                    logits.to_vec(),
+                    &mut logits.to_vec(),
                     &HashSet::new(),
                     &History::default(),
                     &[],
@@ -241,7 +241,7 @@ mod tests {
         assert_eq!(
             s.sample(
                 &p,
-                logits.to_vec(),
+                &mut logits.to_vec(),
                 &HashSet::new(),
                 &History::default(),
                 &[2]
@@ -260,10 +260,10 @@ mod tests {
         let h = History::default();
         let e = HashSet::new();
         let da: Vec<u32> = (0..20)
-            .map(|_| a.sample(&p, logits.clone(), &e, &h, &[]))
+            .map(|_| a.sample(&p, &mut logits.clone(), &e, &h, &[]))
             .collect();
         let db: Vec<u32> = (0..20)
-            .map(|_| b.sample(&p, logits.clone(), &e, &h, &[]))
+            .map(|_| b.sample(&p, &mut logits.clone(), &e, &h, &[]))
             .collect();
         assert_ne!(da, db);
     }
@@ -287,11 +287,11 @@ mod tests {
         h.output_counts.insert(0, 1);
         let mut s = Sampler::new(None, 0);
         let e = HashSet::new();
-        assert_eq!(s.sample(&p, vec![1.0, 0.5], &e, &h, &[]), 1);
+        assert_eq!(s.sample(&p, &mut [1.0, 0.5], &e, &h, &[]), 1);
         let p = greedy.with_repetition_penalty(4.0).unwrap();
         let prompt: HashSet<u32> = [0].into();
         assert_eq!(
-            s.sample(&p, vec![1.0, 0.5], &prompt, &History::default(), &[]),
+            s.sample(&p, &mut [1.0, 0.5], &prompt, &History::default(), &[]),
             1
         );
     }

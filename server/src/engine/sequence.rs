@@ -152,11 +152,11 @@ impl Choice {
         Ok(())
     }
 
-    /// Samples the next token from `logits` (this choice's last row) and returns the events
-    /// it produces and, when the choice is done, why.
+    /// Samples the next token from `logits` (this choice's last row; scratch, its values
+    /// are changed) and returns the events it produces and, when the choice is done, why.
     pub fn advance(
         &mut self,
-        logits: Vec<f32>,
+        logits: &mut [f32],
         shared: &Shared,
         codec: &Codec,
     ) -> (Vec<Event>, Option<FinishReason>) {
@@ -169,10 +169,9 @@ impl Choice {
             &[]
         };
         // Logprobs are the model's, before the grammar's mask (as vLLM reports them).
-        let logprob_of = shared.logprobs.map(|k| (k, logits.clone()));
-        let mut logits = logits;
+        let logprob_of = shared.logprobs.map(|k| (k, logits.to_vec()));
         if let Some(guide) = &mut self.guide {
-            if let Err(e) = guide.apply(&mut logits) {
+            if let Err(e) = guide.apply(logits) {
                 // Cannot happen with a grammar that compiled, short of a bug in the matcher:
                 // end the choice rather than emit an unconstrained token.
                 warn!(error = %e, "grammar mask failed; ending the choice");

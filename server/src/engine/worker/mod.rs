@@ -64,6 +64,10 @@ struct Group {
     gone: bool,
 }
 
+/// Heap the engine's thread touches at start ([`liger_model::threads::prefault_this_thread`]):
+/// the step's logits (up to 32 rows of the vocabulary) and the new states it makes.
+const ENGINE_PREFAULT: usize = 64 << 20;
+
 /// What the engine thread receives.
 pub(in crate::engine) enum Message {
     Submit(Box<Submission>),
@@ -112,6 +116,8 @@ pub(super) struct Worker {
     queue: VecDeque<Submission>,
     running: Vec<Group>,
     budget: StepBudget,
+    /// A logits row to sample from, reused from step to step (see `step::StepLogits`).
+    scratch: Vec<f32>,
 }
 
 impl Worker {
@@ -130,6 +136,7 @@ impl Worker {
             closing: false,
             queue: VecDeque::new(),
             running: Vec::new(),
+            scratch: Vec::new(),
         };
         std::thread::Builder::new()
             .name("liger-engine".into())
@@ -138,6 +145,9 @@ impl Worker {
     }
 
     fn run(mut self) {
+        if self.model.device().is_cpu() {
+            liger_model::threads::prefault_this_thread(ENGINE_PREFAULT);
+        }
         info!(slots = self.options.max_running, "engine started");
         loop {
             if self.queue.is_empty() && self.running.is_empty() {
