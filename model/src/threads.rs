@@ -46,15 +46,17 @@ pub fn init(threads: Option<usize>) -> usize {
     n
 }
 
-/// Lowers the priority of rayon's threads, the ones that compute, to `nice` (Linux; a
-/// no-op elsewhere and for 0). Returns how many threads took it.
-pub fn set_compute_nice(nice: i32) -> usize {
-    if nice == 0 {
+/// Lowers the priority of rayon's threads, the ones that compute, by `by` nice steps below
+/// the rest of the process (at most to 19; Linux, a no-op elsewhere and for 0): a thread
+/// that wakes to move a result on (an HTTP server's) then gets a core at once. Returns how
+/// many threads took it.
+pub fn set_compute_nice(by: i32) -> usize {
+    if by <= 0 {
         return 0;
     }
     let taken = std::sync::atomic::AtomicUsize::new(0);
     rayon::broadcast(|_| {
-        if lower_this_thread(nice) {
+        if lower_this_thread(by) {
             taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     });
@@ -62,17 +64,18 @@ pub fn set_compute_nice(nice: i32) -> usize {
 }
 
 #[cfg(target_os = "linux")]
-fn lower_this_thread(nice: i32) -> bool {
-    // SAFETY: gettid has no preconditions; setpriority on our own thread id changes only
-    // this thread's nice value (on Linux a per-thread attribute).
+fn lower_this_thread(by: i32) -> bool {
+    // SAFETY: gettid has no preconditions; getpriority and setpriority on our own thread id
+    // read and change only this thread's nice value (on Linux a per-thread attribute).
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, (now + by).min(19)) == 0
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_this_thread(_nice: i32) -> bool {
+fn lower_this_thread(_by: i32) -> bool {
     false
 }
 

@@ -164,10 +164,10 @@ pub struct Args {
     /// [default: 8].
     #[arg(long, env = "LIGER_SPECULATIVE_MAX_STREAMS", value_name = "N")]
     pub speculative_max_streams: Option<usize>,
-    /// Nice value (0-19) of the threads that run the model, above the HTTP threads' 0: a
-    /// thread that wakes to send a token (the server's, or a client's on the same machine)
-    /// then takes a core from them at once instead of after their time slice. 0 leaves
-    /// them at the process's priority [default: 1].
+    /// Nice steps (0-19) the threads that run the model take below the rest of the
+    /// process: a thread that wakes to send a token (the server's, or a client's on the same
+    /// machine) then takes a core from them at once instead of after their time slice. 0
+    /// leaves them at the process's priority [default: 1].
     #[arg(long, env = "LIGER_COMPUTE_NICE", value_name = "N")]
     pub compute_nice: Option<i32>,
 }
@@ -242,7 +242,7 @@ pub struct Settings {
     pub state_cache_bytes: usize,
     pub state_cache_dir: Option<PathBuf>,
     pub speculative: SpeculativeOptions,
-    /// Nice value of the model's threads (0: unchanged).
+    /// Nice steps the model's threads take below the rest of the process (0: none).
     pub compute_nice: i32,
 }
 
