@@ -818,6 +818,31 @@ mod avx512 {
     use super::{Tile, Weight, MR, NR};
     use crate::layers::matvec_q8::BLOCK;
 
+    /// `$kernel::<R>(args)` for `R` = `$rows`, 1 to [`MR`]: a tile runs the kernel compiled
+    /// for its number of rows, so a short tile (a decode step's few rows) does only its
+    /// own rows' work.
+    macro_rules! by_rows {
+        ($rows:expr, $kernel:ident($($arg:expr),*)) => {
+            match $rows {
+                14 => $kernel::<14>($($arg),*),
+                13 => $kernel::<13>($($arg),*),
+                12 => $kernel::<12>($($arg),*),
+                11 => $kernel::<11>($($arg),*),
+                10 => $kernel::<10>($($arg),*),
+                9 => $kernel::<9>($($arg),*),
+                8 => $kernel::<8>($($arg),*),
+                7 => $kernel::<7>($($arg),*),
+                6 => $kernel::<6>($($arg),*),
+                5 => $kernel::<5>($($arg),*),
+                4 => $kernel::<4>($($arg),*),
+                3 => $kernel::<3>($($arg),*),
+                2 => $kernel::<2>($($arg),*),
+                1 => $kernel::<1>($($arg),*),
+                r => unreachable!("tiles have 1 to {MR} rows, not {r}"),
+            }
+        };
+    }
+
     /// `C[rows, cols] (+)= A[rows, 0..kc] . P[0..kc, cols]` for `A` packed `MR` values per
     /// input (see `pack_rows`), a packed panel `P` (64-byte aligned, `NR` per input) and
     /// `C` rows `ldc` apart: the kernel for the tile's number of rows, so a short tile (a
@@ -836,23 +861,7 @@ mod avx512 {
         ldc: usize,
         tile: Tile<'_>,
     ) {
-        match tile.rows {
-            14 => rows::<14>(a, p, kc, c, ldc, tile),
-            13 => rows::<13>(a, p, kc, c, ldc, tile),
-            12 => rows::<12>(a, p, kc, c, ldc, tile),
-            11 => rows::<11>(a, p, kc, c, ldc, tile),
-            10 => rows::<10>(a, p, kc, c, ldc, tile),
-            9 => rows::<9>(a, p, kc, c, ldc, tile),
-            8 => rows::<8>(a, p, kc, c, ldc, tile),
-            7 => rows::<7>(a, p, kc, c, ldc, tile),
-            6 => rows::<6>(a, p, kc, c, ldc, tile),
-            5 => rows::<5>(a, p, kc, c, ldc, tile),
-            4 => rows::<4>(a, p, kc, c, ldc, tile),
-            3 => rows::<3>(a, p, kc, c, ldc, tile),
-            2 => rows::<2>(a, p, kc, c, ldc, tile),
-            1 => rows::<1>(a, p, kc, c, ldc, tile),
-            r => unreachable!("tiles have 1 to {MR} rows, not {r}"),
-        }
+        by_rows!(tile.rows, rows(a, p, kc, c, ldc, tile))
     }
 
     /// [`tile`] for `R` rows.
@@ -874,14 +883,11 @@ mod avx512 {
             for line in lines.by_ref().take(per_k) {
                 _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast());
             }
-            let b0 = _mm512_load_ps(p.add(kk * NR));
-            let b1 = _mm512_load_ps(p.add(kk * NR + 16));
-            let ak = a.add(kk * tile.lda);
-            for r in 0..R {
-                let av = _mm512_set1_ps(*ak.add(r));
-                lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
-                hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
-            }
+            let b = (
+                _mm512_load_ps(p.add(kk * NR)),
+                _mm512_load_ps(p.add(kk * NR + 16)),
+            );
+            fma_rows(a.add(kk * tile.lda), b, (&mut lo, &mut hi));
         }
         store(&lo, &hi, c, ldc, &tile);
     }
@@ -911,23 +917,7 @@ mod avx512 {
                 && d.len() >= (k0 + kc) / BLOCK * NR
         );
         let q8 = (q, d, k0);
-        match tile.rows {
-            14 => rows_q8::<14>(a, q8, kc, c, ldc, tile),
-            13 => rows_q8::<13>(a, q8, kc, c, ldc, tile),
-            12 => rows_q8::<12>(a, q8, kc, c, ldc, tile),
-            11 => rows_q8::<11>(a, q8, kc, c, ldc, tile),
-            10 => rows_q8::<10>(a, q8, kc, c, ldc, tile),
-            9 => rows_q8::<9>(a, q8, kc, c, ldc, tile),
-            8 => rows_q8::<8>(a, q8, kc, c, ldc, tile),
-            7 => rows_q8::<7>(a, q8, kc, c, ldc, tile),
-            6 => rows_q8::<6>(a, q8, kc, c, ldc, tile),
-            5 => rows_q8::<5>(a, q8, kc, c, ldc, tile),
-            4 => rows_q8::<4>(a, q8, kc, c, ldc, tile),
-            3 => rows_q8::<3>(a, q8, kc, c, ldc, tile),
-            2 => rows_q8::<2>(a, q8, kc, c, ldc, tile),
-            1 => rows_q8::<1>(a, q8, kc, c, ldc, tile),
-            r => unreachable!("tiles have 1 to {MR} rows, not {r}"),
-        }
+        by_rows!(tile.rows, rows_q8(a, q8, kc, c, ldc, tile))
     }
 
     /// [`tile_q8`] for `R` rows.
@@ -956,15 +946,27 @@ mod avx512 {
                 let q1 = _mm_loadu_si128(q.add(kk * NR + 16).cast());
                 let b0 = _mm512_mul_ps(s0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
                 let b1 = _mm512_mul_ps(s1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
-                let ak = a.add(kk * tile.lda);
-                for r in 0..R {
-                    let av = _mm512_set1_ps(*ak.add(r));
-                    lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
-                    hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
-                }
+                fma_rows(a.add(kk * tile.lda), (b0, b1), (&mut lo, &mut hi));
             }
         }
         store(&lo, &hi, c, ldc, &tile);
+    }
+
+    /// One input's share of a tile: `lo[r] += a[r] * b0` and `hi[r] += a[r] * b1` for its `R`
+    /// rows, the one FMA chain per value that every kernel here keeps (so an f32 panel and
+    /// a Q8_0 block decoded in registers give the same bits).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_rows<const R: usize>(
+        a: *const f32,
+        (b0, b1): (__m512, __m512),
+        (lo, hi): (&mut [__m512; R], &mut [__m512; R]),
+    ) {
+        for r in 0..R {
+            let av = _mm512_set1_ps(*a.add(r));
+            lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+            hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+        }
     }
 
     /// Writes (or adds to, past a panel's first k-block) a tile's accumulators to its rows
