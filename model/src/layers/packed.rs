@@ -268,9 +268,7 @@ impl Packed {
             }
         }
     }
-}
 
-impl Packed {
     /// A Q8_0 weight's panel `p`, inputs `k0..k0 + kc`, as stored: `kc * NR` signed bytes
     /// (k-major) and the scales of every block of the panel (`[k / 32][NR]`: input `kk`'s
     /// are at `kk / 32 * NR`); `None` for an f32 weight.
