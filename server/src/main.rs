@@ -34,10 +34,16 @@ fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     let settings = Settings::from_env_and_args()?;
     let niced = liger_model::threads::set_compute_nice(settings.compute_nice);
+    let pinned = if settings.pin_compute_threads {
+        liger_model::threads::pin_compute_threads()
+    } else {
+        0
+    };
     tracing::debug!(
         threads = niced,
         nice = settings.compute_nice,
-        "model threads' priority"
+        pinned,
+        "model threads' priority and CPUs"
     );
     let listener = tokio::net::TcpListener::bind((settings.host.as_str(), settings.port))
         .await

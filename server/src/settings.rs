@@ -170,6 +170,11 @@ pub struct Args {
     /// leaves them at the process's priority [default: 1].
     #[arg(long, env = "LIGER_COMPUTE_NICE", value_name = "N")]
     pub compute_nice: Option<i32>,
+    /// Pin each thread that runs the model to a CPU of its own (when there are no more
+    /// threads than CPUs the process may use), so that two never take turns on one core
+    /// while another idles [default: true].
+    #[arg(long, env = "LIGER_PIN_COMPUTE_THREADS", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub pin_compute_threads: Option<bool>,
 }
 
 impl Args {
@@ -204,6 +209,7 @@ impl Args {
                 .speculative_max_streams
                 .or(file.speculative_max_streams),
             compute_nice: self.compute_nice.or(file.compute_nice),
+            pin_compute_threads: self.pin_compute_threads.or(file.pin_compute_threads),
         }
     }
 
@@ -244,6 +250,8 @@ pub struct Settings {
     pub speculative: SpeculativeOptions,
     /// Nice steps the model's threads take below the rest of the process (0: none).
     pub compute_nice: i32,
+    /// Whether the model's threads are pinned to a CPU each.
+    pub pin_compute_threads: bool,
 }
 
 impl Settings {
@@ -340,6 +348,7 @@ impl Settings {
             state_cache_dir: a.state_cache_dir,
             speculative,
             compute_nice,
+            pin_compute_threads: a.pin_compute_threads.unwrap_or(true),
         })
     }
 }
@@ -390,6 +399,10 @@ mod tests {
         assert_eq!(s.served_model_name, "org/m");
         assert_eq!(s.host, "127.0.0.1");
         assert_eq!(s.compute_nice, 1);
+        assert!(s.pin_compute_threads);
+        let unpinned =
+            Settings::resolve(args(&["--model", "m", "--pin-compute-threads", "false"])).unwrap();
+        assert!(!unpinned.pin_compute_threads);
         assert_eq!(
             s.speculative,
             SpeculativeOptions {
