@@ -29,7 +29,7 @@ const DEFAULT_STEP_TARGET_MS: u64 = 200;
 const DEFAULT_START_WAIT_MS: u64 = 2000;
 
 /// `--speculative-tokens` when unset, and the most it may be.
-const DEFAULT_SPECULATIVE_TOKENS: usize = 4;
+const DEFAULT_SPECULATIVE_TOKENS: usize = 3;
 const MAX_SPECULATIVE_TOKENS: usize = 64;
 
 /// `--speculative-max-streams` when unset. Drafts share one fused decode step's tokens
@@ -151,7 +151,7 @@ pub struct Args {
     pub state_cache_dir: Option<PathBuf>,
     /// Speculative decoding: tokens drafted per step from earlier text (n-gram prompt
     /// lookup), checked in one step; the output is the same as without, up to rounding. 0
-    /// turns it off [default: 4].
+    /// turns it off [default: 3].
     #[arg(long, env = "LIGER_SPECULATIVE_TOKENS", value_name = "N")]
     pub speculative_tokens: Option<usize>,
     /// Longest suffix of the text looked up for a draft [default: 3].
@@ -406,7 +406,7 @@ mod tests {
         assert_eq!(
             s.speculative,
             SpeculativeOptions {
-                tokens: 4,
+                tokens: 3,
                 ngram_max: 3,
                 ngram_min: 2,
                 max_streams: 8
