@@ -63,9 +63,9 @@ pub fn set_compute_nice(by: i32) -> usize {
     taken.into_inner()
 }
 
-/// Pins each of rayon's threads, the ones that compute, to a CPU of its own among those the
-/// process may use (Linux; a no-op elsewhere, and where the pool has more threads than
-/// the process has CPUs). Returns how many threads were pinned.
+/// Pins each of rayon's threads, the ones that compute, to a CPU of its own, when the pool
+/// has one thread per CPU the process may use (Linux; a no-op elsewhere). Returns how many
+/// threads were pinned.
 ///
 /// Why: a decode step's threads meet at a barrier after every phase, and one that waits
 /// long enough sleeps. When it wakes while the other CPU runs something else (an HTTP
@@ -75,12 +75,16 @@ pub fn set_compute_nice(by: i32) -> usize {
 /// took 12-24 ms with both threads on one CPU at every barrier, against ~7 ms for a step.
 /// llama.cpp's threads never meet that case because they spin between steps instead of
 /// sleeping.
+///
+/// Only with a thread per allowed CPU: a pool smaller than the CPUs it sees (a container
+/// whose CPU quota `available_parallelism` honours while every core of the node stays
+/// visible, or a `RAYON_NUM_THREADS` below the count) would otherwise pin every such
+/// process to the same first CPUs; and a larger pool has no CPU of its own to give each.
 pub fn pin_compute_threads() -> usize {
-    let cpus = allowed_cpus();
-    let threads = rayon::current_num_threads();
-    if cpus.len() < threads || threads < 2 {
+    let allowed = allowed_cpus();
+    let Some(cpus) = cpus_to_pin(&allowed, rayon::current_num_threads()) else {
         return 0;
-    }
+    };
     let pinned = std::sync::atomic::AtomicUsize::new(0);
     rayon::broadcast(|ctx| {
         if pin_this_thread(cpus[ctx.index()]) {
@@ -88,6 +92,12 @@ pub fn pin_compute_threads() -> usize {
         }
     });
     pinned.into_inner()
+}
+
+/// The CPU for each of `threads` pool threads (thread `i` on the `i`th), or `None`: pinned
+/// only with one thread per allowed CPU, and at least two (see [`pin_compute_threads`]).
+fn cpus_to_pin(allowed: &[usize], threads: usize) -> Option<&[usize]> {
+    (threads >= 2 && allowed.len() == threads).then_some(allowed)
 }
 
 /// The CPUs the calling thread may run on (its affinity mask: `taskset`, a cgroup's
@@ -199,6 +209,26 @@ pub fn prefault_this_thread(bytes: usize) {
         }
         blocks.push(std::hint::black_box(block));
         left -= n;
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::cpus_to_pin;
+
+    #[test]
+    fn threads_are_pinned_only_one_per_allowed_cpu() {
+        assert_eq!(cpus_to_pin(&[0, 1], 2), Some(&[0, 1][..]));
+        // A cpuset or taskset: the allowed CPUs, whatever their numbers.
+        assert_eq!(cpus_to_pin(&[4, 6, 7], 3), Some(&[4, 6, 7][..]));
+        // A quota (or RAYON_NUM_THREADS) below the CPUs in view: every such process would
+        // pin to the same first CPUs.
+        assert_eq!(cpus_to_pin(&[0, 1, 2, 3], 2), None);
+        // More threads than CPUs: none has a CPU of its own.
+        assert_eq!(cpus_to_pin(&[0, 1], 4), None);
+        // One thread: nothing to keep apart.
+        assert_eq!(cpus_to_pin(&[3], 1), None);
+        assert_eq!(cpus_to_pin(&[], 0), None);
     }
 }
 

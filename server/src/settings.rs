@@ -170,9 +170,9 @@ pub struct Args {
     /// leaves them at the process's priority [default: 1].
     #[arg(long, env = "LIGER_COMPUTE_NICE", value_name = "N")]
     pub compute_nice: Option<i32>,
-    /// Pin each thread that runs the model to a CPU of its own (when there are no more
-    /// threads than CPUs the process may use), so that two never take turns on one core
-    /// while another idles [default: true].
+    /// Pin each thread that runs the model to a CPU of its own (when there is one thread
+    /// per CPU the process may use), so that two never take turns on one core while
+    /// another idles [default: true].
     #[arg(long, env = "LIGER_PIN_COMPUTE_THREADS", value_name = "BOOL", action = clap::ArgAction::Set)]
     pub pin_compute_threads: Option<bool>,
 }
