@@ -213,8 +213,8 @@ pub fn prefault_this_thread(bytes: usize) {
 }
 
 #[cfg(test)]
-mod pin_tests {
-    use super::cpus_to_pin;
+mod tests {
+    use super::*;
 
     #[test]
     fn threads_are_pinned_only_one_per_allowed_cpu() {
@@ -230,12 +230,8 @@ mod pin_tests {
         assert_eq!(cpus_to_pin(&[3], 1), None);
         assert_eq!(cpus_to_pin(&[], 0), None);
     }
-}
 
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    use super::*;
-
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_pinned_thread_runs_on_its_cpu() {
         let cpus = allowed_cpus();
