@@ -54,13 +54,7 @@ pub fn set_compute_nice(by: i32) -> usize {
     if by <= 0 {
         return 0;
     }
-    let taken = std::sync::atomic::AtomicUsize::new(0);
-    rayon::broadcast(|_| {
-        if lower_this_thread(by) {
-            taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    });
-    taken.into_inner()
+    on_each_compute_thread(|_| lower_this_thread(by))
 }
 
 /// Pins each of rayon's threads, the ones that compute, to a CPU of its own, when the pool
@@ -85,13 +79,18 @@ pub fn pin_compute_threads() -> usize {
     let Some(cpus) = cpus_to_pin(&allowed, rayon::current_num_threads()) else {
         return 0;
     };
-    let pinned = std::sync::atomic::AtomicUsize::new(0);
+    on_each_compute_thread(|i| pin_this_thread(cpus[i]))
+}
+
+/// Runs `f` on each of rayon's threads with its index; returns on how many it succeeded.
+fn on_each_compute_thread(f: impl Fn(usize) -> bool + Sync) -> usize {
+    let done = std::sync::atomic::AtomicUsize::new(0);
     rayon::broadcast(|ctx| {
-        if pin_this_thread(cpus[ctx.index()]) {
-            pinned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if f(ctx.index()) {
+            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     });
-    pinned.into_inner()
+    done.into_inner()
 }
 
 /// The CPU for each of `threads` pool threads (thread `i` on the `i`th), or `None`: pinned

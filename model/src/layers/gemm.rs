@@ -607,25 +607,32 @@ unsafe fn run_block(a: &[f32], (m, k): (usize, usize), b: Block<'_>, panel: &mut
     }
 }
 
-/// [`avx512::tile`] where it exists: the callers run it only after [`available`] said so,
-/// which it never does off x86_64.
+/// `avx512::$kernel(args)` where the module exists: the callers run a kernel only after
+/// [`available`] said so, which it never does off x86_64.
+macro_rules! on_avx512 {
+    ($kernel:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the calling function's contract is the kernel's.
+        unsafe {
+            avx512::$kernel($($arg),*)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = ($($arg),*);
+            unreachable!("the AVX-512 kernel runs only where `available()` says it can");
+        }
+    }};
+}
+
+/// [`avx512::tile`] where it exists ([`on_avx512`]).
 ///
 /// # Safety
 /// As `avx512::tile`.
 unsafe fn run_tile(a: *const f32, p: *const f32, kc: usize, c: *mut f32, ldc: usize, t: Tile<'_>) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract.
-    unsafe {
-        avx512::tile(a, p, kc, c, ldc, t)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (a, p, kc, c, ldc, t);
-        unreachable!("the AVX-512 kernel runs only where `available()` says it can");
-    }
+    on_avx512!(tile(a, p, kc, c, ldc, t))
 }
 
-/// [`avx512::tile_q8`] where it exists (as [`run_tile`]).
+/// [`avx512::tile_q8`] where it exists ([`on_avx512`]).
 ///
 /// # Safety
 /// As `avx512::tile_q8`.
@@ -637,16 +644,7 @@ unsafe fn run_tile_q8(
     ldc: usize,
     t: Tile<'_>,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract.
-    unsafe {
-        avx512::tile_q8(a, q8, kc, c, ldc, t)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (a, q8, kc, c, ldc, t);
-        unreachable!("the AVX-512 kernel runs only where `available()` says it can");
-    }
+    on_avx512!(tile_q8(a, q8, kc, c, ldc, t))
 }
 
 /// Buffers kept per thread between calls: a prefill calls the kernel seven times per
