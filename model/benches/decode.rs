@@ -40,6 +40,9 @@
 //! `--span N` times one sequence checking `N` tokens in a step (a speculative draft's
 //! check, every token's logits) against one token, each step undone after.
 //!
+//! `--huge-pages` moves the weights onto transparent huge pages after loading, as
+//! liger-serve does by default (`liger_model::hugepages`).
+//!
 //! `--transformer-up-to N` measures the Transformer baseline only at contexts up to N (its
 //! prefill is quadratic: 16K tokens take minutes on two cores).
 //!
@@ -89,6 +92,8 @@ struct Args {
     step_times: bool,
     /// Spans of this many tokens checked in one step, as a speculative draft's (`--span`).
     span: Option<usize>,
+    /// Weights moved onto huge pages after loading, as liger-serve does (`--huge-pages`).
+    huge_pages: bool,
     mixed: Vec<usize>,
     mixed_chunks: Vec<usize>,
 }
@@ -111,6 +116,7 @@ fn parse_args() -> Args {
         reps: 5,
         step_times: false,
         span: None,
+        huge_pages: false,
         mixed: Vec::new(),
         mixed_chunks: vec![64, 128, 256],
     };
@@ -173,6 +179,7 @@ fn parse_args() -> Args {
             "--reps" => a.reps = val().parse().expect("repetitions"),
             "--step-times" => a.step_times = true,
             "--span" => a.span = Some(val().parse().expect("span length")),
+            "--huge-pages" => a.huge_pages = true,
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -586,6 +593,11 @@ fn main() -> liger_model::Result<()> {
             chunk_size: args.chunk_size.unwrap_or(options.chunk_size),
             ..options
         })?;
+        if args.huge_pages {
+            m.pack_weights();
+            let got = liger_model::hugepages::back_with_huge_pages(&m.weight_memory());
+            eprintln!("huge pages: {got:?}");
+        }
         Ok(m)
     };
     // A `--variants` name's Liger conversion of the fixture, quantized and set up as asked.

@@ -44,6 +44,7 @@ pub mod gguf;
 pub mod gla;
 pub mod global;
 pub mod hub;
+pub mod hugepages;
 pub mod layers;
 pub mod lora;
 mod mix;

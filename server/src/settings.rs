@@ -175,6 +175,11 @@ pub struct Args {
     /// another idles [default: true].
     #[arg(long, env = "LIGER_PIN_COMPUTE_THREADS", value_name = "BOOL", action = clap::ArgAction::Set)]
     pub pin_compute_threads: Option<bool>,
+    /// Move the weights onto transparent huge pages after loading (Linux 6.1+; CPU): a
+    /// decode step reads every weight, and on 4 KiB pages it misses the TLB every 4 KiB
+    /// [default: true].
+    #[arg(long, env = "LIGER_HUGE_PAGES", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub huge_pages: Option<bool>,
 }
 
 impl Args {
@@ -210,6 +215,7 @@ impl Args {
                 .or(file.speculative_max_streams),
             compute_nice: self.compute_nice.or(file.compute_nice),
             pin_compute_threads: self.pin_compute_threads.or(file.pin_compute_threads),
+            huge_pages: self.huge_pages.or(file.huge_pages),
         }
     }
 
@@ -252,6 +258,8 @@ pub struct Settings {
     pub compute_nice: i32,
     /// Whether the model's threads are pinned to a CPU each.
     pub pin_compute_threads: bool,
+    /// Whether the weights are moved onto huge pages after loading.
+    pub huge_pages: bool,
 }
 
 impl Settings {
@@ -349,6 +357,7 @@ impl Settings {
             speculative,
             compute_nice,
             pin_compute_threads: a.pin_compute_threads.unwrap_or(true),
+            huge_pages: a.huge_pages.unwrap_or(true),
         })
     }
 }
@@ -403,6 +412,9 @@ mod tests {
         let unpinned =
             Settings::resolve(args(&["--model", "m", "--pin-compute-threads", "false"])).unwrap();
         assert!(!unpinned.pin_compute_threads);
+        assert!(s.huge_pages);
+        let small = Settings::resolve(args(&["--model", "m", "--huge-pages", "false"])).unwrap();
+        assert!(!small.huge_pages);
         assert_eq!(
             s.speculative,
             SpeculativeOptions {

@@ -245,6 +245,29 @@ impl Linear {
 
     /// The packed weight when the layer is that product alone (no bias, no adapter): what
     /// a fused consumer of the product (`gemm::gate_up_silu`) may multiply by itself.
+    /// Where the weight a CPU decode step reads lives, as address ranges: the packed
+    /// panels when there are, else the CPU tensor's storage or Q8_0 blocks; none on other
+    /// devices or for other formats. To place the memory ([`crate::hugepages`]).
+    pub fn memory(&self) -> Vec<std::ops::Range<usize>> {
+        if let Some(p) = self.packed() {
+            return p.memory().into_iter().map(crate::hugepages::span).collect();
+        }
+        if let Some(q) = &self.quant {
+            return q
+                .cpu_q8_0()
+                .and_then(|t| t.data().ok().map(|d| crate::hugepages::span(&d)))
+                .into_iter()
+                .collect();
+        }
+        let (storage, layout) = self.weight.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+                vec![crate::hugepages::span(crate::hugepages::bytes_of(&v[a..b]))]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     pub(crate) fn packed_alone(&self) -> Option<&Packed> {
         let alone = self.bias.is_none() && self.lora.is_none();
         alone.then(|| self.packed()).flatten().map(|p| p.as_ref())

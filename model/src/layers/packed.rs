@@ -206,6 +206,15 @@ impl Packed {
         }
     }
 
+    /// The memory the packed copy lives in (f32 panels; Q8_0's bytes and scales), to place
+    /// it ([`crate::hugepages`]).
+    pub fn memory(&self) -> Vec<&[u8]> {
+        match &self.data {
+            Data::F32(_) => vec![self.all_bytes()],
+            Data::Q8_0 { d, .. } => vec![self.all_bytes(), crate::hugepages::bytes_of(d)],
+        }
+    }
+
     /// Panels of [`NR`] columns.
     pub fn panels(&self) -> usize {
         self.n.div_ceil(NR)

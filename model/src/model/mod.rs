@@ -561,13 +561,25 @@ impl Model {
     /// does not wait for it. Returns how many were packed and their bytes: none without
     /// AVX-512, on other devices, or for weights in other formats.
     pub fn pack_weights(&self) -> (usize, usize) {
-        let mut all: Vec<&Linear> = vec![&self.lm_head];
-        for l in &self.layers {
-            all.extend(lora::TARGETS.iter().filter_map(|(t, _)| l.projection(t)));
-        }
-        all.iter()
+        self.projections()
             .filter_map(|l| l.packed())
             .fold((0, 0), |(n, bytes), p| (n + 1, bytes + p.bytes()))
+    }
+
+    /// Where the projections' and the LM head's weights live (packed, when
+    /// [`pack_weights`](Self::pack_weights) packed them), which a decode step reads in full,
+    /// as address ranges: to put on huge pages ([`crate::hugepages`]).
+    pub fn weight_memory(&self) -> Vec<std::ops::Range<usize>> {
+        self.projections().flat_map(Linear::memory).collect()
+    }
+
+    /// The LM head and every layer's projections.
+    fn projections(&self) -> impl Iterator<Item = &Linear> {
+        std::iter::once(&self.lm_head).chain(
+            self.layers
+                .iter()
+                .flat_map(|l| lora::TARGETS.iter().filter_map(|(t, _)| l.projection(t))),
+        )
     }
 
     /// The model as the fused decode step reads it; `None` when a layer's mixer is not
