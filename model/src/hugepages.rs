@@ -134,7 +134,7 @@ mod imp {
                 .and_then(|()| advise(r, libc::MADV_COLLAPSE))
                 .map_err(|e| match e.raw_os_error() {
                     Some(libc::EINVAL) => format!(
-                        "madvise: {e} (MADV_COLLAPSE needs Linux 6.1+, and transparent huge pages not set to never)"
+                        "madvise: {e} (MADV_COLLAPSE needs Linux 6.1+ built with transparent huge pages)"
                     ),
                     _ => format!("madvise: {e}"),
                 });
