@@ -243,8 +243,6 @@ impl Linear {
             .as_ref()
     }
 
-    /// The packed weight when the layer is that product alone (no bias, no adapter): what
-    /// a fused consumer of the product (`gemm::gate_up_silu`) may multiply by itself.
     /// Where the weight a CPU decode step reads lives, as address ranges: the packed
     /// panels when there are, else the CPU tensor's storage or Q8_0 blocks; none on other
     /// devices or for other formats. To place the memory ([`crate::hugepages`]).
@@ -255,7 +253,11 @@ impl Linear {
         if let Some(q) = &self.quant {
             return q
                 .cpu_q8_0()
-                .and_then(|t| t.data().ok().map(|d| crate::hugepages::span(&d)))
+                .and_then(|t| match t.data().ok()? {
+                    // On the CPU the blocks are borrowed: their own address.
+                    std::borrow::Cow::Borrowed(bytes) => Some(crate::hugepages::span(bytes)),
+                    std::borrow::Cow::Owned(_) => None,
+                })
                 .into_iter()
                 .collect();
         }
@@ -268,6 +270,8 @@ impl Linear {
         }
     }
 
+    /// The packed weight when the layer is that product alone (no bias, no adapter): what
+    /// a fused consumer of the product (`gemm::gate_up_silu`) may multiply by itself.
     pub(crate) fn packed_alone(&self) -> Option<&Packed> {
         let alone = self.bias.is_none() && self.lora.is_none();
         alone.then(|| self.packed()).flatten().map(|p| p.as_ref())
