@@ -2,10 +2,11 @@
 //!
 //! A batch-1 decode step reads every weight once (538 MB for SmolLM2-135M in f32), and on
 //! 4 KiB pages that is a TLB miss every 4 KiB and a hardware prefetcher that stops at every
-//! page boundary. On 2 MiB pages the same step took 12.7 against 13.3 ms in the decode
-//! bench (Zen 5 VM), and one stream's tokens over HTTP came 0.3-0.7 ms sooner at p50 and
-//! p99 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which puts the whole heap on huge pages, in
-//! three interleaved runs). Servers need not be started with that tunable: the weights are
+//! page boundary. With the weights on 2 MiB pages the same step took 13.15 / 13.09 against
+//! 13.85 / 14.04 ms in the decode bench (`--huge-pages`, alternating; Zen 5 VM), and one
+//! f32 stream's ITL p50 over HTTP was 9.2 against 10.4 ms. Putting the whole heap there
+//! (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) gained nothing more, and needs setting up
+//! before the process starts; instead the weights are
 //! moved onto huge pages after loading, with `madvise(MADV_HUGEPAGE)` (so that the kernel
 //! keeps them there) and `madvise(MADV_COLLAPSE)` (Linux 6.1+, which does it now rather
 //! than when `khugepaged` gets to it, minutes later). Neither changes a byte of the memory.
