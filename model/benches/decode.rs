@@ -594,7 +594,6 @@ fn main() -> liger_model::Result<()> {
             ..options
         })?;
         if args.huge_pages {
-            m.pack_weights();
             let got = liger_model::hugepages::back_with_huge_pages(&m.weight_memory());
             eprintln!("huge pages: {got:?}");
         }

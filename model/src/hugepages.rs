@@ -73,18 +73,6 @@ pub fn span(bytes: &[u8]) -> Range<usize> {
     start..start + bytes.len()
 }
 
-/// Plain numbers viewed as their bytes.
-pub fn bytes_of(values: &[f32]) -> &[u8] {
-    // SAFETY: f32s have no padding and any byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
-}
-
-/// Bytes of `range` that the kernel now maps with huge pages (Linux: from
-/// `/proc/self/smaps`; 0 elsewhere), counting each mapping that overlaps it in full.
-pub fn huge_bytes_around(range: Range<usize>) -> usize {
-    imp::huge_bytes_around(range)
-}
-
 #[cfg(target_os = "linux")]
 mod imp {
     use super::{huge_ranges, HugePages};
@@ -97,7 +85,7 @@ mod imp {
     }
 
     /// `start-end` at the head of a maps or smaps line, in hex.
-    fn parse_range(line: &str) -> Option<Range<usize>> {
+    pub(super) fn parse_range(line: &str) -> Option<Range<usize>> {
         let span = line.split_whitespace().next()?;
         let (a, b) = span.split_once('-')?;
         Some(usize::from_str_radix(a, 16).ok()?..usize::from_str_radix(b, 16).ok()?)
@@ -148,34 +136,6 @@ mod imp {
         }
         done
     }
-
-    pub fn huge_bytes_around(range: Range<usize>) -> usize {
-        let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else {
-            return 0;
-        };
-        let mut total = 0;
-        let mut inside = false;
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("AnonHugePages:") {
-                if inside {
-                    let kb: usize = rest
-                        .split_whitespace()
-                        .next()
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(0);
-                    total += kb << 10;
-                }
-            } else if let Some(m) = line
-                .split_whitespace()
-                .next()
-                .filter(|s| s.contains('-'))
-                .and_then(|_| parse_range(line))
-            {
-                inside = m.start < range.end && range.start < m.end;
-            }
-        }
-        total
-    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -189,10 +149,6 @@ mod imp {
                 .then(|| "transparent huge pages are asked for on Linux only".to_string()),
             ..HugePages::default()
         }
-    }
-
-    pub fn huge_bytes_around(_range: Range<usize>) -> usize {
-        0
     }
 }
 
@@ -232,6 +188,31 @@ mod tests {
             ]),
             [(12 * H, 14 * H), (15 * H, 16 * H)]
         );
+    }
+
+    /// Bytes of `range` the kernel maps with huge pages, from `/proc/self/smaps`, counting
+    /// each mapping that overlaps it in full.
+    #[cfg(target_os = "linux")]
+    fn huge_bytes_around(range: Range<usize>) -> usize {
+        let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut total = 0;
+        let mut inside = false;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("AnonHugePages:") {
+                if inside {
+                    let kb: usize = rest.split_whitespace().next().unwrap().parse().unwrap();
+                    total += kb << 10;
+                }
+            } else if let Some(m) = line
+                .split_whitespace()
+                .next()
+                .filter(|s| s.contains('-'))
+                .and_then(|_| imp::parse_range(line))
+            {
+                inside = m.start < range.end && range.start < m.end;
+            }
+        }
+        total
     }
 
     #[cfg(target_os = "linux")]

@@ -31,7 +31,7 @@ pub async fn load(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<
 
 /// Moves the weights a decode step reads onto huge pages (`liger_model::hugepages`), and
 /// says how much and how long it took (~1.2 s for SmolLM2-135M at f32,
-/// 40 ms at q8_0), or why not.
+/// 40-430 ms at q8_0), or why not.
 fn back_with_huge_pages(model: &liger_model::Model) {
     let started = std::time::Instant::now();
     let got = liger_model::hugepages::back_with_huge_pages(&model.weight_memory());

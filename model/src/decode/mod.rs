@@ -1212,11 +1212,7 @@ impl Step<'_> {
     fn weight_bytes(&self, p: Proj) -> &[u8] {
         match p.w {
             Weight::Packed(i) => self.plan.inputs.packs[i].all_bytes(),
-            // SAFETY: plain f32s viewed as their bytes.
-            Weight::Dense(i) => unsafe {
-                let w = self.slices[i];
-                std::slice::from_raw_parts(w.as_ptr().cast(), std::mem::size_of_val(w))
-            },
+            Weight::Dense(i) => crate::layers::f32_bytes(self.slices[i]),
             Weight::Q8_0(i) => self.blocks[i],
         }
     }

@@ -244,8 +244,9 @@ impl Linear {
     }
 
     /// Where the weight a CPU decode step reads lives, as address ranges: the packed
-    /// panels when there are, else the CPU tensor's storage or Q8_0 blocks; none on other
-    /// devices or for other formats. To place the memory ([`crate::hugepages`]).
+    /// panels where the CPU takes them ([`packed`](Self::packed), packing now if not yet),
+    /// else the CPU tensor's storage or Q8_0 blocks; none on other devices or for other
+    /// formats. To place the memory ([`crate::hugepages`]).
     pub fn memory(&self) -> Vec<std::ops::Range<usize>> {
         if let Some(p) = self.packed() {
             return p.memory().into_iter().map(crate::hugepages::span).collect();
@@ -264,7 +265,7 @@ impl Linear {
         let (storage, layout) = self.weight.storage_and_layout();
         match (&*storage, layout.contiguous_offsets()) {
             (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
-                vec![crate::hugepages::span(crate::hugepages::bytes_of(&v[a..b]))]
+                vec![crate::hugepages::span(super::f32_bytes(&v[a..b]))]
             }
             _ => Vec::new(),
         }

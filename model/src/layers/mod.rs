@@ -21,6 +21,12 @@ pub use packed::Packed;
 pub use quantized::{QuantizedTensors, WeightSource};
 pub use rope::Rope;
 
+/// f32s viewed as their bytes (to prefetch them, or to place their memory).
+pub(crate) fn f32_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: f32s have no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
 /// A decoder block's projections, with the sub-block each lives in (`self_attn`, `mlp`):
 /// what LoRA adapters target and quantization converts.
 pub const PROJECTIONS: [(&str, &str); 7] = [

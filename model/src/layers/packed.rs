@@ -211,7 +211,7 @@ impl Packed {
     pub fn memory(&self) -> Vec<&[u8]> {
         match &self.data {
             Data::F32(_) => vec![self.all_bytes()],
-            Data::Q8_0 { d, .. } => vec![self.all_bytes(), crate::hugepages::bytes_of(d)],
+            Data::Q8_0 { d, .. } => vec![self.all_bytes(), super::f32_bytes(d)],
         }
     }
 

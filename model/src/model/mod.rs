@@ -566,9 +566,10 @@ impl Model {
             .fold((0, 0), |(n, bytes), p| (n + 1, bytes + p.bytes()))
     }
 
-    /// Where the projections' and the LM head's weights live (packed, when
-    /// [`pack_weights`](Self::pack_weights) packed them), which a decode step reads in full,
-    /// as address ranges: to put on huge pages ([`crate::hugepages`]).
+    /// Where the projections' and the LM head's weights live, which a decode step reads in
+    /// full, as address ranges: to put on huge pages ([`crate::hugepages`]). Their packed
+    /// copies where the CPU takes them (packed now if [`pack_weights`](Self::pack_weights)
+    /// has not been called).
     pub fn weight_memory(&self) -> Vec<std::ops::Range<usize>> {
         self.projections().flat_map(Linear::memory).collect()
     }
