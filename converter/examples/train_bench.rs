@@ -27,6 +27,7 @@ fn logits_all(m: &Model, seqs: &[Vec<u32>]) -> anyhow::Result<Tensor> {
         .map(|(s, t)| SeqStep {
             tokens: t,
             state: s,
+            argmax_only: false,
         })
         .collect();
     Ok(Tensor::cat(&m.forward_batch(&mut steps, Logits::All)?, 0)?)

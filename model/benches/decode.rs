@@ -40,6 +40,10 @@
 //! `--span N` times one sequence checking `N` tokens in a step (a speculative draft's
 //! check, every token's logits) against one token, each step undone after.
 //!
+//! `--greedy` marks every decode step's sequences as wanting only their argmax
+//! (`SeqStep::argmax_only`), as liger-serve's greedy requests are: the fused step then reads
+//! the LM head's Q8_0 screen (`RuntimeOptions::head_screen`; `--no-screen` turns it off).
+//!
 //! `--huge-pages` moves the weights onto transparent huge pages after loading, as
 //! liger-serve does by default (`liger_model::hugepages`).
 //!
@@ -94,6 +98,10 @@ struct Args {
     span: Option<usize>,
     /// Weights moved onto huge pages after loading, as liger-serve does (`--huge-pages`).
     huge_pages: bool,
+    /// Decode steps ask for their argmax alone (`--greedy`).
+    greedy: bool,
+    /// The LM head's screen off (`--no-screen`).
+    no_screen: bool,
     mixed: Vec<usize>,
     mixed_chunks: Vec<usize>,
 }
@@ -117,6 +125,8 @@ fn parse_args() -> Args {
         step_times: false,
         span: None,
         huge_pages: false,
+        greedy: false,
+        no_screen: false,
         mixed: Vec::new(),
         mixed_chunks: vec![64, 128, 256],
     };
@@ -180,6 +190,8 @@ fn parse_args() -> Args {
             "--step-times" => a.step_times = true,
             "--span" => a.span = Some(val().parse().expect("span length")),
             "--huge-pages" => a.huge_pages = true,
+            "--greedy" => a.greedy = true,
+            "--no-screen" => a.no_screen = true,
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -311,7 +323,11 @@ fn run_batches(
             let mut steps: Vec<SeqStep> = states
                 .iter_mut()
                 .zip(&toks)
-                .map(|(state, t)| SeqStep { tokens: t, state })
+                .map(|(state, t)| SeqStep {
+                    tokens: t,
+                    state,
+                    argmax_only: args.greedy,
+                })
                 .collect();
             let t = Instant::now();
             m.forward_batch(&mut steps, Logits::Last)?;
@@ -357,7 +373,7 @@ fn run_span(name: &'static str, m: &Model, args: &Args, span: usize) -> liger_mo
         for (tokens, times) in tokens.iter().zip(&mut times) {
             let backup = state.backup();
             let t = Instant::now();
-            m.forward(tokens, &mut state, Logits::All)?;
+            step(m, tokens, &mut state, (Logits::All, args.greedy))?;
             m.device().synchronize()?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
             backup.restore(&mut state)?;
@@ -377,6 +393,21 @@ fn run_span(name: &'static str, m: &Model, args: &Args, span: usize) -> liger_mo
         medians[1] / medians[0]
     );
     Ok(())
+}
+
+/// One sequence's step, asking for its argmax alone when `greedy`.
+fn step(
+    m: &Model,
+    tokens: &[u32],
+    state: &mut liger_model::SequenceState,
+    (logits, greedy): (Logits, bool),
+) -> liger_model::Result<candle_core::Tensor> {
+    let mut one = [SeqStep {
+        tokens,
+        state,
+        argmax_only: greedy,
+    }];
+    Ok(m.forward_batch(&mut one, logits)?.remove(0))
 }
 
 struct BatchRow {
@@ -405,7 +436,7 @@ fn run(name: &'static str, m: &Model, args: &Args, rows: &mut Vec<Row>) -> liger
         let mut next = token(ctx);
         for _ in 0..args.steps {
             let t = Instant::now();
-            let logits = m.forward(&[next], &mut state, Logits::Last)?;
+            let logits = step(m, &[next], &mut state, (Logits::Last, args.greedy))?;
             next = logits
                 .argmax(candle_core::D::Minus1)?
                 .squeeze(0)?
@@ -500,17 +531,17 @@ fn run_mixed(name: &str, m: &Model, args: &Args) -> liger_model::Result<()> {
                         let backup = from.backup();
                         let mut steps: Vec<SeqStep> = Vec::new();
                         if kind != 2 {
-                            steps.extend(
-                                states
-                                    .iter_mut()
-                                    .zip(&toks)
-                                    .map(|(state, t)| SeqStep { tokens: t, state }),
-                            );
+                            steps.extend(states.iter_mut().zip(&toks).map(|(state, t)| SeqStep {
+                                tokens: t,
+                                state,
+                                argmax_only: false,
+                            }));
                         }
                         if kind != 1 {
                             steps.push(SeqStep {
                                 tokens: chunk,
                                 state: &mut *from,
+                                argmax_only: false,
                             });
                         }
                         let t = Instant::now();
@@ -554,6 +585,7 @@ fn prefill_batch(m: &Model, n: usize, b: usize) -> liger_model::Result<f64> {
             .map(|(state, p)| SeqStep {
                 tokens: &p[at..end],
                 state,
+                argmax_only: false,
             })
             .collect();
         m.forward_batch(&mut steps, Logits::Last)?;
@@ -590,6 +622,7 @@ fn main() -> liger_model::Result<()> {
         let options = m.options();
         m.set_options(liger_model::RuntimeOptions {
             fast_decode: !args.general,
+            head_screen: !args.no_screen,
             chunk_size: args.chunk_size.unwrap_or(options.chunk_size),
             ..options
         })?;

@@ -914,6 +914,11 @@ impl StatePool {
 pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
     pub state: &'a mut SequenceState,
+    /// Only the argmax of this sequence's logits will be read (greedy sampling, nothing
+    /// that changes or reports the other logits): a step may then compute exactly only the
+    /// logits that can be the largest, and leave the others at `-inf`
+    /// ([`crate::RuntimeOptions::head_screen`]).
+    pub argmax_only: bool,
 }
 
 #[cfg(test)]

@@ -156,6 +156,7 @@ fn golden_logits_prefill_then_decode_and_batched() {
             .map(|(c, state)| SeqStep {
                 tokens: &c.ids,
                 state,
+                argmax_only: false,
             })
             .collect();
         let out = m.forward_batch(&mut batch, Logits::All).unwrap();

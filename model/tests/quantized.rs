@@ -65,10 +65,12 @@ fn q8_0_stays_close_to_dense_and_consistent_with_itself() {
                     SeqStep {
                         tokens: &t,
                         state: &mut s1,
+                        argmax_only: false,
                     },
                     SeqStep {
                         tokens: &other,
                         state: &mut s2,
+                        argmax_only: false,
                     },
                 ],
                 Logits::All,

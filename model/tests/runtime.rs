@@ -565,10 +565,12 @@ fn bad_inputs_are_errors_and_leave_states_untouched() {
         SeqStep {
             tokens: &ok_tokens,
             state: &mut good,
+            argmax_only: false,
         },
         SeqStep {
             tokens: &bad_token,
             state: &mut other,
+            argmax_only: false,
         },
     ];
     let err = m

@@ -61,9 +61,13 @@ pub fn load_dir(dir: &Path, settings: &Settings, metrics: Arc<Metrics>) -> anyho
         merge_adapter: true,
         quantize: settings.quantize,
     };
-    let model = stored
+    let mut model = stored
         .load(&device, dtype, &options)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
+    model.set_options(liger_model::RuntimeOptions {
+        head_screen: settings.head_screen,
+        ..model.options()
+    })?;
     log_adaptations(&stored, settings);
     // Packed now, not by the first request (a few hundred ms for SmolLM2-135M at f32).
     let (packed, bytes) = model.pack_weights();

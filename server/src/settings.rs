@@ -180,6 +180,11 @@ pub struct Args {
     /// [default: true].
     #[arg(long, env = "LIGER_HUGE_PAGES", value_name = "BOOL", action = clap::ArgAction::Set)]
     pub huge_pages: Option<bool>,
+    /// Greedy decode steps read a Q8_0 copy of an f32 LM head and compute exactly only the
+    /// logits that can be the largest: the same tokens, a quarter of the head's bytes (CPU,
+    /// AVX-512) [default: true].
+    #[arg(long, env = "LIGER_HEAD_SCREEN", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub head_screen: Option<bool>,
 }
 
 impl Args {
@@ -216,6 +221,7 @@ impl Args {
             compute_nice: self.compute_nice.or(file.compute_nice),
             pin_compute_threads: self.pin_compute_threads.or(file.pin_compute_threads),
             huge_pages: self.huge_pages.or(file.huge_pages),
+            head_screen: self.head_screen.or(file.head_screen),
         }
     }
 
@@ -260,6 +266,9 @@ pub struct Settings {
     pub pin_compute_threads: bool,
     /// Whether the weights are moved onto huge pages after loading.
     pub huge_pages: bool,
+    /// Whether greedy decode steps read the LM head's Q8_0 screen
+    /// (`liger_model::RuntimeOptions::head_screen`).
+    pub head_screen: bool,
 }
 
 impl Settings {
@@ -358,6 +367,7 @@ impl Settings {
             compute_nice,
             pin_compute_threads: a.pin_compute_threads.unwrap_or(true),
             huge_pages: a.huge_pages.unwrap_or(true),
+            head_screen: a.head_screen.unwrap_or(true),
         })
     }
 }
@@ -415,6 +425,9 @@ mod tests {
         assert!(s.huge_pages);
         let small = Settings::resolve(args(&["--model", "m", "--huge-pages", "false"])).unwrap();
         assert!(!small.huge_pages);
+        assert!(s.head_screen);
+        let full = Settings::resolve(args(&["--model", "m", "--head-screen", "false"])).unwrap();
+        assert!(!full.head_screen);
         assert_eq!(
             s.speculative,
             SpeculativeOptions {

@@ -504,3 +504,63 @@ async fn streamed_echo_and_logprobs() {
         .sum();
     assert_eq!(entries, 3);
 }
+
+/// Greedy requests read the LM head's screen (`--head-screen`, on by default) when nothing
+/// needs their other logits: the same tokens as with the full head, alone or side by side,
+/// drafting or not; requests that need every logit (logprobs, sampling, penalties) are
+/// untouched.
+#[tokio::test]
+async fn the_head_screen_changes_no_token() {
+    let screened = server(|_| {});
+    let full = server(|a| a.head_screen = Some(false));
+    let prompts = [
+        "one two three four one two three four one two three",
+        "Quick zephyrs blow, vexing daft Jim.",
+        "the cat sat on the mat",
+        "abc",
+    ];
+    let bodies = |extra: Value| -> Vec<Value> {
+        prompts
+            .iter()
+            .map(|p| {
+                let mut body = json!({"prompt": p, "max_tokens": 40, "ignore_eos": true});
+                body.as_object_mut()
+                    .unwrap()
+                    .extend(extra.as_object().unwrap().clone());
+                body
+            })
+            .collect()
+    };
+    let all = |s: &TestServer, bodies: Vec<Value>| {
+        let app = s.app.clone();
+        async move {
+            let answers = bodies.into_iter().map(|b| {
+                let app = app.clone();
+                async move { post_json(&app, "/v1/completions", b).await }
+            });
+            futures::future::join_all(answers).await
+        }
+    };
+    let before = liger_model::testing::screened_rows();
+    for extra in [
+        json!({"temperature": 0}),
+        json!({"temperature": 0, "logprobs": 2}),
+        json!({"temperature": 0, "frequency_penalty": 0.5}),
+        json!({"temperature": 0.8, "seed": 3}),
+    ] {
+        let a = all(&screened, bodies(extra.clone())).await;
+        let b = all(&full, bodies(extra.clone())).await;
+        for ((sa, ra), (sb, rb)) in a.iter().zip(&b) {
+            assert_eq!((*sa, *sb), (StatusCode::OK, StatusCode::OK), "{ra} {rb}");
+            assert_eq!(
+                ra["choices"][0]["text"], rb["choices"][0]["text"],
+                "{extra}"
+            );
+            assert_eq!(ra["usage"]["completion_tokens"], 40);
+        }
+    }
+    assert!(
+        liger_model::testing::screened_rows() > before,
+        "greedy steps read the screen"
+    );
+}

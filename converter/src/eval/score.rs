@@ -186,7 +186,11 @@ fn log_probs(model: &Model, states: &mut [SequenceState], pieces: &[&[u32]]) -> 
         .iter_mut()
         .zip(pieces)
         .filter(|(_, p)| !p.is_empty())
-        .map(|(state, tokens)| SeqStep { tokens, state })
+        .map(|(state, tokens)| SeqStep {
+            tokens,
+            state,
+            argmax_only: false,
+        })
         .collect();
     let out = model.forward_batch(&mut steps, Logits::All)?;
     Ok(candle_nn::ops::log_softmax(

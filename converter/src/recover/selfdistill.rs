@@ -107,6 +107,7 @@ pub fn generate(
                 .map(|a| SeqStep {
                     tokens: &a.pending,
                     state: &mut a.state,
+                    argmax_only: false,
                 })
                 .collect();
             teacher.forward_batch(&mut steps, Logits::Last)?

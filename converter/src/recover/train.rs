@@ -602,6 +602,7 @@ impl<'a> Trainer<'a> {
                 steps.push(SeqStep {
                     tokens: &s[start..end],
                     state,
+                    argmax_only: false,
                 });
             }
             let h = student.final_residual(&mut steps)?;
@@ -645,6 +646,7 @@ impl<'a> Trainer<'a> {
                 .map(|(s, c)| SeqStep {
                     tokens: &c.tokens,
                     state: s,
+                    argmax_only: false,
                 })
                 .collect();
             student.forward_batch(&mut steps, Logits::All)?

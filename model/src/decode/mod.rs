@@ -58,8 +58,8 @@ use rows::{sized, Rows, RowsMut};
 use sync::{PanicGuard, Shared, SpinBarrier};
 
 use crate::global::GlobalCache;
-use crate::layers::Linear;
 use crate::layers::{gemm, matvec, matvec_q8, Packed};
+use crate::layers::{HeadScreen, Linear};
 use crate::state::LayerState;
 use crate::state::SeqStep;
 use crate::{Logits, Result};
@@ -85,6 +85,14 @@ const BAND: usize = 48;
 /// 32 -0.9 to +2.2%; one panel 2-5% slower, four +0.2 to +3.5%, six -1.6%, eight -12%.
 const PACKED_BAND: usize = 3 * gemm::NR;
 
+/// Most tokens a step reads the LM head's screen for (`HeadScreen`): past a few rows the
+/// head's product is bound by compute, not by its bytes, and the screen saves nothing.
+const SCREEN_ROWS: usize = 16;
+
+/// Most logits of a row the screen computes exactly before the row is computed in full
+/// instead (each ~0.5 us; the full row ~2.5 ms at f32 for SmolLM2).
+const SCREEN_MOST: usize = 1024;
+
 /// The widest band of gate/up columns one claim takes (dense or packed weights).
 const GATE_UP_BAND: usize = if BAND > PACKED_BAND {
     BAND
@@ -108,6 +116,8 @@ pub(crate) struct ModelRefs<'m> {
     pub embed: &'m Tensor,
     pub norm: &'m Tensor,
     pub lm_head: &'m Linear,
+    /// The LM head's screen, where greedy steps may read it instead.
+    pub screen: Option<&'m HeadScreen>,
     pub layers: Vec<LayerRefs<'m>>,
     pub eps: f32,
     /// Query heads, KV heads, head dim.
@@ -361,6 +371,14 @@ impl SharedRows<'_> {
     }
 }
 
+/// The LM head's screen in a step's inputs: its Q8_0 copy, and the f32 head (a tensor)
+/// whose rows it computes exactly.
+#[derive(Clone, Copy)]
+struct Screened {
+    approx: Proj,
+    head: usize,
+}
+
 /// What a sequence's tokens produced in one layer.
 struct SeqLayerOut {
     new_k: NewRows,
@@ -372,6 +390,13 @@ struct SeqLayerOut {
 
 /// Fused steps taken by this process (for tests that must know the fused path ran).
 static STEPS_TAKEN: AtomicU64 = AtomicU64::new(0);
+
+/// Logits rows this process settled through the LM head's screen (for tests).
+static SCREENED_ROWS: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn screened_rows() -> u64 {
+    SCREENED_ROWS.load(Ordering::Relaxed)
+}
 
 pub(crate) fn steps_taken() -> u64 {
     STEPS_TAKEN.load(Ordering::Relaxed)
@@ -435,7 +460,10 @@ pub(crate) fn step(
         .map(|q| q.data())
         .collect::<candle_core::Result<_>>()?;
     let bytes: Vec<&[u8]> = bytes.iter().map(|b| b.as_ref()).collect();
-    let (all_logits, outs) = plan.run(refs, (&slices, &halves, &bytes), seqs);
+    let (mut all_logits, x, outs) = plan.run(refs, (&slices, &halves, &bytes), seqs);
+    if let Some(screened) = plan.screen {
+        plan.pick(refs, (screened, &slices), &x, (&mut all_logits, logits))?;
+    }
     drop(slices);
     drop(halves);
     drop(guards);
@@ -472,6 +500,8 @@ struct Plan {
     embed: usize,
     norm: usize,
     lm_head: Proj,
+    /// Where the step reads the head's screen instead (every sequence greedy).
+    screen: Option<Screened>,
     layers: Vec<LayerIx>,
     /// `[layer][seq]`
     states: Vec<Vec<SeqLayerIx>>,
@@ -548,6 +578,24 @@ impl Plan {
             });
             rows += s.tokens.len();
         }
+        let screen = match (refs.screen, refs.lm_head.plain_f32(), lm_head.w) {
+            (Some(s), Some((w, None)), Weight::Packed(_))
+                if rows <= SCREEN_ROWS && seqs.iter().all(|s| s.argmax_only) =>
+            {
+                let (n, k) = s.approx().dims();
+                inputs.packs.push(s.approx().clone());
+                Some(Screened {
+                    approx: Proj {
+                        w: Weight::Packed(inputs.packs.len() - 1),
+                        b: None,
+                        n,
+                        k,
+                    },
+                    head: inputs.add(w)?,
+                })
+            }
+            _ => None,
+        };
         let mut states = Vec::with_capacity(layers.len());
         for (li, layer) in layers.iter().enumerate() {
             let mut per_seq = Vec::with_capacity(seqs.len());
@@ -657,6 +705,7 @@ impl Plan {
             embed,
             norm,
             lm_head,
+            screen,
             layers,
             states,
             spans,
@@ -667,14 +716,24 @@ impl Plan {
         })
     }
 
-    /// Runs the step on the locked `slices`. Returns the logits `[tokens, vocab]` and, per
-    /// layer and sequence, the new state parts.
+    /// The head's product the step runs: the screen's, or the f32 head's.
+    fn head(&self) -> Proj {
+        *self.head_ref()
+    }
+
+    fn head_ref(&self) -> &Proj {
+        self.screen.as_ref().map_or(&self.lm_head, |s| &s.approx)
+    }
+
+    /// Runs the step on the locked `slices`. Returns the logits `[tokens, vocab]` (the
+    /// screen's, where the step reads it), the residual stream after the last layer, and,
+    /// per layer and sequence, the new state parts.
     fn run(
         &self,
         refs: &ModelRefs,
         (slices, halves, blocks): Locked,
         seqs: &[SeqStep<'_>],
-    ) -> (Vec<f32>, Vec<Vec<SeqLayerOut>>) {
+    ) -> (Vec<f32>, Vec<f32>, Vec<Vec<SeqLayerOut>>) {
         let nb = self.rows;
         let (h, hkv, d) = refs.heads;
         let mut x = vec![0f32; nb * self.hidden];
@@ -797,7 +856,65 @@ impl Plan {
             });
         }
         drop(step);
-        (logits, outs)
+        (logits, x, outs)
+    }
+
+    /// The greedy rows' logits, from the screen's (`HeadScreen::pick`): exact wherever
+    /// they can be the largest, `-inf` elsewhere; a row the screen cannot settle is
+    /// computed in full by the f32 head. Rows the caller does not read (`which`) are left.
+    fn pick(
+        &self,
+        refs: &ModelRefs,
+        (screened, slices): (Screened, &[&[f32]]),
+        x: &[f32],
+        (logits, which): (&mut [f32], Logits),
+    ) -> Result<()> {
+        let screen = refs.screen.expect("a screened step has a screen");
+        let (hidden, n) = (self.hidden, self.lm_head.n);
+        let mut xn = vec![0f32; self.rows * hidden];
+        mixing::rms_norm(x, slices[self.norm], refs.eps, &mut xn);
+        let head = slices[screened.head];
+        let read: Vec<usize> = self
+            .spans
+            .iter()
+            .flat_map(|s| match which {
+                Logits::All => s.first..s.first + s.len,
+                Logits::Last => s.first + s.len - 1..s.first + s.len,
+            })
+            .collect();
+        let settle = |(r, row): (usize, &mut [f32])| {
+            let x = &xn[r * hidden..][..hidden];
+            let wanted = read.binary_search(&r).is_ok();
+            (wanted && !screen.pick(head, x, row, SCREEN_MOST)).then_some(r)
+        };
+        let unsettled: Vec<usize> = if read.len() > 1 {
+            logits
+                .par_chunks_mut(n)
+                .enumerate()
+                .filter_map(settle)
+                .collect()
+        } else {
+            logits
+                .chunks_mut(n)
+                .enumerate()
+                .filter_map(settle)
+                .collect()
+        };
+        SCREENED_ROWS.fetch_add((read.len() - unsettled.len()) as u64, Ordering::Relaxed);
+        if unsettled.is_empty() {
+            return Ok(());
+        }
+        let Weight::Packed(full) = self.lm_head.w else {
+            unreachable!("a screened step's head is packed (`Plan::new`)");
+        };
+        let device = Device::Cpu;
+        for r in unsettled {
+            let x = Tensor::from_slice(&xn[r * hidden..][..hidden], (1, hidden), &device)?;
+            let row = gemm::matmul_packed(&x, &[self.inputs.packs[full].as_ref()])?;
+            let row: Vec<f32> = row[0].flatten_all()?.to_vec1()?;
+            logits[r * n..][..n].copy_from_slice(&row);
+        }
+        Ok(())
     }
 
     /// Writes the new state parts into the sequences' states and splits the logits: all of
@@ -1102,13 +1219,13 @@ impl Step<'_> {
             self.project(&down, act, claim(), (&mut bands.0, &mut packed_in));
             let next = match plan.layers.get(li + 1) {
                 Some(next) => &next.qkv[..],
-                None => std::slice::from_ref(&plan.lm_head),
+                None => std::slice::from_ref(plan.head_ref()),
             };
             self.barrier.wait_doing(self.prefetching(next));
         }
         let x = unsafe { self.x.read() };
         mixing::rms_norm(x, self.slices[plan.norm], self.eps, &mut xn);
-        let head = [(plan.lm_head, Epilogue::Store(&self.logits))];
+        let head = [(plan.head(), Epilogue::Store(&self.logits))];
         self.project(&head, &xn, claim(), (&mut bands.0, &mut packed_in));
     }
 

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 
 use std::sync::{Arc, OnceLock};
 
-use super::{Packed, WeightSource};
+use super::{HeadScreen, Packed, WeightSource};
 use crate::{Error, Result};
 
 /// Weight formats a model can be quantized to after loading. Spelled `q8_0` and `q4k` on
@@ -123,6 +123,9 @@ pub struct Linear {
     /// The weight in the AVX-512 kernel's panels, packed on first use ([`Linear::packed`]);
     /// emptied whenever the weight changes.
     packed: OnceLock<Option<Arc<Packed>>>,
+    /// As an LM head, its Q8_0 screen for greedy picks ([`Linear::screen`]), built on first
+    /// use; emptied whenever the weight changes.
+    screen: OnceLock<Option<Arc<HeadScreen>>>,
 }
 
 impl Quantized {
@@ -177,6 +180,7 @@ impl Linear {
                 dims: Dims::new(in_dim, out_dim),
             }),
             packed: OnceLock::new(),
+            screen: OnceLock::new(),
         })
     }
 
@@ -187,6 +191,7 @@ impl Linear {
             lora: None,
             quant: None,
             packed: OnceLock::new(),
+            screen: OnceLock::new(),
         }
     }
 
@@ -271,6 +276,28 @@ impl Linear {
         }
     }
 
+    /// The layer as an LM head's screen for greedy picks ([`super::screen`]), built on first
+    /// use: a dense f32 weight with no bias or adapter on a CPU that runs the packed kernel
+    /// (whose order of sums the screen's exact values follow) and has FMA; `None` otherwise.
+    pub fn screen(&self) -> Option<&Arc<HeadScreen>> {
+        let (w, bias) = self.plain_f32()?;
+        if bias.is_some() || self.packed().is_none() || !super::screen::has_fma() {
+            return None;
+        }
+        self.screen
+            .get_or_init(|| {
+                let (n, k) = w.dims2().ok()?;
+                let (storage, layout) = w.storage_and_layout();
+                let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+                    (&*storage, layout.contiguous_offsets())
+                else {
+                    return None;
+                };
+                HeadScreen::new(&v[a..b], (n, k)).map(Arc::new)
+            })
+            .as_ref()
+    }
+
     /// The packed weight when the layer is that product alone (no bias, no adapter): what
     /// a fused consumer of the product (`gemm::gate_up_silu`) may multiply by itself.
     pub(crate) fn packed_alone(&self) -> Option<&Packed> {
@@ -308,6 +335,7 @@ impl Linear {
         });
         self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
         self.packed = OnceLock::new();
+        self.screen = OnceLock::new();
         Ok(())
     }
 
@@ -344,6 +372,7 @@ impl Linear {
             let merged = (self.weight.to_dtype(delta.dtype())? + delta)?;
             self.weight = merged.to_dtype(self.weight.dtype())?;
             self.packed = OnceLock::new();
+            self.screen = OnceLock::new();
         }
         Ok(())
     }

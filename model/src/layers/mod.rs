@@ -11,6 +11,7 @@ mod norm;
 mod packed;
 mod quantized;
 pub(crate) mod rope;
+pub(crate) mod screen;
 pub mod vexp;
 
 pub use linear::{format_name, parse_format, Dims, Linear, LoraAdapter, Quantization};
@@ -20,6 +21,7 @@ pub use norm::RmsNorm;
 pub use packed::Packed;
 pub use quantized::{QuantizedTensors, WeightSource};
 pub use rope::Rope;
+pub use screen::HeadScreen;
 
 /// f32s viewed as their bytes (to prefetch them, or to place their memory).
 pub(crate) fn f32_bytes(values: &[f32]) -> &[u8] {

@@ -46,6 +46,11 @@ pub struct RuntimeOptions {
     /// ([`crate::global::Band`]: each query scores only the columns it sees) when on the CPU
     /// without gradients. Off, they take the candle path, which is its reference.
     pub host_attention: bool,
+    /// Fused decode steps whose sequences all want only their argmax
+    /// ([`SeqStep::argmax_only`]) read the LM head's Q8_0 screen and compute in f32 only
+    /// the logits that can be the largest ([`crate::layers::screen`]: the same picks, a
+    /// quarter of the head's bytes). Off, they read the f32 head in full: the reference.
+    pub head_screen: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -56,6 +61,7 @@ impl Default for RuntimeOptions {
             differentiable: false,
             fast_decode: true,
             host_attention: true,
+            head_screen: true,
         }
     }
 }
@@ -218,7 +224,11 @@ impl Model {
         state: &mut SequenceState,
         logits: Logits,
     ) -> Result<Tensor> {
-        let mut step = [SeqStep { tokens, state }];
+        let mut step = [SeqStep {
+            tokens,
+            state,
+            argmax_only: false,
+        }];
         Ok(self
             .forward_batch(&mut step, logits)?
             .pop()
@@ -377,6 +387,7 @@ impl Model {
             let part = SeqStep {
                 tokens: s.tokens,
                 state: &mut *s.state,
+                argmax_only: s.argmax_only,
             };
             if !short[i] {
                 rest.0.push(i);
@@ -561,9 +572,19 @@ impl Model {
     /// does not wait for it. Returns how many were packed and their bytes: none without
     /// AVX-512, on other devices, or for weights in other formats.
     pub fn pack_weights(&self) -> (usize, usize) {
+        let screen = self.head_screen().map_or(0, |s| s.approx().bytes());
         self.projections()
             .filter_map(|l| l.packed())
-            .fold((0, 0), |(n, bytes), p| (n + 1, bytes + p.bytes()))
+            .fold((0, screen), |(n, bytes), p| (n + 1, bytes + p.bytes()))
+    }
+
+    /// The LM head's screen for greedy picks, when [`RuntimeOptions::head_screen`] asks for
+    /// it and the head allows it (built on first use).
+    fn head_screen(&self) -> Option<&crate::layers::HeadScreen> {
+        let on = self.options.head_screen && self.device.is_cpu();
+        on.then(|| self.lm_head.screen())
+            .flatten()
+            .map(|s| s.as_ref())
     }
 
     /// Where the projections' and the LM head's weights live, which a decode step reads in
@@ -571,7 +592,11 @@ impl Model {
     /// copies where the CPU takes them (packed now if [`pack_weights`](Self::pack_weights)
     /// has not been called).
     pub fn weight_memory(&self) -> Vec<std::ops::Range<usize>> {
-        self.projections().flat_map(Linear::memory).collect()
+        let screen = self.head_screen().map(|s| s.memory()).unwrap_or_default();
+        self.projections()
+            .flat_map(Linear::memory)
+            .chain(screen.into_iter().map(crate::hugepages::span))
+            .collect()
     }
 
     /// The LM head and every layer's projections.
@@ -603,6 +628,7 @@ impl Model {
             embed: self.embed.embeddings(),
             norm: self.norm.weight(),
             lm_head: &self.lm_head,
+            screen: self.head_screen(),
             layers,
             eps: self.norm.eps() as f32,
             heads: (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim),

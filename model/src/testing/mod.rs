@@ -54,6 +54,12 @@ pub fn fused_decode_steps() -> u64 {
     crate::decode::steps_taken()
 }
 
+/// Logits rows this process has settled through the LM head's screen so far (monotonic;
+/// `RuntimeOptions::head_screen`).
+pub fn screened_rows() -> u64 {
+    crate::decode::screened_rows()
+}
+
 /// A fresh state of `m` that has read `history` (nothing, when empty).
 pub fn state_after(m: &Model, history: &[u32]) -> Result<SequenceState> {
     let mut s = m.new_state()?;
@@ -73,7 +79,11 @@ pub fn step_batch(
     let mut batch: Vec<SeqStep> = states
         .iter_mut()
         .zip(steps)
-        .map(|(state, tokens)| SeqStep { tokens, state })
+        .map(|(state, tokens)| SeqStep {
+            tokens,
+            state,
+            argmax_only: false,
+        })
         .collect();
     m.forward_batch(&mut batch, Logits::All)
 }

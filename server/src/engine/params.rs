@@ -176,6 +176,16 @@ impl SamplingParams {
         self.repetition_penalty
     }
 
+    /// Whether a pick is the argmax of the model's logits as they are: temperature 0 and
+    /// nothing that moves a logit first (bias, penalties).
+    pub fn picks_argmax(&self) -> bool {
+        self.temperature == 0.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.repetition_penalty == 1.0
+            && self.logit_bias.is_empty()
+    }
+
     pub fn logit_bias(&self) -> &[(u32, f32)] {
         &self.logit_bias
     }

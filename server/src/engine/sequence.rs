@@ -118,6 +118,17 @@ impl Choice {
         self.guide.is_some() || self.unread() >= tokens
     }
 
+    /// Whether this step reads only the argmax of this choice's logits, on every row it
+    /// feeds (`liger_model::SeqStep::argmax_only`): a greedy pick, with no grammar mask, no
+    /// token banned (`min_tokens` reached: later rows stay past it) and no logprobs to
+    /// report. Anything else needs every logit.
+    pub fn argmax_only(&self, shared: &Shared) -> bool {
+        shared.sampling.picks_argmax()
+            && shared.logprobs.is_none()
+            && self.guide.is_none()
+            && self.generated >= shared.min_tokens
+    }
+
     /// The tokens this step feeds: the unread generated ones, then the drafts.
     pub fn step_input(&self) -> Vec<u32> {
         [&self.tokens[self.fed..], self.drafts.as_slice()].concat()

@@ -58,6 +58,7 @@ impl Worker {
                             let tokens = it.next().expect("one input per entry");
                             steps.push(SeqStep {
                                 tokens,
+                                argmax_only: c.argmax_only(&g.shared),
                                 state: &mut c.slot.state,
                             });
                             guides.extend(c.guide.as_mut());
@@ -68,6 +69,9 @@ impl Worker {
                         steps.push(SeqStep {
                             tokens,
                             state: &mut slots[0].state,
+                            // A prompt's logits may be forked into `n` choices, or
+                            // reported as prompt logprobs.
+                            argmax_only: false,
                         });
                     }
                     _ => {}
