@@ -93,6 +93,15 @@ const SCREEN_ROWS: usize = 16;
 /// instead (each ~0.5 us; the full row ~2.5 ms at f32 for SmolLM2).
 const SCREEN_MOST: usize = 1024;
 
+/// [`SCREEN_MOST`], or what a test on this thread set instead (to reach the fallback).
+fn screen_most() -> usize {
+    #[cfg(test)]
+    if let Some(most) = tests::SCREEN_MOST_HERE.with(|m| m.get()) {
+        return most;
+    }
+    SCREEN_MOST
+}
+
 /// The widest band of gate/up columns one claim takes (dense or packed weights).
 const GATE_UP_BAND: usize = if BAND > PACKED_BAND {
     BAND
@@ -582,16 +591,20 @@ impl Plan {
             (Some(s), Some((w, None)), Weight::Packed(_))
                 if rows <= SCREEN_ROWS && seqs.iter().all(|s| s.argmax_only) =>
             {
-                let (n, k) = s.approx().dims();
-                inputs.packs.push(s.approx().clone());
-                Some(Screened {
-                    approx: Proj {
-                        w: Weight::Packed(inputs.packs.len() - 1),
-                        b: None,
-                        n,
-                        k,
-                    },
-                    head: inputs.add(w)?,
+                // (A head the step cannot read as one f32 slice is read in full instead.)
+                inputs.add(w).map(|head| {
+                    let (n, k) = s.approx().dims();
+                    inputs.packs.push(s.approx().clone());
+                    let approx = Weight::Packed(inputs.packs.len() - 1);
+                    Screened {
+                        approx: Proj {
+                            w: approx,
+                            b: None,
+                            n,
+                            k,
+                        },
+                        head,
+                    }
                 })
             }
             _ => None,
@@ -882,10 +895,11 @@ impl Plan {
                 Logits::Last => s.first + s.len - 1..s.first + s.len,
             })
             .collect();
+        let most = screen_most();
         let settle = |(r, row): (usize, &mut [f32])| {
             let x = &xn[r * hidden..][..hidden];
             let wanted = read.binary_search(&r).is_ok();
-            (wanted && !screen.pick(head, x, row, SCREEN_MOST)).then_some(r)
+            (wanted && !screen.pick(head, x, row, most)).then_some(r)
         };
         let unsettled: Vec<usize> = if read.len() > 1 {
             logits
@@ -1640,6 +1654,67 @@ fn span_fits_global(g: &GlobalCache, window: &crate::state::KvCache, t: usize, h
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Overrides [`SCREEN_MOST`] for steps this thread runs.
+        pub(super) static SCREEN_MOST_HERE: std::cell::Cell<Option<usize>> =
+            const { std::cell::Cell::new(None) };
+    }
+
+    /// A greedy step whose rows the screen cannot settle (no candidate allowed) computes
+    /// them in full: the same bits as a step that asked for every logit.
+    #[test]
+    fn rows_the_screen_cannot_settle_are_computed_in_full() {
+        use crate::testing::{state_after, Family, SplitMix, TinyCheckpoint};
+        if !gemm::available() || !crate::layers::screen::has_fma() {
+            return;
+        }
+        let m = TinyCheckpoint::new(Family::Qwen2, 4)
+            .unwrap()
+            .with_liger(&crate::LigerConfig {
+                window: 4,
+                ..Default::default()
+            })
+            .model(DType::F32)
+            .unwrap();
+        let mut rng = SplitMix(9);
+        let base = state_after(&m, &rng.tokens(6, 61)).unwrap();
+        let toks: Vec<Vec<u32>> = vec![rng.tokens(1, 61), rng.tokens(3, 61)];
+        let run = |argmax_only: bool| {
+            let mut states = [base.clone(), base.clone()];
+            let mut steps: Vec<SeqStep> = states
+                .iter_mut()
+                .zip(&toks)
+                .map(|(state, tokens)| SeqStep {
+                    tokens,
+                    state,
+                    argmax_only,
+                })
+                .collect();
+            let before = (steps_taken(), screened_rows());
+            let out = m.forward_batch(&mut steps, Logits::All).unwrap();
+            assert_eq!(steps_taken(), before.0 + 1, "fused");
+            let rows: Vec<Vec<f32>> = out
+                .iter()
+                .flat_map(|t| t.to_vec2::<f32>().unwrap())
+                .collect();
+            (rows, screened_rows() - before.1)
+        };
+        let (full, _) = run(false);
+        SCREEN_MOST_HERE.with(|m| m.set(Some(0)));
+        let (fallen_back, settled) = run(true);
+        SCREEN_MOST_HERE.with(|m| m.set(None));
+        assert_eq!(settled, 0, "no row settled by the screen");
+        let bits = |rows: &[Vec<f32>]| -> Vec<Vec<u32>> {
+            rows.iter()
+                .map(|r| r.iter().map(|v| v.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(bits(&fallen_back), bits(&full));
+        let (screened, settled) = run(true);
+        assert_eq!(settled, 4, "every row settled");
+        assert!(screened.iter().flatten().any(|v| *v == f32::NEG_INFINITY));
+    }
 
     #[test]
     fn band_pieces_take_one_band_of_each_weight_in_turn_up_to_the_budget() {

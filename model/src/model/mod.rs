@@ -305,7 +305,8 @@ impl Model {
         }
         let (spans, positions) = self.spans_of(seqs)?;
         if self.options.fast_decode && !self.options.differentiable && self.device.is_cpu() {
-            if let Some(refs) = self.decode_refs()? {
+            let greedy = seqs.iter().any(|s| s.argmax_only);
+            if let Some(refs) = self.decode_refs(greedy)? {
                 if let Some(out) = decode::step(&refs, seqs, logits)? {
                     for s in seqs.iter_mut() {
                         s.state.position += s.tokens.len();
@@ -569,8 +570,9 @@ impl Model {
 
     /// Packs every projection's weight and the LM head for the AVX-512 kernel now
     /// (`Linear::packed`) rather than at its first product, so that a server's first request
-    /// does not wait for it. Returns how many were packed and their bytes: none without
-    /// AVX-512, on other devices, or for weights in other formats.
+    /// does not wait for it, with the head's screen where [`RuntimeOptions::head_screen`]
+    /// asks for one. Returns how many were packed and their bytes (the screen's counted
+    /// in): none without AVX-512, on other devices, or for weights in other formats.
     pub fn pack_weights(&self) -> (usize, usize) {
         let screen = self.head_screen().map_or(0, |s| s.approx().bytes());
         self.projections()
@@ -609,8 +611,9 @@ impl Model {
     }
 
     /// The model as the fused decode step reads it; `None` when a layer's mixer is not
-    /// covered there.
-    fn decode_refs(&self) -> Result<Option<decode::ModelRefs<'_>>> {
+    /// covered there. The head's screen only for a step with `greedy` sequences (it is
+    /// built on first use: a model that never decodes greedily never holds one).
+    fn decode_refs(&self, greedy: bool) -> Result<Option<decode::ModelRefs<'_>>> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let Some((mix, attn)) = l.attn.decode_view() else {
@@ -628,7 +631,7 @@ impl Model {
             embed: self.embed.embeddings(),
             norm: self.norm.weight(),
             lm_head: &self.lm_head,
-            screen: self.head_screen(),
+            screen: greedy.then(|| self.head_screen()).flatten(),
             layers,
             eps: self.norm.eps() as f32,
             heads: (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim),
