@@ -41,11 +41,17 @@ impl HeadScreen {
     ///
     /// Each block of 32 gets the scale `d = max|w| / 127` (rounded to f16, as GGML stores
     /// it) and `q = round(w / d)`; the kernel decodes `d * q` exactly in f32 (an 11-bit
-    /// mantissa times an 8-bit integer). The row's slack is its largest `|w - d q|`, plus
-    /// `gamma * (max|w| + max|d q|)` for the rounding of the two sums (an FMA chain and a
-    /// few adds over `k` terms, each rounding at most `2^-24` of a partial sum no larger
-    /// than `sum |w_i x_i|`: `gamma = (k + 8) 2^-24` also covers the few operations of the
-    /// comparison), all raised by `2^-10` for the rounding of the bound itself.
+    /// mantissa times an 8-bit integer). The row's slack per unit of `|x|_1`:
+    ///
+    /// - its largest `|w - d q|`: the two products' difference in exact arithmetic;
+    /// - `gamma * max|w|` and `gamma * max|d q|`: each computed sum is within
+    ///   `gamma_n sum |w_i x_i|` of its exact value, `n` the roundings a term goes through
+    ///   (an FMA chain of at most [`KC`], then one add per k-block), and `k + 8` bounds `n`;
+    ///   `gamma` is taken as `2 (k + 8) 2^-24`, twice that, so that half of it is left over;
+    /// - raised by `2^-10` for the rounding of the slack, of `|x|_1`, and of
+    ///   `approx + slack |x|_1` in [`pick`](Self::pick): that sum's rounding, at most
+    ///   `2^-24 |approx|`, is covered by the spare `gamma` term alone (`|approx|` is at most
+    ///   `max|d q| |x|_1`, up to its own rounding).
     pub fn new(w: &[f32], (n, k): (usize, usize)) -> Option<Self> {
         if !k.is_multiple_of(BLOCK) || k == 0 || w.len() < n * k || !w.iter().all(|x| x.is_finite())
         {
@@ -53,7 +59,7 @@ impl HeadScreen {
         }
         let row_bytes = k / BLOCK * BLOCK_BYTES;
         let mut bytes = vec![0u8; n * row_bytes];
-        let gamma = (k + 8) as f32 * f32::EPSILON / 2.0;
+        let gamma = (k + 8) as f32 * f32::EPSILON;
         let slack = bytes
             .chunks_mut(row_bytes)
             .zip(w.chunks(k))
