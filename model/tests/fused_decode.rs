@@ -27,7 +27,7 @@ use liger_model::testing::{
     fused_decode_steps, max_abs, max_abs_diff, model_from_tensors, state_after, step_batch, Family,
     SplitMix, TinyCheckpoint, ALL_FAMILIES,
 };
-use liger_model::{Model, ModelConfig, RuntimeOptions, SequenceState};
+use liger_model::{Model, RuntimeOptions, SequenceState};
 use liger_model::{FUSED_SPAN_TOKENS, FUSED_STEP_TOKENS};
 
 fn liger(window: usize) -> LigerConfig {
@@ -503,28 +503,8 @@ fn fused_decode_equals_the_general_path() {
 /// (the tiny models' are one band each), so this is where the bands' split between threads
 /// and the waiting threads' prefetch run; histories short and past the window.
 fn fixture_shapes(rng: &mut SplitMix) {
-    let import = common::import_fixture();
-    let cfg = ModelConfig::from_json(import.config.clone()).unwrap();
-    let tensors: HashMap<String, Tensor> = import.tensors.iter().cloned().collect();
-    let structure = LigerConfig {
-        window: 240,
-        window_weight: 1.0,
-        recurrent_weight: 0.0,
-        global_cache: 384,
-        sinks: 4,
-        attention_places: 320,
-        max_distance: Some(4096),
-        kv_dtype: Some(KvDtype::F16),
-        ..Default::default()
-    };
-    let vocab = cfg.vocab_size;
-    let base = model_from_tensors(
-        cfg.with_liger(structure).unwrap(),
-        &tensors,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let base = common::fixture_in_default_structure();
+    let vocab = base.config().vocab_size;
     let (fused, reference) = (with_fused(&base, true), with_fused(&base, false));
     let histories: Vec<Vec<u32>> = [20, 300].iter().map(|&n| rng.tokens(n, vocab)).collect();
     let states: Vec<SequenceState> = histories

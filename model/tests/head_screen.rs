@@ -8,14 +8,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use candle_core::{DType, Device, Tensor};
-use liger_model::config::{KvDtype, LigerConfig};
+use candle_core::{DType, Tensor};
+use liger_model::config::LigerConfig;
 use liger_model::testing::{
-    model_from_tensors, state_after, Family, SplitMix, TinyCheckpoint, ALL_FAMILIES,
+    state_after, step_batch_as, Family, SplitMix, TinyCheckpoint, ALL_FAMILIES,
 };
-use liger_model::{Logits, Model, ModelConfig, RuntimeOptions, SeqStep, SequenceState};
+use liger_model::{Model, RuntimeOptions, SequenceState};
 
 /// One batched step of every `states[i]` reading `toks[i]`, all rows' logits.
 fn step(
@@ -24,16 +22,7 @@ fn step(
     toks: &[Vec<u32>],
     argmax_only: bool,
 ) -> Vec<Tensor> {
-    let mut batch: Vec<SeqStep> = states
-        .iter_mut()
-        .zip(toks)
-        .map(|(state, tokens)| SeqStep {
-            tokens,
-            state,
-            argmax_only,
-        })
-        .collect();
-    m.forward_batch(&mut batch, Logits::All).unwrap()
+    step_batch_as(m, states, toks, argmax_only).unwrap()
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -151,28 +140,8 @@ fn greedy_steps_pick_what_the_full_head_picks() {
 /// The SmolLM2 fixture's head (49,152 x 576, tied) in the default structure: real logits,
 /// whose leads the bound must separate from tens of thousands of rows.
 fn fixture(rng: &mut SplitMix) {
-    let import = common::import_fixture();
-    let cfg = ModelConfig::from_json(import.config.clone()).unwrap();
-    let tensors: HashMap<String, Tensor> = import.tensors.iter().cloned().collect();
-    let structure = LigerConfig {
-        window: 240,
-        window_weight: 1.0,
-        recurrent_weight: 0.0,
-        global_cache: 384,
-        sinks: 4,
-        attention_places: 320,
-        max_distance: Some(4096),
-        kv_dtype: Some(KvDtype::F16),
-        ..Default::default()
-    };
-    let vocab = cfg.vocab_size;
-    let m = model_from_tensors(
-        cfg.with_liger(structure).unwrap(),
-        &tensors,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let m = common::fixture_in_default_structure();
+    let vocab = m.config().vocab_size;
     let histories: Vec<Vec<u32>> = [30, 300].iter().map(|&n| rng.tokens(n, vocab)).collect();
     let (left_out, rows) = check(&m, &histories, vocab, "fixture");
     // Nearly every logit is left out: all but a few per row.

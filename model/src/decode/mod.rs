@@ -1665,7 +1665,7 @@ mod tests {
     /// them in full: the same bits as a step that asked for every logit.
     #[test]
     fn rows_the_screen_cannot_settle_are_computed_in_full() {
-        use crate::testing::{state_after, Family, SplitMix, TinyCheckpoint};
+        use crate::testing::{state_after, step_batch_as, Family, SplitMix, TinyCheckpoint};
         if !gemm::available() || !crate::layers::screen::has_fma() {
             return;
         }
@@ -1682,17 +1682,8 @@ mod tests {
         let toks: Vec<Vec<u32>> = vec![rng.tokens(1, 61), rng.tokens(3, 61)];
         let run = |argmax_only: bool| {
             let mut states = [base.clone(), base.clone()];
-            let mut steps: Vec<SeqStep> = states
-                .iter_mut()
-                .zip(&toks)
-                .map(|(state, tokens)| SeqStep {
-                    tokens,
-                    state,
-                    argmax_only,
-                })
-                .collect();
             let before = (steps_taken(), screened_rows());
-            let out = m.forward_batch(&mut steps, Logits::All).unwrap();
+            let out = step_batch_as(&m, &mut states, &toks, argmax_only).unwrap();
             assert_eq!(steps_taken(), before.0 + 1, "fused");
             let rows: Vec<Vec<f32>> = out
                 .iter()

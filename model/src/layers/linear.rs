@@ -267,13 +267,10 @@ impl Linear {
                 .into_iter()
                 .collect();
         }
-        let (storage, layout) = self.weight.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
-                vec![crate::hugepages::span(super::f32_bytes(&v[a..b]))]
-            }
-            _ => Vec::new(),
-        }
+        super::with_f32_values(&self.weight, |v| {
+            vec![crate::hugepages::span(super::f32_bytes(v))]
+        })
+        .unwrap_or_default()
     }
 
     /// The layer as an LM head's screen for greedy picks ([`super::screen`]), built on first
@@ -287,13 +284,7 @@ impl Linear {
         self.screen
             .get_or_init(|| {
                 let (n, k) = w.dims2().ok()?;
-                let (storage, layout) = w.storage_and_layout();
-                let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
-                    (&*storage, layout.contiguous_offsets())
-                else {
-                    return None;
-                };
-                HeadScreen::new(&v[a..b], (n, k)).map(Arc::new)
+                super::with_f32_values(w, |v| HeadScreen::new(v, (n, k)))?.map(Arc::new)
             })
             .as_ref()
     }

@@ -29,6 +29,20 @@ pub(crate) fn f32_bytes(values: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
+/// `f` on the values of a contiguous f32 CPU tensor, borrowed from its storage; `None` for
+/// any other tensor.
+pub(crate) fn with_f32_values<R>(
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}
+
 /// A decoder block's projections, with the sub-block each lives in (`self_attn`, `mlp`):
 /// what LoRA adapters target and quantization converts.
 pub const PROJECTIONS: [(&str, &str); 7] = [

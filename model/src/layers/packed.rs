@@ -23,7 +23,7 @@
 //! the tensor stays the reference, the export's and the other devices' copy.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
@@ -107,13 +107,7 @@ impl Packed {
             return None;
         }
         let (n, k) = w.dims2().ok()?;
-        let (storage, layout) = w.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        else {
-            return None;
-        };
-        Some(Self::from_f32(&v[a..b], (n, k)))
+        super::with_f32_values(w, |v| Self::from_f32(v, (n, k)))
     }
 
     /// Q8_0 blocks `[n, k]` on the CPU; `None` for other formats or devices.

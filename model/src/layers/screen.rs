@@ -260,19 +260,21 @@ mod tests {
         (rng.next_u64() % n as u64) as usize
     }
 
-    /// The f32 head's full product, by the packed kernel.
-    fn full(w: &[f32], (n, k): (usize, usize), x: &[f32]) -> Vec<f32> {
-        let packed = Packed::from_f32(w, (n, k));
-        let x = Tensor::from_slice(x, (1, k), &Device::Cpu).unwrap();
-        let y = gemm::matmul_packed(&x, &[&packed]).unwrap();
+    /// `x W^T` for one row `x`, by the packed kernel.
+    fn product(w: &Packed, x: &[f32]) -> Vec<f32> {
+        let x = Tensor::from_slice(x, (1, x.len()), &Device::Cpu).unwrap();
+        let y = gemm::matmul_packed(&x, &[w]).unwrap();
         y[0].flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// The f32 head's full product.
+    fn full(w: &[f32], (n, k): (usize, usize), x: &[f32]) -> Vec<f32> {
+        product(&Packed::from_f32(w, (n, k)), x)
+    }
+
+    /// The screen's copy's product.
     fn approx(s: &HeadScreen, x: &[f32]) -> Vec<f32> {
-        let k = x.len();
-        let x = Tensor::from_slice(x, (1, k), &Device::Cpu).unwrap();
-        let y = gemm::matmul_packed(&x, &[s.approx().as_ref()]).unwrap();
-        y[0].flatten_all().unwrap().to_vec1().unwrap()
+        product(s.approx(), x)
     }
 
     #[test]

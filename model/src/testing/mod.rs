@@ -76,13 +76,23 @@ pub fn step_batch(
     states: &mut [SequenceState],
     steps: &[Vec<u32>],
 ) -> Result<Vec<Tensor>> {
+    step_batch_as(m, states, steps, false)
+}
+
+/// [`step_batch`] with every sequence marked [`SeqStep::argmax_only`] as asked.
+pub fn step_batch_as(
+    m: &Model,
+    states: &mut [SequenceState],
+    steps: &[Vec<u32>],
+    argmax_only: bool,
+) -> Result<Vec<Tensor>> {
     let mut batch: Vec<SeqStep> = states
         .iter_mut()
         .zip(steps)
         .map(|(state, tokens)| SeqStep {
             tokens,
             state,
-            argmax_only: false,
+            argmax_only,
         })
         .collect();
     m.forward_batch(&mut batch, Logits::All)
